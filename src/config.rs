@@ -1,0 +1,187 @@
+//! Every option of the server, with its documented default and its
+//! environment form. Parses and checks; opens nothing.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// How far the WebSocket port sits above the HTTP port when `--ws-port` is
+/// not given: `--port 5000` and `--port 5001` then use 15000 and 15001, so
+/// two instances run side by side with no other flag.
+pub const WS_PORT_OFFSET: u16 = 10_000;
+
+/// Which broker joins this instance to the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BrokerKind {
+    /// Redis Pub/Sub: every instance sharing the Redis sees every message.
+    Redis,
+    /// No Redis: this instance is alone, and its clients see only each
+    /// other. The starting point the README uses to show the problem.
+    Local,
+}
+
+/// A scale-out WebSocket chat server: instances joined by Redis Pub/Sub.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on (HTTP and WebSocket). Use 0.0.0.0 to accept
+    /// connections from other machines.
+    #[arg(long, env = "HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+
+    /// HTTP port: the page, /config.json, /healthz, /readyz, /metrics.
+    #[arg(long, env = "PORT", default_value_t = 5000)]
+    pub port: u16,
+
+    /// WebSocket port [default: PORT + 10000, or 0 when PORT is 0].
+    #[arg(long, env = "WS_PORT")]
+    pub ws_port: Option<u16>,
+
+    /// A full WebSocket URL for the page to use instead of
+    /// ws://<page host>:<ws port>/ws (set it behind a reverse proxy).
+    #[arg(long, env = "PUBLIC_WS_URL")]
+    pub public_ws_url: Option<String>,
+
+    /// This instance's name, shown on every message it accepts
+    /// [default: <hostname>-<port>].
+    #[arg(long, env = "INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// `redis` joins instances through Redis; `local` runs one isolated
+    /// instance with no Redis.
+    #[arg(long, env = "BROKER", value_enum, default_value_t = BrokerKind::Redis)]
+    pub broker: BrokerKind,
+
+    /// Where Redis is.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Prefix of every Redis key and channel this server uses, so that
+    /// several chats (or test runs) can share one Redis.
+    #[arg(long, env = "REDIS_PREFIX", default_value = "chat")]
+    pub redis_prefix: String,
+
+    /// Messages kept per room in history (approximate: Redis trims in
+    /// whole blocks).
+    #[arg(long, env = "HISTORY_LEN", default_value_t = 1000)]
+    pub history_len: usize,
+
+    /// Messages of history sent to a client that connects without `since`.
+    #[arg(long, env = "HISTORY_REPLAY", default_value_t = 50)]
+    pub history_replay: usize,
+
+    /// Frames queued per client before it counts as a slow consumer and is
+    /// disconnected.
+    #[arg(long, env = "CLIENT_QUEUE_LEN", default_value_t = 256)]
+    pub client_queue_len: usize,
+
+    /// Longest message text, in characters.
+    #[arg(long, env = "MAX_TEXT_CHARS", default_value_t = 2000)]
+    pub max_text_chars: usize,
+
+    /// Largest WebSocket message a client may send, in bytes; larger frames
+    /// are refused before they are buffered.
+    #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 16 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Milliseconds a new connection has to complete its WebSocket
+    /// handshake.
+    #[arg(long, env = "HANDSHAKE_TIMEOUT_MS", default_value_t = 5000)]
+    pub handshake_timeout_ms: u64,
+
+    /// Milliseconds a write to a client may block before the client is
+    /// dropped as dead.
+    #[arg(long, env = "WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub write_timeout_ms: u64,
+
+    /// Longest wait between two attempts to reach Redis, in milliseconds.
+    #[arg(long, env = "REDIS_MAX_BACKOFF_MS", default_value_t = 5000)]
+    pub redis_max_backoff_ms: u64,
+}
+
+impl Config {
+    /// The WebSocket port, derived from `--port` unless given.
+    pub fn ws_port(&self) -> Result<u16, String> {
+        match (self.ws_port, self.port) {
+            (Some(port), _) => Ok(port),
+            (None, 0) => Ok(0),
+            (None, port) => port.checked_add(WS_PORT_OFFSET).ok_or_else(|| {
+                format!(
+                    "--port {port} leaves no room for the WebSocket port (port + {WS_PORT_OFFSET}); set --ws-port"
+                )
+            }),
+        }
+    }
+
+    /// This instance's name: `--instance-id`, or `<hostname>-<port>`.
+    pub fn instance_id(&self) -> String {
+        if let Some(id) = &self.instance_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        if host.is_empty() {
+            format!("chat-{}", self.port)
+        } else {
+            format!("{host}-{}", self.port)
+        }
+    }
+
+    /// Checks what clap cannot: values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), String> {
+        self.ws_port()?;
+        if self.instance_id().is_empty() || self.instance_id().chars().count() > 64 {
+            return Err("--instance-id must be 1 to 64 characters".into());
+        }
+        if self.client_queue_len == 0 {
+            return Err("--client-queue-len must be at least 1".into());
+        }
+        if self.max_text_chars == 0 {
+            return Err("--max-text-chars must be at least 1".into());
+        }
+        if self.max_frame_bytes < 64 {
+            return Err("--max-frame-bytes must be at least 64".into());
+        }
+        if self.history_len == 0 {
+            return Err("--history-len must be at least 1".into());
+        }
+        if self.redis_prefix.is_empty() {
+            return Err("--redis-prefix must not be empty".into());
+        }
+        Ok(())
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+
+    pub fn redis_max_backoff(&self) -> Duration {
+        Duration::from_millis(self.redis_max_backoff_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("pubsub-chat").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn ws_port_follows_the_http_port() {
+        assert_eq!(parse(&["--port", "5001"]).ws_port(), Ok(15001));
+        assert_eq!(
+            parse(&["--port", "5001", "--ws-port", "7000"]).ws_port(),
+            Ok(7000)
+        );
+        assert_eq!(parse(&["--port", "0"]).ws_port(), Ok(0));
+        assert!(parse(&["--port", "60000"]).validate().is_err());
+    }
+}

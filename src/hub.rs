@@ -1,0 +1,274 @@
+//! The hub: this instance's local clients, by room, and the one place that
+//! hands a message to them.
+//!
+//! The subscriber thread calls [`Hub::deliver`] for every message; it must
+//! never block there, or one client that stops reading would stall every
+//! other client and, behind them, the Redis subscription itself (Redis cuts
+//! a subscriber whose output buffer grows past `client-output-buffer-limit
+//! pubsub`). So each client has a bounded queue, delivery is `try_send`,
+//! and a client whose queue is full is dropped as a slow consumer.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock, RwLock};
+
+use crossbeam_channel::{Sender, TrySendError};
+use log::warn;
+
+use crate::metrics::Metrics;
+use crate::protocol::{ChatMessage, MessageId, ServerFrame, WsBytes};
+
+/// A local client's number, unique within this instance's lifetime.
+pub type ClientId = u64;
+
+/// One chat message on its way to one client: the shared frame bytes and
+/// the id the writer needs to drop what history already sent.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: MessageId,
+    pub bytes: WsBytes,
+}
+
+/// Why the server ends a connection: the close frame's code and reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+impl CloseReason {
+    /// The client did not read fast enough and its queue filled up.
+    pub const SLOW_CONSUMER: CloseReason = CloseReason {
+        code: 1008,
+        reason: "slow consumer: send queue full",
+    };
+    /// The instance is shutting down (1001, "going away").
+    pub const SHUTDOWN: CloseReason = CloseReason {
+        code: 1001,
+        reason: "server shutting down",
+    };
+}
+
+/// What else a writer can be told, besides chat messages.
+#[derive(Debug)]
+pub enum Control {
+    /// Bytes tungstenite wrote on the reader's side (pong, close reply,
+    /// an error frame to this client), to go out in order.
+    Raw(Vec<u8>),
+    /// Close the connection with this reason, dropping anything queued.
+    Close(CloseReason),
+}
+
+/// The hub's handle on one client: the sending halves of its two queues.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub id: ClientId,
+    pub frames_tx: Sender<Delivery>,
+    pub control_tx: Sender<Control>,
+    /// Set once when the server decides to close this client, so that a
+    /// writer that missed the `Control::Close` (its control queue was full)
+    /// still sees it after its current write.
+    pub closing: Arc<OnceLock<CloseReason>>,
+}
+
+impl Member {
+    /// Asks the client's writer to close the connection. Never blocks.
+    pub fn close(&self, reason: CloseReason) {
+        if self.closing.set(reason).is_ok() {
+            let _ = self.control_tx.try_send(Control::Close(reason));
+        }
+    }
+}
+
+/// Local clients by room.
+///
+/// Each room's member list is an immutable `Arc<[Member]>` replaced on every
+/// join and leave (copy on write). Delivery clones the `Arc` under the read
+/// lock and releases it before touching any channel, so no lock is ever
+/// held while sending, and joins never wait on a delivery in progress.
+/// Joins and leaves cost O(room size), which is cheap next to a handshake.
+#[derive(Debug)]
+pub struct Hub {
+    rooms: RwLock<HashMap<String, Arc<[Member]>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Hub {
+            rooms: RwLock::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// Adds a client to a room: from now on it receives the room's messages.
+    pub fn join(&self, room: &str, member: Member) {
+        let mut rooms = self.rooms.write().expect("hub lock poisoned");
+        let members = rooms
+            .entry(room.to_string())
+            .or_insert_with(|| Arc::from([]));
+        let mut updated = Vec::with_capacity(members.len() + 1);
+        updated.extend(members.iter().cloned());
+        updated.push(member);
+        *members = updated.into();
+    }
+
+    /// Removes a client from a room; harmless if it already left.
+    pub fn leave(&self, room: &str, id: ClientId) {
+        let mut rooms = self.rooms.write().expect("hub lock poisoned");
+        let Some(members) = rooms.get_mut(room) else {
+            return;
+        };
+        if !members.iter().any(|m| m.id == id) {
+            return;
+        }
+        let updated: Vec<Member> = members.iter().filter(|m| m.id != id).cloned().collect();
+        if updated.is_empty() {
+            rooms.remove(room);
+        } else {
+            *members = updated.into();
+        }
+    }
+
+    fn members(&self, room: &str) -> Option<Arc<[Member]>> {
+        let rooms = self.rooms.read().expect("hub lock poisoned");
+        rooms.get(room).cloned()
+    }
+
+    /// Hands a message to every local client of its room, without ever
+    /// blocking. Returns how many clients it was queued for.
+    ///
+    /// The frame is serialized and framed once, here; each receiver gets a
+    /// reference to the same bytes.
+    pub fn deliver(&self, message: &ChatMessage) -> usize {
+        let Some(members) = self.members(&message.room) else {
+            return 0;
+        };
+        let delivery = Delivery {
+            id: message.id,
+            bytes: ServerFrame::Message(message).to_ws_bytes(),
+        };
+        let mut queued = 0;
+        for member in members.iter() {
+            match member.frames_tx.try_send(delivery.clone()) {
+                Ok(()) => queued += 1,
+                Err(TrySendError::Full(_)) => {
+                    warn!(
+                        "client {} dropped: send queue full (slow consumer)",
+                        member.id
+                    );
+                    Metrics::inc(&self.metrics.slow_clients_dropped_total);
+                    self.leave(&message.room, member.id);
+                    member.close(CloseReason::SLOW_CONSUMER);
+                }
+                // The session is ending and will leave the room itself.
+                Err(TrySendError::Disconnected(_)) => {}
+            }
+        }
+        self.metrics
+            .messages_delivered_total
+            .fetch_add(queued as u64, Ordering::Relaxed);
+        queued
+    }
+
+    /// Asks every local client to close (shutdown). Never blocks.
+    pub fn close_all(&self, reason: CloseReason) {
+        let rooms: Vec<Arc<[Member]>> = {
+            let rooms = self.rooms.read().expect("hub lock poisoned");
+            rooms.values().cloned().collect()
+        };
+        for member in rooms.iter().flat_map(|members| members.iter()) {
+            member.close(reason);
+        }
+    }
+
+    /// How many clients are in the hub, over all rooms.
+    pub fn len(&self) -> usize {
+        let rooms = self.rooms.read().expect("hub lock poisoned");
+        rooms.values().map(|members| members.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam_channel::{Receiver, bounded};
+
+    fn member(id: ClientId, queue: usize) -> (Member, Receiver<Delivery>, Receiver<Control>) {
+        let (frames_tx, frames_rx) = bounded(queue);
+        let (control_tx, control_rx) = bounded(4);
+        let member = Member {
+            id,
+            frames_tx,
+            control_tx,
+            closing: Arc::default(),
+        };
+        (member, frames_rx, control_rx)
+    }
+
+    fn message(room: &str, seq: u64) -> ChatMessage {
+        ChatMessage {
+            id: MessageId { millis: 1, seq },
+            room: room.into(),
+            from: "alice".into(),
+            text: "hi".into(),
+            ts: 1,
+            instance: "a".into(),
+            cid: None,
+        }
+    }
+
+    #[test]
+    fn delivery_reaches_only_the_room_and_shares_one_encoding() {
+        let hub = Hub::new(Arc::default());
+        let (a, a_rx, _a_ctl) = member(1, 4);
+        let (b, b_rx, _b_ctl) = member(2, 4);
+        let (c, c_rx, _c_ctl) = member(3, 4);
+        hub.join("lobby", a);
+        hub.join("lobby", b);
+        hub.join("other", c);
+        assert_eq!(hub.deliver(&message("lobby", 0)), 2);
+        let first = a_rx.try_recv().unwrap();
+        let second = b_rx.try_recv().unwrap();
+        assert!(Arc::ptr_eq(&first.bytes, &second.bytes));
+        assert!(c_rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_full_queue_drops_that_client_and_spares_the_others() {
+        let metrics = Arc::new(Metrics::default());
+        let hub = Hub::new(metrics.clone());
+        let (slow, _slow_rx, slow_ctl) = member(1, 1);
+        let (fast, fast_rx, _fast_ctl) = member(2, 8);
+        hub.join("lobby", slow);
+        hub.join("lobby", fast);
+        for seq in 0..3 {
+            hub.deliver(&message("lobby", seq));
+        }
+        assert_eq!(fast_rx.len(), 3);
+        assert_eq!(hub.len(), 1);
+        assert!(matches!(
+            slow_ctl.try_recv(),
+            Ok(Control::Close(CloseReason::SLOW_CONSUMER))
+        ));
+        assert_eq!(
+            metrics.slow_clients_dropped_total.load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn leaving_twice_is_harmless_and_empty_rooms_vanish() {
+        let hub = Hub::new(Arc::default());
+        let (a, _rx, _ctl) = member(1, 1);
+        hub.join("lobby", a);
+        hub.leave("lobby", 1);
+        hub.leave("lobby", 1);
+        assert!(hub.is_empty());
+        assert_eq!(hub.deliver(&message("lobby", 0)), 0);
+    }
+}

@@ -1,0 +1,38 @@
+//! pubsub-chat: a WebSocket chat server that scales out, one instance per
+//! process, the instances joined by Redis Pub/Sub.
+//!
+//! # Layout
+//!
+//! - [`config`]: every option, its default and its environment variable.
+//! - [`server`]: wiring: listeners, broker, named threads, shutdown.
+//! - [`http`]: the page, `/config.json`, `/healthz`, `/readyz`, `/metrics`.
+//! - [`session`]: one WebSocket client's reader and writer threads.
+//! - [`hub`]: local clients by room, and the never-blocking delivery.
+//! - [`broker`]: Redis Pub/Sub (and a Redis Stream of history per room), or
+//!   the local, single-instance twin.
+//! - [`protocol`]: the wire types and their only encoding and validation.
+//! - [`metrics`], [`backoff`]: counters, and reconnection waits.
+//!
+//! # The path of one message
+//!
+//! 1. A client's **reader thread** ([`session`]) reads a text frame,
+//!    validates it ([`protocol`]) and asks the [`broker`] to publish it. It
+//!    sends nothing to local clients itself.
+//! 2. Redis runs the accept script: the message gets the next id, goes into
+//!    the room's history and is published on the channel, in one step.
+//! 3. On every instance, the **subscriber thread** receives it, and the
+//!    [`hub`] frames it once and queues the same bytes to each local client
+//!    of the room, never waiting on any of them.
+//! 4. Each client's **writer thread** takes the bytes from its queue and
+//!    writes them to its socket. The sender gets its own copy this way too:
+//!    that is its receipt, and everyone sees the same order.
+
+pub mod backoff;
+pub mod broker;
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod session;

@@ -1,0 +1,42 @@
+//! The `pubsub-chat` binary: options, logging, start, wait for a signal,
+//! shut down. Everything worth testing lives in the library.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use log::error;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use pubsub_chat::config::Config;
+use pubsub_chat::server;
+
+/// How long shutdown waits for clients to take their close frames: the
+/// whole exit must fit in the 2 seconds an orchestrator usually allows.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Registered before start, so that a signal during start-up is not lost.
+    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            error!("cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = match server::start(&config) {
+        Ok(server) => server,
+        Err(e) => {
+            error!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(signal) = signals.forever().next() {
+        log::info!("signal {signal} received");
+    }
+    server.shutdown(SHUTDOWN_GRACE);
+    ExitCode::SUCCESS
+}

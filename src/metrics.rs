@@ -1,0 +1,124 @@
+//! Counters and gauges behind `GET /metrics`, in the Prometheus text format.
+//!
+//! Plain atomics: every hot-path update is one relaxed increment, and the
+//! exposition reads a consistent-enough snapshot without a lock.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+macro_rules! metrics {
+    ($( $(#[doc = $doc:literal])* $kind:ident $field:ident: $name:literal, )*) => {
+        /// Every number this instance exposes. Field docs are the HELP lines.
+        #[derive(Debug, Default)]
+        pub struct Metrics {
+            $( $(#[doc = $doc])* pub $field: metrics!(@type $kind), )*
+        }
+
+        impl Metrics {
+            /// The Prometheus text exposition of every metric.
+            pub fn render(&self) -> String {
+                let mut out = String::new();
+                $(
+                    let help = concat!($($doc),*).trim();
+                    let _ = writeln!(out, "# HELP {} {}", $name, help);
+                    let _ = writeln!(out, "# TYPE {} {}", $name, stringify!($kind));
+                    let _ = writeln!(out, "{} {}", $name, self.$field.load(Ordering::Relaxed));
+                )*
+                let threads = process_threads();
+                let _ = writeln!(out, "# HELP chat_process_threads OS threads in this process, from /proc.");
+                let _ = writeln!(out, "# TYPE chat_process_threads gauge");
+                let _ = writeln!(out, "chat_process_threads {threads}");
+                out
+            }
+        }
+    };
+    (@type counter) => { AtomicU64 };
+    (@type gauge) => { AtomicI64 };
+}
+
+metrics! {
+    /// WebSocket clients connected to this instance now.
+    gauge clients_connected: "chat_clients_connected",
+    /// Reader and writer threads of WebSocket sessions alive now.
+    gauge session_threads: "chat_session_threads",
+    /// WebSocket handshakes completed.
+    counter connections_total: "chat_connections_total",
+    /// Connections refused (bad handshake, bad query, no thread available).
+    counter connections_refused_total: "chat_connections_refused_total",
+    /// Message frames received from local clients.
+    counter messages_received_total: "chat_messages_received_total",
+    /// Client frames refused with an error frame (bad_request, too_large).
+    counter messages_rejected_total: "chat_messages_rejected_total",
+    /// Messages accepted by the broker (published to Redis).
+    counter messages_published_total: "chat_messages_published_total",
+    /// Messages refused with `unavailable` because the broker was down.
+    counter messages_unavailable_total: "chat_messages_unavailable_total",
+    /// Messages received from the broker (the Redis channel).
+    counter broker_messages_total: "chat_broker_messages_total",
+    /// Payloads on the Redis channel that were not valid messages and were skipped.
+    counter broker_payloads_invalid_total: "chat_broker_payloads_invalid_total",
+    /// Frames queued to local clients (one per receiver per message).
+    counter messages_delivered_total: "chat_messages_delivered_total",
+    /// History messages replayed to connecting clients.
+    counter history_replayed_total: "chat_history_replayed_total",
+    /// Clients disconnected because their send queue was full.
+    counter slow_clients_dropped_total: "chat_slow_clients_dropped_total",
+    /// Successful reconnections to Redis after the link was lost.
+    counter redis_reconnects_total: "chat_redis_reconnects_total",
+    /// 1 while the Redis subscription is live, else 0.
+    gauge redis_subscriber_up: "chat_redis_subscriber_up",
+    /// 1 while the Redis publishing connection is usable, else 0.
+    gauge redis_publisher_up: "chat_redis_publisher_up",
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn set(gauge: &AtomicI64, value: i64) {
+        gauge.store(value, Ordering::Relaxed);
+    }
+
+    pub fn up(gauge: &AtomicI64) {
+        gauge.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn down(gauge: &AtomicI64) {
+        gauge.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The process's thread count from `/proc/self/status` (0 where there is
+/// no procfs): what `kernel.pid_max` is really spent on.
+pub fn process_threads() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_help_type_and_value() {
+        let metrics = Metrics::default();
+        Metrics::inc(&metrics.messages_published_total);
+        let text = metrics.render();
+        assert!(text.contains("# TYPE chat_messages_published_total counter\n"));
+        assert!(text.contains("\nchat_messages_published_total 1\n"));
+        assert!(text.contains("# HELP chat_clients_connected WebSocket clients connected"));
+        assert!(process_threads() >= 1);
+    }
+}

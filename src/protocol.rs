@@ -1,0 +1,421 @@
+//! The wire contract (`PROTOCOL.md`): every JSON shape that crosses a
+//! WebSocket or the Redis channel, and the only place that encodes, decodes
+//! and validates them.
+//!
+//! Keeping all of it here means a change to the contract is a change to one
+//! file, and the parsers that face hostile input are small enough to test
+//! exhaustively.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tungstenite::protocol::frame::Frame;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
+
+/// The longest display name, in characters: enough for a real name, short
+/// enough that one line of the page holds it.
+pub const MAX_NAME_CHARS: usize = 32;
+/// The longest room name, in characters.
+pub const MAX_ROOM_CHARS: usize = 32;
+/// The longest client-chosen `cid`: a UUID is 36, so 64 leaves room for any
+/// sane scheme without letting a client make every echo expensive.
+pub const MAX_CID_CHARS: usize = 64;
+/// The room a client joins when it names none.
+pub const DEFAULT_ROOM: &str = "lobby";
+
+/// A message id as Redis Streams write it: `<milliseconds>-<sequence>`.
+///
+/// Ids are compared as number pairs, never as strings (`"9-0" > "10-0"` as
+/// strings). The order of ids is the order in which messages were accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageId {
+    pub millis: u64,
+    pub seq: u64,
+}
+
+impl MessageId {
+    pub const ZERO: MessageId = MessageId { millis: 0, seq: 0 };
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.millis, self.seq)
+    }
+}
+
+/// Why a string is not a [`MessageId`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadMessageId(pub String);
+
+impl fmt::Display for BadMessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?} is not a message id (expected <milliseconds>-<sequence>)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for BadMessageId {}
+
+impl FromStr for MessageId {
+    type Err = BadMessageId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadMessageId(s.chars().take(64).collect());
+        let (millis, seq) = s.split_once('-').ok_or_else(bad)?;
+        let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+        if !digits(millis) || !digits(seq) {
+            return Err(bad());
+        }
+        Ok(MessageId {
+            millis: millis.parse().map_err(|_| bad())?,
+            seq: seq.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+impl Serialize for MessageId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MessageId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A chat message as every receiver sees it, and exactly as it travels on
+/// the Redis channel and sits in the room's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessage {
+    pub id: MessageId,
+    pub room: String,
+    pub from: String,
+    pub text: String,
+    pub ts: u64,
+    pub instance: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cid: Option<String>,
+}
+
+/// The fields of a message that the accepting instance knows before the
+/// broker has given it an id and a timestamp.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NewMessage {
+    pub room: String,
+    pub from: String,
+    pub text: String,
+    pub instance: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cid: Option<String>,
+}
+
+impl NewMessage {
+    /// The message once the broker has accepted it under `id`.
+    pub fn accepted(self, id: MessageId) -> ChatMessage {
+        ChatMessage {
+            id,
+            ts: id.millis,
+            room: self.room,
+            from: self.from,
+            text: self.text,
+            instance: self.instance,
+            cid: self.cid,
+        }
+    }
+}
+
+/// Stable error codes (`PROTOCOL.md`): clients branch on these, so they
+/// never change meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not JSON, has an unknown `type`, or misses a field.
+    BadRequest,
+    /// The frame or the text is longer than the configured limit.
+    TooLarge,
+    /// The client sends faster than its rate limit allows.
+    RateLimited,
+    /// The message was NOT accepted: the broker (Redis) is unreachable.
+    Unavailable,
+}
+
+/// Every frame the server sends, told apart by `type`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    Welcome {
+        instance: &'a str,
+        client: &'a str,
+        name: &'a str,
+        room: &'a str,
+    },
+    Message(&'a ChatMessage),
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cid: Option<&'a str>,
+    },
+}
+
+impl ServerFrame<'_> {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server frames always serialize")
+    }
+
+    /// The complete WebSocket text frame, ready to write to any client.
+    pub fn to_ws_bytes(&self) -> WsBytes {
+        ws_text_frame(self.to_json())
+    }
+}
+
+/// The bytes of one complete WebSocket frame, shared by every receiver.
+///
+/// Server frames are not masked, so the same bytes are correct for every
+/// client: a message is framed once per instance and each receiver costs one
+/// reference-count increment.
+pub type WsBytes = Arc<[u8]>;
+
+/// Frames `text` as a single unmasked WebSocket text frame.
+pub fn ws_text_frame(text: String) -> WsBytes {
+    let frame = Frame::message(text.into_bytes(), OpCode::Data(Data::Text), true);
+    let mut bytes = Vec::with_capacity(frame.len());
+    frame
+        .format(&mut bytes)
+        .expect("writing a frame into a Vec cannot fail");
+    bytes.into()
+}
+
+/// What a client may send.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    Message {
+        text: String,
+        #[serde(default)]
+        cid: Option<String>,
+    },
+}
+
+/// Why a client frame was refused; turned into an `error` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub cid: Option<String>,
+}
+
+impl FrameError {
+    fn bad_request(message: impl Into<String>) -> Self {
+        FrameError {
+            code: ErrorCode::BadRequest,
+            message: message.into(),
+            cid: None,
+        }
+    }
+
+    pub fn to_frame(&self) -> ServerFrame<'_> {
+        ServerFrame::Error {
+            code: self.code,
+            message: &self.message,
+            cid: self.cid.as_deref(),
+        }
+    }
+}
+
+/// A client message that passed every check, ready to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidMessage {
+    pub text: String,
+    pub cid: Option<String>,
+}
+
+/// Parses and validates one text frame from a client.
+///
+/// `max_text_chars` bounds the message text; the frame size itself is
+/// bounded earlier, by tungstenite, before the frame is buffered.
+pub fn parse_client_frame(raw: &str, max_text_chars: usize) -> Result<ValidMessage, FrameError> {
+    let frame: ClientFrame = serde_json::from_str(raw).map_err(|e| {
+        FrameError::bad_request(format!(
+            "expected {{\"type\":\"message\",\"text\":\"...\"}}: {e}"
+        ))
+    })?;
+    let ClientFrame::Message { text, cid } = frame;
+    if let Some(cid) = &cid
+        && (cid.chars().count() > MAX_CID_CHARS || cid.chars().any(char::is_control))
+    {
+        return Err(FrameError::bad_request(format!(
+            "cid must be at most {MAX_CID_CHARS} characters with no control characters"
+        )));
+    }
+    let refuse = |code, message: String| FrameError {
+        code,
+        message,
+        cid: cid.clone(),
+    };
+    if text.trim().is_empty() {
+        return Err(refuse(ErrorCode::BadRequest, "text is empty".to_string()));
+    }
+    let chars = text.chars().count();
+    if chars > max_text_chars {
+        return Err(refuse(
+            ErrorCode::TooLarge,
+            format!("text is {chars} characters; the limit is {max_text_chars}"),
+        ));
+    }
+    Ok(ValidMessage { text, cid })
+}
+
+/// Why a payload from the Redis channel was skipped.
+#[derive(Debug)]
+pub struct BadPayload(pub String);
+
+impl fmt::Display for BadPayload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Parses a payload received on the Redis channel, which anyone with access
+/// to Redis can publish: it is validated as strictly as a client frame.
+pub fn parse_channel_payload(payload: &[u8]) -> Result<ChatMessage, BadPayload> {
+    #[derive(Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum Payload {
+        Message(ChatMessage),
+    }
+    let Payload::Message(message) = serde_json::from_slice(payload)
+        .map_err(|e| BadPayload(format!("not a message payload: {e}")))?;
+    validate_room(&message.room).map_err(BadPayload)?;
+    validate_name(&message.from).map_err(BadPayload)?;
+    Ok(message)
+}
+
+/// Checks a room name: 1 to [`MAX_ROOM_CHARS`] of `[A-Za-z0-9_-]`.
+pub fn validate_room(room: &str) -> Result<(), String> {
+    let ok_len = !room.is_empty() && room.len() <= MAX_ROOM_CHARS;
+    let ok_chars = room
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok_len && ok_chars {
+        Ok(())
+    } else {
+        Err(format!(
+            "room must be 1 to {MAX_ROOM_CHARS} characters of A-Z, a-z, 0-9, _ and -"
+        ))
+    }
+}
+
+/// Checks a display name: 1 to [`MAX_NAME_CHARS`] characters, no control
+/// characters, not blank.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let chars = name.chars().count();
+    if chars == 0 || chars > MAX_NAME_CHARS || name.trim().is_empty() {
+        return Err(format!("name must be 1 to {MAX_NAME_CHARS} characters"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err("name must not contain control characters".to_string());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_order_numerically_not_lexically() {
+        let nine: MessageId = "9-0".parse().unwrap();
+        let ten: MessageId = "10-0".parse().unwrap();
+        assert!(nine < ten);
+        assert!("10-1".parse::<MessageId>().unwrap() > ten);
+        assert_eq!(ten.to_string(), "10-0");
+    }
+
+    #[test]
+    fn malformed_message_ids_are_refused() {
+        for bad in [
+            "",
+            "1",
+            "1-",
+            "-1",
+            "a-1",
+            "1-2-3",
+            " 1-2",
+            "+1-2",
+            "99999999999999999999-0",
+        ] {
+            assert!(bad.parse::<MessageId>().is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn a_valid_client_message_parses() {
+        let msg = parse_client_frame(r#"{"type":"message","text":"hi","cid":"c1"}"#, 10).unwrap();
+        assert_eq!(msg.text, "hi");
+        assert_eq!(msg.cid.as_deref(), Some("c1"));
+    }
+
+    #[test]
+    fn bad_client_frames_get_stable_codes() {
+        let code = |raw: &str| parse_client_frame(raw, 5).unwrap_err().code;
+        assert_eq!(code("not json"), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"type":"shout","text":"x"}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(code(r#"{"type":"message"}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"type":"message","text":42}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(r#"{"type":"message","text":"  "}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(r#"{"type":"message","text":"toolong"}"#),
+            ErrorCode::TooLarge
+        );
+    }
+
+    #[test]
+    fn a_refused_message_echoes_its_cid() {
+        let err =
+            parse_client_frame(r#"{"type":"message","text":"toolong","cid":"c9"}"#, 5).unwrap_err();
+        assert_eq!(err.cid.as_deref(), Some("c9"));
+    }
+
+    #[test]
+    fn channel_payloads_round_trip_and_junk_is_refused() {
+        let msg = NewMessage {
+            room: "lobby".into(),
+            from: "alice".into(),
+            text: "<b>hi</b>".into(),
+            instance: "a1".into(),
+            cid: None,
+        }
+        .accepted("1764080000000-3".parse().unwrap());
+        let wire = ServerFrame::Message(&msg).to_json();
+        assert_eq!(parse_channel_payload(wire.as_bytes()).unwrap(), msg);
+        assert!(parse_channel_payload(b"{}").is_err());
+        assert!(parse_channel_payload(b"\xff\xfe").is_err());
+        let bad_room = wire.replace("\"lobby\"", "\"no spaces allowed\"");
+        assert!(parse_channel_payload(bad_room.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn ws_frames_are_unmasked_text_frames() {
+        let bytes = ws_text_frame("hi".to_string());
+        assert_eq!(&bytes[..], &[0x81, 0x02, b'h', b'i']);
+    }
+}

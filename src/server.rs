@@ -1,0 +1,201 @@
+//! Wiring: binds the listeners, starts the broker and the named threads,
+//! and hands back a [`RunningServer`] with the real addresses and a way to
+//! shut it all down.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use crate::broker::Broker;
+use crate::broker::local::LocalBroker;
+use crate::broker::redis_pubsub::RedisBroker;
+use crate::config::{BrokerKind, Config};
+use crate::http::{self, HttpState};
+use crate::hub::{CloseReason, Hub};
+use crate::metrics::Metrics;
+use crate::session::{self, SessionContext, SessionLimits, WS_PATH};
+
+/// HTTP worker threads: the page and the probes are light, and tiny_http
+/// does the socket work on its own threads.
+const HTTP_WORKERS: usize = 2;
+/// Open files wanted: two per client is never needed (one socket each),
+/// but sockets, Redis links and the page all count.
+const WANTED_OPEN_FILES: u64 = 65_536;
+
+/// A started instance.
+pub struct RunningServer {
+    pub instance: String,
+    pub http_addr: SocketAddr,
+    pub ws_addr: SocketAddr,
+    stopping: Arc<AtomicBool>,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    http: Arc<tiny_http::Server>,
+}
+
+/// Starts an instance: binds both ports, connects the broker (a missing
+/// Redis is logged, retried, and does not stop the start), and starts
+/// serving. Returns once the Redis subscription is live or its first
+/// attempt failed.
+pub fn start(config: &Config) -> Result<RunningServer, String> {
+    config.validate()?;
+    raise_open_files_limit();
+    let instance = config.instance_id();
+    let metrics = Arc::new(Metrics::default());
+    let hub = Arc::new(Hub::new(metrics.clone()));
+    let stopping = Arc::new(AtomicBool::new(false));
+
+    let http_listener = TcpListener::bind((config.host, config.port)).map_err(|e| {
+        format!(
+            "cannot listen for HTTP on {}:{}: {e}",
+            config.host, config.port
+        )
+    })?;
+    let ws_port = config.ws_port()?;
+    let ws_listener = TcpListener::bind((config.host, ws_port)).map_err(|e| {
+        format!(
+            "cannot listen for WebSocket on {}:{ws_port}: {e}",
+            config.host
+        )
+    })?;
+    let http_addr = http_listener.local_addr().map_err(|e| e.to_string())?;
+    let ws_addr = ws_listener.local_addr().map_err(|e| e.to_string())?;
+
+    let broker: Arc<dyn Broker> = match config.broker {
+        BrokerKind::Redis => RedisBroker::start(
+            &config.redis_url,
+            &config.redis_prefix,
+            config.history_len,
+            config.redis_max_backoff(),
+            hub.clone(),
+            metrics.clone(),
+        )?,
+        BrokerKind::Local => {
+            warn!(
+                "local broker: this instance is alone; clients of other instances will not see its messages"
+            );
+            Arc::new(LocalBroker::new(
+                hub.clone(),
+                metrics.clone(),
+                config.history_len,
+            ))
+        }
+    };
+
+    let http_server = Arc::new(
+        tiny_http::Server::from_listener(http_listener, None)
+            .map_err(|e| format!("cannot start the HTTP server: {e}"))?,
+    );
+    let http_state = Arc::new(HttpState {
+        instance: instance.clone(),
+        ws_port: ws_addr.port(),
+        ws_path: WS_PATH,
+        public_ws_url: config.public_ws_url.clone(),
+        broker: broker.clone(),
+        metrics: metrics.clone(),
+    });
+    for worker in 0..HTTP_WORKERS {
+        let server = http_server.clone();
+        let state = http_state.clone();
+        thread::Builder::new()
+            .name(format!("http-{worker}"))
+            .spawn(move || http::serve(&server, &state))
+            .map_err(|e| format!("cannot start an HTTP thread: {e}"))?;
+    }
+
+    let context = Arc::new(SessionContext::new(
+        instance.clone(),
+        hub.clone(),
+        broker,
+        metrics.clone(),
+        SessionLimits {
+            client_queue_len: config.client_queue_len,
+            max_text_chars: config.max_text_chars,
+            max_frame_bytes: config.max_frame_bytes,
+            history_replay: config.history_replay,
+            handshake_timeout: config.handshake_timeout(),
+            write_timeout: config.write_timeout(),
+        },
+        stopping.clone(),
+    ));
+    thread::Builder::new()
+        .name("ws-accept".into())
+        .spawn({
+            let stopping = stopping.clone();
+            move || run_accept(ws_listener, context, stopping)
+        })
+        .map_err(|e| format!("cannot start the accept thread: {e}"))?;
+
+    info!(
+        "instance {instance} listening: page http://{http_addr}/ websocket ws://{ws_addr}{WS_PATH} broker {:?}",
+        config.broker
+    );
+    Ok(RunningServer {
+        instance,
+        http_addr,
+        ws_addr,
+        stopping,
+        hub,
+        metrics,
+        http: http_server,
+    })
+}
+
+/// The accept thread: one session (reader thread) per connection.
+fn run_accept(listener: TcpListener, context: Arc<SessionContext>, stopping: Arc<AtomicBool>) {
+    for stream in listener.incoming() {
+        if stopping.load(Ordering::Relaxed) {
+            break;
+        }
+        match stream {
+            Ok(stream) => session::spawn_session(stream, context.clone()),
+            Err(e) => {
+                // Out of file descriptors, mostly: wait instead of spinning.
+                warn!("websocket accept failed: {e}");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl RunningServer {
+    /// Stops accepting, sends every client a close frame 1001 (going
+    /// away), and waits up to `grace` for them to go.
+    pub fn shutdown(&self, grace: Duration) {
+        info!("instance {} shutting down", self.instance);
+        self.stopping.store(true, Ordering::Relaxed);
+        // Wake the accept thread so it sees the flag and drops the listener.
+        let _ = TcpStream::connect_timeout(&self.ws_addr, Duration::from_millis(100));
+        self.http.unblock();
+        self.hub.close_all(CloseReason::SHUTDOWN);
+        let deadline = Instant::now() + grace;
+        while self.metrics.clients_connected.load(Ordering::Relaxed) > 0
+            && Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let left = self.metrics.clients_connected.load(Ordering::Relaxed);
+        if left > 0 {
+            warn!(
+                "instance {}: {left} clients still connected at exit",
+                self.instance
+            );
+        } else {
+            info!("instance {} stopped: every client closed", self.instance);
+        }
+    }
+}
+
+/// Raises the soft open-files limit toward the hard one: each client is a
+/// socket, and the usual soft default of 1024 would cap the server far
+/// below what its threads allow.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(WANTED_OPEN_FILES) {
+        Ok(limit) => info!("open files limit: {limit}"),
+        Err(e) => warn!("cannot raise the open files limit: {e}"),
+    }
+}

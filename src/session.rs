@@ -1,0 +1,706 @@
+//! One WebSocket client: its handshake, its reader thread and its writer
+//! thread, and every way they end.
+//!
+//! ```text
+//!   socket ──read──> reader thread ──publish──> broker (Redis)
+//!                        │ pong, close reply, error frames (Control::Raw)
+//!                        v
+//!   socket <──write── writer thread <── frames queue <── hub (subscriber thread)
+//! ```
+//!
+//! Why two threads: a thread blocked in `read` cannot be woken to write, and
+//! a read timeout would turn every idle client into a polling loop. Why only
+//! one writer: frames from several writers would interleave on the wire. The
+//! reader's tungstenite `WebSocket` therefore writes into a [`SessionStream`]
+//! whose `Write` hands the bytes to the writer, and the writer is a byte pump
+//! over the other handle of the same `TcpStream`.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded, select_biased};
+use log::{debug, info, warn};
+use tungstenite::handshake::HandshakeError;
+use tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tungstenite::http::StatusCode;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::frame::{CloseFrame, Frame};
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::{Message, WebSocket};
+
+use crate::broker::{Broker, HistoryQuery};
+use crate::hub::{ClientId, CloseReason, Control, Delivery, Hub, Member};
+use crate::metrics::Metrics;
+use crate::protocol::{
+    DEFAULT_ROOM, ErrorCode, MessageId, NewMessage, ServerFrame, parse_client_frame, validate_name,
+    validate_room,
+};
+
+/// The WebSocket path (`PROTOCOL.md`).
+pub const WS_PATH: &str = "/ws";
+/// Stack of a reader thread. It parses JSON and talks to Redis, which
+/// touches a few tens of KiB at most; what is not touched costs address
+/// space, not memory.
+const READER_STACK: usize = 256 * 1024;
+/// Stack of a writer thread: a byte pump that touches about 12 KiB.
+const WRITER_STACK: usize = 64 * 1024;
+/// tungstenite's read buffer. Its 128 KiB default is touched on the first
+/// read, for every client; chat frames are small.
+const READ_BUFFER: usize = 4 * 1024;
+/// Control items (pongs, close replies, error frames) queued for a writer.
+/// Only a client that sends much and reads nothing fills it, and is then
+/// disconnected.
+const CONTROL_QUEUE: usize = 64;
+/// Bytes a writer gathers from its queues before one `write`: under load
+/// many small frames go out in one system call.
+const WRITE_BATCH: usize = 64 * 1024;
+/// How long, after sending a close frame, the server waits for the
+/// client's close reply before dropping the connection.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// TCP keepalive: a peer that vanished without a FIN (power loss, a
+/// sleeping laptop) is found after about 30 s idle + 3 probes 10 s apart.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// What every session of this instance shares.
+pub struct SessionContext {
+    pub instance: String,
+    pub hub: Arc<Hub>,
+    pub broker: Arc<dyn Broker>,
+    pub metrics: Arc<Metrics>,
+    pub limits: SessionLimits,
+    pub stopping: Arc<AtomicBool>,
+    next_client: AtomicU64,
+}
+
+/// The per-client limits, from the configuration.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    pub client_queue_len: usize,
+    pub max_text_chars: usize,
+    pub max_frame_bytes: usize,
+    pub history_replay: usize,
+    pub handshake_timeout: Duration,
+    pub write_timeout: Duration,
+}
+
+impl SessionContext {
+    pub fn new(
+        instance: String,
+        hub: Arc<Hub>,
+        broker: Arc<dyn Broker>,
+        metrics: Arc<Metrics>,
+        limits: SessionLimits,
+        stopping: Arc<AtomicBool>,
+    ) -> Self {
+        SessionContext {
+            instance,
+            hub,
+            broker,
+            metrics,
+            limits,
+            stopping,
+            next_client: AtomicU64::new(1),
+        }
+    }
+
+    fn ws_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .write_buffer_size(0)
+            .max_message_size(Some(self.limits.max_frame_bytes))
+            .max_frame_size(Some(self.limits.max_frame_bytes))
+    }
+}
+
+/// Starts a session for an accepted connection on its own reader thread.
+/// If no thread can be had, the client gets an HTTP 503 and the server
+/// goes on.
+pub fn spawn_session(stream: TcpStream, context: Arc<SessionContext>) {
+    let client = context.next_client.fetch_add(1, Ordering::Relaxed);
+    let refused = match stream.try_clone() {
+        Ok(clone) => Some(clone),
+        Err(e) => {
+            warn!("client {client} refused: cannot clone its socket: {e}");
+            None
+        }
+    };
+    let spawned = thread::Builder::new()
+        .name(format!("ws-read-{client}"))
+        .stack_size(READER_STACK)
+        .spawn({
+            let context = context.clone();
+            move || run_session(client, stream, &context)
+        });
+    if let Err(e) = spawned {
+        warn!("client {client} refused: cannot start its reader thread: {e}");
+        Metrics::inc(&context.metrics.connections_refused_total);
+        if let Some(mut stream) = refused {
+            refuse_raw(
+                &mut stream,
+                "503 Service Unavailable",
+                "server is at its thread limit",
+            );
+        }
+    }
+}
+
+/// Answers a raw HTTP error on a socket no thread could be found for.
+fn refuse_raw(stream: &mut TcpStream, status: &str, reason: &str) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reason}",
+        reason.len()
+    );
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// What the client asked for in its handshake URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinRequest {
+    pub name: Option<String>,
+    pub room: String,
+    pub since: Option<MessageId>,
+}
+
+/// Reads `name`, `room` and `since` from a handshake query string.
+pub fn parse_join_query(query: &str) -> Result<JoinRequest, String> {
+    let mut join = JoinRequest {
+        name: None,
+        room: DEFAULT_ROOM.to_string(),
+        since: None,
+    };
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match &*key {
+            "name" if !value.trim().is_empty() => {
+                let name = value.trim();
+                validate_name(name)?;
+                join.name = Some(name.to_string());
+            }
+            "room" if !value.is_empty() => {
+                validate_room(&value)?;
+                join.room = value.into_owned();
+            }
+            "since" if !value.is_empty() => {
+                join.since = Some(value.parse().map_err(|e| format!("since: {e}"))?);
+            }
+            _ => {}
+        }
+    }
+    Ok(join)
+}
+
+fn refuse_handshake(status: StatusCode, reason: String) -> ErrorResponse {
+    let mut response = ErrorResponse::new(Some(reason));
+    *response.status_mut() = status;
+    response
+}
+
+/// Bounds the whole handshake, not each read: a client dripping one byte
+/// every few seconds (slowloris) is cut off at the deadline all the same.
+struct DeadlineStream<'a> {
+    stream: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl Read for DeadlineStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for DeadlineStream<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// Runs the WebSocket handshake; on success, what the client asked for.
+// The callback's error type is tungstenite's, large or not.
+#[allow(clippy::result_large_err)]
+fn handshake(
+    client: ClientId,
+    stream: &TcpStream,
+    context: &SessionContext,
+) -> Option<JoinRequest> {
+    let mut join = None;
+    let callback = |request: &Request, response: Response| {
+        if request.uri().path() != WS_PATH {
+            return Err(refuse_handshake(
+                StatusCode::NOT_FOUND,
+                format!("the WebSocket is at {WS_PATH}"),
+            ));
+        }
+        match parse_join_query(request.uri().query().unwrap_or("")) {
+            Ok(request) => {
+                join = Some(request);
+                Ok(response)
+            }
+            Err(reason) => Err(refuse_handshake(StatusCode::BAD_REQUEST, reason)),
+        }
+    };
+    let deadline = Instant::now() + context.limits.handshake_timeout;
+    let guarded = DeadlineStream { stream, deadline };
+    match tungstenite::accept_hdr_with_config(guarded, callback, Some(context.ws_config())) {
+        // The handshake refuses bytes after the request, so nothing read
+        // ahead is lost when its WebSocket is dropped for ours.
+        Ok(_) => join,
+        Err(HandshakeError::Interrupted(_)) => {
+            debug!("client {client} refused: no handshake within the timeout");
+            None
+        }
+        Err(HandshakeError::Failure(e)) => {
+            debug!("client {client} refused: handshake failed: {e}");
+            None
+        }
+    }
+}
+
+fn set_socket_options(stream: &TcpStream, write_timeout: Duration) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(write_timeout))?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
+
+/// The reader thread's body: handshake, join, start the writer, then read
+/// and publish until the connection ends; then clean up every trace.
+fn run_session(client: ClientId, stream: TcpStream, context: &SessionContext) {
+    Metrics::up(&context.metrics.session_threads);
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let joined = set_socket_options(&stream, context.limits.write_timeout)
+        .map_err(|e| debug!("client {client} refused: socket options: {e}"))
+        .ok()
+        .and_then(|()| handshake(client, &stream, context));
+    match joined {
+        Some(join) if !context.stopping.load(Ordering::Relaxed) => {
+            let _ = stream.set_read_timeout(None);
+            Metrics::inc(&context.metrics.connections_total);
+            Metrics::up(&context.metrics.clients_connected);
+            run_joined(client, Arc::new(stream), join, &peer, context);
+            Metrics::down(&context.metrics.clients_connected);
+        }
+        _ => {
+            Metrics::inc(&context.metrics.connections_refused_total);
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+    Metrics::down(&context.metrics.session_threads);
+}
+
+fn run_joined(
+    client: ClientId,
+    socket: Arc<TcpStream>,
+    join: JoinRequest,
+    peer: &str,
+    context: &SessionContext,
+) {
+    let name = join.name.unwrap_or_else(|| format!("guest-{client}"));
+    let room = join.room;
+    let (frames_tx, frames_rx) = bounded::<Delivery>(context.limits.client_queue_len);
+    let (control_tx, control_rx) = bounded::<Control>(CONTROL_QUEUE);
+    let closing = Arc::new(OnceLock::new());
+
+    // Join before reading history: a message accepted meanwhile is then
+    // either in history or in the queue (or both, and the writer drops the
+    // copy), never in neither.
+    context.hub.join(
+        &room,
+        Member {
+            id: client,
+            frames_tx,
+            control_tx: control_tx.clone(),
+            closing: closing.clone(),
+        },
+    );
+    info!("client {client} joined room {room} as {name:?} from {peer}");
+
+    let client_label = format!("c{client}");
+    let welcome = ServerFrame::Welcome {
+        instance: &context.instance,
+        client: &client_label,
+        name: &name,
+        room: &room,
+    };
+    let mut first_bytes = welcome.to_ws_bytes().to_vec();
+    let query = match join.since {
+        Some(since) => HistoryQuery::After(since),
+        None => HistoryQuery::Recent(context.limits.history_replay),
+    };
+    let mut seam = join.since;
+    match context.broker.history(&room, query) {
+        Ok(history) => {
+            Metrics::add(
+                &context.metrics.history_replayed_total,
+                history.len() as u64,
+            );
+            for message in &history {
+                first_bytes.extend_from_slice(&ServerFrame::Message(message).to_ws_bytes());
+            }
+            seam = history.last().map(|m| m.id).or(seam);
+        }
+        Err(e) => {
+            warn!("client {client}: history of room {room} unavailable: {e}");
+            let notice = format!("history is unavailable: {e}");
+            let frame = ServerFrame::Error {
+                code: ErrorCode::Unavailable,
+                message: &notice,
+                cid: None,
+            };
+            first_bytes.extend_from_slice(&frame.to_ws_bytes());
+        }
+    }
+
+    let writer = Writer {
+        client,
+        socket: socket.clone(),
+        frames_rx,
+        control_rx,
+        closing,
+        seam,
+        out: first_bytes,
+    };
+    let spawned = thread::Builder::new()
+        .name(format!("ws-write-{client}"))
+        .stack_size(WRITER_STACK)
+        .spawn({
+            let metrics = context.metrics.clone();
+            move || {
+                Metrics::up(&metrics.session_threads);
+                writer.run();
+                Metrics::down(&metrics.session_threads);
+            }
+        });
+    let writer = match spawned {
+        Ok(handle) => handle,
+        Err(e) => {
+            warn!("client {client} dropped: cannot start its writer thread: {e}");
+            context.hub.leave(&room, client);
+            let _ = socket.shutdown(Shutdown::Both);
+            return;
+        }
+    };
+
+    let stream = SessionStream {
+        socket: socket.clone(),
+        control_tx,
+    };
+    let mut websocket = WebSocket::from_raw_socket(stream, Role::Server, Some(context.ws_config()));
+    let ended = read_until_closed(client, &mut websocket, &name, &room, context);
+    info!("client {client} left room {room}: {ended}");
+
+    context.hub.leave(&room, client);
+    // Dropping the WebSocket drops the reader's control sender; with the
+    // hub's gone too, the writer sends what is left (a close reply) and ends.
+    drop(websocket);
+    if writer.join().is_err() {
+        warn!("client {client}: writer thread panicked");
+    }
+    let _ = socket.shutdown(Shutdown::Both);
+}
+
+/// Reads frames and publishes messages until the connection ends; returns
+/// how it ended, for the log.
+fn read_until_closed(
+    client: ClientId,
+    websocket: &mut WebSocket<SessionStream>,
+    name: &str,
+    room: &str,
+    context: &SessionContext,
+) -> String {
+    use tungstenite::error::{CapacityError, Error};
+    loop {
+        let text = match websocket.read() {
+            Ok(Message::Text(text)) => text,
+            Ok(Message::Binary(_)) => {
+                let reply = reply_error(
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported: send JSON text",
+                    None,
+                );
+                if let Err(e) = websocket.send(reply) {
+                    return format!("cannot reply: {e}");
+                }
+                Metrics::inc(&context.metrics.messages_rejected_total);
+                continue;
+            }
+            // Pings are answered by tungstenite (the pong goes out at the
+            // start of the next read); a close is answered the same way,
+            // and the next read reports the end.
+            Ok(_) => continue,
+            Err(Error::ConnectionClosed | Error::AlreadyClosed) => return "closed".into(),
+            Err(Error::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
+                close_now(websocket, CloseCode::Size, "message too large");
+                return format!("frame of {size} bytes over the {max_size} byte limit");
+            }
+            Err(Error::Utf8(_)) => {
+                close_now(
+                    websocket,
+                    CloseCode::Invalid,
+                    "text frame is not valid UTF-8",
+                );
+                return "invalid UTF-8 in a text frame".into();
+            }
+            Err(Error::Protocol(e)) => {
+                close_now(websocket, CloseCode::Protocol, "protocol error");
+                return format!("protocol error: {e}");
+            }
+            Err(Error::Io(e)) => return format!("connection lost: {e}"),
+            Err(e) => return format!("error: {e}"),
+        };
+        Metrics::inc(&context.metrics.messages_received_total);
+        let reply = match parse_client_frame(&text, context.limits.max_text_chars) {
+            Ok(message) => {
+                let cid = message.cid.clone();
+                let new = NewMessage {
+                    room: room.to_string(),
+                    from: name.to_string(),
+                    text: message.text,
+                    instance: context.instance.clone(),
+                    cid: message.cid,
+                };
+                match context.broker.publish(new) {
+                    // The sender's own copy comes back through the broker:
+                    // it is the delivery receipt, in the same order as
+                    // everyone else's.
+                    Ok(_) => {
+                        Metrics::inc(&context.metrics.messages_published_total);
+                        continue;
+                    }
+                    Err(e) => {
+                        Metrics::inc(&context.metrics.messages_unavailable_total);
+                        debug!("client {client}: message not accepted: {e}");
+                        reply_error(
+                            ErrorCode::Unavailable,
+                            &format!("message not sent: {e}"),
+                            cid.as_deref(),
+                        )
+                    }
+                }
+            }
+            Err(refused) => {
+                Metrics::inc(&context.metrics.messages_rejected_total);
+                debug!("client {client}: frame refused: {}", refused.message);
+                Message::text(refused.to_frame().to_json())
+            }
+        };
+        if let Err(e) = websocket.send(reply) {
+            return format!("cannot reply: {e}");
+        }
+    }
+}
+
+fn reply_error(code: ErrorCode, message: &str, cid: Option<&str>) -> Message {
+    Message::text(ServerFrame::Error { code, message, cid }.to_json())
+}
+
+/// Sends a close frame for a client that broke the protocol, then ends.
+fn close_now(websocket: &mut WebSocket<SessionStream>, code: CloseCode, reason: &'static str) {
+    let _ = websocket.close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    let _ = websocket.flush();
+}
+
+/// The reader's side of the socket: reads come from the socket, writes go
+/// to the writer thread, which alone writes to the socket.
+///
+/// Bytes are handed over on `write`, not on `flush`: after a client's close
+/// tungstenite writes the reply and reports the end before it flushes.
+struct SessionStream {
+    socket: Arc<TcpStream>,
+    control_tx: Sender<Control>,
+}
+
+impl Read for SessionStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.socket).read(buf)
+    }
+}
+
+impl Write for SessionStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.control_tx
+            .try_send(Control::Raw(buf.to_vec()))
+            .map_err(|_| io::Error::other("writer queue full or gone"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    client: ClientId,
+    socket: Arc<TcpStream>,
+    frames_rx: Receiver<Delivery>,
+    control_rx: Receiver<Control>,
+    closing: Arc<OnceLock<CloseReason>>,
+    /// Messages up to this id were sent as history: live copies are skipped.
+    seam: Option<MessageId>,
+    /// Bytes gathered for the next write.
+    out: Vec<u8>,
+}
+
+/// What the writer does after a batch.
+enum Next {
+    Continue,
+    Close(CloseReason),
+    Finished,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let outcome = self.pump();
+        match outcome {
+            Ok(Some(reason)) => {
+                debug!("client {}: closing ({})", self.client, reason.reason);
+                let close = Frame::close(Some(CloseFrame {
+                    code: CloseCode::from(reason.code),
+                    reason: reason.reason.into(),
+                }));
+                let mut bytes = Vec::new();
+                if close.format(&mut bytes).is_ok() && (&*self.socket).write_all(&bytes).is_ok() {
+                    // Let the reader see the client's close reply (or give
+                    // up after the grace period), then it ends the session.
+                    let _ = self.socket.shutdown(Shutdown::Write);
+                    let _ = self.socket.set_read_timeout(Some(CLOSE_GRACE));
+                    return;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => debug!("client {}: write failed: {e}", self.client),
+        }
+        let _ = self.socket.shutdown(Shutdown::Both);
+    }
+
+    /// Writes until the session ends; `Some(reason)` if the server closes it.
+    fn pump(&mut self) -> io::Result<Option<CloseReason>> {
+        loop {
+            if !self.out.is_empty() {
+                (&*self.socket).write_all(&self.out)?;
+                self.out.clear();
+            }
+            if let Some(reason) = self.closing.get() {
+                return Ok(Some(*reason));
+            }
+            let next = select_biased! {
+                recv(self.control_rx) -> control => match control {
+                    Ok(control) => self.take_control(control),
+                    Err(_) => Next::Finished,
+                },
+                recv(self.frames_rx) -> delivery => match delivery {
+                    Ok(delivery) => { self.take_delivery(delivery); Next::Continue }
+                    Err(_) => Next::Continue,
+                },
+            };
+            match self.gather(next) {
+                Next::Continue => {}
+                Next::Close(reason) => return Ok(Some(reason)),
+                Next::Finished => {
+                    (&*self.socket).write_all(&self.out)?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Takes whatever else is already queued, up to one batch, so that a
+    /// busy client costs one `write` per batch rather than one per frame.
+    fn gather(&mut self, mut next: Next) -> Next {
+        while matches!(next, Next::Continue) && self.out.len() < WRITE_BATCH {
+            next = match self.control_rx.try_recv() {
+                Ok(control) => self.take_control(control),
+                Err(TryRecvError::Disconnected) => Next::Finished,
+                Err(TryRecvError::Empty) => match self.frames_rx.try_recv() {
+                    Ok(delivery) => {
+                        self.take_delivery(delivery);
+                        Next::Continue
+                    }
+                    Err(_) => break,
+                },
+            };
+        }
+        next
+    }
+
+    fn take_control(&mut self, control: Control) -> Next {
+        match control {
+            Control::Raw(bytes) => {
+                self.out.extend_from_slice(&bytes);
+                Next::Continue
+            }
+            Control::Close(reason) => {
+                // What was queued is dropped: the client is going.
+                self.out.clear();
+                Next::Close(reason)
+            }
+        }
+    }
+
+    fn take_delivery(&mut self, delivery: Delivery) {
+        if let Some(seam) = self.seam {
+            if delivery.id <= seam {
+                return;
+            }
+            self.seam = None;
+        }
+        self.out.extend_from_slice(&delivery.bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_query_defaults_and_decoding() {
+        let join = parse_join_query("").unwrap();
+        assert_eq!(join.room, "lobby");
+        assert_eq!(join.name, None);
+        let join = parse_join_query("name=Ann%C3%A9e+B&room=team-1&since=17-3").unwrap();
+        assert_eq!(join.name.as_deref(), Some("Année B"));
+        assert_eq!(join.room, "team-1");
+        assert_eq!(join.since, Some(MessageId { millis: 17, seq: 3 }));
+    }
+
+    #[test]
+    fn bad_join_queries_are_refused_with_a_reason() {
+        assert!(
+            parse_join_query("room=has%20space")
+                .unwrap_err()
+                .contains("room")
+        );
+        assert!(
+            parse_join_query("since=yesterday")
+                .unwrap_err()
+                .contains("since")
+        );
+        assert!(parse_join_query(&format!("name={}", "x".repeat(40))).is_err());
+        assert!(parse_join_query("name=a%0Ab").is_err());
+    }
+}
