@@ -11,6 +11,7 @@ use log::{debug, warn};
 use serde::Serialize;
 
 use crate::broker::Broker;
+use crate::hub::Hub;
 use crate::metrics::Metrics;
 
 /// The page, embedded so the binary serves it from any directory.
@@ -26,6 +27,7 @@ pub struct HttpState {
     pub public_ws_url: Option<String>,
     pub broker: Arc<dyn Broker>,
     pub metrics: Arc<Metrics>,
+    pub hub: Arc<Hub>,
 }
 
 /// `GET /config.json`: how the page finds its WebSocket.
@@ -85,11 +87,15 @@ pub fn handle(method: &str, url: &str, state: &HttpState) -> Reply {
             Ok(()) => Reply::text(200, "ready\n"),
             Err(reason) => Reply::text(503, format!("not ready: {reason}\n")),
         },
-        "/metrics" => Reply::new(
-            200,
-            "text/plain; version=0.0.4; charset=utf-8",
-            state.metrics.render(),
-        ),
+        "/metrics" => {
+            let mut body = state.metrics.render();
+            body.push_str(
+                "# HELP chat_hub_members Clients registered in the hub, over all rooms.\n",
+            );
+            body.push_str("# TYPE chat_hub_members gauge\n");
+            body.push_str(&format!("chat_hub_members {}\n", state.hub.len()));
+            Reply::new(200, "text/plain; version=0.0.4; charset=utf-8", body)
+        }
         _ => Reply::text(404, format!("no page at {path}\n")),
     }
 }
@@ -134,8 +140,9 @@ mod tests {
             ws_port: 15000,
             ws_path: "/ws",
             public_ws_url: None,
-            broker: Arc::new(LocalBroker::new(hub, metrics.clone(), 10)),
+            broker: Arc::new(LocalBroker::new(hub.clone(), metrics.clone(), 10)),
             metrics,
+            hub,
         }
     }
 
@@ -164,5 +171,6 @@ mod tests {
         assert_eq!(handle("POST", "/", &state).status, 405);
         let metrics = String::from_utf8(handle("GET", "/metrics", &state).body).unwrap();
         assert!(metrics.contains("chat_clients_connected 0"));
+        assert!(metrics.contains("\nchat_hub_members 0\n"));
     }
 }

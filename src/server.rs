@@ -97,6 +97,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         public_ws_url: config.public_ws_url.clone(),
         broker: broker.clone(),
         metrics: metrics.clone(),
+        hub: hub.clone(),
     });
     for worker in 0..HTTP_WORKERS {
         let server = http_server.clone();

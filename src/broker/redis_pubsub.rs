@@ -284,11 +284,19 @@ impl Broker for RedisBroker {
                 self.url
             ));
         }
-        let publisher = self.publisher.lock().expect("publisher lock poisoned");
-        match (&publisher.connection, &publisher.last_error) {
-            (None, Some(e)) => Err(format!("redis publisher is down ({e}); reconnecting")),
-            _ => Ok(()),
+        // The publisher reconnects lazily; a probe is a chance to do it, no
+        // more often than its backoff allows.
+        let publisher_down = self
+            .publisher
+            .lock()
+            .expect("publisher lock poisoned")
+            .connection
+            .is_none();
+        if publisher_down {
+            self.with_publisher(|connection| redis::cmd("PING").query::<String>(connection))
+                .map_err(|e| format!("redis publisher is down ({e}); reconnecting"))?;
         }
+        Ok(())
     }
 }
 

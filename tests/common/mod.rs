@@ -1,0 +1,434 @@
+//! Shared test support: a private `redis-server`, real instances of the
+//! binary, and real WebSocket clients. Every blocking call has a timeout,
+//! so a failure fails instead of hanging CI.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+/// How long any single wait in a test may take before it fails.
+pub const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A name unique to this test process and call: Redis prefixes, rooms.
+pub fn unique(label: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{label}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A free loopback port (bound, read back, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` until it is true, or panics with `what` after [`TIMEOUT`].
+pub fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn temp_dir(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique(&format!("pubsub-chat-{label}")));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A `redis-server` of this test's own, on a free loopback port, killed
+/// and reaped on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+    extra_args: Vec<String>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts one with extra `redis-server` arguments (persistence, ...).
+    pub fn start_with(extra_args: &[&str]) -> Self {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            dir: temp_dir("redis"),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let log = self.dir.join("redis.log");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(&log)
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: run ./scripts/test.sh, or apt-get install redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Ok(mut conn) = self.connection() {
+                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!(
+                    "redis-server on port {} did not answer PING:\n{log}",
+                    self.port
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn connection(&self) -> redis::RedisResult<redis::Connection> {
+        let client = redis::Client::open(self.url())?;
+        let conn = client.get_connection_with_timeout(Duration::from_secs(1))?;
+        conn.set_read_timeout(Some(TIMEOUT))?;
+        Ok(conn)
+    }
+
+    /// SIGKILLs the server: no shutdown, no final save.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, with the same data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `pubsub-chat` process, killed on drop. Its log is kept, and
+/// printed when a test panics with it alive.
+pub struct Instance {
+    pub id: String,
+    pub http: SocketAddr,
+    pub ws: SocketAddr,
+    child: Option<Child>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Instance {
+    /// Starts an instance joined to `redis`, with its keys under `prefix`.
+    pub fn redis(id: &str, redis_url: &str, prefix: &str) -> Self {
+        Self::start(
+            id,
+            &[
+                "--broker",
+                "redis",
+                "--redis-url",
+                redis_url,
+                "--redis-prefix",
+                prefix,
+            ],
+        )
+    }
+
+    /// Starts an instance with no Redis.
+    pub fn local(id: &str) -> Self {
+        Self::start(id, &["--broker", "local"])
+    }
+
+    /// Starts an instance on ephemeral ports with the given extra options,
+    /// and waits for its "listening" line.
+    pub fn start(id: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pubsub-chat"))
+            .args([
+                "--port",
+                "0",
+                "--instance-id",
+                id,
+                "--redis-max-backoff-ms",
+                "500",
+            ])
+            .args(args)
+            .env("RUST_LOG", "info,pubsub_chat=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start pubsub-chat");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = crossbeam_channel::bounded(1);
+        let stderr = child.stderr.take().unwrap();
+        let lines = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addrs) = parse_listening(&line) {
+                    let _ = addr_tx.try_send(addrs);
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let Ok((http, ws)) = addr_rx.recv_timeout(TIMEOUT) else {
+            let _ = child.kill();
+            panic!(
+                "instance {id} did not start:\n{}",
+                log.lock().unwrap().join("\n")
+            );
+        };
+        Instance {
+            id: id.to_string(),
+            http,
+            ws,
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// `GET path` over plain HTTP/1.0: (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.http, path)
+    }
+
+    /// Waits for `/readyz` to answer 200.
+    pub fn wait_ready(&self) {
+        wait_for(&format!("{} to be ready", self.id), || {
+            self.get("/readyz").0 == 200
+        });
+    }
+
+    /// One number from `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|line| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Waits until a metric has the given value.
+    pub fn wait_metric(&self, name: &str, value: f64) {
+        wait_for(&format!("{name} == {value} on {}", self.id), || {
+            self.metric(name) == value
+        });
+    }
+
+    pub fn client(&self, name: &str, room: &str) -> Client {
+        Client::connect(self.ws, &format!("name={name}&room={room}"))
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns how long it took.
+    pub fn terminate(&mut self) -> Duration {
+        let mut child = self.child.take().expect("instance already stopped");
+        let started = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = started + TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "instance exited with {status}:\n{}",
+                    self.log()
+                );
+                return started.elapsed();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "instance ignored SIGTERM:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILLs the process.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!("---- log of instance {} ----\n{}", self.id, self.log());
+        }
+        self.kill();
+    }
+}
+
+/// Reads the addresses from the server's "listening" log line.
+fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let rest = line.split(" listening: page http://").nth(1)?;
+    let (http, rest) = rest.split_once("/ websocket ws://")?;
+    let ws = rest.split('/').next()?;
+    Some((http.parse().ok()?, ws.parse().ok()?))
+}
+
+/// `GET path` over plain HTTP/1.0: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A real WebSocket client (tungstenite), with a read timeout.
+pub struct Client {
+    pub socket: WebSocket<MaybeTlsStream<TcpStream>>,
+    pub welcome: Value,
+}
+
+impl Client {
+    /// Connects with the given query string and reads the welcome frame.
+    pub fn connect(ws: SocketAddr, query: &str) -> Self {
+        let mut client = Self::connect_raw(ws, query);
+        let welcome = client.recv();
+        assert_eq!(
+            welcome["type"], "welcome",
+            "first frame is not a welcome: {welcome}"
+        );
+        client.welcome = welcome;
+        client
+    }
+
+    /// Connects without reading anything.
+    pub fn connect_raw(ws: SocketAddr, query: &str) -> Self {
+        let stream = TcpStream::connect_timeout(&ws, TIMEOUT).unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+        let url = format!("ws://{ws}/ws?{query}");
+        let (socket, _) = tungstenite::client(url, MaybeTlsStream::Plain(stream))
+            .unwrap_or_else(|e| panic!("handshake with {ws} failed: {e}"));
+        Client {
+            socket,
+            welcome: Value::Null,
+        }
+    }
+
+    pub fn send(&mut self, text: &str, cid: &str) {
+        let frame = serde_json::json!({"type": "message", "text": text, "cid": cid});
+        self.socket.send(Message::text(frame.to_string())).unwrap();
+    }
+
+    pub fn send_raw(&mut self, message: Message) {
+        self.socket.send(message).unwrap();
+    }
+
+    /// The next JSON frame; panics on timeout or close.
+    pub fn recv(&mut self) -> Value {
+        loop {
+            match self.socket.read() {
+                Ok(Message::Text(text)) => return serde_json::from_str(&text).unwrap(),
+                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next `n` frames of type `message`; panics on anything else.
+    pub fn recv_messages(&mut self, n: usize) -> Vec<Value> {
+        (0..n)
+            .map(|_| {
+                let frame = self.recv();
+                assert_eq!(frame["type"], "message", "expected a message, got {frame}");
+                frame
+            })
+            .collect()
+    }
+
+    /// Asserts that nothing arrives within `wait`.
+    pub fn expect_silence(&mut self, wait: Duration) {
+        let stream = match self.socket.get_ref() {
+            MaybeTlsStream::Plain(stream) => stream,
+            _ => unreachable!(),
+        };
+        stream.set_read_timeout(Some(wait)).unwrap();
+        match self.socket.read() {
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            other => panic!("expected silence, got {other:?}"),
+        }
+        let stream = match self.socket.get_ref() {
+            MaybeTlsStream::Plain(stream) => stream,
+            _ => unreachable!(),
+        };
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    }
+}
+
+/// The texts of a list of message frames.
+pub fn texts(messages: &[Value]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_string())
+        .collect()
+}

@@ -1,0 +1,133 @@
+//! Verifies the HTTP side of PROTOCOL.md: the page, `/config.json`,
+//! `/healthz`, `/readyz` (200 with Redis up, 503 while it is down) and
+//! `/metrics`, whose counters move with the traffic; and that a message
+//! sent while Redis is down is answered `unavailable`, never lost silently.
+
+mod common;
+
+use common::{Client, Instance, RedisServer, free_port, unique, wait_for};
+
+#[test]
+fn the_page_and_its_config_are_served() {
+    let redis = RedisServer::start();
+    let a = Instance::redis("page-a", &redis.url(), &unique("page"));
+    let (status, page) = a.get("/");
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("<html") && page.contains("app.js"),
+        "not the chat page: {page}"
+    );
+    assert_eq!(a.get("/app.js").0, 200);
+    assert_eq!(a.get("/style.css").0, 200);
+    assert_eq!(a.get("/no-such-page").0, 404);
+
+    let (status, body) = a.get("/config.json");
+    assert_eq!(status, 200);
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(config["instance"], "page-a");
+    assert_eq!(config["ws_port"], a.ws.port());
+    assert_eq!(config["ws_path"], "/ws");
+    assert_eq!(a.get("/healthz").0, 200);
+}
+
+#[test]
+fn readyz_follows_the_redis_link_and_messages_are_refused_while_it_is_down() {
+    let mut redis = RedisServer::start();
+    let a = Instance::redis("ready-a", &redis.url(), &unique("ready"));
+    a.wait_ready();
+    assert_eq!(a.metric("chat_redis_subscriber_up"), 1.0);
+    let mut client = a.client("alice", "lobby");
+
+    redis.kill();
+    wait_for("readyz to turn 503", || a.get("/readyz").0 == 503);
+    let (_, reason) = a.get("/readyz");
+    assert!(reason.contains("redis"), "503 says why: {reason}");
+    client.send("while redis is down", "down-1");
+    let reply = client.recv();
+    assert_eq!(reply["type"], "error");
+    assert_eq!(reply["code"], "unavailable");
+    assert_eq!(
+        reply["cid"], "down-1",
+        "the refusal names the message it refuses"
+    );
+    assert!(a.metric("chat_messages_unavailable_total") >= 1.0);
+    assert_eq!(
+        a.metric("chat_clients_connected"),
+        1.0,
+        "clients stay connected"
+    );
+
+    redis.restart();
+    a.wait_ready();
+    assert!(a.metric("chat_redis_reconnects_total") >= 1.0);
+    // The publisher may still be waiting out its backoff: retry until accepted.
+    wait_for("a message to be accepted again", || {
+        client.send("redis is back", "up-1");
+        let reply = client.recv();
+        reply["type"] == "message" && reply["text"] == "redis is back"
+    });
+}
+
+#[test]
+fn an_instance_whose_redis_is_missing_starts_and_says_so() {
+    let nowhere = format!("redis://127.0.0.1:{}", free_port());
+    let a = Instance::redis("lonely", &nowhere, &unique("missing"));
+    assert_eq!(a.get("/healthz").0, 200, "alive");
+    let (status, reason) = a.get("/readyz");
+    assert_eq!(status, 503, "not ready: {reason}");
+    assert!(
+        a.log().contains("redis-server"),
+        "the log says how to start Redis:\n{}",
+        a.log()
+    );
+
+    let mut client = Client::connect(a.ws, "name=alice");
+    client.send("hello?", "c1");
+    let reply = client.recv();
+    assert_eq!(
+        (reply["type"].as_str(), reply["code"].as_str()),
+        (Some("error"), Some("unavailable"))
+    );
+}
+
+#[test]
+fn metrics_count_clients_and_messages() {
+    let redis = RedisServer::start();
+    let prefix = unique("metrics");
+    let a = Instance::redis("m-a", &redis.url(), &prefix);
+    let b = Instance::redis("m-b", &redis.url(), &prefix);
+    a.wait_ready();
+    b.wait_ready();
+    let (_, text) = a.get("/metrics");
+    for name in [
+        "chat_clients_connected",
+        "chat_messages_received_total",
+        "chat_messages_published_total",
+        "chat_messages_delivered_total",
+        "chat_redis_reconnects_total",
+        "chat_slow_clients_dropped_total",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "{name} missing from:\n{text}"
+        );
+    }
+
+    let mut alice = a.client("alice", "lobby");
+    let mut bob = b.client("bob", "lobby");
+    let mut bea = b.client("bea", "lobby");
+    assert_eq!(a.metric("chat_clients_connected"), 1.0);
+    assert_eq!(b.metric("chat_clients_connected"), 2.0);
+    for i in 0..3 {
+        alice.send(&format!("m{i}"), &format!("c{i}"));
+    }
+    alice.recv_messages(3);
+    bob.recv_messages(3);
+    bea.recv_messages(3);
+    assert_eq!(a.metric("chat_messages_received_total"), 3.0);
+    assert_eq!(a.metric("chat_messages_published_total"), 3.0);
+    assert_eq!(a.metric("chat_messages_delivered_total"), 3.0);
+    assert_eq!(b.metric("chat_messages_delivered_total"), 6.0);
+    assert_eq!(b.metric("chat_broker_messages_total"), 3.0);
+    assert_eq!(b.metric("chat_messages_published_total"), 0.0);
+}
