@@ -100,10 +100,10 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            if let Ok(mut conn) = self.connection() {
-                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                    return;
-                }
+            if let Ok(mut conn) = self.connection()
+                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+            {
+                return;
             }
             if Instant::now() > deadline {
                 let log = std::fs::read_to_string(&log).unwrap_or_default();
