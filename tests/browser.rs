@@ -1,0 +1,106 @@
+//! Verifies in a real headless Chromium that a message typed on the chat page of one instance
+//! appears on the page of another instance joined by Redis, and that message text is never run
+//! as HTML. tests/browser/chat.mjs drives the browser; this test starts Redis and the instances.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Instance, RedisServer, unique};
+
+/// How long the whole browser run may take before node is killed.
+const NODE_TIMEOUT: Duration = Duration::from_secs(90);
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("browser")
+}
+
+/// Fails (never skips) when the browser tooling is not installed.
+fn require_tooling(dir: &Path) {
+    assert!(
+        dir.join("node_modules").join("playwright-core").is_dir(),
+        "{} is missing: run ./scripts/test.sh (which installs it), or `npm ci --prefix tests/browser`",
+        dir.join("node_modules").display()
+    );
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: run ./scripts/test.sh (which installs it), or `apt-get install chromium`"
+    );
+}
+
+/// Reads a child's pipe to the end on a thread of its own.
+fn drain(pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let mut pipe = pipe;
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+#[test]
+fn a_message_typed_in_one_browser_tab_appears_in_a_tab_on_the_other_instance() {
+    let dir = browser_dir();
+    require_tooling(&dir);
+
+    let redis = RedisServer::start();
+    let prefix = unique("browser");
+    let a = Instance::redis("browser-a", &redis.url(), &prefix);
+    let b = Instance::redis("browser-b", &redis.url(), &prefix);
+    a.wait_ready();
+    b.wait_ready();
+
+    let room = unique("room").replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-");
+    let out = dir.join("artifacts");
+    let mut child = Command::new("node")
+        .arg(dir.join("chat.mjs"))
+        .arg("--a")
+        .arg(format!("http://{}", a.http))
+        .arg("--b")
+        .arg(format!("http://{}", b.http))
+        .arg("--room")
+        .arg(&room)
+        .arg("--out")
+        .arg(&out)
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run node: run ./scripts/test.sh, or install Node.js 20+");
+    let stdout = drain(child.stdout.take().unwrap());
+    let stderr = drain(child.stderr.take().unwrap());
+
+    let deadline = Instant::now() + NODE_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = stdout.join().unwrap();
+    let stderr = stderr.join().unwrap();
+    print!("{stdout}");
+
+    match status {
+        Some(status) if status.success() => {}
+        Some(status) => panic!(
+            "tests/browser/chat.mjs exited with {status}\n---- stdout ----\n{stdout}\n---- stderr ----\n{stderr}"
+        ),
+        None => panic!(
+            "tests/browser/chat.mjs was killed after {NODE_TIMEOUT:?}\n---- stdout ----\n{stdout}\n---- stderr ----\n{stderr}"
+        ),
+    }
+}
