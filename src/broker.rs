@@ -37,16 +37,135 @@ pub enum HistoryQuery {
     After(MessageId),
 }
 
+/// A room's history as read for one client.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct History {
+    /// Oldest first.
+    pub messages: Vec<ChatMessage>,
+    /// The client asked for messages after an id older than anything
+    /// history still holds: some messages are gone for good.
+    pub truncated: bool,
+    /// The last id accepted anywhere in the chat when history was read.
+    pub latest: Option<MessageId>,
+}
+
+impl History {
+    /// The history for `After(since)`, from the room's entries from `since`
+    /// on (inclusive, oldest first), its oldest entry, and the chat's latest
+    /// id, all read in one atomic step.
+    ///
+    /// If `since` itself is still there, nothing was lost. If it is not,
+    /// and the oldest entry is newer than it, history was trimmed past it
+    /// (or lost in a Redis restart): the client is told.
+    pub fn resume(
+        since: MessageId,
+        mut from_since: Vec<ChatMessage>,
+        oldest: Option<MessageId>,
+        latest: Option<MessageId>,
+    ) -> History {
+        let found = from_since.first().is_some_and(|m| m.id == since);
+        if found {
+            from_since.remove(0);
+        }
+        let truncated = !found
+            && match oldest {
+                Some(oldest) => oldest > since,
+                None => latest.is_none_or(|latest| since <= latest),
+            };
+        History {
+            messages: from_since,
+            truncated,
+            latest,
+        }
+    }
+
+    /// The id up to which a client that read this history must not get live
+    /// copies: the last message it was sent, or the `since` it already has,
+    /// but never beyond what was accepted (a `since` from the future would
+    /// otherwise swallow every new message).
+    pub fn seam(&self, since: Option<MessageId>) -> Option<MessageId> {
+        let known = since.and_then(|since| self.latest.map(|latest| since.min(latest)));
+        let sent = self.messages.last().map(|m| m.id);
+        known.max(sent)
+    }
+}
+
 pub trait Broker: Send + Sync {
     /// Accepts a message: gives it its id and sends it to every instance,
     /// this one included, which delivers it through its subscriber like any
-    /// other. Returns the id once the message is accepted.
-    fn publish(&self, message: NewMessage) -> Result<MessageId, Unavailable>;
+    /// other. Returns the id once the message is accepted, or `Unavailable`
+    /// when it was not (and never will be).
+    ///
+    /// `dedup_key` is unique to this message: a retry with the same key
+    /// after a broken link cannot accept the message twice.
+    fn publish(&self, message: NewMessage, dedup_key: &str) -> Result<MessageId, Unavailable>;
 
-    /// A room's history, oldest first.
-    fn history(&self, room: &str, query: HistoryQuery) -> Result<Vec<ChatMessage>, Unavailable>;
+    /// A room's history.
+    fn history(&self, room: &str, query: HistoryQuery) -> Result<History, Unavailable>;
 
     /// `Ok` while this instance can deliver across instances; otherwise
     /// the reason, for `/readyz`.
     fn readiness(&self) -> Result<(), String>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(millis: u64, seq: u64) -> MessageId {
+        MessageId { millis, seq }
+    }
+
+    fn message(id: MessageId) -> ChatMessage {
+        ChatMessage {
+            id,
+            room: "r".into(),
+            from: "a".into(),
+            text: id.to_string(),
+            ts: id.millis,
+            instance: "i".into(),
+            cid: None,
+        }
+    }
+
+    #[test]
+    fn an_exact_resume_replays_what_follows_since() {
+        let entries = vec![message(id(5, 0)), message(id(6, 0)), message(id(7, 0))];
+        let history = History::resume(id(5, 0), entries, Some(id(1, 0)), Some(id(7, 0)));
+        assert!(!history.truncated);
+        assert_eq!(
+            history.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+            [id(6, 0), id(7, 0)]
+        );
+        assert_eq!(history.seam(Some(id(5, 0))), Some(id(7, 0)));
+    }
+
+    #[test]
+    fn a_since_older_than_history_is_truncated() {
+        let entries = vec![message(id(5, 0)), message(id(6, 0))];
+        let history = History::resume(id(2, 0), entries, Some(id(5, 0)), Some(id(6, 0)));
+        assert!(history.truncated);
+        assert_eq!(history.messages.len(), 2);
+        let lost = History::resume(id(2, 0), Vec::new(), None, None);
+        assert!(lost.truncated, "history emptied by a Redis restart");
+    }
+
+    #[test]
+    fn a_future_since_replays_nothing_and_does_not_block_live_messages() {
+        let history = History::resume(id(99, 0), Vec::new(), Some(id(1, 0)), Some(id(7, 0)));
+        assert!(!history.truncated);
+        assert!(history.messages.is_empty());
+        assert_eq!(history.seam(Some(id(99, 0))), Some(id(7, 0)));
+    }
+
+    #[test]
+    fn recent_history_seams_at_its_last_message() {
+        let history = History {
+            messages: vec![message(id(3, 1))],
+            truncated: false,
+            latest: Some(id(4, 0)),
+        };
+        assert_eq!(history.seam(None), Some(id(3, 1)));
+        assert_eq!(History::default().seam(None), None);
+    }
 }

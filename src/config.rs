@@ -95,6 +95,11 @@ pub struct Config {
     #[arg(long, env = "WRITE_TIMEOUT_MS", default_value_t = 10_000)]
     pub write_timeout_ms: u64,
 
+    /// Milliseconds a message whose publish broke mid-flight is retried
+    /// (idempotently) before its sender is told `unavailable`.
+    #[arg(long, env = "PUBLISH_DEADLINE_MS", default_value_t = 10_000)]
+    pub publish_deadline_ms: u64,
+
     /// Longest wait between two attempts to reach Redis, in milliseconds.
     #[arg(long, env = "REDIS_MAX_BACKOFF_MS", default_value_t = 5000)]
     pub redis_max_backoff_ms: u64,
@@ -159,6 +164,10 @@ impl Config {
 
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
+    }
+
+    pub fn publish_deadline(&self) -> Duration {
+        Duration::from_millis(self.publish_deadline_ms)
     }
 
     pub fn redis_max_backoff(&self) -> Duration {

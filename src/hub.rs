@@ -21,11 +21,11 @@ use crate::protocol::{ChatMessage, MessageId, ServerFrame, WsBytes};
 /// A local client's number, unique within this instance's lifetime.
 pub type ClientId = u64;
 
-/// One chat message on its way to one client: the shared frame bytes and
-/// the id the writer needs to drop what history already sent.
+/// One frame on its way to one client: the shared bytes and, for a chat
+/// message, the id the writer needs to drop what history already sent.
 #[derive(Debug, Clone)]
 pub struct Delivery {
-    pub id: MessageId,
+    pub id: Option<MessageId>,
     pub bytes: WsBytes,
 }
 
@@ -145,11 +145,44 @@ impl Hub {
             return 0;
         };
         let delivery = Delivery {
-            id: message.id,
+            id: Some(message.id),
             bytes: ServerFrame::Message(message).to_ws_bytes(),
         };
+        let queued = self.send_to(&message.room, &members, &delivery);
+        self.metrics
+            .messages_delivered_total
+            .fetch_add(queued as u64, Ordering::Relaxed);
+        queued
+    }
+
+    /// Sends a frame that is not a chat message (a status change) to every
+    /// local client, with the same never-blocking rules.
+    pub fn broadcast(&self, frame: &ServerFrame<'_>) {
+        let delivery = Delivery {
+            id: None,
+            bytes: frame.to_ws_bytes(),
+        };
+        let rooms: Vec<(String, Arc<[Member]>)> = {
+            let rooms = self.rooms.read().expect("hub lock poisoned");
+            rooms
+                .iter()
+                .map(|(room, members)| (room.clone(), members.clone()))
+                .collect()
+        };
+        for (room, members) in rooms {
+            self.send_to(&room, &members, &delivery);
+        }
+    }
+
+    /// The rooms that have local clients now.
+    pub fn rooms(&self) -> Vec<String> {
+        let rooms = self.rooms.read().expect("hub lock poisoned");
+        rooms.keys().cloned().collect()
+    }
+
+    fn send_to(&self, room: &str, members: &[Member], delivery: &Delivery) -> usize {
         let mut queued = 0;
-        for member in members.iter() {
+        for member in members {
             match member.frames_tx.try_send(delivery.clone()) {
                 Ok(()) => queued += 1,
                 Err(TrySendError::Full(_)) => {
@@ -158,16 +191,13 @@ impl Hub {
                         member.id
                     );
                     Metrics::inc(&self.metrics.slow_clients_dropped_total);
-                    self.leave(&message.room, member.id);
+                    self.leave(room, member.id);
                     member.close(CloseReason::SLOW_CONSUMER);
                 }
                 // The session is ending and will leave the room itself.
                 Err(TrySendError::Disconnected(_)) => {}
             }
         }
-        self.metrics
-            .messages_delivered_total
-            .fetch_add(queued as u64, Ordering::Relaxed);
         queued
     }
 

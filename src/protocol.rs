@@ -159,6 +159,18 @@ pub enum ServerFrame<'a> {
         room: &'a str,
     },
     Message(&'a ChatMessage),
+    /// Whether messages can be sent right now: `"down"` while the server
+    /// cannot reach Redis (sending is paused), `"up"` when it is back.
+    Status {
+        delivery: &'a str,
+        message: &'a str,
+    },
+    /// Something the client should know that is not an error: for example
+    /// `history_truncated` when `since` is older than what history holds.
+    Notice {
+        code: &'a str,
+        message: &'a str,
+    },
     Error {
         code: ErrorCode,
         message: &'a str,

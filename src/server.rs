@@ -12,7 +12,7 @@ use log::{info, warn};
 
 use crate::broker::Broker;
 use crate::broker::local::LocalBroker;
-use crate::broker::redis_pubsub::RedisBroker;
+use crate::broker::redis_pubsub::{RedisBroker, RedisSettings};
 use crate::config::{BrokerKind, Config};
 use crate::http::{self, HttpState};
 use crate::hub::{CloseReason, Hub};
@@ -67,10 +67,13 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
 
     let broker: Arc<dyn Broker> = match config.broker {
         BrokerKind::Redis => RedisBroker::start(
-            &config.redis_url,
-            &config.redis_prefix,
-            config.history_len,
-            config.redis_max_backoff(),
+            RedisSettings {
+                url: config.redis_url.clone(),
+                prefix: config.redis_prefix.clone(),
+                history_len: config.history_len,
+                max_backoff: config.redis_max_backoff(),
+                publish_deadline: config.publish_deadline(),
+            },
             hub.clone(),
             metrics.clone(),
         )?,

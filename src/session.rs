@@ -76,6 +76,9 @@ pub struct SessionContext {
     pub limits: SessionLimits,
     pub stopping: Arc<AtomicBool>,
     next_client: AtomicU64,
+    /// Tells this run of the instance from earlier ones in dedup keys, so
+    /// that a restarted instance's client 1 is not taken for the old one's.
+    run_nonce: String,
 }
 
 /// The per-client limits, from the configuration.
@@ -99,13 +102,20 @@ impl SessionContext {
         stopping: Arc<AtomicBool>,
     ) -> Self {
         SessionContext {
-            instance,
             hub,
             broker,
             metrics,
             limits,
             stopping,
             next_client: AtomicU64::new(1),
+            run_nonce: format!(
+                "{instance}-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0)
+            ),
+            instance,
         }
     }
 
@@ -230,14 +240,16 @@ impl Write for DeadlineStream<'_> {
     }
 }
 
-/// Runs the WebSocket handshake; on success, what the client asked for.
+/// Runs the WebSocket handshake; on success, what the client asked for,
+/// or why its query is not acceptable (answered with an error frame, which
+/// a browser can read, unlike an HTTP status).
 // The callback's error type is tungstenite's, large or not.
 #[allow(clippy::result_large_err)]
 fn handshake(
     client: ClientId,
     stream: &TcpStream,
     context: &SessionContext,
-) -> Option<JoinRequest> {
+) -> Option<Result<JoinRequest, String>> {
     let mut join = None;
     let callback = |request: &Request, response: Response| {
         if request.uri().path() != WS_PATH {
@@ -246,13 +258,8 @@ fn handshake(
                 format!("the WebSocket is at {WS_PATH}"),
             ));
         }
-        match parse_join_query(request.uri().query().unwrap_or("")) {
-            Ok(request) => {
-                join = Some(request);
-                Ok(response)
-            }
-            Err(reason) => Err(refuse_handshake(StatusCode::BAD_REQUEST, reason)),
-        }
+        join = Some(parse_join_query(request.uri().query().unwrap_or("")));
+        Ok(response)
     };
     let deadline = Instant::now() + context.limits.handshake_timeout;
     let guarded = DeadlineStream { stream, deadline };
@@ -294,12 +301,17 @@ fn run_session(client: ClientId, stream: TcpStream, context: &SessionContext) {
         .ok()
         .and_then(|()| handshake(client, &stream, context));
     match joined {
-        Some(join) if !context.stopping.load(Ordering::Relaxed) => {
+        Some(Ok(join)) if !context.stopping.load(Ordering::Relaxed) => {
             let _ = stream.set_read_timeout(None);
             Metrics::inc(&context.metrics.connections_total);
             Metrics::up(&context.metrics.clients_connected);
             run_joined(client, Arc::new(stream), join, &peer, context);
             Metrics::down(&context.metrics.clients_connected);
+        }
+        Some(Err(reason)) => {
+            debug!("client {client} refused: {reason}");
+            Metrics::inc(&context.metrics.connections_refused_total);
+            refuse_joined(&stream, &reason);
         }
         _ => {
             Metrics::inc(&context.metrics.connections_refused_total);
@@ -307,6 +319,30 @@ fn run_session(client: ClientId, stream: TcpStream, context: &SessionContext) {
         }
     }
     Metrics::down(&context.metrics.session_threads);
+}
+
+/// Tells a client whose handshake query was bad why, in an error frame,
+/// and closes with 1008 (policy violation).
+fn refuse_joined(mut stream: &TcpStream, reason: &str) {
+    let frame = ServerFrame::Error {
+        code: ErrorCode::BadRequest,
+        message: reason,
+        cid: None,
+    };
+    let mut bytes = frame.to_ws_bytes().to_vec();
+    let close = Frame::close(Some(CloseFrame {
+        code: CloseCode::Policy,
+        reason: "bad request".into(),
+    }));
+    if close.format(&mut bytes).is_ok() {
+        let _ = stream.write_all(&bytes);
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+    // Give the client a moment to read the frames and answer the close,
+    // so that closing the socket does not reset them away.
+    let _ = stream.set_read_timeout(Some(CLOSE_GRACE));
+    let mut sink = [0u8; 512];
+    while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
 }
 
 fn run_joined(
@@ -353,12 +389,23 @@ fn run_joined(
         Ok(history) => {
             Metrics::add(
                 &context.metrics.history_replayed_total,
-                history.len() as u64,
+                history.messages.len() as u64,
             );
-            for message in &history {
+            if history.truncated {
+                let notice = format!(
+                    "messages after {} are no longer in history; showing the oldest it still holds",
+                    join.since.unwrap_or_default()
+                );
+                let frame = ServerFrame::Notice {
+                    code: "history_truncated",
+                    message: &notice,
+                };
+                first_bytes.extend_from_slice(&frame.to_ws_bytes());
+            }
+            for message in &history.messages {
                 first_bytes.extend_from_slice(&ServerFrame::Message(message).to_ws_bytes());
             }
-            seam = history.last().map(|m| m.id).or(seam);
+            seam = history.seam(join.since);
         }
         Err(e) => {
             warn!("client {client}: history of room {room} unavailable: {e}");
@@ -370,6 +417,13 @@ fn run_joined(
             };
             first_bytes.extend_from_slice(&frame.to_ws_bytes());
         }
+    }
+    if let Err(reason) = context.broker.readiness() {
+        let frame = ServerFrame::Status {
+            delivery: "down",
+            message: &reason,
+        };
+        first_bytes.extend_from_slice(&frame.to_ws_bytes());
     }
 
     let writer = Writer {
@@ -430,6 +484,7 @@ fn read_until_closed(
     context: &SessionContext,
 ) -> String {
     use tungstenite::error::{CapacityError, Error};
+    let mut sent = 0u64;
     loop {
         let text = match websocket.read() {
             Ok(Message::Text(text)) => text,
@@ -480,7 +535,9 @@ fn read_until_closed(
                     instance: context.instance.clone(),
                     cid: message.cid,
                 };
-                match context.broker.publish(new) {
+                sent += 1;
+                let dedup_key = format!("{}-{client}-{sent}", context.run_nonce);
+                match context.broker.publish(new, &dedup_key) {
                     // The sender's own copy comes back through the broker:
                     // it is the delivery receipt, in the same order as
                     // everyone else's.
@@ -663,8 +720,8 @@ impl Writer {
     }
 
     fn take_delivery(&mut self, delivery: Delivery) {
-        if let Some(seam) = self.seam {
-            if delivery.id <= seam {
+        if let (Some(seam), Some(id)) = (self.seam, delivery.id) {
+            if id <= seam {
                 return;
             }
             self.seam = None;

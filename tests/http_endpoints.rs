@@ -33,12 +33,30 @@ fn the_page_and_its_config_are_served() {
 #[test]
 fn readyz_follows_the_redis_link_and_messages_are_refused_while_it_is_down() {
     let mut redis = RedisServer::start();
-    let a = Instance::redis("ready-a", &redis.url(), &unique("ready"));
+    let prefix = unique("ready");
+    // A publish cut by the crash is in doubt until the deadline; keep it short.
+    let a = Instance::start(
+        "ready-a",
+        &[
+            "--redis-url",
+            &redis.url(),
+            "--redis-prefix",
+            &prefix,
+            "--publish-deadline-ms",
+            "1000",
+        ],
+    );
     a.wait_ready();
     assert_eq!(a.metric("chat_redis_subscriber_up"), 1.0);
     let mut client = a.client("alice", "lobby");
 
     redis.kill();
+    let status = client.recv();
+    assert_eq!(
+        (status["type"].as_str(), status["delivery"].as_str()),
+        (Some("status"), Some("down")),
+        "connected clients are told that sending is paused: {status}"
+    );
     wait_for("readyz to turn 503", || a.get("/readyz").0 == 503);
     let (_, reason) = a.get("/readyz");
     assert!(reason.contains("redis"), "503 says why: {reason}");
@@ -59,6 +77,11 @@ fn readyz_follows_the_redis_link_and_messages_are_refused_while_it_is_down() {
 
     redis.restart();
     a.wait_ready();
+    let status = client.recv();
+    assert_eq!(
+        (status["type"].as_str(), status["delivery"].as_str()),
+        (Some("status"), Some("up"))
+    );
     assert!(a.metric("chat_redis_reconnects_total") >= 1.0);
     // The publisher may still be waiting out its backoff: retry until accepted.
     wait_for("a message to be accepted again", || {

@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::broker::{Broker, HistoryQuery, Unavailable};
+use crate::broker::{Broker, History, HistoryQuery, Unavailable};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::protocol::{ChatMessage, MessageId, NewMessage};
@@ -61,7 +61,7 @@ fn now_millis() -> u64 {
 }
 
 impl Broker for LocalBroker {
-    fn publish(&self, message: NewMessage) -> Result<MessageId, Unavailable> {
+    fn publish(&self, message: NewMessage, _dedup_key: &str) -> Result<MessageId, Unavailable> {
         // Delivering under the lock is what keeps every local receiver's
         // order equal to id order; `Hub::deliver` never blocks, so the lock
         // is held for microseconds.
@@ -79,20 +79,27 @@ impl Broker for LocalBroker {
         Ok(id)
     }
 
-    fn history(&self, room: &str, query: HistoryQuery) -> Result<Vec<ChatMessage>, Unavailable> {
+    fn history(&self, room: &str, query: HistoryQuery) -> Result<History, Unavailable> {
         let state = self.state.lock().expect("local broker lock poisoned");
-        let Some(history) = state.rooms.get(room) else {
-            return Ok(Vec::new());
-        };
+        let latest = (state.last_id != MessageId::ZERO).then_some(state.last_id);
+        let empty = VecDeque::new();
+        let history = state.rooms.get(room).unwrap_or(&empty);
         Ok(match query {
-            HistoryQuery::Recent(n) => history
-                .iter()
-                .skip(history.len().saturating_sub(n))
-                .cloned()
-                .collect(),
-            HistoryQuery::After(since) => {
-                history.iter().filter(|m| m.id > since).cloned().collect()
-            }
+            HistoryQuery::Recent(n) => History {
+                messages: history
+                    .iter()
+                    .skip(history.len().saturating_sub(n))
+                    .cloned()
+                    .collect(),
+                truncated: false,
+                latest,
+            },
+            HistoryQuery::After(since) => History::resume(
+                since,
+                history.iter().filter(|m| m.id >= since).cloned().collect(),
+                history.front().map(|m| m.id),
+                latest,
+            ),
         })
     }
 
@@ -140,12 +147,13 @@ mod tests {
                 instance: "i".into(),
                 cid: None,
             };
-            ids.push(broker.publish(message).unwrap());
+            ids.push(broker.publish(message, &n.to_string()).unwrap());
         }
         let texts = |query| {
             broker
                 .history("lobby", query)
                 .unwrap()
+                .messages
                 .into_iter()
                 .map(|m| m.text)
                 .collect::<Vec<_>>()
@@ -153,11 +161,14 @@ mod tests {
         assert_eq!(texts(HistoryQuery::Recent(10)), ["2", "3", "4"]);
         assert_eq!(texts(HistoryQuery::Recent(2)), ["3", "4"]);
         assert_eq!(texts(HistoryQuery::After(ids[3])), ["4"]);
-        assert!(
-            broker
-                .history("elsewhere", HistoryQuery::Recent(5))
-                .unwrap()
-                .is_empty()
-        );
+        let elsewhere = broker
+            .history("elsewhere", HistoryQuery::Recent(5))
+            .unwrap();
+        assert!(elsewhere.messages.is_empty());
+        let trimmed = broker
+            .history("lobby", HistoryQuery::After(ids[0]))
+            .unwrap();
+        assert!(trimmed.truncated, "the first message was trimmed away");
+        assert_eq!(trimmed.messages.len(), 3);
     }
 }
