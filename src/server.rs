@@ -73,6 +73,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
                 history_len: config.history_len,
                 max_backoff: config.redis_max_backoff(),
                 publish_deadline: config.publish_deadline(),
+                instance: instance.clone(),
             },
             hub.clone(),
             metrics.clone(),

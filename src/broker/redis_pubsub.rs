@@ -121,6 +121,32 @@ pub struct RedisSettings {
     /// How long a publish whose outcome is unknown (the link broke while
     /// the command was in flight) is retried before the client is told.
     pub publish_deadline: Duration,
+    /// The instance id, used to name this instance's Redis connections
+    /// (`CLIENT LIST` shows `<prefix>:<instance>:pub` and `:sub`).
+    pub instance: String,
+}
+
+impl RedisSettings {
+    /// A `CLIENT SETNAME` name for one of this instance's connections:
+    /// Redis allows no spaces or newlines in it.
+    fn connection_name(&self, role: &str) -> String {
+        format!("{}:{}:{role}", self.prefix, self.instance)
+            .chars()
+            .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+            .collect()
+    }
+}
+
+/// Opens a connection to Redis with timeouts and a name.
+fn connect(client: &Client, name: &str) -> Result<Connection, RedisError> {
+    let mut connection = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+    connection.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+    connection.set_write_timeout(Some(COMMAND_TIMEOUT))?;
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(name)
+        .query::<()>(&mut connection)?;
+    Ok(connection)
 }
 
 /// Why a command on the publishing connection failed.
@@ -184,6 +210,7 @@ impl RedisBroker {
         let subscriber = Subscriber {
             client,
             url: settings.url.clone(),
+            name: settings.connection_name("sub"),
             keys,
             hub,
             metrics,
@@ -244,10 +271,7 @@ impl RedisBroker {
     }
 
     fn connect_publisher(&self) -> Result<Connection, RedisError> {
-        let connection = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
-        connection.set_read_timeout(Some(COMMAND_TIMEOUT))?;
-        connection.set_write_timeout(Some(COMMAND_TIMEOUT))?;
-        Ok(connection)
+        connect(&self.client, &self.settings.connection_name("pub"))
     }
 
     fn link_broken(&self, publisher: &mut Publisher, e: RedisError) -> String {
@@ -449,6 +473,7 @@ impl Failure {
 struct Subscriber {
     client: Client,
     url: String,
+    name: String,
     keys: RedisKeys,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
@@ -506,7 +531,9 @@ impl Subscriber {
         first_attempt_tx: &crossbeam_channel::Sender<()>,
         reconnect: bool,
     ) -> Result<(), RedisError> {
-        let mut connection = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+        let mut connection = connect(&self.client, &self.name)?;
+        // Subscribed, the connection waits for messages for ever: no timeout.
+        connection.set_read_timeout(None)?;
         let mut pubsub = connection.as_pubsub();
         pubsub.subscribe(&self.keys.channel)?;
         // Subscribed first, read history second: a message accepted in
@@ -565,8 +592,7 @@ impl Subscriber {
     /// Returns the seams that keep live copies of those from going out
     /// twice. On the first subscription, only records the baseline.
     fn catch_up(&mut self, reconnect: bool) -> Result<CatchUpSeams, RedisError> {
-        let mut reader = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
-        reader.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+        let mut reader = connect(&self.client, &format!("{}-catch-up", self.name))?;
         let latest: Option<String> = redis::cmd("GET")
             .arg(&self.keys.last_id)
             .query(&mut reader)?;

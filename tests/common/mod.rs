@@ -432,3 +432,139 @@ pub fn texts(messages: &[Value]) -> Vec<String> {
         .map(|m| m["text"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// A message id as a comparable pair.
+pub fn id_of(message: &Value) -> (u64, u64) {
+    let id = message["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {message}"));
+    let (millis, seq) = id.split_once('-').unwrap();
+    (millis.parse().unwrap(), seq.parse().unwrap())
+}
+
+/// What happened to the messages one sender sent.
+#[derive(Debug, Default)]
+pub struct Outcomes {
+    /// Texts whose own copy came back: accepted.
+    pub accepted: Vec<String>,
+    /// Texts answered with an `unavailable` error: not accepted.
+    pub refused: Vec<String>,
+    /// Every message frame this client received, in order.
+    pub received: Vec<Value>,
+}
+
+impl Client {
+    /// Sends `count` messages labelled `label-N`, one at a time, waiting for
+    /// each one's outcome (its own copy, or an error naming its cid) and
+    /// keeping every message received meanwhile.
+    pub fn send_and_confirm(&mut self, label: &str, count: usize, pace: Duration) -> Outcomes {
+        let mut outcomes = Outcomes::default();
+        for n in 0..count {
+            let text = format!("{label}-{n}");
+            self.send(&text, &text);
+            loop {
+                let frame = self.recv();
+                match frame["type"].as_str() {
+                    Some("message") => {
+                        let own = frame["cid"] == text.as_str();
+                        outcomes.received.push(frame);
+                        if own {
+                            outcomes.accepted.push(text.clone());
+                            break;
+                        }
+                    }
+                    Some("error") if frame["cid"] == text.as_str() => {
+                        assert_eq!(frame["code"], "unavailable", "unexpected refusal: {frame}");
+                        outcomes.refused.push(text.clone());
+                        break;
+                    }
+                    Some("status") => {}
+                    _ => panic!("{label}: unexpected frame {frame}"),
+                }
+            }
+            thread::sleep(pace);
+        }
+        outcomes
+    }
+}
+
+/// A client read on its own thread until it has received a number of
+/// messages known only later (see [`Listener::finish`]).
+pub struct Listener {
+    expected: Arc<AtomicU64>,
+    handle: thread::JoinHandle<Vec<Value>>,
+}
+
+impl Listener {
+    pub fn spawn(mut client: Client, name: String) -> Self {
+        let expected = Arc::new(AtomicU64::new(u64::MAX));
+        let target = expected.clone();
+        let handle = thread::spawn(move || {
+            let MaybeTlsStream::Plain(stream) = client.socket.get_ref() else {
+                unreachable!()
+            };
+            stream
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut messages = Vec::new();
+            while (messages.len() as u64) < target.load(Ordering::Relaxed) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{name}: gave up with {} messages",
+                    messages.len()
+                );
+                match client.socket.read() {
+                    Ok(Message::Text(text)) => {
+                        let frame: Value = serde_json::from_str(&text).unwrap();
+                        match frame["type"].as_str() {
+                            Some("message") => messages.push(frame),
+                            Some("status") => {}
+                            _ => panic!("{name}: unexpected frame {frame}"),
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tungstenite::Error::Io(e))
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(e) => panic!("{name}: connection lost: {e}"),
+                }
+            }
+            client.expect_silence(Duration::from_millis(300));
+            messages
+        });
+        Listener { expected, handle }
+    }
+
+    /// Tells the listener how many messages to expect and returns them.
+    pub fn finish(self, expected: usize) -> Vec<Value> {
+        self.expected.store(expected as u64, Ordering::Relaxed);
+        self.handle.join().expect("listener failed")
+    }
+}
+
+/// Asserts that `messages` are exactly the `accepted` texts, each once, in
+/// increasing id order.
+pub fn assert_exactly_once_in_order(
+    who: &str,
+    messages: &[Value],
+    accepted: &std::collections::HashSet<String>,
+) {
+    let got = texts(messages);
+    let distinct: std::collections::HashSet<String> = got.iter().cloned().collect();
+    assert_eq!(distinct.len(), got.len(), "{who}: duplicates");
+    let missing: Vec<_> = accepted.difference(&distinct).collect();
+    let extra: Vec<_> = distinct.difference(accepted).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{who}: missing {missing:?}, not accepted yet delivered {extra:?}"
+    );
+    assert!(
+        messages
+            .windows(2)
+            .all(|pair| id_of(&pair[0]) < id_of(&pair[1])),
+        "{who}: ids out of order"
+    );
+}

@@ -1,0 +1,280 @@
+//! Verifies that nothing accepted is lost: history and `since` (exact
+//! resume, truncated, malformed, future), a subscriber connection cut again
+//! and again, and a Redis crash with AOF persistence mid-stream.
+
+mod common;
+
+use std::collections::HashSet;
+use std::thread;
+use std::time::Duration;
+
+use common::{
+    Client, Instance, Listener, RedisServer, assert_exactly_once_in_order, texts, unique, wait_for,
+};
+use tungstenite::Message;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+#[test]
+fn since_resumes_exactly_after_the_given_id_then_goes_live() {
+    let redis = RedisServer::start();
+    let a = Instance::redis("since", &redis.url(), &unique("since"));
+    a.wait_ready();
+    let mut alice = a.client("alice", "lobby");
+    for i in 0..6 {
+        alice.send(&format!("m{i}"), &format!("c{i}"));
+    }
+    let sent = alice.recv_messages(6);
+    let since = sent[2]["id"].as_str().unwrap();
+
+    let mut back = Client::connect(a.ws, &format!("name=bob&room=lobby&since={since}"));
+    assert_eq!(texts(&back.recv_messages(3)), ["m3", "m4", "m5"]);
+    back.expect_silence(Duration::from_millis(200));
+    alice.send("live", "live");
+    assert_eq!(
+        back.recv_messages(1)[0]["text"],
+        "live",
+        "live messages follow the replay"
+    );
+    back.expect_silence(Duration::from_millis(200));
+}
+
+#[test]
+fn a_since_older_than_history_gets_a_truncation_notice_and_what_is_left() {
+    // Small stream nodes let `MAXLEN ~` trim at a fine grain.
+    let redis = RedisServer::start_with(&["--stream-node-max-entries", "2"]);
+    let a = Instance::start(
+        "trim",
+        &[
+            "--redis-url",
+            &redis.url(),
+            "--redis-prefix",
+            &unique("trim"),
+            "--history-len",
+            "4",
+        ],
+    );
+    a.wait_ready();
+    let mut alice = a.client("alice", "lobby");
+    for i in 0..12 {
+        alice.send(&format!("m{i}"), &format!("c{i}"));
+    }
+    let sent = alice.recv_messages(12);
+    let first = sent[0]["id"].as_str().unwrap();
+
+    let mut late = Client::connect(a.ws, &format!("name=late&room=lobby&since={first}"));
+    let notice = late.recv();
+    assert_eq!(notice["type"], "notice");
+    assert_eq!(notice["code"], "history_truncated");
+    let mut kept = Vec::new();
+    loop {
+        let message = late.recv();
+        assert_eq!(message["type"], "message");
+        let last = message["text"] == "m11";
+        kept.push(message);
+        if last {
+            break;
+        }
+    }
+    assert!(
+        kept.len() < 12 && kept.len() >= 4,
+        "history holds about 4: {} kept",
+        kept.len()
+    );
+    assert!(
+        common::id_of(&kept[0]) > common::id_of(&sent[0]),
+        "the first message is gone"
+    );
+    late.expect_silence(Duration::from_millis(200));
+}
+
+#[test]
+fn a_malformed_since_is_a_bad_request() {
+    let a = Instance::local("bad-since");
+    let mut client = Client::connect_raw(a.ws, "name=x&since=yesterday");
+    let error = client.recv();
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["code"], "bad_request");
+    assert!(
+        error["message"].as_str().unwrap().contains("since"),
+        "{error}"
+    );
+    match client.socket.read() {
+        Ok(Message::Close(Some(close))) => assert_eq!(close.code, CloseCode::Policy),
+        other => panic!("expected a close 1008, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_future_since_replays_nothing_and_live_messages_still_arrive() {
+    let redis = RedisServer::start();
+    let a = Instance::redis("future", &redis.url(), &unique("future"));
+    a.wait_ready();
+    let mut alice = a.client("alice", "lobby");
+    alice.send("before", "b");
+    alice.recv_messages(1);
+    let mut future = Client::connect(a.ws, "name=f&room=lobby&since=99999999999999-0");
+    future.expect_silence(Duration::from_millis(200));
+    alice.send("after", "a");
+    assert_eq!(future.recv_messages(1)[0]["text"], "after");
+}
+
+/// Kills one instance's subscriber connection (by its `CLIENT SETNAME`).
+fn kill_subscriber(redis: &RedisServer, name: &str) -> bool {
+    let mut conn = redis.connection().unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut conn)
+        .unwrap();
+    let Some(id) = list
+        .lines()
+        .find(|line| line.split(' ').any(|field| field == format!("name={name}")))
+        .and_then(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
+    else {
+        return false;
+    };
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(id)
+        .query(&mut conn)
+        .unwrap();
+    killed == 1
+}
+
+#[test]
+fn a_subscriber_cut_again_and_again_catches_up_without_loss_or_duplicates() {
+    const SENDERS: usize = 4;
+    const PER_SENDER: usize = 250;
+    let redis = RedisServer::start();
+    let prefix = unique("cut");
+    let a = Instance::redis("a", &redis.url(), &prefix);
+    let b = Instance::redis("b", &redis.url(), &prefix);
+    a.wait_ready();
+    b.wait_ready();
+    let listeners: Vec<Listener> = (0..4)
+        .map(|n| {
+            let instance = if n % 2 == 0 { &a } else { &b };
+            Listener::spawn(
+                instance.client(&format!("l{n}"), "lobby"),
+                format!("listener {n} on {}", instance.id),
+            )
+        })
+        .collect();
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|n| {
+            let mut client = if n % 2 == 0 { &a } else { &b }.client(&format!("s{n}"), "lobby");
+            thread::spawn(move || {
+                client.send_and_confirm(&format!("s{n}"), PER_SENDER, Duration::from_millis(4))
+            })
+        })
+        .collect();
+
+    let sub_name = format!("{prefix}:b:sub");
+    let mut kills = 0;
+    while kills < 5 {
+        thread::sleep(Duration::from_millis(150));
+        wait_for("b to resubscribe", || {
+            b.metric("chat_redis_subscriber_up") == 1.0
+        });
+        if kill_subscriber(&redis, &sub_name) {
+            kills += 1;
+        }
+    }
+
+    let mut accepted = HashSet::new();
+    let mut sender_views = Vec::new();
+    for handle in senders {
+        let outcomes = handle.join().expect("sender failed");
+        assert!(
+            outcomes.refused.is_empty(),
+            "the publisher was never cut: {:?}",
+            outcomes.refused
+        );
+        accepted.extend(outcomes.accepted);
+        sender_views.push(outcomes.received);
+    }
+    assert_eq!(accepted.len(), SENDERS * PER_SENDER);
+    for (n, listener) in listeners.into_iter().enumerate() {
+        let messages = listener.finish(accepted.len());
+        assert_exactly_once_in_order(&format!("listener {n}"), &messages, &accepted);
+    }
+    assert!(b.metric("chat_redis_reconnects_total") >= 5.0);
+    assert_eq!(
+        a.metric("chat_redis_reconnects_total"),
+        0.0,
+        "only b's subscriber was cut"
+    );
+    println!(
+        "subscriber cut: {kills} kills, {} sent, {} accepted, each delivered once to 4 listeners",
+        SENDERS * PER_SENDER,
+        accepted.len()
+    );
+}
+
+#[test]
+fn a_redis_crash_with_aof_loses_no_accepted_message_and_refuses_the_rest() {
+    const SENDERS: usize = 4;
+    const PER_SENDER: usize = 150;
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let prefix = unique("crash");
+    let a = Instance::redis("a", &redis.url(), &prefix);
+    let b = Instance::redis("b", &redis.url(), &prefix);
+    a.wait_ready();
+    b.wait_ready();
+    let listeners: Vec<Listener> = (0..4)
+        .map(|n| {
+            let instance = if n % 2 == 0 { &a } else { &b };
+            Listener::spawn(
+                instance.client(&format!("l{n}"), "lobby"),
+                format!("listener {n} on {}", instance.id),
+            )
+        })
+        .collect();
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|n| {
+            let mut client = if n % 2 == 0 { &a } else { &b }.client(&format!("s{n}"), "lobby");
+            thread::spawn(move || {
+                client.send_and_confirm(&format!("s{n}"), PER_SENDER, Duration::from_millis(5))
+            })
+        })
+        .collect();
+
+    for _ in 0..2 {
+        thread::sleep(Duration::from_millis(300));
+        redis.kill();
+        thread::sleep(Duration::from_millis(300));
+        redis.restart();
+    }
+
+    let mut accepted = HashSet::new();
+    let mut refused = HashSet::new();
+    for handle in senders {
+        let outcomes = handle.join().expect("sender failed");
+        assert_eq!(
+            outcomes.accepted.len() + outcomes.refused.len(),
+            PER_SENDER,
+            "one outcome each"
+        );
+        accepted.extend(outcomes.accepted);
+        refused.extend(outcomes.refused);
+    }
+    assert!(accepted.is_disjoint(&refused));
+    for (n, listener) in listeners.into_iter().enumerate() {
+        let messages = listener.finish(accepted.len());
+        assert_exactly_once_in_order(&format!("listener {n}"), &messages, &accepted);
+    }
+    // No client was dropped: a listener or sender whose connection closed
+    // would have panicked above.
+    assert_eq!(
+        a.metric("chat_connections_total") + b.metric("chat_connections_total"),
+        8.0
+    );
+    println!(
+        "redis crash: {} sent, {} accepted, {} refused unavailable, each accepted delivered once to 4 listeners",
+        SENDERS * PER_SENDER,
+        accepted.len(),
+        refused.len()
+    );
+}
