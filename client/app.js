@@ -65,7 +65,8 @@
     sentCids: new Set(), // every cid we have sent in this session
     pending: new Map(),  // cid -> {cid, text, li, state, timer, sentAt}
     cidCounter: 0,
-    instance: null
+    instance: null,
+    deliveryDown: false  // the server said it cannot reach Redis
   };
 
   var debug = window.chatDebug = {
@@ -172,11 +173,22 @@
     debug.state = state;
     el.status.setAttribute('data-state', state);
     el.statusText.textContent = label || state;
-    var canSend = state === 'connected';
+    refreshSendable();
+  }
+
+  // Sending needs an open socket AND a server that can reach Redis: while
+  // the server says delivery is down, its answer would only be "unavailable".
+  function refreshSendable() {
+    var connected = debug.state === 'connected';
+    var canSend = connected && !S.deliveryDown;
     el.send.disabled = !canSend;
     if (canSend) el.send.removeAttribute('title');
-    else el.send.title = 'offline';
+    else el.send.title = connected ? 'sending paused: the server cannot reach Redis' : 'offline';
+    el.banner.textContent = connected
+      ? 'sending paused — the server lost its link to Redis and is reconnecting'
+      : 'sending paused — reconnecting';
     el.banner.hidden = !(S.joined && !canSend);
+    el.status.setAttribute('data-delivery', S.deliveryDown ? 'down' : 'up');
     el.composer.classList.toggle('is-offline', !canSend);
     updateRetryButtons();
   }
@@ -490,7 +502,18 @@
           el.myName.textContent = frame.name;
         }
         S.attempt = 0; // healthy connection: reset backoff
+        S.deliveryDown = false; // a "status" frame follows if it is not
         setState('connected', 'connected');
+        break;
+      case 'status':
+        S.deliveryDown = frame.delivery === 'down';
+        if (typeof frame.message === 'string' && frame.message) {
+          addNotice(frame.message, S.deliveryDown ? 'error' : 'info');
+        }
+        refreshSendable();
+        break;
+      case 'notice':
+        addNotice(typeof frame.message === 'string' && frame.message ? frame.message : String(frame.code), 'info');
         break;
       case 'message':
         onMessageFrame(frame);
@@ -523,8 +546,12 @@
 
   function buildWsUrl(cfg) {
     var url;
+    var wsProto = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
     if (typeof cfg.ws_url === 'string' && cfg.ws_url.trim() !== '') {
-      url = new URL(cfg.ws_url.trim(), window.location.href);
+      var configured = cfg.ws_url.trim();
+      // A path ("/ws") means: this page's own host, through its proxy.
+      if (configured.charAt(0) === '/') configured = wsProto + '//' + window.location.host + configured;
+      url = new URL(configured, window.location.href);
     } else {
       var proto = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
       var port = Number(cfg.ws_port) > 0 ? Number(cfg.ws_port) : DEFAULT_WS_PORT;
