@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod nginx;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -48,7 +50,7 @@ pub fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn temp_dir(label: &str) -> PathBuf {
+pub fn temp_dir(label: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(unique(&format!("pubsub-chat-{label}")));
     std::fs::create_dir_all(&dir).unwrap();
     dir
