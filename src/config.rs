@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::protocol::Limits;
+use crate::rate_limit::RateLimit;
+
 /// How far the WebSocket port sits above the HTTP port when `--ws-port` is
 /// not given: `--port 5000` and `--port 5001` then use 15000 and 15001, so
 /// two instances run side by side with no other flag.
@@ -80,6 +83,45 @@ pub struct Config {
     #[arg(long, env = "MAX_TEXT_CHARS", default_value_t = 2000)]
     pub max_text_chars: usize,
 
+    /// Longest display name, in characters (no control characters).
+    #[arg(long, env = "MAX_NAME_CHARS", default_value_t = 32)]
+    pub max_name_chars: usize,
+
+    /// Longest room name, in characters (A-Z, a-z, 0-9, _ and -).
+    #[arg(long, env = "MAX_ROOM_CHARS", default_value_t = 32)]
+    pub max_room_chars: usize,
+
+    /// Frames a client may send back to back (token bucket size).
+    #[arg(long, env = "RATE_BURST", default_value_t = 20)]
+    pub rate_burst: u32,
+
+    /// Frames a second a client may send on average (token refill rate).
+    #[arg(long, env = "RATE_PER_SEC", default_value_t = 10.0)]
+    pub rate_per_sec: f64,
+
+    /// Rate-limited frames in a row after which the client is closed (1008).
+    #[arg(long, env = "RATE_STRIKES", default_value_t = 20)]
+    pub rate_strikes: u32,
+
+    /// Clients (including handshakes in progress) this instance holds at
+    /// most; past it, connections get HTTP 503. Each costs two threads.
+    #[arg(long, env = "MAX_CLIENTS", default_value_t = 5000)]
+    pub max_clients: usize,
+
+    /// Milliseconds between two pings to a client that has been quiet.
+    #[arg(long, env = "PING_INTERVAL_MS", default_value_t = 30_000)]
+    pub ping_interval_ms: u64,
+
+    /// Milliseconds of silence (not even a pong) after which a client is
+    /// dropped as dead.
+    #[arg(long, env = "IDLE_TIMEOUT_MS", default_value_t = 75_000)]
+    pub idle_timeout_ms: u64,
+
+    /// Page origins allowed to open a WebSocket besides this instance's own
+    /// page (comma-separated, e.g. https://chat.example.com), or * for any.
+    #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
     /// Largest WebSocket message a client may send, in bytes; larger frames
     /// are refused before they are buffered.
     #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 16 * 1024)]
@@ -143,8 +185,26 @@ impl Config {
         if self.client_queue_len == 0 {
             return Err("--client-queue-len must be at least 1".into());
         }
-        if self.max_text_chars == 0 {
-            return Err("--max-text-chars must be at least 1".into());
+        if self.max_text_chars == 0 || self.max_name_chars == 0 || self.max_room_chars == 0 {
+            return Err(
+                "--max-text-chars, --max-name-chars and --max-room-chars must be at least 1".into(),
+            );
+        }
+        if self.rate_burst == 0
+            || self.rate_per_sec.is_nan()
+            || self.rate_per_sec <= 0.0
+            || self.rate_strikes == 0
+        {
+            return Err("--rate-burst, --rate-per-sec and --rate-strikes must be positive".into());
+        }
+        if self.max_clients == 0 {
+            return Err("--max-clients must be at least 1".into());
+        }
+        if self.ping_interval_ms == 0 || self.idle_timeout_ms <= self.ping_interval_ms {
+            return Err(
+                "--idle-timeout-ms must be longer than --ping-interval-ms (and both positive)"
+                    .into(),
+            );
         }
         if self.max_frame_bytes < 64 {
             return Err("--max-frame-bytes must be at least 64".into());
@@ -156,6 +216,30 @@ impl Config {
             return Err("--redis-prefix must not be empty".into());
         }
         Ok(())
+    }
+
+    pub fn content_limits(&self) -> Limits {
+        Limits {
+            max_text_chars: self.max_text_chars,
+            max_name_chars: self.max_name_chars,
+            max_room_chars: self.max_room_chars,
+        }
+    }
+
+    pub fn rate_limit(&self) -> RateLimit {
+        RateLimit {
+            burst: self.rate_burst,
+            per_second: self.rate_per_sec,
+            strikes: self.rate_strikes,
+        }
+    }
+
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.ping_interval_ms)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
     }
 
     pub fn handshake_timeout(&self) -> Duration {

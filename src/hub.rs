@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use crossbeam_channel::{Sender, TrySendError};
 use log::warn;
 
+use crate::liveness::LastSeen;
 use crate::metrics::Metrics;
 use crate::protocol::{ChatMessage, MessageId, ServerFrame, WsBytes};
 
@@ -42,6 +43,16 @@ impl CloseReason {
         code: 1008,
         reason: "slow consumer: send queue full",
     };
+    /// The client stopped answering pings: a dead peer, most likely.
+    pub const IDLE: CloseReason = CloseReason {
+        code: 1001,
+        reason: "no answer to ping",
+    };
+    /// The client kept sending past its rate limit.
+    pub const FLOODING: CloseReason = CloseReason {
+        code: 1008,
+        reason: "rate limit exceeded repeatedly",
+    };
     /// The instance is shutting down (1001, "going away").
     pub const SHUTDOWN: CloseReason = CloseReason {
         code: 1001,
@@ -63,6 +74,9 @@ pub enum Control {
 #[derive(Debug, Clone)]
 pub struct Member {
     pub id: ClientId,
+    pub room: Arc<str>,
+    /// When its reader last read a frame (for the pinger).
+    pub last_seen: Arc<LastSeen>,
     pub frames_tx: Sender<Delivery>,
     pub control_tx: Sender<Control>,
     /// Set once when the server decides to close this client, so that a
@@ -102,10 +116,10 @@ impl Hub {
     }
 
     /// Adds a client to a room: from now on it receives the room's messages.
-    pub fn join(&self, room: &str, member: Member) {
+    pub fn join(&self, member: Member) {
         let mut rooms = self.rooms.write().expect("hub lock poisoned");
         let members = rooms
-            .entry(room.to_string())
+            .entry(member.room.to_string())
             .or_insert_with(|| Arc::from([]));
         let mut updated = Vec::with_capacity(members.len() + 1);
         updated.extend(members.iter().cloned());
@@ -130,7 +144,7 @@ impl Hub {
         }
     }
 
-    fn members(&self, room: &str) -> Option<Arc<[Member]>> {
+    fn room_members(&self, room: &str) -> Option<Arc<[Member]>> {
         let rooms = self.rooms.read().expect("hub lock poisoned");
         rooms.get(room).cloned()
     }
@@ -141,7 +155,7 @@ impl Hub {
     /// The frame is serialized and framed once, here; each receiver gets a
     /// reference to the same bytes.
     pub fn deliver(&self, message: &ChatMessage) -> usize {
-        let Some(members) = self.members(&message.room) else {
+        let Some(members) = self.room_members(&message.room) else {
             return 0;
         };
         let delivery = Delivery {
@@ -172,6 +186,15 @@ impl Hub {
         for (room, members) in rooms {
             self.send_to(&room, &members, &delivery);
         }
+    }
+
+    /// Every local client now (a snapshot).
+    pub fn members(&self) -> Vec<Member> {
+        let rooms = self.rooms.read().expect("hub lock poisoned");
+        rooms
+            .values()
+            .flat_map(|members| members.iter().cloned())
+            .collect()
     }
 
     /// The rooms that have local clients now.
@@ -228,11 +251,17 @@ mod tests {
     use super::*;
     use crossbeam_channel::{Receiver, bounded};
 
-    fn member(id: ClientId, queue: usize) -> (Member, Receiver<Delivery>, Receiver<Control>) {
+    fn member(
+        id: ClientId,
+        room: &str,
+        queue: usize,
+    ) -> (Member, Receiver<Delivery>, Receiver<Control>) {
         let (frames_tx, frames_rx) = bounded(queue);
         let (control_tx, control_rx) = bounded(4);
         let member = Member {
             id,
+            room: room.into(),
+            last_seen: Arc::default(),
             frames_tx,
             control_tx,
             closing: Arc::default(),
@@ -255,12 +284,12 @@ mod tests {
     #[test]
     fn delivery_reaches_only_the_room_and_shares_one_encoding() {
         let hub = Hub::new(Arc::default());
-        let (a, a_rx, _a_ctl) = member(1, 4);
-        let (b, b_rx, _b_ctl) = member(2, 4);
-        let (c, c_rx, _c_ctl) = member(3, 4);
-        hub.join("lobby", a);
-        hub.join("lobby", b);
-        hub.join("other", c);
+        let (a, a_rx, _a_ctl) = member(1, "lobby", 4);
+        let (b, b_rx, _b_ctl) = member(2, "lobby", 4);
+        let (c, c_rx, _c_ctl) = member(3, "other", 4);
+        hub.join(a);
+        hub.join(b);
+        hub.join(c);
         assert_eq!(hub.deliver(&message("lobby", 0)), 2);
         let first = a_rx.try_recv().unwrap();
         let second = b_rx.try_recv().unwrap();
@@ -272,10 +301,10 @@ mod tests {
     fn a_full_queue_drops_that_client_and_spares_the_others() {
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(metrics.clone());
-        let (slow, _slow_rx, slow_ctl) = member(1, 1);
-        let (fast, fast_rx, _fast_ctl) = member(2, 8);
-        hub.join("lobby", slow);
-        hub.join("lobby", fast);
+        let (slow, _slow_rx, slow_ctl) = member(1, "lobby", 1);
+        let (fast, fast_rx, _fast_ctl) = member(2, "lobby", 8);
+        hub.join(slow);
+        hub.join(fast);
         for seq in 0..3 {
             hub.deliver(&message("lobby", seq));
         }
@@ -294,8 +323,8 @@ mod tests {
     #[test]
     fn leaving_twice_is_harmless_and_empty_rooms_vanish() {
         let hub = Hub::new(Arc::default());
-        let (a, _rx, _ctl) = member(1, 1);
-        hub.join("lobby", a);
+        let (a, _rx, _ctl) = member(1, "lobby", 1);
+        hub.join(a);
         hub.leave("lobby", 1);
         hub.leave("lobby", 1);
         assert!(hub.is_empty());

@@ -11,6 +11,9 @@
 //! - [`broker`]: Redis Pub/Sub (and a Redis Stream of history per room), or
 //!   the local, single-instance twin.
 //! - [`protocol`]: the wire types and their only encoding and validation.
+//! - [`rate_limit`], [`origin`], [`liveness`]: the defences: a token
+//!   bucket per client, the Origin check, and the pinger that finds dead
+//!   peers.
 //! - [`metrics`], [`backoff`]: counters, and reconnection waits.
 //!
 //! # The path of one message
@@ -32,7 +35,10 @@ pub mod broker;
 pub mod config;
 pub mod http;
 pub mod hub;
+pub mod liveness;
 pub mod metrics;
+pub mod origin;
 pub mod protocol;
+pub mod rate_limit;
 pub mod server;
 pub mod session;

@@ -63,6 +63,18 @@ metrics! {
     counter history_replayed_total: "chat_history_replayed_total",
     /// Clients disconnected because their send queue was full.
     counter slow_clients_dropped_total: "chat_slow_clients_dropped_total",
+    /// Clients disconnected because they stopped answering pings.
+    counter idle_clients_dropped_total: "chat_idle_clients_dropped_total",
+    /// Frames refused with `rate_limited`.
+    counter rate_limited_total: "chat_rate_limited_total",
+    /// Clients disconnected for flooding past their rate limit.
+    counter flooding_clients_dropped_total: "chat_flooding_clients_dropped_total",
+    /// Handshakes refused with 403 because of their Origin.
+    counter origin_refused_total: "chat_origin_refused_total",
+    /// Connections refused with 503 because the instance was at --max-clients.
+    counter capacity_refused_total: "chat_capacity_refused_total",
+    /// Connections closed for not completing the handshake in time.
+    counter handshake_timeouts_total: "chat_handshake_timeouts_total",
     /// Successful reconnections to Redis after the link was lost.
     counter redis_reconnects_total: "chat_redis_reconnects_total",
     /// 1 while the Redis subscription is live, else 0.

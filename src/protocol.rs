@@ -14,16 +14,39 @@ use serde::{Deserialize, Serialize};
 use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
-/// The longest display name, in characters: enough for a real name, short
-/// enough that one line of the page holds it.
-pub const MAX_NAME_CHARS: usize = 32;
-/// The longest room name, in characters.
-pub const MAX_ROOM_CHARS: usize = 32;
 /// The longest client-chosen `cid`: a UUID is 36, so 64 leaves room for any
 /// sane scheme without letting a client make every echo expensive.
 pub const MAX_CID_CHARS: usize = 64;
 /// The room a client joins when it names none.
 pub const DEFAULT_ROOM: &str = "lobby";
+
+/// The content limits every parser here enforces (each is an option; see
+/// `config.rs` for the defaults and why).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_text_chars: usize,
+    pub max_name_chars: usize,
+    pub max_room_chars: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_text_chars: 2000,
+            max_name_chars: 32,
+            max_room_chars: 32,
+        }
+    }
+}
+
+impl Limits {
+    /// The largest payload worth parsing from the Redis channel: a message
+    /// at every limit, every character escaped, plus the fixed fields.
+    pub fn max_payload_bytes(&self) -> usize {
+        (self.max_text_chars + self.max_name_chars + self.max_room_chars + MAX_CID_CHARS + 64) * 6
+            + 512
+    }
+}
 
 /// A message id as Redis Streams write it: `<milliseconds>-<sequence>`.
 ///
@@ -227,7 +250,7 @@ pub struct FrameError {
 }
 
 impl FrameError {
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub fn bad_request(message: impl Into<String>) -> Self {
         FrameError {
             code: ErrorCode::BadRequest,
             message: message.into(),
@@ -253,9 +276,12 @@ pub struct ValidMessage {
 
 /// Parses and validates one text frame from a client.
 ///
-/// `max_text_chars` bounds the message text; the frame size itself is
-/// bounded earlier, by tungstenite, before the frame is buffered.
-pub fn parse_client_frame(raw: &str, max_text_chars: usize) -> Result<ValidMessage, FrameError> {
+/// The limits bound the message text; the frame size itself is bounded
+/// earlier, by tungstenite, before the frame is buffered. serde_json
+/// refuses nesting deeper than 128 levels, so a deeply nested frame is a
+/// `bad_request`, not a stack overflow.
+pub fn parse_client_frame(raw: &str, limits: &Limits) -> Result<ValidMessage, FrameError> {
+    let max_text_chars = limits.max_text_chars;
     let frame: ClientFrame = serde_json::from_str(raw).map_err(|e| {
         FrameError::bad_request(format!(
             "expected {{\"type\":\"message\",\"text\":\"...\"}}: {e}"
@@ -299,22 +325,44 @@ impl fmt::Display for BadPayload {
 
 /// Parses a payload received on the Redis channel, which anyone with access
 /// to Redis can publish: it is validated as strictly as a client frame.
-pub fn parse_channel_payload(payload: &[u8]) -> Result<ChatMessage, BadPayload> {
+pub fn parse_channel_payload(payload: &[u8], limits: &Limits) -> Result<ChatMessage, BadPayload> {
     #[derive(Deserialize)]
     #[serde(tag = "type", rename_all = "snake_case")]
     enum Payload {
         Message(ChatMessage),
     }
+    if payload.len() > limits.max_payload_bytes() {
+        return Err(BadPayload(format!(
+            "payload of {} bytes is over the {} byte limit",
+            payload.len(),
+            limits.max_payload_bytes()
+        )));
+    }
     let Payload::Message(message) = serde_json::from_slice(payload)
         .map_err(|e| BadPayload(format!("not a message payload: {e}")))?;
-    validate_room(&message.room).map_err(BadPayload)?;
-    validate_name(&message.from).map_err(BadPayload)?;
+    validate_room(&message.room, limits).map_err(BadPayload)?;
+    validate_name(&message.from, limits).map_err(BadPayload)?;
+    let chars = message.text.chars().count();
+    if chars > limits.max_text_chars {
+        return Err(BadPayload(format!(
+            "text of {chars} characters is over the limit"
+        )));
+    }
+    if message.instance.chars().count() > 64
+        || message
+            .cid
+            .as_ref()
+            .is_some_and(|c| c.chars().count() > MAX_CID_CHARS)
+    {
+        return Err(BadPayload("instance or cid too long".to_string()));
+    }
     Ok(message)
 }
 
-/// Checks a room name: 1 to [`MAX_ROOM_CHARS`] of `[A-Za-z0-9_-]`.
-pub fn validate_room(room: &str) -> Result<(), String> {
-    let ok_len = !room.is_empty() && room.len() <= MAX_ROOM_CHARS;
+/// Checks a room name: 1 to `max_room_chars` of `[A-Za-z0-9_-]`.
+pub fn validate_room(room: &str, limits: &Limits) -> Result<(), String> {
+    let max = limits.max_room_chars;
+    let ok_len = !room.is_empty() && room.len() <= max;
     let ok_chars = room
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
@@ -322,17 +370,18 @@ pub fn validate_room(room: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "room must be 1 to {MAX_ROOM_CHARS} characters of A-Z, a-z, 0-9, _ and -"
+            "room must be 1 to {max} characters of A-Z, a-z, 0-9, _ and -"
         ))
     }
 }
 
-/// Checks a display name: 1 to [`MAX_NAME_CHARS`] characters, no control
+/// Checks a display name: 1 to `max_name_chars` characters, no control
 /// characters, not blank.
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub fn validate_name(name: &str, limits: &Limits) -> Result<(), String> {
+    let max = limits.max_name_chars;
     let chars = name.chars().count();
-    if chars == 0 || chars > MAX_NAME_CHARS || name.trim().is_empty() {
-        return Err(format!("name must be 1 to {MAX_NAME_CHARS} characters"));
+    if chars == 0 || chars > max || name.trim().is_empty() {
+        return Err(format!("name must be 1 to {max} characters"));
     }
     if name.chars().any(char::is_control) {
         return Err("name must not contain control characters".to_string());
@@ -372,14 +421,22 @@ mod tests {
 
     #[test]
     fn a_valid_client_message_parses() {
-        let msg = parse_client_frame(r#"{"type":"message","text":"hi","cid":"c1"}"#, 10).unwrap();
+        let msg = parse_client_frame(
+            r#"{"type":"message","text":"hi","cid":"c1"}"#,
+            &Limits::default(),
+        )
+        .unwrap();
         assert_eq!(msg.text, "hi");
         assert_eq!(msg.cid.as_deref(), Some("c1"));
     }
 
     #[test]
     fn bad_client_frames_get_stable_codes() {
-        let code = |raw: &str| parse_client_frame(raw, 5).unwrap_err().code;
+        let limits = Limits {
+            max_text_chars: 5,
+            ..Limits::default()
+        };
+        let code = |raw: &str| parse_client_frame(raw, &limits).unwrap_err().code;
         assert_eq!(code("not json"), ErrorCode::BadRequest);
         assert_eq!(
             code(r#"{"type":"shout","text":"x"}"#),
@@ -402,8 +459,14 @@ mod tests {
 
     #[test]
     fn a_refused_message_echoes_its_cid() {
-        let err =
-            parse_client_frame(r#"{"type":"message","text":"toolong","cid":"c9"}"#, 5).unwrap_err();
+        let err = parse_client_frame(
+            r#"{"type":"message","text":"toolong","cid":"c9"}"#,
+            &Limits {
+                max_text_chars: 5,
+                ..Limits::default()
+            },
+        )
+        .unwrap_err();
         assert_eq!(err.cid.as_deref(), Some("c9"));
     }
 
@@ -418,11 +481,17 @@ mod tests {
         }
         .accepted("1764080000000-3".parse().unwrap());
         let wire = ServerFrame::Message(&msg).to_json();
-        assert_eq!(parse_channel_payload(wire.as_bytes()).unwrap(), msg);
-        assert!(parse_channel_payload(b"{}").is_err());
-        assert!(parse_channel_payload(b"\xff\xfe").is_err());
+        let limits = Limits::default();
+        assert_eq!(
+            parse_channel_payload(wire.as_bytes(), &limits).unwrap(),
+            msg
+        );
+        assert!(parse_channel_payload(b"{}", &limits).is_err());
+        assert!(parse_channel_payload(b"\xff\xfe", &limits).is_err());
         let bad_room = wire.replace("\"lobby\"", "\"no spaces allowed\"");
-        assert!(parse_channel_payload(bad_room.as_bytes()).is_err());
+        assert!(parse_channel_payload(bad_room.as_bytes(), &limits).is_err());
+        let huge = wire.replace("<b>hi</b>", &"x".repeat(limits.max_text_chars + 1));
+        assert!(parse_channel_payload(huge.as_bytes(), &limits).is_err());
     }
 
     #[test]

@@ -16,7 +16,9 @@ use crate::broker::redis_pubsub::{RedisBroker, RedisSettings};
 use crate::config::{BrokerKind, Config};
 use crate::http::{self, HttpState};
 use crate::hub::{CloseReason, Hub};
+use crate::liveness;
 use crate::metrics::Metrics;
+use crate::origin::OriginPolicy;
 use crate::session::{self, SessionContext, SessionLimits, WS_PATH};
 
 /// HTTP worker threads: the page and the probes are light, and tiny_http
@@ -74,6 +76,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
                 max_backoff: config.redis_max_backoff(),
                 publish_deadline: config.publish_deadline(),
                 instance: instance.clone(),
+                limits: config.content_limits(),
             },
             hub.clone(),
             metrics.clone(),
@@ -118,8 +121,14 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         broker,
         metrics.clone(),
         SessionLimits {
+            content: config.content_limits(),
+            rate: config.rate_limit(),
+            origins: OriginPolicy {
+                http_port: http_addr.port(),
+                allowed: config.allowed_origins.clone(),
+            },
+            max_clients: config.max_clients,
             client_queue_len: config.client_queue_len,
-            max_text_chars: config.max_text_chars,
             max_frame_bytes: config.max_frame_bytes,
             history_replay: config.history_replay,
             handshake_timeout: config.handshake_timeout(),
@@ -127,6 +136,13 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         },
         stopping.clone(),
     ));
+    liveness::spawn_pinger(
+        hub.clone(),
+        metrics.clone(),
+        config.ping_interval(),
+        config.idle_timeout(),
+    )
+    .map_err(|e| format!("cannot start the pinger thread: {e}"))?;
     thread::Builder::new()
         .name("ws-accept".into())
         .spawn({

@@ -17,7 +17,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -34,11 +34,14 @@ use tungstenite::{Message, WebSocket};
 
 use crate::broker::{Broker, HistoryQuery};
 use crate::hub::{ClientId, CloseReason, Control, Delivery, Hub, Member};
+use crate::liveness::LastSeen;
 use crate::metrics::Metrics;
+use crate::origin::OriginPolicy;
 use crate::protocol::{
-    DEFAULT_ROOM, ErrorCode, MessageId, NewMessage, ServerFrame, parse_client_frame, validate_name,
-    validate_room,
+    DEFAULT_ROOM, ErrorCode, FrameError, Limits, MessageId, NewMessage, ServerFrame, ValidMessage,
+    parse_client_frame, validate_name, validate_room,
 };
+use crate::rate_limit::{RateLimit, TokenBucket, Verdict};
 
 /// The WebSocket path (`PROTOCOL.md`).
 pub const WS_PATH: &str = "/ws";
@@ -76,6 +79,8 @@ pub struct SessionContext {
     pub limits: SessionLimits,
     pub stopping: Arc<AtomicBool>,
     next_client: AtomicU64,
+    /// Sessions alive, handshakes included: what `--max-clients` bounds.
+    sessions: AtomicUsize,
     /// Tells this run of the instance from earlier ones in dedup keys, so
     /// that a restarted instance's client 1 is not taken for the old one's.
     run_nonce: String,
@@ -84,8 +89,11 @@ pub struct SessionContext {
 /// The per-client limits, from the configuration.
 #[derive(Debug, Clone)]
 pub struct SessionLimits {
+    pub content: Limits,
+    pub rate: RateLimit,
+    pub origins: OriginPolicy,
+    pub max_clients: usize,
     pub client_queue_len: usize,
-    pub max_text_chars: usize,
     pub max_frame_bytes: usize,
     pub history_replay: usize,
     pub handshake_timeout: Duration,
@@ -108,6 +116,7 @@ impl SessionContext {
             limits,
             stopping,
             next_client: AtomicU64::new(1),
+            sessions: AtomicUsize::new(0),
             run_nonce: format!(
                 "{instance}-{}",
                 std::time::SystemTime::now()
@@ -129,25 +138,39 @@ impl SessionContext {
 }
 
 /// Starts a session for an accepted connection on its own reader thread.
-/// If no thread can be had, the client gets an HTTP 503 and the server
-/// goes on.
-pub fn spawn_session(stream: TcpStream, context: Arc<SessionContext>) {
+/// At `--max-clients`, or if no thread can be had, the client gets an HTTP
+/// 503 instead, and the server goes on.
+pub fn spawn_session(mut stream: TcpStream, context: Arc<SessionContext>) {
     let client = context.next_client.fetch_add(1, Ordering::Relaxed);
-    let refused = match stream.try_clone() {
-        Ok(clone) => Some(clone),
-        Err(e) => {
-            warn!("client {client} refused: cannot clone its socket: {e}");
-            None
-        }
-    };
+    let sessions = context.sessions.fetch_add(1, Ordering::Relaxed);
+    if sessions >= context.limits.max_clients {
+        context.sessions.fetch_sub(1, Ordering::Relaxed);
+        warn!(
+            "client {client} refused: instance full ({} clients, --max-clients)",
+            context.limits.max_clients
+        );
+        Metrics::inc(&context.metrics.capacity_refused_total);
+        Metrics::inc(&context.metrics.connections_refused_total);
+        refuse_raw(
+            &mut stream,
+            "503 Service Unavailable",
+            "this instance is full; try another or later",
+        );
+        return;
+    }
+    let refused = stream.try_clone().ok();
     let spawned = thread::Builder::new()
         .name(format!("ws-read-{client}"))
         .stack_size(READER_STACK)
         .spawn({
             let context = context.clone();
-            move || run_session(client, stream, &context)
+            move || {
+                run_session(client, stream, &context);
+                context.sessions.fetch_sub(1, Ordering::Relaxed);
+            }
         });
     if let Err(e) = spawned {
+        context.sessions.fetch_sub(1, Ordering::Relaxed);
         warn!("client {client} refused: cannot start its reader thread: {e}");
         Metrics::inc(&context.metrics.connections_refused_total);
         if let Some(mut stream) = refused {
@@ -180,7 +203,7 @@ pub struct JoinRequest {
 }
 
 /// Reads `name`, `room` and `since` from a handshake query string.
-pub fn parse_join_query(query: &str) -> Result<JoinRequest, String> {
+pub fn parse_join_query(query: &str, limits: &Limits) -> Result<JoinRequest, String> {
     let mut join = JoinRequest {
         name: None,
         room: DEFAULT_ROOM.to_string(),
@@ -190,11 +213,11 @@ pub fn parse_join_query(query: &str) -> Result<JoinRequest, String> {
         match &*key {
             "name" if !value.trim().is_empty() => {
                 let name = value.trim();
-                validate_name(name)?;
+                validate_name(name, limits)?;
                 join.name = Some(name.to_string());
             }
             "room" if !value.is_empty() => {
-                validate_room(&value)?;
+                validate_room(&value, limits)?;
                 join.room = value.into_owned();
             }
             "since" if !value.is_empty() => {
@@ -258,7 +281,23 @@ fn handshake(
                 format!("the WebSocket is at {WS_PATH}"),
             ));
         }
-        join = Some(parse_join_query(request.uri().query().unwrap_or("")));
+        let header = |name| request.headers().get(name).and_then(|v| v.to_str().ok());
+        let origin = header("origin");
+        if !context.limits.origins.allows(origin, header("host")) {
+            Metrics::inc(&context.metrics.origin_refused_total);
+            warn!("client {client} refused: origin {origin:?} not allowed");
+            return Err(refuse_handshake(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "origin {} may not open a WebSocket here",
+                    origin.unwrap_or("")
+                ),
+            ));
+        }
+        join = Some(parse_join_query(
+            request.uri().query().unwrap_or(""),
+            &context.limits.content,
+        ));
         Ok(response)
     };
     let deadline = Instant::now() + context.limits.handshake_timeout;
@@ -269,6 +308,17 @@ fn handshake(
         Ok(_) => join,
         Err(HandshakeError::Interrupted(_)) => {
             debug!("client {client} refused: no handshake within the timeout");
+            Metrics::inc(&context.metrics.handshake_timeouts_total);
+            None
+        }
+        Err(HandshakeError::Failure(tungstenite::Error::Io(e)))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ) =>
+        {
+            debug!("client {client} refused: no handshake within the timeout");
+            Metrics::inc(&context.metrics.handshake_timeouts_total);
             None
         }
         Err(HandshakeError::Failure(e)) => {
@@ -361,15 +411,15 @@ fn run_joined(
     // Join before reading history: a message accepted meanwhile is then
     // either in history or in the queue (or both, and the writer drops the
     // copy), never in neither.
-    context.hub.join(
-        &room,
-        Member {
-            id: client,
-            frames_tx,
-            control_tx: control_tx.clone(),
-            closing: closing.clone(),
-        },
-    );
+    let last_seen = Arc::new(LastSeen::new());
+    context.hub.join(Member {
+        id: client,
+        room: room.as_str().into(),
+        last_seen: last_seen.clone(),
+        frames_tx,
+        control_tx: control_tx.clone(),
+        closing: closing.clone(),
+    });
     info!("client {client} joined room {room} as {name:?} from {peer}");
 
     let client_label = format!("c{client}");
@@ -461,7 +511,7 @@ fn run_joined(
         control_tx,
     };
     let mut websocket = WebSocket::from_raw_socket(stream, Role::Server, Some(context.ws_config()));
-    let ended = read_until_closed(client, &mut websocket, &name, &room, context);
+    let ended = read_until_closed(client, &mut websocket, &name, &room, &last_seen, context);
     info!("client {client} left room {room}: {ended}");
 
     context.hub.leave(&room, client);
@@ -481,28 +531,20 @@ fn read_until_closed(
     websocket: &mut WebSocket<SessionStream>,
     name: &str,
     room: &str,
+    last_seen: &LastSeen,
     context: &SessionContext,
 ) -> String {
     use tungstenite::error::{CapacityError, Error};
     let mut sent = 0u64;
+    let mut bucket = TokenBucket::new(context.limits.rate);
     loop {
-        let text = match websocket.read() {
-            Ok(Message::Text(text)) => text,
-            Ok(Message::Binary(_)) => {
-                let reply = reply_error(
-                    ErrorCode::BadRequest,
-                    "binary frames are not supported: send JSON text",
-                    None,
-                );
-                if let Err(e) = websocket.send(reply) {
-                    return format!("cannot reply: {e}");
-                }
-                Metrics::inc(&context.metrics.messages_rejected_total);
-                continue;
-            }
+        let read = websocket.read();
+        last_seen.touch();
+        let message = match read {
+            Ok(message @ (Message::Text(_) | Message::Binary(_))) => message,
             // Pings are answered by tungstenite (the pong goes out at the
             // start of the next read); a close is answered the same way,
-            // and the next read reports the end.
+            // and the next read reports the end. Pongs only prove life.
             Ok(_) => continue,
             Err(Error::ConnectionClosed | Error::AlreadyClosed) => return "closed".into(),
             Err(Error::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
@@ -525,45 +567,85 @@ fn read_until_closed(
             Err(e) => return format!("error: {e}"),
         };
         Metrics::inc(&context.metrics.messages_received_total);
-        let reply = match parse_client_frame(&text, context.limits.max_text_chars) {
-            Ok(message) => {
-                let cid = message.cid.clone();
-                let new = NewMessage {
-                    room: room.to_string(),
-                    from: name.to_string(),
-                    text: message.text,
-                    instance: context.instance.clone(),
-                    cid: message.cid,
-                };
-                sent += 1;
-                let dedup_key = format!("{}-{client}-{sent}", context.run_nonce);
-                match context.broker.publish(new, &dedup_key) {
-                    // The sender's own copy comes back through the broker:
-                    // it is the delivery receipt, in the same order as
-                    // everyone else's.
-                    Ok(_) => {
-                        Metrics::inc(&context.metrics.messages_published_total);
-                        continue;
-                    }
-                    Err(e) => {
-                        Metrics::inc(&context.metrics.messages_unavailable_total);
-                        debug!("client {client}: message not accepted: {e}");
-                        reply_error(
-                            ErrorCode::Unavailable,
-                            &format!("message not sent: {e}"),
-                            cid.as_deref(),
-                        )
-                    }
+        let parsed = match &message {
+            Message::Text(text) => parse_client_frame(text, &context.limits.content),
+            _ => Err(FrameError::bad_request(
+                "binary frames are not supported: send JSON text",
+            )),
+        };
+        let reply = match bucket.check() {
+            Verdict::Allow => match parsed {
+                Ok(message) => match publish(client, &mut sent, message, name, room, context) {
+                    None => continue,
+                    Some(refusal) => refusal,
+                },
+                Err(refused) => {
+                    Metrics::inc(&context.metrics.messages_rejected_total);
+                    debug!("client {client}: frame refused: {}", refused.message);
+                    Message::text(refused.to_frame().to_json())
                 }
+            },
+            Verdict::Refuse => {
+                Metrics::inc(&context.metrics.rate_limited_total);
+                let cid = match &parsed {
+                    Ok(message) => message.cid.as_deref(),
+                    Err(refused) => refused.cid.as_deref(),
+                };
+                let limit = context.limits.rate;
+                let reason = format!(
+                    "slow down: at most {} messages a second, {} in a burst",
+                    limit.per_second, limit.burst
+                );
+                reply_error(ErrorCode::RateLimited, &reason, cid)
             }
-            Err(refused) => {
-                Metrics::inc(&context.metrics.messages_rejected_total);
-                debug!("client {client}: frame refused: {}", refused.message);
-                Message::text(refused.to_frame().to_json())
+            Verdict::Disconnect => {
+                Metrics::inc(&context.metrics.rate_limited_total);
+                Metrics::inc(&context.metrics.flooding_clients_dropped_total);
+                warn!("client {client} dropped: {}", CloseReason::FLOODING.reason);
+                close_now(websocket, CloseCode::Policy, CloseReason::FLOODING.reason);
+                return CloseReason::FLOODING.reason.into();
             }
         };
         if let Err(e) = websocket.send(reply) {
             return format!("cannot reply: {e}");
+        }
+    }
+}
+
+/// Publishes a valid message; `None` once it is accepted (the sender's own
+/// copy, coming back through the broker like everyone else's, is its
+/// receipt), or the `unavailable` error to send back.
+fn publish(
+    client: ClientId,
+    sent: &mut u64,
+    message: ValidMessage,
+    name: &str,
+    room: &str,
+    context: &SessionContext,
+) -> Option<Message> {
+    let cid = message.cid.clone();
+    let new = NewMessage {
+        room: room.to_string(),
+        from: name.to_string(),
+        text: message.text,
+        instance: context.instance.clone(),
+        cid: message.cid,
+    };
+    *sent += 1;
+    let dedup_key = format!("{}-{client}-{sent}", context.run_nonce);
+    match context.broker.publish(new, &dedup_key) {
+        Ok(_) => {
+            Metrics::inc(&context.metrics.messages_published_total);
+            None
+        }
+        Err(e) => {
+            Metrics::inc(&context.metrics.messages_unavailable_total);
+            debug!("client {client}: message not accepted: {e}");
+            Some(reply_error(
+                ErrorCode::Unavailable,
+                &format!("message not sent: {e}"),
+                cid.as_deref(),
+            ))
         }
     }
 }
@@ -642,17 +724,30 @@ impl Writer {
                 }));
                 let mut bytes = Vec::new();
                 if close.format(&mut bytes).is_ok() && (&*self.socket).write_all(&bytes).is_ok() {
-                    // Let the reader see the client's close reply (or give
-                    // up after the grace period), then it ends the session.
+                    // The client answers the close and hangs up, which ends
+                    // the reader; a dead peer never does, so after the grace
+                    // period the socket is shut down under the reader's feet.
                     let _ = self.socket.shutdown(Shutdown::Write);
-                    let _ = self.socket.set_read_timeout(Some(CLOSE_GRACE));
-                    return;
+                    self.wait_for_reader(CLOSE_GRACE);
                 }
             }
             Ok(None) => {}
             Err(e) => debug!("client {}: write failed: {e}", self.client),
         }
         let _ = self.socket.shutdown(Shutdown::Both);
+    }
+
+    /// Waits, up to `grace`, for the reader to end (its control sender, and
+    /// the hub's, are then gone), discarding what it still queues.
+    fn wait_for_reader(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.control_rx.recv_timeout(left) {
+                Ok(_) => continue,
+                Err(_) => return,
+            }
+        }
     }
 
     /// Writes until the session ends; `Some(reason)` if the server closes it.
@@ -736,10 +831,14 @@ mod tests {
 
     #[test]
     fn join_query_defaults_and_decoding() {
-        let join = parse_join_query("").unwrap();
+        let join = parse_join_query("", &Limits::default()).unwrap();
         assert_eq!(join.room, "lobby");
         assert_eq!(join.name, None);
-        let join = parse_join_query("name=Ann%C3%A9e+B&room=team-1&since=17-3").unwrap();
+        let join = parse_join_query(
+            "name=Ann%C3%A9e+B&room=team-1&since=17-3",
+            &Limits::default(),
+        )
+        .unwrap();
         assert_eq!(join.name.as_deref(), Some("Année B"));
         assert_eq!(join.room, "team-1");
         assert_eq!(join.since, Some(MessageId { millis: 17, seq: 3 }));
@@ -748,16 +847,16 @@ mod tests {
     #[test]
     fn bad_join_queries_are_refused_with_a_reason() {
         assert!(
-            parse_join_query("room=has%20space")
+            parse_join_query("room=has%20space", &Limits::default())
                 .unwrap_err()
                 .contains("room")
         );
         assert!(
-            parse_join_query("since=yesterday")
+            parse_join_query("since=yesterday", &Limits::default())
                 .unwrap_err()
                 .contains("since")
         );
-        assert!(parse_join_query(&format!("name={}", "x".repeat(40))).is_err());
-        assert!(parse_join_query("name=a%0Ab").is_err());
+        assert!(parse_join_query(&format!("name={}", "x".repeat(40)), &Limits::default()).is_err());
+        assert!(parse_join_query("name=a%0Ab", &Limits::default()).is_err());
     }
 }

@@ -32,7 +32,9 @@ use crate::backoff::Backoff;
 use crate::broker::{Broker, History, HistoryQuery, Unavailable};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::protocol::{ChatMessage, MessageId, NewMessage, ServerFrame, parse_channel_payload};
+use crate::protocol::{
+    ChatMessage, Limits, MessageId, NewMessage, ServerFrame, parse_channel_payload,
+};
 
 /// How long to wait for Redis to accept a connection before calling it
 /// unreachable: loopback or LAN Redis answers in microseconds.
@@ -121,6 +123,8 @@ pub struct RedisSettings {
     /// How long a publish whose outcome is unknown (the link broke while
     /// the command was in flight) is retried before the client is told.
     pub publish_deadline: Duration,
+    /// What a valid payload on the channel or in history looks like.
+    pub limits: Limits,
     /// The instance id, used to name this instance's Redis connections
     /// (`CLIENT LIST` shows `<prefix>:<instance>:pub` and `:sub`).
     pub instance: String,
@@ -211,6 +215,7 @@ impl RedisBroker {
             client,
             url: settings.url.clone(),
             name: settings.connection_name("sub"),
+            limits: settings.limits,
             keys,
             hub,
             metrics,
@@ -296,12 +301,12 @@ type StreamEntry = (String, Vec<(String, Vec<u8>)>);
 
 /// Reads a stream reply (`XRANGE`, `XREVRANGE`) into messages, skipping
 /// entries that are not valid message frames.
-fn parse_stream_entries(entries: Vec<StreamEntry>) -> Vec<ChatMessage> {
+fn parse_stream_entries(entries: Vec<StreamEntry>, limits: &Limits) -> Vec<ChatMessage> {
     entries
         .into_iter()
         .filter_map(|(id, fields)| {
             let frame = fields.into_iter().find(|(name, _)| name == "m")?.1;
-            match parse_channel_payload(&frame) {
+            match parse_channel_payload(&frame, limits) {
                 Ok(message) => Some(message),
                 Err(e) => {
                     warn!("history entry {id} skipped: {e}");
@@ -393,7 +398,7 @@ impl Broker for RedisBroker {
                     .map_err(Failure::into_unavailable)?;
                 entries.reverse();
                 History {
-                    messages: parse_stream_entries(entries),
+                    messages: parse_stream_entries(entries, &self.settings.limits),
                     truncated: false,
                     latest: parse_last_id(latest),
                 }
@@ -424,7 +429,7 @@ impl Broker for RedisBroker {
                 let oldest = oldest.first().and_then(|(id, _)| id.parse().ok());
                 History::resume(
                     since,
-                    parse_stream_entries(from_since),
+                    parse_stream_entries(from_since, &self.settings.limits),
                     oldest,
                     parse_last_id(latest),
                 )
@@ -474,6 +479,7 @@ struct Subscriber {
     client: Client,
     url: String,
     name: String,
+    limits: Limits,
     keys: RedisKeys,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
@@ -556,7 +562,7 @@ impl Subscriber {
         loop {
             let message = pubsub.get_message()?;
             Metrics::inc(&self.metrics.broker_messages_total);
-            match parse_channel_payload(message.get_payload_bytes()) {
+            match parse_channel_payload(message.get_payload_bytes(), &self.limits) {
                 Ok(message) => {
                     if let Some(seam) = seams.get(&message.room) {
                         if message.id <= *seam {
@@ -608,7 +614,7 @@ impl Subscriber {
                     .arg(start)
                     .arg("+")
                     .query(&mut reader)?;
-                for message in parse_stream_entries(entries) {
+                for message in parse_stream_entries(entries, &self.limits) {
                     seams.insert(room.clone(), message.id);
                     self.deliver(&message);
                     missed += 1;

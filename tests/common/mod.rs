@@ -192,6 +192,10 @@ impl Instance {
             ])
             .args(args)
             .env("RUST_LOG", "info,pubsub_chat=debug")
+            // Tests send far faster than a person; the rate-limit tests set
+            // their own limits with flags, which win over these.
+            .env("RATE_BURST", "1000000")
+            .env("RATE_PER_SEC", "1000000")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
