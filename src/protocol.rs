@@ -499,4 +499,81 @@ mod tests {
         let bytes = ws_text_frame("hi".to_string());
         assert_eq!(&bytes[..], &[0x81, 0x02, b'h', b'i']);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<f64>().prop_map(|f| serde_json::Number::from_f64(f)
+                    .map_or(serde_json::Value::Null, serde_json::Value::Number)),
+                ".{0,40}".prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(6, 64, 8, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::from),
+                    prop::collection::btree_map(
+                        prop_oneof![
+                            Just("type".to_string()),
+                            Just("text".to_string()),
+                            Just("cid".to_string()),
+                            Just("id".to_string()),
+                            Just("room".to_string()),
+                            ".{0,8}".prop_map(String::from)
+                        ],
+                        inner,
+                        0..8
+                    )
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn client_frame_parser_never_panics_on_arbitrary_text(raw in ".{0,300}") {
+                let _ = parse_client_frame(&raw, &Limits::default());
+            }
+
+            #[test]
+            fn client_frame_parser_never_panics_on_arbitrary_json(value in json_value()) {
+                let _ = parse_client_frame(&value.to_string(), &Limits::default());
+            }
+
+            #[test]
+            fn channel_parser_never_panics_on_arbitrary_bytes(raw in prop::collection::vec(any::<u8>(), 0..400)) {
+                let _ = parse_channel_payload(&raw, &Limits::default());
+            }
+
+            #[test]
+            fn channel_parser_never_panics_on_arbitrary_json(value in json_value()) {
+                let _ = parse_channel_payload(value.to_string().as_bytes(), &Limits::default());
+            }
+
+            #[test]
+            fn every_valid_message_round_trips_through_the_channel(
+                millis in 0u64..=u64::MAX / 2, seq in any::<u64>(),
+                room in "[A-Za-z0-9_-]{1,32}", from in "[^\\p{Cc}]{1,32}", text in ".{1,200}",
+                cid in proptest::option::of("[a-z0-9-]{1,36}"),
+            ) {
+                prop_assume!(!from.trim().is_empty());
+                let message = NewMessage { room, from, text, instance: "i".into(), cid }
+                    .accepted(MessageId { millis, seq });
+                let wire = ServerFrame::Message(&message).to_json();
+                prop_assert_eq!(parse_channel_payload(wire.as_bytes(), &Limits::default()).unwrap(), message);
+            }
+
+            #[test]
+            fn valid_client_frames_are_accepted(text in ".{1,100}", cid in "[a-z0-9]{1,20}") {
+                prop_assume!(!text.trim().is_empty());
+                let raw = serde_json::json!({"type": "message", "text": text, "cid": cid}).to_string();
+                let parsed = parse_client_frame(&raw, &Limits::default()).unwrap();
+                prop_assert_eq!(parsed.text, text);
+            }
+        }
+    }
 }

@@ -53,6 +53,9 @@ fn a_malformed_payload_is_skipped_and_the_next_valid_one_still_arrives() {
         json!({"type": "message", "id": "1-0", "room": "lobby", "from": "x", "text": 5, "ts": 1, "instance": "i"}).to_string(),
         json!({"type": "message", "id": "1-0", "room": "bad room!", "from": "x", "text": "t", "ts": 1, "instance": "i"}).to_string(),
         json!({"type": "shout", "id": "1-0"}).to_string(),
+        json!({"type": "message", "id": "1-0", "room": "lobby", "from": "x", "text": "t", "ts": "soon", "instance": "i"}).to_string(),
+        json!({"type": "message", "id": "1-0", "room": "lobby", "from": "x", "text": "huge".repeat(1_000_000), "ts": 1, "instance": "i"}).to_string(),
+        format!(r#"{{"type":"message","id":"1-0","room":"lobby","from":"x","text":"t","ts":1,"instance":"i","x":{}{}}}"#, "[".repeat(5000), "]".repeat(5000)),
     ];
     for payload in &junk {
         let _: i64 = redis::cmd("PUBLISH")

@@ -492,6 +492,18 @@ struct Subscriber {
     baseline: Option<MessageId>,
 }
 
+/// How far ahead of this machine's clock a message id may be and still
+/// count as made by the accept script (clocks of Redis and of instances
+/// differ a little).
+const PLAUSIBLE_CLOCK_SKEW_MS: u64 = 60_000;
+
+fn wall_clock_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Live messages to skip after a catch-up, per room: those up to the id
 /// the catch-up already delivered. A room's entry goes at its first newer
 /// message, so the check costs nothing in steady state.
@@ -585,6 +597,13 @@ impl Subscriber {
 
     fn deliver(&mut self, message: &ChatMessage) {
         self.hub.deliver(message);
+        // Anyone can publish on the channel: an id from the future (say,
+        // 9999999999999-0 typed into redis-cli) must not move the point
+        // catch-up resumes from, or real messages after an outage would be
+        // skipped. Ids the accept script makes are never ahead of the clock.
+        if message.id.millis > wall_clock_millis() + PLAUSIBLE_CLOCK_SKEW_MS {
+            return;
+        }
         match self.last_delivered.get_mut(&message.room) {
             Some(last) => *last = (*last).max(message.id),
             None => {

@@ -4,7 +4,7 @@
 //! instance when one refuses connections.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -74,7 +74,12 @@ impl Nginx {
         let port = free_port();
         let conf = dir.join("nginx.conf");
         std::fs::write(&conf, config(port, &dir, instances)).unwrap();
-        let child = Command::new("nginx")
+        let nginx = if Path::new("/usr/sbin/nginx").exists() {
+            "/usr/sbin/nginx"
+        } else {
+            "nginx"
+        };
+        let child = Command::new(nginx)
             .arg("-c")
             .arg(&conf)
             .arg("-p")

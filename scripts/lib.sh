@@ -1,0 +1,203 @@
+# shellcheck shell=bash
+# Shared helpers for scripts/run_two.sh, scripts/test.sh and .ci/run.
+# Source it; it defines functions and a few variables and runs nothing.
+
+# The repository root (this file lives in <root>/scripts).
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# Where `cargo build --release` puts the binary.
+release_binary() {
+  local target_dir="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
+  printf '%s/release/pubsub-chat\n' "$target_dir"
+}
+
+step() { printf '\n==> %s\n' "$*"; }
+info() { printf '    %s\n' "$*"; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+die() {
+  printf 'error: %s\n' "$*" >&2
+  exit 1
+}
+
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# Runs a command with a time limit when `timeout` exists (coreutils).
+with_timeout() {
+  local secs="$1"
+  shift
+  if have timeout; then
+    timeout "$secs" "$@"
+  else
+    "$@"
+  fi
+}
+
+# ---------------------------------------------------------------- packages
+
+# Prefix for privileged commands: "" as root, "sudo -n" when sudo works
+# without a password. Returns 1 when neither, or when apt-get is missing.
+SUDO=""
+can_apt_install() {
+  have apt-get || return 1
+  if [[ "$(id -u)" -eq 0 ]]; then
+    SUDO=""
+  elif have sudo && sudo -n true 2>/dev/null; then
+    SUDO="sudo -n"
+  else
+    return 1
+  fi
+}
+
+APT_UPDATED=0
+# apt_install PKG...: installs Debian packages quietly (once `apt-get update`
+# per script run); prints the apt log tail if it fails.
+apt_install() {
+  local log
+  log="$(mktemp "${TMPDIR:-/tmp}/pubsub-chat-apt.XXXXXX")"
+  # shellcheck disable=SC2086  # $SUDO is empty or "sudo -n", on purpose
+  if [[ "$APT_UPDATED" -eq 0 ]]; then
+    info "apt-get update"
+    if ! $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q >"$log" 2>&1; then
+      tail -n 40 "$log" >&2
+      rm -f "$log"
+      die "apt-get update failed"
+    fi
+    APT_UPDATED=1
+  fi
+  info "apt-get install -y $*"
+  # shellcheck disable=SC2086
+  if ! $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    rm -f "$log"
+    die "apt-get install $* failed"
+  fi
+  rm -f "$log"
+}
+
+# The Debian packages this project's tests need that are missing here.
+# Prints them space-separated (nothing when all are present).
+missing_test_packages() {
+  local missing=()
+  have redis-server || missing+=(redis-server)
+  have chromium || missing+=(chromium)
+  # nginx fronts three instances in the failover test (/usr/sbin may not be
+  # on a user's PATH).
+  have nginx || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
+  # Use any node already installed (e.g. NodeSource's, which bundles npm);
+  # install Debian's only when there is none.
+  have node || missing+=(nodejs npm)
+  printf '%s\n' "${missing[*]:-}"
+}
+
+# Installs whatever missing_test_packages lists, or explains how and fails.
+ensure_test_packages() {
+  local missing
+  missing="$(missing_test_packages)"
+  if [[ -n "$missing" ]]; then
+    if can_apt_install; then
+      info "missing: $missing; installing with apt-get${SUDO:+ (via sudo)}"
+      # shellcheck disable=SC2086  # a list of package names
+      apt_install $missing
+      missing="$(missing_test_packages)"
+      [[ -z "$missing" ]] || die "still not on PATH after apt-get install: $missing"
+    else
+      printf 'These are needed to run the tests and are missing: %s\n' "$missing" >&2
+      printf 'Install them, then run this again:\n' >&2
+      printf '  sudo apt-get update && sudo apt-get install -y %s\n' "$missing" >&2
+      exit 1
+    fi
+  fi
+  if ! have npm; then
+    die "node is installed ($(command -v node)) but npm is not; install npm for that node (for Debian's nodejs: apt-get install npm)"
+  fi
+  info "redis-server: $(command -v redis-server)"
+  info "chromium:     $(command -v chromium)"
+  info "nginx:        $(command -v nginx || echo /usr/sbin/nginx)"
+  info "node:         $(command -v node) $(node --version)"
+}
+
+# ------------------------------------------------------------------- ports
+
+# True when something accepts TCP connections on 127.0.0.1:PORT.
+port_in_use() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# Prints a TCP port that is free on 127.0.0.1 right now.
+free_port() {
+  local port
+  if have python3 && port="$(python3 -c 'import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])' 2>/dev/null)" && [[ -n "$port" ]]; then
+    printf '%s\n' "$port"
+    return 0
+  fi
+  local _
+  for _ in $(seq 1 50); do
+    port=$((20000 + RANDOM % 20000))
+    if ! port_in_use "$port"; then
+      printf '%s\n' "$port"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# http_status PORT PATH: prints the HTTP status code of GET
+# http://127.0.0.1:PORT/PATH ("000" when nothing answers). Plain bash, so
+# no curl is needed.
+http_status() {
+  local port="$1" path="$2"
+  # shellcheck disable=SC2016  # the inner script expands its own $1 $2
+  with_timeout 3 bash -c '
+    exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+    printf "GET %s HTTP/1.0\r\nHost: 127.0.0.1:%s\r\nConnection: close\r\n\r\n" "$2" "$1" >&3
+    IFS=" " read -r -t 2 _ code _ <&3 || exit 1
+    printf "%s\n" "$code"
+  ' _ "$port" "$path" 2>/dev/null || printf '000\n'
+}
+
+# ------------------------------------------------------------------- redis
+
+# redis_ping URL: true when the Redis at URL answers PING with PONG.
+# Uses redis-cli when present, else (or when that fails) a RESP PING over bash's /dev/tcp
+# (redis://[[user]:password@]host[:port][/db] only, no TLS).
+redis_ping() {
+  local url="$1" reply
+  if have redis-cli; then
+    reply="$(with_timeout 3 redis-cli -u "$url" PING 2>/dev/null)" || reply=""
+    [[ "$reply" != PONG* ]] || return 0
+    # redis-cli 7 fails redis://:password@... (it sends an empty user
+    # name), which Redis clients accept: try the plain way below too.
+  fi
+  local rest="${url#redis://}" auth="" hostport host port
+  [[ "$rest" != "$url" ]] || return 1 # not redis:// (rediss:// needs redis-cli)
+  rest="${rest%%/*}"
+  if [[ "$rest" == *@* ]]; then
+    auth="${rest%@*}"
+    rest="${rest##*@}"
+  fi
+  hostport="$rest"
+  host="${hostport%:*}"
+  port="${hostport##*:}"
+  [[ "$hostport" == *:* ]] || port=6379
+  host="${host#[}"
+  host="${host%]}"
+  [[ -n "$host" ]] || host=127.0.0.1
+  # shellcheck disable=SC2016  # the inner script expands its own $1 $2 $3
+  with_timeout 3 bash -c '
+    resp() { printf "*%d\r\n" "$#"; local a; for a in "$@"; do printf "$%d\r\n%s\r\n" "${#a}" "$a"; done; }
+    exec 3<>"/dev/tcp/$1/$2" || exit 1
+    if [[ -n "$3" ]]; then
+      user="${3%%:*}" pass="${3#*:}"
+      [[ "$3" == *:* ]] || { user=""; pass="$3"; }
+      if [[ -n "$user" ]]; then resp AUTH "$user" "$pass" >&3; else resp AUTH "$pass" >&3; fi
+      IFS= read -r -t 2 line <&3 || exit 1
+      [[ "$line" == +OK* ]] || exit 1
+    fi
+    resp PING >&3
+    IFS= read -r -t 2 line <&3 || exit 1
+    [[ "$line" == +PONG* ]]
+  ' _ "$host" "$port" "$auth" 2>/dev/null
+}

@@ -1,0 +1,352 @@
+#!/usr/bin/env bash
+# Runs the chat: two instances of pubsub-chat (a and b) joined by Redis,
+# each logging to this terminal with an [a] / [b] prefix. Ctrl-C stops
+# everything it started. See --help.
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+  cat <<'EOF'
+Usage: ./scripts/run_two.sh [--no-redis] [--ports A,B]
+
+Builds pubsub-chat (cargo build --release) and runs two instances of it,
+"a" on port A and "b" on port B (WebSocket ports A+10000 and B+10000),
+joined by Redis, then prints the two URLs to open. Ctrl-C stops everything.
+
+Options:
+  --ports A,B   HTTP ports of the two instances (default 5000,5001;
+                also PORT_A=... PORT_B=...)
+  --no-redis    Run the two instances without Redis (--broker local): they
+                do NOT see each other's messages. The isolated starting point.
+  -h, --help    Show this help.
+
+Redis: if REDIS_URL is set and answers PING, it is used. Otherwise the
+script starts a private redis-server on a free loopback port (no
+persistence, data in a temporary directory) and stops it on exit; it never
+silently uses a Redis that happens to run on 6379. If redis-server is not
+installed, it is installed with apt-get when running as root (or with
+password-less sudo); otherwise the script says how to install it.
+EOF
+}
+
+NO_REDIS=0
+PORT_A="${PORT_A:-5000}"
+PORT_B="${PORT_B:-5001}"
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --no-redis) NO_REDIS=1 ;;
+    --ports)
+      [[ $# -ge 2 ]] || die "--ports needs a value, e.g. --ports 5100,5101"
+      PORTS="$2"
+      shift
+      ;;
+    --ports=*) PORTS="${1#--ports=}" ;;
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    *)
+      usage >&2
+      printf '\nerror: unknown argument: %s\n' "$1" >&2
+      exit 2
+      ;;
+  esac
+  shift
+done
+if [[ -n "${PORTS:-}" ]]; then
+  [[ "$PORTS" == *,* ]] || die "--ports wants two ports separated by a comma, e.g. --ports 5100,5101"
+  PORT_A="${PORTS%%,*}"
+  PORT_B="${PORTS#*,}"
+fi
+
+for p in "$PORT_A" "$PORT_B"; do
+  if ! [[ "$p" =~ ^[0-9]{1,5}$ ]] || ((10#$p < 1 || 10#$p > 55535)); then
+    die "bad port '$p': use 1..55535 (the WebSocket port is the port + 10000)"
+  fi
+done
+PORT_A=$((10#$PORT_A))
+PORT_B=$((10#$PORT_B))
+((PORT_A != PORT_B)) || die "the two ports must differ (got $PORT_A twice)"
+WS_A=$((PORT_A + 10000))
+WS_B=$((PORT_B + 10000))
+((WS_A != PORT_B && WS_B != PORT_A)) ||
+  die "ports $PORT_A,$PORT_B collide with each other's WebSocket port (port + 10000); pick ports closer together"
+
+cd "$REPO_ROOT"
+
+# ----------------------------------------------------------- fail early
+
+for spec in "$PORT_A:page of instance a" "$WS_A:WebSocket of instance a" \
+  "$PORT_B:page of instance b" "$WS_B:WebSocket of instance b"; do
+  port="${spec%%:*}"
+  if port_in_use "$port"; then
+    cat >&2 <<EOF
+error: port $port ($(printf '%s' "${spec#*:}")) is already in use on 127.0.0.1.
+Choose other ports, e.g.:
+  ./scripts/run_two.sh --ports 5100,5101      (or PORT_A=5100 PORT_B=5101 ./scripts/run_two.sh)
+Each instance also uses its port + 10000 for WebSocket.
+To see what holds port $port:  ss -ltnp 'sport = :$port'
+EOF
+    exit 1
+  fi
+done
+
+have cargo || die "cargo is not installed: install Rust from https://rustup.rs, then run this again"
+
+REDIS_URL_TO_USE=""
+NEED_PRIVATE_REDIS=0
+if [[ "$NO_REDIS" -eq 0 ]]; then
+  if [[ -n "${REDIS_URL:-}" ]]; then
+    if redis_ping "$REDIS_URL"; then
+      REDIS_URL_TO_USE="$REDIS_URL"
+    else
+      warn "REDIS_URL=$REDIS_URL does not answer PING; starting a private redis-server instead"
+      NEED_PRIVATE_REDIS=1
+    fi
+  else
+    NEED_PRIVATE_REDIS=1
+  fi
+fi
+
+if [[ "$NEED_PRIVATE_REDIS" -eq 1 ]] && ! have redis-server; then
+  if can_apt_install; then
+    step "redis-server is not installed; installing it: ${SUDO:+sudo }apt-get update && ${SUDO:+sudo }apt-get install -y redis-server"
+    apt_install redis-server
+    have redis-server || die "redis-server is still not on PATH after installing it"
+  else
+    cat >&2 <<'EOF'
+error: redis-server is not installed. Install it, then run this again:
+  Debian/Ubuntu:  sudo apt-get install redis-server
+  macOS:          brew install redis
+Or run Redis in Docker and point this script at it:
+  docker run --rm -p 6379:6379 redis:7
+  REDIS_URL=redis://127.0.0.1:6379 ./scripts/run_two.sh
+Or run the two instances without Redis (they will not see each other):
+  ./scripts/run_two.sh --no-redis
+EOF
+    exit 1
+  fi
+fi
+
+# ------------------------------------------------- processes and cleanup
+
+TMP_DIR=""
+BUILD_PID=""
+REDIS_PID=""
+IDS=()
+PIDS=()     # the two instances
+LOG_PIDS=() # the two [a] / [b] prefixers
+
+# stop_pid PID...: SIGTERM, up to 10 s to exit, then SIGKILL; reaps them.
+stop_pids() {
+  local pid alive i
+  for pid in "$@"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for ((i = 0; i < 100; i++)); do
+    alive=0
+    for pid in "$@"; do
+      if kill -0 "$pid" 2>/dev/null; then alive=1; fi
+    done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for pid in "$@"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      warn "process $pid did not stop within 10 s; killing it"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+  done
+}
+
+cleanup() {
+  local rc=$?
+  # Finish the cleanup whatever happens: no more signals, no set -e (a
+  # printf to a closed terminal must not stop it halfway).
+  trap '' INT TERM HUP PIPE
+  set +e
+  if [[ -n "$BUILD_PID" ]]; then
+    # cargo's rustc children too, so that no compiler outlives us.
+    if have pkill; then pkill -TERM -P "$BUILD_PID" 2>/dev/null || true; fi
+    stop_pids "$BUILD_PID"
+  fi
+  if ((${#PIDS[@]})); then
+    printf '\nStopping instances %s...\n' "${IDS[*]}"
+    stop_pids "${PIDS[@]}"
+  fi
+  # The prefixers end by themselves once their instance is gone.
+  if ((${#LOG_PIDS[@]})); then stop_pids "${LOG_PIDS[@]}"; fi
+  if [[ -n "$REDIS_PID" ]]; then
+    printf 'Stopping the private redis-server (pid %s)...\n' "$REDIS_PID"
+    stop_pids "$REDIS_PID"
+  fi
+  if [[ -n "$TMP_DIR" ]]; then rm -rf "$TMP_DIR"; fi
+  if ((${#PIDS[@]})); then printf 'Stopped.\n'; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 0' INT TERM
+trap 'exit 1' HUP PIPE
+
+# ------------------------------------------------------------------ build
+
+step "Building (cargo build --release; the first build takes a minute or two)"
+# In the background, so that Ctrl-C or SIGTERM stops it at once.
+cargo build --release --quiet &
+BUILD_PID=$!
+rc=0
+wait "$BUILD_PID" || rc=$?
+BUILD_PID=""
+((rc == 0)) || die "cargo build --release failed (status $rc)"
+BIN="$(release_binary)"
+[[ -x "$BIN" ]] || die "build finished but $BIN is missing"
+
+TMP_DIR="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-chat-run.XXXXXX")"
+
+# prefix_lines PREFIX: copies stdin to stdout, PREFIX on each line.
+prefix_lines() {
+  local line
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    printf '%s%s\n' "$1" "$line"
+  done
+}
+
+SETSID=""
+if have setsid; then SETSID=setsid; fi
+
+start_private_redis() {
+  local attempt port dir="$TMP_DIR/redis" i
+  mkdir -p "$dir"
+  for attempt in 1 2 3; do
+    port="$(free_port)" || die "found no free port for redis-server"
+    # In a session of its own (when setsid exists), so that Ctrl-C in the
+    # terminal does not reach it: it is stopped after the instances.
+    $SETSID redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+      --dir "$dir" --logfile "$dir/redis.log" --daemonize no \
+      </dev/null >/dev/null 2>&1 &
+    REDIS_PID=$!
+    for ((i = 0; i < 100; i++)); do
+      if redis_ping "redis://127.0.0.1:$port"; then
+        REDIS_URL_TO_USE="redis://127.0.0.1:$port"
+        info "private redis-server on 127.0.0.1:$port (pid $REDIS_PID, log $dir/redis.log)"
+        return 0
+      fi
+      kill -0 "$REDIS_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    stop_pids "$REDIS_PID"
+    REDIS_PID=""
+    warn "redis-server did not start on port $port (attempt $attempt):"
+    tail -n 5 "$dir/redis.log" >&2 2>/dev/null || true
+  done
+  die "could not start a private redis-server"
+}
+
+# start_instance ID PORT: starts one instance; its output goes through a
+# FIFO to a prefixer, so that both PIDs are known and can be stopped.
+start_instance() {
+  local id="$1" port="$2" fifo="$TMP_DIR/$1.out"
+  local broker_args=(--broker local)
+  if [[ "$NO_REDIS" -eq 0 ]]; then
+    broker_args=(--broker redis --redis-url "$REDIS_URL_TO_USE")
+  fi
+  mkfifo "$fifo"
+  # It ignores Ctrl-C, so that it prints its instance's last lines; it ends
+  # when the instance closes the FIFO.
+  (
+    trap '' INT
+    prefix_lines "[$id] "
+  ) <"$fifo" &
+  LOG_PIDS+=("$!")
+  "$BIN" --host 127.0.0.1 --port "$port" --ws-port $((port + 10000)) \
+    --instance-id "$id" "${broker_args[@]}" </dev/null >"$fifo" 2>&1 &
+  PIDS+=("$!")
+  IDS+=("$id")
+}
+
+if [[ "$NEED_PRIVATE_REDIS" -eq 1 ]]; then
+  step "Starting a private redis-server"
+  start_private_redis
+elif [[ -n "$REDIS_URL_TO_USE" ]]; then
+  step "Using REDIS_URL=$REDIS_URL_TO_USE (it answers PING)"
+fi
+
+step "Starting instances a (port $PORT_A) and b (port $PORT_B)"
+start_instance a "$PORT_A"
+start_instance b "$PORT_B"
+
+# ----------------------------------------------------------- wait ready
+
+READY_PATH=/readyz
+[[ "$NO_REDIS" -eq 0 ]] || READY_PATH=/healthz
+deadline=$((SECONDS + 30))
+for i in 0 1; do
+  port="$PORT_A"
+  [[ "$i" -eq 0 ]] || port="$PORT_B"
+  until [[ "$(http_status "$port" "$READY_PATH")" == 200 ]]; do
+    if ! kill -0 "${PIDS[i]}" 2>/dev/null; then
+      rc=0
+      wait "${PIDS[i]}" || rc=$?
+      die "instance ${IDS[i]} exited (status $rc) before it was ready; see its [${IDS[i]}] lines above"
+    fi
+    ((SECONDS < deadline)) ||
+      die "instance ${IDS[i]} is not ready after 30 s (GET http://127.0.0.1:$port$READY_PATH is not 200)"
+    sleep 0.2
+  done
+done
+
+# ---------------------------------------------------------------- banner
+
+URL_A="http://127.0.0.1:$PORT_A/?name=alice&room=lobby"
+URL_B="http://127.0.0.1:$PORT_B/?name=bob&room=lobby"
+RULE="================================================================================"
+{
+  printf '\n%s\n' "$RULE"
+  if [[ "$NO_REDIS" -eq 0 ]]; then
+    printf '  pubsub-chat is running: two instances joined by Redis\n\n'
+  else
+    printf '  pubsub-chat is running: two ISOLATED instances (--no-redis)\n\n'
+  fi
+  printf '  Open these in two browser tabs:\n'
+  printf '    instance a:  %s\n' "$URL_A"
+  printf '    instance b:  %s\n\n' "$URL_B"
+  if [[ "$NO_REDIS" -eq 0 ]]; then
+    printf '  Try it: type a message in one tab; it appears in the other, although\n'
+    printf '  each tab talks to a different server process. They meet in Redis.\n\n'
+    printf '  Redis:  %s\n\n' "$REDIS_URL_TO_USE"
+    printf '  Inject a message from outside, straight into Redis:\n'
+    printf '    redis-cli -u %s PUBLISH %s:messages %s\n\n' "$REDIS_URL_TO_USE" "${REDIS_PREFIX:-chat}" \
+      "'{\"type\":\"message\",\"id\":\"0-1\",\"room\":\"lobby\",\"from\":\"redis-cli\",\"text\":\"hello from outside\",\"ts\":$(date +%s%3N),\"instance\":\"redis-cli\"}'"
+    printf '  (Each injected message needs its own id: 0-2, 0-3, ...; clients drop repeats.)\n\n'
+  else
+    printf '  Try it: type a message in one tab; it does NOT appear in the other.\n'
+    printf '  Each instance only knows its own clients: this is the isolated\n'
+    printf '  starting point. Run ./scripts/run_two.sh without --no-redis to join\n'
+    printf '  the two through Redis Pub/Sub.\n\n'
+  fi
+  printf '  Ctrl-C stops everything.\n'
+  printf '%s\n\n' "$RULE"
+}
+
+# --------------------------------------------------------------- monitor
+
+redis_warned=0
+while true; do
+  for i in 0 1; do
+    if ! kill -0 "${PIDS[i]}" 2>/dev/null; then
+      rc=0
+      wait "${PIDS[i]}" || rc=$?
+      warn "instance ${IDS[i]} exited (status $rc); stopping everything"
+      exit 1
+    fi
+  done
+  if [[ -n "$REDIS_PID" && "$redis_warned" -eq 0 ]] && ! kill -0 "$REDIS_PID" 2>/dev/null; then
+    warn "the private redis-server has exited; the instances keep running and retry it"
+    redis_warned=1
+  fi
+  sleep 0.5
+done
