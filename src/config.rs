@@ -41,8 +41,9 @@ pub struct Config {
     #[arg(long, env = "WS_PORT")]
     pub ws_port: Option<u16>,
 
-    /// A full WebSocket URL for the page to use instead of
-    /// ws://<page host>:<ws port>/ws (set it behind a reverse proxy).
+    /// The WebSocket URL the page should use instead of
+    /// ws://<page host>:<ws port>/ws, behind a reverse proxy: a full URL
+    /// (wss://chat.example.com/ws) or a path on the page's own host (/ws).
     #[arg(long, env = "PUBLIC_WS_URL")]
     pub public_ws_url: Option<String>,
 

@@ -229,6 +229,11 @@ impl Instance {
         }
     }
 
+    /// The process id (for tools that kill it themselves).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("instance stopped").id()
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
