@@ -45,7 +45,8 @@ pub struct RunningServer {
 /// attempt failed.
 pub fn start(config: &Config) -> Result<RunningServer, String> {
     config.validate()?;
-    raise_open_files_limit();
+    let open_files = raise_open_files_limit();
+    check_budgets(config.max_clients, open_files);
     let instance = config.instance_id();
     let metrics = Arc::new(Metrics::default());
     let hub = Arc::new(Hub::new(metrics.clone()));
@@ -213,10 +214,55 @@ impl RunningServer {
 
 /// Raises the soft open-files limit toward the hard one: each client is a
 /// socket, and the usual soft default of 1024 would cap the server far
-/// below what its threads allow.
-fn raise_open_files_limit() {
+/// below what its threads allow. Returns the limit in force.
+fn raise_open_files_limit() -> Option<u64> {
     match rlimit::increase_nofile_limit(WANTED_OPEN_FILES) {
-        Ok(limit) => info!("open files limit: {limit}"),
-        Err(e) => warn!("cannot raise the open files limit: {e}"),
+        Ok(limit) => {
+            info!("open files limit: {limit}");
+            Some(limit)
+        }
+        Err(e) => {
+            warn!("cannot raise the open files limit: {e}");
+            None
+        }
+    }
+}
+
+/// Threads this process needs besides its clients': accept, HTTP workers,
+/// tiny_http's own, the subscriber, the pinger, main.
+const FIXED_THREADS: u64 = 16;
+
+/// Says at start-up, rather than at the first refused client, when
+/// `--max-clients` is more than the machine can give: two threads and one
+/// socket per client. Past the real limit clients are refused cleanly
+/// anyway (a failed spawn is a 503); this only makes it visible.
+fn check_budgets(max_clients: usize, open_files: Option<u64>) {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    let thread_limit = [
+        read("/proc/sys/kernel/pid_max"),
+        read("/proc/sys/kernel/threads-max"),
+    ]
+    .into_iter()
+    .flatten()
+    .min();
+    let wanted_threads = 2 * max_clients as u64 + FIXED_THREADS;
+    if let Some(limit) = thread_limit
+        && wanted_threads > limit
+    {
+        warn!(
+            "--max-clients {max_clients} needs about {wanted_threads} threads, but this machine allows {limit} \
+             in all; clients past what the machine gives will be refused with 503"
+        );
+    }
+    if let Some(limit) = open_files
+        && max_clients as u64 + FIXED_THREADS > limit
+    {
+        warn!(
+            "--max-clients {max_clients} needs about {max_clients} open files, but the limit is {limit}"
+        );
     }
 }
