@@ -8,16 +8,13 @@ use std::collections::HashSet;
 use std::thread;
 use std::time::Duration;
 
-use common::{Client, Instance, RedisServer, texts, unique};
+use common::{Client, Instance, RedisServer, texts, two_instances, unique};
 
 #[test]
 fn a_message_sent_on_one_instance_reaches_every_client_on_both_exactly_once() {
     let redis = RedisServer::start();
     let prefix = unique("fanout");
-    let a = Instance::redis("a", &redis.url(), &prefix);
-    let b = Instance::redis("b", &redis.url(), &prefix);
-    a.wait_ready();
-    b.wait_ready();
+    let (a, b) = two_instances(&redis, &prefix);
 
     let mut sender = a.client("alice", "lobby");
     let mut others = vec![
@@ -112,10 +109,7 @@ fn concurrent_senders_on_both_instances_are_seen_in_one_order_by_everyone() {
 fn ids_increase_in_acceptance_order_across_instances() {
     let redis = RedisServer::start();
     let prefix = unique("ids");
-    let a = Instance::redis("a", &redis.url(), &prefix);
-    let b = Instance::redis("b", &redis.url(), &prefix);
-    a.wait_ready();
-    b.wait_ready();
+    let (a, b) = two_instances(&redis, &prefix);
     let mut on_a = a.client("x", "lobby");
     let mut on_b = b.client("y", "lobby");
     let mut ids = Vec::new();
@@ -142,10 +136,7 @@ fn ids_increase_in_acceptance_order_across_instances() {
 fn a_message_reaches_no_client_of_another_room_on_either_instance() {
     let redis = RedisServer::start();
     let prefix = unique("rooms");
-    let a = Instance::redis("a", &redis.url(), &prefix);
-    let b = Instance::redis("b", &redis.url(), &prefix);
-    a.wait_ready();
-    b.wait_ready();
+    let (a, b) = two_instances(&redis, &prefix);
     let mut red_a = a.client("ra", "red");
     let mut red_b = b.client("rb", "red");
     let mut blue_a = a.client("ba", "blue");

@@ -9,7 +9,8 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    Client, Instance, Listener, RedisServer, assert_exactly_once_in_order, texts, unique, wait_for,
+    Client, Instance, Listener, Outcomes, RedisServer, assert_exactly_once_in_order, texts,
+    two_instances, unique, wait_for,
 };
 use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -143,33 +144,71 @@ fn kill_subscriber(redis: &RedisServer, name: &str) -> bool {
     killed == 1
 }
 
+/// Listeners and confirming senders spread over two instances, in room
+/// lobby: the load every fault test runs under.
+struct Traffic {
+    listeners: Vec<Listener>,
+    senders: Vec<thread::JoinHandle<Outcomes>>,
+}
+
+impl Traffic {
+    fn start(
+        a: &Instance,
+        b: &Instance,
+        senders: usize,
+        per_sender: usize,
+        pace: Duration,
+    ) -> Self {
+        let on = |n: usize| if n.is_multiple_of(2) { a } else { b };
+        let listeners = (0..4)
+            .map(|n| {
+                Listener::spawn(
+                    on(n).client(&format!("l{n}"), "lobby"),
+                    format!("listener {n} on {}", on(n).id),
+                )
+            })
+            .collect();
+        let senders = (0..senders)
+            .map(|n| {
+                let mut client = on(n).client(&format!("s{n}"), "lobby");
+                thread::spawn(move || client.send_and_confirm(&format!("s{n}"), per_sender, pace))
+            })
+            .collect();
+        Traffic { listeners, senders }
+    }
+
+    /// Waits for every sender, checks that each listener got exactly the
+    /// accepted messages, each once, in id order; returns (accepted, refused).
+    fn finish(self, per_sender: usize) -> (HashSet<String>, HashSet<String>) {
+        let mut accepted = HashSet::new();
+        let mut refused = HashSet::new();
+        for handle in self.senders {
+            let outcomes = handle.join().expect("sender failed");
+            assert_eq!(
+                outcomes.accepted.len() + outcomes.refused.len(),
+                per_sender,
+                "one outcome each"
+            );
+            accepted.extend(outcomes.accepted);
+            refused.extend(outcomes.refused);
+        }
+        assert!(accepted.is_disjoint(&refused));
+        for (n, listener) in self.listeners.into_iter().enumerate() {
+            let messages = listener.finish(accepted.len());
+            assert_exactly_once_in_order(&format!("listener {n}"), &messages, &accepted);
+        }
+        (accepted, refused)
+    }
+}
+
 #[test]
 fn a_subscriber_cut_again_and_again_catches_up_without_loss_or_duplicates() {
     const SENDERS: usize = 4;
     const PER_SENDER: usize = 250;
     let redis = RedisServer::start();
     let prefix = unique("cut");
-    let a = Instance::redis("a", &redis.url(), &prefix);
-    let b = Instance::redis("b", &redis.url(), &prefix);
-    a.wait_ready();
-    b.wait_ready();
-    let listeners: Vec<Listener> = (0..4)
-        .map(|n| {
-            let instance = if n % 2 == 0 { &a } else { &b };
-            Listener::spawn(
-                instance.client(&format!("l{n}"), "lobby"),
-                format!("listener {n} on {}", instance.id),
-            )
-        })
-        .collect();
-    let senders: Vec<_> = (0..SENDERS)
-        .map(|n| {
-            let mut client = if n % 2 == 0 { &a } else { &b }.client(&format!("s{n}"), "lobby");
-            thread::spawn(move || {
-                client.send_and_confirm(&format!("s{n}"), PER_SENDER, Duration::from_millis(4))
-            })
-        })
-        .collect();
+    let (a, b) = two_instances(&redis, &prefix);
+    let traffic = Traffic::start(&a, &b, SENDERS, PER_SENDER, Duration::from_millis(4));
 
     let sub_name = format!("{prefix}:b:sub");
     let mut kills = 0;
@@ -183,23 +222,12 @@ fn a_subscriber_cut_again_and_again_catches_up_without_loss_or_duplicates() {
         }
     }
 
-    let mut accepted = HashSet::new();
-    let mut sender_views = Vec::new();
-    for handle in senders {
-        let outcomes = handle.join().expect("sender failed");
-        assert!(
-            outcomes.refused.is_empty(),
-            "the publisher was never cut: {:?}",
-            outcomes.refused
-        );
-        accepted.extend(outcomes.accepted);
-        sender_views.push(outcomes.received);
-    }
+    let (accepted, refused) = traffic.finish(PER_SENDER);
+    assert!(
+        refused.is_empty(),
+        "the publisher was never cut: {refused:?}"
+    );
     assert_eq!(accepted.len(), SENDERS * PER_SENDER);
-    for (n, listener) in listeners.into_iter().enumerate() {
-        let messages = listener.finish(accepted.len());
-        assert_exactly_once_in_order(&format!("listener {n}"), &messages, &accepted);
-    }
     assert!(b.metric("chat_redis_reconnects_total") >= 5.0);
     assert_eq!(
         a.metric("chat_redis_reconnects_total"),
@@ -219,27 +247,8 @@ fn a_redis_crash_with_aof_loses_no_accepted_message_and_refuses_the_rest() {
     const PER_SENDER: usize = 150;
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let prefix = unique("crash");
-    let a = Instance::redis("a", &redis.url(), &prefix);
-    let b = Instance::redis("b", &redis.url(), &prefix);
-    a.wait_ready();
-    b.wait_ready();
-    let listeners: Vec<Listener> = (0..4)
-        .map(|n| {
-            let instance = if n % 2 == 0 { &a } else { &b };
-            Listener::spawn(
-                instance.client(&format!("l{n}"), "lobby"),
-                format!("listener {n} on {}", instance.id),
-            )
-        })
-        .collect();
-    let senders: Vec<_> = (0..SENDERS)
-        .map(|n| {
-            let mut client = if n % 2 == 0 { &a } else { &b }.client(&format!("s{n}"), "lobby");
-            thread::spawn(move || {
-                client.send_and_confirm(&format!("s{n}"), PER_SENDER, Duration::from_millis(5))
-            })
-        })
-        .collect();
+    let (a, b) = two_instances(&redis, &prefix);
+    let traffic = Traffic::start(&a, &b, SENDERS, PER_SENDER, Duration::from_millis(5));
 
     for _ in 0..2 {
         thread::sleep(Duration::from_millis(300));
@@ -248,23 +257,7 @@ fn a_redis_crash_with_aof_loses_no_accepted_message_and_refuses_the_rest() {
         redis.restart();
     }
 
-    let mut accepted = HashSet::new();
-    let mut refused = HashSet::new();
-    for handle in senders {
-        let outcomes = handle.join().expect("sender failed");
-        assert_eq!(
-            outcomes.accepted.len() + outcomes.refused.len(),
-            PER_SENDER,
-            "one outcome each"
-        );
-        accepted.extend(outcomes.accepted);
-        refused.extend(outcomes.refused);
-    }
-    assert!(accepted.is_disjoint(&refused));
-    for (n, listener) in listeners.into_iter().enumerate() {
-        let messages = listener.finish(accepted.len());
-        assert_exactly_once_in_order(&format!("listener {n}"), &messages, &accepted);
-    }
+    let (accepted, refused) = traffic.finish(PER_SENDER);
     // No client was dropped: a listener or sender whose connection closed
     // would have panicked above.
     assert_eq!(

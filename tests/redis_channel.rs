@@ -6,17 +6,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Instance, RedisServer, unique};
+use common::{Instance, RedisServer, two_instances, unique};
 use serde_json::json;
 
 #[test]
 fn a_payload_published_with_a_plain_redis_client_reaches_every_instance() {
     let redis = RedisServer::start();
     let prefix = unique("inject");
-    let a = Instance::redis("a", &redis.url(), &prefix);
-    let b = Instance::redis("b", &redis.url(), &prefix);
-    a.wait_ready();
-    b.wait_ready();
+    let (a, b) = two_instances(&redis, &prefix);
     let mut on_a = a.client("alice", "lobby");
     let mut on_b = b.client("bob", "lobby");
 

@@ -322,6 +322,15 @@ impl Drop for Instance {
     }
 }
 
+/// Instances `a` and `b` joined by `redis` under `prefix`, both ready.
+pub fn two_instances(redis: &RedisServer, prefix: &str) -> (Instance, Instance) {
+    let a = Instance::redis("a", &redis.url(), prefix);
+    let b = Instance::redis("b", &redis.url(), prefix);
+    a.wait_ready();
+    b.wait_ready();
+    (a, b)
+}
+
 /// Reads the addresses from the server's "listening" log line.
 fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     let rest = line.split(" listening: page http://").nth(1)?;
