@@ -80,6 +80,12 @@ pub struct Config {
     #[arg(long, env = "CLIENT_QUEUE_LEN", default_value_t = 256)]
     pub client_queue_len: usize,
 
+    /// Milliseconds the fan-out waits, under a steady stream, to hand
+    /// several messages to each client at once (a message after a quiet
+    /// spell goes at once). 0 hands out every message on its own.
+    #[arg(long, env = "FANOUT_WINDOW_MS", default_value_t = 10)]
+    pub fanout_window_ms: u64,
+
     /// Longest message text, in characters.
     #[arg(long, env = "MAX_TEXT_CHARS", default_value_t = 2000)]
     pub max_text_chars: usize,
@@ -233,6 +239,10 @@ impl Config {
             per_second: self.rate_per_sec,
             strikes: self.rate_strikes,
         }
+    }
+
+    pub fn fanout_window(&self) -> Duration {
+        Duration::from_millis(self.fanout_window_ms)
     }
 
     pub fn ping_interval(&self) -> Duration {

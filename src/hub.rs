@@ -22,12 +22,52 @@ use crate::protocol::{ChatMessage, MessageId, ServerFrame, WsBytes};
 /// A local client's number, unique within this instance's lifetime.
 pub type ClientId = u64;
 
-/// One frame on its way to one client: the shared bytes and, for a chat
-/// message, the id the writer needs to drop what history already sent.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    pub id: Option<MessageId>,
-    pub bytes: WsBytes,
+/// Frames on their way to the clients of one room: one or more complete
+/// WebSocket frames back to back in one buffer, shared by every receiver,
+/// and where each begins, with its message id (none for a status frame), so
+/// that a writer can drop what history already sent.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub bytes: Vec<u8>,
+    pub frames: Vec<(Option<MessageId>, usize)>,
+}
+
+impl Batch {
+    pub fn push(&mut self, id: Option<MessageId>, frame: &[u8]) {
+        self.frames.push((id, self.bytes.len()));
+        self.bytes.extend_from_slice(frame);
+    }
+
+    /// The frames one by one: (id, bytes).
+    pub fn frames(&self) -> impl Iterator<Item = (Option<MessageId>, &[u8])> {
+        let ends = self
+            .frames
+            .iter()
+            .skip(1)
+            .map(|&(_, start)| start)
+            .chain([self.bytes.len()]);
+        self.frames
+            .iter()
+            .zip(ends)
+            .map(|(&(id, start), end)| (id, &self.bytes[start..end]))
+    }
+
+    /// The last message id in it.
+    pub fn last_id(&self) -> Option<MessageId> {
+        self.frames.iter().rev().find_map(|&(id, _)| id)
+    }
+}
+
+/// What a client's queue holds: a reference to a batch. Queuing it costs a
+/// reference-count increment, whatever the batch holds.
+pub type Delivery = Arc<Batch>;
+
+impl From<&WsBytes> for Batch {
+    fn from(frame: &WsBytes) -> Self {
+        let mut batch = Batch::default();
+        batch.push(None, frame);
+        batch
+    }
 }
 
 /// Why the server ends a connection: the close frame's code and reason.
@@ -151,31 +191,48 @@ impl Hub {
 
     /// Hands a message to every local client of its room, without ever
     /// blocking. Returns how many clients it was queued for.
-    ///
-    /// The frame is serialized and framed once, here; each receiver gets a
-    /// reference to the same bytes.
     pub fn deliver(&self, message: &ChatMessage) -> usize {
-        let Some(members) = self.room_members(&message.room) else {
-            return 0;
-        };
-        let delivery = Delivery {
-            id: Some(message.id),
-            bytes: ServerFrame::Message(message).to_ws_bytes(),
-        };
-        let queued = self.send_to(&message.room, &members, &delivery);
+        self.deliver_batch(std::slice::from_ref(message))
+    }
+
+    /// Hands messages, in order, to every local client of their rooms,
+    /// without ever blocking. Returns how many (client, message) deliveries
+    /// were queued.
+    ///
+    /// Each message is serialized and framed once, here; the messages of a
+    /// room go into one shared buffer, and each receiver gets a reference to
+    /// it: one queue slot, one wake-up and one `write` for the whole batch.
+    pub fn deliver_batch(&self, messages: &[ChatMessage]) -> usize {
+        let mut batches: Vec<(&str, Batch)> = Vec::new();
+        for message in messages {
+            let frame = ServerFrame::Message(message).to_ws_bytes();
+            match batches.iter_mut().find(|(room, _)| *room == message.room) {
+                Some((_, batch)) => batch.push(Some(message.id), &frame),
+                None => {
+                    let mut batch = Batch::default();
+                    batch.push(Some(message.id), &frame);
+                    batches.push((&message.room, batch));
+                }
+            }
+        }
+        let mut delivered = 0;
+        for (room, batch) in batches {
+            let Some(members) = self.room_members(room) else {
+                continue;
+            };
+            let count = batch.frames.len();
+            delivered += count * self.send_to(room, &members, &Arc::new(batch));
+        }
         self.metrics
             .messages_delivered_total
-            .fetch_add(queued as u64, Ordering::Relaxed);
-        queued
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        delivered
     }
 
     /// Sends a frame that is not a chat message (a status change) to every
     /// local client, with the same never-blocking rules.
     pub fn broadcast(&self, frame: &ServerFrame<'_>) {
-        let delivery = Delivery {
-            id: None,
-            bytes: frame.to_ws_bytes(),
-        };
+        let delivery: Delivery = Arc::new(Batch::from(&frame.to_ws_bytes()));
         let rooms: Vec<(String, Arc<[Member]>)> = {
             let rooms = self.rooms.read().expect("hub lock poisoned");
             rooms
@@ -206,7 +263,7 @@ impl Hub {
     fn send_to(&self, room: &str, members: &[Member], delivery: &Delivery) -> usize {
         let mut queued = 0;
         for member in members {
-            match member.frames_tx.try_send(delivery.clone()) {
+            match member.frames_tx.try_send(Arc::clone(delivery)) {
                 Ok(()) => queued += 1,
                 Err(TrySendError::Full(_)) => {
                     warn!(
@@ -293,7 +350,7 @@ mod tests {
         assert_eq!(hub.deliver(&message("lobby", 0)), 2);
         let first = a_rx.try_recv().unwrap();
         let second = b_rx.try_recv().unwrap();
-        assert!(Arc::ptr_eq(&first.bytes, &second.bytes));
+        assert!(Arc::ptr_eq(&first, &second), "one encoding, shared");
         assert!(c_rx.try_recv().is_err());
     }
 
@@ -329,5 +386,34 @@ mod tests {
         hub.leave("lobby", 1);
         assert!(hub.is_empty());
         assert_eq!(hub.deliver(&message("lobby", 0)), 0);
+    }
+
+    #[test]
+    fn a_batch_groups_messages_by_room_in_order() {
+        let hub = Hub::new(Arc::default());
+        let (a, a_rx, _a_ctl) = member(1, "lobby", 4);
+        let (c, c_rx, _c_ctl) = member(3, "other", 4);
+        hub.join(a);
+        hub.join(c);
+        let messages = [
+            message("lobby", 0),
+            message("other", 1),
+            message("lobby", 2),
+        ];
+        assert_eq!(hub.deliver_batch(&messages), 3);
+        let lobby = a_rx.try_recv().unwrap();
+        let ids: Vec<_> = lobby.frames().map(|(id, _)| id.unwrap().seq).collect();
+        assert_eq!(
+            ids,
+            [0, 2],
+            "one slot for the room's two messages, in order"
+        );
+        assert_eq!(lobby.last_id(), Some(MessageId { millis: 1, seq: 2 }));
+        let framed: Vec<u8> = lobby
+            .frames()
+            .flat_map(|(_, bytes)| bytes.to_vec())
+            .collect();
+        assert_eq!(framed, lobby.bytes);
+        assert_eq!(c_rx.try_recv().unwrap().frames.len(), 1);
     }
 }

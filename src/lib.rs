@@ -8,6 +8,8 @@
 //! - [`http`]: the page, `/config.json`, `/healthz`, `/readyz`, `/metrics`.
 //! - [`session`]: one WebSocket client's reader and writer threads.
 //! - [`hub`]: local clients by room, and the never-blocking delivery.
+//! - [`fanout`]: the thread between the Redis subscriber and the hub, that
+//!   batches deliveries under load.
 //! - [`broker`]: Redis Pub/Sub (and a Redis Stream of history per room), or
 //!   the local, single-instance twin.
 //! - [`protocol`]: the wire types and their only encoding and validation.
@@ -23,9 +25,10 @@
 //!    sends nothing to local clients itself.
 //! 2. Redis runs the accept script: the message gets the next id, goes into
 //!    the room's history and is published on the channel, in one step.
-//! 3. On every instance, the **subscriber thread** receives it, and the
-//!    [`hub`] frames it once and queues the same bytes to each local client
-//!    of the room, never waiting on any of them.
+//! 3. On every instance, the **subscriber thread** receives it and passes
+//!    it to the **fan-out thread** ([`fanout`]), which hands it (with any
+//!    others that arrived meanwhile) to the [`hub`]: framed once, the same
+//!    bytes queued to each local client of the room, never waiting on any.
 //! 4. Each client's **writer thread** takes the bytes from its queue and
 //!    writes them to its socket. The sender gets its own copy this way too:
 //!    that is its receipt, and everyone sees the same order.
@@ -33,6 +36,7 @@
 pub mod backoff;
 pub mod broker;
 pub mod config;
+pub mod fanout;
 pub mod http;
 pub mod hub;
 pub mod liveness;

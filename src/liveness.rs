@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use tungstenite::protocol::frame::Frame;
 
-use crate::hub::{CloseReason, Delivery, Hub};
+use crate::hub::{Batch, CloseReason, Delivery, Hub};
 use crate::metrics::Metrics;
+use crate::protocol::WsBytes;
 
 /// Milliseconds since the process started, on the monotonic clock.
 pub fn now_millis() -> u64 {
@@ -54,10 +55,7 @@ pub fn spawn_pinger(
     Frame::ping(Vec::new())
         .format(&mut ping)
         .expect("a ping frame formats into a Vec");
-    let ping = Delivery {
-        id: None,
-        bytes: ping.into(),
-    };
+    let ping: Delivery = Arc::new(Batch::from(&WsBytes::from(ping)));
     thread::Builder::new()
         .name("pinger".into())
         .spawn(move || {

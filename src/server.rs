@@ -78,6 +78,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
                 publish_deadline: config.publish_deadline(),
                 instance: instance.clone(),
                 limits: config.content_limits(),
+                fanout_window: config.fanout_window(),
             },
             hub.clone(),
             metrics.clone(),

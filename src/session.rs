@@ -56,8 +56,9 @@ const WRITER_STACK: usize = 64 * 1024;
 const READ_BUFFER: usize = 4 * 1024;
 /// Control items (pongs, close replies, error frames) queued for a writer.
 /// Only a client that sends much and reads nothing fills it, and is then
-/// disconnected.
-const CONTROL_QUEUE: usize = 64;
+/// disconnected. A bounded crossbeam channel allocates every slot up front,
+/// per client: keep it small.
+const CONTROL_QUEUE: usize = 32;
 /// Bytes a writer gathers from its queues before one `write`: under load
 /// many small frames go out in one system call.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -815,13 +816,19 @@ impl Writer {
     }
 
     fn take_delivery(&mut self, delivery: Delivery) {
-        if let (Some(seam), Some(id)) = (self.seam, delivery.id) {
-            if id <= seam {
-                return;
+        let Some(seam) = self.seam else {
+            self.out.extend_from_slice(&delivery.bytes);
+            return;
+        };
+        for (id, frame) in delivery.frames() {
+            match id {
+                Some(id) if id <= seam => {}
+                _ => self.out.extend_from_slice(frame),
             }
+        }
+        if delivery.last_id().is_some_and(|last| last > seam) {
             self.seam = None;
         }
-        self.out.extend_from_slice(&delivery.bytes);
     }
 }
 

@@ -380,7 +380,14 @@ fn a_client_that_stops_reading_is_dropped_and_fifty_others_get_all_ten_thousand(
     let prefix = unique("slowcons");
     let a = Instance::start(
         "slowcons",
-        &["--redis-url", &redis.url(), "--redis-prefix", &prefix],
+        &[
+            "--redis-url",
+            &redis.url(),
+            "--redis-prefix",
+            &prefix,
+            "--client-queue-len",
+            "16",
+        ],
     );
     a.wait_ready();
     let stalled = stalled_client(a.ws);

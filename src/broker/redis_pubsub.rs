@@ -30,6 +30,7 @@ use redis::{Client, Connection, RedisError, Script};
 
 use crate::backoff::Backoff;
 use crate::broker::{Broker, History, HistoryQuery, Unavailable};
+use crate::fanout;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::protocol::{
@@ -125,6 +126,8 @@ pub struct RedisSettings {
     pub publish_deadline: Duration,
     /// What a valid payload on the channel or in history looks like.
     pub limits: Limits,
+    /// See `--fanout-window-ms`.
+    pub fanout_window: Duration,
     /// The instance id, used to name this instance's Redis connections
     /// (`CLIENT LIST` shows `<prefix>:<instance>:pub` and `:sub`).
     pub instance: String,
@@ -211,7 +214,10 @@ impl RedisBroker {
         let _ = broker.with_publisher(|_| Ok(()));
 
         let (first_attempt_tx, first_attempt_rx) = crossbeam_channel::bounded(1);
+        let fanout_tx = fanout::spawn_fanout(hub.clone(), settings.fanout_window)
+            .map_err(|e| format!("cannot start the fan-out thread: {e}"))?;
         let subscriber = Subscriber {
+            fanout_tx,
             client,
             url: settings.url.clone(),
             name: settings.connection_name("sub"),
@@ -476,6 +482,8 @@ impl Failure {
 
 /// The subscriber thread's state.
 struct Subscriber {
+    /// Where received messages go, in order, to be handed to the hub.
+    fanout_tx: crossbeam_channel::Sender<ChatMessage>,
     client: Client,
     url: String,
     name: String,
@@ -582,7 +590,7 @@ impl Subscriber {
                         }
                         seams.remove(&message.room);
                     }
-                    self.deliver(&message);
+                    self.deliver(message);
                 }
                 Err(e) => {
                     Metrics::inc(&self.metrics.broker_payloads_invalid_total);
@@ -595,21 +603,24 @@ impl Subscriber {
         }
     }
 
-    fn deliver(&mut self, message: &ChatMessage) {
-        self.hub.deliver(message);
+    fn deliver(&mut self, message: ChatMessage) {
+        let id = message.id;
+        let room = message.room.clone();
+        // The fan-out thread only ends with the process.
+        let _ = self.fanout_tx.send(message);
+        self.record_delivered(room, id);
+    }
+
+    fn record_delivered(&mut self, room: String, id: MessageId) {
         // Anyone can publish on the channel: an id from the future (say,
         // 9999999999999-0 typed into redis-cli) must not move the point
         // catch-up resumes from, or real messages after an outage would be
         // skipped. Ids the accept script makes are never ahead of the clock.
-        if message.id.millis > wall_clock_millis() + PLAUSIBLE_CLOCK_SKEW_MS {
+        if id.millis > wall_clock_millis() + PLAUSIBLE_CLOCK_SKEW_MS {
             return;
         }
-        match self.last_delivered.get_mut(&message.room) {
-            Some(last) => *last = (*last).max(message.id),
-            None => {
-                self.last_delivered.insert(message.room.clone(), message.id);
-            }
-        }
+        let last = self.last_delivered.entry(room).or_insert(id);
+        *last = (*last).max(id);
     }
 
     /// After a reconnection, delivers from history, in order, what every
@@ -635,7 +646,7 @@ impl Subscriber {
                     .query(&mut reader)?;
                 for message in parse_stream_entries(entries, &self.limits) {
                     seams.insert(room.clone(), message.id);
-                    self.deliver(&message);
+                    self.deliver(message);
                     missed += 1;
                 }
             }
