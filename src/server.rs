@@ -28,6 +28,20 @@ const HTTP_WORKERS: usize = 2;
 /// but sockets, Redis links and the page all count.
 const WANTED_OPEN_FILES: u64 = 65_536;
 
+/// Connections the kernel queues for the accept thread: a connect storm of
+/// thousands must wait in the queue, not be refused (std's default is 128).
+const ACCEPT_BACKLOG: i32 = 4096;
+
+/// Binds a listening socket with the given backlog (std offers no way to
+/// set it).
+fn listen(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
 /// A started instance.
 pub struct RunningServer {
     pub instance: String,
@@ -59,12 +73,8 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         )
     })?;
     let ws_port = config.ws_port()?;
-    let ws_listener = TcpListener::bind((config.host, ws_port)).map_err(|e| {
-        format!(
-            "cannot listen for WebSocket on {}:{ws_port}: {e}",
-            config.host
-        )
-    })?;
+    let ws_listener = listen((config.host, ws_port).into(), ACCEPT_BACKLOG)
+        .map_err(|e| format!("cannot listen for WebSocket on {}:{ws_port}: {e}", config.host))?;
     let http_addr = http_listener.local_addr().map_err(|e| e.to_string())?;
     let ws_addr = ws_listener.local_addr().map_err(|e| e.to_string())?;
 
