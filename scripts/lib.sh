@@ -201,3 +201,122 @@ redis_ping() {
     [[ "$line" == +PONG* ]]
   ' _ "$host" "$port" "$auth" 2>/dev/null
 }
+
+# --------------------------------------------------------------- processes
+# Shared by run_two.sh and run_cluster.sh.
+
+# stop_pids PID...: SIGTERM, up to 10 s to exit, then SIGKILL; reaps them.
+stop_pids() {
+  local pid alive i
+  for pid in "$@"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for ((i = 0; i < 100; i++)); do
+    alive=0
+    for pid in "$@"; do
+      if kill -0 "$pid" 2>/dev/null; then alive=1; fi
+    done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for pid in "$@"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      warn "process $pid did not stop within 10 s; killing it"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+  done
+}
+
+# prefix_lines PREFIX: copies stdin to stdout, PREFIX on each line.
+prefix_lines() {
+  local line
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    printf '%s%s\n' "$1" "$line"
+  done
+}
+
+# ------------------------------------------------------- a Redis to run with
+# Shared by run_two.sh and run_cluster.sh, through these globals:
+#   REDIS_URL_TO_USE    the Redis the instances get ("" until chosen)
+#   NEED_PRIVATE_REDIS  1 when a private redis-server must be started
+#   REDIS_PID           the private redis-server's PID ("" when none)
+REDIS_URL_TO_USE=""
+NEED_PRIVATE_REDIS=0
+REDIS_PID=""
+
+# choose_redis: uses $REDIS_URL when it is set and answers PING; otherwise
+# asks for a private redis-server (NEED_PRIVATE_REDIS=1). It never silently
+# uses a Redis that happens to run on 6379.
+choose_redis() {
+  if [[ -n "${REDIS_URL:-}" ]]; then
+    if redis_ping "$REDIS_URL"; then
+      REDIS_URL_TO_USE="$REDIS_URL"
+    else
+      warn "REDIS_URL=$REDIS_URL does not answer PING; starting a private redis-server instead"
+      NEED_PRIVATE_REDIS=1
+    fi
+  else
+    NEED_PRIVATE_REDIS=1
+  fi
+}
+
+# ensure_redis_server SCRIPT [HINT_LINE...]: when a private redis-server is
+# needed (NEED_PRIVATE_REDIS=1) and not installed, installs it with apt-get
+# when allowed; otherwise explains how (SCRIPT is the command to run again,
+# the HINT_LINEs end the explanation) and exits 1.
+ensure_redis_server() {
+  local script="$1"
+  shift
+  [[ "$NEED_PRIVATE_REDIS" -eq 1 ]] || return 0
+  if have redis-server; then return 0; fi
+  if can_apt_install; then
+    step "redis-server is not installed; installing it: ${SUDO:+sudo }apt-get update && ${SUDO:+sudo }apt-get install -y redis-server"
+    apt_install redis-server
+    have redis-server || die "redis-server is still not on PATH after installing it"
+  else
+    {
+      printf 'error: redis-server is not installed. Install it, then run this again:\n'
+      printf '  Debian/Ubuntu:  sudo apt-get install redis-server\n'
+      printf '  macOS:          brew install redis\n'
+      printf 'Or run Redis in Docker and point this script at it:\n'
+      printf '  docker run --rm -p 6379:6379 redis:7\n'
+      printf '  REDIS_URL=redis://127.0.0.1:6379 %s\n' "$script"
+      if (($#)); then printf '%s\n' "$@"; fi
+    } >&2
+    exit 1
+  fi
+}
+
+# start_private_redis DIR: starts a redis-server on a free loopback port (no
+# persistence, its files in DIR) and sets REDIS_PID and REDIS_URL_TO_USE.
+# Three attempts: a free port can be taken before redis-server binds it.
+start_private_redis() {
+  local attempt port dir="$1" i setsid=""
+  if have setsid; then setsid=setsid; fi
+  mkdir -p "$dir"
+  for attempt in 1 2 3; do
+    port="$(free_port)" || die "found no free port for redis-server"
+    # In a session of its own (when setsid exists), so that Ctrl-C in the
+    # terminal does not reach it: it is stopped after the instances.
+    $setsid redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+      --dir "$dir" --logfile "$dir/redis.log" --daemonize no \
+      </dev/null >/dev/null 2>&1 &
+    REDIS_PID=$!
+    for ((i = 0; i < 100; i++)); do
+      if redis_ping "redis://127.0.0.1:$port"; then
+        # shellcheck disable=SC2034  # read by the scripts that source this file
+        REDIS_URL_TO_USE="redis://127.0.0.1:$port"
+        info "private redis-server on 127.0.0.1:$port (pid $REDIS_PID, log $dir/redis.log)"
+        return 0
+      fi
+      kill -0 "$REDIS_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    stop_pids "$REDIS_PID"
+    REDIS_PID=""
+    warn "redis-server did not start on port $port (attempt $attempt):"
+    tail -n 5 "$dir/redis.log" >&2 2>/dev/null || true
+  done
+  die "could not start a private redis-server"
+}

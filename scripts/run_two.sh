@@ -96,72 +96,20 @@ done
 
 have cargo || die "cargo is not installed: install Rust from https://rustup.rs, then run this again"
 
-REDIS_URL_TO_USE=""
-NEED_PRIVATE_REDIS=0
 if [[ "$NO_REDIS" -eq 0 ]]; then
-  if [[ -n "${REDIS_URL:-}" ]]; then
-    if redis_ping "$REDIS_URL"; then
-      REDIS_URL_TO_USE="$REDIS_URL"
-    else
-      warn "REDIS_URL=$REDIS_URL does not answer PING; starting a private redis-server instead"
-      NEED_PRIVATE_REDIS=1
-    fi
-  else
-    NEED_PRIVATE_REDIS=1
-  fi
+  choose_redis
 fi
-
-if [[ "$NEED_PRIVATE_REDIS" -eq 1 ]] && ! have redis-server; then
-  if can_apt_install; then
-    step "redis-server is not installed; installing it: ${SUDO:+sudo }apt-get update && ${SUDO:+sudo }apt-get install -y redis-server"
-    apt_install redis-server
-    have redis-server || die "redis-server is still not on PATH after installing it"
-  else
-    cat >&2 <<'EOF'
-error: redis-server is not installed. Install it, then run this again:
-  Debian/Ubuntu:  sudo apt-get install redis-server
-  macOS:          brew install redis
-Or run Redis in Docker and point this script at it:
-  docker run --rm -p 6379:6379 redis:7
-  REDIS_URL=redis://127.0.0.1:6379 ./scripts/run_two.sh
-Or run the two instances without Redis (they will not see each other):
-  ./scripts/run_two.sh --no-redis
-EOF
-    exit 1
-  fi
-fi
+ensure_redis_server ./scripts/run_two.sh \
+  'Or run the two instances without Redis (they will not see each other):' \
+  '  ./scripts/run_two.sh --no-redis'
 
 # ------------------------------------------------- processes and cleanup
 
 TMP_DIR=""
 BUILD_PID=""
-REDIS_PID=""
 IDS=()
 PIDS=()     # the two instances
 LOG_PIDS=() # the two [a] / [b] prefixers
-
-# stop_pid PID...: SIGTERM, up to 10 s to exit, then SIGKILL; reaps them.
-stop_pids() {
-  local pid alive i
-  for pid in "$@"; do
-    kill -TERM "$pid" 2>/dev/null || true
-  done
-  for ((i = 0; i < 100; i++)); do
-    alive=0
-    for pid in "$@"; do
-      if kill -0 "$pid" 2>/dev/null; then alive=1; fi
-    done
-    ((alive)) || break
-    sleep 0.1
-  done
-  for pid in "$@"; do
-    if kill -0 "$pid" 2>/dev/null; then
-      warn "process $pid did not stop within 10 s; killing it"
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-  done
-}
 
 cleanup() {
   local rc=$?
@@ -207,45 +155,6 @@ BIN="$(release_binary)"
 
 TMP_DIR="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-chat-run.XXXXXX")"
 
-# prefix_lines PREFIX: copies stdin to stdout, PREFIX on each line.
-prefix_lines() {
-  local line
-  while IFS= read -r line || [[ -n "$line" ]]; do
-    printf '%s%s\n' "$1" "$line"
-  done
-}
-
-SETSID=""
-if have setsid; then SETSID=setsid; fi
-
-start_private_redis() {
-  local attempt port dir="$TMP_DIR/redis" i
-  mkdir -p "$dir"
-  for attempt in 1 2 3; do
-    port="$(free_port)" || die "found no free port for redis-server"
-    # In a session of its own (when setsid exists), so that Ctrl-C in the
-    # terminal does not reach it: it is stopped after the instances.
-    $SETSID redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
-      --dir "$dir" --logfile "$dir/redis.log" --daemonize no \
-      </dev/null >/dev/null 2>&1 &
-    REDIS_PID=$!
-    for ((i = 0; i < 100; i++)); do
-      if redis_ping "redis://127.0.0.1:$port"; then
-        REDIS_URL_TO_USE="redis://127.0.0.1:$port"
-        info "private redis-server on 127.0.0.1:$port (pid $REDIS_PID, log $dir/redis.log)"
-        return 0
-      fi
-      kill -0 "$REDIS_PID" 2>/dev/null || break
-      sleep 0.1
-    done
-    stop_pids "$REDIS_PID"
-    REDIS_PID=""
-    warn "redis-server did not start on port $port (attempt $attempt):"
-    tail -n 5 "$dir/redis.log" >&2 2>/dev/null || true
-  done
-  die "could not start a private redis-server"
-}
-
 # start_instance ID PORT: starts one instance; its output goes through a
 # FIFO to a prefixer, so that both PIDs are known and can be stopped.
 start_instance() {
@@ -270,7 +179,7 @@ start_instance() {
 
 if [[ "$NEED_PRIVATE_REDIS" -eq 1 ]]; then
   step "Starting a private redis-server"
-  start_private_redis
+  start_private_redis "$TMP_DIR/redis"
 elif [[ -n "$REDIS_URL_TO_USE" ]]; then
   step "Using REDIS_URL=$REDIS_URL_TO_USE (it answers PING)"
 fi

@@ -35,7 +35,11 @@ const ACCEPT_BACKLOG: i32 = 4096;
 /// Binds a listening socket with the given backlog (std offers no way to
 /// set it).
 fn listen(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
     socket.set_reuse_address(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
@@ -73,8 +77,12 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         )
     })?;
     let ws_port = config.ws_port()?;
-    let ws_listener = listen((config.host, ws_port).into(), ACCEPT_BACKLOG)
-        .map_err(|e| format!("cannot listen for WebSocket on {}:{ws_port}: {e}", config.host))?;
+    let ws_listener = listen((config.host, ws_port).into(), ACCEPT_BACKLOG).map_err(|e| {
+        format!(
+            "cannot listen for WebSocket on {}:{ws_port}: {e}",
+            config.host
+        )
+    })?;
     let http_addr = http_listener.local_addr().map_err(|e| e.to_string())?;
     let ws_addr = ws_listener.local_addr().map_err(|e| e.to_string())?;
 

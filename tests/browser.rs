@@ -1,15 +1,19 @@
 //! Verifies in a real headless Chromium that a message typed on the chat page of one instance
-//! appears on the page of another instance joined by Redis, and that message text is never run
-//! as HTML. tests/browser/chat.mjs drives the browser; this test starts Redis and the instances.
+//! appears on the page of another instance joined by Redis, that message text is never run as
+//! HTML, and that a tab whose instance is SIGKILLed reconnects through nginx to a survivor and
+//! shows what it missed. tests/browser/chat.mjs drives the browser; these tests start Redis,
+//! the instances and nginx.
 
 mod common;
 
+use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::nginx::Nginx;
 use common::{Instance, RedisServer, unique};
 
 /// How long the whole browser run may take before node is killed.
@@ -35,6 +39,19 @@ fn require_tooling(dir: &Path) {
     );
 }
 
+/// Fails (never skips) when nginx is not installed.
+fn require_nginx() {
+    assert!(
+        Path::new("/usr/sbin/nginx").exists(),
+        "/usr/sbin/nginx is missing: run ./scripts/test.sh (which installs it), or `apt-get install nginx`"
+    );
+}
+
+/// A room name unique to this run, in the characters a room may use.
+fn unique_room() -> String {
+    unique("room").replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-")
+}
+
 /// Reads a child's pipe to the end on a thread of its own.
 fn drain(pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
     thread::spawn(move || {
@@ -45,31 +62,13 @@ fn drain(pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
     })
 }
 
-#[test]
-fn a_message_typed_in_one_browser_tab_appears_in_a_tab_on_the_other_instance() {
-    let dir = browser_dir();
-    require_tooling(&dir);
-
-    let redis = RedisServer::start();
-    let prefix = unique("browser");
-    let a = Instance::redis("browser-a", &redis.url(), &prefix);
-    let b = Instance::redis("browser-b", &redis.url(), &prefix);
-    a.wait_ready();
-    b.wait_ready();
-
-    let room = unique("room").replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-");
-    let out = dir.join("artifacts");
+/// Runs tests/browser/chat.mjs with `args`, kills it after [`NODE_TIMEOUT`],
+/// prints its output, and panics with all of it unless it exits 0.
+fn run_chat_mjs(dir: &Path, args: &[OsString]) {
     let mut child = Command::new("node")
         .arg(dir.join("chat.mjs"))
-        .arg("--a")
-        .arg(format!("http://{}", a.http))
-        .arg("--b")
-        .arg(format!("http://{}", b.http))
-        .arg("--room")
-        .arg(&room)
-        .arg("--out")
-        .arg(&out)
-        .current_dir(&dir)
+        .args(args)
+        .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -103,4 +102,84 @@ fn a_message_typed_in_one_browser_tab_appears_in_a_tab_on_the_other_instance() {
             "tests/browser/chat.mjs was killed after {NODE_TIMEOUT:?}\n---- stdout ----\n{stdout}\n---- stderr ----\n{stderr}"
         ),
     }
+}
+
+#[test]
+fn a_message_typed_in_one_browser_tab_appears_in_a_tab_on_the_other_instance() {
+    let dir = browser_dir();
+    require_tooling(&dir);
+
+    let redis = RedisServer::start();
+    let prefix = unique("browser");
+    let a = Instance::redis("browser-a", &redis.url(), &prefix);
+    let b = Instance::redis("browser-b", &redis.url(), &prefix);
+    a.wait_ready();
+    b.wait_ready();
+
+    let out = dir.join("artifacts");
+    run_chat_mjs(
+        &dir,
+        &[
+            "--a".into(),
+            format!("http://{}", a.http).into(),
+            "--b".into(),
+            format!("http://{}", b.http).into(),
+            "--room".into(),
+            unique_room().into(),
+            "--out".into(),
+            out.into(),
+        ],
+    );
+}
+
+#[test]
+fn a_tab_whose_instance_is_killed_reconnects_through_nginx_and_shows_what_it_missed() {
+    let dir = browser_dir();
+    require_tooling(&dir);
+    require_nginx();
+
+    let redis = RedisServer::start();
+    let prefix = unique("browser-reconnect");
+    let start = |id: &str| {
+        Instance::start(
+            id,
+            &[
+                "--broker",
+                "redis",
+                "--redis-url",
+                &redis.url(),
+                "--redis-prefix",
+                &prefix,
+                "--public-ws-url",
+                "/ws",
+            ],
+        )
+    };
+    // One of them is SIGKILLed by chat.mjs; dropping it afterwards only reaps it.
+    let a = start("browser-a");
+    let b = start("browser-b");
+    a.wait_ready();
+    b.wait_ready();
+    let nginx = Nginx::start(&[&a, &b]);
+
+    let out = dir.join("artifacts");
+    run_chat_mjs(
+        &dir,
+        &[
+            "--scenario".into(),
+            "reconnect".into(),
+            "--proxy".into(),
+            format!("http://{}", nginx.addr).into(),
+            "--a".into(),
+            format!("http://{}", a.http).into(),
+            "--b".into(),
+            format!("http://{}", b.http).into(),
+            "--pids".into(),
+            format!("{}={},{}={}", a.id, a.pid(), b.id, b.pid()).into(),
+            "--room".into(),
+            unique_room().into(),
+            "--out".into(),
+            out.into(),
+        ],
+    );
 }

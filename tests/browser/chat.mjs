@@ -1,15 +1,31 @@
-// Real-browser end-to-end check of the chat page across two instances.
+// Real-browser end-to-end checks of the chat page across two instances.
 //
 //   node tests/browser/chat.mjs --a http://127.0.0.1:PORT_A --b http://127.0.0.1:PORT_B \
 //        --room ROOM --out DIR
 //
-// Opens one headless Chromium (Debian's /usr/bin/chromium, driven by
-// playwright-core: nothing downloads a browser) with two pages: alice on
-// instance A and bob on instance B, in the same room. Checks that a message
-// typed on one instance shows up on the other, that message text is never
-// interpreted as HTML, and saves screenshots to DIR. Every wait has an
-// explicit timeout; prints one "ok" line per check and exits 0, or prints
-// what failed plus both pages' console logs and exits 1.
+// (scenario "basic", the default) Opens one headless Chromium (Debian's
+// /usr/bin/chromium, driven by playwright-core: nothing downloads a
+// browser) with two pages: alice on instance A and bob on instance B, in
+// the same room. Checks that a message typed on one instance shows up on
+// the other, that message text is never interpreted as HTML, and saves
+// screenshots to DIR.
+//
+//   node tests/browser/chat.mjs --scenario reconnect --proxy http://127.0.0.1:NGINX \
+//        --a http://127.0.0.1:PORT_A --b http://127.0.0.1:PORT_B \
+//        --pids ID_A=PID_A,ID_B=PID_B --room ROOM --out DIR
+//
+// (scenario "reconnect") Both instances run with --public-ws-url /ws behind
+// the nginx at --proxy. alice and bob both open the page through nginx and
+// end up on different instances; alice's instance is SIGKILLed (its PID
+// from --pids), bob sends three messages while alice is cut off (her
+// config.json fetches, which precede each connection attempt, are held
+// until bob's messages are accepted), and alice's tab must reconnect by
+// itself (no reload) through nginx to the survivor and show each missed
+// message exactly once. Saves DIR/reconnect-alice-away.png and
+// DIR/reconnect-alice.png.
+//
+// Every wait has an explicit timeout; prints one "ok" line per check and
+// exits 0, or prints what failed plus both pages' console logs and exits 1.
 
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
@@ -18,6 +34,8 @@ import { chromium } from 'playwright-core';
 
 const CHROMIUM = '/usr/bin/chromium';
 const WAIT_MS = 15_000; // any single wait
+const RECONNECT_MS = 20_000; // a tab's reconnection to a survivor, and what it missed
+const MAX_PLACEMENT_TRIES = 6; // page loads through nginx to land bob on the other instance
 const SETTLE_MS = 750; // time given to a duplicate or an injected handler to show up
 const OVERALL_MS = 80_000; // the whole run; the Rust side kills us at 90 s
 const DESKTOP = { width: 1000, height: 700 };
@@ -36,8 +54,20 @@ function ok(message) {
 
 function usage(problem) {
   console.error(`chat.mjs: ${problem}`);
-  console.error('usage: node chat.mjs --a <http url of instance A> --b <http url of instance B> --room <room> --out <dir>');
+  console.error('usage: node chat.mjs [--scenario basic] --a <http url of instance A> --b <http url of instance B> --room <room> --out <dir>');
+  console.error('       node chat.mjs --scenario reconnect --proxy <http url of nginx> --a <url> --b <url> --pids <id>=<pid>,<id>=<pid> --room <room> --out <dir>');
   process.exit(2);
+}
+
+/** "browser-a=123,browser-b=456" -> Map { 'browser-a' => 123, 'browser-b' => 456 } */
+function parsePids(text) {
+  const pids = new Map();
+  for (const part of text.split(',')) {
+    const m = /^([^=]+)=(\d+)$/.exec(part.trim());
+    if (!m) usage(`bad --pids entry ${JSON.stringify(part)}: want <instance id>=<pid>`);
+    pids.set(m[1], Number(m[2]));
+  }
+  return pids;
 }
 
 function parseCli() {
@@ -45,6 +75,9 @@ function parseCli() {
   try {
     ({ values } = parseArgs({
       options: {
+        scenario: { type: 'string', default: 'basic' },
+        proxy: { type: 'string' },
+        pids: { type: 'string' },
         a: { type: 'string' },
         b: { type: 'string' },
         room: { type: 'string' },
@@ -56,10 +89,16 @@ function parseCli() {
   } catch (e) {
     usage(e.message);
   }
-  for (const key of ['a', 'b', 'room', 'out']) {
+  if (!['basic', 'reconnect'].includes(values.scenario)) usage(`unknown --scenario ${values.scenario}`);
+  const required = ['a', 'b', 'room', 'out'];
+  if (values.scenario === 'reconnect') required.push('proxy', 'pids');
+  for (const key of required) {
     if (!values[key]) usage(`missing --${key}`);
   }
   return {
+    scenario: values.scenario,
+    proxy: values.proxy ? values.proxy.replace(/\/+$/, '') : null,
+    pids: values.pids ? parsePids(values.pids) : null,
     a: values.a.replace(/\/+$/, ''),
     b: values.b.replace(/\/+$/, ''),
     room: values.room,
@@ -185,11 +224,7 @@ async function waitConnected(page, label, expectedId) {
   ok(`${label} connected, instance label shows ${expectedId}`);
 }
 
-async function main(opts, logs, state) {
-  const [idA, idB] = await Promise.all([instanceId(opts.a), instanceId(opts.b)]);
-  if (idA === idB) fail(`both instances report the same id ${JSON.stringify(idA)}: need two different instances`);
-  await mkdir(opts.out, { recursive: true });
-
+async function launch(state) {
   state.browser = await waitFor(
     `Chromium at ${CHROMIUM} to launch`,
     chromium.launch({
@@ -208,6 +243,13 @@ async function main(opts, logs, state) {
     }),
   );
   ok(`launched Chromium ${state.browser.version()}`);
+}
+
+async function mainBasic(opts, logs, state) {
+  const [idA, idB] = await Promise.all([instanceId(opts.a), instanceId(opts.b)]);
+  if (idA === idB) fail(`both instances report the same id ${JSON.stringify(idA)}: need two different instances`);
+  await mkdir(opts.out, { recursive: true });
+  await launch(state);
 
   const pageA = await openAndJoin(state.browser, opts.a, 'alice', opts.room, 'page A', logs);
   const pageB = await openAndJoin(state.browser, opts.b, 'bob', opts.room, 'page B', logs);
@@ -296,6 +338,229 @@ async function main(opts, logs, state) {
   ok(`screenshots saved: ${shotA}, ${shotB}, ${shotPhone}`);
 }
 
+// ------------------------------------------------------------ reconnect
+
+/**
+ * Waits until the page is connected and has its welcome frame, and returns
+ * the instance the welcome named (the label, which config.json may have set
+ * to another instance before the socket opened, must agree by then).
+ */
+async function waitWelcomed(page, label, timeout = WAIT_MS) {
+  await waitFor(
+    `${label} status data-state=connected`,
+    page.locator('[data-testid="status"][data-state="connected"]').waitFor({ state: 'visible', timeout }),
+  );
+  await waitFor(
+    `${label} to receive the welcome frame`,
+    page.waitForFunction(() => window.chatDebug && window.chatDebug.client && window.chatDebug.instance, null, {
+      timeout,
+      polling: 50,
+    }),
+  );
+  const seen = await page.evaluate(() => ({
+    debug: window.chatDebug.instance,
+    shown: document.querySelector('[data-testid="instance"]').textContent.trim(),
+    attr: document.querySelector('[data-testid="instance"]').getAttribute('data-instance'),
+  }));
+  if (seen.shown !== seen.debug || seen.attr !== seen.debug) {
+    fail(`${label}: instance label shows ${JSON.stringify(seen.shown)} (data-instance ${JSON.stringify(seen.attr)}) but the welcome came from ${JSON.stringify(seen.debug)}`);
+  }
+  return seen.debug;
+}
+
+/** Types `text` into the page's composer and presses Enter. */
+async function typeAndSend(page, text) {
+  const input = page.getByTestId('message-input');
+  await input.fill(text, { timeout: WAIT_MS });
+  await input.press('Enter', { timeout: WAIT_MS });
+}
+
+/** Fails unless `text` is in the page's list exactly once, as a delivered message. */
+async function expectOnce(page, label, text) {
+  const items = await itemsWithText(page, text);
+  if (items.length !== 1 || items[0] !== 'message') {
+    fail(`${label} shows ${JSON.stringify(text)} as ${JSON.stringify(items)}, expected exactly one delivered message`);
+  }
+  const received = await page.evaluate((t) => window.chatDebug.received.filter((m) => m.text === t).length, text);
+  if (received !== 1) fail(`${label}: chatDebug.received holds ${JSON.stringify(text)} ${received} times, expected once`);
+}
+
+async function mainReconnect(opts, logs, state) {
+  const [idA, idB] = await Promise.all([instanceId(opts.a), instanceId(opts.b)]);
+  if (idA === idB) fail(`both instances report the same id ${JSON.stringify(idA)}: need two different instances`);
+  for (const id of [idA, idB]) {
+    if (!opts.pids.has(id)) fail(`--pids has no PID for instance ${JSON.stringify(id)}: ${JSON.stringify([...opts.pids])}`);
+  }
+  const proxyCfg = await fetch(`${opts.proxy}/config.json`, { signal: AbortSignal.timeout(WAIT_MS) })
+    .then((r) => r.json())
+    .catch((e) => fail(`GET ${opts.proxy}/config.json failed: ${e.message}`));
+  if (proxyCfg.ws_url !== '/ws') {
+    fail(`${opts.proxy}/config.json has ws_url ${JSON.stringify(proxyCfg.ws_url)}: the instances must run with --public-ws-url /ws`);
+  }
+  await mkdir(opts.out, { recursive: true });
+  await launch(state);
+
+  // 1. alice, through nginx.
+  const alice = await openAndJoin(state.browser, opts.proxy, 'alice', opts.room, 'alice', logs);
+  const aliceOn = await waitWelcomed(alice, 'alice');
+  if (aliceOn !== idA && aliceOn !== idB) fail(`alice is on ${JSON.stringify(aliceOn)}, neither ${idA} nor ${idB}`);
+  const survivor = aliceOn === idA ? idB : idA;
+  // Gone after a reload: proves the tab reconnected by itself.
+  await alice.evaluate(() => {
+    window.__noReload = 1;
+  });
+  ok(`alice connected through nginx, on instance ${aliceOn}`);
+
+  // 2. bob on the other instance. With --public-ws-url /ws the page opens
+  // its WebSocket on its own host, so an instance's own URL cannot serve a
+  // chat tab: bob comes through nginx too, reloaded until nginx's round
+  // robin puts him on the other instance.
+  let bob = null;
+  for (let attempt = 1; attempt <= MAX_PLACEMENT_TRIES && !bob; attempt++) {
+    const page = await openAndJoin(state.browser, opts.proxy, 'bob', opts.room, `bob#${attempt}`, logs);
+    const on = await waitWelcomed(page, `bob#${attempt}`);
+    if (on === survivor) {
+      bob = page;
+    } else {
+      console.log(`# bob#${attempt} landed on alice's instance ${on}; opening another tab`);
+      await page.context().close();
+    }
+  }
+  if (!bob) fail(`bob landed on alice's instance ${aliceOn} ${MAX_PLACEMENT_TRIES} times in a row through nginx`);
+  ok(`bob connected through nginx, on the other instance ${survivor}`);
+
+  // 3. A message before the crash.
+  const before = 'before the crash';
+  await typeAndSend(bob, before);
+  await waitForMessage(bob, 'bob', { text: before, from: 'bob' });
+  await waitForMessage(alice, 'alice', { text: before, from: 'bob' });
+  await alice.waitForTimeout(SETTLE_MS);
+  await expectOnce(alice, 'alice', before);
+  ok(`alice sees bob's ${JSON.stringify(before)} once`);
+
+  // Every value alice's status takes from now on (attribute records carry
+  // the old value; the current one is read at the end).
+  await alice.evaluate(() => {
+    window.__states = [];
+    const status = document.querySelector('[data-testid="status"]');
+    new MutationObserver((records) => {
+      for (const r of records) window.__states.push(r.oldValue);
+    }).observe(status, { attributes: true, attributeFilter: ['data-state'], attributeOldValue: true });
+  });
+
+  // alice's page fetches config.json before each connection attempt: hold
+  // those fetches (then pass them on to nginx untouched) until bob's
+  // messages are accepted, so that alice has really missed them and gets
+  // them from the history, with since, not live.
+  let openGate;
+  const gate = new Promise((resolve) => {
+    openGate = resolve;
+  });
+  await alice.route('**/config.json', async (route) => {
+    await gate;
+    await route.continue().catch(() => {});
+  });
+
+  // 4. Kill alice's instance, no goodbye.
+  const victimPid = opts.pids.get(aliceOn);
+  try {
+    process.kill(victimPid, 'SIGKILL');
+  } catch (e) {
+    fail(`cannot SIGKILL instance ${aliceOn} (pid ${victimPid}): ${e.message}`);
+  }
+  const killedAt = Date.now();
+  ok(`SIGKILLed instance ${aliceOn} (pid ${victimPid})`);
+  await waitFor(
+    'alice to show data-state=reconnecting',
+    alice.locator('[data-testid="status"][data-state="reconnecting"]').waitFor({ state: 'attached', timeout: RECONNECT_MS }),
+  );
+  ok(`alice shows "reconnecting" ${Date.now() - killedAt} ms after the kill`);
+
+  // 5. bob talks meanwhile; his instance is alive.
+  const away = [1, 2, 3].map((n) => `while you were away ${n}`);
+  try {
+    for (const text of away) {
+      await typeAndSend(bob, text);
+      await waitForMessage(bob, 'bob', { text, from: 'bob' });
+    }
+    const stillAway = await alice.evaluate(() => ({
+      state: document.querySelector('[data-testid="status"]').getAttribute('data-state'),
+      shown: [...document.querySelectorAll('[data-testid="message-text"]')].filter((el) => el.textContent.startsWith('while you were away')).length,
+    }));
+    if (stillAway.state === 'connected' || stillAway.shown !== 0) {
+      fail(`alice was not cut off while bob sent: ${JSON.stringify(stillAway)}`);
+    }
+    ok(`bob sent ${away.length} messages while alice was cut off (alice: ${stillAway.state}, none of them shown)`);
+    await alice.screenshot({ path: path.join(opts.out, 'reconnect-alice-away.png'), timeout: WAIT_MS });
+  } finally {
+    openGate();
+  }
+  const gateOpenedAt = Date.now();
+
+  // 6. alice is back, on the survivor, with everything, each once, no reload.
+  await waitFor(
+    `alice to reconnect to ${survivor} within ${RECONNECT_MS / 1000} s`,
+    alice.waitForFunction(
+      (id) =>
+        document.querySelector('[data-testid="status"]').getAttribute('data-state') === 'connected' &&
+        window.chatDebug.instance === id &&
+        document.querySelector('[data-testid="instance"]').textContent.trim() === id,
+      survivor,
+      { timeout: Math.max(1, RECONNECT_MS - (Date.now() - gateOpenedAt)), polling: 50 },
+    ),
+  );
+  const reconnectedMs = Date.now() - gateOpenedAt;
+  await waitWelcomed(alice, 'alice (reconnected)');
+  const states = (
+    await alice.evaluate(() => [...window.__states, document.querySelector('[data-testid="status"]').getAttribute('data-state')])
+  ).filter((st, i, all) => i === 0 || st !== all[i - 1]);
+  if (!states.includes('reconnecting')) fail(`alice never showed "reconnecting"; its states: ${JSON.stringify(states)}`);
+  ok(`alice reconnected through nginx to ${survivor}, ${reconnectedMs} ms after its config.json fetches were let through (states ${JSON.stringify(states)})`);
+  for (const text of away) {
+    await waitFor(
+      `alice to show ${JSON.stringify(text)}`,
+      alice.waitForFunction(
+        (t) =>
+          [...document.querySelectorAll('[data-testid="messages"] [data-testid="message"] [data-testid="message-text"]')].some(
+            (el) => el.textContent === t,
+          ),
+        text,
+        { timeout: Math.max(1, RECONNECT_MS - (Date.now() - gateOpenedAt)), polling: 50 },
+      ),
+    );
+  }
+  await alice.waitForTimeout(SETTLE_MS);
+  for (const text of [before, ...away]) await expectOnce(alice, 'alice', text);
+  const order = await alice.evaluate((texts) => {
+    const shown = [...document.querySelectorAll('[data-testid="messages"] [data-testid="message"] [data-testid="message-text"]')].map(
+      (el) => el.textContent,
+    );
+    return shown.filter((t) => texts.includes(t));
+  }, [before, ...away]);
+  if (JSON.stringify(order) !== JSON.stringify([before, ...away])) fail(`alice shows them out of order: ${JSON.stringify(order)}`);
+  const noReload = await alice.evaluate(() => window.__noReload);
+  if (noReload !== 1) fail(`alice's window.__noReload is ${JSON.stringify(noReload)}: the page was reloaded`);
+  ok(`alice shows ${JSON.stringify(before)} and the ${away.length} missed messages, each exactly once and in order, without a reload`);
+
+  // alice talks again, through the survivor.
+  const back = "I'm back";
+  await typeAndSend(alice, back);
+  const onBob = await waitForMessage(bob, 'bob', { text: back });
+  if (onBob.from !== 'alice' || onBob.instance !== survivor) {
+    fail(`bob shows ${JSON.stringify(back)} with data-from=${onBob.from} data-instance=${onBob.instance}, expected alice / ${survivor}`);
+  }
+  await waitForMessage(alice, 'alice', { text: back, from: 'alice' });
+  await bob.waitForTimeout(SETTLE_MS);
+  await expectOnce(bob, 'bob', back);
+  await expectOnce(alice, 'alice', back);
+  ok(`alice's ${JSON.stringify(back)} reaches bob once, through ${survivor}`);
+
+  // 7. The evidence.
+  const shot = path.join(opts.out, 'reconnect-alice.png');
+  await alice.screenshot({ path: shot, timeout: WAIT_MS });
+  ok(`screenshots saved: ${path.join(opts.out, 'reconnect-alice-away.png')}, ${shot}`);
+}
+
 const opts = parseCli();
 const logs = [];
 const state = { browser: null };
@@ -308,7 +573,7 @@ const watchdog = setTimeout(() => {
 watchdog.unref();
 
 try {
-  await main(opts, logs, state);
+  await (opts.scenario === 'reconnect' ? mainReconnect : mainBasic)(opts, logs, state);
   console.log('all browser checks passed');
 } catch (e) {
   exitCode = 1;

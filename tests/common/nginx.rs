@@ -87,9 +87,7 @@ impl Nginx {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect(
-                "nginx is not installed: run ./scripts/test.sh, or apt-get install nginx-light",
-            );
+            .expect("nginx is not installed: run ./scripts/test.sh, or apt-get install nginx");
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let nginx = Nginx {
             addr,
@@ -111,6 +109,15 @@ impl Nginx {
 impl Drop for Nginx {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // SIGTERM, not SIGKILL: the master stops its workers first, and
+            // a killed master would leave them listening.
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -1,0 +1,444 @@
+#!/usr/bin/env bash
+# Runs the failover demo: N instances of pubsub-chat (a, b, c, ...) joined
+# by Redis, behind one nginx that proxies the page and the WebSocket, each
+# instance logging to this terminal with an [a] / [b] / ... prefix. Ctrl-C
+# stops everything it started. See --help.
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+  cat <<'EOF'
+Usage: ./scripts/run_cluster.sh [-n N] [--port P] [--base-port B]
+
+Builds pubsub-chat (cargo build --release), runs N instances of it (a, b,
+c, ...) joined by Redis, and nginx in front of them on one address,
+http://127.0.0.1:P/, that proxies the page to the instances' HTTP ports and
+/ws to their WebSocket ports. Kill an instance and the tabs on it reconnect
+through nginx to a survivor. Ctrl-C stops everything.
+
+Options:
+  -n N            how many instances, 1..26 (default 3; also INSTANCES=N)
+  --port P        nginx's port, the one URL to open (default 8080;
+                  also PROXY_PORT=P)
+  --base-port B   HTTP port of instance a; b gets B+1, ... (default 5100;
+                  also BASE_PORT=B). WebSocket ports are these + 10000.
+  -h, --help      Show this help.
+
+Redis: as ./scripts/run_two.sh: if REDIS_URL is set and answers PING, it is
+used; otherwise a private redis-server on a free loopback port, stopped on
+exit (installed with apt-get when missing and running as root or with
+password-less sudo; otherwise the script says how).
+
+nginx: the system's (/usr/sbin/nginx), run as a foreground process of this
+script with its configuration, logs and temporary files in a temporary
+directory; installed with apt-get (package nginx) when missing and allowed.
+EOF
+}
+
+N="${INSTANCES:-3}"
+PROXY_PORT="${PROXY_PORT:-8080}"
+BASE_PORT="${BASE_PORT:-5100}"
+
+need_value() {
+  [[ $# -ge 2 ]] || die "$1 needs a value (see --help)"
+}
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -n | --instances)
+      need_value "$@"
+      N="$2"
+      shift
+      ;;
+    -n?*) N="${1#-n}" ;;
+    --instances=*) N="${1#--instances=}" ;;
+    --port)
+      need_value "$@"
+      PROXY_PORT="$2"
+      shift
+      ;;
+    --port=*) PROXY_PORT="${1#--port=}" ;;
+    --base-port)
+      need_value "$@"
+      BASE_PORT="$2"
+      shift
+      ;;
+    --base-port=*) BASE_PORT="${1#--base-port=}" ;;
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    *)
+      usage >&2
+      printf '\nerror: unknown argument: %s\n' "$1" >&2
+      exit 2
+      ;;
+  esac
+  shift
+done
+
+if ! [[ "$N" =~ ^[0-9]{1,2}$ ]] || ((10#$N < 1 || 10#$N > 26)); then
+  die "bad number of instances '$N': use 1..26 (they are named a..z)"
+fi
+N=$((10#$N))
+if ! [[ "$PROXY_PORT" =~ ^[0-9]{1,5}$ ]] || ((10#$PROXY_PORT < 1 || 10#$PROXY_PORT > 65535)); then
+  die "bad --port '$PROXY_PORT': use 1..65535"
+fi
+PROXY_PORT=$((10#$PROXY_PORT))
+if ! [[ "$BASE_PORT" =~ ^[0-9]{1,5}$ ]] || ((10#$BASE_PORT < 1 || 10#$BASE_PORT + N - 1 > 55535)); then
+  die "bad --base-port '$BASE_PORT': the instances use it .. it+$((N - 1)), and each WebSocket port is that + 10000 (at most 65535)"
+fi
+BASE_PORT=$((10#$BASE_PORT))
+if ((PROXY_PORT < 1024)) && [[ "$(id -u)" -ne 0 ]]; then
+  die "port $PROXY_PORT needs root; pick one above 1023, e.g. --port 8080"
+fi
+
+IDS=()        # a, b, c, ...
+HTTP_PORTS=() # 5100, 5101, ...
+WS_PORTS=()   # 15100, 15101, ...
+letters=abcdefghijklmnopqrstuvwxyz
+for ((i = 0; i < N; i++)); do
+  IDS+=("${letters:i:1}")
+  HTTP_PORTS+=($((BASE_PORT + i)))
+  WS_PORTS+=($((BASE_PORT + i + 10000)))
+done
+for ((i = 0; i < N; i++)); do
+  if ((HTTP_PORTS[i] == PROXY_PORT || WS_PORTS[i] == PROXY_PORT)); then
+    die "nginx's port $PROXY_PORT is also instance ${IDS[i]}'s port; pick another --port or --base-port"
+  fi
+  for ((j = 0; j < N; j++)); do
+    ((WS_PORTS[i] != HTTP_PORTS[j])) ||
+      die "instance ${IDS[i]}'s WebSocket port ${WS_PORTS[i]} is instance ${IDS[j]}'s HTTP port; pick another --base-port"
+  done
+done
+
+cd "$REPO_ROOT"
+
+# ----------------------------------------------------------- fail early
+
+specs=("$PROXY_PORT:nginx, the address to open")
+for ((i = 0; i < N; i++)); do
+  specs+=("${HTTP_PORTS[i]}:page of instance ${IDS[i]}" "${WS_PORTS[i]}:WebSocket of instance ${IDS[i]}")
+done
+for spec in "${specs[@]}"; do
+  port="${spec%%:*}"
+  if port_in_use "$port"; then
+    cat >&2 <<EOF
+error: port $port ($(printf '%s' "${spec#*:}")) is already in use on 127.0.0.1.
+Choose other ports, e.g.:
+  ./scripts/run_cluster.sh --port 8081 --base-port 5200
+      (or PROXY_PORT=8081 BASE_PORT=5200 ./scripts/run_cluster.sh)
+Each instance also uses its port + 10000 for WebSocket.
+To see what holds port $port:  ss -ltnp 'sport = :$port'
+EOF
+    exit 1
+  fi
+done
+
+have cargo || die "cargo is not installed: install Rust from https://rustup.rs, then run this again"
+
+NGINX=""
+find_nginx() {
+  if [[ -x /usr/sbin/nginx ]]; then
+    NGINX=/usr/sbin/nginx
+  elif have nginx; then
+    NGINX="$(command -v nginx)"
+  else
+    return 1
+  fi
+}
+if ! find_nginx; then
+  if can_apt_install; then
+    step "nginx is not installed; installing it: ${SUDO:+sudo }apt-get update && ${SUDO:+sudo }apt-get install -y nginx"
+    apt_install nginx
+    find_nginx || die "nginx is still missing after installing it (looked for /usr/sbin/nginx and nginx on PATH)"
+    # The package starts a system nginx on port 80; this script does not use it.
+  else
+    cat >&2 <<'EOF'
+error: nginx is not installed. Install it, then run this again:
+  Debian/Ubuntu:  sudo apt-get update && sudo apt-get install -y nginx
+  macOS:          brew install nginx
+EOF
+    exit 1
+  fi
+fi
+
+choose_redis
+ensure_redis_server ./scripts/run_cluster.sh
+
+# ------------------------------------------------- processes and cleanup
+
+TMP_DIR=""
+BUILD_PID=""
+NGINX_PID=""
+PIDS=()     # the instances, in the order of IDS
+GONE=()     # GONE[i]=1 once instance i has exited and been reaped
+LOG_PIDS=() # their [a] / [b] / ... prefixers
+
+cleanup() {
+  local rc=$?
+  # Finish the cleanup whatever happens: no more signals, no set -e (a
+  # printf to a closed terminal must not stop it halfway).
+  trap '' INT TERM HUP PIPE
+  set +e
+  if [[ -n "$BUILD_PID" ]]; then
+    # cargo's rustc children too, so that no compiler outlives us.
+    if have pkill; then pkill -TERM -P "$BUILD_PID" 2>/dev/null || true; fi
+    stop_pids "$BUILD_PID"
+  fi
+  local running=()
+  if [[ -n "$NGINX_PID" ]]; then running+=("$NGINX_PID"); fi
+  for i in "${!PIDS[@]}"; do
+    # Not the reaped ones: their PIDs may belong to someone else by now.
+    if [[ -z "${GONE[i]:-}" ]]; then running+=("${PIDS[i]}"); fi
+  done
+  if ((${#running[@]})); then
+    printf '\nStopping nginx and instances %s...\n' "${IDS[*]}"
+    # nginx stops its workers itself on SIGTERM, before it exits.
+    stop_pids "${running[@]}"
+  fi
+  # The prefixers end by themselves once their instance is gone.
+  if ((${#LOG_PIDS[@]})); then stop_pids "${LOG_PIDS[@]}"; fi
+  if [[ -n "$REDIS_PID" ]]; then
+    printf 'Stopping the private redis-server (pid %s)...\n' "$REDIS_PID"
+    stop_pids "$REDIS_PID"
+  fi
+  if [[ -n "$TMP_DIR" ]]; then rm -rf "$TMP_DIR"; fi
+  if ((${#running[@]})); then printf 'Stopped.\n'; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 0' INT TERM
+trap 'exit 1' HUP PIPE
+
+# ------------------------------------------------------------------ build
+
+step "Building (cargo build --release; the first build takes a minute or two)"
+# In the background, so that Ctrl-C or SIGTERM stops it at once.
+cargo build --release --quiet &
+BUILD_PID=$!
+rc=0
+wait "$BUILD_PID" || rc=$?
+BUILD_PID=""
+((rc == 0)) || die "cargo build --release failed (status $rc)"
+BIN="$(release_binary)"
+[[ -x "$BIN" ]] || die "build finished but $BIN is missing"
+
+TMP_DIR="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-chat-cluster.XXXXXX")"
+
+if [[ "$NEED_PRIVATE_REDIS" -eq 1 ]]; then
+  step "Starting a private redis-server"
+  start_private_redis "$TMP_DIR/redis"
+elif [[ -n "$REDIS_URL_TO_USE" ]]; then
+  step "Using REDIS_URL=$REDIS_URL_TO_USE (it answers PING)"
+fi
+
+# start_instance INDEX: starts instance IDS[INDEX]; its output goes through
+# a FIFO to a prefixer, so that both PIDs are known and can be stopped.
+start_instance() {
+  local id="${IDS[$1]}" fifo="$TMP_DIR/${IDS[$1]}.out"
+  mkfifo "$fifo"
+  # It ignores Ctrl-C, so that it prints its instance's last lines; it ends
+  # when the instance closes the FIFO.
+  (
+    trap '' INT
+    prefix_lines "[$id] "
+  ) <"$fifo" &
+  LOG_PIDS+=("$!")
+  # --public-ws-url /ws: the page opens its WebSocket on its own host
+  # (nginx), never on an instance's port.
+  "$BIN" --host 127.0.0.1 --port "${HTTP_PORTS[$1]}" --ws-port "${WS_PORTS[$1]}" \
+    --instance-id "$id" --broker redis --redis-url "$REDIS_URL_TO_USE" \
+    --public-ws-url /ws </dev/null >"$fifo" 2>&1 &
+  PIDS+=("$!")
+}
+
+step "Starting instances ${IDS[*]} (HTTP ports ${HTTP_PORTS[*]})"
+for ((i = 0; i < N; i++)); do
+  start_instance "$i"
+done
+
+# ------------------------------------------------------------------ nginx
+
+NGINX_DIR="$TMP_DIR/nginx"
+mkdir -p "$NGINX_DIR"
+# As root, nginx's workers run as an unprivileged user: let them reach
+# their temporary directories (mktemp made $TMP_DIR private).
+chmod 755 "$TMP_DIR" "$NGINX_DIR"
+
+# nginx_config: the same shape as tests/common/nginx.rs writes. Both
+# upstreams list every instance; a refused connection (a killed instance)
+# sends the request to the next one and takes the instance out for 10 s.
+nginx_config() {
+  local d="$NGINX_DIR" i
+  cat <<EOF
+daemon off;
+worker_processes 1;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $d/body;
+    proxy_temp_path $d/proxy;
+    fastcgi_temp_path $d/fastcgi;
+    uwsgi_temp_path $d/uwsgi;
+    scgi_temp_path $d/scgi;
+    map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
+    upstream chat_http {
+EOF
+  for ((i = 0; i < N; i++)); do
+    printf '        server 127.0.0.1:%s max_fails=1 fail_timeout=10s;\n' "${HTTP_PORTS[i]}"
+  done
+  printf '    }\n    upstream chat_ws {\n'
+  for ((i = 0; i < N; i++)); do
+    printf '        server 127.0.0.1:%s max_fails=1 fail_timeout=10s;\n' "${WS_PORTS[i]}"
+  done
+  cat <<EOF
+    }
+    server {
+        listen 127.0.0.1:$PROXY_PORT;
+        proxy_connect_timeout 1s;
+        proxy_next_upstream error timeout http_502 http_503;
+        location /ws {
+            proxy_pass http://chat_ws;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection \$connection_upgrade;
+            # With the port: the instances compare it with the page's Origin.
+            proxy_set_header Host \$http_host;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }
+        location / {
+            proxy_pass http://chat_http;
+        }
+    }
+}
+EOF
+}
+nginx_config >"$NGINX_DIR/nginx.conf"
+
+# -e (nginx 1.19.5+) keeps a non-root nginx from complaining that it cannot
+# open the system's error log before it reads this configuration.
+NGINX_ARGS=(-c "$NGINX_DIR/nginx.conf" -p "$NGINX_DIR/")
+if "$NGINX" -h 2>&1 | grep -q -- '-e filename'; then
+  NGINX_ARGS+=(-e "$NGINX_DIR/error.log")
+fi
+
+# nginx_failed WHY: prints nginx's own words, then stops everything.
+nginx_failed() {
+  warn "$1"
+  for f in "$NGINX_DIR/stderr.log" "$NGINX_DIR/error.log"; do
+    if [[ -s "$f" ]]; then
+      printf -- '--- %s ---\n' "${f##*/}" >&2
+      tail -n 20 "$f" >&2
+    fi
+  done
+  printf 'configuration: %s (removed on exit)\n' "$NGINX_DIR/nginx.conf" >&2
+  exit 1
+}
+
+step "Starting nginx on 127.0.0.1:$PROXY_PORT ($NGINX)"
+if ! "$NGINX" -t -q "${NGINX_ARGS[@]}" >"$NGINX_DIR/stderr.log" 2>&1; then
+  nginx_failed "nginx rejects its configuration"
+fi
+"$NGINX" "${NGINX_ARGS[@]}" </dev/null >"$NGINX_DIR/stderr.log" 2>&1 &
+NGINX_PID=$!
+
+# ----------------------------------------------------------- wait ready
+
+deadline=$((SECONDS + 30))
+for ((i = 0; i < N; i++)); do
+  until [[ "$(http_status "${HTTP_PORTS[i]}" /readyz)" == 200 ]]; do
+    if ! kill -0 "${PIDS[i]}" 2>/dev/null; then
+      rc=0
+      wait "${PIDS[i]}" || rc=$?
+      die "instance ${IDS[i]} exited (status $rc) before it was ready; see its [${IDS[i]}] lines above"
+    fi
+    ((SECONDS < deadline)) ||
+      die "instance ${IDS[i]} is not ready after 30 s (GET http://127.0.0.1:${HTTP_PORTS[i]}/readyz is not 200)"
+    sleep 0.2
+  done
+done
+until [[ "$(http_status "$PROXY_PORT" /readyz)" == 200 ]]; do
+  if ! kill -0 "$NGINX_PID" 2>/dev/null; then
+    rc=0
+    wait "$NGINX_PID" || rc=$?
+    NGINX_PID=""
+    nginx_failed "nginx exited (status $rc) before it answered"
+  fi
+  ((SECONDS < deadline)) ||
+    nginx_failed "nginx does not answer after 30 s (GET http://127.0.0.1:$PROXY_PORT/readyz is not 200)"
+  sleep 0.2
+done
+
+# ---------------------------------------------------------------- banner
+
+URL="http://127.0.0.1:$PROXY_PORT/?name=alice&room=lobby"
+RULE="================================================================================"
+{
+  printf '\n%s\n' "$RULE"
+  printf '  pubsub-chat is running: %d instances joined by Redis, behind nginx\n\n' "$N"
+  printf '  Open this URL (in several tabs; change name= in each):\n'
+  printf '    %s\n\n' "$URL"
+  printf '  Instances (nginx sends each new connection to the next one):\n'
+  for ((i = 0; i < N; i++)); do
+    printf '    %s  pid %-8s http 127.0.0.1:%s  ws 127.0.0.1:%s\n' \
+      "${IDS[i]}" "${PIDS[i]}" "${HTTP_PORTS[i]}" "${WS_PORTS[i]}"
+  done
+  printf '  nginx:  pid %s, configuration %s\n' "$NGINX_PID" "$NGINX_DIR/nginx.conf"
+  printf '  Redis:  %s\n\n' "$REDIS_URL_TO_USE"
+  printf '  Failover demo: open two tabs on the URL (each shows "you are on\n'
+  # shellcheck disable=SC2016  # backquotes to show a command, not to run one
+  printf '  instance ..."), then `kill -9 <pid of the instance shown in a tab>`:\n'
+  printf '  the tab reconnects through nginx to a survivor and shows what was\n'
+  printf '  said meanwhile in the other tab.\n\n'
+  printf '  Open the chat through nginx only: the page connects to /ws on its\n'
+  printf '  own host, which only nginx serves (not the instances'"'"' HTTP ports).\n\n'
+  printf '  Ctrl-C stops everything.\n'
+  printf '%s\n\n' "$RULE"
+}
+
+# --------------------------------------------------------------- monitor
+
+# A killed instance is the demo, not a reason to stop: say so and go on.
+redis_warned=0
+while true; do
+  for ((i = 0; i < N; i++)); do
+    [[ -z "${GONE[i]:-}" ]] || continue
+    if ! kill -0 "${PIDS[i]}" 2>/dev/null; then
+      rc=0
+      wait "${PIDS[i]}" || rc=$?
+      GONE[i]=1
+      how="status $rc"
+      if ((rc == 137)); then
+        how="SIGKILL"
+      elif ((rc > 128)); then
+        how="signal $((rc - 128))"
+      fi
+      warn "instance ${IDS[i]} (pid ${PIDS[i]}) exited ($how); nginx sends its clients to the others"
+    fi
+  done
+  gone=0
+  for ((i = 0; i < N; i++)); do
+    if [[ -n "${GONE[i]:-}" ]]; then gone=$((gone + 1)); fi
+  done
+  if ((gone == N)); then
+    warn "every instance has exited; stopping"
+    exit 1
+  fi
+  if ! kill -0 "$NGINX_PID" 2>/dev/null; then
+    rc=0
+    wait "$NGINX_PID" || rc=$?
+    NGINX_PID=""
+    nginx_failed "nginx exited (status $rc); stopping everything"
+  fi
+  if [[ -n "$REDIS_PID" && "$redis_warned" -eq 0 ]] && ! kill -0 "$REDIS_PID" 2>/dev/null; then
+    warn "the private redis-server has exited; the instances keep running and retry it"
+    redis_warned=1
+  fi
+  sleep 0.5
+done
