@@ -75,9 +75,10 @@ pub struct Config {
     #[arg(long, env = "HISTORY_REPLAY", default_value_t = 50)]
     pub history_replay: usize,
 
-    /// Frames queued per client before it counts as a slow consumer and is
-    /// disconnected.
-    #[arg(long, env = "CLIENT_QUEUE_LEN", default_value_t = 256)]
+    /// Deliveries (a message, or a batch of them) queued per client before
+    /// it counts as a slow consumer and is disconnected. Every slot is
+    /// allocated up front, per client.
+    #[arg(long, env = "CLIENT_QUEUE_LEN", default_value_t = 64)]
     pub client_queue_len: usize,
 
     /// Milliseconds the fan-out waits, under a steady stream, to hand

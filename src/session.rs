@@ -52,8 +52,9 @@ const READER_STACK: usize = 256 * 1024;
 /// Stack of a writer thread: a byte pump that touches about 12 KiB.
 const WRITER_STACK: usize = 64 * 1024;
 /// tungstenite's read buffer. Its 128 KiB default is touched on the first
-/// read, for every client; chat frames are small.
-const READ_BUFFER: usize = 4 * 1024;
+/// read, for every client; chat frames are small, and a larger one simply
+/// takes several reads.
+const READ_BUFFER: usize = 1024;
 /// Control items (pongs, close replies, error frames) queued for a writer.
 /// Only a client that sends much and reads nothing fills it, and is then
 /// disconnected. A bounded crossbeam channel allocates every slot up front,
