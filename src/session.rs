@@ -63,6 +63,8 @@ const CONTROL_QUEUE: usize = 32;
 /// Bytes a writer gathers from its queues before one `write`: under load
 /// many small frames go out in one system call.
 const WRITE_BATCH: usize = 64 * 1024;
+/// Bytes of write buffer a writer keeps between writes.
+const OUT_KEEP: usize = 4 * 1024;
 /// How long, after sending a close frame, the server waits for the
 /// client's close reply before dropping the connection.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -758,6 +760,9 @@ impl Writer {
             if !self.out.is_empty() {
                 (&*self.socket).write_all(&self.out)?;
                 self.out.clear();
+                // A burst may have grown the buffer to a whole batch; an
+                // idle client should not keep that memory.
+                self.out.shrink_to(OUT_KEEP);
             }
             if let Some(reason) = self.closing.get() {
                 return Ok(Some(*reason));

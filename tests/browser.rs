@@ -1,6 +1,6 @@
 //! Verifies in a real headless Chromium that a message typed on the chat page of one instance
 //! appears on the page of another instance joined by Redis, that message text is never run as
-//! HTML, and that a tab whose instance is SIGKILLed reconnects through nginx to a survivor and
+//! HTML, that both pages say sending is paused when Redis dies, and that a tab whose instance is SIGKILLed reconnects through nginx to a survivor and
 //! shows what it missed. tests/browser/chat.mjs drives the browser; these tests start Redis,
 //! the instances and nginx.
 
@@ -128,6 +128,8 @@ fn a_message_typed_in_one_browser_tab_appears_in_a_tab_on_the_other_instance() {
             unique_room().into(),
             "--out".into(),
             out.into(),
+            "--redis-pid".into(),
+            redis.pid().to_string().into(),
         ],
     );
 }

@@ -78,6 +78,7 @@ function parseCli() {
         scenario: { type: 'string', default: 'basic' },
         proxy: { type: 'string' },
         pids: { type: 'string' },
+        'redis-pid': { type: 'string' },
         a: { type: 'string' },
         b: { type: 'string' },
         room: { type: 'string' },
@@ -96,6 +97,7 @@ function parseCli() {
     if (!values[key]) usage(`missing --${key}`);
   }
   return {
+    redisPid: values['redis-pid'] ? Number(values['redis-pid']) : null,
     scenario: values.scenario,
     proxy: values.proxy ? values.proxy.replace(/\/+$/, '') : null,
     pids: values.pids ? parsePids(values.pids) : null,
@@ -336,6 +338,27 @@ async function mainBasic(opts, logs, state) {
   await waitFor('the markup message to be visible at phone width', phoneXss.waitFor({ state: 'visible', timeout: WAIT_MS }));
   await pageB.screenshot({ path: shotPhone, timeout: WAIT_MS });
   ok(`screenshots saved: ${shotA}, ${shotB}, ${shotPhone}`);
+
+  // Redis goes away: both pages, still connected to their instances, must
+  // say that sending is paused and disable it, instead of letting the user
+  // type into the void.
+  if (opts.redisPid) {
+    await pageB.setViewportSize({ width: 1000, height: 700 });
+    process.kill(opts.redisPid, 'SIGKILL');
+    for (const [label, page] of [['page A', pageA], ['page B', pageB]]) {
+      const banner = page.getByTestId('offline-banner');
+      await waitFor(`${label} to show that sending is paused`, banner.waitFor({ state: 'visible', timeout: WAIT_MS }));
+      const text = await banner.textContent();
+      if (!/paused/.test(text) || !/Redis/.test(text)) fail(`${label}: banner says ${JSON.stringify(text)}`);
+      if (!(await page.getByTestId('send-button').isDisabled())) fail(`${label}: the send button is still enabled`);
+      const state = await page.getByTestId('status').getAttribute('data-state');
+      if (state !== 'connected') fail(`${label}: the page lost its socket (data-state=${state}); only Redis went away`);
+      ok(`${label}: Redis killed: banner ${JSON.stringify(text.trim())}, send disabled, still connected`);
+    }
+    const shotPaused = path.join(opts.out, 'page-a-paused.png');
+    await pageA.screenshot({ path: shotPaused, timeout: WAIT_MS });
+    ok(`screenshot saved: ${shotPaused}`);
+  }
 }
 
 // ------------------------------------------------------------ reconnect

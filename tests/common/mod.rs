@@ -125,6 +125,14 @@ impl RedisServer {
         Ok(conn)
     }
 
+    /// The redis-server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .expect("redis-server is not running")
+            .id()
+    }
+
     /// SIGKILLs the server: no shutdown, no final save.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
