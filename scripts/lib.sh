@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Shared helpers for scripts/run_two.sh, scripts/test.sh and .ci/run.
+# Shared helpers for scripts/run_two.sh, scripts/run_cluster.sh, scripts/test.sh
+# and .ci/run.
 # Source it; it defines functions and a few variables and runs nothing.
 
 # The repository root (this file lives in <root>/scripts).
