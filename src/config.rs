@@ -78,7 +78,7 @@ pub struct Config {
     /// Deliveries (a message, or a batch of them) queued per client before
     /// it counts as a slow consumer and is disconnected. Every slot is
     /// allocated up front, per client.
-    #[arg(long, env = "CLIENT_QUEUE_LEN", default_value_t = 64)]
+    #[arg(long, env = "CLIENT_QUEUE_LEN", default_value_t = 32)]
     pub client_queue_len: usize,
 
     /// Milliseconds the fan-out waits, under a steady stream, to hand

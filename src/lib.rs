@@ -16,7 +16,8 @@
 //! - [`rate_limit`], [`origin`], [`liveness`]: the defences: a token
 //!   bucket per client, the Origin check, and the pinger that finds dead
 //!   peers.
-//! - [`metrics`], [`backoff`]: counters, and reconnection waits.
+//! - [`metrics`], [`backoff`], [`stack`]: counters, reconnection waits, and
+//!   giving back the stack pages an idle reader no longer needs.
 //!
 //! # The path of one message
 //!
@@ -46,3 +47,4 @@ pub mod protocol;
 pub mod rate_limit;
 pub mod server;
 pub mod session;
+pub mod stack;

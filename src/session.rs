@@ -54,12 +54,12 @@ const WRITER_STACK: usize = 64 * 1024;
 /// tungstenite's read buffer. Its 128 KiB default is touched on the first
 /// read, for every client; chat frames are small, and a larger one simply
 /// takes several reads.
-const READ_BUFFER: usize = 1024;
+const READ_BUFFER: usize = 512;
 /// Control items (pongs, close replies, error frames) queued for a writer.
 /// Only a client that sends much and reads nothing fills it, and is then
 /// disconnected. A bounded crossbeam channel allocates every slot up front,
 /// per client: keep it small.
-const CONTROL_QUEUE: usize = 32;
+const CONTROL_QUEUE: usize = 16;
 /// Bytes a writer gathers from its queues before one `write`: under load
 /// many small frames go out in one system call.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -515,6 +515,8 @@ fn run_joined(
         control_tx,
     };
     let mut websocket = WebSocket::from_raw_socket(stream, Role::Server, Some(context.ws_config()));
+    // The handshake and the history read were the deepest this thread goes.
+    crate::stack::release_unused();
     let ended = read_until_closed(client, &mut websocket, &name, &room, &last_seen, context);
     info!("client {client} left room {room}: {ended}");
 
