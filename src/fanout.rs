@@ -89,6 +89,7 @@ mod tests {
             id: 1,
             room: "lobby".into(),
             last_seen: Arc::default(),
+            direct: None,
             frames_tx,
             control_tx,
             closing: Arc::default(),

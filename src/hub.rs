@@ -9,12 +9,14 @@
 //! and a client whose queue is full is dropped as a slow consumer.
 
 use std::collections::HashMap;
+use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use crossbeam_channel::{Sender, TrySendError};
 use log::warn;
 
+use crate::direct::{Direct, SocketOwner};
 use crate::liveness::LastSeen;
 use crate::metrics::Metrics;
 use crate::protocol::{ChatMessage, MessageId, ServerFrame, WsBytes};
@@ -119,6 +121,10 @@ pub struct Member {
     pub last_seen: Arc<LastSeen>,
     pub frames_tx: Sender<Delivery>,
     pub control_tx: Sender<Control>,
+    /// The socket and its ownership, for writing straight from the
+    /// fan-out while the writer is idle (see `direct.rs`); `None` in unit
+    /// tests without sockets.
+    pub direct: Option<DirectPath>,
     /// Set once when the server decides to close this client, so that a
     /// writer that missed the `Control::Close` (its control queue was full)
     /// still sees it after its current write.
@@ -132,6 +138,13 @@ impl Member {
             let _ = self.control_tx.try_send(Control::Close(reason));
         }
     }
+}
+
+/// What a deliverer needs to write to a client's socket itself.
+#[derive(Debug, Clone)]
+pub struct DirectPath {
+    pub socket: Arc<TcpStream>,
+    pub owner: Arc<SocketOwner>,
 }
 
 /// Local clients by room.
@@ -263,7 +276,23 @@ impl Hub {
     fn send_to(&self, room: &str, members: &[Member], delivery: &Delivery) -> usize {
         let mut queued = 0;
         for member in members {
-            match member.frames_tx.try_send(Arc::clone(delivery)) {
+            let direct = member.direct.as_ref().map_or(Direct::NotNow, |direct| {
+                let queues_empty = || member.frames_tx.is_empty() && member.control_tx.is_empty();
+                direct
+                    .owner
+                    .try_write(&direct.socket, &delivery.bytes, queues_empty)
+            });
+            let delivery = match direct {
+                Direct::Written => {
+                    Metrics::inc(&self.metrics.direct_writes_total);
+                    queued += 1;
+                    continue;
+                }
+                // The writer owns the rest now: an empty delivery wakes it.
+                Direct::HandedOver => Arc::new(Batch::default()),
+                Direct::NotNow => Arc::clone(delivery),
+            };
+            match member.frames_tx.try_send(delivery) {
                 Ok(()) => queued += 1,
                 Err(TrySendError::Full(_)) => {
                     warn!(
@@ -319,6 +348,7 @@ mod tests {
             id,
             room: room.into(),
             last_seen: Arc::default(),
+            direct: None,
             frames_tx,
             control_tx,
             closing: Arc::default(),

@@ -10,6 +10,8 @@
 //! - [`hub`]: local clients by room, and the never-blocking delivery.
 //! - [`fanout`]: the thread between the Redis subscriber and the hub, that
 //!   batches deliveries under load.
+//! - [`direct`]: how a deliverer writes to an idle client's socket itself,
+//!   sparing the writer thread a wake-up.
 //! - [`broker`]: Redis Pub/Sub (and a Redis Stream of history per room), or
 //!   the local, single-instance twin.
 //! - [`protocol`]: the wire types and their only encoding and validation.
@@ -37,6 +39,7 @@
 pub mod backoff;
 pub mod broker;
 pub mod config;
+pub mod direct;
 pub mod fanout;
 pub mod http;
 pub mod hub;

@@ -59,6 +59,9 @@ metrics! {
     counter broker_payloads_invalid_total: "chat_broker_payloads_invalid_total",
     /// Frames queued to local clients (one per receiver per message).
     counter messages_delivered_total: "chat_messages_delivered_total",
+    /// Deliveries written straight to an idle client's socket, with no
+    /// writer wake-up.
+    counter direct_writes_total: "chat_direct_writes_total",
     /// History messages replayed to connecting clients.
     counter history_replayed_total: "chat_history_replayed_total",
     /// Clients disconnected because their send queue was full.

@@ -33,7 +33,8 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use crate::broker::{Broker, HistoryQuery};
-use crate::hub::{ClientId, CloseReason, Control, Delivery, Hub, Member};
+use crate::direct::SocketOwner;
+use crate::hub::{ClientId, CloseReason, Control, Delivery, DirectPath, Hub, Member};
 use crate::liveness::LastSeen;
 use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
@@ -416,10 +417,15 @@ fn run_joined(
     // either in history or in the queue (or both, and the writer drops the
     // copy), never in neither.
     let last_seen = Arc::new(LastSeen::new());
+    let owner = Arc::new(SocketOwner::default());
     context.hub.join(Member {
         id: client,
         room: room.as_str().into(),
         last_seen: last_seen.clone(),
+        direct: Some(DirectPath {
+            socket: socket.clone(),
+            owner: owner.clone(),
+        }),
         frames_tx,
         control_tx: control_tx.clone(),
         closing: closing.clone(),
@@ -482,6 +488,7 @@ fn run_joined(
 
     let writer = Writer {
         client,
+        owner,
         socket: socket.clone(),
         frames_rx,
         control_rx,
@@ -701,6 +708,9 @@ impl Write for SessionStream {
 /// The writer thread's state.
 struct Writer {
     client: ClientId,
+    /// Who may write to the socket: this thread, or a deliverer while it
+    /// is idle.
+    owner: Arc<SocketOwner>,
     socket: Arc<TcpStream>,
     frames_rx: Receiver<Delivery>,
     control_rx: Receiver<Control>,
@@ -709,6 +719,14 @@ struct Writer {
     seam: Option<MessageId>,
     /// Bytes gathered for the next write.
     out: Vec<u8>,
+}
+
+/// What woke the writer.
+enum Item {
+    Control(Control),
+    Delivery(Delivery),
+    /// A queue was closed: the session is ending.
+    Finished,
 }
 
 /// What the writer does after a batch.
@@ -721,6 +739,10 @@ enum Next {
 impl Writer {
     fn run(mut self) {
         let outcome = self.pump();
+        // A frame a deliverer began must be finished before a close frame.
+        let carry_over = self.owner.close();
+        let outcome =
+            outcome.and_then(|close| (&*self.socket).write_all(&carry_over).map(|()| close));
         match outcome {
             Ok(Some(reason)) => {
                 debug!("client {}: closing ({})", self.client, reason.reason);
@@ -769,20 +791,40 @@ impl Writer {
             if let Some(reason) = self.closing.get() {
                 return Ok(Some(*reason));
             }
-            let next = select_biased! {
-                recv(self.control_rx) -> control => match control {
-                    Ok(control) => self.take_control(control),
-                    Err(_) => Next::Finished,
-                },
-                recv(self.frames_rx) -> delivery => match delivery {
-                    Ok(delivery) => { self.take_delivery(delivery); Next::Continue }
-                    Err(_) => Next::Continue,
-                },
+            // Nothing to write: deliverers may write directly until this
+            // thread wakes, unless history's seam still needs filtering here.
+            if self.seam.is_none() {
+                self.owner.release();
+            }
+            let item = select_biased! {
+                recv(self.control_rx) -> control => control.map(Item::Control).unwrap_or(Item::Finished),
+                recv(self.frames_rx) -> delivery => delivery.map(Item::Delivery).unwrap_or(Item::Finished),
+            };
+            let carry_over = self.owner.acquire();
+            (&*self.socket).write_all(&carry_over)?;
+            let next = match item {
+                Item::Control(control) => self.take_control(control),
+                Item::Delivery(delivery) => {
+                    self.take_delivery(delivery);
+                    Next::Continue
+                }
+                // The hub let go of this client (it is leaving): send what
+                // the reader still queued (a close reply), then end.
+                Item::Finished => Next::Finished,
             };
             match self.gather(next) {
                 Next::Continue => {}
                 Next::Close(reason) => return Ok(Some(reason)),
                 Next::Finished => {
+                    self.out.extend(
+                        self.control_rx
+                            .try_iter()
+                            .filter_map(|control| match control {
+                                Control::Raw(bytes) => Some(bytes),
+                                Control::Close(_) => None,
+                            })
+                            .flatten(),
+                    );
                     (&*self.socket).write_all(&self.out)?;
                     return Ok(None);
                 }
