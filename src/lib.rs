@@ -32,9 +32,10 @@
 //!    it to the **fan-out thread** ([`fanout`]), which hands it (with any
 //!    others that arrived meanwhile) to the [`hub`]: framed once, the same
 //!    bytes queued to each local client of the room, never waiting on any.
-//! 4. Each client's **writer thread** takes the bytes from its queue and
-//!    writes them to its socket. The sender gets its own copy this way too:
-//!    that is its receipt, and everyone sees the same order.
+//! 4. For a client whose **writer thread** is idle, the fan-out writes the
+//!    bytes to the socket itself ([`direct`]); otherwise the writer takes
+//!    them from its queue and writes them. The sender gets its own copy
+//!    this way too: that is its receipt, and everyone sees the same order.
 
 pub mod backoff;
 pub mod broker;
