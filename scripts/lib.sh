@@ -321,3 +321,42 @@ start_private_redis() {
   done
   die "could not start a private redis-server"
 }
+
+# ------------------------------------------------- build and shared cleanup
+# For run_two.sh and run_cluster.sh, which keep their state in the globals
+# BUILD_PID, BIN, LOG_PIDS, REDIS_PID and TMP_DIR.
+
+# Builds the release binary in the background, so that Ctrl-C or SIGTERM
+# stops it at once (stop_build does), and sets BIN.
+build_release() {
+  step "Building (cargo build --release; the first build takes a minute or two)"
+  cargo build --release --quiet &
+  BUILD_PID=$!
+  local rc=0
+  wait "$BUILD_PID" || rc=$?
+  BUILD_PID=""
+  ((rc == 0)) || die "cargo build --release failed (status $rc)"
+  BIN="$(release_binary)"
+  [[ -x "$BIN" ]] || die "build finished but $BIN is missing"
+}
+
+# Stops a build in progress, cargo's rustc children too, so that no
+# compiler outlives the script.
+stop_build() {
+  if [[ -n "${BUILD_PID:-}" ]]; then
+    if have pkill; then pkill -TERM -P "$BUILD_PID" 2>/dev/null || true; fi
+    stop_pids "$BUILD_PID"
+  fi
+}
+
+# Stops the log prefixers and the private redis-server, and removes the
+# temporary directory: the end of every script's cleanup.
+stop_private_services() {
+  # The prefixers end by themselves once their instance is gone.
+  if ((${#LOG_PIDS[@]})); then stop_pids "${LOG_PIDS[@]}"; fi
+  if [[ -n "${REDIS_PID:-}" ]]; then
+    printf 'Stopping the private redis-server (pid %s)...\n' "$REDIS_PID"
+    stop_pids "$REDIS_PID"
+  fi
+  if [[ -n "${TMP_DIR:-}" ]]; then rm -rf "$TMP_DIR"; fi
+}

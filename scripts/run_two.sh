@@ -117,22 +117,12 @@ cleanup() {
   # printf to a closed terminal must not stop it halfway).
   trap '' INT TERM HUP PIPE
   set +e
-  if [[ -n "$BUILD_PID" ]]; then
-    # cargo's rustc children too, so that no compiler outlives us.
-    if have pkill; then pkill -TERM -P "$BUILD_PID" 2>/dev/null || true; fi
-    stop_pids "$BUILD_PID"
-  fi
+  stop_build
   if ((${#PIDS[@]})); then
     printf '\nStopping instances %s...\n' "${IDS[*]}"
     stop_pids "${PIDS[@]}"
   fi
-  # The prefixers end by themselves once their instance is gone.
-  if ((${#LOG_PIDS[@]})); then stop_pids "${LOG_PIDS[@]}"; fi
-  if [[ -n "$REDIS_PID" ]]; then
-    printf 'Stopping the private redis-server (pid %s)...\n' "$REDIS_PID"
-    stop_pids "$REDIS_PID"
-  fi
-  if [[ -n "$TMP_DIR" ]]; then rm -rf "$TMP_DIR"; fi
+  stop_private_services
   if ((${#PIDS[@]})); then printf 'Stopped.\n'; fi
   exit "$rc"
 }
@@ -142,16 +132,7 @@ trap 'exit 1' HUP PIPE
 
 # ------------------------------------------------------------------ build
 
-step "Building (cargo build --release; the first build takes a minute or two)"
-# In the background, so that Ctrl-C or SIGTERM stops it at once.
-cargo build --release --quiet &
-BUILD_PID=$!
-rc=0
-wait "$BUILD_PID" || rc=$?
-BUILD_PID=""
-((rc == 0)) || die "cargo build --release failed (status $rc)"
-BIN="$(release_binary)"
-[[ -x "$BIN" ]] || die "build finished but $BIN is missing"
+build_release
 
 TMP_DIR="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-chat-run.XXXXXX")"
 

@@ -42,13 +42,13 @@ pub struct Config {
     pub ws_port: Option<u16>,
 
     /// The WebSocket URL the page should use instead of
-    /// ws://<page host>:<ws port>/ws, behind a reverse proxy: a full URL
-    /// (wss://chat.example.com/ws) or a path on the page's own host (/ws).
+    /// `ws://<page host>:<ws port>/ws`, behind a reverse proxy: a full URL
+    /// (`wss://chat.example.com/ws`) or a path on the page's own host (`/ws`).
     #[arg(long, env = "PUBLIC_WS_URL")]
     pub public_ws_url: Option<String>,
 
     /// This instance's name, shown on every message it accepts
-    /// [default: <hostname>-<port>].
+    /// [default: `<hostname>-<port>`].
     #[arg(long, env = "INSTANCE_ID")]
     pub instance_id: Option<String>,
 

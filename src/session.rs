@@ -11,7 +11,7 @@
 //! Why two threads: a thread blocked in `read` cannot be woken to write, and
 //! a read timeout would turn every idle client into a polling loop. Why only
 //! one writer: frames from several writers would interleave on the wire. The
-//! reader's tungstenite `WebSocket` therefore writes into a [`SessionStream`]
+//! reader's tungstenite `WebSocket` therefore writes into a `SessionStream`
 //! whose `Write` hands the bytes to the writer, and the writer is a byte pump
 //! over the other handle of the same `TcpStream`.
 
