@@ -48,7 +48,7 @@ pub struct Config {
     pub public_ws_url: Option<String>,
 
     /// This instance's name, shown on every message it accepts
-    /// [default: `<hostname>-<port>`].
+    /// (default: `<hostname>-<port>`).
     #[arg(long, env = "INSTANCE_ID")]
     pub instance_id: Option<String>,
 
@@ -126,7 +126,7 @@ pub struct Config {
     pub idle_timeout_ms: u64,
 
     /// Page origins allowed to open a WebSocket besides this instance's own
-    /// page (comma-separated, e.g. https://chat.example.com), or * for any.
+    /// page (comma-separated, e.g. `https://chat.example.com`), or `*` for any.
     #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
