@@ -377,8 +377,8 @@ RULE="==========================================================================
   printf '  instance ..."), then `kill -9 <pid of the instance shown in a tab>`:\n'
   printf '  the tab reconnects through nginx to a survivor and shows what was\n'
   printf '  said meanwhile in the other tab.\n\n'
-  printf '  Open the chat through nginx only: the page connects to /ws on its\n'
-  printf '  own host, which only nginx serves (not the instances'"'"' HTTP ports).\n\n'
+  printf '  (An instance'"'"'s own http port works too, for debugging; a tab opened\n'
+  printf '  there stays on that instance and cannot fail over.)\n\n'
   printf '  Ctrl-C stops everything.\n'
   printf '%s\n\n' "$RULE"
 }

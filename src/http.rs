@@ -25,6 +25,7 @@ pub struct HttpState {
     pub ws_port: u16,
     pub ws_path: &'static str,
     pub public_ws_url: Option<String>,
+    pub http_port: u16,
     pub broker: Arc<dyn Broker>,
     pub metrics: Arc<Metrics>,
     pub hub: Arc<Hub>,
@@ -63,7 +64,12 @@ impl Reply {
 }
 
 /// Answers one request.
-pub fn handle(method: &str, url: &str, state: &HttpState) -> Reply {
+///
+/// `host` is the request's `Host` header: `/config.json` uses it to tell a
+/// page loaded straight from this instance (which must use the instance's
+/// own WebSocket port) from one loaded through a proxy (which gets
+/// `--public-ws-url`).
+pub fn handle(method: &str, url: &str, host: Option<&str>, state: &HttpState) -> Reply {
     if method != "GET" && method != "HEAD" {
         return Reply::text(405, "only GET and HEAD are served here\n");
     }
@@ -77,7 +83,10 @@ pub fn handle(method: &str, url: &str, state: &HttpState) -> Reply {
                 instance: &state.instance,
                 ws_port: state.ws_port,
                 ws_path: state.ws_path,
-                ws_url: state.public_ws_url.as_deref(),
+                ws_url: state
+                    .public_ws_url
+                    .as_deref()
+                    .filter(|_| !is_direct(host, state.http_port)),
             };
             let body = serde_json::to_vec(&config).expect("page config always serializes");
             Reply::new(200, "application/json", body)
@@ -100,12 +109,25 @@ pub fn handle(method: &str, url: &str, state: &HttpState) -> Reply {
     }
 }
 
+/// Whether a request came straight to this instance's HTTP port rather
+/// than through a proxy: its `Host` names that port.
+fn is_direct(host: Option<&str>, http_port: u16) -> bool {
+    host.and_then(|host| host.rsplit_once(':'))
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+        == Some(http_port)
+}
+
 /// The body of an HTTP worker thread: answers requests until the server is
 /// unblocked at shutdown.
 pub fn serve(server: &tiny_http::Server, state: &HttpState) {
     while let Ok(request) = server.recv() {
         let method = request.method().as_str().to_string();
-        let reply = handle(&method, request.url(), state);
+        let host = request
+            .headers()
+            .iter()
+            .find(|header| header.field.equiv("Host"))
+            .map(|header| header.value.as_str().to_string());
+        let reply = handle(&method, request.url(), host.as_deref(), state);
         debug!("http {method} {} -> {}", request.url(), reply.status);
         let header = tiny_http::Header::from_bytes("Content-Type", reply.content_type)
             .expect("content types are valid header values");
@@ -139,7 +161,8 @@ mod tests {
             instance: "a1".into(),
             ws_port: 15000,
             ws_path: "/ws",
-            public_ws_url: None,
+            public_ws_url: Some("/ws".into()),
+            http_port: 5000,
             broker: Arc::new(LocalBroker::new(hub.clone(), metrics.clone(), 10)),
             metrics,
             hub,
@@ -148,28 +171,40 @@ mod tests {
 
     #[test]
     fn config_json_tells_the_page_where_the_websocket_is() {
-        let reply = handle("GET", "/config.json", &state());
-        assert_eq!(reply.status, 200);
-        let json: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        let config = |host| {
+            let reply = handle("GET", "/config.json", host, &state());
+            assert_eq!(reply.status, 200);
+            serde_json::from_slice::<serde_json::Value>(&reply.body).unwrap()
+        };
+        let direct = serde_json::json!({"instance": "a1", "ws_port": 15000, "ws_path": "/ws"});
         assert_eq!(
-            json,
-            serde_json::json!({"instance": "a1", "ws_port": 15000, "ws_path": "/ws"})
+            config(Some("127.0.0.1:5000")),
+            direct,
+            "a page served by this instance"
         );
+        let mut proxied = direct.clone();
+        proxied["ws_url"] = "/ws".into();
+        assert_eq!(
+            config(Some("chat.example.com")),
+            proxied,
+            "a page served through a proxy"
+        );
+        assert_eq!(config(Some("127.0.0.1:8080")), proxied);
     }
 
     #[test]
     fn page_health_and_unknown_routes() {
         let state = state();
-        let page = handle("GET", "/?name=x", &state);
+        let page = handle("GET", "/?name=x", None, &state);
         assert_eq!(
             (page.status, page.content_type),
             (200, "text/html; charset=utf-8")
         );
-        assert_eq!(handle("GET", "/healthz", &state).status, 200);
-        assert_eq!(handle("GET", "/readyz", &state).status, 200);
-        assert_eq!(handle("GET", "/nope", &state).status, 404);
-        assert_eq!(handle("POST", "/", &state).status, 405);
-        let metrics = String::from_utf8(handle("GET", "/metrics", &state).body).unwrap();
+        assert_eq!(handle("GET", "/healthz", None, &state).status, 200);
+        assert_eq!(handle("GET", "/readyz", None, &state).status, 200);
+        assert_eq!(handle("GET", "/nope", None, &state).status, 404);
+        assert_eq!(handle("POST", "/", None, &state).status, 405);
+        let metrics = String::from_utf8(handle("GET", "/metrics", None, &state).body).unwrap();
         assert!(metrics.contains("chat_clients_connected 0"));
         assert!(metrics.contains("\nchat_hub_members 0\n"));
     }

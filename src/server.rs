@@ -122,6 +122,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         ws_port: ws_addr.port(),
         ws_path: WS_PATH,
         public_ws_url: config.public_ws_url.clone(),
+        http_port: http_addr.port(),
         broker: broker.clone(),
         metrics: metrics.clone(),
         hub: hub.clone(),
