@@ -187,7 +187,8 @@ impl Config {
     /// Checks what clap cannot: values that parse but make no sense.
     pub fn validate(&self) -> Result<(), String> {
         self.ws_port()?;
-        if self.instance_id().is_empty() || self.instance_id().chars().count() > 64 {
+        let instance_chars = self.instance_id().chars().count();
+        if instance_chars == 0 || instance_chars > 64 {
             return Err("--instance-id must be 1 to 64 characters".into());
         }
         if self.client_queue_len == 0 {

@@ -63,16 +63,13 @@ pub fn spawn_pinger(
                 thread::sleep(interval);
                 let mut pinged = 0;
                 for member in hub.members() {
-                    if member.last_seen.idle_for() > idle_timeout {
-                        warn!(
-                            "client {} dropped: silent for {:?}",
-                            member.id,
-                            member.last_seen.idle_for()
-                        );
+                    let idle_for = member.last_seen.idle_for();
+                    if idle_for > idle_timeout {
+                        warn!("client {} dropped: silent for {idle_for:?}", member.id);
                         Metrics::inc(&metrics.idle_clients_dropped_total);
                         hub.leave(&member.room, member.id);
                         member.close(CloseReason::IDLE);
-                    } else if member.last_seen.idle_for() >= interval / 2 {
+                    } else if idle_for >= interval / 2 {
                         // A full queue means a slow client, which the hub handles.
                         let _ = member.frames_tx.try_send(ping.clone());
                         pinged += 1;

@@ -311,23 +311,23 @@ fn handshake(
         // The handshake refuses bytes after the request, so nothing read
         // ahead is lost when its WebSocket is dropped for ours.
         Ok(_) => join,
-        Err(HandshakeError::Interrupted(_)) => {
-            debug!("client {client} refused: no handshake within the timeout");
-            Metrics::inc(&context.metrics.handshake_timeouts_total);
-            None
-        }
-        Err(HandshakeError::Failure(tungstenite::Error::Io(e)))
-            if matches!(
-                e.kind(),
-                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-            ) =>
-        {
-            debug!("client {client} refused: no handshake within the timeout");
-            Metrics::inc(&context.metrics.handshake_timeouts_total);
-            None
-        }
-        Err(HandshakeError::Failure(e)) => {
-            debug!("client {client} refused: handshake failed: {e}");
+        Err(e) => {
+            let timed_out = match &e {
+                HandshakeError::Interrupted(_) => true,
+                HandshakeError::Failure(tungstenite::Error::Io(e)) => {
+                    matches!(
+                        e.kind(),
+                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                    )
+                }
+                HandshakeError::Failure(_) => false,
+            };
+            if timed_out {
+                debug!("client {client} refused: no handshake within the timeout");
+                Metrics::inc(&context.metrics.handshake_timeouts_total);
+            } else {
+                debug!("client {client} refused: handshake failed: {e}");
+            }
             None
         }
     }
@@ -432,59 +432,7 @@ fn run_joined(
     });
     info!("client {client} joined room {room} as {name:?} from {peer}");
 
-    let client_label = format!("c{client}");
-    let welcome = ServerFrame::Welcome {
-        instance: &context.instance,
-        client: &client_label,
-        name: &name,
-        room: &room,
-    };
-    let mut first_bytes = welcome.to_ws_bytes().to_vec();
-    let query = match join.since {
-        Some(since) => HistoryQuery::After(since),
-        None => HistoryQuery::Recent(context.limits.history_replay),
-    };
-    let mut seam = join.since;
-    match context.broker.history(&room, query) {
-        Ok(history) => {
-            Metrics::add(
-                &context.metrics.history_replayed_total,
-                history.messages.len() as u64,
-            );
-            if history.truncated {
-                let notice = format!(
-                    "messages after {} are no longer in history; showing the oldest it still holds",
-                    join.since.unwrap_or_default()
-                );
-                let frame = ServerFrame::Notice {
-                    code: "history_truncated",
-                    message: &notice,
-                };
-                first_bytes.extend_from_slice(&frame.to_ws_bytes());
-            }
-            for message in &history.messages {
-                first_bytes.extend_from_slice(&ServerFrame::Message(message).to_ws_bytes());
-            }
-            seam = history.seam(join.since);
-        }
-        Err(e) => {
-            warn!("client {client}: history of room {room} unavailable: {e}");
-            let notice = format!("history is unavailable: {e}");
-            let frame = ServerFrame::Error {
-                code: ErrorCode::Unavailable,
-                message: &notice,
-                cid: None,
-            };
-            first_bytes.extend_from_slice(&frame.to_ws_bytes());
-        }
-    }
-    if let Err(reason) = context.broker.readiness() {
-        let frame = ServerFrame::Status {
-            delivery: "down",
-            message: &reason,
-        };
-        first_bytes.extend_from_slice(&frame.to_ws_bytes());
-    }
+    let (first_bytes, seam) = first_frames(client, &name, &room, join.since, context);
 
     let writer = Writer {
         client,
@@ -535,6 +483,73 @@ fn run_joined(
         warn!("client {client}: writer thread panicked");
     }
     let _ = socket.shutdown(Shutdown::Both);
+}
+
+/// What a client gets before live messages: the welcome, the room's history
+/// (or a notice that it is truncated or unavailable) and, while Redis is
+/// unreachable, a `status` frame; all as one buffer. Also returns the seam:
+/// live copies up to that id were sent as history.
+fn first_frames(
+    client: ClientId,
+    name: &str,
+    room: &str,
+    since: Option<MessageId>,
+    context: &SessionContext,
+) -> (Vec<u8>, Option<MessageId>) {
+    let client_label = format!("c{client}");
+    let welcome = ServerFrame::Welcome {
+        instance: &context.instance,
+        client: &client_label,
+        name,
+        room,
+    };
+    let mut first_bytes = welcome.to_ws_bytes().to_vec();
+    let query = match since {
+        Some(since) => HistoryQuery::After(since),
+        None => HistoryQuery::Recent(context.limits.history_replay),
+    };
+    let mut seam = since;
+    match context.broker.history(room, query) {
+        Ok(history) => {
+            Metrics::add(
+                &context.metrics.history_replayed_total,
+                history.messages.len() as u64,
+            );
+            if history.truncated {
+                let notice = format!(
+                    "messages after {} are no longer in history; showing the oldest it still holds",
+                    since.unwrap_or_default()
+                );
+                let frame = ServerFrame::Notice {
+                    code: "history_truncated",
+                    message: &notice,
+                };
+                first_bytes.extend_from_slice(&frame.to_ws_bytes());
+            }
+            for message in &history.messages {
+                first_bytes.extend_from_slice(&ServerFrame::Message(message).to_ws_bytes());
+            }
+            seam = history.seam(since);
+        }
+        Err(e) => {
+            warn!("client {client}: history of room {room} unavailable: {e}");
+            let notice = format!("history is unavailable: {e}");
+            let frame = ServerFrame::Error {
+                code: ErrorCode::Unavailable,
+                message: &notice,
+                cid: None,
+            };
+            first_bytes.extend_from_slice(&frame.to_ws_bytes());
+        }
+    }
+    if let Err(reason) = context.broker.readiness() {
+        let frame = ServerFrame::Status {
+            delivery: "down",
+            message: &reason,
+        };
+        first_bytes.extend_from_slice(&frame.to_ws_bytes());
+    }
+    (first_bytes, seam)
 }
 
 /// Reads frames and publishes messages until the connection ends; returns

@@ -336,7 +336,7 @@ impl Broker for RedisBroker {
     fn publish(&self, message: NewMessage, dedup_key: &str) -> Result<MessageId, Unavailable> {
         let body = serde_json::to_string(&message).expect("messages always serialize");
         let deadline = Instant::now() + self.settings.publish_deadline;
-        let mut in_doubt = None;
+        let mut in_doubt = false;
         loop {
             let attempt = self.with_publisher(|connection| {
                 self.script
@@ -351,7 +351,7 @@ impl Broker for RedisBroker {
             });
             let reason = match attempt {
                 Ok(id) => {
-                    if in_doubt.is_some() {
+                    if in_doubt {
                         info!(
                             "redis publisher: message {dedup_key} resolved after a broken link: {id}"
                         );
@@ -360,14 +360,17 @@ impl Broker for RedisBroker {
                         .parse()
                         .map_err(|e| Unavailable(format!("redis returned a bad id: {e}")));
                 }
-                Err(Failure::Refused(reason)) if in_doubt.is_none() => {
+                Err(Failure::Refused(reason)) if !in_doubt => {
                     return Err(Unavailable(reason));
                 }
                 Err(Failure::Refused(reason) | Failure::Unknown(reason)) => reason,
             };
-            in_doubt.get_or_insert_with(|| {
-                warn!("redis publisher: message {dedup_key} in doubt ({reason}); retrying until it is known");
-            });
+            if !in_doubt {
+                warn!(
+                    "redis publisher: message {dedup_key} in doubt ({reason}); retrying until it is known"
+                );
+                in_doubt = true;
+            }
             if Instant::now() >= deadline {
                 error!(
                     "redis publisher: message {dedup_key} still in doubt at the deadline: {reason}"
