@@ -142,21 +142,8 @@ fn a_tab_whose_instance_is_killed_reconnects_through_nginx_and_shows_what_it_mis
 
     let redis = RedisServer::start();
     let prefix = unique("browser-reconnect");
-    let start = |id: &str| {
-        Instance::start(
-            id,
-            &[
-                "--broker",
-                "redis",
-                "--redis-url",
-                &redis.url(),
-                "--redis-prefix",
-                &prefix,
-                "--public-ws-url",
-                "/ws",
-            ],
-        )
-    };
+    let start =
+        |id: &str| Instance::redis_with(id, &redis.url(), &prefix, &["--public-ws-url", "/ws"]);
     // One of them is SIGKILLed by chat.mjs; dropping it afterwards only reaps it.
     let a = start("browser-a");
     let b = start("browser-b");

@@ -10,9 +10,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::nginx::Nginx;
-use common::{Client, Instance, RedisServer, assert_exactly_once_in_order, unique};
+use common::{Client, Instance, Received, RedisServer, assert_exactly_once_in_order, unique};
 use serde_json::Value;
-use tungstenite::Message;
 use tungstenite::stream::MaybeTlsStream;
 
 /// A client that reconnects through the proxy with `since` whenever its
@@ -32,17 +31,10 @@ fn follow(
             "{name}: gave up with {} of {expected}",
             messages.len()
         );
-        match client.socket.read() {
-            Ok(Message::Text(text)) => {
-                let frame: Value = serde_json::from_str(&text).unwrap();
-                match frame["type"].as_str() {
-                    Some("message") => messages.push(frame),
-                    Some("status" | "notice") => {}
-                    _ => panic!("{name}: unexpected {frame}"),
-                }
-            }
-            Ok(_) => {}
-            Err(_) => {
+        match client.read_message(&name) {
+            Received::Message(frame) => messages.push(frame),
+            Received::Notice(_) | Received::Nothing => {}
+            Received::Lost(_) => {
                 // The instance is gone: back through nginx, from the last id.
                 thread::sleep(Duration::from_millis(100));
                 let since = messages
@@ -74,19 +66,7 @@ fn clients_of_a_killed_instance_reconnect_through_nginx_and_miss_nothing() {
     let prefix = unique("failover");
     let mut instances: Vec<Instance> = ["a", "b", "c"]
         .iter()
-        .map(|id| {
-            Instance::start(
-                id,
-                &[
-                    "--redis-url",
-                    &redis.url(),
-                    "--redis-prefix",
-                    &prefix,
-                    "--public-ws-url",
-                    "/ws",
-                ],
-            )
-        })
+        .map(|id| Instance::redis_with(id, &redis.url(), &prefix, &["--public-ws-url", "/ws"]))
         .collect();
     for instance in &instances {
         instance.wait_ready();

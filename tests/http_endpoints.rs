@@ -35,16 +35,11 @@ fn readyz_follows_the_redis_link_and_messages_are_refused_while_it_is_down() {
     let mut redis = RedisServer::start();
     let prefix = unique("ready");
     // A publish cut by the crash is in doubt until the deadline; keep it short.
-    let a = Instance::start(
+    let a = Instance::redis_with(
         "ready-a",
-        &[
-            "--redis-url",
-            &redis.url(),
-            "--redis-prefix",
-            &prefix,
-            "--publish-deadline-ms",
-            "1000",
-        ],
+        &redis.url(),
+        &prefix,
+        &["--publish-deadline-ms", "1000"],
     );
     a.wait_ready();
     assert_eq!(a.metric("chat_redis_subscriber_up"), 1.0);

@@ -378,16 +378,11 @@ fn a_client_that_stops_reading_is_dropped_and_fifty_others_get_all_ten_thousand(
     const TEXT_CHARS: usize = 600;
     let redis = RedisServer::start();
     let prefix = unique("slowcons");
-    let a = Instance::start(
+    let a = Instance::redis_with(
         "slowcons",
-        &[
-            "--redis-url",
-            &redis.url(),
-            "--redis-prefix",
-            &prefix,
-            "--client-queue-len",
-            "16",
-        ],
+        &redis.url(),
+        &prefix,
+        &["--client-queue-len", "16"],
     );
     a.wait_ready();
     let stalled = stalled_client(a.ws);

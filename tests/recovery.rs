@@ -43,16 +43,11 @@ fn since_resumes_exactly_after_the_given_id_then_goes_live() {
 fn a_since_older_than_history_gets_a_truncation_notice_and_what_is_left() {
     // Small stream nodes let `MAXLEN ~` trim at a fine grain.
     let redis = RedisServer::start_with(&["--stream-node-max-entries", "2"]);
-    let a = Instance::start(
+    let a = Instance::redis_with(
         "trim",
-        &[
-            "--redis-url",
-            &redis.url(),
-            "--redis-prefix",
-            &unique("trim"),
-            "--history-len",
-            "4",
-        ],
+        &redis.url(),
+        &unique("trim"),
+        &["--history-len", "4"],
     );
     a.wait_ready();
     let mut alice = a.client("alice", "lobby");

@@ -168,17 +168,21 @@ pub struct Instance {
 impl Instance {
     /// Starts an instance joined to `redis`, with its keys under `prefix`.
     pub fn redis(id: &str, redis_url: &str, prefix: &str) -> Self {
-        Self::start(
-            id,
-            &[
-                "--broker",
-                "redis",
-                "--redis-url",
-                redis_url,
-                "--redis-prefix",
-                prefix,
-            ],
-        )
+        Self::redis_with(id, redis_url, prefix, &[])
+    }
+
+    /// Starts an instance joined to `redis` with extra options.
+    pub fn redis_with(id: &str, redis_url: &str, prefix: &str, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "--broker",
+            "redis",
+            "--redis-url",
+            redis_url,
+            "--redis-prefix",
+            prefix,
+        ];
+        args.extend_from_slice(extra);
+        Self::start(id, &args)
     }
 
     /// Starts an instance with no Redis.
@@ -516,6 +520,47 @@ impl Client {
     }
 }
 
+/// What one read from a client gave.
+pub enum Received {
+    /// A chat message.
+    Message(Value),
+    /// A `notice` (a client resuming with `since` may get one).
+    Notice(Value),
+    /// Nothing worth keeping: a `status` frame, a ping, or no frame within
+    /// the socket's read timeout.
+    Nothing,
+    /// The connection is gone.
+    Lost(tungstenite::Error),
+}
+
+impl Client {
+    /// Reads one frame, sorting chat messages from the frames a follower
+    /// ignores; panics on any other frame (an `error`, a `welcome` late).
+    pub fn read_message(&mut self, name: &str) -> Received {
+        match self.socket.read() {
+            Ok(Message::Text(text)) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                match frame["type"].as_str() {
+                    Some("message") => Received::Message(frame),
+                    Some("notice") => Received::Notice(frame),
+                    Some("status") => Received::Nothing,
+                    _ => panic!("{name}: unexpected frame {frame}"),
+                }
+            }
+            Ok(_) => Received::Nothing,
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Received::Nothing
+            }
+            Err(e) => Received::Lost(e),
+        }
+    }
+}
+
 /// A client read on its own thread until it has received a number of
 /// messages known only later (see [`Listener::finish`]).
 pub struct Listener {
@@ -542,22 +587,11 @@ impl Listener {
                     "{name}: gave up with {} messages",
                     messages.len()
                 );
-                match client.socket.read() {
-                    Ok(Message::Text(text)) => {
-                        let frame: Value = serde_json::from_str(&text).unwrap();
-                        match frame["type"].as_str() {
-                            Some("message") => messages.push(frame),
-                            Some("status") => {}
-                            _ => panic!("{name}: unexpected frame {frame}"),
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(tungstenite::Error::Io(e))
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) => {}
-                    Err(e) => panic!("{name}: connection lost: {e}"),
+                match client.read_message(&name) {
+                    Received::Message(frame) => messages.push(frame),
+                    Received::Nothing => {}
+                    Received::Notice(frame) => panic!("{name}: unexpected frame {frame}"),
+                    Received::Lost(e) => panic!("{name}: connection lost: {e}"),
                 }
             }
             client.expect_silence(Duration::from_millis(300));
