@@ -360,3 +360,40 @@ stop_private_services() {
   fi
   if [[ -n "${TMP_DIR:-}" ]]; then rm -rf "$TMP_DIR"; fi
 }
+
+# start_instance ID ARGS...: starts "$BIN" as instance ID on 127.0.0.1 with
+# ARGS, and records its PID in PIDS. Its output goes through a FIFO to a
+# prefixer ("[ID] "), recorded in LOG_PIDS, so that both can be stopped.
+start_instance() {
+  local id="$1" fifo="$TMP_DIR/$1.out"
+  shift
+  mkfifo "$fifo"
+  # It ignores Ctrl-C, so that it prints its instance's last lines; it ends
+  # when the instance closes the FIFO.
+  (
+    trap '' INT
+    prefix_lines "[$id] "
+  ) <"$fifo" &
+  LOG_PIDS+=("$!")
+  "$BIN" --host 127.0.0.1 --instance-id "$id" "$@" </dev/null >"$fifo" 2>&1 &
+  PIDS+=("$!")
+}
+
+# wait_instance_ready I PORT PATH DEADLINE: waits until instance I (PIDS[I],
+# IDS[I]) answers 200 on http://127.0.0.1:PORT/PATH; dies if it exits first,
+# or if $SECONDS reaches DEADLINE.
+wait_instance_ready() {
+  local i="$1" port="$2" path="$3" deadline="$4" rc
+  until [[ "$(http_status "$port" "$path")" == 200 ]]; do
+    if ! kill -0 "${PIDS[i]}" 2>/dev/null; then
+      rc=0
+      wait "${PIDS[i]}" || rc=$?
+      # shellcheck disable=SC2153  # IDS is the calling script's.
+      die "instance ${IDS[i]} exited (status $rc) before it was ready; see its [${IDS[i]}] lines above"
+    fi
+    # shellcheck disable=SC2153  # IDS is the calling script's.
+    ((SECONDS < deadline)) ||
+      die "instance ${IDS[i]} is not ready after 30 s (GET http://127.0.0.1:$port$path is not 200)"
+    sleep 0.2
+  done
+}

@@ -216,29 +216,12 @@ elif [[ -n "$REDIS_URL_TO_USE" ]]; then
   step "Using REDIS_URL=$REDIS_URL_TO_USE (it answers PING)"
 fi
 
-# start_instance INDEX: starts instance IDS[INDEX]; its output goes through
-# a FIFO to a prefixer, so that both PIDs are known and can be stopped.
-start_instance() {
-  local id="${IDS[$1]}" fifo="$TMP_DIR/${IDS[$1]}.out"
-  mkfifo "$fifo"
-  # It ignores Ctrl-C, so that it prints its instance's last lines; it ends
-  # when the instance closes the FIFO.
-  (
-    trap '' INT
-    prefix_lines "[$id] "
-  ) <"$fifo" &
-  LOG_PIDS+=("$!")
-  # --public-ws-url /ws: the page opens its WebSocket on its own host
-  # (nginx), never on an instance's port.
-  "$BIN" --host 127.0.0.1 --port "${HTTP_PORTS[$1]}" --ws-port "${WS_PORTS[$1]}" \
-    --instance-id "$id" --broker redis --redis-url "$REDIS_URL_TO_USE" \
-    --public-ws-url /ws </dev/null >"$fifo" 2>&1 &
-  PIDS+=("$!")
-}
-
 step "Starting instances ${IDS[*]} (HTTP ports ${HTTP_PORTS[*]})"
+# --public-ws-url /ws: a page loaded through nginx opens its WebSocket on
+# its own host (nginx), never on an instance's port.
 for ((i = 0; i < N; i++)); do
-  start_instance "$i"
+  start_instance "${IDS[i]}" --port "${HTTP_PORTS[i]}" --ws-port "${WS_PORTS[i]}" \
+    --broker redis --redis-url "$REDIS_URL_TO_USE" --public-ws-url /ws
 done
 
 # ------------------------------------------------------------------ nginx
@@ -333,16 +316,7 @@ NGINX_PID=$!
 
 deadline=$((SECONDS + 30))
 for ((i = 0; i < N; i++)); do
-  until [[ "$(http_status "${HTTP_PORTS[i]}" /readyz)" == 200 ]]; do
-    if ! kill -0 "${PIDS[i]}" 2>/dev/null; then
-      rc=0
-      wait "${PIDS[i]}" || rc=$?
-      die "instance ${IDS[i]} exited (status $rc) before it was ready; see its [${IDS[i]}] lines above"
-    fi
-    ((SECONDS < deadline)) ||
-      die "instance ${IDS[i]} is not ready after 30 s (GET http://127.0.0.1:${HTTP_PORTS[i]}/readyz is not 200)"
-    sleep 0.2
-  done
+  wait_instance_ready "$i" "${HTTP_PORTS[i]}" /readyz "$deadline"
 done
 until [[ "$(http_status "$PROXY_PORT" /readyz)" == 200 ]]; do
   if ! kill -0 "$NGINX_PID" 2>/dev/null; then

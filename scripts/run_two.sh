@@ -136,28 +136,6 @@ build_release
 
 TMP_DIR="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-chat-run.XXXXXX")"
 
-# start_instance ID PORT: starts one instance; its output goes through a
-# FIFO to a prefixer, so that both PIDs are known and can be stopped.
-start_instance() {
-  local id="$1" port="$2" fifo="$TMP_DIR/$1.out"
-  local broker_args=(--broker local)
-  if [[ "$NO_REDIS" -eq 0 ]]; then
-    broker_args=(--broker redis --redis-url "$REDIS_URL_TO_USE")
-  fi
-  mkfifo "$fifo"
-  # It ignores Ctrl-C, so that it prints its instance's last lines; it ends
-  # when the instance closes the FIFO.
-  (
-    trap '' INT
-    prefix_lines "[$id] "
-  ) <"$fifo" &
-  LOG_PIDS+=("$!")
-  "$BIN" --host 127.0.0.1 --port "$port" --ws-port $((port + 10000)) \
-    --instance-id "$id" "${broker_args[@]}" </dev/null >"$fifo" 2>&1 &
-  PIDS+=("$!")
-  IDS+=("$id")
-}
-
 if [[ "$NEED_PRIVATE_REDIS" -eq 1 ]]; then
   step "Starting a private redis-server"
   start_private_redis "$TMP_DIR/redis"
@@ -166,8 +144,17 @@ elif [[ -n "$REDIS_URL_TO_USE" ]]; then
 fi
 
 step "Starting instances a (port $PORT_A) and b (port $PORT_B)"
-start_instance a "$PORT_A"
-start_instance b "$PORT_B"
+# After the Redis step: REDIS_URL_TO_USE is only known from there on.
+BROKER_ARGS=(--broker local)
+if [[ "$NO_REDIS" -eq 0 ]]; then
+  BROKER_ARGS=(--broker redis --redis-url "$REDIS_URL_TO_USE")
+fi
+IDS=(a b)
+INSTANCE_PORTS=("$PORT_A" "$PORT_B")
+for i in 0 1; do
+  port="${INSTANCE_PORTS[i]}"
+  start_instance "${IDS[i]}" --port "$port" --ws-port $((port + 10000)) "${BROKER_ARGS[@]}"
+done
 
 # ----------------------------------------------------------- wait ready
 
@@ -175,18 +162,7 @@ READY_PATH=/readyz
 [[ "$NO_REDIS" -eq 0 ]] || READY_PATH=/healthz
 deadline=$((SECONDS + 30))
 for i in 0 1; do
-  port="$PORT_A"
-  [[ "$i" -eq 0 ]] || port="$PORT_B"
-  until [[ "$(http_status "$port" "$READY_PATH")" == 200 ]]; do
-    if ! kill -0 "${PIDS[i]}" 2>/dev/null; then
-      rc=0
-      wait "${PIDS[i]}" || rc=$?
-      die "instance ${IDS[i]} exited (status $rc) before it was ready; see its [${IDS[i]}] lines above"
-    fi
-    ((SECONDS < deadline)) ||
-      die "instance ${IDS[i]} is not ready after 30 s (GET http://127.0.0.1:$port$READY_PATH is not 200)"
-    sleep 0.2
-  done
+  wait_instance_ready "$i" "${INSTANCE_PORTS[i]}" "$READY_PATH" "$deadline"
 done
 
 # ---------------------------------------------------------------- banner
