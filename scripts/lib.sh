@@ -397,3 +397,14 @@ wait_instance_ready() {
     sleep 0.2
   done
 }
+
+# Starts the private redis-server that choose_redis asked for (in
+# $TMP_DIR/redis), or says which REDIS_URL is used; sets REDIS_URL_TO_USE.
+provide_redis() {
+  if [[ "$NEED_PRIVATE_REDIS" -eq 1 ]]; then
+    step "Starting a private redis-server"
+    start_private_redis "$TMP_DIR/redis"
+  elif [[ -n "$REDIS_URL_TO_USE" ]]; then
+    step "Using REDIS_URL=$REDIS_URL_TO_USE (it answers PING)"
+  fi
+}

@@ -209,12 +209,7 @@ build_release
 
 TMP_DIR="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-chat-cluster.XXXXXX")"
 
-if [[ "$NEED_PRIVATE_REDIS" -eq 1 ]]; then
-  step "Starting a private redis-server"
-  start_private_redis "$TMP_DIR/redis"
-elif [[ -n "$REDIS_URL_TO_USE" ]]; then
-  step "Using REDIS_URL=$REDIS_URL_TO_USE (it answers PING)"
-fi
+provide_redis
 
 step "Starting instances ${IDS[*]} (HTTP ports ${HTTP_PORTS[*]})"
 # --public-ws-url /ws: a page loaded through nginx opens its WebSocket on

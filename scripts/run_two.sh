@@ -136,12 +136,7 @@ build_release
 
 TMP_DIR="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-chat-run.XXXXXX")"
 
-if [[ "$NEED_PRIVATE_REDIS" -eq 1 ]]; then
-  step "Starting a private redis-server"
-  start_private_redis "$TMP_DIR/redis"
-elif [[ -n "$REDIS_URL_TO_USE" ]]; then
-  step "Using REDIS_URL=$REDIS_URL_TO_USE (it answers PING)"
-fi
+provide_redis
 
 step "Starting instances a (port $PORT_A) and b (port $PORT_B)"
 # After the Redis step: REDIS_URL_TO_USE is only known from there on.
