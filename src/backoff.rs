@@ -3,7 +3,9 @@
 //! Jitter matters when many instances lose Redis at once: without it they
 //! all come back in the same millisecond, again and again.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::clock;
 
 /// The first wait after a failure: short, because most outages are a
 /// restart that is over in well under a second.
@@ -18,11 +20,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(max: Duration) -> Self {
-        let seed = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-            ^ u64::from(std::process::id()).rotate_left(32);
+        let seed = clock::wall_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32);
         Backoff {
             next: INITIAL.min(max),
             max,

@@ -75,17 +75,18 @@ pub struct Config {
     #[arg(long, env = "HISTORY_REPLAY", default_value_t = 50)]
     pub history_replay: usize,
 
-    /// Deliveries (a message, or a batch of them) queued per client before
-    /// it counts as a slow consumer and is disconnected. Every slot is
-    /// allocated up front, per client.
-    #[arg(long, env = "CLIENT_QUEUE_LEN", default_value_t = 32)]
-    pub client_queue_len: usize,
+    /// Bytes a client's outbox may hold while its socket cannot take them
+    /// (the client does not read); past it, the client is closed as a slow
+    /// consumer (1008). Bytes are shared between clients, so this bounds
+    /// how far one may fall behind, more than memory.
+    #[arg(long, env = "CLIENT_BUFFER_BYTES", default_value_t = 1024 * 1024)]
+    pub client_buffer_bytes: usize,
 
-    /// Milliseconds the fan-out waits, under a steady stream, to hand
-    /// several messages to each client at once (a message after a quiet
-    /// spell goes at once). 0 hands out every message on its own.
-    #[arg(long, env = "FANOUT_WINDOW_MS", default_value_t = 10)]
-    pub fanout_window_ms: u64,
+    /// Threads that send messages to local clients: the fan-out and its
+    /// deliverers, each taking a share of a big room [default: the number
+    /// of CPUs].
+    #[arg(long, env = "DELIVERY_THREADS")]
+    pub delivery_threads: Option<usize>,
 
     /// Longest message text, in characters.
     #[arg(long, env = "MAX_TEXT_CHARS", default_value_t = 2000)]
@@ -112,7 +113,7 @@ pub struct Config {
     pub rate_strikes: u32,
 
     /// Clients (including handshakes in progress) this instance holds at
-    /// most; past it, connections get HTTP 503. Each costs two threads.
+    /// most; past it, connections get HTTP 503. Each costs one thread.
     #[arg(long, env = "MAX_CLIENTS", default_value_t = 5000)]
     pub max_clients: usize,
 
@@ -140,10 +141,10 @@ pub struct Config {
     #[arg(long, env = "HANDSHAKE_TIMEOUT_MS", default_value_t = 5000)]
     pub handshake_timeout_ms: u64,
 
-    /// Milliseconds a write to a client may block before the client is
-    /// dropped as dead.
-    #[arg(long, env = "WRITE_TIMEOUT_MS", default_value_t = 10_000)]
-    pub write_timeout_ms: u64,
+    /// Milliseconds a closing connection is given, after the server's Close
+    /// frame, to answer and hang up before it is cut.
+    #[arg(long, env = "CLOSE_GRACE_MS", default_value_t = 1000)]
+    pub close_grace_ms: u64,
 
     /// Milliseconds a message whose publish broke mid-flight is retried
     /// (idempotently) before its sender is told `unavailable`.
@@ -191,8 +192,11 @@ impl Config {
         if instance_chars == 0 || instance_chars > 64 {
             return Err("--instance-id must be 1 to 64 characters".into());
         }
-        if self.client_queue_len == 0 {
-            return Err("--client-queue-len must be at least 1".into());
+        if self.client_buffer_bytes == 0 {
+            return Err("--client-buffer-bytes must be at least 1".into());
+        }
+        if self.delivery_threads == Some(0) {
+            return Err("--delivery-threads must be at least 1".into());
         }
         if self.max_text_chars == 0 || self.max_name_chars == 0 || self.max_room_chars == 0 {
             return Err(
@@ -243,8 +247,9 @@ impl Config {
         }
     }
 
-    pub fn fanout_window(&self) -> Duration {
-        Duration::from_millis(self.fanout_window_ms)
+    /// `--delivery-threads`, or one per CPU.
+    pub fn delivery_threads(&self) -> usize {
+        self.delivery_threads.unwrap_or_else(cpus)
     }
 
     pub fn ping_interval(&self) -> Duration {
@@ -259,8 +264,8 @@ impl Config {
         Duration::from_millis(self.handshake_timeout_ms)
     }
 
-    pub fn write_timeout(&self) -> Duration {
-        Duration::from_millis(self.write_timeout_ms)
+    pub fn close_grace(&self) -> Duration {
+        Duration::from_millis(self.close_grace_ms)
     }
 
     pub fn publish_deadline(&self) -> Duration {
@@ -270,6 +275,11 @@ impl Config {
     pub fn redis_max_backoff(&self) -> Duration {
         Duration::from_millis(self.redis_max_backoff_ms)
     }
+}
+
+/// The CPUs this process may run on (1 if unknown).
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 #[cfg(test)]

@@ -1,114 +1,243 @@
-//! The fan-out thread: takes the messages the subscriber received, in
-//! order, and hands them to the hub in batches.
+//! The fan-out: the one consumer of the broker's events and the one caller
+//! of the hub, in Redis and local mode alike.
 //!
-//! Delivering a message costs, per local client, a wake-up of its writer
-//! thread and a `write` system call: in a room of a thousand, that is a
-//! thousand context switches per message, and it is what caps a
-//! thread-per-connection server. A batch of messages costs the same per
-//! client as one message, so this thread batches when it pays:
-//! - whatever arrived while the previous batch was being handed out goes
-//!   out together (no waiting: this only happens under load);
-//! - a message arriving less than `window` after the previous hand-out
-//!   waits for the rest of the window, so that under a steady stream each
-//!   client is woken at most once per window. A message after a quiet spell
-//!   goes out at once, so an idle chat sees no added latency.
+//! Each message is serialized and framed **once**, here; the messages of a
+//! room that arrived together go into one shared buffer ([`Batch`]), and
+//! each local client of the room gets a reference to it, handed to its
+//! outbox, which sends at once when the socket takes it. A delivery never
+//! waits on a client.
 //!
-//! Splitting this from the subscriber thread also keeps the subscriber's
-//! one job simple: read from Redis as fast as Redis sends, so Redis never
-//! sees it fall behind.
+//! - **Batch only what is already there.** The fan-out takes every event
+//!   that queued up while it was busy (up to [`MAX_BATCH`] messages), and
+//!   never waits on purpose for more: under load batches form by
+//!   themselves, and a message on a quiet chat goes out at once.
+//! - **Spread a big room over the cores.** Sending one message to a room
+//!   of 10,000 is 10,000 sends. Clients are split into shards by id (`id %
+//!   shards`): the fan-out sends to shard 0 itself, and one deliverer
+//!   thread per other shard sends to its own, in parallel. A small room is
+//!   sent to by the fan-out alone, but only while no deliverer has work
+//!   left: a client's messages are then always sent by one thread at a
+//!   time, in order.
+//! - **Status frames travel in order** with the messages: a `down` between
+//!   two messages reaches every client between them.
 
 use std::sync::Arc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
+use crossbeam_channel::{Receiver, Sender, bounded};
+use log::warn;
 
-use crate::hub::Hub;
-use crate::protocol::ChatMessage;
+use crate::broker::{BrokerEvent, DeliveryStatus};
+use crate::faults;
+use crate::hub::{Hub, Member};
+use crate::metrics::Metrics;
+use crate::protocol::{ChatMessage, ServerFrame};
+use crate::session::outbox::{Batch, Pushed};
+use crate::supervisor::Supervisor;
 
-/// Messages waiting between the subscriber and the fan-out thread. The
-/// fan-out never blocks on a client, so this only fills if the machine is
-/// overloaded, and then the subscriber waits (Redis buffers behind it).
-const QUEUE: usize = 16 * 1024;
-/// Most messages in one batch: bounds the buffer every client shares.
-const MAX_BATCH: usize = 256;
+/// Events waiting between the broker and the fan-out. The fan-out never
+/// waits on a client, so this only fills if the machine is overloaded; the
+/// subscriber then waits, and Redis buffers behind it.
+pub const EVENT_QUEUE: usize = 16 * 1024;
+/// Most messages in one batch.
+pub const MAX_BATCH: usize = 256;
+/// Most bytes of text in one batch: bounds the buffer every client of a
+/// room shares, and what one delivery adds to a client's outbox.
+const MAX_BATCH_BYTES: usize = 64 * 1024;
+/// Rooms with fewer local clients than this are sent to by the fan-out
+/// alone when the deliverers are idle: handing work to another thread
+/// costs a wake-up, which is worth it only for many sends.
+const SHARD_MIN_MEMBERS: usize = 32;
+/// Jobs queued for one deliverer before the fan-out waits for it.
+const JOB_QUEUE: usize = 1024;
 
-/// Starts the fan-out thread; returns where to send received messages.
-pub fn spawn_fanout(hub: Arc<Hub>, window: Duration) -> std::io::Result<Sender<ChatMessage>> {
-    let (messages_tx, messages_rx) = bounded(QUEUE);
-    thread::Builder::new()
-        .name("fan-out".into())
-        .spawn(move || run_fanout(&messages_rx, &hub, window))?;
-    Ok(messages_tx)
+/// One shard's share of one delivery.
+struct Job {
+    members: Arc<[Member]>,
+    batch: Arc<Batch>,
+    /// Chat messages in the batch (for the delivered counter).
+    messages: usize,
+    shard: usize,
 }
 
-fn run_fanout(messages_rx: &Receiver<ChatMessage>, hub: &Hub, window: Duration) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut last_hand_out: Option<Instant> = None;
-    while let Ok(first) = messages_rx.recv() {
-        batch.push(first);
-        batch.extend(messages_rx.try_iter().take(MAX_BATCH - 1));
-        if let Some(deadline) = last_hand_out.map(|at| at + window) {
-            while batch.len() < MAX_BATCH {
-                match messages_rx.recv_deadline(deadline) {
-                    Ok(message) => batch.push(message),
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+/// Starts the fan-out thread and `threads - 1` deliverer threads.
+pub fn spawn_fanout(
+    events_rx: Receiver<BrokerEvent>,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    threads: usize,
+    supervisor: &Arc<Supervisor>,
+) -> std::io::Result<()> {
+    let busy = Arc::new(AtomicUsize::new(0));
+    let shards = threads.max(1);
+    let mut deliverers = Vec::new();
+    for shard in 1..shards {
+        let (jobs_tx, jobs_rx) = bounded::<Job>(JOB_QUEUE);
+        let (metrics, busy) = (metrics.clone(), busy.clone());
+        supervisor.spawn(&format!("deliverer-{shard}"), move || {
+            for job in jobs_rx {
+                let outcome = deliver_to(&job.members, &job.batch, Some((job.shard, shards)));
+                outcome.count(&metrics, job.messages);
+                busy.fetch_sub(1, Ordering::Release);
+            }
+        })?;
+        deliverers.push(jobs_tx);
+    }
+    let fanout = Fanout {
+        hub,
+        metrics,
+        deliverers,
+        busy,
+    };
+    supervisor.spawn("fan-out", move || fanout.run(&events_rx))?;
+    Ok(())
+}
+
+struct Fanout {
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    deliverers: Vec<Sender<Job>>,
+    /// Jobs handed to deliverers and not finished.
+    busy: Arc<AtomicUsize>,
+}
+
+impl Fanout {
+    fn run(&self, events_rx: &Receiver<BrokerEvent>) {
+        let mut messages = Vec::with_capacity(MAX_BATCH);
+        while let Ok(first) = events_rx.recv() {
+            let mut next = Some(first);
+            let mut bytes = 0;
+            while let Some(event) = next.take() {
+                match event {
+                    BrokerEvent::Message(message) => {
+                        bytes += message.text.len() + message.from.len();
+                        messages.push(message);
+                    }
+                    BrokerEvent::Delivery(status) => {
+                        self.deliver_messages(&mut messages);
+                        self.broadcast(status);
+                    }
+                }
+                if messages.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                    next = events_rx.try_recv().ok();
+                }
+            }
+            self.deliver_messages(&mut messages);
+        }
+    }
+
+    /// Frames each message once and hands each room's batch to its
+    /// members, in order.
+    fn deliver_messages(&self, messages: &mut Vec<ChatMessage>) {
+        let mut batches: Vec<(&str, Batch, usize)> = Vec::new();
+        for message in messages.iter() {
+            faults::inject("fan-out", &message.text);
+            let frame = ServerFrame::Message(message).to_ws_bytes();
+            match batches
+                .iter_mut()
+                .find(|(room, _, _)| *room == message.room)
+            {
+                Some((_, batch, count)) => {
+                    batch.push(Some(message.id), &frame);
+                    *count += 1;
+                }
+                None => {
+                    let mut batch = Batch::default();
+                    batch.push(Some(message.id), &frame);
+                    batches.push((&message.room, batch, 1));
                 }
             }
         }
-        hub.deliver_batch(&batch);
-        batch.clear();
-        last_hand_out = Some(Instant::now());
+        for (room, batch, count) in batches {
+            if let Some(members) = self.hub.room(room) {
+                self.send(members, Arc::new(batch), count);
+            }
+        }
+        messages.clear();
+    }
+
+    /// Tells every local client that delivery went down or came back.
+    fn broadcast(&self, status: DeliveryStatus) {
+        let frame = match status {
+            DeliveryStatus::Down => ServerFrame::Status {
+                delivery: "down",
+                message: "the server lost its link to Redis: sending is paused while it reconnects",
+            },
+            DeliveryStatus::Up => ServerFrame::Status {
+                delivery: "up",
+                message: "the server is linked to Redis again",
+            },
+        };
+        let batch = Arc::new(Batch::single(&frame.to_ws_bytes()));
+        for members in self.hub.all_rooms() {
+            self.send(members, batch.clone(), 0);
+        }
+    }
+
+    fn send(&self, members: Arc<[Member]>, batch: Arc<Batch>, messages: usize) {
+        let shards = self.deliverers.len() + 1;
+        let alone = members.len() < SHARD_MIN_MEMBERS && self.busy.load(Ordering::Acquire) == 0;
+        if shards == 1 || alone {
+            deliver_to(&members, &batch, None).count(&self.metrics, messages);
+            return;
+        }
+        for (n, jobs_tx) in self.deliverers.iter().enumerate() {
+            self.busy.fetch_add(1, Ordering::Relaxed);
+            let job = Job {
+                members: members.clone(),
+                batch: batch.clone(),
+                messages,
+                shard: n + 1,
+            };
+            if jobs_tx.send(job).is_err() {
+                // A dead deliverer: the supervisor is already stopping the
+                // instance.
+                self.busy.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        deliver_to(&members, &batch, Some((0, shards))).count(&self.metrics, messages);
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::hub::{Delivery, Member};
-    use crate::protocol::MessageId;
+/// What one pass over a shard did.
+#[derive(Default)]
+struct Outcome {
+    delivered: u64,
+    queued: u64,
+    dropped: u64,
+}
 
-    fn message(seq: u64) -> ChatMessage {
-        ChatMessage {
-            id: MessageId { millis: 1, seq },
-            room: "lobby".into(),
-            from: "a".into(),
-            text: "t".into(),
-            ts: 1,
-            instance: "i".into(),
-            cid: None,
-        }
-    }
-
-    #[test]
-    fn a_steady_stream_is_handed_out_in_batches_and_in_order() {
-        let hub = Arc::new(Hub::new(Arc::default()));
-        let (frames_tx, frames_rx) = bounded::<Delivery>(64);
-        let (control_tx, _control_rx) = bounded(1);
-        hub.join(Member {
-            id: 1,
-            room: "lobby".into(),
-            last_seen: Arc::default(),
-            direct: None,
-            frames_tx,
-            control_tx,
-            closing: Arc::default(),
-        });
-        let messages_tx = spawn_fanout(hub, Duration::from_millis(50)).unwrap();
-        let started = Instant::now();
-        messages_tx.send(message(0)).unwrap();
-        let first = frames_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        assert_eq!(
-            first.frames.len(),
-            1,
-            "after a quiet spell a message goes at once"
+impl Outcome {
+    fn count(&self, metrics: &Metrics, messages: usize) {
+        Metrics::add(
+            &metrics.messages_delivered_total,
+            self.delivered * messages as u64,
         );
-        assert!(started.elapsed() < Duration::from_millis(50));
-        for seq in 1..=5 {
-            messages_tx.send(message(seq)).unwrap();
-        }
-        let second = frames_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        let ids: Vec<u64> = second.frames().map(|(id, _)| id.unwrap().seq).collect();
-        assert_eq!(ids, [1, 2, 3, 4, 5], "within the window, one batch");
+        Metrics::add(&metrics.deliveries_queued_total, self.queued);
+        Metrics::add(&metrics.slow_clients_dropped_total, self.dropped);
     }
+}
+
+/// Hands `batch` to the members of one shard (`(shard, shards)`), or to all.
+fn deliver_to(members: &[Member], batch: &Arc<Batch>, shard: Option<(usize, usize)>) -> Outcome {
+    let mine = |member: &Member| shard.is_none_or(|(n, of)| member.id as usize % of == n);
+    let mut outcome = Outcome::default();
+    for member in members.iter().filter(|member| mine(member)) {
+        match member.outbox.deliver(batch) {
+            Pushed::Sent => outcome.delivered += 1,
+            Pushed::Queued => {
+                outcome.delivered += 1;
+                outcome.queued += 1;
+            }
+            Pushed::Refused => {}
+            Pushed::Overflowed => {
+                warn!(
+                    "client {} dropped: send buffer full (slow consumer)",
+                    member.id
+                );
+                outcome.dropped += 1;
+            }
+        }
+    }
+    outcome
 }

@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::broker::Broker;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::supervisor::Supervisor;
 
 /// The page, embedded so the binary serves it from any directory.
 const INDEX_HTML: &str = include_str!("../client/index.html");
@@ -27,6 +28,7 @@ pub struct HttpState {
     pub public_ws_url: Option<String>,
     pub http_port: u16,
     pub broker: Arc<dyn Broker>,
+    pub supervisor: Arc<Supervisor>,
     pub metrics: Arc<Metrics>,
     pub hub: Arc<Hub>,
 }
@@ -92,7 +94,11 @@ pub fn handle(method: &str, url: &str, host: Option<&str>, state: &HttpState) ->
             Reply::new(200, "application/json", body)
         }
         "/healthz" => Reply::text(200, "ok\n"),
-        "/readyz" => match state.broker.readiness() {
+        "/readyz" => match state
+            .supervisor
+            .readiness()
+            .and_then(|()| state.broker.readiness())
+        {
             Ok(()) => Reply::text(200, "ready\n"),
             Err(reason) => Reply::text(503, format!("not ready: {reason}\n")),
         },
@@ -156,16 +162,17 @@ mod tests {
 
     fn state() -> HttpState {
         let metrics = Arc::new(Metrics::default());
-        let hub = Arc::new(Hub::new(metrics.clone()));
+        let (events_tx, _events_rx) = crossbeam_channel::unbounded();
         HttpState {
             instance: "a1".into(),
             ws_port: 15000,
             ws_path: "/ws",
             public_ws_url: Some("/ws".into()),
             http_port: 5000,
-            broker: Arc::new(LocalBroker::new(hub.clone(), metrics.clone(), 10)),
+            broker: Arc::new(LocalBroker::new(events_tx, metrics.clone(), 10)),
+            supervisor: Supervisor::new().0,
             metrics,
-            hub,
+            hub: Arc::new(Hub::new()),
         }
     }
 

@@ -39,9 +39,11 @@
 
 pub mod backoff;
 pub mod broker;
+pub mod clock;
 pub mod config;
-pub mod direct;
 pub mod fanout;
+pub mod faults;
+pub mod flusher;
 pub mod http;
 pub mod hub;
 pub mod liveness;
@@ -52,3 +54,5 @@ pub mod rate_limit;
 pub mod server;
 pub mod session;
 pub mod stack;
+pub mod supervisor;
+pub mod sync;

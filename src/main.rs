@@ -5,11 +5,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use log::error;
+use crossbeam_channel::select;
+use log::{error, info};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use pubsub_chat::config::Config;
+use pubsub_chat::protocol::CloseReason;
 use pubsub_chat::server;
 
 /// glibc gives threads up to eight malloc arenas per core, each keeping its
@@ -30,6 +32,10 @@ fn limit_malloc_arenas() {
 /// whole exit must fit in the 2 seconds an orchestrator usually allows.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 
+/// The exit status after an internal thread died (`EX_SOFTWARE`): not a
+/// clean stop, so that a supervisor restarts the instance.
+const EXIT_INTERNAL_ERROR: u8 = 70;
+
 fn main() -> ExitCode {
     limit_malloc_arenas();
     let config = Config::parse();
@@ -49,9 +55,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some(signal) = signals.forever().next() {
-        log::info!("signal {signal} received");
+    let (signal_tx, signal_rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            let _ = signal_tx.send(signal);
+        }
+    });
+    select! {
+        recv(signal_rx) -> signal => {
+            info!("signal {} received", signal.unwrap_or_default());
+            server.shutdown(CloseReason::SHUTDOWN, SHUTDOWN_GRACE);
+            ExitCode::SUCCESS
+        }
+        recv(server.fatal_rx) -> death => {
+            error!("exiting: {}", death.unwrap_or_default());
+            server.shutdown(CloseReason::INTERNAL_ERROR, SHUTDOWN_GRACE);
+            ExitCode::from(EXIT_INTERNAL_ERROR)
+        }
     }
-    server.shutdown(SHUTDOWN_GRACE);
-    ExitCode::SUCCESS
 }

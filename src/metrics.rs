@@ -39,7 +39,7 @@ macro_rules! metrics {
 metrics! {
     /// WebSocket clients connected to this instance now.
     gauge clients_connected: "chat_clients_connected",
-    /// Reader and writer threads of WebSocket sessions alive now.
+    /// Session (reader) threads alive now, one per client, handshakes included.
     gauge session_threads: "chat_session_threads",
     /// WebSocket handshakes completed.
     counter connections_total: "chat_connections_total",
@@ -59,12 +59,12 @@ metrics! {
     counter broker_payloads_invalid_total: "chat_broker_payloads_invalid_total",
     /// Frames queued to local clients (one per receiver per message).
     counter messages_delivered_total: "chat_messages_delivered_total",
-    /// Deliveries written straight to an idle client's socket, with no
-    /// writer wake-up.
-    counter direct_writes_total: "chat_direct_writes_total",
+    /// Deliveries the socket could not take at once: queued in the
+    /// client's outbox, finished by a flusher thread.
+    counter deliveries_queued_total: "chat_deliveries_queued_total",
     /// History messages replayed to connecting clients.
     counter history_replayed_total: "chat_history_replayed_total",
-    /// Clients disconnected because their send queue was full.
+    /// Clients disconnected because their outbox passed --client-buffer-bytes.
     counter slow_clients_dropped_total: "chat_slow_clients_dropped_total",
     /// Clients disconnected because they stopped answering pings.
     counter idle_clients_dropped_total: "chat_idle_clients_dropped_total",

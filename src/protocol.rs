@@ -1,4 +1,4 @@
-//! The wire contract (`PROTOCOL.md`): every JSON shape that crosses a
+//! The wire contract (`docs/PROTOCOL.md`): every JSON shape that crosses a
 //! WebSocket or the Redis channel, and the only place that encodes, decodes
 //! and validates them.
 //!
@@ -11,8 +11,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tungstenite::protocol::frame::Frame;
-use tungstenite::protocol::frame::coding::{Data, OpCode};
+use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tungstenite::protocol::frame::{CloseFrame, Frame};
 
 /// The longest client-chosen `cid`: a UUID is 36, so 64 leaves room for any
 /// sane scheme without letting a client make every echo expensive.
@@ -156,7 +156,7 @@ impl NewMessage {
     }
 }
 
-/// Stable error codes (`PROTOCOL.md`): clients branch on these, so they
+/// Stable error codes (`docs/PROTOCOL.md`): clients branch on these, so they
 /// never change meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -228,6 +228,85 @@ pub fn ws_text_frame(text: String) -> WsBytes {
         .format(&mut bytes)
         .expect("writing a frame into a Vec cannot fail");
     bytes.into()
+}
+
+/// Why the server ends a connection: its Close frame's code and reason
+/// (`docs/PROTOCOL.md`, "Closing").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+impl CloseReason {
+    /// The client did not read, and its outbox passed `--client-buffer-bytes`.
+    pub const SLOW_CONSUMER: CloseReason = CloseReason {
+        code: 1008,
+        reason: "slow consumer: send buffer full",
+    };
+    /// The client stopped answering pings: a dead peer, most likely.
+    pub const IDLE: CloseReason = CloseReason {
+        code: 1001,
+        reason: "no answer to ping",
+    };
+    /// The client kept sending past its rate limit.
+    pub const FLOODING: CloseReason = CloseReason {
+        code: 1008,
+        reason: "rate limit exceeded repeatedly",
+    };
+    /// The handshake query (name, room, since) is not acceptable.
+    pub const BAD_REQUEST: CloseReason = CloseReason {
+        code: 1008,
+        reason: "bad request",
+    };
+    /// A frame over `--max-frame-bytes`.
+    pub const TOO_LARGE: CloseReason = CloseReason {
+        code: 1009,
+        reason: "message too large",
+    };
+    /// A text frame that is not UTF-8.
+    pub const INVALID_UTF8: CloseReason = CloseReason {
+        code: 1007,
+        reason: "text frame is not valid UTF-8",
+    };
+    /// A frame that breaks RFC 6455.
+    pub const PROTOCOL_ERROR: CloseReason = CloseReason {
+        code: 1002,
+        reason: "protocol error",
+    };
+    /// The instance is shutting down (1001, "going away").
+    pub const SHUTDOWN: CloseReason = CloseReason {
+        code: 1001,
+        reason: "server shutting down",
+    };
+    /// An internal thread died: the instance exits so that its supervisor
+    /// restarts it.
+    pub const INTERNAL_ERROR: CloseReason = CloseReason {
+        code: 1011,
+        reason: "internal error: the server is restarting",
+    };
+
+    /// The answer to a client's Close: its own code back (RFC 6455 5.5.1),
+    /// or 1000 when it gave none or one a server may not send back.
+    pub fn echo(code: Option<u16>) -> CloseReason {
+        let code = code
+            .filter(|&code| CloseCode::from(code).is_allowed())
+            .unwrap_or(1000);
+        CloseReason { code, reason: "" }
+    }
+
+    /// The complete Close frame.
+    pub fn to_ws_bytes(&self) -> Vec<u8> {
+        let frame = Frame::close(Some(CloseFrame {
+            code: CloseCode::from(self.code),
+            reason: self.reason.into(),
+        }));
+        let mut bytes = Vec::with_capacity(frame.len());
+        frame
+            .format(&mut bytes)
+            .expect("writing a frame into a Vec cannot fail");
+        bytes
+    }
 }
 
 /// What a client may send.

@@ -4,22 +4,27 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::Receiver;
 use log::{info, warn};
 
-use crate::broker::Broker;
 use crate::broker::local::LocalBroker;
-use crate::broker::redis_pubsub::{RedisBroker, RedisSettings};
-use crate::config::{BrokerKind, Config};
+use crate::broker::redis::{RedisBroker, RedisSettings};
+use crate::broker::{Broker, BrokerEvent};
+use crate::config::{self, BrokerKind, Config};
+use crate::fanout::{self, EVENT_QUEUE};
+use crate::flusher::Flusher;
 use crate::http::{self, HttpState};
-use crate::hub::{CloseReason, Hub};
+use crate::hub::Hub;
 use crate::liveness;
 use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
+use crate::protocol::CloseReason;
 use crate::session::{self, SessionContext, SessionLimits, WS_PATH};
+use crate::supervisor::Supervisor;
 
 /// HTTP worker threads: the page and the probes are light, and tiny_http
 /// does the socket work on its own threads.
@@ -51,7 +56,10 @@ pub struct RunningServer {
     pub instance: String,
     pub http_addr: SocketAddr,
     pub ws_addr: SocketAddr,
-    stopping: Arc<AtomicBool>,
+    /// Announces the death of an internal thread: the instance must then
+    /// exit (see [`crate::supervisor`]).
+    pub fatal_rx: Receiver<String>,
+    supervisor: Arc<Supervisor>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     http: Arc<tiny_http::Server>,
@@ -67,8 +75,8 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     check_budgets(config.max_clients, open_files);
     let instance = config.instance_id();
     let metrics = Arc::new(Metrics::default());
-    let hub = Arc::new(Hub::new(metrics.clone()));
-    let stopping = Arc::new(AtomicBool::new(false));
+    let hub = Arc::new(Hub::new());
+    let (supervisor, fatal_rx) = Supervisor::new();
 
     let http_listener = TcpListener::bind((config.host, config.port)).map_err(|e| {
         format!(
@@ -86,6 +94,19 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     let http_addr = http_listener.local_addr().map_err(|e| e.to_string())?;
     let ws_addr = ws_listener.local_addr().map_err(|e| e.to_string())?;
 
+    // One delivery path for either broker: it emits events, the fan-out
+    // thread alone hands them to the hub's clients.
+    let (events_tx, events_rx) = crossbeam_channel::bounded::<BrokerEvent>(EVENT_QUEUE);
+    fanout::spawn_fanout(
+        events_rx,
+        hub.clone(),
+        metrics.clone(),
+        config.delivery_threads(),
+        &supervisor,
+    )
+    .map_err(|e| format!("cannot start the fan-out threads: {e}"))?;
+    let flusher = Flusher::start(config::cpus(), &supervisor)
+        .map_err(|e| format!("cannot start the flusher threads: {e}"))?;
     let broker: Arc<dyn Broker> = match config.broker {
         BrokerKind::Redis => RedisBroker::start(
             RedisSettings {
@@ -96,17 +117,18 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
                 publish_deadline: config.publish_deadline(),
                 instance: instance.clone(),
                 limits: config.content_limits(),
-                fanout_window: config.fanout_window(),
             },
+            events_tx,
             hub.clone(),
             metrics.clone(),
+            &supervisor,
         )?,
         BrokerKind::Local => {
             warn!(
                 "local broker: this instance is alone; clients of other instances will not see its messages"
             );
             Arc::new(LocalBroker::new(
-                hub.clone(),
+                events_tx,
                 metrics.clone(),
                 config.history_len,
             ))
@@ -124,15 +146,17 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         public_ws_url: config.public_ws_url.clone(),
         http_port: http_addr.port(),
         broker: broker.clone(),
+        supervisor: supervisor.clone(),
         metrics: metrics.clone(),
         hub: hub.clone(),
     });
     for worker in 0..HTTP_WORKERS {
         let server = http_server.clone();
         let state = http_state.clone();
-        thread::Builder::new()
-            .name(format!("http-{worker}"))
-            .spawn(move || http::serve(&server, &state))
+        supervisor
+            .spawn(&format!("http-{worker}"), move || {
+                http::serve(&server, &state)
+            })
             .map_err(|e| format!("cannot start an HTTP thread: {e}"))?;
     }
 
@@ -140,6 +164,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         instance.clone(),
         hub.clone(),
         broker,
+        flusher,
         metrics.clone(),
         SessionLimits {
             content: config.content_limits(),
@@ -149,27 +174,24 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
                 allowed: config.allowed_origins.clone(),
             },
             max_clients: config.max_clients,
-            client_queue_len: config.client_queue_len,
+            client_buffer_bytes: config.client_buffer_bytes,
             max_frame_bytes: config.max_frame_bytes,
             history_replay: config.history_replay,
             handshake_timeout: config.handshake_timeout(),
-            write_timeout: config.write_timeout(),
+            close_grace: config.close_grace(),
         },
-        stopping.clone(),
+        supervisor.clone(),
     ));
     liveness::spawn_pinger(
         hub.clone(),
         metrics.clone(),
         config.ping_interval(),
         config.idle_timeout(),
+        &supervisor,
     )
     .map_err(|e| format!("cannot start the pinger thread: {e}"))?;
-    thread::Builder::new()
-        .name("ws-accept".into())
-        .spawn({
-            let stopping = stopping.clone();
-            move || run_accept(ws_listener, context, stopping)
-        })
+    supervisor
+        .spawn("ws-accept", move || run_accept(ws_listener, context))
         .map_err(|e| format!("cannot start the accept thread: {e}"))?;
 
     info!(
@@ -180,7 +202,8 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         instance,
         http_addr,
         ws_addr,
-        stopping,
+        fatal_rx,
+        supervisor,
         hub,
         metrics,
         http: http_server,
@@ -188,9 +211,9 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
 }
 
 /// The accept thread: one session (reader thread) per connection.
-fn run_accept(listener: TcpListener, context: Arc<SessionContext>, stopping: Arc<AtomicBool>) {
+fn run_accept(listener: TcpListener, context: Arc<SessionContext>) {
     for stream in listener.incoming() {
-        if stopping.load(Ordering::Relaxed) {
+        if context.supervisor.is_stopping() {
             break;
         }
         match stream {
@@ -205,15 +228,16 @@ fn run_accept(listener: TcpListener, context: Arc<SessionContext>, stopping: Arc
 }
 
 impl RunningServer {
-    /// Stops accepting, sends every client a close frame 1001 (going
-    /// away), and waits up to `grace` for them to go.
-    pub fn shutdown(&self, grace: Duration) {
+    /// Stops accepting, sends every client a Close frame with `reason`
+    /// (1001 going away, or 1011 after an internal thread died), and waits
+    /// up to `grace` for them to go.
+    pub fn shutdown(&self, reason: CloseReason, grace: Duration) {
         info!("instance {} shutting down", self.instance);
-        self.stopping.store(true, Ordering::Relaxed);
+        self.supervisor.stop();
         // Wake the accept thread so it sees the flag and drops the listener.
         let _ = TcpStream::connect_timeout(&self.ws_addr, Duration::from_millis(100));
         self.http.unblock();
-        self.hub.close_all(CloseReason::SHUTDOWN);
+        self.hub.close_all(reason);
         let deadline = Instant::now() + grace;
         while self.metrics.clients_connected.load(Ordering::Relaxed) > 0
             && Instant::now() < deadline
@@ -249,11 +273,12 @@ fn raise_open_files_limit() -> Option<u64> {
 }
 
 /// Threads this process needs besides its clients': accept, HTTP workers,
-/// tiny_http's own, the subscriber, the pinger, main.
+/// tiny_http's own, the subscriber, the fan-out, deliverers, flushers, the
+/// pinger, main.
 const FIXED_THREADS: u64 = 16;
 
 /// Says at start-up, rather than at the first refused client, when
-/// `--max-clients` is more than the machine can give: two threads and one
+/// `--max-clients` is more than the machine can give: one thread and one
 /// socket per client. Past the real limit clients are refused cleanly
 /// anyway (a failed spawn is a 503); this only makes it visible.
 fn check_budgets(max_clients: usize, open_files: Option<u64>) {
@@ -269,7 +294,7 @@ fn check_budgets(max_clients: usize, open_files: Option<u64>) {
     .into_iter()
     .flatten()
     .min();
-    let wanted_threads = 2 * max_clients as u64 + FIXED_THREADS;
+    let wanted_threads = max_clients as u64 + FIXED_THREADS;
     if let Some(limit) = thread_limit
         && wanted_threads > limit
     {

@@ -34,8 +34,8 @@ fn every_way_of_leaving_frees_the_clients_threads_and_hub_entry() {
     let mut polite = a.client("polite", "lobby");
     assert_eq!(
         a.metric("chat_session_threads"),
-        2.0,
-        "a reader and a writer per client"
+        1.0,
+        "one thread per client: its reader"
     );
     polite.socket.close(None).unwrap();
     loop {

@@ -148,6 +148,9 @@ fn metrics_count_clients_and_messages() {
     assert_eq!(b.metric("chat_messages_delivered_total"), 6.0);
     assert_eq!(b.metric("chat_broker_messages_total"), 3.0);
     assert_eq!(b.metric("chat_messages_published_total"), 0.0);
-    // Idle writers let the fan-out write for them (no wake-up).
-    assert!(a.metric("chat_direct_writes_total") + b.metric("chat_direct_writes_total") >= 1.0);
+    assert_eq!(
+        b.metric("chat_session_threads"),
+        2.0,
+        "one thread per client: its reader"
+    );
 }

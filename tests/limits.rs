@@ -382,7 +382,7 @@ fn a_client_that_stops_reading_is_dropped_and_fifty_others_get_all_ten_thousand(
         "slowcons",
         &redis.url(),
         &prefix,
-        &["--client-queue-len", "16"],
+        &["--client-buffer-bytes", "262144"],
     );
     a.wait_ready();
     let stalled = stalled_client(a.ws);

@@ -6,13 +6,13 @@
 //! worlds: the "my chat works on one server" starting point.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
 
-use crate::broker::{Broker, History, HistoryQuery, Unavailable};
-use crate::hub::Hub;
+use crate::broker::{Broker, BrokerEvent, EventSender, History, HistoryQuery, Unavailable};
+use crate::clock;
 use crate::metrics::Metrics;
 use crate::protocol::{ChatMessage, MessageId, NewMessage};
+use crate::sync::{Mutex, lock};
 
 #[derive(Debug, Default)]
 struct State {
@@ -22,16 +22,16 @@ struct State {
 
 pub struct LocalBroker {
     state: Mutex<State>,
-    hub: Arc<Hub>,
+    events_tx: EventSender,
     metrics: Arc<Metrics>,
     history_len: usize,
 }
 
 impl LocalBroker {
-    pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>, history_len: usize) -> Self {
+    pub fn new(events_tx: EventSender, metrics: Arc<Metrics>, history_len: usize) -> Self {
         LocalBroker {
             state: Mutex::default(),
-            hub,
+            events_tx,
             metrics,
             history_len,
         }
@@ -53,20 +53,12 @@ pub fn next_id(last: MessageId, now_millis: u64) -> MessageId {
     }
 }
 
-fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Broker for LocalBroker {
     fn publish(&self, message: NewMessage, _dedup_key: &str) -> Result<MessageId, Unavailable> {
-        // Delivering under the lock is what keeps every local receiver's
-        // order equal to id order; `Hub::deliver` never blocks, so the lock
-        // is held for microseconds.
-        let mut state = self.state.lock().expect("local broker lock poisoned");
-        let id = next_id(state.last_id, now_millis());
+        // Emitting under the lock is what keeps the event order equal to
+        // id order.
+        let mut state = lock(&self.state);
+        let id = next_id(state.last_id, clock::wall_millis());
         state.last_id = id;
         let message = message.accepted(id);
         let history = state.rooms.entry(message.room.clone()).or_default();
@@ -75,12 +67,14 @@ impl Broker for LocalBroker {
         }
         history.push_back(message.clone());
         Metrics::inc(&self.metrics.broker_messages_total);
-        self.hub.deliver(&message);
+        self.events_tx
+            .send(BrokerEvent::Message(message))
+            .map_err(|_| Unavailable("the fan-out thread is gone".into()))?;
         Ok(id)
     }
 
     fn history(&self, room: &str, query: HistoryQuery) -> Result<History, Unavailable> {
-        let state = self.state.lock().expect("local broker lock poisoned");
+        let state = lock(&self.state);
         let latest = (state.last_id != MessageId::ZERO).then_some(state.last_id);
         let empty = VecDeque::new();
         let history = state.rooms.get(room).unwrap_or(&empty);
@@ -136,8 +130,8 @@ mod tests {
 
     #[test]
     fn history_is_bounded_and_answers_both_queries() {
-        let hub = Arc::new(Hub::new(Arc::default()));
-        let broker = LocalBroker::new(hub, Arc::default(), 3);
+        let (events_tx, events_rx) = crossbeam_channel::unbounded();
+        let broker = LocalBroker::new(events_tx, Arc::default(), 3);
         let mut ids = Vec::new();
         for n in 0..5 {
             let message = NewMessage {
@@ -158,6 +152,13 @@ mod tests {
                 .map(|m| m.text)
                 .collect::<Vec<_>>()
         };
+        let emitted: Vec<_> = events_rx.try_iter().collect();
+        assert_eq!(
+            emitted.len(),
+            5,
+            "every message goes to the fan-out, in order"
+        );
+        assert!(matches!(&emitted[4], BrokerEvent::Message(m) if m.id == ids[4]));
         assert_eq!(texts(HistoryQuery::Recent(10)), ["2", "3", "4"]);
         assert_eq!(texts(HistoryQuery::Recent(2)), ["3", "4"]);
         assert_eq!(texts(HistoryQuery::After(ids[3])), ["4"]);

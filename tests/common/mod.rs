@@ -5,15 +5,19 @@
 #![allow(dead_code)]
 
 pub mod nginx;
+pub mod process;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+
+// Not every test file uses every helper.
+#[allow(unused_imports)]
+pub use process::{free_port, temp_dir, unique};
 
 use serde_json::Value;
 use tungstenite::stream::MaybeTlsStream;
@@ -22,25 +26,6 @@ use tungstenite::{Message, WebSocket};
 /// How long any single wait in a test may take before it fails.
 pub const TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A name unique to this test process and call: Redis prefixes, rooms.
-pub fn unique(label: &str) -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{label}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// A free loopback port (bound, read back, released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Polls `check` until it is true, or panics with `what` after [`TIMEOUT`].
 pub fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + TIMEOUT;
@@ -48,12 +33,6 @@ pub fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         thread::sleep(Duration::from_millis(20));
     }
-}
-
-pub fn temp_dir(label: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(unique(&format!("pubsub-chat-{label}")));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// A `redis-server` of this test's own, on a free loopback port, killed
@@ -87,34 +66,17 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
-        let log = self.dir.join("redis.log");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--logfile")
-            .arg(&log)
+        let child = process::redis_server_command(self.port, &self.dir)
             .args(&self.extra_args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is not installed: run ./scripts/test.sh, or apt-get install redis-server");
         self.child = Some(child);
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Ok(mut conn) = self.connection()
-                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
-            {
-                return;
-            }
-            if Instant::now() > deadline {
-                let log = std::fs::read_to_string(&log).unwrap_or_default();
-                panic!(
-                    "redis-server on port {} did not answer PING:\n{log}",
-                    self.port
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
+        if !process::wait_redis(self.port, TIMEOUT) {
+            let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
+            panic!(
+                "redis-server on port {} did not answer PING:\n{log}",
+                self.port
+            );
         }
     }
 
@@ -193,38 +155,22 @@ impl Instance {
     /// Starts an instance on ephemeral ports with the given extra options,
     /// and waits for its "listening" line.
     pub fn start(id: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pubsub-chat"))
-            .args([
-                "--port",
-                "0",
-                "--instance-id",
-                id,
-                "--redis-max-backoff-ms",
-                "500",
-            ])
+        // The rate limit is out of the way (tests send far faster than a
+        // person); the rate-limit tests set their own limits with flags,
+        // which win over the environment.
+        let mut child = process::instance_command(Path::new(env!("CARGO_BIN_EXE_pubsub-chat")), id)
+            .args(["--redis-max-backoff-ms", "500"])
             .args(args)
             .env("RUST_LOG", "info,pubsub_chat=debug")
-            // Tests send far faster than a person; the rate-limit tests set
-            // their own limits with flags, which win over these.
-            .env("RATE_BURST", "1000000")
-            .env("RATE_PER_SEC", "1000000")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
             .spawn()
             .expect("cannot start pubsub-chat");
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (addr_tx, addr_rx) = crossbeam_channel::bounded(1);
-        let stderr = child.stderr.take().unwrap();
         let lines = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addrs) = parse_listening(&line) {
-                    let _ = addr_tx.try_send(addrs);
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
+        let addr_rx = process::watch_stderr(
+            child.stderr.take().unwrap(),
+            format!("stderr-{id}"),
+            move |line| lines.lock().unwrap().push(line),
+        );
         let Ok((http, ws)) = addr_rx.recv_timeout(TIMEOUT) else {
             let _ = child.kill();
             panic!(
@@ -292,7 +238,7 @@ impl Instance {
     pub fn terminate(&mut self) -> Duration {
         let mut child = self.child.take().expect("instance already stopped");
         let started = Instant::now();
-        let status = Command::new("kill")
+        let status = std::process::Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status()
             .unwrap();
@@ -343,31 +289,10 @@ pub fn two_instances(redis: &RedisServer, prefix: &str) -> (Instance, Instance) 
     (a, b)
 }
 
-/// Reads the addresses from the server's "listening" log line.
-fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
-    let rest = line.split(" listening: page http://").nth(1)?;
-    let (http, rest) = rest.split_once("/ websocket ws://")?;
-    let ws = rest.split('/').next()?;
-    Some((http.parse().ok()?, ws.parse().ok()?))
-}
-
-/// `GET path` over plain HTTP/1.0: (status, body).
+/// `GET path` over plain HTTP/1.0: (status, body); panics on failure.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap();
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad HTTP response: {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    process::try_http_get(addr, path, TIMEOUT)
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path} failed: {e}"))
 }
 
 /// A real WebSocket client (tungstenite), with a read timeout.

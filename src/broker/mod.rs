@@ -1,15 +1,19 @@
 //! The broker: what joins this instance to the others.
 //!
 //! [`Broker`] is the seam between the local world (sessions, the hub) and
-//! the shared one. Two implementations sit behind it:
-//! - [`redis_pubsub::RedisBroker`]: Redis Pub/Sub carries every message to
-//!   every instance, and a Redis Stream per room keeps its history;
+//! the shared one. A broker accepts messages ([`Broker::publish`]) and
+//! reads history; what it receives it only **emits**, as [`BrokerEvent`]s
+//! into one channel, in order. It knows nothing of clients: the fan-out
+//! thread is the one consumer of that channel and the one caller of the
+//! hub, whichever broker runs. Two implementations:
+//! - [`redis::RedisBroker`]: Redis Pub/Sub carries every message to every
+//!   instance, and a Redis Stream per room keeps its history;
 //! - [`local::LocalBroker`]: no Redis, one isolated instance. Two of these
 //!   do not see each other, which is the problem this project exists to
 //!   show and solve.
 
 pub mod local;
-pub mod redis_pubsub;
+pub mod redis;
 
 use std::fmt;
 
@@ -88,6 +92,31 @@ impl History {
         let sent = self.messages.last().map(|m| m.id);
         known.max(sent)
     }
+}
+
+/// What a broker hands the fan-out, in the order it happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerEvent {
+    /// A message accepted by some instance, for the clients of its room.
+    Message(ChatMessage),
+    /// Delivery across instances went down or came back: every client is
+    /// told, in order with the messages around it.
+    Delivery(DeliveryStatus),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    Up,
+    Down,
+}
+
+/// Where a broker sends its events.
+pub type EventSender = crossbeam_channel::Sender<BrokerEvent>;
+
+/// The rooms that have local clients, for a broker that must catch up on
+/// what they missed. The hub answers it; a broker needs nothing else of it.
+pub trait RoomDirectory: Send + Sync {
+    fn rooms(&self) -> Vec<String>;
 }
 
 pub trait Broker: Send + Sync {

@@ -1,0 +1,128 @@
+//! The publishing connection: shared by this instance's reader threads,
+//! it runs the accept script and reads history. Opened lazily, reopened
+//! after a failure no sooner than the backoff allows, so that a dead Redis
+//! costs clients no waiting: they are told `unavailable` at once.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use log::{error, info};
+use redis::{Client, Connection, RedisError};
+
+use super::{RedisSettings, connect};
+use crate::backoff::Backoff;
+use crate::broker::Unavailable;
+use crate::metrics::Metrics;
+use crate::sync::{Mutex, lock};
+
+/// Why a command on the publishing connection failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// It certainly had no effect: Redis was not reached, or refused it.
+    Refused(String),
+    /// The link broke while it was in flight: it may have run.
+    Unknown(String),
+}
+
+impl Failure {
+    pub fn into_unavailable(self) -> Unavailable {
+        match self {
+            Failure::Refused(reason) | Failure::Unknown(reason) => Unavailable(reason),
+        }
+    }
+}
+
+/// The connection and what is known of its health.
+struct Link {
+    connection: Option<Connection>,
+    retry_at: Instant,
+    backoff: Backoff,
+    last_error: Option<String>,
+}
+
+pub struct Publisher {
+    client: Client,
+    settings: RedisSettings,
+    metrics: Arc<Metrics>,
+    link: Mutex<Link>,
+}
+
+impl Publisher {
+    pub fn new(client: Client, settings: RedisSettings, metrics: Arc<Metrics>) -> Self {
+        Publisher {
+            link: Mutex::new(Link {
+                connection: None,
+                retry_at: Instant::now(),
+                backoff: Backoff::new(settings.max_backoff),
+                last_error: None,
+            }),
+            client,
+            settings,
+            metrics,
+        }
+    }
+
+    /// Runs `command` on the publishing connection, (re)connecting first if
+    /// needed. A broken link drops the connection, so the next call starts
+    /// from a fresh one; between failures, calls fail fast until the
+    /// backoff has passed.
+    pub fn run<T>(
+        &self,
+        command: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
+    ) -> Result<T, Failure> {
+        let mut link = lock(&self.link);
+        if link.connection.is_none() {
+            if Instant::now() < link.retry_at {
+                let reason = link.last_error.clone().unwrap_or_default();
+                return Err(Failure::Refused(format!(
+                    "redis is unreachable ({reason}); retrying"
+                )));
+            }
+            match connect(&self.client, &self.settings.connection_name("pub")) {
+                Ok(connection) => {
+                    if link.last_error.take().is_some() {
+                        info!("redis publisher: reconnected to {}", self.settings.url);
+                        Metrics::inc(&self.metrics.redis_reconnects_total);
+                    }
+                    link.backoff.reset();
+                    link.connection = Some(connection);
+                    Metrics::set(&self.metrics.redis_publisher_up, 1);
+                }
+                Err(e) => return Err(Failure::Refused(self.link_broken(&mut link, e))),
+            }
+        }
+        let connection = link.connection.as_mut().expect("connected above");
+        command(connection).map_err(|e| {
+            if e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_unrecoverable_error()
+            {
+                Failure::Unknown(self.link_broken(&mut link, e))
+            } else {
+                Failure::Refused(format!("redis refused the command: {e}"))
+            }
+        })
+    }
+
+    /// Whether the connection is down now (it is reopened lazily).
+    pub fn is_down(&self) -> bool {
+        lock(&self.link).connection.is_none()
+    }
+
+    fn link_broken(&self, link: &mut Link, e: RedisError) -> String {
+        let reason = e.to_string();
+        if link.last_error.is_none() {
+            error!(
+                "redis publisher: {} unreachable: {reason}; messages are refused as unavailable until it is back \
+                 (start Redis with `redis-server`, or run without it: --broker local)",
+                self.settings.url
+            );
+        }
+        link.connection = None;
+        link.retry_at = Instant::now() + link.backoff.next_delay();
+        link.last_error = Some(reason.clone());
+        Metrics::set(&self.metrics.redis_publisher_up, 0);
+        format!("redis is unreachable ({reason})")
+    }
+}

@@ -1,0 +1,246 @@
+//! The WebSocket handshake: one deadline for the whole exchange, the
+//! Origin check, the join query, and the answers to a client refused.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use tungstenite::handshake::HandshakeError;
+use tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tungstenite::http::StatusCode;
+
+use super::{SessionContext, WS_PATH, linger};
+use crate::hub::ClientId;
+use crate::metrics::Metrics;
+use crate::protocol::{
+    CloseReason, DEFAULT_ROOM, ErrorCode, Limits, MessageId, ServerFrame, validate_name,
+    validate_room,
+};
+
+/// TCP keepalive: a peer that vanished without a FIN (power loss, a
+/// sleeping laptop) is found after about 30 s idle + 3 probes 10 s apart.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// Answers a raw HTTP error on a socket no thread could be found for.
+pub fn refuse_raw(stream: &mut TcpStream, status: &str, reason: &str) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reason}",
+        reason.len()
+    );
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// What the client asked for in its handshake URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinRequest {
+    pub name: Option<String>,
+    pub room: String,
+    pub since: Option<MessageId>,
+}
+
+/// Reads `name`, `room` and `since` from a handshake query string.
+pub fn parse_join_query(query: &str, limits: &Limits) -> Result<JoinRequest, String> {
+    let mut join = JoinRequest {
+        name: None,
+        room: DEFAULT_ROOM.to_string(),
+        since: None,
+    };
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match &*key {
+            "name" if !value.trim().is_empty() => {
+                let name = value.trim();
+                validate_name(name, limits)?;
+                join.name = Some(name.to_string());
+            }
+            "room" if !value.is_empty() => {
+                validate_room(&value, limits)?;
+                join.room = value.into_owned();
+            }
+            "since" if !value.is_empty() => {
+                join.since = Some(value.parse().map_err(|e| format!("since: {e}"))?);
+            }
+            _ => {}
+        }
+    }
+    Ok(join)
+}
+
+fn refuse_handshake(status: StatusCode, reason: String) -> ErrorResponse {
+    let mut response = ErrorResponse::new(Some(reason));
+    *response.status_mut() = status;
+    response
+}
+
+/// Bounds the whole handshake, not each read: a client dripping one byte
+/// every few seconds (slowloris) is cut off at the deadline all the same.
+struct DeadlineStream<'a> {
+    stream: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl Read for DeadlineStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for DeadlineStream<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// Runs the WebSocket handshake; on success, what the client asked for,
+/// or why its query is not acceptable (answered with an error frame, which
+/// a browser can read, unlike an HTTP status).
+// The callback's error type is tungstenite's, large or not.
+#[allow(clippy::result_large_err)]
+pub fn handshake(
+    client: ClientId,
+    stream: &TcpStream,
+    context: &SessionContext,
+) -> Option<Result<JoinRequest, String>> {
+    let mut join = None;
+    let callback = |request: &Request, response: Response| {
+        if request.uri().path() != WS_PATH {
+            return Err(refuse_handshake(
+                StatusCode::NOT_FOUND,
+                format!("the WebSocket is at {WS_PATH}"),
+            ));
+        }
+        let header = |name| request.headers().get(name).and_then(|v| v.to_str().ok());
+        let origin = header("origin");
+        if !context.limits.origins.allows(origin, header("host")) {
+            Metrics::inc(&context.metrics.origin_refused_total);
+            warn!("client {client} refused: origin {origin:?} not allowed");
+            return Err(refuse_handshake(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "origin {} may not open a WebSocket here",
+                    origin.unwrap_or("")
+                ),
+            ));
+        }
+        join = Some(parse_join_query(
+            request.uri().query().unwrap_or(""),
+            &context.limits.content,
+        ));
+        Ok(response)
+    };
+    let deadline = Instant::now() + context.limits.handshake_timeout;
+    let guarded = DeadlineStream { stream, deadline };
+    match tungstenite::accept_hdr_with_config(guarded, callback, Some(context.ws_config())) {
+        // The handshake refuses bytes after the request, so nothing read
+        // ahead is lost when its WebSocket is dropped for ours.
+        Ok(_) => join,
+        Err(e) => {
+            let timed_out = match &e {
+                HandshakeError::Interrupted(_) => true,
+                HandshakeError::Failure(tungstenite::Error::Io(e)) => {
+                    matches!(
+                        e.kind(),
+                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                    )
+                }
+                HandshakeError::Failure(_) => false,
+            };
+            if timed_out {
+                debug!("client {client} refused: no handshake within the timeout");
+                Metrics::inc(&context.metrics.handshake_timeouts_total);
+            } else {
+                debug!("client {client} refused: handshake failed: {e}");
+            }
+            None
+        }
+    }
+}
+
+/// Socket options for a client: no Nagle delay (chat frames are small and
+/// latency matters), a bound on the blocking writes of the handshake, and
+/// TCP keepalive underneath the pings.
+pub fn set_socket_options(stream: &TcpStream, write_timeout: Duration) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(write_timeout))?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
+
+/// Closes a connection that completed its handshake but will not join:
+/// an `error` frame `bad_request` naming the problem (a browser can read
+/// that, unlike an HTTP status) if there is one, the Close frame, then a
+/// lingering close.
+pub fn close_unjoined(
+    mut stream: &TcpStream,
+    bad_request: Option<&str>,
+    reason: CloseReason,
+    close_grace: Duration,
+) {
+    let mut bytes = Vec::new();
+    if let Some(message) = bad_request {
+        let frame = ServerFrame::Error {
+            code: ErrorCode::BadRequest,
+            message,
+            cid: None,
+        };
+        bytes.extend_from_slice(&frame.to_ws_bytes());
+    }
+    bytes.extend_from_slice(&reason.to_ws_bytes());
+    if stream.write_all(&bytes).is_ok() {
+        let _ = stream.shutdown(Shutdown::Write);
+        linger(stream, Instant::now() + close_grace);
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_query_defaults_and_decoding() {
+        let join = parse_join_query("", &Limits::default()).unwrap();
+        assert_eq!(join.room, "lobby");
+        assert_eq!(join.name, None);
+        let join = parse_join_query(
+            "name=Ann%C3%A9e+B&room=team-1&since=17-3",
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(join.name.as_deref(), Some("Année B"));
+        assert_eq!(join.room, "team-1");
+        assert_eq!(join.since, Some(MessageId { millis: 17, seq: 3 }));
+    }
+
+    #[test]
+    fn bad_join_queries_are_refused_with_a_reason() {
+        assert!(
+            parse_join_query("room=has%20space", &Limits::default())
+                .unwrap_err()
+                .contains("room")
+        );
+        assert!(
+            parse_join_query("since=yesterday", &Limits::default())
+                .unwrap_err()
+                .contains("since")
+        );
+        assert!(parse_join_query(&format!("name={}", "x".repeat(40)), &Limits::default()).is_err());
+        assert!(parse_join_query("name=a%0Ab", &Limits::default()).is_err());
+    }
+}

@@ -1,0 +1,436 @@
+//! One WebSocket client: one thread, its reader, from the handshake to the
+//! last byte, and every way it ends.
+//!
+//! ```text
+//!   socket ──read──> reader thread ──publish──> broker
+//!                        │ pongs, error frames, its own Close
+//!                        ▼
+//!   socket <──send── outbox <── deliverers (chat messages, status), pinger
+//!                      ▲
+//!                      └── flusher (what the socket could not take at once)
+//! ```
+//!
+//! Why one thread is enough: the reader blocks in `read` and never writes
+//! to the socket. Everything bound for the client goes through its
+//! [`outbox::Outbox`], which sends at once without blocking when it can, and
+//! leaves the rest to a flusher thread. A read timeout would have turned
+//! every idle client into a polling loop; a writer thread per client would
+//! have doubled the threads and put a hand-over between two writers.
+//!
+//! Layout: [`handshake`] (the deadline, the Origin check, the join query,
+//! refusals), [`reader`] (frames in, messages published), [`outbox`]
+//! (bytes out, in order, the Close last). This file starts sessions and
+//! makes sure each one leaves no trace, even when it panics.
+
+pub mod handshake;
+pub mod outbox;
+pub mod reader;
+
+use std::io::Read;
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+use tungstenite::WebSocket;
+use tungstenite::protocol::{Role, WebSocketConfig};
+
+use crate::broker::{Broker, HistoryQuery};
+use crate::clock::{self, LastSeen};
+use crate::flusher::Flusher;
+use crate::hub::{ClientId, Hub, Member};
+use crate::metrics::Metrics;
+use crate::origin::OriginPolicy;
+use crate::protocol::{CloseReason, ErrorCode, Limits, MessageId, ServerFrame};
+use crate::rate_limit::RateLimit;
+use crate::supervisor::Supervisor;
+use handshake::{JoinRequest, close_unjoined, handshake, refuse_raw, set_socket_options};
+use outbox::{Outbox, Queued, SocketWire};
+use reader::{SessionStream, read_until_closed};
+
+/// The WebSocket path (`docs/PROTOCOL.md`).
+pub const WS_PATH: &str = "/ws";
+/// Stack of a reader thread. It parses JSON and talks to Redis, which
+/// touches a few tens of KiB at most; what is not touched costs address
+/// space, not memory.
+const READER_STACK: usize = 256 * 1024;
+/// tungstenite's read buffer. Its 128 KiB default is touched on the first
+/// read, for every client; chat frames are small, and a larger one simply
+/// takes several reads.
+const READ_BUFFER: usize = 512;
+
+/// What every session of this instance shares.
+pub struct SessionContext {
+    pub instance: String,
+    pub hub: Arc<Hub>,
+    pub broker: Arc<dyn Broker>,
+    pub flusher: Arc<Flusher>,
+    pub metrics: Arc<Metrics>,
+    pub limits: SessionLimits,
+    pub supervisor: Arc<Supervisor>,
+    next_client: AtomicU64,
+    /// Sessions alive, handshakes included: what `--max-clients` bounds.
+    sessions: AtomicUsize,
+    /// Tells this run of the instance from earlier ones in dedup keys, so
+    /// that a restarted instance's client 1 is not taken for the old one's.
+    run_nonce: String,
+}
+
+/// The per-client limits, from the configuration.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    pub content: Limits,
+    pub rate: RateLimit,
+    pub origins: OriginPolicy,
+    pub max_clients: usize,
+    pub client_buffer_bytes: usize,
+    pub max_frame_bytes: usize,
+    pub history_replay: usize,
+    pub handshake_timeout: Duration,
+    pub close_grace: Duration,
+}
+
+impl SessionContext {
+    pub fn new(
+        instance: String,
+        hub: Arc<Hub>,
+        broker: Arc<dyn Broker>,
+        flusher: Arc<Flusher>,
+        metrics: Arc<Metrics>,
+        limits: SessionLimits,
+        supervisor: Arc<Supervisor>,
+    ) -> Self {
+        SessionContext {
+            hub,
+            broker,
+            flusher,
+            metrics,
+            limits,
+            supervisor,
+            next_client: AtomicU64::new(1),
+            sessions: AtomicUsize::new(0),
+            run_nonce: format!("{instance}-{}", clock::wall_nanos()),
+            instance,
+        }
+    }
+
+    fn ws_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .write_buffer_size(0)
+            .max_message_size(Some(self.limits.max_frame_bytes))
+            .max_frame_size(Some(self.limits.max_frame_bytes))
+    }
+}
+
+/// A place in `--max-clients`, given back when dropped, however the
+/// session ends.
+struct Slot(Arc<SessionContext>);
+
+impl Slot {
+    fn take(context: &Arc<SessionContext>) -> Option<Slot> {
+        let taken = context.sessions.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot(Arc::clone(context));
+        (taken < context.limits.max_clients).then_some(slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A gauge up while this lives.
+struct Raised<'a>(&'a std::sync::atomic::AtomicI64);
+
+impl<'a> Raised<'a> {
+    fn new(gauge: &'a std::sync::atomic::AtomicI64) -> Self {
+        Metrics::up(gauge);
+        Raised(gauge)
+    }
+}
+
+impl Drop for Raised<'_> {
+    fn drop(&mut self) {
+        Metrics::down(self.0);
+    }
+}
+
+/// Starts a session for an accepted connection on its own reader thread.
+/// At `--max-clients`, or if no thread can be had, the client gets an HTTP
+/// 503 instead, and the server goes on.
+pub fn spawn_session(mut stream: TcpStream, context: Arc<SessionContext>) {
+    let client = context.next_client.fetch_add(1, Ordering::Relaxed);
+    let Some(slot) = Slot::take(&context) else {
+        warn!(
+            "client {client} refused: instance full ({} clients, --max-clients)",
+            context.limits.max_clients
+        );
+        Metrics::inc(&context.metrics.capacity_refused_total);
+        Metrics::inc(&context.metrics.connections_refused_total);
+        refuse_raw(
+            &mut stream,
+            "503 Service Unavailable",
+            "this instance is full; try another or later",
+        );
+        return;
+    };
+    let refused = stream.try_clone().ok();
+    let spawned = thread::Builder::new()
+        .name(format!("ws-read-{client}"))
+        .stack_size(READER_STACK)
+        .spawn(move || {
+            let context = Arc::clone(&slot.0);
+            run_session(client, stream, &context);
+            drop(slot);
+        });
+    if let Err(e) = spawned {
+        warn!("client {client} refused: cannot start its reader thread: {e}");
+        Metrics::inc(&context.metrics.connections_refused_total);
+        if let Some(mut stream) = refused {
+            refuse_raw(
+                &mut stream,
+                "503 Service Unavailable",
+                "server is at its thread limit",
+            );
+        }
+    }
+}
+
+/// The reader thread's body: handshake, join, then read and publish until
+/// the connection ends.
+fn run_session(client: ClientId, stream: TcpStream, context: &SessionContext) {
+    let _thread = Raised::new(&context.metrics.session_threads);
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let joined = set_socket_options(&stream, context.limits.handshake_timeout)
+        .map_err(|e| debug!("client {client} refused: socket options: {e}"))
+        .ok()
+        .and_then(|()| handshake(client, &stream, context));
+    let grace = context.limits.close_grace;
+    match joined {
+        Some(Ok(_)) if context.supervisor.is_stopping() => {
+            Metrics::inc(&context.metrics.connections_refused_total);
+            close_unjoined(&stream, None, CloseReason::SHUTDOWN, grace);
+        }
+        Some(Ok(join)) => {
+            let _ = stream.set_read_timeout(None);
+            Metrics::inc(&context.metrics.connections_total);
+            run_joined(client, Arc::new(stream), join, &peer, context);
+        }
+        Some(Err(reason)) => {
+            debug!("client {client} refused: {reason}");
+            Metrics::inc(&context.metrics.connections_refused_total);
+            close_unjoined(&stream, Some(&reason), CloseReason::BAD_REQUEST, grace);
+        }
+        None => {
+            Metrics::inc(&context.metrics.connections_refused_total);
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// A joined client's registrations, undone on drop however the session
+/// ends, a panic included: the hub entry, the flusher's watch, the gauge,
+/// and the connection itself.
+struct Joined<'a> {
+    client: ClientId,
+    room: &'a str,
+    socket: &'a Arc<TcpStream>,
+    outbox: &'a Arc<Outbox>,
+    context: &'a SessionContext,
+    _connected: Raised<'a>,
+}
+
+impl<'a> Joined<'a> {
+    fn enter(
+        client: ClientId,
+        room: &'a str,
+        socket: &'a Arc<TcpStream>,
+        outbox: &'a Arc<Outbox>,
+        last_seen: Arc<LastSeen>,
+        context: &'a SessionContext,
+    ) -> std::io::Result<Self> {
+        context.flusher.register(client as usize, socket, outbox)?;
+        let joined = Joined {
+            client,
+            room,
+            socket,
+            outbox,
+            context,
+            _connected: Raised::new(&context.metrics.clients_connected),
+        };
+        context.hub.join(
+            room,
+            Member {
+                id: client,
+                outbox: Arc::clone(outbox),
+                last_seen,
+            },
+        );
+        Ok(joined)
+    }
+}
+
+impl Drop for Joined<'_> {
+    fn drop(&mut self) {
+        let context = self.context;
+        context.hub.leave(self.room, self.client);
+        if thread::panicking() {
+            error!(
+                "client {}: its session panicked; closing it with 1011",
+                self.client
+            );
+            if self.outbox.close(CloseReason::INTERNAL_ERROR, Queued::Drop) {
+                linger(self.socket, Instant::now() + context.limits.close_grace);
+            }
+        }
+        self.outbox.cut();
+        context.flusher.forget(self.client as usize, self.socket);
+    }
+}
+
+fn run_joined(
+    client: ClientId,
+    socket: Arc<TcpStream>,
+    join: JoinRequest,
+    peer: &str,
+    context: &SessionContext,
+) {
+    let name = join.name.unwrap_or_else(|| format!("guest-{client}"));
+    let room = join.room;
+    let key = client as usize;
+    let outbox = Arc::new(Outbox::new(
+        SocketWire {
+            socket: Arc::clone(&socket),
+            key,
+            watcher: context.flusher.watcher(key),
+            close_grace: context.limits.close_grace,
+        },
+        context.limits.client_buffer_bytes,
+    ));
+    let last_seen = Arc::new(LastSeen::default());
+    // Join before reading history: a message accepted meanwhile is then
+    // either in history or in the outbox (or both, and the outbox drops
+    // the copy), never in neither.
+    let _joined = match Joined::enter(client, &room, &socket, &outbox, last_seen.clone(), context) {
+        Ok(joined) => joined,
+        Err(e) => {
+            warn!("client {client} dropped: cannot watch its socket: {e}");
+            let _ = socket.shutdown(Shutdown::Both);
+            return;
+        }
+    };
+    info!("client {client} joined room {room} as {name:?} from {peer}");
+
+    let (first, seam) = first_frames(client, &name, &room, join.since, context);
+    outbox.open(first, seam);
+
+    let stream = SessionStream {
+        socket: Arc::clone(&socket),
+        outbox: Arc::clone(&outbox),
+    };
+    let mut websocket = WebSocket::from_raw_socket(stream, Role::Server, Some(context.ws_config()));
+    // The handshake and the history read were the deepest this thread goes.
+    crate::stack::release_unused();
+    let sender = reader::Sender {
+        client,
+        name: &name,
+        room: &room,
+    };
+    let ended = read_until_closed(&sender, &mut websocket, &last_seen, context);
+    // Whoever closed, the Close frame is queued or sent: read and discard
+    // until the client hangs up, so that unread input cannot turn the
+    // close into a reset.
+    linger(&socket, Instant::now() + context.limits.close_grace);
+    info!("client {client} left room {room}: {ended}");
+}
+
+/// A lingering close: reads and discards what the peer still sends until it
+/// hangs up or `deadline` passes, one deadline for the whole wait (a peer
+/// dripping a byte a second does not extend it).
+pub fn linger(socket: &TcpStream, deadline: Instant) {
+    let mut sink = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || socket.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match (&*socket).read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// What a client gets before live messages: the welcome, the room's history
+/// (or a notice that it is truncated or unavailable) and, while Redis is
+/// unreachable, a `status` frame; all as one buffer. Also returns the seam:
+/// live copies up to that id were sent as history.
+fn first_frames(
+    client: ClientId,
+    name: &str,
+    room: &str,
+    since: Option<MessageId>,
+    context: &SessionContext,
+) -> (Vec<u8>, Option<MessageId>) {
+    let client_label = format!("c{client}");
+    let welcome = ServerFrame::Welcome {
+        instance: &context.instance,
+        client: &client_label,
+        name,
+        room,
+    };
+    let mut first_bytes = welcome.to_ws_bytes().to_vec();
+    let query = match since {
+        Some(since) => HistoryQuery::After(since),
+        None => HistoryQuery::Recent(context.limits.history_replay),
+    };
+    let mut seam = since;
+    match context.broker.history(room, query) {
+        Ok(history) => {
+            Metrics::add(
+                &context.metrics.history_replayed_total,
+                history.messages.len() as u64,
+            );
+            if history.truncated {
+                let notice = format!(
+                    "messages after {} are no longer in history; showing the oldest it still holds",
+                    since.unwrap_or_default()
+                );
+                let frame = ServerFrame::Notice {
+                    code: "history_truncated",
+                    message: &notice,
+                };
+                first_bytes.extend_from_slice(&frame.to_ws_bytes());
+            }
+            for message in &history.messages {
+                first_bytes.extend_from_slice(&ServerFrame::Message(message).to_ws_bytes());
+            }
+            seam = history.seam(since);
+        }
+        Err(e) => {
+            warn!("client {client}: history of room {room} unavailable: {e}");
+            let notice = format!("history is unavailable: {e}");
+            let frame = ServerFrame::Error {
+                code: ErrorCode::Unavailable,
+                message: &notice,
+                cid: None,
+            };
+            first_bytes.extend_from_slice(&frame.to_ws_bytes());
+        }
+    }
+    if let Err(reason) = context.broker.readiness() {
+        let frame = ServerFrame::Status {
+            delivery: "down",
+            message: &reason,
+        };
+        first_bytes.extend_from_slice(&frame.to_ws_bytes());
+    }
+    (first_bytes, seam)
+}

@@ -1,0 +1,699 @@
+//! One client's outbox: every byte the server sends to one socket enters
+//! here, in one order, under one small lock.
+//!
+//! Whoever has bytes for a client (a deliverer with a chat message, the
+//! client's reader with a pong or an error frame, the pinger, the thread
+//! that decides to close the client) calls the outbox. If nothing is
+//! queued, the caller sends at once with a send that never blocks
+//! (`MSG_DONTWAIT`), still holding the lock; what the socket cannot take
+//! stays queued, and a flusher thread finishes it when the socket becomes
+//! writable ([`crate::flusher`]). So:
+//!
+//! - **Order holds by construction**: bytes reach the socket in the order
+//!   their callers took the lock, and two frames never interleave, because
+//!   every send happens under that lock and starts where the last one
+//!   stopped. There is no hand-over of the socket between threads to get
+//!   wrong.
+//! - **The Close frame is the last frame** (RFC 6455 section 5.5.1): once a
+//!   close begins, the outbox refuses everything, and the Close frame
+//!   itself is queued past any limit, so it always goes out.
+//! - **A slow consumer costs only itself**: the outbox holds at most
+//!   `limit` bytes; the push that would pass it closes the client with
+//!   1008 instead, and nobody ever waits on its socket.
+//!
+//! The lock is held for one non-blocking send: microseconds.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::protocol::{CloseReason, MessageId};
+use crate::sync::{Mutex, lock};
+
+/// Frames on their way to the clients of one room: one or more complete
+/// WebSocket frames back to back in one buffer, shared by every receiver,
+/// and where each begins, with its message id (none for a status frame),
+/// so that an outbox can drop what history already sent.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub bytes: Vec<u8>,
+    pub frames: Vec<(Option<MessageId>, usize)>,
+}
+
+impl Batch {
+    pub fn push(&mut self, id: Option<MessageId>, frame: &[u8]) {
+        self.frames.push((id, self.bytes.len()));
+        self.bytes.extend_from_slice(frame);
+    }
+
+    /// A batch of one frame that is not a chat message.
+    pub fn single(frame: &[u8]) -> Self {
+        let mut batch = Batch::default();
+        batch.push(None, frame);
+        batch
+    }
+
+    /// The frames one by one: (id, bytes).
+    pub fn frames(&self) -> impl Iterator<Item = (Option<MessageId>, &[u8])> {
+        let ends = self
+            .frames
+            .iter()
+            .skip(1)
+            .map(|&(_, start)| start)
+            .chain([self.bytes.len()]);
+        self.frames
+            .iter()
+            .zip(ends)
+            .map(|(&(id, start), end)| (id, &self.bytes[start..end]))
+    }
+
+    /// The last message id in it.
+    pub fn last_id(&self) -> Option<MessageId> {
+        self.frames.iter().rev().find_map(|&(id, _)| id)
+    }
+}
+
+/// Where an outbox's bytes go: a socket, and the flusher that waits on it.
+/// A trait so that the model test can put a simulated socket behind the
+/// real outbox.
+pub trait Wire: Send + Sync {
+    /// Sends as much of `parts` as the socket takes now, never blocking:
+    /// `WouldBlock` when it takes nothing.
+    fn send(&self, parts: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// The socket is full: call [`Outbox::flush`] once it can take more.
+    fn notify_when_writable(&self);
+    /// The Close frame is out: send the FIN.
+    fn shut_down_writing(&self);
+    /// A close began: cut the connection if it is still open at the end
+    /// of the close grace (the peer may never answer or read).
+    fn close_started(&self);
+    /// End the connection now, both ways.
+    fn cut(&self);
+}
+
+/// What became of bytes handed to an outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// All of them are on the socket.
+    Sent,
+    /// Queued behind earlier bytes, or the socket was full: a flusher
+    /// sends them when it can.
+    Queued,
+    /// Nothing to send: the client is closing or gone, or history already
+    /// sent these messages.
+    Refused,
+    /// This push would have passed the outbox's limit: the client is
+    /// closed as a slow consumer (1008) instead.
+    Overflowed,
+}
+
+/// What a close does with the bytes still queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// Send them first (shutdown; the answer to a flooder).
+    Send,
+    /// Drop them (a slow consumer, a dead peer, a client that is leaving);
+    /// a frame already begun is still finished, or the Close frame would
+    /// land in the middle of it.
+    Drop,
+}
+
+/// Where a connection is in its life, as the outbox sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Joined, but the welcome and history are not written yet:
+    /// deliveries wait in the queue.
+    Joining,
+    Open,
+    /// The Close frame is queued, last; everything else is refused.
+    Closing,
+    /// The Close frame is out, or the connection is gone.
+    Closed,
+}
+
+/// Bytes queued for the socket: a shared batch or the outbox's own.
+#[derive(Debug)]
+enum Chunk {
+    Shared(Arc<Batch>),
+    Own(Vec<u8>),
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Shared(batch) => &batch.bytes,
+            Chunk::Own(bytes) => bytes,
+        }
+    }
+}
+
+/// A chunk and how much of it is already on the socket.
+#[derive(Debug)]
+struct Pending {
+    chunk: Chunk,
+    sent: usize,
+}
+
+impl Pending {
+    fn rest(&self) -> &[u8] {
+        &self.chunk.bytes()[self.sent..]
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    queue: VecDeque<Pending>,
+    /// Bytes in `queue` not yet sent.
+    queued_bytes: usize,
+    phase: Phase,
+    /// Messages up to this id were sent as history: live copies are
+    /// dropped until the first newer one.
+    seam: Option<MessageId>,
+    /// A flusher was asked to call back when the socket is writable.
+    armed: bool,
+}
+
+/// Most queued chunks handed to one `sendmsg`.
+const MAX_PARTS: usize = 64;
+
+/// One client's outbox. See the module documentation.
+pub struct Outbox<W: Wire = SocketWire> {
+    wire: W,
+    /// Bytes the outbox may hold before its client counts as a slow
+    /// consumer (`--client-buffer-bytes`).
+    limit: usize,
+    state: Mutex<State>,
+}
+
+impl<W: Wire> Outbox<W> {
+    /// A joining client's outbox: deliveries queue until [`open`](Self::open).
+    pub fn new(wire: W, limit: usize) -> Self {
+        Outbox {
+            wire,
+            limit,
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                queued_bytes: 0,
+                phase: Phase::Joining,
+                seam: None,
+                armed: false,
+            }),
+        }
+    }
+
+    pub fn wire(&self) -> &W {
+        &self.wire
+    }
+
+    /// Writes the first frames (welcome, history), then what was delivered
+    /// meanwhile, less what history already held (ids up to `seam`).
+    pub fn open(&self, first: Vec<u8>, seam: Option<MessageId>) {
+        let mut state = lock(&self.state);
+        if state.phase != Phase::Joining {
+            return;
+        }
+        state.seam = seam;
+        let waiting = std::mem::take(&mut state.queue);
+        state.queued_bytes = 0;
+        self.append(&mut state, Chunk::Own(first));
+        for pending in waiting {
+            let chunk = match pending.chunk {
+                Chunk::Shared(batch) => match past_seam(&mut state.seam, &batch) {
+                    Some(chunk) => chunk,
+                    None => continue,
+                },
+                own => own,
+            };
+            self.append(&mut state, chunk);
+        }
+        state.phase = Phase::Open;
+        self.write_out(&mut state);
+    }
+
+    /// Hands a batch of chat or status frames to the client.
+    pub fn deliver(&self, batch: &Arc<Batch>) -> Pushed {
+        let mut state = lock(&self.state);
+        if state.phase == Phase::Joining {
+            // Filtered against history's seam when the client opens.
+            return self.push_locked(&mut state, Chunk::Shared(Arc::clone(batch)));
+        }
+        match past_seam(&mut state.seam, batch) {
+            Some(chunk) => self.push_locked(&mut state, chunk),
+            None => Pushed::Refused,
+        }
+    }
+
+    /// Hands the client frames of its own: a pong, an error, a ping.
+    pub fn push(&self, bytes: Vec<u8>) -> Pushed {
+        let mut state = lock(&self.state);
+        self.push_locked(&mut state, Chunk::Own(bytes))
+    }
+
+    /// Begins closing with `reason`: the Close frame goes last, and nothing
+    /// is accepted after it. Returns false if a close had already begun.
+    pub fn close(&self, reason: CloseReason, queued: Queued) -> bool {
+        let mut state = lock(&self.state);
+        if matches!(state.phase, Phase::Closing | Phase::Closed) {
+            return false;
+        }
+        self.begin_close(&mut state, reason, queued);
+        true
+    }
+
+    /// Whether a close has begun (or the connection is gone).
+    pub fn is_closing(&self) -> bool {
+        matches!(lock(&self.state).phase, Phase::Closing | Phase::Closed)
+    }
+
+    /// Flusher: the socket can take more; send what is queued.
+    pub fn flush(&self) {
+        let mut state = lock(&self.state);
+        state.armed = false;
+        if matches!(state.phase, Phase::Open | Phase::Closing) {
+            self.write_out(&mut state);
+        }
+    }
+
+    /// Ends the connection now: drops what is queued and cuts the socket.
+    pub fn cut(&self) {
+        let mut state = lock(&self.state);
+        state.phase = Phase::Closed;
+        state.queue.clear();
+        state.queued_bytes = 0;
+        self.wire.cut();
+    }
+
+    /// Bytes waiting for the socket.
+    pub fn queued_bytes(&self) -> usize {
+        lock(&self.state).queued_bytes
+    }
+
+    fn push_locked(&self, state: &mut State, chunk: Chunk) -> Pushed {
+        if matches!(state.phase, Phase::Closing | Phase::Closed) {
+            return Pushed::Refused;
+        }
+        let len = chunk.bytes().len();
+        // An empty outbox takes any one batch: the limit is about a client
+        // falling behind, not about the size of what it is sent.
+        if state.queued_bytes > 0 && state.queued_bytes + len > self.limit {
+            self.begin_close(state, CloseReason::SLOW_CONSUMER, Queued::Drop);
+            return Pushed::Overflowed;
+        }
+        let was_empty = state.queue.is_empty();
+        self.append(state, chunk);
+        if state.phase == Phase::Open && was_empty {
+            self.write_out(state);
+            if state.queue.is_empty() {
+                return Pushed::Sent;
+            }
+        }
+        Pushed::Queued
+    }
+
+    fn append(&self, state: &mut State, chunk: Chunk) {
+        let len = chunk.bytes().len();
+        if len > 0 {
+            state.queued_bytes += len;
+            state.queue.push_back(Pending { chunk, sent: 0 });
+        }
+    }
+
+    fn begin_close(&self, state: &mut State, reason: CloseReason, queued: Queued) {
+        if queued == Queued::Drop || state.phase == Phase::Joining {
+            let begun = state.queue.pop_front().filter(|pending| pending.sent > 0);
+            state.queue.clear();
+            state.queued_bytes = begun.as_ref().map_or(0, |pending| pending.rest().len());
+            state.queue.extend(begun);
+        }
+        self.append(state, Chunk::Own(reason.to_ws_bytes()));
+        state.phase = Phase::Closing;
+        self.wire.close_started();
+        self.write_out(state);
+    }
+
+    /// Sends what is queued until the socket is full; then asks a flusher
+    /// for a call back. After the Close frame, shuts down writing.
+    fn write_out(&self, state: &mut State) {
+        while !state.queue.is_empty() {
+            let mut parts = [IoSlice::new(&[]); MAX_PARTS];
+            let mut count = 0;
+            for (part, pending) in parts.iter_mut().zip(&state.queue) {
+                *part = IoSlice::new(pending.rest());
+                count += 1;
+            }
+            match self.wire.send(&parts[..count]) {
+                Ok(0) => return self.lost(state),
+                Ok(n) => consume(state, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !state.armed {
+                        state.armed = true;
+                        self.wire.notify_when_writable();
+                    }
+                    return;
+                }
+                // The peer is gone; its reader finds out on its own.
+                Err(_) => return self.lost(state),
+            }
+        }
+        if state.phase == Phase::Closing {
+            state.phase = Phase::Closed;
+            self.wire.shut_down_writing();
+        }
+    }
+
+    fn lost(&self, state: &mut State) {
+        state.phase = Phase::Closed;
+        state.queue.clear();
+        state.queued_bytes = 0;
+    }
+}
+
+/// Takes `n` sent bytes off the front of the queue.
+fn consume(state: &mut State, mut n: usize) {
+    state.queued_bytes -= n;
+    while n > 0 {
+        let pending = state.queue.front_mut().expect("sent bytes were queued");
+        let left = pending.rest().len();
+        if n < left {
+            pending.sent += n;
+            return;
+        }
+        n -= left;
+        state.queue.pop_front();
+    }
+}
+
+/// The part of `batch` a client still needs, given history's seam; clears
+/// the seam at the first message past it.
+fn past_seam(seam: &mut Option<MessageId>, batch: &Arc<Batch>) -> Option<Chunk> {
+    let Some(limit) = *seam else {
+        return Some(Chunk::Shared(Arc::clone(batch)));
+    };
+    if batch.last_id().is_some_and(|last| last > limit) {
+        *seam = None;
+    }
+    let seen = |id: Option<MessageId>| id.is_some_and(|id| id <= limit);
+    if !batch.frames.iter().any(|&(id, _)| seen(id)) {
+        return Some(Chunk::Shared(Arc::clone(batch)));
+    }
+    let rest: Vec<u8> = batch
+        .frames()
+        .filter(|&(id, _)| !seen(id))
+        .flat_map(|(_, bytes)| bytes.iter().copied())
+        .collect();
+    (!rest.is_empty()).then_some(Chunk::Own(rest))
+}
+
+/// Asks for a call back when a socket is writable, and for a cut at a
+/// deadline: what the flusher pool does for [`SocketWire`].
+pub trait Watcher: Send + Sync {
+    fn watch_writable(&self, key: usize, socket: &TcpStream);
+    fn cut_at(&self, key: usize, deadline: Instant);
+}
+
+/// The real wire: a TCP socket, sent to without blocking.
+pub struct SocketWire {
+    pub socket: Arc<TcpStream>,
+    /// The client's key with its flusher.
+    pub key: usize,
+    pub watcher: Arc<dyn Watcher>,
+    /// How long a close may take before the connection is cut.
+    pub close_grace: std::time::Duration,
+}
+
+impl Wire for SocketWire {
+    fn send(&self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+        socket2::SockRef::from(&*self.socket)
+            .send_vectored_with_flags(parts, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    }
+
+    fn notify_when_writable(&self) {
+        self.watcher.watch_writable(self.key, &self.socket);
+    }
+
+    fn shut_down_writing(&self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Write);
+    }
+
+    fn close_started(&self) {
+        self.watcher
+            .cut_at(self.key, Instant::now() + self.close_grace);
+    }
+
+    fn cut(&self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A socket that takes `room` bytes, then blocks until told it drained.
+    #[derive(Default)]
+    struct TestWire {
+        sent: std::sync::Mutex<Vec<u8>>,
+        room: AtomicUsize,
+        armed: AtomicUsize,
+        shut: AtomicUsize,
+    }
+
+    impl TestWire {
+        fn with_room(room: usize) -> Self {
+            let wire = TestWire::default();
+            wire.room.store(room, Ordering::SeqCst);
+            wire
+        }
+    }
+
+    impl Wire for TestWire {
+        fn send(&self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+            let room = self.room.load(Ordering::SeqCst);
+            if room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut sent = self.sent.lock().unwrap();
+            let mut n = 0;
+            for part in parts {
+                let take = part.len().min(room - n);
+                sent.extend_from_slice(&part[..take]);
+                n += take;
+            }
+            self.room.store(room - n, Ordering::SeqCst);
+            Ok(n)
+        }
+        fn notify_when_writable(&self) {
+            self.armed.fetch_add(1, Ordering::SeqCst);
+        }
+        fn shut_down_writing(&self) {
+            self.shut.fetch_add(1, Ordering::SeqCst);
+        }
+        fn close_started(&self) {}
+        fn cut(&self) {}
+    }
+
+    fn batch(ids: &[u64]) -> Arc<Batch> {
+        let mut batch = Batch::default();
+        for &seq in ids {
+            batch.push(Some(MessageId { millis: 1, seq }), &[seq as u8; 3]);
+        }
+        Arc::new(batch)
+    }
+
+    #[test]
+    fn deliveries_wait_for_the_first_frames_and_skip_what_history_sent() {
+        let outbox = Outbox::new(TestWire::with_room(1000), 1000);
+        assert_eq!(outbox.deliver(&batch(&[1, 2])), Pushed::Queued);
+        assert!(
+            outbox.wire.sent.lock().unwrap().is_empty(),
+            "nothing before the welcome"
+        );
+        outbox.open(b"W".to_vec(), Some(MessageId { millis: 1, seq: 2 }));
+        assert_eq!(
+            *outbox.wire.sent.lock().unwrap(),
+            b"W",
+            "1 and 2 came as history"
+        );
+        assert_eq!(outbox.deliver(&batch(&[2])), Pushed::Refused);
+        assert_eq!(outbox.deliver(&batch(&[2, 3])), Pushed::Sent);
+        assert_eq!(*outbox.wire.sent.lock().unwrap(), b"W\x03\x03\x03");
+        assert_eq!(
+            outbox.deliver(&batch(&[1])),
+            Pushed::Sent,
+            "past the seam, all go"
+        );
+    }
+
+    #[test]
+    fn a_full_socket_queues_in_order_and_the_flusher_finishes() {
+        let outbox = Outbox::new(TestWire::with_room(4), 1000);
+        outbox.open(Vec::new(), None);
+        assert_eq!(outbox.push(b"abcdef".to_vec()), Pushed::Queued);
+        assert_eq!(outbox.push(b"gh".to_vec()), Pushed::Queued);
+        assert_eq!(outbox.wire.armed.load(Ordering::SeqCst), 1, "armed once");
+        outbox.wire.room.store(100, Ordering::SeqCst);
+        outbox.flush();
+        assert_eq!(*outbox.wire.sent.lock().unwrap(), b"abcdefgh");
+        assert_eq!(outbox.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn the_close_frame_is_last_and_refuses_what_follows() {
+        let outbox = Outbox::new(TestWire::with_room(2), 1000);
+        outbox.open(Vec::new(), None);
+        outbox.push(b"abcd".to_vec());
+        outbox.push(b"efgh".to_vec());
+        assert!(outbox.close(CloseReason::SHUTDOWN, Queued::Drop));
+        assert!(!outbox.close(CloseReason::IDLE, Queued::Drop), "one close");
+        assert_eq!(outbox.push(b"late".to_vec()), Pushed::Refused);
+        outbox.wire.room.store(1000, Ordering::SeqCst);
+        outbox.flush();
+        let sent = outbox.wire.sent.lock().unwrap().clone();
+        let close = CloseReason::SHUTDOWN.to_ws_bytes();
+        assert_eq!(&sent[..4], b"abcd", "the frame begun is finished");
+        assert_eq!(&sent[4..], &close[..], "queued frames dropped, Close last");
+        assert_eq!(outbox.wire.shut.load(Ordering::SeqCst), 1, "then the FIN");
+    }
+
+    #[test]
+    fn passing_the_limit_closes_as_slow_consumer_but_the_close_gets_through() {
+        let outbox = Outbox::new(TestWire::with_room(0), 10);
+        outbox.open(Vec::new(), None);
+        assert_eq!(outbox.push(vec![1; 8]), Pushed::Queued);
+        assert_eq!(outbox.push(vec![2; 8]), Pushed::Overflowed);
+        assert!(outbox.is_closing());
+        outbox.wire.room.store(1000, Ordering::SeqCst);
+        outbox.flush();
+        let sent = outbox.wire.sent.lock().unwrap().clone();
+        assert_eq!(sent, CloseReason::SLOW_CONSUMER.to_ws_bytes());
+    }
+}
+
+/// The model test: every interleaving of deliverers, the reader, a closer
+/// and the flusher, explored by loom over the real outbox. Run with
+/// `RUSTFLAGS="--cfg loom" cargo test --release --lib loom`.
+#[cfg(all(test, loom))]
+mod loom_model {
+    use super::*;
+    use loom::sync::atomic::{AtomicBool, Ordering};
+
+    /// A socket that takes at most `ROOM` bytes until the peer drains it.
+    struct ModelWire {
+        peer: loom::sync::Mutex<(Vec<u8>, usize)>,
+        writable_wanted: AtomicBool,
+    }
+
+    const ROOM: usize = 5;
+
+    impl Wire for ModelWire {
+        fn send(&self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+            let mut peer = self.peer.lock().unwrap();
+            let (received, room) = &mut *peer;
+            if *room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for part in parts {
+                let take = part.len().min(*room - n);
+                received.extend_from_slice(&part[..take]);
+                n += take;
+            }
+            *room -= n;
+            Ok(n)
+        }
+        fn notify_when_writable(&self) {
+            self.writable_wanted.store(true, Ordering::SeqCst);
+        }
+        fn shut_down_writing(&self) {}
+        fn close_started(&self) {}
+        fn cut(&self) {}
+    }
+
+    /// Splits what the peer received into frames: (opcode, payload).
+    fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut frames = Vec::new();
+        while !bytes.is_empty() {
+            let opcode = bytes[0] & 0x0f;
+            let len = usize::from(bytes[1] & 0x7f);
+            frames.push((opcode, bytes[2..2 + len].to_vec()));
+            bytes = &bytes[2 + len..];
+        }
+        frames
+    }
+
+    fn text(seq: u64) -> Arc<Batch> {
+        let frame = crate::protocol::ws_text_frame(format!("m{seq}"));
+        let mut batch = Batch::default();
+        batch.push(Some(MessageId { millis: 1, seq }), &frame);
+        Arc::new(batch)
+    }
+
+    #[test]
+    fn loom_order_holds_and_the_close_frame_is_last() {
+        loom::model(|| {
+            let outbox = Arc::new(Outbox::new(
+                ModelWire {
+                    peer: loom::sync::Mutex::new((Vec::new(), ROOM)),
+                    writable_wanted: AtomicBool::new(false),
+                },
+                1 << 20,
+            ));
+            outbox.open(Vec::new(), None);
+            let deliverer = {
+                let outbox = outbox.clone();
+                loom::thread::spawn(move || {
+                    outbox.deliver(&text(1));
+                    outbox.deliver(&text(2));
+                })
+            };
+            let closer = {
+                let outbox = outbox.clone();
+                loom::thread::spawn(move || {
+                    outbox.close(CloseReason::SHUTDOWN, Queued::Send);
+                })
+            };
+            // The flusher: the peer reads everything, then the socket is
+            // writable again.
+            let flusher = {
+                let outbox = outbox.clone();
+                loom::thread::spawn(move || {
+                    for _ in 0..2 {
+                        outbox.wire.peer.lock().unwrap().1 = 64;
+                        if outbox.wire.writable_wanted.swap(false, Ordering::SeqCst) {
+                            outbox.flush();
+                        }
+                    }
+                })
+            };
+            deliverer.join().unwrap();
+            closer.join().unwrap();
+            flusher.join().unwrap();
+            outbox.wire.peer.lock().unwrap().1 = 1024;
+            outbox.flush();
+
+            let received = outbox.wire.peer.lock().unwrap().0.clone();
+            let frames = frames(&received);
+            let close_at = frames.iter().position(|(opcode, _)| *opcode == 0x8);
+            assert_eq!(
+                close_at,
+                Some(frames.len() - 1),
+                "one Close, last: {frames:?}"
+            );
+            let texts: Vec<_> = frames[..frames.len() - 1]
+                .iter()
+                .map(|(_, payload)| payload.clone())
+                .collect();
+            let allowed: [&[&[u8]]; 3] = [&[], &[b"m1"], &[b"m1", b"m2"]];
+            assert!(
+                allowed
+                    .iter()
+                    .any(|order| texts == order.iter().map(|t| t.to_vec()).collect::<Vec<_>>()),
+                "in order, each once: {texts:?}"
+            );
+        });
+    }
+}

@@ -1,0 +1,210 @@
+//! A client's reader thread, once joined: reads frames, checks them,
+//! publishes messages, and answers what needs an answer, all through the
+//! client's outbox. It never writes to the socket itself, and sends
+//! nothing to other clients: its own message comes back through the
+//! broker like everyone else's.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+
+use log::{debug, warn};
+use tungstenite::error::{CapacityError, Error};
+use tungstenite::{Message, WebSocket};
+
+use super::SessionContext;
+use super::outbox::{Outbox, Pushed, Queued};
+use crate::clock::LastSeen;
+use crate::faults;
+use crate::hub::ClientId;
+use crate::metrics::Metrics;
+use crate::protocol::{
+    CloseReason, ErrorCode, FrameError, NewMessage, ServerFrame, ValidMessage, parse_client_frame,
+};
+use crate::rate_limit::{TokenBucket, Verdict};
+
+/// The reader's side of the socket for tungstenite: reads come from the
+/// socket, writes (the pongs tungstenite sends on its own) go to the
+/// client's outbox, in order with everything else.
+///
+/// Bytes are handed over on `write`, not on `flush`: tungstenite writes a
+/// pong at the start of the next `read` and may not flush it.
+pub struct SessionStream {
+    pub socket: Arc<TcpStream>,
+    pub outbox: Arc<Outbox>,
+}
+
+impl Read for SessionStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.socket).read(buf)
+    }
+}
+
+impl Write for SessionStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.outbox.push(buf.to_vec()) {
+            Pushed::Sent | Pushed::Queued => Ok(buf.len()),
+            Pushed::Refused | Pushed::Overflowed => {
+                Err(io::Error::other("the connection is closing"))
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Who the reader speaks for.
+pub struct Sender<'a> {
+    pub client: ClientId,
+    pub name: &'a str,
+    pub room: &'a str,
+}
+
+/// Reads frames and publishes messages until the connection ends or a
+/// close begins; returns how it ended, for the log. Every close this
+/// thread starts goes through the outbox, so its Close frame is the last.
+pub fn read_until_closed(
+    sender: &Sender<'_>,
+    websocket: &mut WebSocket<SessionStream>,
+    last_seen: &LastSeen,
+    context: &SessionContext,
+) -> String {
+    let outbox = Arc::clone(&websocket.get_ref().outbox);
+    let client = sender.client;
+    let mut sent = 0u64;
+    let mut bucket = TokenBucket::new(context.limits.rate);
+    let close = |reason: CloseReason, why: String| {
+        outbox.close(reason, Queued::Send);
+        why
+    };
+    loop {
+        let read = websocket.read();
+        last_seen.touch();
+        // A close began elsewhere (slow consumer, dead peer, shutdown):
+        // what the client says now changes nothing.
+        if outbox.is_closing() {
+            return "closed by the server".into();
+        }
+        let message = match read {
+            Ok(message @ (Message::Text(_) | Message::Binary(_))) => message,
+            Ok(Message::Close(frame)) => {
+                outbox.close(
+                    CloseReason::echo(frame.map(|frame| u16::from(frame.code))),
+                    Queued::Drop,
+                );
+                return "closed by the client".into();
+            }
+            // tungstenite answers pings itself (the pong goes out at the
+            // start of the next read); pongs only prove life.
+            Ok(_) => continue,
+            Err(Error::ConnectionClosed | Error::AlreadyClosed) => return "closed".into(),
+            Err(Error::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
+                return close(
+                    CloseReason::TOO_LARGE,
+                    format!("frame of {size} bytes over the {max_size} byte limit"),
+                );
+            }
+            Err(Error::Utf8(_)) => {
+                return close(
+                    CloseReason::INVALID_UTF8,
+                    "invalid UTF-8 in a text frame".into(),
+                );
+            }
+            Err(Error::Protocol(e)) => {
+                return close(CloseReason::PROTOCOL_ERROR, format!("protocol error: {e}"));
+            }
+            Err(Error::Io(e)) => return format!("connection lost: {e}"),
+            Err(e) => return format!("error: {e}"),
+        };
+        Metrics::inc(&context.metrics.messages_received_total);
+        let parsed = match &message {
+            Message::Text(text) => parse_client_frame(text, &context.limits.content),
+            _ => Err(FrameError::bad_request(
+                "binary frames are not supported: send JSON text",
+            )),
+        };
+        if let Ok(message) = &parsed {
+            faults::inject("reader", &message.text);
+        }
+        let reply = match bucket.check() {
+            Verdict::Allow => match parsed {
+                Ok(message) => match publish(sender, &mut sent, message, context) {
+                    None => continue,
+                    Some(refusal) => refusal,
+                },
+                Err(refused) => {
+                    Metrics::inc(&context.metrics.messages_rejected_total);
+                    debug!("client {client}: frame refused: {}", refused.message);
+                    refused.to_frame().to_ws_bytes().to_vec()
+                }
+            },
+            Verdict::Refuse => {
+                Metrics::inc(&context.metrics.rate_limited_total);
+                let cid = match &parsed {
+                    Ok(message) => message.cid.as_deref(),
+                    Err(refused) => refused.cid.as_deref(),
+                };
+                let limit = context.limits.rate;
+                let reason = format!(
+                    "slow down: at most {} messages a second, {} in a burst",
+                    limit.per_second, limit.burst
+                );
+                error_frame(ErrorCode::RateLimited, &reason, cid)
+            }
+            Verdict::Disconnect => {
+                Metrics::inc(&context.metrics.rate_limited_total);
+                Metrics::inc(&context.metrics.flooding_clients_dropped_total);
+                warn!("client {client} dropped: {}", CloseReason::FLOODING.reason);
+                // Its rate_limited errors still go out first, then the Close.
+                return close(CloseReason::FLOODING, CloseReason::FLOODING.reason.into());
+            }
+        };
+        if let Pushed::Refused | Pushed::Overflowed = outbox.push(reply) {
+            return "closed by the server".into();
+        }
+    }
+}
+
+/// Publishes a valid message; `None` once it is accepted (the sender's own
+/// copy, coming back through the broker like everyone else's, is its
+/// receipt), or the `unavailable` error frame to send back.
+fn publish(
+    sender: &Sender<'_>,
+    sent: &mut u64,
+    message: ValidMessage,
+    context: &SessionContext,
+) -> Option<Vec<u8>> {
+    let cid = message.cid.clone();
+    let new = NewMessage {
+        room: sender.room.to_string(),
+        from: sender.name.to_string(),
+        text: message.text,
+        instance: context.instance.clone(),
+        cid: message.cid,
+    };
+    *sent += 1;
+    let dedup_key = format!("{}-{}-{sent}", context.run_nonce, sender.client);
+    match context.broker.publish(new, &dedup_key) {
+        Ok(_) => {
+            Metrics::inc(&context.metrics.messages_published_total);
+            None
+        }
+        Err(e) => {
+            Metrics::inc(&context.metrics.messages_unavailable_total);
+            debug!("client {}: message not accepted: {e}", sender.client);
+            Some(error_frame(
+                ErrorCode::Unavailable,
+                &format!("message not sent: {e}"),
+                cid.as_deref(),
+            ))
+        }
+    }
+}
+
+fn error_frame(code: ErrorCode, message: &str, cid: Option<&str>) -> Vec<u8> {
+    ServerFrame::Error { code, message, cid }
+        .to_ws_bytes()
+        .to_vec()
+}

@@ -1,0 +1,182 @@
+//! Process helpers shared by the integration tests (through
+//! `tests/common/mod.rs`) and the load generator (`benches/load/`, which
+//! includes this file with `#[path]`): free ports and temporary
+//! directories, a plain HTTP `GET`, a private `redis-server`, and the
+//! command line and "listening" line of an instance.
+//!
+//! Standard library only, and nothing that panics on its own: the tests
+//! turn a failure into a panic with their own message, the load generator
+//! into its own report.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{ChildStderr, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A name unique to this process and call: Redis prefixes, rooms,
+/// temporary directories.
+pub fn unique(label: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{label}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A free loopback port (bound, read back, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("cannot find a free loopback port")
+}
+
+/// A new directory `pubsub-chat-<label>-<pid>-<n>` under the system's
+/// temporary directory.
+pub fn temp_dir(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique(&format!("pubsub-chat-{label}")));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
+
+/// Where `program` is on the `PATH`, if it is.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| PathBuf::from(d).join(program))
+        .find(|p| p.is_file())
+}
+
+/// `GET path` over plain HTTP/1.0 (so the body is never chunked):
+/// (status, body). `timeout` bounds the connect and each read.
+pub fn try_http_get(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("bad HTTP response: {response:?}"),
+            )
+        })?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// `redis-server` on `port` of the loopback interface, with no snapshots,
+/// its files and `redis.log` in `dir`, and no output of its own. The
+/// caller adds its own arguments (persistence, ...) and spawns it.
+pub fn redis_server_command(port: u16, dir: &Path) -> Command {
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1", "--save", ""])
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(dir.join("redis.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// Whether a Redis on the loopback `port` answers `PING` with `+PONG`.
+pub fn redis_pings(port: u16) -> bool {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+        .and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            s.write_all(b"PING\r\n")?;
+            let mut buf = [0u8; 16];
+            let n = s.read(&mut buf)?;
+            Ok(buf[..n].starts_with(b"+PONG"))
+        })
+        .unwrap_or(false)
+}
+
+/// Polls [`redis_pings`] until it is true (true) or `timeout` has passed
+/// (false).
+pub fn wait_redis(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if redis_pings(port) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The server binary `bin` as instance `id` on ephemeral ports, with the
+/// per-client rate limit out of the way (tests and load send far faster
+/// than a person; explicit flags still win), stdout discarded and stderr
+/// piped: read it with [`watch_stderr`] for the listening line. The caller
+/// adds the broker options and `RUST_LOG`, and spawns it.
+pub fn instance_command(bin: &Path, id: &str) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.args(["--port", "0", "--instance-id", id])
+        .env("RATE_BURST", "1000000")
+        .env("RATE_PER_SEC", "1000000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// The (HTTP, WebSocket) addresses of an instance's listening line:
+/// `instance a listening: page http://127.0.0.1:H/ websocket ws://127.0.0.1:W/ws`.
+/// The server logs it at `info` from its `server` module.
+pub fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let rest = line.split(" listening: page http://").nth(1)?;
+    let (http, rest) = rest.split_once("/ websocket ws://")?;
+    let ws = rest.split('/').next()?;
+    Some((http.parse().ok()?, ws.parse().ok()?))
+}
+
+/// Drains an instance's stderr on a thread named `thread_name` for the
+/// process's whole life (so it never blocks on a full pipe), hands every
+/// line to `on_line`, and sends the listening line's addresses on the
+/// returned channel.
+pub fn watch_stderr(
+    stderr: ChildStderr,
+    thread_name: String,
+    mut on_line: impl FnMut(String) + Send + 'static,
+) -> mpsc::Receiver<(SocketAddr, SocketAddr)> {
+    let (addr_tx, addr_rx) = mpsc::channel();
+    thread::Builder::new()
+        .name(thread_name)
+        .spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addrs) = parse_listening(&line) {
+                    let _ = addr_tx.send(addrs);
+                }
+                on_line(line);
+            }
+        })
+        .expect("cannot start a thread to read an instance's stderr");
+    addr_rx
+}
