@@ -5,6 +5,8 @@
 #   ./scripts/test.sh                  every test
 #   ./scripts/test.sh fanout           only tests whose name has "fanout"
 #   ./scripts/test.sh -- --nocapture   arguments for the test binaries
+# With no arguments it also runs the outbox's loom model test (a second
+# build with RUSTFLAGS="--cfg loom", in target/loom).
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -12,7 +14,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 case "${1:-}" in
   -h | --help)
-    sed -n '2,7s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
     exit 0
     ;;
 esac
@@ -46,6 +48,14 @@ fi
 step "cargo test --all-targets${*:+ $*}"
 rc=0
 cargo test --all-targets "$@" || rc=$?
+
+if ((rc == 0 && $# == 0)); then
+  # Every interleaving of the outbox's threads, explored by loom over the
+  # real code (src/session/outbox.rs, module loom_model).
+  step "Model test of the outbox (loom)"
+  RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="$REPO_ROOT/target/loom" \
+    cargo test --release --lib loom || rc=$?
+fi
 if ((rc == 0)); then
   step "All tests passed"
 else

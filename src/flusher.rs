@@ -109,10 +109,10 @@ impl Shard {
             events.clear();
             let next_cut = lock(&self.cuts).peek().map(|Reverse((at, _))| *at);
             let timeout = next_cut.map(|at| at.saturating_duration_since(Instant::now()));
-            if let Err(e) = self.poller.wait(&mut events, timeout) {
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    panic!("flusher cannot wait on its sockets: {e}");
-                }
+            if let Err(e) = self.poller.wait(&mut events, timeout)
+                && e.kind() != std::io::ErrorKind::Interrupted
+            {
+                panic!("flusher cannot wait on its sockets: {e}");
             }
             for event in events.iter() {
                 if let Some(outbox) = self.outbox(event.key) {

@@ -236,7 +236,6 @@ impl RunningServer {
         self.supervisor.stop();
         // Wake the accept thread so it sees the flag and drops the listener.
         let _ = TcpStream::connect_timeout(&self.ws_addr, Duration::from_millis(100));
-        self.http.unblock();
         self.hub.close_all(reason);
         let deadline = Instant::now() + grace;
         while self.metrics.clients_connected.load(Ordering::Relaxed) > 0
@@ -253,6 +252,8 @@ impl RunningServer {
         } else {
             info!("instance {} stopped: every client closed", self.instance);
         }
+        // The probes answered 503 until now; the HTTP threads end here.
+        self.http.unblock();
     }
 }
 

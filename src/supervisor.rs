@@ -27,8 +27,9 @@ use log::error;
 
 pub struct Supervisor {
     stopping: AtomicBool,
-    /// The first death, for `/readyz`.
-    death: Mutex<Option<String>>,
+    /// Every death, for `/readyz`. One may cause others (the deliverers
+    /// end when the fan-out is gone), so all are told.
+    deaths: Mutex<Vec<String>>,
     fatal_tx: Sender<String>,
 }
 
@@ -39,7 +40,7 @@ impl Supervisor {
         let (fatal_tx, fatal_rx) = unbounded();
         let supervisor = Supervisor {
             stopping: AtomicBool::new(false),
-            death: Mutex::new(None),
+            deaths: Mutex::default(),
             fatal_tx,
         };
         (Arc::new(supervisor), fatal_rx)
@@ -70,18 +71,23 @@ impl Supervisor {
     fn died(&self, name: &str, cause: &str) {
         let what = format!("internal thread {name} died ({cause})");
         error!("{what}: this instance can no longer deliver; it exits so that it is restarted");
-        self.death
+        self.deaths
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get_or_insert(what.clone());
+            .push(what.clone());
         let _ = self.fatal_tx.send(what);
     }
 
-    /// `Err` with the cause once an internal thread died.
+    /// `Err` with the cause once an internal thread died, or while the
+    /// instance shuts down (a load balancer stops sending clients here).
     pub fn readiness(&self) -> Result<(), String> {
-        match &*self.death.lock().unwrap_or_else(PoisonError::into_inner) {
-            Some(death) => Err(format!("{death}; the instance is exiting")),
-            None => Ok(()),
+        let deaths = self.deaths.lock().unwrap_or_else(PoisonError::into_inner);
+        if !deaths.is_empty() {
+            Err(format!("{}; the instance is exiting", deaths.join("; ")))
+        } else if self.is_stopping() {
+            Err("the instance is shutting down".into())
+        } else {
+            Ok(())
         }
     }
 
@@ -126,7 +132,10 @@ mod tests {
         let (supervisor, fatal_rx) = Supervisor::new();
         supervisor.stop();
         supervisor.spawn("done", || {}).unwrap().join().unwrap();
-        assert!(fatal_rx.try_recv().is_err());
-        assert_eq!(supervisor.readiness(), Ok(()));
+        assert!(fatal_rx.try_recv().is_err(), "no death announced");
+        assert_eq!(
+            supervisor.readiness(),
+            Err("the instance is shutting down".into())
+        );
     }
 }

@@ -155,12 +155,18 @@ impl Instance {
     /// Starts an instance on ephemeral ports with the given extra options,
     /// and waits for its "listening" line.
     pub fn start(id: &str, args: &[&str]) -> Self {
+        Self::start_with_env(id, args, &[])
+    }
+
+    /// Starts one with extra environment variables (`CHAT_FAULTS`, ...).
+    pub fn start_with_env(id: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         // The rate limit is out of the way (tests send far faster than a
         // person); the rate-limit tests set their own limits with flags,
         // which win over the environment.
         let mut child = process::instance_command(Path::new(env!("CARGO_BIN_EXE_pubsub-chat")), id)
             .args(["--redis-max-backoff-ms", "500"])
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,pubsub_chat=debug")
             .spawn()
             .expect("cannot start pubsub-chat");
@@ -232,6 +238,25 @@ impl Instance {
 
     pub fn client(&self, name: &str, room: &str) -> Client {
         Client::connect(self.ws, &format!("name={name}&room={room}"))
+    }
+
+    /// Waits for the process to exit on its own; returns its status.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("instance already stopped");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "instance {} did not exit within {within:?}:\n{}",
+                self.id,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sends SIGTERM and waits for the exit; returns how long it took.
