@@ -154,3 +154,34 @@ fn metrics_count_clients_and_messages() {
         "one thread per client: its reader"
     );
 }
+
+#[test]
+fn a_client_that_joined_before_redis_existed_is_told_when_sending_works() {
+    let port = free_port();
+    let a = Instance::redis(
+        "early",
+        &format!("redis://127.0.0.1:{port}"),
+        &unique("early"),
+    );
+    let mut client = Client::connect(a.ws, "name=early");
+    let history = client.recv();
+    assert_eq!(
+        (history["type"].as_str(), history["code"].as_str()),
+        (Some("error"), Some("unavailable")),
+        "history cannot be read: {history}"
+    );
+    let status = client.recv();
+    assert_eq!(
+        (status["type"].as_str(), status["delivery"].as_str()),
+        (Some("status"), Some("down")),
+        "joined while Redis is missing: {status}"
+    );
+    let _redis = RedisServer::start_on(port);
+    a.wait_ready();
+    let status = client.recv();
+    assert_eq!(
+        (status["type"].as_str(), status["delivery"].as_str()),
+        (Some("status"), Some("up")),
+        "the page must learn it can send: {status}"
+    );
+}

@@ -49,6 +49,18 @@ impl RedisServer {
         Self::start_with(&[])
     }
 
+    /// Starts one on a given port (one an instance already points at).
+    pub fn start_on(port: u16) -> Self {
+        let mut server = RedisServer {
+            port,
+            child: None,
+            dir: temp_dir("redis"),
+            extra_args: Vec::new(),
+        };
+        server.spawn();
+        server
+    }
+
     /// Starts one with extra `redis-server` arguments (persistence, ...).
     pub fn start_with(extra_args: &[&str]) -> Self {
         let mut server = RedisServer {

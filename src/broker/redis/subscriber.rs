@@ -63,7 +63,10 @@ impl Subscriber {
         let mut failures = 0u64;
         let mut was_subscribed = false;
         loop {
-            let outcome = self.subscribe_and_deliver(&first_attempt_tx, was_subscribed);
+            // Clients that joined while Redis was away were told `down`:
+            // the first subscription after any failure tells them `up`.
+            let outcome =
+                self.subscribe_and_deliver(&first_attempt_tx, was_subscribed, failures > 0);
             if self.subscribed.swap(false, Ordering::Relaxed) {
                 was_subscribed = true;
                 failures = 0;
@@ -91,6 +94,7 @@ impl Subscriber {
         &mut self,
         first_attempt_tx: &crossbeam_channel::Sender<()>,
         reconnect: bool,
+        after_failure: bool,
     ) -> Result<(), RedisError> {
         let mut connection = connect(&self.client, &self.name)?;
         // Subscribed, the connection waits for messages for ever: no timeout.
@@ -104,6 +108,8 @@ impl Subscriber {
         Metrics::set(&self.metrics.redis_subscriber_up, 1);
         if reconnect {
             Metrics::inc(&self.metrics.redis_reconnects_total);
+        }
+        if reconnect || after_failure {
             self.emit(BrokerEvent::Delivery(DeliveryStatus::Up));
         }
         info!(
