@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::thread;
 use std::time::Duration;
 
-use common::{Client, Instance, RedisServer, texts, two_instances, unique};
+use common::{Client, Instance, Listener, RedisServer, id_of, texts, two_instances, unique};
 
 #[test]
 fn a_message_sent_on_one_instance_reaches_every_client_on_both_exactly_once() {
@@ -161,4 +161,80 @@ fn a_message_reaches_no_client_of_another_room_on_either_instance() {
     for client in [&mut red_a, &mut red_b, &mut blue_a, &mut blue_b] {
         client.expect_silence(Duration::from_millis(300));
     }
+}
+
+/// A room crosses the size at which the fan-out shares its sends with
+/// deliverer threads (32 local clients), both ways, again and again, while
+/// a stream flows: a client's messages must never be sent by two threads
+/// at once, or out of order.
+#[test]
+fn a_room_that_grows_past_the_shard_size_and_shrinks_keeps_one_order() {
+    const STEADY: usize = 28;
+    const SENDERS: usize = 3;
+    const PER_SENDER: usize = 300;
+    let redis = RedisServer::start();
+    let prefix = unique("shards");
+    let a = Instance::redis_with(
+        "shards",
+        &redis.url(),
+        &prefix,
+        &["--delivery-threads", "3"],
+    );
+    a.wait_ready();
+    let listeners: Vec<Listener> = (0..STEADY)
+        .map(|n| Listener::spawn(a.client(&format!("steady{n}"), "big"), format!("steady{n}")))
+        .collect();
+    let senders: Vec<Client> = (0..SENDERS)
+        .map(|n| a.client(&format!("sender{n}"), "big"))
+        .collect();
+    let streams: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(n, mut sender)| {
+            thread::spawn(move || {
+                for i in 0..PER_SENDER {
+                    sender.send(&format!("s{n}-m{i}"), &format!("s{n}-{i}"));
+                    // About a second of stream, while the visitors churn.
+                    thread::sleep(Duration::from_millis(3));
+                }
+                sender.recv_messages(SENDERS * PER_SENDER)
+            })
+        })
+        .collect();
+    // Clients that come and go in tens, taking the room over and under 32.
+    let ws = a.ws;
+    let churn = thread::spawn(move || {
+        let mut seen = 0;
+        for round in 0..4 {
+            let mut visitors: Vec<Client> = (0..10)
+                .map(|n| Client::connect(ws, &format!("name=visitor{round}-{n}&room=big")))
+                .collect();
+            thread::sleep(Duration::from_millis(150));
+            for visitor in &mut visitors {
+                let got = visitor.drain_messages(Duration::from_millis(50));
+                assert!(
+                    got.windows(2).all(|pair| id_of(&pair[0]) < id_of(&pair[1])),
+                    "a visitor saw ids out of order or twice"
+                );
+                seen += got.len();
+            }
+        }
+        seen
+    });
+    let mut orders: Vec<Vec<String>> = streams
+        .into_iter()
+        .map(|stream| texts(&stream.join().expect("sender failed")))
+        .collect();
+    for listener in listeners {
+        orders.push(texts(&listener.finish(SENDERS * PER_SENDER)));
+    }
+    let visitors_saw = churn.join().expect("a visitor failed");
+    assert!(visitors_saw > 0, "the visitors took part in the stream");
+    let reference = &orders[0];
+    let distinct: HashSet<&String> = reference.iter().collect();
+    assert_eq!(distinct.len(), SENDERS * PER_SENDER, "duplicates or losses");
+    for (n, order) in orders.iter().enumerate() {
+        assert_eq!(order, reference, "receiver {n} saw a different order");
+    }
+    assert_eq!(a.metric("chat_slow_clients_dropped_total"), 0.0);
 }

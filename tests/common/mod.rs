@@ -396,6 +396,43 @@ impl Client {
             .collect()
     }
 
+    /// Every `message` frame that arrives until the socket is quiet for
+    /// `quiet` (history and live alike).
+    pub fn drain_messages(&mut self, quiet: Duration) -> Vec<Value> {
+        let stream = match self.socket.get_ref() {
+            MaybeTlsStream::Plain(stream) => stream,
+            _ => unreachable!(),
+        };
+        stream.set_read_timeout(Some(quiet)).unwrap();
+        let mut messages = Vec::new();
+        loop {
+            match self.socket.read() {
+                Ok(Message::Text(text)) => {
+                    let frame: Value = serde_json::from_str(&text).unwrap();
+                    if frame["type"] == "message" {
+                        messages.push(frame);
+                    }
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(e) => panic!("connection lost while draining: {e}"),
+            }
+        }
+        let stream = match self.socket.get_ref() {
+            MaybeTlsStream::Plain(stream) => stream,
+            _ => unreachable!(),
+        };
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        messages
+    }
+
     /// Asserts that nothing arrives within `wait`.
     pub fn expect_silence(&mut self, wait: Duration) {
         let stream = match self.socket.get_ref() {
