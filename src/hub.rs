@@ -121,3 +121,76 @@ impl RoomDirectory for Hub {
         self.read().keys().cloned().collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::outbox::{SocketWire, Watcher};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+
+    struct NoWatcher;
+
+    impl Watcher for NoWatcher {
+        fn watch_writable(&self, _: usize, _: &TcpStream) {}
+        fn cut_at(&self, _: usize, _: Instant) {}
+    }
+
+    /// A member whose outbox writes to a real loopback socket.
+    fn member(id: ClientId) -> (Member, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (socket, _) = listener.accept().unwrap();
+        let wire = SocketWire {
+            socket: Arc::new(socket),
+            key: id as usize,
+            watcher: Arc::new(NoWatcher),
+            close_grace: Duration::from_secs(1),
+        };
+        let member = Member {
+            id,
+            outbox: Arc::new(Outbox::new(wire, 1024)),
+            last_seen: Arc::default(),
+        };
+        (member, peer)
+    }
+
+    #[test]
+    fn members_join_and_leave_their_rooms_and_empty_rooms_vanish() {
+        let hub = Hub::new();
+        let (a, _pa) = member(1);
+        let (b, _pb) = member(2);
+        let (c, _pc) = member(3);
+        hub.join("lobby", a);
+        hub.join("lobby", b);
+        hub.join("other", c);
+        assert_eq!(hub.room("lobby").unwrap().len(), 2);
+        let mut rooms = hub.rooms();
+        rooms.sort();
+        assert_eq!(rooms, ["lobby", "other"]);
+        hub.leave("lobby", 1);
+        hub.leave("lobby", 1);
+        assert_eq!(hub.len(), 2, "leaving twice is harmless");
+        hub.leave("other", 3);
+        assert!(hub.room("other").is_none(), "an empty room vanishes");
+    }
+
+    #[test]
+    fn a_lock_poisoned_by_a_panic_elsewhere_does_not_spread() {
+        let hub = Arc::new(Hub::new());
+        let (a, _pa) = member(1);
+        hub.join("lobby", a);
+        let poisoner = Arc::clone(&hub);
+        let panicked = std::thread::spawn(move || {
+            let _guard = poisoner.rooms.write().unwrap();
+            panic!("a bug while holding the hub lock");
+        })
+        .join();
+        assert!(panicked.is_err() && hub.rooms.is_poisoned());
+        let (b, _pb) = member(2);
+        hub.join("lobby", b);
+        assert_eq!(hub.room("lobby").unwrap().len(), 2);
+        hub.leave("lobby", 1);
+        assert_eq!(hub.members().len(), 1);
+    }
+}
