@@ -1,0 +1,125 @@
+//! Load generator and benchmark for pubsub-chat.
+//!
+//! ```sh
+//! cargo bench --bench load -- <scenario> [--runs N] [--clients N] [--senders S]
+//!     [--rooms R] [--rate R|max] [--duration-s D] [--target-redis URL]
+//!     [--concurrency C] [--window W] [--idle-s I] [--batch B] [--drain-s T]
+//!     [--per-worker N] [--server-args "..."]
+//! PUBSUB_CHAT_BIN=/path/to/older/pubsub-chat cargo bench --bench load -- <scenario>
+//! ```
+//!
+//! Scenarios: `latency`, `room`, `rooms`, `burst`, `idle`, `connect`,
+//! `max-clients`, `smoke` (see `options::usage()`). Each run starts its own
+//! `redis-server` (unless `--target-redis` names one) and two instances,
+//! `a` and `b`, of the server binary (`PUBSUB_CHAT_BIN`, or this package's
+//! own); clients are spread over them, in one fresh room or, with
+//! `--rooms`, in several (`rooms`: each room on one instance).
+//!
+//! Every text carries `<sender>:<seq>:<send time in ns>`, so each receiver
+//! measures end-to-end latency and checks each sender of its room for
+//! loss, duplicates and reordering.
+//!
+//! This is a test tool, not the server: the clients are async (tokio) and
+//! held by a few worker processes (this binary again, `--worker`) with one
+//! or two threads each, so that thousands of connections take few threads
+//! and leave the machine's thread budget (`kernel.pid_max`) to the servers,
+//! and no process holds more sockets than its open-file limit allows.
+//!
+//! Layout:
+//! - `options.rs`: the scenarios, their defaults, the command line.
+//! - `layout.rs`: which room, instance and worker each client has, who sends.
+//! - `procs.rs`: redis-server, the instances (and `PUBSUB_CHAT_BIN`), child
+//!   clean-up, `/proc` samples and `/metrics`.
+//! - `pool.rs`: the worker processes seen from the parent, and the protocol.
+//! - `worker.rs`: a worker process: its runtime and its commands.
+//! - `client.rs`: one client: connect, send stamped texts, check deliveries.
+//! - `drive.rs`: one run, from starting the processes to its figures.
+//! - `report.rs`: figures, percentiles, medians, targets, the verdict.
+//! - `tests/common/process.rs` (shared with the integration tests): free
+//!   ports, temporary directories, HTTP GET, the redis-server and instance
+//!   command lines, the listening line.
+//!
+//! Exit status: non-zero on any lost, duplicated, reordered or misrouted
+//! delivery (and, for `smoke`, on any failed or dropped client). Missing a
+//! latency or throughput target is reported ("target met: no"), not a
+//! failure.
+
+mod client;
+mod drive;
+mod layout;
+mod options;
+mod pool;
+#[path = "../../tests/common/process.rs"]
+mod process;
+mod procs;
+mod report;
+mod worker;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let first = args.next();
+    if first.as_deref() == Some("--worker") {
+        let config = args.next().unwrap_or_default();
+        return worker::main(&config);
+    }
+    let opts = match options::parse_args(first.into_iter().chain(args)) {
+        Ok(Some(o)) => o,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("load: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    procs::install_signal_handler();
+    // The servers inherit the raised limit (each client is a socket there);
+    // the workers raise their own.
+    if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
+        let _ = rlimit::Resource::NOFILE.set(hard, hard);
+    }
+    let bin = procs::server_bin();
+    if !bin.is_file() {
+        eprintln!("load: no server binary at {}", bin.display());
+        return ExitCode::from(2);
+    }
+
+    let workers = opts.workers();
+    println!(
+        "pubsub-chat load: scenario {} | runs {} | clients {}{} | senders {} | rate {} | duration {:.1} s{}{}{}",
+        opts.scenario.name(),
+        opts.runs,
+        opts.clients,
+        if opts.rooms > 1 {
+            format!(" in {} rooms", opts.rooms)
+        } else {
+            String::new()
+        },
+        opts.senders,
+        opts.rate
+            .map_or("as fast as possible".to_string(), |r| format!("{r} msg/s")),
+        opts.duration.as_secs_f64(),
+        if workers > 1 {
+            format!(" | {workers} load processes")
+        } else {
+            String::new()
+        },
+        opts.target_redis
+            .as_ref()
+            .map_or(String::new(), |u| format!(" | redis {u}")),
+        if opts.server_args.is_empty() {
+            String::new()
+        } else {
+            format!(" | server args {:?}", opts.server_args)
+        }
+    );
+    println!("server binary: {}", bin.display());
+
+    let mut reports = Vec::new();
+    for run in 1..=opts.runs {
+        let rep = drive::run_once(&opts, run);
+        report::print_run(run, opts.runs, &rep);
+        reports.push(rep);
+    }
+    report::summarize(&opts, &reports)
+}

@@ -1,0 +1,287 @@
+//! The scenarios, their defaults, and the command line.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Scenario {
+    Latency,
+    Room,
+    Rooms,
+    Burst,
+    Idle,
+    Connect,
+    MaxClients,
+    Smoke,
+}
+
+impl Scenario {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "latency" => Scenario::Latency,
+            "room" => Scenario::Room,
+            "rooms" => Scenario::Rooms,
+            "burst" => Scenario::Burst,
+            "idle" => Scenario::Idle,
+            "connect" => Scenario::Connect,
+            "max-clients" => Scenario::MaxClients,
+            "smoke" => Scenario::Smoke,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Latency => "latency",
+            Scenario::Room => "room",
+            Scenario::Rooms => "rooms",
+            Scenario::Burst => "burst",
+            Scenario::Idle => "idle",
+            Scenario::Connect => "connect",
+            Scenario::MaxClients => "max-clients",
+            Scenario::Smoke => "smoke",
+        }
+    }
+}
+
+/// One scenario's settings. Also handed to every worker process, which
+/// derives from it which clients it holds and how they behave.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Opts {
+    pub scenario: Scenario,
+    pub runs: usize,
+    pub clients: usize,
+    pub senders: usize,
+    /// Messages per second over all senders; `None` is as fast as possible.
+    pub rate: Option<f64>,
+    pub duration: Duration,
+    pub target_redis: Option<String>,
+    /// Unconfirmed messages a sender may have in flight (as-fast-as-possible
+    /// mode). A client-side bound: it feeds no server flag.
+    pub window: usize,
+    /// Handshakes in flight at once (over all worker processes).
+    pub concurrency: usize,
+    /// Quiet window measured before sending starts (the `idle` scenario).
+    pub idle: Duration,
+    /// Clients added per step (`max-clients`).
+    pub batch: usize,
+    pub drain: Duration,
+    /// Rooms the clients are dealt into; with more than one, each room's
+    /// clients are all on one instance (see `layout.rs`).
+    pub rooms: usize,
+    /// Most clients one load-generator process holds (see `pool.rs`).
+    pub per_worker: usize,
+    pub server_args: Vec<String>,
+}
+
+/// Clients per worker process by default: 8,000 sockets stay well under
+/// the 20,000 open files a process may hold here, with room to spare for
+/// a scenario that asks for more.
+const PER_WORKER: usize = 8000;
+
+impl Opts {
+    pub fn defaults(scenario: Scenario) -> Self {
+        let base = Opts {
+            scenario,
+            runs: 1,
+            clients: 20,
+            senders: 2,
+            rate: Some(50.0),
+            duration: Duration::from_secs(3),
+            target_redis: None,
+            window: 64,
+            concurrency: 256,
+            idle: Duration::ZERO,
+            batch: 500,
+            drain: Duration::from_secs(10),
+            rooms: 1,
+            per_worker: PER_WORKER,
+            server_args: Vec::new(),
+        };
+        let secs = Duration::from_secs;
+        match scenario {
+            Scenario::Latency => Opts {
+                runs: 3,
+                clients: 100,
+                senders: 1,
+                rate: Some(50.0),
+                duration: secs(10),
+                ..base
+            },
+            Scenario::Room => Opts {
+                runs: 3,
+                clients: 1000,
+                senders: 20,
+                rate: Some(200.0),
+                duration: secs(10),
+                ..base
+            },
+            Scenario::Rooms => Opts {
+                runs: 3,
+                clients: 400,
+                senders: 40,
+                rooms: 40,
+                rate: Some(2000.0),
+                duration: secs(10),
+                ..base
+            },
+            Scenario::Burst => Opts {
+                runs: 3,
+                clients: 200,
+                senders: 10,
+                rate: None,
+                duration: secs(10),
+                ..base
+            },
+            Scenario::Idle => Opts {
+                clients: 5000,
+                senders: 1,
+                rate: Some(10.0),
+                duration: secs(10),
+                idle: secs(10),
+                ..base
+            },
+            Scenario::Connect => Opts {
+                clients: 5000,
+                senders: 1,
+                rate: Some(10.0),
+                duration: secs(2),
+                concurrency: 1000,
+                ..base
+            },
+            Scenario::MaxClients => Opts {
+                clients: 20_000,
+                senders: 1,
+                rate: Some(10.0),
+                duration: secs(3),
+                ..base
+            },
+            // Two worker processes of 10 clients, so that CI runs the
+            // multi-process path too.
+            Scenario::Smoke => Opts {
+                per_worker: 10,
+                ..base
+            },
+        }
+    }
+
+    /// Worker processes that hold the clients: as few as `per_worker` allows.
+    pub fn workers(&self) -> usize {
+        self.clients.div_ceil(self.per_worker.max(1)).max(1)
+    }
+}
+
+pub fn usage() -> &'static str {
+    "usage: cargo bench --bench load -- <scenario> [options]
+
+scenarios (defaults):
+  latency      100 clients, 1 sender, 50 msg/s, 10 s, 3 runs   (target: cross-instance p50 < 1 ms, p99 < 2 ms)
+  room         1000 clients, 20 senders, 200 msg/s, 10 s, 3 runs (target: nothing lost, p99 < 100 ms)
+  rooms        400 clients in 40 rooms of 10, each room on one instance (rooms alternate a, b), one sender
+               per room, 2000 msg/s in all (50/s each), 10 s, 3 runs (target: nothing lost, p50 < 1.5 ms)
+  burst        200 clients, 10 senders, as fast as possible, 10 s, 3 runs (target: >= 300,000 deliveries/s, nothing lost)
+  idle         5000 clients, 10 s quiet window, then 1 sender at 10 msg/s for 10 s (target: <= 32 KiB RSS per client, idle CPU ~ 0)
+  connect      5000 connections, 1000 handshakes in flight, then 1 sender at 10 msg/s for 2 s (target: no failure)
+  max-clients  add clients in batches of 500 until the first failure or 20,000, 1 sender at 10 msg/s throughout
+               (target: every client held, every delivery of the stream arrives)
+  smoke        20 clients, 2 senders, 50 msg/s, 3 s, 1 run, two worker processes (for CI)
+
+options:
+  --runs N            runs (the summary shows the median of each figure)
+  --clients N         clients (max-clients: the target, reached in batches)
+  --senders S         sending clients (sender j is client j; spread over both instances)
+  --rooms R           rooms the clients are dealt into (client k in room k mod R); with R > 1 each
+                      room's clients are all on one instance, rooms alternating between a and b
+  --rate R|max        messages per second over all senders, or as fast as possible
+  --duration-s D      seconds of sending (max-clients: after the last batch)
+  --target-redis URL  use this Redis instead of starting a private redis-server
+  --concurrency C     handshakes in flight at once (over all worker processes)
+  --window W          unconfirmed messages per sender in as-fast-as-possible mode (64); a bound
+                      of the load generator's own, not a server flag
+  --idle-s I          quiet seconds measured before sending starts
+  --batch B           clients added per step (max-clients)
+  --drain-s T         longest wait for outstanding deliveries after sending stops (10)
+  --per-worker N      most clients one load-generator process holds (8000; smoke: 10)
+  --server-args \"..\" extra arguments for both instances (the current server has no
+                      --fanout-window-ms, --client-queue-len or --write-timeout-ms: pass those
+                      only to an older build)
+
+environment:
+  PUBSUB_CHAT_BIN     the server binary to measure (default: this package's release build)
+
+The clients are held by worker processes (this binary again, `--worker`), at most --per-worker
+each: one process may hold at most 20,000 open files here.
+
+Exit status is non-zero on any lost, duplicated or reordered delivery (smoke: also on any
+failed or dropped client); a missed latency or throughput target is only reported."
+}
+
+/// The options of this run, or `None` when there is nothing to run (help,
+/// or no scenario: `cargo bench` and `cargo test --benches` run every bench).
+pub fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>, String> {
+    let mut args = args.peekable();
+    let mut scenario = None;
+    let mut flags: Vec<(String, String)> = Vec::new();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            // cargo bench passes --bench to every bench binary.
+            "--bench" | "--nocapture" | "--quiet" => {}
+            "-h" | "--help" => {
+                println!("{}", usage());
+                return Ok(None);
+            }
+            flag if flag.starts_with("--") => {
+                let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+                flags.push((flag.to_string(), value));
+            }
+            name => {
+                if scenario.is_some() {
+                    return Err(format!("unexpected argument {name:?}"));
+                }
+                scenario = Some(
+                    Scenario::parse(name).ok_or_else(|| format!("unknown scenario {name:?}"))?,
+                );
+            }
+        }
+    }
+    let Some(scenario) = scenario else {
+        println!("{}", usage());
+        return Ok(None);
+    };
+    let mut o = Opts::defaults(scenario);
+    let num = |flag: &str, v: &str| -> Result<f64, String> {
+        v.parse::<f64>()
+            .ok()
+            .filter(|x| x.is_finite() && *x >= 0.0)
+            .ok_or_else(|| format!("{flag}: {v:?} is not a number"))
+    };
+    for (flag, v) in flags {
+        match flag.as_str() {
+            "--runs" => o.runs = (num(&flag, &v)? as usize).max(1),
+            "--clients" => o.clients = (num(&flag, &v)? as usize).max(1),
+            "--senders" => o.senders = num(&flag, &v)? as usize,
+            "--rooms" => o.rooms = (num(&flag, &v)? as usize).max(1),
+            "--rate" => {
+                o.rate = if v == "max" || v == "burst" {
+                    None
+                } else {
+                    Some(num(&flag, &v)?).filter(|r| *r > 0.0)
+                }
+            }
+            "--duration-s" => o.duration = Duration::from_secs_f64(num(&flag, &v)?),
+            "--target-redis" => o.target_redis = Some(v),
+            "--concurrency" => o.concurrency = (num(&flag, &v)? as usize).max(1),
+            "--window" => o.window = (num(&flag, &v)? as usize).max(1),
+            "--idle-s" => o.idle = Duration::from_secs_f64(num(&flag, &v)?),
+            "--batch" => o.batch = (num(&flag, &v)? as usize).max(1),
+            "--drain-s" => o.drain = Duration::from_secs_f64(num(&flag, &v)?),
+            "--per-worker" => o.per_worker = (num(&flag, &v)? as usize).max(1),
+            "--server-args" => o.server_args = v.split_whitespace().map(String::from).collect(),
+            other => return Err(format!("unknown option {other}\n\n{}", usage())),
+        }
+    }
+    o.senders = o.senders.min(o.clients);
+    o.rooms = o.rooms.min(o.clients);
+    Ok(Some(o))
+}

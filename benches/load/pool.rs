@@ -1,0 +1,354 @@
+//! The processes that hold the clients, seen from the parent, and the
+//! protocol between them.
+//!
+//! One process may hold at most 20,000 open files on this machine, and
+//! `max-clients` wants 20,000 sockets and more: the clients are spread
+//! over worker processes, this same binary started again as
+//! `load --worker <config as JSON>`, each holding at most `--per-worker`
+//! of them (8,000 by default) on a small tokio runtime (see `worker.rs`).
+//! Which clients a worker holds follows from the options alone (see
+//! `layout.rs`).
+//!
+//! The parent writes one [`Command`] per line, as JSON, on each worker's
+//! stdin, and reads exactly one [`Reply`] line from its stdout. It sends a
+//! command to every worker before it reads the replies, so the workers act
+//! at once, and merges the replies: the sums, the latency histograms
+//! ([`Hist`]), each message's first and last receiver. A worker's stderr is
+//! this process's: its panic shows above the parent's, and a worker that
+//! dies (end of its stdout) fails the run.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{ChildStdin, Command as ProcessCommand, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::options::Opts;
+use crate::procs::Proc;
+use crate::report::Hist;
+
+/// The longest the parent waits for one reply: a hang guard only, as every
+/// wait in a worker has its own bound (a batch of handshakes that all time
+/// out at 30 s, 256 at a time, is the slowest honest reply).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+
+/// What a worker is told at start (its one argument after `--worker`).
+#[derive(Serialize, Deserialize)]
+pub struct WorkerConfig {
+    pub opts: Opts,
+    pub index: usize,
+    pub ws: [SocketAddr; 2],
+    /// The room name (the base of the room names when there are several).
+    pub room: String,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub enum Command {
+    /// Connect this worker's clients below `to` not yet connected → `Batch`.
+    Connect { to: usize },
+    /// Senders start sending; clients connected from now on are late
+    /// joiners → `Done`.
+    Start,
+    /// Senders stop → `Sent`, once every sender of this worker has.
+    Stop,
+    /// Each sender's total over all workers → `Count` of the deliveries
+    /// this worker's clients should get.
+    Expect { sent: Vec<u64> },
+    /// → `Count` of the distinct deliveries so far.
+    Progress,
+    /// Close every client (15 s at most) → `Tally`; then the worker exits.
+    Finish,
+}
+
+#[derive(Serialize, Deserialize)]
+pub enum Reply {
+    /// The worker is up (its first line).
+    Ready,
+    Done,
+    Batch(Batch),
+    /// Per sender, what this worker's senders sent (0 for the others').
+    Sent(Vec<u64>),
+    Count(u64),
+    Tally(Box<Tally>),
+}
+
+/// The outcome of a step of handshakes.
+#[derive(Default, Serialize, Deserialize)]
+pub struct Batch {
+    pub ok: usize,
+    pub failed: usize,
+    /// Failed with HTTP 503: the instance refused (`--max-clients`, or no
+    /// thread to be had).
+    pub refused: usize,
+    /// Handshake times (µs) of those that connected.
+    pub times: Hist,
+    /// Failures by their text without digits (ports, ids).
+    pub errors: HashMap<String, usize>,
+    pub wall: Duration,
+}
+
+impl Batch {
+    pub fn merge(&mut self, b: Batch) {
+        self.ok += b.ok;
+        self.failed += b.failed;
+        self.refused += b.refused;
+        self.times.merge(&b.times);
+        for (e, c) in b.errors {
+            *self.errors.entry(e).or_default() += c;
+        }
+        self.wall += b.wall;
+    }
+}
+
+/// What a worker's clients saw, summed over them, once they are closed.
+#[derive(Default, Serialize, Deserialize)]
+pub struct Tally {
+    pub expected: u64,
+    pub unique: u64,
+    pub lost: u64,
+    pub dup: u64,
+    pub ooo: u64,
+    pub errors: u64,
+    pub foreign: u64,
+    pub misrouted: u64,
+    /// Clients whose connection ended before they were closed.
+    pub dropped: usize,
+    /// Clients still connected at the end, per instance.
+    pub per_inst: [usize; 2],
+    /// Clients that heard none of their room's senders.
+    pub silent: usize,
+    pub lat_same: Hist,
+    pub lat_cross: Hist,
+    /// Why clients ended, by the text without digits.
+    pub ended: HashMap<String, usize>,
+    pub send_errors: u64,
+    /// Clients that did not close within 15 s.
+    pub unclosed: usize,
+    pub first_error: Option<String>,
+    /// Per sender: (seq, sent, first receiver, last receiver), in ns, for
+    /// the messages this worker's clients got.
+    pub per_message: Vec<Vec<(u64, u64, u64, u64)>>,
+}
+
+impl Tally {
+    fn merge(&mut self, t: Tally) {
+        self.expected += t.expected;
+        self.unique += t.unique;
+        self.lost += t.lost;
+        self.dup += t.dup;
+        self.ooo += t.ooo;
+        self.errors += t.errors;
+        self.foreign += t.foreign;
+        self.misrouted += t.misrouted;
+        self.dropped += t.dropped;
+        self.per_inst[0] += t.per_inst[0];
+        self.per_inst[1] += t.per_inst[1];
+        self.silent += t.silent;
+        self.lat_same.merge(&t.lat_same);
+        self.lat_cross.merge(&t.lat_cross);
+        for (e, c) in t.ended {
+            *self.ended.entry(e).or_default() += c;
+        }
+        self.send_errors += t.send_errors;
+        self.unclosed += t.unclosed;
+        if self.first_error.is_none() {
+            self.first_error = t.first_error;
+        }
+        if self.per_message.len() < t.per_message.len() {
+            self.per_message.resize(t.per_message.len(), Vec::new());
+        }
+        for (mine, theirs) in self.per_message.iter_mut().zip(t.per_message) {
+            mine.extend(theirs);
+        }
+    }
+
+    /// (first receiver, last receiver) latencies in µs of every message
+    /// that reached at least one receiver, over all workers.
+    pub fn first_and_last(&self) -> (Hist, Hist) {
+        let us = |a: u64, b: u64| (a.saturating_sub(b) / 1000).min(u32::MAX as u64) as u32;
+        let (mut first, mut last) = (Vec::new(), Vec::new());
+        for seen in &self.per_message {
+            let mut by_seq: HashMap<u64, (u64, u64, u64)> = HashMap::new();
+            for &(seq, sent, f, l) in seen {
+                let e = by_seq.entry(seq).or_insert((sent, f, l));
+                e.1 = e.1.min(f);
+                e.2 = e.2.max(l);
+            }
+            for (sent, f, l) in by_seq.into_values() {
+                first.push(us(f, sent));
+                last.push(us(l, sent));
+            }
+        }
+        (Hist::of(first), Hist::of(last))
+    }
+}
+
+/// Fields drop in order: the worker's stdin closes (its end) before its
+/// process is waited for.
+struct Worker {
+    stdin: ChildStdin,
+    replies: mpsc::Receiver<String>,
+    proc: Proc,
+}
+
+/// The worker processes of one run; they are killed on drop.
+pub struct Pool {
+    workers: Vec<Worker>,
+}
+
+impl Pool {
+    /// Starts `opts.workers()` workers and waits until each is up.
+    pub fn spawn(opts: &Opts, ws: [SocketAddr; 2], room: &str) -> Pool {
+        let exe = std::env::current_exe().expect("the load generator's own path");
+        let mut workers = Vec::new();
+        for index in 0..opts.workers() {
+            let config = WorkerConfig {
+                opts: opts.clone(),
+                index,
+                ws,
+                room: room.to_string(),
+            };
+            let config = serde_json::to_string(&config).expect("worker config as JSON");
+            let mut cmd = ProcessCommand::new(&exe);
+            cmd.arg("--worker")
+                .arg(config)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+            let mut proc = Proc::spawn(&format!("worker {index}"), &mut cmd);
+            let stdin = proc.child.stdin.take().expect("piped stdin");
+            let stdout = proc.child.stdout.take().expect("piped stdout");
+            let (tx, replies) = mpsc::channel();
+            std::thread::Builder::new()
+                .name(format!("worker-{index}"))
+                .spawn(move || {
+                    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                        if tx.send(line).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .expect("cannot start a thread to read a worker");
+            workers.push(Worker {
+                stdin,
+                replies,
+                proc,
+            });
+        }
+        let mut pool = Pool { workers };
+        for (i, w) in pool.workers.iter_mut().enumerate() {
+            match receive(i, w) {
+                Reply::Ready => {}
+                _ => panic!("worker {i}: unexpected first reply"),
+            }
+        }
+        pool
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.workers.iter().map(|w| w.proc.pid()).collect()
+    }
+
+    fn call(&mut self, cmd: &Command) -> Vec<Reply> {
+        let line = serde_json::to_string(cmd).expect("command as JSON");
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            writeln!(w.stdin, "{line}")
+                .and_then(|()| w.stdin.flush())
+                .unwrap_or_else(|e| panic!("worker {i}: cannot send {cmd:?}: {e}"));
+        }
+        self.workers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, w)| receive(i, w))
+            .collect()
+    }
+
+    /// Connects every client below `to` not connected yet.
+    pub fn connect(&mut self, to: usize) -> Batch {
+        let t0 = Instant::now();
+        let mut all = Batch::default();
+        for reply in self.call(&Command::Connect { to }) {
+            let Reply::Batch(b) = reply else {
+                panic!("a worker did not answer Connect with a Batch")
+            };
+            all.merge(b);
+        }
+        // The workers connect at once: the step took as long as it took
+        // here.
+        all.wall = t0.elapsed();
+        all
+    }
+
+    pub fn start(&mut self) {
+        self.call(&Command::Start);
+    }
+
+    /// Stops the senders; what each sent, over all workers.
+    pub fn stop(&mut self) -> Vec<u64> {
+        let mut sent: Vec<u64> = Vec::new();
+        for reply in self.call(&Command::Stop) {
+            let Reply::Sent(s) = reply else {
+                panic!("a worker did not answer Stop with Sent")
+            };
+            sent.resize(sent.len().max(s.len()), 0);
+            for (total, n) in sent.iter_mut().zip(s) {
+                *total += n;
+            }
+        }
+        sent
+    }
+
+    fn count(&mut self, cmd: &Command) -> u64 {
+        self.call(cmd)
+            .into_iter()
+            .map(|r| match r {
+                Reply::Count(n) => n,
+                _ => panic!("a worker did not answer {cmd:?} with a Count"),
+            })
+            .sum()
+    }
+
+    /// Deliveries expected over all workers, given what each sender sent.
+    pub fn expect(&mut self, sent: &[u64]) -> u64 {
+        self.count(&Command::Expect {
+            sent: sent.to_vec(),
+        })
+    }
+
+    /// Distinct deliveries so far, over all workers.
+    pub fn progress(&mut self) -> u64 {
+        self.count(&Command::Progress)
+    }
+
+    /// Closes every client; what they saw, over all workers.
+    pub fn finish(&mut self) -> Tally {
+        let mut all = Tally::default();
+        for reply in self.call(&Command::Finish) {
+            let Reply::Tally(t) = reply else {
+                panic!("a worker did not answer Finish with a Tally")
+            };
+            all.merge(*t);
+        }
+        all
+    }
+}
+
+fn receive(i: usize, w: &mut Worker) -> Reply {
+    let line = match w.replies.recv_timeout(REPLY_TIMEOUT) {
+        Ok(line) => line,
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            let status = w.proc.child.wait().ok();
+            panic!("worker {i} exited ({status:?}); its stderr is above")
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("worker {i} did not answer in {} s", REPLY_TIMEOUT.as_secs())
+        }
+    };
+    serde_json::from_str(&line).unwrap_or_else(|e| {
+        let start: String = line.chars().take(200).collect();
+        panic!("worker {i}: unreadable reply ({e}): {start}")
+    })
+}

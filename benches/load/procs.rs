@@ -1,0 +1,353 @@
+//! The processes a run starts (`redis-server`, instances `a` and `b`, the
+//! worker processes), their clean-up, and what `/proc` and `/metrics` say
+//! about them.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::options::{Opts, Scenario};
+use crate::process;
+
+/// Every child pid, so a signal can kill them all before exiting.
+static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+pub fn install_signal_handler() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                eprintln!("load: signal {sig}: killing the servers and exiting");
+                let pids = CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                for pid in pids {
+                    // SAFETY: kill(2) on a pid this process started.
+                    unsafe {
+                        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                    }
+                }
+                std::process::exit(130);
+            }
+        });
+}
+
+/// The server binary under test: `PUBSUB_CHAT_BIN` when set (to measure
+/// another build with the same load), else this package's own.
+pub fn server_bin() -> PathBuf {
+    match std::env::var_os("PUBSUB_CHAT_BIN") {
+        Some(bin) if !bin.is_empty() => PathBuf::from(bin),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_pubsub-chat")),
+    }
+}
+
+/// A child process (an instance, redis-server or a worker), stopped on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    log_tail: Arc<Mutex<VecDeque<String>>>,
+    pub http: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
+    tmpdir: Option<PathBuf>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Starts `cmd`, which dies with this process.
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        // SAFETY: prctl in the child between fork and exec only sets its
+        // parent-death signal: if this process dies, however, so does the
+        // child (no orphans). Children are spawned from the main thread,
+        // which lives until exit.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        CHILDREN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child.id());
+        Proc {
+            name: name.into(),
+            child,
+            log_tail: Arc::default(),
+            http: None,
+            ws: None,
+            tmpdir: None,
+        }
+    }
+
+    fn stop(&mut self) {
+        let pid = self.child.id();
+        if self.child.try_wait().ok().flatten().is_none() {
+            // SAFETY: SIGTERM to our own child, for a graceful shutdown.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && self.child.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        CHILDREN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| *p != pid);
+        if let Some(dir) = self.tmpdir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    pub fn log_tail(&self) -> Vec<String> {
+        self.log_tail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn start_redis() -> (Proc, String) {
+    let port = process::free_port();
+    let dir = process::temp_dir("load-redis");
+    if process::find_program("redis-server").is_none() {
+        panic!(
+            "redis-server is not installed: `apt-get install redis-server`, or pass --target-redis redis://HOST:PORT"
+        );
+    }
+    let mut cmd = process::redis_server_command(port, &dir);
+    cmd.args(["--appendonly", "no"]);
+    let mut proc = Proc::spawn("redis-server", &mut cmd);
+    proc.name = "redis".into();
+    proc.tmpdir = Some(dir);
+    assert!(
+        process::wait_redis(port, Duration::from_secs(10)),
+        "redis-server on port {port} did not answer PING"
+    );
+    (proc, format!("redis://127.0.0.1:{port}"))
+}
+
+/// Instance `id` of the server under test, joined to `redis_url` under
+/// `prefix`, once it answers `/readyz`.
+pub fn start_instance(id: &str, redis_url: &str, prefix: &str, opts: &Opts) -> Proc {
+    // Big enough never to be the limit. For max-clients, this instance's
+    // half of the target and some spare: what the load looks for is where
+    // the machine (or the server) gives out first. A `--max-clients` in
+    // `--server-args` wins.
+    let max_clients = if opts.scenario == Scenario::MaxClients {
+        opts.clients.div_ceil(2) + 1000
+    } else {
+        opts.clients.max(5000)
+    }
+    .to_string();
+    let mut cmd = process::instance_command(&server_bin(), id);
+    cmd.args(["--redis-url", redis_url, "--redis-prefix", prefix]);
+    if !opts
+        .server_args
+        .iter()
+        .any(|a| a.starts_with("--max-clients"))
+    {
+        cmd.args(["--max-clients", &max_clients]);
+    }
+    cmd.args(&opts.server_args)
+        // The listening line is logged at info by the server module.
+        .env("RUST_LOG", "warn,pubsub_chat::server=info");
+    let mut proc = Proc::spawn(id, &mut cmd);
+    let stderr = proc.child.stderr.take().expect("piped stderr");
+    let tail = proc.log_tail.clone();
+    // Keeps the last lines for the report.
+    let rx = process::watch_stderr(stderr, format!("stderr-{id}"), move |line| {
+        let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+        if t.len() >= 20 {
+            t.pop_front();
+        }
+        t.push_back(line);
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok((http, ws)) => {
+            proc.http = Some(http);
+            proc.ws = Some(ws);
+        }
+        Err(_) => panic!(
+            "instance {id} did not log its listening line:\n{}",
+            proc.log_tail().join("\n")
+        ),
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(proc.http.unwrap(), "/readyz").map(|r| r.0) != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "instance {id} is not ready:\n{}",
+            proc.log_tail().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proc
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    process::try_http_get(addr, path, Duration::from_secs(5)).ok()
+}
+
+/// The numeric `chat_*` series of an instance's `/metrics`.
+pub fn metrics(addr: SocketAddr) -> Vec<(String, f64)> {
+    let Some((200, body)) = http_get(addr, "/metrics") else {
+        return Vec::new();
+    };
+    body.lines()
+        .filter(|l| l.starts_with("chat_"))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Sample {
+    pub rss_kib: u64,
+    pub threads: u64,
+    pub cpu_ticks: u64,
+    pub sys_ticks: u64,
+}
+
+/// VmRSS and Threads from /proc/PID/status, utime+stime from /proc/PID/stat.
+fn sample(pid: u32) -> Sample {
+    let mut s = Sample::default();
+    if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        for line in status.lines() {
+            let num = |l: &str| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            if line.starts_with("VmRSS:") {
+                s.rss_kib = num(line);
+            } else if line.starts_with("Threads:") {
+                s.threads = num(line);
+            }
+        }
+    }
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // Fields after the ")" closing the command name: state is field 3,
+        // utime 14 and stime 15.
+        if let Some((_, rest)) = stat.rsplit_once(')') {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            s.cpu_ticks = get(11) + get(12);
+            s.sys_ticks = get(12);
+        }
+    }
+    s
+}
+
+/// CPU ticks and context switches of a process's threads, grouped by
+/// thread name without its number (`ws-write-17` counts as `ws-write`).
+#[derive(Clone, Default, Debug)]
+pub struct Groups(pub HashMap<String, (u64, u64, u64)>);
+
+fn sample_groups(pid: u32) -> Groups {
+    let mut g = Groups::default();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return g;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let name = comm.trim_end_matches(|c: char| c.is_ascii_digit());
+        let name = name.strip_suffix('-').unwrap_or(name).to_string();
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let cpu = get(11) + get(12);
+        let mut switches = (0, 0);
+        if let Ok(status) = std::fs::read_to_string(dir.join("status")) {
+            for line in status.lines() {
+                let num = || {
+                    line.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0)
+                };
+                if line.starts_with("voluntary_ctxt_switches:") {
+                    switches.0 = num();
+                } else if line.starts_with("nonvoluntary_ctxt_switches:") {
+                    switches.1 = num();
+                }
+            }
+        }
+        let e = g.0.entry(name).or_default();
+        e.0 += cpu;
+        e.1 += switches.0;
+        e.2 += switches.1;
+    }
+    g
+}
+
+pub fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// What a run samples: each entry a name, its pids (the load generator is
+/// this process and its workers, summed) and whether it is an instance.
+pub struct Procs {
+    pub list: Vec<(String, Vec<u32>, bool)>,
+}
+
+impl Procs {
+    pub fn sample(&self) -> Vec<Sample> {
+        self.list
+            .iter()
+            .map(|(_, pids, _)| {
+                pids.iter()
+                    .map(|p| sample(*p))
+                    .fold(Sample::default(), |a, s| Sample {
+                        rss_kib: a.rss_kib + s.rss_kib,
+                        threads: a.threads + s.threads,
+                        cpu_ticks: a.cpu_ticks + s.cpu_ticks,
+                        sys_ticks: a.sys_ticks + s.sys_ticks,
+                    })
+            })
+            .collect()
+    }
+
+    /// Thread groups of the two instances.
+    pub fn groups(&self) -> Vec<Groups> {
+        self.list
+            .iter()
+            .filter(|p| p.2)
+            .map(|(_, pids, _)| sample_groups(pids[0]))
+            .collect()
+    }
+}
