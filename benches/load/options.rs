@@ -181,7 +181,7 @@ scenarios (defaults):
   rooms        400 clients in 40 rooms of 10, each room on one instance (rooms alternate a, b), one sender
                per room, 2000 msg/s in all (50/s each), 10 s, 3 runs (target: nothing lost, p50 < 1.5 ms)
   burst        200 clients, 10 senders, as fast as possible, 10 s, 3 runs (target: >= 300,000 deliveries/s, nothing lost)
-  idle         5000 clients, 10 s quiet window, then 1 sender at 10 msg/s for 10 s (target: <= 32 KiB RSS per client, idle CPU ~ 0)
+  idle         5000 clients, 10 s quiet window, then 1 sender at 10 msg/s for 10 s (target: <= 20 KiB RSS per client, idle CPU ~ 0)
   connect      5000 connections, 1000 handshakes in flight, then 1 sender at 10 msg/s for 2 s (target: no failure)
   max-clients  add clients in batches of 500 until the first failure or 20,000, 1 sender at 10 msg/s throughout
                (target: every client held, every delivery of the stream arrives)

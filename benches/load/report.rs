@@ -204,8 +204,8 @@ fn targets(opts: &Opts, get: &dyn Fn(&str) -> f64) -> Vec<(String, bool)> {
             for i in ["a", "b"] {
                 let v = get(&format!("{i}: RSS per client (KiB)"));
                 t.push((
-                    format!("{i}: <= 32 KiB RSS per client (is {v:.1} KiB)"),
-                    v <= 32.0,
+                    format!("{i}: <= 20 KiB RSS per client (is {v:.1} KiB)"),
+                    v <= 20.0,
                 ));
             }
             let idle_cpu = get("a: CPU during idle (%)") + get("b: CPU during idle (%)");
