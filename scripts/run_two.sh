@@ -180,7 +180,7 @@ RULE="==========================================================================
     printf '  each tab talks to a different server process. They meet in Redis.\n\n'
     printf '  Redis:  %s\n\n' "$REDIS_URL_TO_USE"
     printf '  Inject a message from outside, straight into Redis:\n'
-    printf '    redis-cli -u %s PUBLISH %s:messages %s\n\n' "$REDIS_URL_TO_USE" "${REDIS_PREFIX:-chat}" \
+    printf "    redis-cli -u %s PUBLISH '%s:room:{lobby}' %s\n\n" "$REDIS_URL_TO_USE" "${REDIS_PREFIX:-chat}" \
       "'{\"type\":\"message\",\"id\":\"0-1\",\"room\":\"lobby\",\"from\":\"redis-cli\",\"text\":\"hello from outside\",\"ts\":$(date +%s%3N),\"instance\":\"redis-cli\"}'"
     printf '  (Each injected message needs its own id: 0-2, 0-3, ...; clients drop repeats.)\n\n'
   else

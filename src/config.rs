@@ -66,6 +66,11 @@ pub struct Config {
     #[arg(long, env = "REDIS_PREFIX", default_value = "chat")]
     pub redis_prefix: String,
 
+    /// Milliseconds a room stays subscribed after its last local client
+    /// left, so that a page reload does not unsubscribe and subscribe again.
+    #[arg(long, env = "ROOM_LINGER_MS", default_value_t = 5000)]
+    pub room_linger_ms: u64,
+
     /// Messages kept per room in history (approximate: Redis trims in
     /// whole blocks).
     #[arg(long, env = "HISTORY_LEN", default_value_t = 1000)]
@@ -262,6 +267,10 @@ impl Config {
 
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    pub fn room_linger(&self) -> Duration {
+        Duration::from_millis(self.room_linger_ms)
     }
 
     pub fn close_grace(&self) -> Duration {

@@ -13,7 +13,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::broker::RoomDirectory;
 use crate::clock::LastSeen;
 use crate::protocol::CloseReason;
 use crate::session::outbox::{Outbox, Queued};
@@ -116,8 +115,9 @@ impl Hub {
     }
 }
 
-impl RoomDirectory for Hub {
-    fn rooms(&self) -> Vec<String> {
+impl Hub {
+    /// The rooms that have local clients now.
+    pub fn rooms(&self) -> Vec<String> {
         self.read().keys().cloned().collect()
     }
 }

@@ -80,6 +80,11 @@ metrics! {
     counter handshake_timeouts_total: "chat_handshake_timeouts_total",
     /// Successful reconnections to Redis after the link was lost.
     counter redis_reconnects_total: "chat_redis_reconnects_total",
+    /// Rooms whose channel this instance is subscribed to now (confirmed
+    /// by Redis).
+    gauge room_subscriptions: "chat_room_subscriptions",
+    /// SUBSCRIBE commands sent for a room that gained its first local client.
+    counter room_subscriptions_total: "chat_room_subscriptions_total",
     /// 1 while the Redis subscription is live, else 0.
     gauge redis_subscriber_up: "chat_redis_subscriber_up",
     /// 1 while the Redis publishing connection is usable, else 0.

@@ -53,18 +53,18 @@ impl Supervisor {
         name: &str,
         body: impl FnOnce() + Send + 'static,
     ) -> std::io::Result<JoinHandle<()>> {
+        install_panic_hook();
         let supervisor = Arc::clone(self);
         let thread_name = name.to_string();
         thread::Builder::new().name(name.into()).spawn(move || {
+            SUPERVISED.with(|supervised| {
+                *supervised.borrow_mut() = Some((supervisor.clone(), thread_name.clone()));
+            });
             let outcome = panic::catch_unwind(AssertUnwindSafe(body));
-            if supervisor.is_stopping() {
-                return;
+            // A panic was recorded by the hook, before unwinding.
+            if outcome.is_ok() && !supervisor.is_stopping() {
+                supervisor.died(&thread_name, "it returned");
             }
-            let cause = match outcome {
-                Ok(()) => "it returned".to_string(),
-                Err(payload) => panic_message(&*payload),
-            };
-            supervisor.died(&thread_name, &cause);
         })
     }
 
@@ -99,6 +99,31 @@ impl Supervisor {
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
     }
+}
+
+thread_local! {
+    /// The supervisor of the current thread, if it is supervised.
+    static SUPERVISED: std::cell::RefCell<Option<(Arc<Supervisor>, String)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Records a supervised thread's panic as it happens, before unwinding:
+/// what the unwinding then drops (the fan-out's job queues, say) ends
+/// other threads, and the first death told must be the cause, not those.
+fn install_panic_hook() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            previous(info);
+            let supervised = SUPERVISED.with(|supervised| supervised.borrow().clone());
+            if let Some((supervisor, name)) = supervised
+                && !supervisor.is_stopping()
+            {
+                supervisor.died(&name, &panic_message(info.payload()));
+            }
+        }));
+    });
 }
 
 /// The text of a panic, if it carried one.

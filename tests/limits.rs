@@ -406,7 +406,7 @@ fn a_client_that_stops_reading_is_dropped_and_fifty_others_get_all_ten_thousand(
     // fan-out, not the accept path, is under test (and a sending client in
     // the room would itself be a consumer that does not read).
     let mut conn = redis.connection().unwrap();
-    let channel = format!("{prefix}:messages");
+    let channel = format!("{prefix}:room:{{lobby}}");
     let writer = thread::spawn(move || {
         for i in 0..MESSAGES {
             let frame = serde_json::json!({

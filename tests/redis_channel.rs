@@ -1,12 +1,15 @@
-//! Verifies what travels on the Redis channel: a payload published there by
-//! any Redis client reaches the clients of every instance, and a malformed
-//! one is logged, counted and skipped without stopping the next.
+//! Verifies what travels on the Redis channels: a payload published on a
+//! room's channel by any Redis client reaches that room's clients on every
+//! instance, a malformed one is logged, counted and skipped without
+//! stopping the next; and an instance is subscribed to a room's channel
+//! exactly while it has clients there (plus a short linger), so that it
+//! receives no message of other rooms.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{Instance, RedisServer, two_instances, unique};
+use common::{Instance, RedisServer, two_instances, unique, wait_for};
 use serde_json::json;
 
 #[test]
@@ -24,7 +27,7 @@ fn a_payload_published_with_a_plain_redis_client_reaches_every_instance() {
     });
     let mut conn = redis.connection().unwrap();
     let receivers: i64 = redis::cmd("PUBLISH")
-        .arg(format!("{prefix}:messages"))
+        .arg(format!("{prefix}:room:{{lobby}}"))
         .arg(payload.to_string())
         .query(&mut conn)
         .unwrap();
@@ -42,8 +45,10 @@ fn a_malformed_payload_is_skipped_and_the_next_valid_one_still_arrives() {
     a.wait_ready();
     let mut client = a.client("alice", "lobby");
     let mut conn = redis.connection().unwrap();
-    let channel = format!("{prefix}:messages");
+    let channel = format!("{prefix}:room:{{lobby}}");
     let junk = [
+        // Valid, but of another room than the channel's.
+        json!({"type": "message", "id": "1-0", "room": "other", "from": "x", "text": "t", "ts": 1, "instance": "i"}).to_string(),
         "not json at all".to_string(),
         "{}".to_string(),
         json!({"type": "message", "room": "lobby", "text": "no id"}).to_string(),
@@ -119,4 +124,74 @@ fn what_the_server_writes_to_redis_is_the_documented_frame_and_history() {
         .query(&mut conn)
         .unwrap();
     assert_eq!(&last, id);
+}
+
+fn numsub(conn: &mut redis::Connection, channel: &str) -> i64 {
+    let (_, count): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query(conn)
+        .unwrap();
+    count
+}
+
+#[test]
+fn an_instance_subscribes_to_a_room_only_while_it_has_clients_there() {
+    let redis = RedisServer::start();
+    let prefix = unique("perroom");
+    let linger = ["--room-linger-ms", "300"];
+    let a = Instance::redis_with("a", &redis.url(), &prefix, &linger);
+    let b = Instance::redis_with("b", &redis.url(), &prefix, &linger);
+    a.wait_ready();
+    b.wait_ready();
+    let mut conn = redis.connection().unwrap();
+    let kitchen = format!("{prefix}:room:{{kitchen}}");
+    assert_eq!(
+        numsub(&mut conn, &kitchen),
+        0,
+        "nobody is in the kitchen yet"
+    );
+
+    let mut alice = a.client("alice", "kitchen");
+    let _bob = b.client("bob", "garden");
+    assert_eq!(numsub(&mut conn, &kitchen), 1, "only a has a client there");
+    let mut rooms: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg(format!("{prefix}:room:*"))
+        .query(&mut conn)
+        .unwrap();
+    rooms.sort();
+    assert_eq!(
+        rooms,
+        [format!("{prefix}:room:{{garden}}"), kitchen.clone()],
+        "PUBSUB CHANNELS reads as the list of rooms"
+    );
+    for i in 0..20 {
+        alice.send(&format!("k{i}"), &format!("k{i}"));
+    }
+    alice.recv_messages(20);
+    assert_eq!(a.metric("chat_broker_messages_total"), 20.0);
+    assert_eq!(
+        b.metric("chat_broker_messages_total"),
+        0.0,
+        "b, with nobody in the kitchen, received none of its messages"
+    );
+
+    // Carol joins the kitchen on b: b subscribes before her history is
+    // read, and gets the room's messages from then on.
+    let mut carol = b.client("carol", "kitchen");
+    assert_eq!(numsub(&mut conn, &kitchen), 2);
+    assert_eq!(carol.recv_messages(20).len(), 20, "history");
+    alice.send("hello carol", "h");
+    assert_eq!(carol.recv_messages(1)[0]["text"], "hello carol");
+    assert_eq!(b.metric("chat_room_subscriptions"), 2.0);
+
+    // She leaves: after the linger, b lets the room go.
+    carol.socket.close(None).unwrap();
+    wait_for("b to unsubscribe from the kitchen", || {
+        numsub(&mut conn, &kitchen) == 1
+    });
+    wait_for("b's gauge to follow", || {
+        b.metric("chat_room_subscriptions") == 1.0
+    });
 }

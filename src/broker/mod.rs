@@ -113,12 +113,6 @@ pub enum DeliveryStatus {
 /// Where a broker sends its events.
 pub type EventSender = crossbeam_channel::Sender<BrokerEvent>;
 
-/// The rooms that have local clients, for a broker that must catch up on
-/// what they missed. The hub answers it; a broker needs nothing else of it.
-pub trait RoomDirectory: Send + Sync {
-    fn rooms(&self) -> Vec<String>;
-}
-
 pub trait Broker: Send + Sync {
     /// Accepts a message: gives it its id and sends it to every instance,
     /// this one included, which delivers it through its subscriber like any
@@ -131,6 +125,15 @@ pub trait Broker: Send + Sync {
 
     /// A room's history.
     fn history(&self, room: &str, query: HistoryQuery) -> Result<History, Unavailable>;
+
+    /// A local client joins `room`. Returns once this instance receives
+    /// the room's messages (a broker that subscribes per room waits for
+    /// its subscription here), so that history read afterwards meets the
+    /// live messages with no gap.
+    fn attach(&self, _room: &str) {}
+
+    /// A local client left `room`.
+    fn detach(&self, _room: &str) {}
 
     /// `Ok` while this instance can deliver across instances; otherwise
     /// the reason, for `/readyz`.

@@ -273,6 +273,9 @@ impl<'a> Joined<'a> {
                 last_seen,
             },
         );
+        // In the hub first, then subscribed: every message Redis sends
+        // after confirming the room's subscription finds this client.
+        context.broker.attach(room);
         Ok(joined)
     }
 }
@@ -281,6 +284,7 @@ impl Drop for Joined<'_> {
     fn drop(&mut self) {
         let context = self.context;
         context.hub.leave(self.room, self.client);
+        context.broker.detach(self.room);
         if thread::panicking() {
             error!(
                 "client {}: its session panicked; closing it with 1011",
@@ -315,9 +319,10 @@ fn run_joined(
         context.limits.client_buffer_bytes,
     ));
     let last_seen = Arc::new(LastSeen::default());
-    // Join before reading history: a message accepted meanwhile is then
-    // either in history or in the outbox (or both, and the outbox drops
-    // the copy), never in neither.
+    // Join (and have the room's subscription confirmed) before reading
+    // history: a message accepted meanwhile is then either in history or
+    // in the outbox (or both, and the outbox drops the copy), never in
+    // neither.
     let _joined = match Joined::enter(client, &room, &socket, &outbox, last_seen.clone(), context) {
         Ok(joined) => joined,
         Err(e) => {

@@ -9,21 +9,26 @@
 //!   emits each message to the fan-out. That thread is the only thing in
 //!   the process allowed to wait on the subscription: done anywhere else,
 //!   the blocking read would freeze whatever called it (the blocking-
-//!   subscription pitfall).
+//!   subscription pitfall). Other threads only write `SUBSCRIBE` and
+//!   `UNSUBSCRIBE` on it, as rooms gain their first local client or lose
+//!   their last ([`rooms`], [`subscription`]).
 //!
 //! [`publisher`] and [`subscriber`] own one connection each; this file has
 //! what they share: the accept script, the key names, the settings.
 //!
 //! What goes into Redis (the README documents it for outside tools):
-//! - channel `<prefix>:messages`: one JSON message frame per message, exactly
-//!   what clients receive, for every room;
+//! - channel `<prefix>:room:{<room>}`, one per room: one JSON message frame
+//!   per message, exactly what clients receive (the braces are a Redis
+//!   Cluster hash tag, so `PUBSUB CHANNELS` reads as a list of rooms);
 //! - stream `<prefix>:history:<room>`: the same frame in field `m`, under
 //!   the message's id, trimmed to about `--history-len` entries;
 //! - string `<prefix>:last-id`: the last id handed out, so that ids
 //!   increase across all rooms and all instances.
 
 pub mod publisher;
+pub mod rooms;
 pub mod subscriber;
+pub mod subscription;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,20 +36,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use redis::{Client, Connection, RedisError, Script};
 
 use crate::backoff::Backoff;
-use crate::broker::{Broker, EventSender, History, HistoryQuery, RoomDirectory, Unavailable};
+use crate::broker::{Broker, EventSender, History, HistoryQuery, Unavailable};
 use crate::metrics::Metrics;
 use crate::protocol::{ChatMessage, Limits, MessageId, NewMessage, parse_channel_payload};
 use crate::supervisor::Supervisor;
 use publisher::{Failure, Publisher};
+use rooms::{Attached, RoomSubscriptions};
 use subscriber::Subscriber;
 
 /// How long to wait for Redis to accept a connection before calling it
 /// unreachable: loopback or LAN Redis answers in microseconds.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long one command on the publishing connection may take before the
 /// link is declared broken.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -96,7 +102,6 @@ const DEDUP_TTL_SECS: u64 = 600;
 /// The Redis names this instance uses, all under one prefix.
 #[derive(Debug, Clone)]
 pub struct RedisKeys {
-    pub channel: String,
     pub last_id: String,
     prefix: String,
 }
@@ -104,10 +109,22 @@ pub struct RedisKeys {
 impl RedisKeys {
     pub fn new(prefix: &str) -> Self {
         RedisKeys {
-            channel: format!("{prefix}:messages"),
             last_id: format!("{prefix}:last-id"),
             prefix: prefix.to_string(),
         }
+    }
+
+    /// A room's channel: `<prefix>:room:{<room>}`.
+    pub fn room_channel(&self, room: &str) -> String {
+        format!("{}:room:{{{room}}}", self.prefix)
+    }
+
+    /// The room a channel of [`room_channel`](Self::room_channel) names.
+    pub fn room_of_channel<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(":room:{")?
+            .strip_suffix('}')
     }
 
     pub fn history(&self, room: &str) -> String {
@@ -129,6 +146,8 @@ pub struct RedisSettings {
     /// How long a publish whose outcome is unknown (the link broke while
     /// the command was in flight) is retried before the client is told.
     pub publish_deadline: Duration,
+    /// How long a room stays subscribed after its last local client left.
+    pub room_linger: Duration,
     /// What a valid payload on the channel or in history looks like.
     pub limits: Limits,
     /// The instance id, used to name this instance's Redis connections
@@ -164,6 +183,7 @@ pub struct RedisBroker {
     keys: RedisKeys,
     script: Script,
     publisher: Publisher,
+    rooms: Arc<RoomSubscriptions>,
     subscribed: Arc<AtomicBool>,
 }
 
@@ -174,7 +194,6 @@ impl RedisBroker {
     pub fn start(
         settings: RedisSettings,
         events_tx: EventSender,
-        rooms: Arc<dyn RoomDirectory>,
         metrics: Arc<Metrics>,
         supervisor: &Arc<Supervisor>,
     ) -> Result<Arc<Self>, String> {
@@ -182,7 +201,17 @@ impl RedisBroker {
         let client =
             Client::open(url.as_str()).map_err(|e| format!("bad --redis-url {url:?}: {e}"))?;
         let keys = RedisKeys::new(&settings.prefix);
+        let rooms = Arc::new(RoomSubscriptions::new(
+            keys.clone(),
+            settings.room_linger,
+            metrics.clone(),
+        ));
+        let linger = rooms.clone();
+        supervisor
+            .spawn("room-linger", move || linger.run_linger())
+            .map_err(|e| format!("cannot start the room-linger thread: {e}"))?;
         let broker = Arc::new(RedisBroker {
+            rooms: rooms.clone(),
             keys: keys.clone(),
             script: Script::new(ACCEPT_SCRIPT),
             publisher: Publisher::new(client.clone(), settings.clone(), metrics.clone()),
@@ -255,7 +284,7 @@ impl Broker for RedisBroker {
                     .key(self.keys.history(&message.room))
                     .key(&self.keys.last_id)
                     .key(self.keys.accepted(dedup_key))
-                    .arg(&self.keys.channel)
+                    .arg(self.keys.room_channel(&message.room))
                     .arg(self.settings.history_len)
                     .arg(&body[1..])
                     .arg(DEDUP_TTL_SECS)
@@ -359,6 +388,19 @@ impl Broker for RedisBroker {
             }
         };
         Ok(history)
+    }
+
+    /// Subscribes to the room's channel if this instance was not yet, and
+    /// waits for Redis to confirm, so that history read after this returns
+    /// meets the live messages with no gap.
+    fn attach(&self, room: &str) {
+        if self.rooms.attach(room) == Attached::NotLive {
+            debug!("room {room}: not subscribed yet; caught up from history once the link is back");
+        }
+    }
+
+    fn detach(&self, room: &str) {
+        self.rooms.detach(room);
     }
 
     fn readiness(&self) -> Result<(), String> {

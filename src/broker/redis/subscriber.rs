@@ -1,15 +1,16 @@
-//! The subscriber thread: the one thread that owns the subscribed Redis
+//! The subscriber thread: the one thread that reads the subscribed Redis
 //! connection and blocks on it.
 //!
 //! A connection that has sent `SUBSCRIBE` can do nothing but receive, and
 //! reading from it blocks until a message comes, which may be never: the
 //! blocking-subscription pitfall. So this thread does nothing else. It
-//! validates what arrives, catches up from history after a reconnection,
-//! and emits events in order into the fan-out's channel; it knows nothing
-//! of clients, and never waits on one, or Redis would cut it off at
-//! `client-output-buffer-limit pubsub`.
+//! validates what arrives, passes subscription confirmations to the room
+//! bookkeeping ([`super::rooms`]), catches up from history after a
+//! reconnection, and emits events in order into the fan-out's channel; it
+//! knows nothing of clients, and never waits on one, or Redis would cut it
+//! off at `client-output-buffer-limit pubsub`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -17,13 +18,17 @@ use std::thread;
 use log::{debug, error, info, warn};
 use redis::{Client, RedisError};
 
-use super::{RedisKeys, StreamEntry, connect, parse_last_id, parse_stream_entries};
+use super::rooms::RoomSubscriptions;
+use super::subscription::{self, Push};
+use super::{
+    CONNECT_TIMEOUT, RedisKeys, StreamEntry, connect, parse_last_id, parse_stream_entries,
+};
 use crate::backoff::Backoff;
-use crate::broker::{BrokerEvent, DeliveryStatus, EventSender, RoomDirectory};
+use crate::broker::{BrokerEvent, DeliveryStatus, EventSender};
 use crate::clock;
 use crate::faults;
 use crate::metrics::Metrics;
-use crate::protocol::{ChatMessage, Limits, MessageId, parse_channel_payload};
+use crate::protocol::{BadPayload, ChatMessage, Limits, MessageId, parse_channel_payload};
 
 /// How far ahead of this machine's clock a message id may be and still
 /// count as made by the accept script (clocks of Redis and of instances
@@ -43,8 +48,8 @@ pub struct Subscriber {
     pub name: String,
     pub limits: Limits,
     pub keys: RedisKeys,
-    /// The rooms with local clients: those to catch up on.
-    pub rooms: Arc<dyn RoomDirectory>,
+    /// The rooms with local clients: those subscribed, and caught up on.
+    pub rooms: Arc<RoomSubscriptions>,
     pub metrics: Arc<Metrics>,
     pub subscribed: Arc<AtomicBool>,
     pub backoff: Backoff,
@@ -67,6 +72,7 @@ impl Subscriber {
             // the first subscription after any failure tells them `up`.
             let outcome =
                 self.subscribe_and_deliver(&first_attempt_tx, was_subscribed, failures > 0);
+            self.rooms.disconnected();
             if self.subscribed.swap(false, Ordering::Relaxed) {
                 was_subscribed = true;
                 failures = 0;
@@ -96,13 +102,29 @@ impl Subscriber {
         reconnect: bool,
         after_failure: bool,
     ) -> Result<(), RedisError> {
-        let mut connection = connect(&self.client, &self.name)?;
-        // Subscribed, the connection waits for messages for ever: no timeout.
-        connection.set_read_timeout(None)?;
-        let mut pubsub = connection.as_pubsub();
-        pubsub.subscribe(&self.keys.channel)?;
-        // Subscribed first, read history second: a message accepted in
-        // between is in both, and the seams drop the second copy.
+        let (mut reader, writer) = subscription::open(
+            self.client.get_connection_info(),
+            &self.name,
+            CONNECT_TIMEOUT,
+        )?;
+        let writer = Arc::new(writer);
+        // However this ends, the connection is closed: sessions holding
+        // the write half find it broken, not silently unread.
+        let _closed = ShutdownOnDrop(writer.clone());
+        let mut awaited: HashSet<String> = self.rooms.connected(writer)?.into_iter().collect();
+        // Confirmed first, history second: a message accepted in between
+        // is in both, and the seams drop the second copy. What arrives
+        // before every room is confirmed waits here.
+        let mut early = Vec::new();
+        while !awaited.is_empty() {
+            match reader.next()? {
+                Push::Subscribed(channel) => {
+                    awaited.remove(&channel);
+                    self.rooms.confirmed(&channel);
+                }
+                push => early.push(push),
+            }
+        }
         let mut seams = self.catch_up(reconnect)?;
         self.subscribed.store(true, Ordering::Relaxed);
         Metrics::set(&self.metrics.redis_subscriber_up, 1);
@@ -112,34 +134,54 @@ impl Subscriber {
         if reconnect || after_failure {
             self.emit(BrokerEvent::Delivery(DeliveryStatus::Up));
         }
-        info!(
-            "redis subscriber: subscribed to {} on {}",
-            self.keys.channel, self.url
-        );
+        info!("redis subscriber: connected to {}", self.url);
         let _ = first_attempt_tx.try_send(());
-        loop {
-            let message = pubsub.get_message()?;
-            Metrics::inc(&self.metrics.broker_messages_total);
-            match parse_channel_payload(message.get_payload_bytes(), &self.limits) {
-                Ok(message) => {
-                    faults::inject("subscriber", &message.text);
-                    if let Some(seam) = seams.get(&message.room) {
-                        if message.id <= *seam {
-                            continue;
-                        }
-                        seams.remove(&message.room);
-                    }
-                    self.deliver(message);
-                }
-                Err(e) => {
-                    Metrics::inc(&self.metrics.broker_payloads_invalid_total);
-                    warn!(
-                        "redis subscriber: payload on {} skipped: {e}",
-                        self.keys.channel
-                    );
-                }
-            }
+        for push in early {
+            self.take(push, &mut seams);
         }
+        loop {
+            let push = reader.next()?;
+            self.take(push, &mut seams);
+        }
+    }
+
+    /// Handles one push from the subscribed connection.
+    fn take(&mut self, push: Push, seams: &mut CatchUpSeams) {
+        let (channel, payload) = match push {
+            Push::Subscribed(channel) => return self.rooms.confirmed(&channel),
+            Push::Unsubscribed(_) => return,
+            Push::Message { channel, payload } => (channel, payload),
+        };
+        Metrics::inc(&self.metrics.broker_messages_total);
+        let message = parse_channel_payload(&payload, &self.limits).and_then(|message| {
+            // A room's channel carries that room's messages only: anything
+            // else was published by hand, and would reach one instance's
+            // clients of another room.
+            if self.keys.room_of_channel(&channel) == Some(message.room.as_str()) {
+                Ok(message)
+            } else {
+                Err(BadPayload(format!(
+                    "a message of room {:?} on channel {channel}",
+                    message.room
+                )))
+            }
+        });
+        let message = match message {
+            Ok(message) => message,
+            Err(e) => {
+                Metrics::inc(&self.metrics.broker_payloads_invalid_total);
+                warn!("redis subscriber: payload on {channel} skipped: {e}");
+                return;
+            }
+        };
+        faults::inject("subscriber", &message.text);
+        if let Some(seam) = seams.get(&message.room) {
+            if message.id <= *seam {
+                return;
+            }
+            seams.remove(&message.room);
+        }
+        self.deliver(message);
     }
 
     fn emit(&self, event: BrokerEvent) {
@@ -202,5 +244,14 @@ impl Subscriber {
         }
         self.baseline = latest.max(self.baseline);
         Ok(seams)
+    }
+}
+
+/// Shuts the subscribed connection down when the subscriber lets go of it.
+struct ShutdownOnDrop(Arc<subscription::SubscriptionWriter>);
+
+impl Drop for ShutdownOnDrop {
+    fn drop(&mut self) {
+        self.0.shutdown();
     }
 }
