@@ -117,7 +117,7 @@ impl Subscriber {
         // before every room is confirmed waits here.
         let mut early = Vec::new();
         while !awaited.is_empty() {
-            match reader.next()? {
+            match reader.next_push()? {
                 Push::Subscribed(channel) => {
                     awaited.remove(&channel);
                     self.rooms.confirmed(&channel);
@@ -140,7 +140,7 @@ impl Subscriber {
             self.take(push, &mut seams);
         }
         loop {
-            let push = reader.next()?;
+            let push = reader.next_push()?;
             self.take(push, &mut seams);
         }
     }

@@ -114,7 +114,7 @@ impl SubscriptionWriter {
 
 impl SubscriptionReader {
     /// The next push; blocks until one arrives.
-    pub fn next(&mut self) -> Result<Push, RedisError> {
+    pub fn next_push(&mut self) -> Result<Push, RedisError> {
         loop {
             let value = self.parser.parse_value(&mut self.reader)?;
             if let Value::ServerError(error) = value {
