@@ -322,6 +322,149 @@ start_private_redis() {
   die "could not start a private redis-server"
 }
 
+# ------------------------------------------------- a private Redis Cluster
+# For run_cluster.sh --redis-cluster, through these globals:
+#   REDIS_CLUSTER_PORTS  the nodes' client ports, in start order
+#   REDIS_CLUSTER_PIDS   their PIDs, in the same order ("" once reaped)
+#   REDIS_CLUSTER_SEEDS  redis://127.0.0.1:P of each master, comma-separated
+#                        (what the server's --redis-cluster takes)
+REDIS_CLUSTER_PORTS=()
+REDIS_CLUSTER_PIDS=()
+REDIS_CLUSTER_SEEDS=""
+
+# cluster_free_port: a free port that no node of this cluster has taken yet
+# (as client or bus port; the ports in use so far are in $CLUSTER_TAKEN).
+cluster_free_port() {
+  local port _
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    port="$(free_port)" || return 1
+    if [[ " $CLUSTER_TAKEN " != *" $port "* ]]; then
+      CLUSTER_TAKEN+=" $port"
+      printf '%s\n' "$port"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# redis_cluster_log_tails DIR: the last lines of each node's log, on stderr.
+redis_cluster_log_tails() {
+  local dir="$1" port
+  for port in "${REDIS_CLUSTER_PORTS[@]}"; do
+    printf -- '--- cluster node 127.0.0.1:%s (%s) ---\n' "$port" "$dir/node-$port/redis.log" >&2
+    tail -n 8 "$dir/node-$port/redis.log" >&2 2>/dev/null || true
+  done
+}
+
+# redis_cluster_ready PORT...: true when every node says cluster_state:ok
+# and `redis-cli --cluster check` finds all 16384 slots covered.
+redis_cluster_ready() {
+  local port
+  for port in "$@"; do
+    with_timeout 3 redis-cli -p "$port" CLUSTER INFO 2>/dev/null |
+      grep -q '^cluster_state:ok' || return 1
+  done
+  with_timeout 10 redis-cli --cluster check "127.0.0.1:$1" 2>/dev/null |
+    grep -q 'All 16384 slots covered'
+}
+
+# redis_cluster_masters: prints the client ports of the nodes that are
+# masters now, one a line (from the first node that answers CLUSTER NODES).
+redis_cluster_masters() {
+  local port nodes
+  for port in "${REDIS_CLUSTER_PORTS[@]}"; do
+    nodes="$(with_timeout 3 redis-cli -p "$port" CLUSTER NODES 2>/dev/null)" || continue
+    [[ -n "$nodes" ]] || continue
+    # <id> <ip:port@bus> <flags> ...: the masters that are not failing.
+    awk '$3 ~ /master/ && $3 !~ /fail/ { split($2, a, "[:@]"); print a[2] }' <<<"$nodes"
+    return 0
+  done
+  return 1
+}
+
+# start_private_redis_cluster DIR: starts six redis-server cluster nodes on
+# free loopback ports (no persistence, each in DIR/node-PORT), makes them
+# one cluster of three masters with a replica each (redis-cli --cluster
+# create --cluster-replicas 1), waits until it serves every slot, and sets
+# REDIS_CLUSTER_PORTS, REDIS_CLUSTER_PIDS and REDIS_CLUSTER_SEEDS. A
+# master that misses its peers for 1 s (--cluster-node-timeout) is failed
+# over to its replica (--cluster-replica-validity-factor 0: always allowed).
+# Dies with the nodes' log tails on failure; stop_private_services stops
+# whatever it started.
+start_private_redis_cluster() {
+  local dir="$1" i port bus node setsid="" deadline addrs=()
+  have redis-cli || die "redis-cli is missing; it comes with redis-server (Debian: apt-get install redis-tools)"
+  if have setsid; then setsid=setsid; fi
+  CLUSTER_TAKEN=""
+  for ((i = 0; i < 6; i++)); do
+    port="$(cluster_free_port)" || die "found no free port for a cluster node"
+    # The bus port is chosen too: port + 10000 may be past 65535.
+    bus="$(cluster_free_port)" || die "found no free port for a cluster node's bus"
+    node="$dir/node-$port"
+    mkdir -p "$node"
+    # In a session of its own, like start_private_redis: Ctrl-C does not
+    # reach it; it is stopped after the instances.
+    $setsid redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+      --dir "$node" --logfile "$node/redis.log" --daemonize no \
+      --cluster-enabled yes --cluster-config-file "$node/nodes-$port.conf" \
+      --cluster-port "$bus" --cluster-node-timeout 1000 \
+      --cluster-replica-validity-factor 0 \
+      </dev/null >/dev/null 2>&1 &
+    REDIS_CLUSTER_PIDS+=("$!")
+    REDIS_CLUSTER_PORTS+=("$port")
+    addrs+=("127.0.0.1:$port")
+  done
+  deadline=$((SECONDS + 10))
+  for ((i = 0; i < 6; i++)); do
+    port="${REDIS_CLUSTER_PORTS[i]}"
+    until redis_ping "redis://127.0.0.1:$port"; do
+      if ! kill -0 "${REDIS_CLUSTER_PIDS[i]}" 2>/dev/null || ((SECONDS >= deadline)); then
+        redis_cluster_log_tails "$dir"
+        die "cluster node 127.0.0.1:$port did not start"
+      fi
+      sleep 0.1
+    done
+  done
+  info "six nodes: ${addrs[*]}; joining them (redis-cli --cluster create)"
+  if ! with_timeout 60 redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 \
+    --cluster-yes </dev/null >"$dir/create.log" 2>&1; then
+    tail -n 20 "$dir/create.log" >&2
+    redis_cluster_log_tails "$dir"
+    die "redis-cli --cluster create failed (log: $dir/create.log)"
+  fi
+  deadline=$((SECONDS + 30))
+  until redis_cluster_ready "${REDIS_CLUSTER_PORTS[@]}"; do
+    if ((SECONDS >= deadline)); then
+      redis_cluster_log_tails "$dir"
+      die "the Redis Cluster does not serve every slot after 30 s"
+    fi
+    sleep 0.2
+  done
+  local masters seeds=()
+  masters="$(redis_cluster_masters)" || die "no cluster node answers CLUSTER NODES"
+  for port in $masters; do seeds+=("redis://127.0.0.1:$port"); done
+  # shellcheck disable=SC2034  # read by the scripts that source this file
+  REDIS_CLUSTER_SEEDS="$(
+    IFS=,
+    printf '%s' "${seeds[*]}"
+  )"
+  info "private Redis Cluster ready: masters ${masters//$'\n'/ } (logs in $dir/node-PORT/redis.log)"
+}
+
+# stop_private_redis_cluster: stops the nodes start_private_redis_cluster
+# started and that are not reaped yet.
+stop_private_redis_cluster() {
+  local pid running=()
+  for pid in "${REDIS_CLUSTER_PIDS[@]}"; do
+    if [[ -n "$pid" ]]; then running+=("$pid"); fi
+  done
+  if ((${#running[@]})); then
+    printf 'Stopping the private Redis Cluster (pids %s)...\n' "${running[*]}"
+    stop_pids "${running[@]}"
+  fi
+  REDIS_CLUSTER_PIDS=()
+}
+
 # ------------------------------------------------- build and shared cleanup
 # For run_two.sh and run_cluster.sh, which keep their state in the globals
 # BUILD_PID, BIN, LOG_PIDS, REDIS_PID and TMP_DIR.
@@ -349,8 +492,8 @@ stop_build() {
   fi
 }
 
-# Stops the log prefixers and the private redis-server, and removes the
-# temporary directory: the end of every script's cleanup.
+# Stops the log prefixers, the private redis-server or Redis Cluster, and
+# removes the temporary directory: the end of every script's cleanup.
 stop_private_services() {
   # The prefixers end by themselves once their instance is gone.
   if ((${#LOG_PIDS[@]})); then stop_pids "${LOG_PIDS[@]}"; fi
@@ -358,6 +501,7 @@ stop_private_services() {
     printf 'Stopping the private redis-server (pid %s)...\n' "$REDIS_PID"
     stop_pids "$REDIS_PID"
   fi
+  stop_private_redis_cluster
   if [[ -n "${TMP_DIR:-}" ]]; then rm -rf "$TMP_DIR"; fi
 }
 

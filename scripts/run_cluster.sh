@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the failover demo: N instances of pubsub-chat (a, b, c, ...) joined
 # by Redis, behind one nginx that proxies the page and the WebSocket, each
-# instance logging to this terminal with an [a] / [b] / ... prefix. Ctrl-C
-# stops everything it started. See --help.
+# instance logging to this terminal with an [a] / [b] / ... prefix; with
+# --redis-cluster, joined by a private six-node Redis Cluster instead of one
+# Redis. Ctrl-C stops everything it started. See --help.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -10,7 +11,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
   cat <<'EOF'
-Usage: ./scripts/run_cluster.sh [-n N] [--port P] [--base-port B]
+Usage: ./scripts/run_cluster.sh [-n N] [--port P] [--base-port B] [--redis-cluster]
 
 Builds pubsub-chat (cargo build --release), runs N instances of it (a, b,
 c, ...) joined by Redis, and nginx in front of them on one address,
@@ -24,12 +25,23 @@ Options:
                   also PROXY_PORT=P)
   --base-port B   HTTP port of instance a; b gets B+1, ... (default 5100;
                   also BASE_PORT=B). WebSocket ports are these + 10000.
+  --redis-cluster join the instances by a private Redis Cluster (sharded
+                  Pub/Sub) instead of one Redis: see below.
   -h, --help      Show this help.
 
 Redis: as ./scripts/run_two.sh: if REDIS_URL is set and answers PING, it is
 used; otherwise a private redis-server on a free loopback port, stopped on
 exit (installed with apt-get when missing and running as root or with
 password-less sudo; otherwise the script says how).
+
+Redis Cluster (--redis-cluster; REDIS_URL is then ignored): six private
+redis-server nodes on free loopback ports, joined with `redis-cli --cluster
+create ... --cluster-replicas 1` into three masters with one replica each
+(--cluster-node-timeout 1000), stopped on exit. The instances get
+--redis-cluster with the masters as seeds. The banner lists the nodes and
+which master serves room lobby: kill -9 that master and its replica takes
+its slots over within a few seconds; the script says when a node exits and
+which nodes are masters afterwards.
 
 nginx: the system's (/usr/sbin/nginx), run as a foreground process of this
 script with its configuration, logs and temporary files in a temporary
@@ -38,6 +50,7 @@ EOF
 }
 
 N="${INSTANCES:-3}"
+USE_REDIS_CLUSTER=0
 PROXY_PORT="${PROXY_PORT:-8080}"
 BASE_PORT="${BASE_PORT:-5100}"
 
@@ -66,6 +79,7 @@ while [[ $# -gt 0 ]]; do
       shift
       ;;
     --base-port=*) BASE_PORT="${1#--base-port=}" ;;
+    --redis-cluster) USE_REDIS_CLUSTER=1 ;;
     -h | --help)
       usage
       exit 0
@@ -165,8 +179,15 @@ EOF
   fi
 fi
 
-choose_redis
-ensure_redis_server ./scripts/run_cluster.sh
+if ((USE_REDIS_CLUSTER)); then
+  # Always private: a cluster is not something to borrow from REDIS_URL.
+  NEED_PRIVATE_REDIS=1
+  ensure_redis_server "./scripts/run_cluster.sh --redis-cluster"
+  have redis-cli || die "redis-cli is missing (it makes the cluster); Debian: apt-get install redis-tools"
+else
+  choose_redis
+  ensure_redis_server ./scripts/run_cluster.sh
+fi
 
 # ------------------------------------------------- processes and cleanup
 
@@ -209,14 +230,21 @@ build_release
 
 TMP_DIR="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-chat-cluster.XXXXXX")"
 
-provide_redis
+if ((USE_REDIS_CLUSTER)); then
+  step "Starting a private Redis Cluster (six nodes: three masters, one replica each)"
+  start_private_redis_cluster "$TMP_DIR/redis-cluster"
+  BROKER_ARGS=(--redis-cluster "$REDIS_CLUSTER_SEEDS")
+else
+  provide_redis
+  BROKER_ARGS=(--redis-url "$REDIS_URL_TO_USE")
+fi
 
 step "Starting instances ${IDS[*]} (HTTP ports ${HTTP_PORTS[*]})"
 # --public-ws-url /ws: a page loaded through nginx opens its WebSocket on
 # its own host (nginx), never on an instance's port.
 for ((i = 0; i < N; i++)); do
   start_instance "${IDS[i]}" --port "${HTTP_PORTS[i]}" --ws-port "${WS_PORTS[i]}" \
-    --broker redis --redis-url "$REDIS_URL_TO_USE" --public-ws-url /ws
+    --broker redis "${BROKER_ARGS[@]}" --public-ws-url /ws
 done
 
 # ------------------------------------------------------------------ nginx
@@ -327,11 +355,79 @@ done
 
 # ---------------------------------------------------------------- banner
 
+# cluster_nodes: `CLUSTER NODES` from the first live node that answers.
+cluster_nodes() {
+  local i out
+  for i in "${!REDIS_CLUSTER_PORTS[@]}"; do
+    [[ -n "${REDIS_CLUSTER_PIDS[i]}" ]] || continue
+    out="$(with_timeout 3 redis-cli -p "${REDIS_CLUSTER_PORTS[i]}" CLUSTER NODES 2>/dev/null)" || continue
+    if [[ -n "$out" ]]; then
+      printf '%s\n' "$out"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# cluster_pid PORT: the PID of our cluster node on PORT ("-" once gone).
+cluster_pid() {
+  local i
+  for i in "${!REDIS_CLUSTER_PORTS[@]}"; do
+    if [[ "${REDIS_CLUSTER_PORTS[i]}" == "$1" ]]; then
+      printf '%s\n' "${REDIS_CLUSTER_PIDS[i]:--}"
+      return 0
+    fi
+  done
+  printf -- '-\n'
+}
+
+# cluster_roles: one line per node, "PORT master SLOTS..." or "PORT replica
+# MASTER_PORT" or "PORT failed", from CLUSTER NODES
+# (<id> <ip:port@bus> <flags> <master id> <ping> <pong> <epoch> <link> <slots>).
+cluster_roles() {
+  cluster_nodes | awk '
+    { split($2, a, "[:@]"); port[NR] = a[2]; id[$1] = a[2]; flags[NR] = $3; master[NR] = $4
+      slots[NR] = ""; for (i = 9; i <= NF; i++) slots[NR] = slots[NR] " " $i }
+    END {
+      for (n = 1; n <= NR; n++) {
+        if (flags[n] ~ /fail/) print port[n], "failed"
+        else if (flags[n] ~ /master/) print port[n], "master" slots[n]
+        else print port[n], "replica", id[master[n]]
+      }
+    }' | sort -k2,2 -k1,1n
+}
+
+# cluster_master_of_slot SLOT: the port of the master that serves SLOT.
+cluster_master_of_slot() {
+  cluster_roles | awk -v slot="$1" '
+    $2 == "master" { for (i = 3; i <= NF; i++) { n = split($i, r, "-"); lo = r[1]; hi = (n == 2 ? r[2] : r[1])
+      if (slot + 0 >= lo + 0 && slot + 0 <= hi + 0) { print $1; exit } } }'
+}
+
+# cluster_replica_of PORT: the port of a replica of the master on PORT.
+cluster_replica_of() {
+  cluster_roles | awk -v m="$1" '$2 == "replica" && $3 == m { print $1; exit }'
+}
+
+# print_cluster: the nodes, their roles and PIDs.
+print_cluster() {
+  local port role rest
+  while read -r port role rest; do
+    case "$role" in
+      master) printf '    127.0.0.1:%-6s pid %-8s master, slots %s\n' "$port" "$(cluster_pid "$port")" "$rest" ;;
+      replica) printf '    127.0.0.1:%-6s pid %-8s replica of 127.0.0.1:%s\n' "$port" "$(cluster_pid "$port")" "$rest" ;;
+      *) printf '    127.0.0.1:%-6s %s\n' "$port" "$role" ;;
+    esac
+  done < <(cluster_roles)
+}
+
 URL="http://127.0.0.1:$PROXY_PORT/?name=alice&room=lobby"
 RULE="================================================================================"
 {
   printf '\n%s\n' "$RULE"
-  printf '  pubsub-chat is running: %d instances joined by Redis, behind nginx\n\n' "$N"
+  joined_by="Redis"
+  if ((USE_REDIS_CLUSTER)); then joined_by="a Redis Cluster"; fi
+  printf '  pubsub-chat is running: %d instances joined by %s, behind nginx\n\n' "$N" "$joined_by"
   printf '  Open this URL (in several tabs; change name= in each):\n'
   printf '    %s\n\n' "$URL"
   printf '  Instances (nginx sends each new connection to the next one):\n'
@@ -340,7 +436,24 @@ RULE="==========================================================================
       "${IDS[i]}" "${PIDS[i]}" "${HTTP_PORTS[i]}" "${WS_PORTS[i]}"
   done
   printf '  nginx:  pid %s, configuration %s\n' "$NGINX_PID" "$NGINX_DIR/nginx.conf"
-  printf '  Redis:  %s\n\n' "$REDIS_URL_TO_USE"
+  if ((USE_REDIS_CLUSTER)); then
+    printf '  Redis Cluster (private; the instances have --redis-cluster %s):\n' "$REDIS_CLUSTER_SEEDS"
+    print_cluster
+    # The room's channel, history and id counter share the slot of its
+    # hash tag {lobby}.
+    slot="$(with_timeout 3 redis-cli -p "${REDIS_CLUSTER_PORTS[0]}" CLUSTER KEYSLOT 'chat:room:{lobby}')"
+    lobby_master="$(cluster_master_of_slot "$slot")"
+    printf '\n  Redis failover demo: room lobby (chat:room:{lobby}, slot %s) is served by\n' "$slot"
+    printf '  master 127.0.0.1:%s. Kill it:\n' "$lobby_master"
+    printf '    kill -9 %s\n' "$(cluster_pid "$lobby_master")"
+    printf '  and within a few seconds its replica 127.0.0.1:%s takes over (this\n' "$(cluster_replica_of "$lobby_master")"
+    printf '  script says so; or watch: redis-cli -p %s CLUSTER NODES). Messages\n' "${REDIS_CLUSTER_PORTS[0]}"
+    printf '  sent meanwhile are delayed or refused (unavailable), then the room\n'
+    printf '  goes on. Any master works the same for the rooms in its slots\n'
+    printf '  (redis-cli -p PORT CLUSTER KEYSLOT '"'"'chat:room:{ROOM}'"'"').\n\n'
+  else
+    printf '  Redis:  %s\n\n' "$REDIS_URL_TO_USE"
+  fi
   printf '  Failover demo: open two tabs on the URL (each shows "you are on\n'
   # shellcheck disable=SC2016  # backquotes to show a command, not to run one
   printf '  instance ..."), then `kill -9 <pid of the instance shown in a tab>`:\n'
@@ -356,6 +469,7 @@ RULE="==========================================================================
 
 # A killed instance is the demo, not a reason to stop: say so and go on.
 redis_warned=0
+cluster_report_at=0
 while true; do
   for ((i = 0; i < N; i++)); do
     [[ -z "${GONE[i]:-}" ]] || continue
@@ -389,6 +503,23 @@ while true; do
   if [[ -n "$REDIS_PID" && "$redis_warned" -eq 0 ]] && ! kill -0 "$REDIS_PID" 2>/dev/null; then
     warn "the private redis-server has exited; the instances keep running and retry it"
     redis_warned=1
+  fi
+  for i in "${!REDIS_CLUSTER_PIDS[@]}"; do
+    pid="${REDIS_CLUSTER_PIDS[i]}"
+    [[ -n "$pid" ]] || continue
+    if ! kill -0 "$pid" 2>/dev/null; then
+      rc=0
+      wait "$pid" || rc=$?
+      REDIS_CLUSTER_PIDS[i]=""
+      warn "Redis Cluster node 127.0.0.1:${REDIS_CLUSTER_PORTS[i]} (pid $pid) exited (status $rc); if it was a master, its replica takes over its slots within a few seconds"
+      cluster_report_at=$((SECONDS + 5))
+    fi
+  done
+  if ((cluster_report_at && SECONDS >= cluster_report_at)); then
+    cluster_report_at=0
+    printf '\nRedis Cluster nodes now:\n'
+    print_cluster
+    printf '\n'
   fi
   sleep 0.5
 done

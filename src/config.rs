@@ -61,6 +61,11 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
 
+    /// Seed nodes of a Redis Cluster (comma-separated `redis://HOST:PORT`):
+    /// cluster mode, with sharded Pub/Sub, instead of `--redis-url`.
+    #[arg(long, env = "REDIS_CLUSTER", value_delimiter = ',')]
+    pub redis_cluster: Vec<String>,
+
     /// Prefix of every Redis key and channel this server uses, so that
     /// several chats (or test runs) can share one Redis.
     #[arg(long, env = "REDIS_PREFIX", default_value = "chat")]

@@ -111,6 +111,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         BrokerKind::Redis => RedisBroker::start(
             RedisSettings {
                 url: config.redis_url.clone(),
+                cluster: config.redis_cluster.clone(),
                 prefix: config.redis_prefix.clone(),
                 history_len: config.history_len,
                 max_backoff: config.redis_max_backoff(),

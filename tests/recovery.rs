@@ -207,7 +207,12 @@ fn a_subscriber_cut_again_and_again_catches_up_without_loss_or_duplicates() {
 
     let sub_name = format!("{prefix}:b:sub");
     let mut kills = 0;
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
     while kills < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "found b's subscriber {sub_name} to kill only {kills} times"
+        );
         thread::sleep(Duration::from_millis(150));
         wait_for("b to resubscribe", || {
             b.metric("chat_redis_subscriber_up") == 1.0

@@ -1,4 +1,5 @@
-//! One run: start Redis, the two instances and the workers; connect the
+//! One run: start Redis (or a Redis Cluster), the two instances and the
+//! workers; connect the
 //! clients (for `max-clients`, step by step while the stream is on); send;
 //! wait for every expected delivery; close; and turn what was seen into
 //! figures.
@@ -14,16 +15,22 @@ use crate::report::RunReport;
 
 pub fn run_once(opts: &Opts, run: usize) -> RunReport {
     let tag = format!("{run}-{}", now_ns());
-    let (redis, url) = match &opts.target_redis {
-        Some(url) => (None, url.clone()),
+    // The Redis processes this run started (none with --target-redis), and
+    // how the instances reach Redis.
+    let (redis, broker): (Vec<procs::Proc>, Vec<String>) = match &opts.target_redis {
+        Some(url) => (Vec::new(), vec!["--redis-url".into(), url.clone()]),
+        None if opts.redis_cluster => {
+            let (nodes, seeds) = procs::start_redis_cluster();
+            (nodes, vec!["--redis-cluster".into(), seeds])
+        }
         None => {
             let (p, url) = procs::start_redis();
-            (Some(p), url)
+            (vec![p], vec!["--redis-url".into(), url])
         }
     };
     let prefix = format!("load-{}-{tag}", std::process::id());
-    let a = procs::start_instance("a", &url, &prefix, opts);
-    let b = procs::start_instance("b", &url, &prefix, opts);
+    let a = procs::start_instance("a", &broker, &prefix, opts);
+    let b = procs::start_instance("b", &broker, &prefix, opts);
     std::thread::sleep(Duration::from_millis(300));
     let ws = [a.ws.unwrap(), b.ws.unwrap()];
     let http = [a.http.unwrap(), b.http.unwrap()];
@@ -37,8 +44,18 @@ pub fn run_once(opts: &Opts, run: usize) -> RunReport {
         ("a".to_string(), vec![a.pid()], true),
         ("b".to_string(), vec![b.pid()], true),
     ];
-    if let Some(r) = &redis {
-        list.push(("redis".to_string(), vec![r.pid()], false));
+    if !redis.is_empty() {
+        // A cluster's nodes are summed: its CPU and memory in all.
+        let name = if opts.redis_cluster {
+            "redis-cluster"
+        } else {
+            "redis"
+        };
+        list.push((
+            name.to_string(),
+            redis.iter().map(|r| r.pid()).collect(),
+            false,
+        ));
     }
     let mut loadgen = vec![std::process::id()];
     loadgen.extend(pool.pids());
@@ -336,6 +353,10 @@ fn drive(opts: &Opts, pool: &mut Pool, http: [SocketAddr; 2], procs: &Procs) -> 
     let mut keys = vec![
         "chat_messages_received_total",
         "chat_messages_published_total",
+        // Payloads this instance received from Redis: with per-room
+        // subscriptions, only those of rooms it has clients in.
+        "chat_broker_messages_total",
+        "chat_room_subscriptions",
         "chat_messages_delivered_total",
         "chat_slow_clients_dropped_total",
         "chat_rate_limited_total",

@@ -4,13 +4,14 @@
 //! cargo bench --bench load -- <scenario> [--runs N] [--clients N] [--senders S]
 //!     [--rooms R] [--rate R|max] [--duration-s D] [--target-redis URL]
 //!     [--concurrency C] [--window W] [--idle-s I] [--batch B] [--drain-s T]
-//!     [--per-worker N] [--server-args "..."]
+//!     [--per-worker N] [--server-args "..."] [--redis-cluster]
 //! PUBSUB_CHAT_BIN=/path/to/older/pubsub-chat cargo bench --bench load -- <scenario>
 //! ```
 //!
 //! Scenarios: `latency`, `room`, `rooms`, `burst`, `idle`, `connect`,
 //! `max-clients`, `smoke` (see `options::usage()`). Each run starts its own
-//! `redis-server` (unless `--target-redis` names one) and two instances,
+//! `redis-server` (unless `--target-redis` names one; with
+//! `--redis-cluster`, a private six-node Redis Cluster) and two instances,
 //! `a` and `b`, of the server binary (`PUBSUB_CHAT_BIN`, or this package's
 //! own); clients are spread over them, in one fresh room or, with
 //! `--rooms`, in several (`rooms`: each room on one instance).
@@ -28,8 +29,8 @@
 //! Layout:
 //! - `options.rs`: the scenarios, their defaults, the command line.
 //! - `layout.rs`: which room, instance and worker each client has, who sends.
-//! - `procs.rs`: redis-server, the instances (and `PUBSUB_CHAT_BIN`), child
-//!   clean-up, `/proc` samples and `/metrics`.
+//! - `procs.rs`: redis-server (or the Redis Cluster's nodes), the instances
+//!   (and `PUBSUB_CHAT_BIN`), child clean-up, `/proc` samples and `/metrics`.
 //! - `pool.rs`: the worker processes seen from the parent, and the protocol.
 //! - `worker.rs`: a worker process: its runtime and its commands.
 //! - `client.rs`: one client: connect, send stamped texts, check deliveries.
@@ -38,6 +39,9 @@
 //! - `tests/common/process.rs` (shared with the integration tests): free
 //!   ports, temporary directories, HTTP GET, the redis-server and instance
 //!   command lines, the listening line.
+//! - `tests/common/cluster_process.rs` (shared with the integration tests):
+//!   a cluster node's command line, `redis-cli --cluster create`, the wait
+//!   until every slot is served.
 //!
 //! Exit status: non-zero on any lost, duplicated, reordered or misrouted
 //! delivery (and, for `smoke`, on any failed or dropped client). Missing a
@@ -45,6 +49,8 @@
 //! failure.
 
 mod client;
+#[path = "../../tests/common/cluster_process.rs"]
+mod cluster_process;
 mod drive;
 mod layout;
 mod options;
@@ -104,9 +110,11 @@ fn main() -> ExitCode {
         } else {
             String::new()
         },
-        opts.target_redis
-            .as_ref()
-            .map_or(String::new(), |u| format!(" | redis {u}")),
+        match &opts.target_redis {
+            Some(u) => format!(" | redis {u}"),
+            None if opts.redis_cluster => " | private Redis Cluster (3 masters, 3 replicas)".into(),
+            None => String::new(),
+        },
         if opts.server_args.is_empty() {
             String::new()
         } else {

@@ -57,6 +57,9 @@ pub struct Opts {
     pub rate: Option<f64>,
     pub duration: Duration,
     pub target_redis: Option<String>,
+    /// Start a private Redis Cluster and run the instances in cluster mode
+    /// (`--redis-cluster <seeds>`) instead of one `redis-server`.
+    pub redis_cluster: bool,
     /// Unconfirmed messages a sender may have in flight (as-fast-as-possible
     /// mode). A client-side bound: it feeds no server flag.
     pub window: usize,
@@ -90,6 +93,7 @@ impl Opts {
             rate: Some(50.0),
             duration: Duration::from_secs(3),
             target_redis: None,
+            redis_cluster: false,
             window: 64,
             concurrency: 256,
             idle: Duration::ZERO,
@@ -179,7 +183,9 @@ scenarios (defaults):
   latency      100 clients, 1 sender, 50 msg/s, 10 s, 3 runs   (target: cross-instance p50 < 1 ms, p99 < 2 ms)
   room         1000 clients, 20 senders, 200 msg/s, 10 s, 3 runs (target: nothing lost, p99 < 100 ms)
   rooms        400 clients in 40 rooms of 10, each room on one instance (rooms alternate a, b), one sender
-               per room, 2000 msg/s in all (50/s each), 10 s, 3 runs (target: nothing lost, p50 < 1.5 ms)
+               per room, 2000 msg/s in all (50/s each), 10 s, 3 runs (target: nothing lost, p50 < 1.5 ms);
+               --rooms R alone keeps that shape: 10 R clients, R senders (e.g. --rooms 200: 2000 clients,
+               200 senders at 10 msg/s each)
   burst        200 clients, 10 senders, as fast as possible, 10 s, 3 runs (target: >= 300,000 deliveries/s, nothing lost)
   idle         5000 clients, 10 s quiet window, then 1 sender at 10 msg/s for 10 s (target: <= 20 KiB RSS per client, idle CPU ~ 0)
   connect      5000 connections, 1000 handshakes in flight, then 1 sender at 10 msg/s for 2 s (target: no failure)
@@ -196,6 +202,9 @@ options:
   --rate R|max        messages per second over all senders, or as fast as possible
   --duration-s D      seconds of sending (max-clients: after the last batch)
   --target-redis URL  use this Redis instead of starting a private redis-server
+  --redis-cluster     start a private Redis Cluster (6 nodes: 3 masters with a replica each, loopback,
+                      redis-cli --cluster create) and run both instances with --redis-cluster <masters>
+                      (sharded Pub/Sub); takes no value
   --concurrency C     handshakes in flight at once (over all worker processes)
   --window W          unconfirmed messages per sender in as-fast-as-possible mode (64); a bound
                       of the load generator's own, not a server flag
@@ -227,6 +236,8 @@ pub fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>, St
         match arg.as_str() {
             // cargo bench passes --bench to every bench binary.
             "--bench" | "--nocapture" | "--quiet" => {}
+            // The one flag without a value.
+            "--redis-cluster" => flags.push((arg.clone(), String::new())),
             "-h" | "--help" => {
                 println!("{}", usage());
                 return Ok(None);
@@ -250,6 +261,10 @@ pub fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>, St
         return Ok(None);
     };
     let mut o = Opts::defaults(scenario);
+    let given = |name: &str| flags.iter().any(|(f, _)| f == name);
+    // `rooms` is rooms of 10 with one sender each: --rooms alone keeps it so.
+    let rooms_shape = scenario == Scenario::Rooms && given("--rooms");
+    let (clients_given, senders_given) = (given("--clients"), given("--senders"));
     let num = |flag: &str, v: &str| -> Result<f64, String> {
         v.parse::<f64>()
             .ok()
@@ -271,6 +286,7 @@ pub fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>, St
             }
             "--duration-s" => o.duration = Duration::from_secs_f64(num(&flag, &v)?),
             "--target-redis" => o.target_redis = Some(v),
+            "--redis-cluster" => o.redis_cluster = true,
             "--concurrency" => o.concurrency = (num(&flag, &v)? as usize).max(1),
             "--window" => o.window = (num(&flag, &v)? as usize).max(1),
             "--idle-s" => o.idle = Duration::from_secs_f64(num(&flag, &v)?),
@@ -280,6 +296,17 @@ pub fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>, St
             "--server-args" => o.server_args = v.split_whitespace().map(String::from).collect(),
             other => return Err(format!("unknown option {other}\n\n{}", usage())),
         }
+    }
+    if rooms_shape && !clients_given {
+        o.clients = o.rooms * 10;
+    }
+    if rooms_shape && !senders_given {
+        o.senders = o.rooms;
+    }
+    if o.redis_cluster && o.target_redis.is_some() {
+        return Err(
+            "--redis-cluster starts its own cluster: it does not go with --target-redis".into(),
+        );
     }
     o.senders = o.senders.min(o.clients);
     o.rooms = o.rooms.min(o.clients);

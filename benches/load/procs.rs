@@ -1,6 +1,6 @@
-//! The processes a run starts (`redis-server`, instances `a` and `b`, the
-//! worker processes), their clean-up, and what `/proc` and `/metrics` say
-//! about them.
+//! The processes a run starts (`redis-server` or a Redis Cluster's six
+//! nodes, instances `a` and `b`, the worker processes), their clean-up, and
+//! what `/proc` and `/metrics` say about them.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -10,6 +10,7 @@ use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::cluster_process::{self, NodePorts};
 use crate::options::{Opts, Scenario};
 use crate::process;
 
@@ -150,9 +151,50 @@ pub fn start_redis() -> (Proc, String) {
     (proc, format!("redis://127.0.0.1:{port}"))
 }
 
-/// Instance `id` of the server under test, joined to `redis_url` under
-/// `prefix`, once it answers `/readyz`.
-pub fn start_instance(id: &str, redis_url: &str, prefix: &str, opts: &Opts) -> Proc {
+/// A private Redis Cluster: six nodes (three masters with a replica each)
+/// on free loopback ports, joined with `redis-cli --cluster create`, once
+/// it serves every slot; and the masters as `--redis-cluster` seeds. The
+/// nodes stop with the returned processes (the last one removes their
+/// directory).
+pub fn start_redis_cluster() -> (Vec<Proc>, String) {
+    if process::find_program("redis-server").is_none()
+        || process::find_program("redis-cli").is_none()
+    {
+        panic!("--redis-cluster needs redis-server and redis-cli: `apt-get install redis-server`");
+    }
+    let dir = process::temp_dir("load-redis-cluster");
+    let mut nodes = Vec::new();
+    for _ in 0..cluster_process::NODES {
+        let ports = NodePorts::free();
+        let mut cmd = cluster_process::node_command(ports, &dir)
+            .unwrap_or_else(|e| panic!("cannot create a cluster node's directory: {e}"));
+        let mut proc = Proc::spawn("redis-server", &mut cmd);
+        proc.name = format!("redis-{}", ports.port);
+        nodes.push((ports.port, proc));
+    }
+    let ports: Vec<u16> = nodes.iter().map(|(port, _)| *port).collect();
+    let ready = cluster_process::wait_nodes(&ports, Duration::from_secs(10))
+        .and_then(|()| cluster_process::create(&ports, Duration::from_secs(60)))
+        .and_then(|()| cluster_process::slots(ports[0]));
+    let ranges = match ready {
+        Ok(ranges) => ranges,
+        Err(e) => panic!(
+            "the private Redis Cluster did not start: {e}\n{}",
+            cluster_process::log_tails(&dir, &ports, 10)
+        ),
+    };
+    let seeds = cluster_process::seeds(&cluster_process::masters(&ranges));
+    let mut procs: Vec<Proc> = nodes.into_iter().map(|(_, proc)| proc).collect();
+    if let Some(last) = procs.last_mut() {
+        last.tmpdir = Some(dir);
+    }
+    (procs, seeds)
+}
+
+/// Instance `id` of the server under test, joined to Redis by `broker`
+/// (`--redis-url URL` or `--redis-cluster SEEDS`) under `prefix`, once it
+/// answers `/readyz`.
+pub fn start_instance(id: &str, broker: &[String], prefix: &str, opts: &Opts) -> Proc {
     // Big enough never to be the limit. For max-clients, this instance's
     // half of the target and some spare: what the load looks for is where
     // the machine (or the server) gives out first. A `--max-clients` in
@@ -164,7 +206,7 @@ pub fn start_instance(id: &str, redis_url: &str, prefix: &str, opts: &Opts) -> P
     }
     .to_string();
     let mut cmd = process::instance_command(&server_bin(), id);
-    cmd.args(["--redis-url", redis_url, "--redis-prefix", prefix]);
+    cmd.args(broker).args(["--redis-prefix", prefix]);
     if !opts
         .server_args
         .iter()

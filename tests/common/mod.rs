@@ -1,9 +1,12 @@
-//! Shared test support: a private `redis-server`, real instances of the
-//! binary, and real WebSocket clients. Every blocking call has a timeout,
-//! so a failure fails instead of hanging CI.
+//! Shared test support: a private `redis-server` (or Redis Cluster, in
+//! `cluster.rs`), real instances of the binary, and real WebSocket
+//! clients. Every blocking call has a timeout, so a failure fails instead
+//! of hanging CI.
 
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod cluster_process;
 pub mod nginx;
 pub mod process;
 
@@ -568,7 +571,13 @@ pub struct Listener {
 }
 
 impl Listener {
-    pub fn spawn(mut client: Client, name: String) -> Self {
+    pub fn spawn(client: Client, name: String) -> Self {
+        Self::spawn_for(client, name, Duration::from_secs(120))
+    }
+
+    /// Like [`Listener::spawn`], giving up (panicking) `limit` after it
+    /// starts.
+    pub fn spawn_for(mut client: Client, name: String, limit: Duration) -> Self {
         let expected = Arc::new(AtomicU64::new(u64::MAX));
         let target = expected.clone();
         let handle = thread::spawn(move || {
@@ -578,7 +587,7 @@ impl Listener {
             stream
                 .set_read_timeout(Some(Duration::from_millis(100)))
                 .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(120);
+            let deadline = Instant::now() + limit;
             let mut messages = Vec::new();
             while (messages.len() as u64) < target.load(Ordering::Relaxed) {
                 assert!(

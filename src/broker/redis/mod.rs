@@ -25,6 +25,7 @@
 //! - string `<prefix>:last-id`: the last id handed out, so that ids
 //!   increase across all rooms and all instances.
 
+pub mod cluster;
 pub mod publisher;
 pub mod rooms;
 pub mod subscriber;
@@ -44,9 +45,11 @@ use crate::broker::{Broker, EventSender, History, HistoryQuery, Unavailable};
 use crate::metrics::Metrics;
 use crate::protocol::{ChatMessage, Limits, MessageId, NewMessage, parse_channel_payload};
 use crate::supervisor::Supervisor;
+use cluster::Topology;
 use publisher::{Failure, Publisher};
-use rooms::{Attached, RoomSubscriptions};
-use subscriber::Subscriber;
+use redis::cluster::ClusterClient;
+use rooms::{Attached, RoomSubscriptions, ShardOf};
+use subscriber::{Node, Subscriber};
 
 /// How long to wait for Redis to accept a connection before calling it
 /// unreachable: loopback or LAN Redis answers in microseconds.
@@ -61,10 +64,13 @@ const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// room's history and publishes it, atomically (Redis runs a script as one
 /// step), so that id order, history order and delivery order are one order.
 ///
-/// Ids follow the Streams scheme `<ms>-<seq>` but come from one counter for
-/// every room (`last-id`), so that they are unique and increasing across the
-/// whole chat, not just within a room. `ARGV[3]` is the message JSON without
-/// its opening brace; the script puts `type`, `id` and `ts` in front.
+/// Ids follow the Streams scheme `<ms>-<seq>` and come from the counter
+/// `KEYS[2]`: with one Redis, one counter for every room, so that ids are
+/// unique and increasing across the whole chat; in a Redis Cluster, one per
+/// room, in the room's hash slot (a script may only touch one slot).
+/// `ARGV[3]` is the message JSON without its opening brace; the script puts
+/// `type`, `id` and `ts` in front. `ARGV[1]` is `PUBLISH`, or `SPUBLISH`
+/// (sharded Pub/Sub) in a cluster, on the room's channel `KEYS[4]`.
 ///
 /// `KEYS[3]` makes it idempotent: it remembers, for `ARGV[4]` seconds, the
 /// id given to this message, and a retry after a broken link gets that id
@@ -91,8 +97,20 @@ local frame = '{"type":"message","id":"' .. id .. '","ts":' .. string.format('%d
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, 'm', frame)
 redis.call('SET', KEYS[2], id)
 redis.call('SET', KEYS[3], id, 'EX', ARGV[4])
-redis.call('PUBLISH', ARGV[1], frame)
+redis.call(ARGV[1], KEYS[4], frame)
 return id
+"#;
+
+/// Reads a room's history and the last id handed out (`KEYS[2]`) in one
+/// atomic step, so that the seam computed from them is exact: the newest
+/// `ARGV[2]` entries (`ARGV[1]` = `recent`), or the entries from `ARGV[2]`
+/// on and the oldest entry (`after`).
+const HISTORY_SCRIPT: &str = r#"
+local latest = redis.call('GET', KEYS[2])
+if ARGV[1] == 'recent' then
+  return {latest, redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[2])}
+end
+return {latest, redis.call('XRANGE', KEYS[1], ARGV[2], '+'), redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)}
 "#;
 
 /// How long Redis remembers that a message was accepted, for retries: far
@@ -100,17 +118,21 @@ return id
 const DEDUP_TTL_SECS: u64 = 600;
 
 /// The Redis names this instance uses, all under one prefix.
+///
+/// In a Redis Cluster every name of a room carries the room as its hash tag
+/// (`{lobby}`), so that the accept script touches one slot, and the id
+/// counter is per room.
 #[derive(Debug, Clone)]
 pub struct RedisKeys {
-    pub last_id: String,
     prefix: String,
+    cluster: bool,
 }
 
 impl RedisKeys {
-    pub fn new(prefix: &str) -> Self {
+    pub fn new(prefix: &str, cluster: bool) -> Self {
         RedisKeys {
-            last_id: format!("{prefix}:last-id"),
             prefix: prefix.to_string(),
+            cluster,
         }
     }
 
@@ -127,12 +149,36 @@ impl RedisKeys {
             .strip_suffix('}')
     }
 
+    /// A room's history stream.
     pub fn history(&self, room: &str) -> String {
-        format!("{}:history:{room}", self.prefix)
+        if self.cluster {
+            format!("{}:history:{{{room}}}", self.prefix)
+        } else {
+            format!("{}:history:{room}", self.prefix)
+        }
     }
 
-    pub fn accepted(&self, dedup_key: &str) -> String {
-        format!("{}:accepted:{dedup_key}", self.prefix)
+    /// The counter ids of `room` come from: the chat's, or the room's.
+    pub fn last_id(&self, room: &str) -> String {
+        if self.cluster {
+            format!("{}:last-id:{{{room}}}", self.prefix)
+        } else {
+            format!("{}:last-id", self.prefix)
+        }
+    }
+
+    /// Where the id of an accepted message is remembered, for retries.
+    pub fn accepted(&self, room: &str, dedup_key: &str) -> String {
+        if self.cluster {
+            format!("{}:accepted:{{{room}}}:{dedup_key}", self.prefix)
+        } else {
+            format!("{}:accepted:{dedup_key}", self.prefix)
+        }
+    }
+
+    /// The command that publishes on a room's channel.
+    fn publish_command(&self) -> &'static str {
+        if self.cluster { "SPUBLISH" } else { "PUBLISH" }
     }
 }
 
@@ -140,6 +186,8 @@ impl RedisKeys {
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
     pub url: String,
+    /// Seed nodes of a Redis Cluster; empty for a single Redis at `url`.
+    pub cluster: Vec<String>,
     pub prefix: String,
     pub history_len: usize,
     pub max_backoff: Duration,
@@ -158,6 +206,15 @@ pub struct RedisSettings {
 impl RedisSettings {
     /// A `CLIENT SETNAME` name for one of this instance's connections:
     /// Redis allows no spaces or newlines in it.
+    /// Where Redis is, for logs and probes.
+    pub fn display_url(&self) -> String {
+        if self.cluster.is_empty() {
+            self.url.clone()
+        } else {
+            format!("the redis cluster at {}", self.cluster.join(","))
+        }
+    }
+
     pub fn connection_name(&self, role: &str) -> String {
         format!("{}:{}:{role}", self.prefix, self.instance)
             .chars()
@@ -182,9 +239,11 @@ pub struct RedisBroker {
     settings: RedisSettings,
     keys: RedisKeys,
     script: Script,
+    history_script: Script,
     publisher: Publisher,
     rooms: Arc<RoomSubscriptions>,
-    subscribed: Arc<AtomicBool>,
+    /// Per subscriber connection: is it subscribed now?
+    subscribed: Vec<Arc<AtomicBool>>,
 }
 
 impl RedisBroker {
@@ -197,14 +256,51 @@ impl RedisBroker {
         metrics: Arc<Metrics>,
         supervisor: &Arc<Supervisor>,
     ) -> Result<Arc<Self>, String> {
-        let url = &settings.url;
-        let client =
-            Client::open(url.as_str()).map_err(|e| format!("bad --redis-url {url:?}: {e}"))?;
-        let keys = RedisKeys::new(&settings.prefix);
+        let cluster = !settings.cluster.is_empty();
+        let keys = RedisKeys::new(&settings.prefix, cluster);
+        let (publisher, nodes, shard_of): (Publisher, Vec<Node>, ShardOf) = if cluster {
+            let topology = Arc::new(Topology::discover(&settings.cluster, CONNECT_TIMEOUT)?);
+            let client = ClusterClient::builder(settings.cluster.iter().map(String::as_str))
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(COMMAND_TIMEOUT)
+                // The accept script's own retries (same dedup key, until
+                // --publish-deadline-ms) decide how long to insist.
+                .retries(2)
+                .build()
+                .map_err(|e| format!("bad --redis-cluster nodes: {e}"))?;
+            let nodes = (0..topology.shards())
+                .map(|_| Node::Shard(topology.clone()))
+                .collect();
+            let (shards_topology, shard_keys) = (topology.clone(), keys.clone());
+            let shard_of: ShardOf =
+                Box::new(move |room| shards_topology.shard_of_key(&shard_keys.room_channel(room)));
+            info!(
+                "redis cluster: {} shards, found through {}",
+                topology.shards(),
+                settings.cluster.join(",")
+            );
+            (
+                Publisher::cluster(client, settings.clone(), metrics.clone()),
+                nodes,
+                shard_of,
+            )
+        } else {
+            let url = &settings.url;
+            let client =
+                Client::open(url.as_str()).map_err(|e| format!("bad --redis-url {url:?}: {e}"))?;
+            let node = Node::Single(client.get_connection_info().clone());
+            (
+                Publisher::single(client, settings.clone(), metrics.clone()),
+                vec![node],
+                Box::new(|_| 0),
+            )
+        };
         let rooms = Arc::new(RoomSubscriptions::new(
             keys.clone(),
             settings.room_linger,
             metrics.clone(),
+            nodes.len(),
+            shard_of,
         ));
         let linger = rooms.clone();
         supervisor
@@ -214,31 +310,47 @@ impl RedisBroker {
             rooms: rooms.clone(),
             keys: keys.clone(),
             script: Script::new(ACCEPT_SCRIPT),
-            publisher: Publisher::new(client.clone(), settings.clone(), metrics.clone()),
-            subscribed: Arc::default(),
+            history_script: Script::new(HISTORY_SCRIPT),
+            publisher,
+            subscribed: (0..nodes.len()).map(|_| Arc::default()).collect(),
             settings: settings.clone(),
         });
         let _ = broker.publisher.run(|_| Ok(()));
 
-        let (first_attempt_tx, first_attempt_rx) = crossbeam_channel::bounded(1);
-        let subscriber = Subscriber {
-            events_tx,
-            client,
-            url: settings.url.clone(),
-            name: settings.connection_name("sub"),
-            limits: settings.limits,
-            keys,
-            rooms,
-            metrics,
-            subscribed: broker.subscribed.clone(),
-            backoff: Backoff::new(settings.max_backoff),
-            last_delivered: HashMap::new(),
-            baseline: None,
-        };
-        supervisor
-            .spawn("redis-sub", move || subscriber.run(first_attempt_tx))
-            .map_err(|e| format!("cannot start the redis subscriber thread: {e}"))?;
-        let _ = first_attempt_rx.recv_timeout(CONNECT_TIMEOUT * 3);
+        let mut first_attempts = Vec::new();
+        for (shard, node) in nodes.into_iter().enumerate() {
+            let (first_attempt_tx, first_attempt_rx) = crossbeam_channel::bounded(1);
+            let subscriber = Subscriber {
+                shard,
+                node,
+                events_tx: events_tx.clone(),
+                url: settings.display_url(),
+                name: if cluster {
+                    settings.connection_name(&format!("sub{shard}"))
+                } else {
+                    settings.connection_name("sub")
+                },
+                limits: settings.limits,
+                keys: keys.clone(),
+                rooms: rooms.clone(),
+                metrics: metrics.clone(),
+                subscribed: broker.subscribed[shard].clone(),
+                backoff: Backoff::new(settings.max_backoff),
+                last_delivered: HashMap::new(),
+            };
+            let name = if cluster {
+                format!("redis-sub-{shard}")
+            } else {
+                "redis-sub".to_string()
+            };
+            supervisor
+                .spawn(&name, move || subscriber.run(first_attempt_tx))
+                .map_err(|e| format!("cannot start the redis subscriber thread: {e}"))?;
+            first_attempts.push(first_attempt_rx);
+        }
+        for first_attempt_rx in first_attempts {
+            let _ = first_attempt_rx.recv_timeout(CONNECT_TIMEOUT * 3);
+        }
         Ok(broker)
     }
 }
@@ -282,9 +394,10 @@ impl Broker for RedisBroker {
             let attempt = self.publisher.run(|connection| {
                 self.script
                     .key(self.keys.history(&message.room))
-                    .key(&self.keys.last_id)
-                    .key(self.keys.accepted(dedup_key))
-                    .arg(self.keys.room_channel(&message.room))
+                    .key(self.keys.last_id(&message.room))
+                    .key(self.keys.accepted(&message.room, dedup_key))
+                    .key(self.keys.room_channel(&message.room))
+                    .arg(self.keys.publish_command())
                     .arg(self.settings.history_len)
                     .arg(&body[1..])
                     .arg(DEDUP_TTL_SECS)
@@ -325,27 +438,19 @@ impl Broker for RedisBroker {
         }
     }
 
-    /// Reads history and the chat's last id in one MULTI/EXEC, so that the
-    /// seam computed from them is exact.
+    /// Reads history and the last id in one atomic step (a script), so
+    /// that the seam computed from them is exact.
     fn history(&self, room: &str, query: HistoryQuery) -> Result<History, Unavailable> {
-        let key = self.keys.history(room);
-        let last_id = &self.keys.last_id;
+        let invocation = |mode: &str, arg: String| {
+            let mut invocation = self.history_script.key(self.keys.history(room));
+            invocation.key(self.keys.last_id(room)).arg(mode).arg(arg);
+            invocation
+        };
         let history = match query {
             HistoryQuery::Recent(n) => {
                 let (latest, mut entries): (Option<String>, Vec<StreamEntry>) = self
                     .publisher
-                    .run(|connection| {
-                        redis::pipe()
-                            .atomic()
-                            .get(last_id)
-                            .cmd("XREVRANGE")
-                            .arg(&key)
-                            .arg("+")
-                            .arg("-")
-                            .arg("COUNT")
-                            .arg(n)
-                            .query(connection)
-                    })
+                    .run(|connection| invocation("recent", n.to_string()).invoke(connection))
                     .map_err(Failure::into_unavailable)?;
                 entries.reverse();
                 History {
@@ -361,22 +466,7 @@ impl Broker for RedisBroker {
                     Vec<StreamEntry>,
                 ) = self
                     .publisher
-                    .run(|connection| {
-                        redis::pipe()
-                            .atomic()
-                            .get(last_id)
-                            .cmd("XRANGE")
-                            .arg(&key)
-                            .arg(since.to_string())
-                            .arg("+")
-                            .cmd("XRANGE")
-                            .arg(&key)
-                            .arg("-")
-                            .arg("+")
-                            .arg("COUNT")
-                            .arg(1)
-                            .query(connection)
-                    })
+                    .run(|connection| invocation("after", since.to_string()).invoke(connection))
                     .map_err(Failure::into_unavailable)?;
                 let oldest = oldest.first().and_then(|(id, _)| id.parse().ok());
                 History::resume(
@@ -404,10 +494,19 @@ impl Broker for RedisBroker {
     }
 
     fn readiness(&self) -> Result<(), String> {
-        if !self.subscribed.load(Ordering::Relaxed) {
+        if let Some(shard) = self
+            .subscribed
+            .iter()
+            .position(|up| !up.load(Ordering::Relaxed))
+        {
+            let which = if self.subscribed.len() > 1 {
+                format!(" (cluster shard {shard})")
+            } else {
+                String::new()
+            };
             return Err(format!(
-                "redis subscription to {} is down; reconnecting",
-                self.settings.url
+                "redis subscription to {}{which} is down; reconnecting",
+                self.settings.display_url()
             ));
         }
         // The publisher reconnects lazily; a probe is a chance to do it, no

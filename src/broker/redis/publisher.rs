@@ -2,12 +2,17 @@
 //! it runs the accept script and reads history. Opened lazily, reopened
 //! after a failure no sooner than the backoff allows, so that a dead Redis
 //! costs clients no waiting: they are told `unavailable` at once.
+//!
+//! With a Redis Cluster it is redis-rs's cluster connection, which routes
+//! each command to the master of its keys' slot, follows `MOVED`, and
+//! finds the new master after a failover.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use log::{error, info};
-use redis::{Client, Connection, RedisError};
+use redis::cluster::ClusterClient;
+use redis::{Client, ConnectionLike, RedisError};
 
 use super::{RedisSettings, connect};
 use crate::backoff::Backoff;
@@ -34,21 +39,37 @@ impl Failure {
 
 /// The connection and what is known of its health.
 struct Link {
-    connection: Option<Connection>,
+    connection: Option<Box<dyn ConnectionLike + Send>>,
     retry_at: Instant,
     backoff: Backoff,
     last_error: Option<String>,
 }
 
+/// What the publisher connects to.
+enum Target {
+    Single(Client),
+    Cluster(ClusterClient),
+}
+
 pub struct Publisher {
-    client: Client,
+    target: Target,
     settings: RedisSettings,
     metrics: Arc<Metrics>,
     link: Mutex<Link>,
 }
 
 impl Publisher {
-    pub fn new(client: Client, settings: RedisSettings, metrics: Arc<Metrics>) -> Self {
+    /// A publisher to one Redis.
+    pub fn single(client: Client, settings: RedisSettings, metrics: Arc<Metrics>) -> Self {
+        Self::new(Target::Single(client), settings, metrics)
+    }
+
+    /// A publisher to a Redis Cluster.
+    pub fn cluster(client: ClusterClient, settings: RedisSettings, metrics: Arc<Metrics>) -> Self {
+        Self::new(Target::Cluster(client), settings, metrics)
+    }
+
+    fn new(target: Target, settings: RedisSettings, metrics: Arc<Metrics>) -> Self {
         Publisher {
             link: Mutex::new(Link {
                 connection: None,
@@ -56,10 +77,19 @@ impl Publisher {
                 backoff: Backoff::new(settings.max_backoff),
                 last_error: None,
             }),
-            client,
+            target,
             settings,
             metrics,
         }
+    }
+
+    fn connect(&self) -> Result<Box<dyn ConnectionLike + Send>, RedisError> {
+        Ok(match &self.target {
+            Target::Single(client) => {
+                Box::new(connect(client, &self.settings.connection_name("pub"))?)
+            }
+            Target::Cluster(client) => Box::new(client.get_connection()?),
+        })
     }
 
     /// Runs `command` on the publishing connection, (re)connecting first if
@@ -68,7 +98,7 @@ impl Publisher {
     /// backoff has passed.
     pub fn run<T>(
         &self,
-        command: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
+        command: impl FnOnce(&mut dyn ConnectionLike) -> Result<T, RedisError>,
     ) -> Result<T, Failure> {
         let mut link = lock(&self.link);
         if link.connection.is_none() {
@@ -78,10 +108,13 @@ impl Publisher {
                     "redis is unreachable ({reason}); retrying"
                 )));
             }
-            match connect(&self.client, &self.settings.connection_name("pub")) {
+            match self.connect() {
                 Ok(connection) => {
                     if link.last_error.take().is_some() {
-                        info!("redis publisher: reconnected to {}", self.settings.url);
+                        info!(
+                            "redis publisher: reconnected to {}",
+                            self.settings.display_url()
+                        );
                         Metrics::inc(&self.metrics.redis_reconnects_total);
                     }
                     link.backoff.reset();
@@ -92,8 +125,16 @@ impl Publisher {
             }
         }
         let connection = link.connection.as_mut().expect("connected above");
-        command(connection).map_err(|e| {
-            if e.is_io_error()
+        command(connection.as_mut()).map_err(|e| {
+            if e.is_connection_refusal() && matches!(self.target, Target::Cluster(_)) {
+                // The master of this room's slot died and has no successor
+                // yet: nothing reached Redis, so certainly not accepted.
+                // The next command opens a fresh cluster connection, which
+                // reads the slots again and finds the promoted replica; the
+                // other shards are fine, so no backoff.
+                link.connection = None;
+                Failure::Refused(format!("redis is unreachable ({e})"))
+            } else if e.is_io_error()
                 || e.is_timeout()
                 || e.is_connection_dropped()
                 || e.is_unrecoverable_error()
@@ -116,7 +157,7 @@ impl Publisher {
             error!(
                 "redis publisher: {} unreachable: {reason}; messages are refused as unavailable until it is back \
                  (start Redis with `redis-server`, or run without it: --broker local)",
-                self.settings.url
+                self.settings.display_url()
             );
         }
         link.connection = None;

@@ -46,6 +46,8 @@ pub enum Attached {
 
 #[derive(Debug, Default)]
 struct Room {
+    /// The subscriber connection (shard) the room's channel is on.
+    shard: usize,
     /// Local clients in the room.
     clients: usize,
     /// Redis confirmed the subscription on the current connection.
@@ -56,29 +58,43 @@ struct Room {
     idle_since: Option<Instant>,
 }
 
-#[derive(Default)]
 struct State {
     rooms: HashMap<String, Room>,
-    /// The subscribed connection's write half, while it is up.
-    writer: Option<Arc<SubscriptionWriter>>,
+    /// Each subscribed connection's write half, while it is up: one with a
+    /// single Redis, one per shard of a Redis Cluster.
+    writers: Vec<Option<Arc<SubscriptionWriter>>>,
 }
+
+/// Which shard a room's channel is on (always 0 with a single Redis).
+pub type ShardOf = Box<dyn Fn(&str) -> usize + Send + Sync>;
 
 pub struct RoomSubscriptions {
     keys: RedisKeys,
     linger: Duration,
     metrics: Arc<Metrics>,
+    shard_of: ShardOf,
     state: Mutex<State>,
     /// Signalled on confirmations, disconnections and departures.
     changed: Condvar,
 }
 
 impl RoomSubscriptions {
-    pub fn new(keys: RedisKeys, linger: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        keys: RedisKeys,
+        linger: Duration,
+        metrics: Arc<Metrics>,
+        shards: usize,
+        shard_of: ShardOf,
+    ) -> Self {
         RoomSubscriptions {
             keys,
             linger,
             metrics,
-            state: Mutex::default(),
+            shard_of,
+            state: Mutex::new(State {
+                rooms: HashMap::new(),
+                writers: vec![None; shards.max(1)],
+            }),
             changed: Condvar::new(),
         }
     }
@@ -92,7 +108,8 @@ impl RoomSubscriptions {
     /// until Redis confirms.
     pub fn attach(&self, room: &str) -> Attached {
         let mut state = self.state();
-        let writer = state.writer.clone();
+        let shard = (self.shard_of)(room);
+        let writer = state.writers.get(shard).cloned().flatten();
         let entry = state.rooms.entry(room.to_string()).or_default();
         entry.clients += 1;
         entry.idle_since = None;
@@ -104,6 +121,7 @@ impl RoomSubscriptions {
         };
         if !entry.requested {
             entry.requested = true;
+            entry.shard = shard;
             Metrics::inc(&self.metrics.room_subscriptions_total);
             if let Err(e) = writer.subscribe(&[self.keys.room_channel(room)]) {
                 // The subscriber sees the broken link too, and will
@@ -118,7 +136,7 @@ impl RoomSubscriptions {
             if room_state.is_some_and(|r| r.live) {
                 return Attached::Live;
             }
-            if state.writer.is_none() || room_state.is_none_or(|r| !r.requested) {
+            if room_state.is_none_or(|r| !r.requested || state.writers[r.shard].is_none()) {
                 return Attached::NotLive;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -146,34 +164,47 @@ impl RoomSubscriptions {
         }
     }
 
-    /// The subscriber connected: every wanted room is subscribed on the
-    /// new connection. Returns their channels, whose confirmations the
-    /// subscriber awaits before catching up.
-    pub fn connected(&self, writer: Arc<SubscriptionWriter>) -> std::io::Result<Vec<String>> {
+    /// A subscriber connected to `shard`: every wanted room of that shard
+    /// is subscribed on the new connection. Returns those rooms, whose
+    /// confirmations the subscriber awaits before catching up.
+    pub fn connected(
+        &self,
+        shard: usize,
+        writer: Arc<SubscriptionWriter>,
+    ) -> std::io::Result<Vec<String>> {
         let mut state = self.state();
-        let channels: Vec<String> = state
-            .rooms
-            .keys()
+        let mut rooms = Vec::new();
+        for (room, entry) in state.rooms.iter_mut() {
+            // Rooms move between shards only when the cluster's slots do.
+            if (self.shard_of)(room) == shard {
+                entry.shard = shard;
+                entry.requested = true;
+                entry.live = false;
+                rooms.push(room.clone());
+            }
+        }
+        let channels: Vec<String> = rooms
+            .iter()
             .map(|room| self.keys.room_channel(room))
             .collect();
         writer.subscribe(&channels)?;
-        for room in state.rooms.values_mut() {
-            room.requested = true;
-            room.live = false;
-        }
-        state.writer = Some(writer);
-        Ok(channels)
+        state.writers[shard] = Some(writer);
+        Ok(rooms)
     }
 
-    /// The subscriber lost its connection: nothing is live any more.
-    pub fn disconnected(&self) {
+    /// A subscriber lost its connection: none of its rooms is live.
+    pub fn disconnected(&self, shard: usize) {
         let mut state = self.state();
-        state.writer = None;
+        state.writers[shard] = None;
         for room in state.rooms.values_mut() {
-            room.requested = false;
-            room.live = false;
+            if room.shard == shard && room.requested {
+                if room.live {
+                    Metrics::down(&self.metrics.room_subscriptions);
+                }
+                room.requested = false;
+                room.live = false;
+            }
         }
-        Metrics::set(&self.metrics.room_subscriptions, 0);
         self.changed.notify_all();
     }
 
@@ -183,16 +214,19 @@ impl RoomSubscriptions {
             return;
         };
         let mut state = self.state();
-        if let Some(entry) = state.rooms.get_mut(room) {
+        if let Some(entry) = state.rooms.get_mut(room)
+            && entry.requested
+            && !entry.live
+        {
             entry.live = true;
             Metrics::up(&self.metrics.room_subscriptions);
             self.changed.notify_all();
         }
     }
 
-    /// The rooms wanted now: those to catch up on after a reconnection.
-    pub fn rooms(&self) -> Vec<String> {
-        self.state().rooms.keys().cloned().collect()
+    /// Whether `room` is wanted (has clients, or lingers).
+    pub fn is_wanted(&self, room: &str) -> bool {
+        self.state().rooms.contains_key(room)
     }
 
     /// The `room-linger` thread: ends the subscriptions whose linger is
@@ -214,20 +248,20 @@ impl RoomSubscriptions {
                 }
             }
             if !expired.is_empty() {
-                let mut channels = Vec::new();
-                for room in &expired {
-                    if let Some(entry) = state.rooms.remove(room)
-                        && entry.live
-                    {
-                        Metrics::down(&self.metrics.room_subscriptions);
-                    }
-                    channels.push(self.keys.room_channel(room));
-                }
                 debug!("redis subscriber: no local client left in {expired:?}; unsubscribing");
-                if let Some(writer) = &state.writer
-                    && let Err(e) = writer.unsubscribe(&channels)
+            }
+            for room in &expired {
+                let Some(entry) = state.rooms.remove(room) else {
+                    continue;
+                };
+                if entry.live {
+                    Metrics::down(&self.metrics.room_subscriptions);
+                }
+                if entry.requested
+                    && let Some(writer) = &state.writers[entry.shard]
+                    && let Err(e) = writer.unsubscribe(&[self.keys.room_channel(room)])
                 {
-                    warn!("redis subscriber: cannot unsubscribe: {e}");
+                    warn!("redis subscriber: cannot unsubscribe from room {room}: {e}");
                 }
             }
             state = match next_due {

@@ -1,5 +1,5 @@
-//! The subscriber thread: the one thread that reads the subscribed Redis
-//! connection and blocks on it.
+//! The subscriber threads: each reads one subscribed Redis connection and
+//! blocks on it. One with a single Redis; one per shard of a Redis Cluster.
 //!
 //! A connection that has sent `SUBSCRIBE` can do nothing but receive, and
 //! reading from it blocks until a message comes, which may be never: the
@@ -16,13 +16,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 
 use log::{debug, error, info, warn};
-use redis::{Client, RedisError};
+use redis::{Connection, ConnectionInfo, RedisError};
 
+use super::cluster::Topology;
 use super::rooms::RoomSubscriptions;
 use super::subscription::{self, Push};
-use super::{
-    CONNECT_TIMEOUT, RedisKeys, StreamEntry, connect, parse_last_id, parse_stream_entries,
-};
+use super::{CONNECT_TIMEOUT, RedisKeys, StreamEntry, parse_stream_entries};
 use crate::backoff::Backoff;
 use crate::broker::{BrokerEvent, DeliveryStatus, EventSender};
 use crate::clock;
@@ -40,10 +39,21 @@ const PLAUSIBLE_CLOCK_SKEW_MS: u64 = 60_000;
 /// message, so the check costs nothing in steady state.
 type CatchUpSeams = HashMap<String, MessageId>;
 
-/// The subscriber thread's state.
+/// Where a subscriber connects.
+pub enum Node {
+    /// The one Redis.
+    Single(ConnectionInfo),
+    /// The current master of a Redis Cluster shard.
+    Shard(Arc<Topology>),
+}
+
+/// One subscriber thread's state.
 pub struct Subscriber {
+    /// Which subscribed connection this is (0 with a single Redis).
+    pub shard: usize,
+    pub node: Node,
     pub events_tx: EventSender,
-    pub client: Client,
+    /// For the logs: where Redis is (without a password).
     pub url: String,
     pub name: String,
     pub limits: Limits,
@@ -53,17 +63,15 @@ pub struct Subscriber {
     pub metrics: Arc<Metrics>,
     pub subscribed: Arc<AtomicBool>,
     pub backoff: Backoff,
-    /// The last id delivered in each room: where catch-up resumes.
+    /// Per room, where catch-up resumes: the last id delivered, or the
+    /// room's last id in history when it was subscribed.
     pub last_delivered: HashMap<String, MessageId>,
-    /// The chat's last id when the previous subscription began: where
-    /// catch-up resumes for rooms that had no message since.
-    pub baseline: Option<MessageId>,
 }
 
 impl Subscriber {
-    /// The subscriber thread: subscribe, catch up on what was missed,
-    /// deliver until the link breaks, wait, and again; for the life of the
-    /// process.
+    /// The subscriber thread: connect, subscribe, catch up on what was
+    /// missed, deliver until the link breaks, wait, and again; for the life
+    /// of the process.
     pub fn run(mut self, first_attempt_tx: crossbeam_channel::Sender<()>) {
         let mut failures = 0u64;
         let mut was_subscribed = false;
@@ -72,7 +80,7 @@ impl Subscriber {
             // the first subscription after any failure tells them `up`.
             let outcome =
                 self.subscribe_and_deliver(&first_attempt_tx, was_subscribed, failures > 0);
-            self.rooms.disconnected();
+            self.rooms.disconnected(self.shard);
             if self.subscribed.swap(false, Ordering::Relaxed) {
                 was_subscribed = true;
                 failures = 0;
@@ -85,14 +93,35 @@ impl Subscriber {
             failures += 1;
             if failures == 1 {
                 error!(
-                    "redis subscriber: {} unreachable: {e}; cross-instance delivery is down, retrying \
+                    "redis subscriber {}: {} unreachable: {e}; cross-instance delivery is down, retrying \
                      (start Redis with `redis-server`, or run without it: --broker local)",
-                    self.url
+                    self.shard, self.url
                 );
             } else {
-                debug!("redis subscriber: attempt {failures} failed: {e}");
+                debug!(
+                    "redis subscriber {}: attempt {failures} failed: {e}",
+                    self.shard
+                );
             }
             thread::sleep(self.backoff.next_delay());
+            if let Node::Shard(topology) = &self.node
+                && let Err(e) = topology.refresh()
+            {
+                debug!(
+                    "redis subscriber {}: cluster slots not read: {e}",
+                    self.shard
+                );
+            }
+        }
+    }
+
+    /// The node to subscribe on now.
+    fn node_info(&self) -> Result<ConnectionInfo, RedisError> {
+        match &self.node {
+            Node::Single(info) => Ok(info.clone()),
+            Node::Shard(topology) => topology.master_of_shard(self.shard).ok_or_else(|| {
+                std::io::Error::other(format!("cluster shard {} has no master", self.shard)).into()
+            }),
         }
     }
 
@@ -102,16 +131,21 @@ impl Subscriber {
         reconnect: bool,
         after_failure: bool,
     ) -> Result<(), RedisError> {
-        let (mut reader, writer) = subscription::open(
-            self.client.get_connection_info(),
-            &self.name,
-            CONNECT_TIMEOUT,
-        )?;
+        let info = self.node_info()?;
+        let sharded = matches!(self.node, Node::Shard(_));
+        let (mut reader, writer) = subscription::open(&info, &self.name, sharded, CONNECT_TIMEOUT)?;
+        // History is read from the same node, on a plain connection.
+        let mut history =
+            redis::Client::open(info)?.get_connection_with_timeout(CONNECT_TIMEOUT)?;
         let writer = Arc::new(writer);
         // However this ends, the connection is closed: sessions holding
         // the write half find it broken, not silently unread.
         let _closed = ShutdownOnDrop(writer.clone());
-        let mut awaited: HashSet<String> = self.rooms.connected(writer)?.into_iter().collect();
+        let rooms = self.rooms.connected(self.shard, writer)?;
+        let mut awaited: HashSet<String> = rooms
+            .iter()
+            .map(|room| self.keys.room_channel(room))
+            .collect();
         // Confirmed first, history second: a message accepted in between
         // is in both, and the seams drop the second copy. What arrives
         // before every room is confirmed waits here.
@@ -125,7 +159,7 @@ impl Subscriber {
                 push => early.push(push),
             }
         }
-        let mut seams = self.catch_up(reconnect)?;
+        let mut seams = self.catch_up(&rooms, &mut history)?;
         self.subscribed.store(true, Ordering::Relaxed);
         Metrics::set(&self.metrics.redis_subscriber_up, 1);
         if reconnect {
@@ -134,22 +168,54 @@ impl Subscriber {
         if reconnect || after_failure {
             self.emit(BrokerEvent::Delivery(DeliveryStatus::Up));
         }
-        info!("redis subscriber: connected to {}", self.url);
+        info!("redis subscriber {}: connected to {}", self.shard, self.url);
         let _ = first_attempt_tx.try_send(());
         for push in early {
-            self.take(push, &mut seams);
+            self.take(push, &mut seams, &mut history)?;
         }
         loop {
             let push = reader.next_push()?;
-            self.take(push, &mut seams);
+            self.take(push, &mut seams, &mut history)?;
         }
     }
 
     /// Handles one push from the subscribed connection.
-    fn take(&mut self, push: Push, seams: &mut CatchUpSeams) {
+    fn take(
+        &mut self,
+        push: Push,
+        seams: &mut CatchUpSeams,
+        history: &mut Connection,
+    ) -> Result<(), RedisError> {
         let (channel, payload) = match push {
-            Push::Subscribed(channel) => return self.rooms.confirmed(&channel),
-            Push::Unsubscribed(_) => return,
+            Push::Subscribed(channel) => {
+                // A room joined while this connection was up: its clients
+                // read history themselves; catch-up after a later outage
+                // resumes from what history holds now.
+                if let Some(room) = self.keys.room_of_channel(&channel) {
+                    let room = room.to_string();
+                    if let Some(last) = self.last_in_history(&room, history)? {
+                        self.record_delivered(room, last);
+                    }
+                }
+                self.rooms.confirmed(&channel);
+                return Ok(());
+            }
+            Push::Unsubscribed(channel) => {
+                let Some(room) = self.keys.room_of_channel(&channel) else {
+                    return Ok(());
+                };
+                if !self.rooms.is_wanted(room) {
+                    self.last_delivered.remove(room);
+                } else if matches!(self.node, Node::Shard(_)) {
+                    // Redis Cluster moved the room's slot to another
+                    // shard: find where it is now.
+                    return Err(std::io::Error::other(format!(
+                        "room {room} left this shard (slot migrated)"
+                    ))
+                    .into());
+                }
+                return Ok(());
+            }
             Push::Message { channel, payload } => (channel, payload),
         };
         Metrics::inc(&self.metrics.broker_messages_total);
@@ -171,17 +237,18 @@ impl Subscriber {
             Err(e) => {
                 Metrics::inc(&self.metrics.broker_payloads_invalid_total);
                 warn!("redis subscriber: payload on {channel} skipped: {e}");
-                return;
+                return Ok(());
             }
         };
         faults::inject("subscriber", &message.text);
         if let Some(seam) = seams.get(&message.room) {
             if message.id <= *seam {
-                return;
+                return Ok(());
             }
             seams.remove(&message.room);
         }
         self.deliver(message);
+        Ok(())
     }
 
     fn emit(&self, event: BrokerEvent) {
@@ -209,40 +276,55 @@ impl Subscriber {
         *last = (*last).max(id);
     }
 
-    /// After a reconnection, delivers from history, in order, what every
-    /// room with local clients missed while the subscription was down.
-    /// Returns the seams that keep live copies of those from going out
-    /// twice. On the first subscription, only records the baseline.
-    fn catch_up(&mut self, reconnect: bool) -> Result<CatchUpSeams, RedisError> {
-        let mut reader = connect(&self.client, &format!("{}-catch-up", self.name))?;
-        let latest: Option<String> = redis::cmd("GET")
-            .arg(&self.keys.last_id)
-            .query(&mut reader)?;
-        let latest = parse_last_id(latest);
+    /// The id of a room's newest message in history.
+    fn last_in_history(
+        &self,
+        room: &str,
+        history: &mut Connection,
+    ) -> Result<Option<MessageId>, RedisError> {
+        let newest: Vec<StreamEntry> = redis::cmd("XREVRANGE")
+            .arg(self.keys.history(room))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query(history)?;
+        Ok(newest.first().and_then(|(id, _)| id.parse().ok()))
+    }
+
+    /// Delivers from history, in order, what each of `rooms` missed while
+    /// this connection was down: after the last id delivered there, or,
+    /// for a room first subscribed now (its clients joined while Redis was
+    /// away), all that history holds; each client's outbox drops what it
+    /// already got as history. Returns the seams that keep live copies of
+    /// those from going out twice.
+    fn catch_up(
+        &mut self,
+        rooms: &[String],
+        history: &mut Connection,
+    ) -> Result<CatchUpSeams, RedisError> {
         let mut seams = CatchUpSeams::new();
-        if reconnect {
-            let mut missed = 0;
-            for room in self.rooms.rooms() {
-                let from = self.last_delivered.get(&room).copied().max(self.baseline);
-                let start = from.map_or_else(|| "-".to_string(), |id| format!("({id}"));
-                let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
-                    .arg(self.keys.history(&room))
-                    .arg(start)
-                    .arg("+")
-                    .query(&mut reader)?;
-                for message in parse_stream_entries(entries, &self.limits) {
-                    seams.insert(room.clone(), message.id);
-                    self.deliver(message);
-                    missed += 1;
-                }
-            }
-            if missed > 0 {
-                info!(
-                    "redis subscriber: caught up on {missed} messages published while it was away"
-                );
+        let mut missed = 0;
+        for room in rooms {
+            let from = self.last_delivered.get(room).copied();
+            let start = from.map_or_else(|| "-".to_string(), |id| format!("({id}"));
+            let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
+                .arg(self.keys.history(room))
+                .arg(start)
+                .arg("+")
+                .query(history)?;
+            for message in parse_stream_entries(entries, &self.limits) {
+                seams.insert(room.clone(), message.id);
+                self.deliver(message);
+                missed += 1;
             }
         }
-        self.baseline = latest.max(self.baseline);
+        if missed > 0 {
+            info!(
+                "redis subscriber {}: caught up on {missed} messages published while it was away",
+                self.shard
+            );
+        }
         Ok(seams)
     }
 }

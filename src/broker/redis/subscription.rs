@@ -39,6 +39,8 @@ pub enum Push {
 /// The write half: any thread may (un)subscribe.
 pub struct SubscriptionWriter {
     stream: Mutex<TcpStream>,
+    /// Sharded Pub/Sub (`SSUBSCRIBE`, Redis Cluster) or plain.
+    sharded: bool,
 }
 
 /// The read half, owned by the subscriber thread.
@@ -48,9 +50,11 @@ pub struct SubscriptionReader {
 }
 
 /// Opens a connection, authenticates and names it, and splits it.
+/// `sharded`: the channels are Redis Cluster shard channels.
 pub fn open(
     info: &ConnectionInfo,
     name: &str,
+    sharded: bool,
     timeout: Duration,
 ) -> Result<(SubscriptionReader, SubscriptionWriter), RedisError> {
     let ConnectionAddr::Tcp(host, port) = info.addr() else {
@@ -69,6 +73,7 @@ pub fn open(
     };
     let writer = SubscriptionWriter {
         stream: Mutex::new(stream),
+        sharded,
     };
     let settings = info.redis_settings();
     if let Some(password) = settings.password() {
@@ -96,14 +101,24 @@ impl SubscriptionWriter {
         if channels.is_empty() {
             return Ok(());
         }
-        self.send(redis::cmd("SUBSCRIBE").arg(channels))
+        let command = if self.sharded {
+            "SSUBSCRIBE"
+        } else {
+            "SUBSCRIBE"
+        };
+        self.send(redis::cmd(command).arg(channels))
     }
 
     pub fn unsubscribe(&self, channels: &[String]) -> io::Result<()> {
         if channels.is_empty() {
             return Ok(());
         }
-        self.send(redis::cmd("UNSUBSCRIBE").arg(channels))
+        let command = if self.sharded {
+            "SUNSUBSCRIBE"
+        } else {
+            "UNSUBSCRIBE"
+        };
+        self.send(redis::cmd(command).arg(channels))
     }
 
     /// Ends the connection, which wakes its reader with an error.
@@ -134,7 +149,8 @@ impl SubscriptionReader {
     }
 }
 
-/// Reads a RESP2 pub/sub reply: `[kind, channel, payload-or-count]`.
+/// Reads a RESP2 pub/sub reply: `[kind, channel, payload-or-count]`, plain
+/// or sharded.
 fn push_of(value: Value) -> Option<Push> {
     let Value::Array(items) = value else {
         return None;
@@ -143,12 +159,12 @@ fn push_of(value: Value) -> Option<Push> {
     let kind = bytes_of(items.next()?)?;
     let channel = String::from_utf8(bytes_of(items.next()?)?).ok()?;
     match kind.as_slice() {
-        b"message" => Some(Push::Message {
+        b"message" | b"smessage" => Some(Push::Message {
             channel,
             payload: bytes_of(items.next()?)?,
         }),
-        b"subscribe" => Some(Push::Subscribed(channel)),
-        b"unsubscribe" => Some(Push::Unsubscribed(channel)),
+        b"subscribe" | b"ssubscribe" => Some(Push::Subscribed(channel)),
+        b"unsubscribe" | b"sunsubscribe" => Some(Push::Unsubscribed(channel)),
         _ => None,
     }
 }

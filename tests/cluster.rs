@@ -1,0 +1,476 @@
+//! Redis Cluster mode (`--redis-cluster`): each room's channel is a sharded
+//! channel (`SPUBLISH`/`SSUBSCRIBE` on `<prefix>:room:{<room>}`), served,
+//! like the room's history and id counter, by the master of the room's
+//! hash slot. Against a private six-node cluster (three masters, one
+//! replica each): the harness itself fails over; every message reaches its
+//! room on both instances exactly once, in id order, whichever master
+//! serves the room; a master SIGKILLed mid-stream loses no accepted
+//! message and lets no refused one through; and an instance is subscribed
+//! to a room's sharded channel exactly while it has clients there.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::cluster::RedisCluster;
+use common::{Client, Instance, Listener, assert_exactly_once_in_order, unique, wait_for};
+use serde_json::Value;
+use tungstenite::stream::MaybeTlsStream;
+
+/// An instance in cluster mode, seeded with the cluster's masters, its keys
+/// under `prefix`, once ready.
+fn cluster_instance(id: &str, cluster: &RedisCluster, prefix: &str, extra: &[&str]) -> Instance {
+    let seeds = cluster.seeds();
+    let mut args = vec!["--redis-cluster", &seeds, "--redis-prefix", prefix];
+    args.extend_from_slice(extra);
+    let instance = Instance::start(id, &args);
+    instance.wait_ready();
+    instance
+}
+
+/// A room's sharded channel.
+fn channel(prefix: &str, room: &str) -> String {
+    format!("{prefix}:room:{{{room}}}")
+}
+
+/// `per_master` room names for each master, as (room, master port): the
+/// first names `r0`, `r1`, ... whose channel's slot that master serves.
+fn rooms_on_every_master(
+    cluster: &RedisCluster,
+    prefix: &str,
+    per_master: usize,
+) -> Vec<(String, u16)> {
+    let ranges = cluster.slots();
+    let masters = cluster.masters();
+    let mut chosen: Vec<(String, u16)> = Vec::new();
+    for i in 0..1000 {
+        let room = format!("r{i}");
+        let slot = cluster.slot_of(&channel(prefix, &room));
+        let master = ranges
+            .iter()
+            .find(|r| r.contains(slot))
+            .expect("every slot is served")
+            .master;
+        if chosen.iter().filter(|(_, m)| *m == master).count() < per_master {
+            chosen.push((room, master));
+        }
+        if chosen.len() == per_master * masters.len() {
+            return chosen;
+        }
+    }
+    panic!("1000 room names did not cover every master: {chosen:?}");
+}
+
+/// `PUBSUB SHARDNUMSUB channel` on one node: its subscribers there.
+fn shard_numsub(conn: &mut redis::Connection, channel: &str) -> i64 {
+    let (_, count): (String, i64) = redis::cmd("PUBSUB")
+        .arg("SHARDNUMSUB")
+        .arg(channel)
+        .query(conn)
+        .unwrap();
+    count
+}
+
+#[test]
+fn cluster_harness_promotes_a_replica_when_a_master_dies() {
+    let mut cluster = RedisCluster::start();
+    assert_eq!(cluster.ports().len(), 6);
+    let ranges = cluster.slots();
+    let covered: u32 = ranges.iter().map(|r| r.end - r.start + 1).sum();
+    assert_eq!(covered, 16384, "every slot is served: {ranges:?}");
+    assert!(
+        ranges.iter().all(|r| r.replicas.len() == 1),
+        "each master has its replica: {ranges:?}"
+    );
+    let masters = cluster.masters();
+    assert_eq!(masters.len(), 3, "three masters: {ranges:?}");
+    assert_eq!(
+        cluster.seeds(),
+        masters
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+
+    // A key is written through the master of its slot; any other master
+    // sends the client there.
+    let key = format!("{}:history:{{lobby}}", unique("harness"));
+    let slot = cluster.slot_of(&key);
+    assert_eq!(slot, cluster.slot_of("{lobby}"), "only the hash tag counts");
+    let master = cluster.master_port_of_key(&key);
+    assert!(masters.contains(&master));
+    let other = *masters.iter().find(|p| **p != master).unwrap();
+    let refused = redis::cmd("SET")
+        .arg(&key)
+        .arg("x")
+        .query::<()>(&mut cluster.connection_to(other))
+        .unwrap_err();
+    let master_addr = format!("127.0.0.1:{master}");
+    assert_eq!(
+        refused.redirect_node(),
+        Some((master_addr.as_str(), slot)),
+        "another master redirects to the slot's master (MOVED): {refused}"
+    );
+    let mut conn = cluster.connection_to(master);
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg("written before the failover")
+        .query(&mut conn)
+        .unwrap();
+    let replicated: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(replicated, 1, "the replica has the write");
+    drop(conn);
+
+    // Kill that master: its replica takes over the slot.
+    let started = Instant::now();
+    let promoted = cluster.kill_master_of_key(&key);
+    let took = started.elapsed();
+    assert_ne!(promoted, master);
+    assert!(!cluster.live_ports().contains(&master));
+    assert_eq!(cluster.live_ports().len(), 5);
+    assert_eq!(cluster.master_port_of_key(&key), promoted);
+    let masters_after = cluster.masters();
+    assert_eq!(masters_after.len(), 3, "three masters again");
+    assert!(masters_after.contains(&promoted) && !masters_after.contains(&master));
+    assert!(!cluster.seeds().contains(&format!(":{master}")));
+    cluster.wait_state_ok();
+    let value: String = redis::cmd("GET")
+        .arg(&key)
+        .query(&mut cluster.connection_to(promoted))
+        .unwrap();
+    assert_eq!(value, "written before the failover");
+    eprintln!("failover of slot {slot}: {master} -> {promoted} in {took:?}");
+}
+
+#[test]
+fn in_cluster_mode_every_message_reaches_its_room_on_both_instances_exactly_once_in_order() {
+    let cluster = RedisCluster::start();
+    let prefix = unique("cfanout");
+    let a = cluster_instance("a", &cluster, &prefix, &[]);
+    let b = cluster_instance("b", &cluster, &prefix, &[]);
+    let rooms = rooms_on_every_master(&cluster, &prefix, 2);
+    const PER_SENDER: usize = 20;
+
+    // In each room: a sender and a listener on each instance.
+    let mut listeners = Vec::new();
+    let mut senders = Vec::new();
+    for (room, _) in &rooms {
+        for (inst, instance) in [("a", &a), ("b", &b)] {
+            let name = format!("{room}-{inst}-listener");
+            listeners.push((room.clone(), name.clone(), instance.client(&name, room)));
+            let name = format!("{room}-{inst}-sender");
+            senders.push((room.clone(), name.clone(), instance.client(&name, room)));
+        }
+    }
+    // Every sender at once, each paced a little.
+    let handles: Vec<_> = senders
+        .into_iter()
+        .map(|(room, name, mut client)| {
+            thread::spawn(move || {
+                for n in 0..PER_SENDER {
+                    let text = format!("{name}-{n}");
+                    client.send(&text, &text);
+                    thread::sleep(Duration::from_millis(2));
+                }
+                (room, name, client)
+            })
+        })
+        .collect();
+    let mut everyone = listeners;
+    for handle in handles {
+        everyone.push(handle.join().expect("a sender failed"));
+    }
+
+    let expected: HashMap<String, HashSet<String>> = rooms
+        .iter()
+        .map(|(room, _)| {
+            let texts = ["a", "b"]
+                .iter()
+                .flat_map(|inst| (0..PER_SENDER).map(move |n| format!("{room}-{inst}-sender-{n}")))
+                .collect();
+            (room.clone(), texts)
+        })
+        .collect();
+    let running: Vec<_> = everyone
+        .into_iter()
+        .map(|(room, name, client)| {
+            let listener = Listener::spawn_for(client, name.clone(), Duration::from_secs(30));
+            (room, name, listener)
+        })
+        .collect();
+    for (room, name, listener) in running {
+        let messages = listener.finish(expected[&room].len());
+        for m in &messages {
+            assert_eq!(
+                m["room"],
+                room.as_str(),
+                "{name}: another room's message {m}"
+            );
+        }
+        assert_exactly_once_in_order(&name, &messages, &expected[&room]);
+    }
+    let masters: HashSet<u16> = rooms.iter().map(|(_, m)| *m).collect();
+    assert_eq!(masters.len(), 3, "the rooms were on every master");
+}
+
+/// What became of each message of the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Accepted,
+    Refused,
+}
+
+/// One read of the streaming sender.
+enum Frame {
+    Message(Value),
+    Error(Value),
+    /// A `status` frame (down, up), a ping, or nothing within the wait.
+    Nothing,
+}
+
+/// Reads one frame from `client` within `wait` (at least 1 ms).
+fn read_within(client: &mut Client, wait: Duration) -> Frame {
+    let MaybeTlsStream::Plain(stream) = client.socket.get_ref() else {
+        unreachable!()
+    };
+    let stream: &TcpStream = stream;
+    stream
+        .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+        .unwrap();
+    match client.socket.read() {
+        Ok(tungstenite::Message::Text(text)) => {
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            match frame["type"].as_str() {
+                Some("message") => Frame::Message(frame),
+                Some("error") => Frame::Error(frame),
+                Some("status") => Frame::Nothing,
+                _ => panic!("sender: unexpected frame {frame}"),
+            }
+        }
+        Ok(_) => Frame::Nothing,
+        Err(tungstenite::Error::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Frame::Nothing
+        }
+        Err(e) => panic!("sender: connection lost: {e}"),
+    }
+}
+
+#[test]
+fn a_master_killed_mid_stream_loses_no_accepted_message() {
+    let cluster = RedisCluster::start();
+    let prefix = unique("cfailover");
+    let a = cluster_instance("a", &cluster, &prefix, &[]);
+    let b = cluster_instance("b", &cluster, &prefix, &[]);
+    let room = "stream";
+    let key = channel(&prefix, room);
+    let master = cluster.master_port_of_key(&key);
+
+    let limit = Duration::from_secs(90);
+    let on_a = Listener::spawn_for(a.client("ra", room), "ra".into(), limit);
+    let on_b = Listener::spawn_for(b.client("rb", room), "rb".into(), limit);
+    let mut sender = a.client("sender", room);
+
+    // Once 100 messages are out, SIGKILL the room's master, on a thread
+    // of its own: the stream goes on meanwhile.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let promoted = Arc::new(AtomicBool::new(false));
+    let killer = {
+        let (sent, promoted) = (sent.clone(), promoted.clone());
+        let mut cluster = cluster;
+        let key = key.clone();
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while sent.load(Ordering::Relaxed) < 100 {
+                assert!(Instant::now() < deadline, "the stream never reached 100");
+                thread::sleep(Duration::from_millis(5));
+            }
+            let new_master = cluster.kill_master_of_key(&key);
+            promoted.store(true, Ordering::Relaxed);
+            (cluster, new_master)
+        })
+    };
+
+    // Stream: one message every 5 ms, reading the socket in between. At
+    // least 300 messages, and on until 50 of those sent after the promotion
+    // were accepted (or 20 s after it); then every message must get its
+    // answer within 20 s.
+    const PACE: Duration = Duration::from_millis(5);
+    const RECOVERY: Duration = Duration::from_secs(20);
+    let mut outcomes: HashMap<String, Outcome> = HashMap::new();
+    let mut order: Vec<String> = Vec::new();
+    let mut received: Vec<Value> = Vec::new();
+    let mut first_after_promotion: Option<usize> = None;
+    let mut promoted_at: Option<Instant> = None;
+    let mut stopped_at: Option<Instant> = None;
+    let mut next_send = Instant::now();
+    let stream_deadline = Instant::now() + Duration::from_secs(60);
+    let accepted_among = |outcomes: &HashMap<String, Outcome>, texts: &[String]| {
+        texts
+            .iter()
+            .filter(|t| outcomes.get(*t) == Some(&Outcome::Accepted))
+            .count()
+    };
+    loop {
+        if promoted_at.is_none() && promoted.load(Ordering::Relaxed) {
+            promoted_at = Some(Instant::now());
+            first_after_promotion = Some(order.len());
+        }
+        if stopped_at.is_none() {
+            let recovered = first_after_promotion
+                .is_some_and(|from| accepted_among(&outcomes, &order[from..]) >= 50);
+            let gave_up = promoted_at.is_some_and(|t| t.elapsed() > RECOVERY);
+            if (order.len() >= 300 && (recovered || gave_up)) || Instant::now() >= stream_deadline {
+                stopped_at = Some(Instant::now());
+            }
+        }
+        let pending = order.len() - outcomes.len();
+        match stopped_at {
+            Some(_) if pending == 0 => break,
+            Some(stopped) => assert!(
+                stopped.elapsed() < RECOVERY,
+                "{pending} messages got no answer within {RECOVERY:?} of the stream's end"
+            ),
+            None if Instant::now() >= next_send => {
+                let text = format!("m-{}", order.len());
+                sender.send(&text, &text);
+                order.push(text);
+                sent.store(order.len(), Ordering::Relaxed);
+                next_send += PACE;
+                continue;
+            }
+            None => {}
+        }
+        let wait = match stopped_at {
+            None => next_send.saturating_duration_since(Instant::now()),
+            Some(_) => Duration::from_millis(100),
+        };
+        match read_within(&mut sender, wait) {
+            Frame::Message(frame) => {
+                if let Some(cid) = frame["cid"].as_str() {
+                    let previous = outcomes.insert(cid.to_string(), Outcome::Accepted);
+                    assert_eq!(previous, None, "{cid}: a second outcome, {frame}");
+                }
+                received.push(frame);
+            }
+            Frame::Error(frame) => {
+                let cid = frame["cid"].as_str().unwrap_or_else(|| {
+                    panic!("sender: an error about no message of its own: {frame}")
+                });
+                assert_eq!(frame["code"], "unavailable", "unexpected refusal: {frame}");
+                let previous = outcomes.insert(cid.to_string(), Outcome::Refused);
+                assert_eq!(previous, None, "{cid}: a second outcome, {frame}");
+            }
+            Frame::Nothing => {}
+        }
+    }
+    let (_cluster, new_master) = killer.join().expect("the failover failed");
+    assert_ne!(new_master, master);
+
+    let accepted: HashSet<String> = outcomes
+        .iter()
+        .filter(|(_, o)| **o == Outcome::Accepted)
+        .map(|(t, _)| t.clone())
+        .collect();
+    let refused = outcomes.len() - accepted.len();
+    let from = first_after_promotion.expect("the stream outlasted the failover");
+    let before_kill = accepted_among(&outcomes, &order[..100]);
+    let after = accepted_among(&outcomes, &order[from..]);
+    eprintln!(
+        "{} sent: {} accepted, {refused} refused; {after} accepted after the promotion of {new_master}",
+        order.len(),
+        accepted.len()
+    );
+    assert!(before_kill > 0, "nothing was accepted before the kill");
+    assert!(
+        after >= 50,
+        "sending did not recover within {RECOVERY:?} of the promotion ({after} accepted since)"
+    );
+    assert_exactly_once_in_order("sender", &received, &accepted);
+    for (name, listener) in [("ra", on_a), ("rb", on_b)] {
+        let messages = listener.finish(accepted.len());
+        assert_exactly_once_in_order(name, &messages, &accepted);
+    }
+}
+
+#[test]
+fn in_cluster_mode_an_instance_with_no_client_in_a_room_receives_none_of_its_messages() {
+    let cluster = RedisCluster::start();
+    let prefix = unique("cperroom");
+    let linger = ["--room-linger-ms", "300"];
+    let a = cluster_instance("a", &cluster, &prefix, &linger);
+    let b = cluster_instance("b", &cluster, &prefix, &linger);
+    // Two rooms on the same master: what keeps b out of the kitchen is its
+    // subscriptions, not which node it talks to.
+    let kitchen = channel(&prefix, "kitchen");
+    let master = cluster.master_port_of_key(&kitchen);
+    let garden_room = (0..1000)
+        .map(|i| format!("garden{i}"))
+        .find(|room| cluster.master_port_of_key(&channel(&prefix, room)) == master)
+        .expect("a room on the kitchen's master");
+    let mut conn = cluster.connection_to(master);
+    assert_eq!(
+        shard_numsub(&mut conn, &kitchen),
+        0,
+        "nobody is in the kitchen yet"
+    );
+
+    let mut alice = a.client("alice", "kitchen");
+    let _bob = b.client("bob", &garden_room);
+    assert_eq!(
+        shard_numsub(&mut conn, &kitchen),
+        1,
+        "only a has a client there"
+    );
+    assert_eq!(
+        shard_numsub(&mut conn, &channel(&prefix, &garden_room)),
+        1,
+        "only b has a client in the garden"
+    );
+    for i in 0..20 {
+        alice.send(&format!("k{i}"), &format!("k{i}"));
+    }
+    alice.recv_messages(20);
+    assert_eq!(a.metric("chat_broker_messages_total"), 20.0);
+    assert_eq!(
+        b.metric("chat_broker_messages_total"),
+        0.0,
+        "b, with nobody in the kitchen, received none of its messages"
+    );
+    assert_eq!(b.metric("chat_room_subscriptions"), 1.0);
+
+    // Carol joins the kitchen on b: b subscribes before her history is
+    // read, and gets the room's messages from then on.
+    let mut carol = b.client("carol", "kitchen");
+    assert_eq!(shard_numsub(&mut conn, &kitchen), 2);
+    assert_eq!(carol.recv_messages(20).len(), 20, "history");
+    alice.send("hello carol", "h");
+    assert_eq!(carol.recv_messages(1)[0]["text"], "hello carol");
+    assert_eq!(b.metric("chat_room_subscriptions"), 2.0);
+    wait_for("b to count the kitchen's live message", || {
+        b.metric("chat_broker_messages_total") == 1.0
+    });
+
+    // She leaves: after the linger, b lets the room go.
+    carol.socket.close(None).unwrap();
+    wait_for("b to unsubscribe from the kitchen", || {
+        shard_numsub(&mut conn, &kitchen) == 1
+    });
+    wait_for("b's gauge to follow", || {
+        b.metric("chat_room_subscriptions") == 1.0
+    });
+}

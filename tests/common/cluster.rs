@@ -1,0 +1,223 @@
+//! A private Redis Cluster for a test: six `redis-server` nodes on free
+//! loopback ports, three masters with one replica each, killed and reaped
+//! on drop. Built on `cluster_process.rs` (shared with the load generator);
+//! here every failure is a panic with the nodes' log tails.
+
+use std::path::PathBuf;
+use std::process::Child;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::cluster_process::{self as cp, NodePorts, SlotRange};
+use super::{TIMEOUT, temp_dir};
+
+/// How long a replica may take to replace a killed master: the failure is
+/// noticed after `--cluster-node-timeout` (1 s), then the replica waits
+/// 0.5 to 1 s and asks the other masters for their votes.
+pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(15);
+
+struct Node {
+    ports: NodePorts,
+    child: Option<Child>,
+}
+
+/// Six cluster nodes of this test's own (see the module documentation).
+pub struct RedisCluster {
+    nodes: Vec<Node>,
+    dir: PathBuf,
+}
+
+impl RedisCluster {
+    /// Starts six nodes, waits for their `PING`, makes them one cluster
+    /// with `redis-cli --cluster create ... --cluster-replicas 1`, and waits
+    /// until every node serves all 16384 slots (`cluster_state:ok`).
+    pub fn start() -> Self {
+        let mut cluster = RedisCluster {
+            nodes: Vec::new(),
+            dir: temp_dir("redis-cluster"),
+        };
+        for _ in 0..cp::NODES {
+            let ports = NodePorts::free();
+            let child = cp::node_command(ports, &cluster.dir)
+                .unwrap_or_else(|e| panic!("cannot create a cluster node's directory: {e}"))
+                .spawn()
+                .expect("redis-server is not installed: run ./scripts/test.sh, or apt-get install redis-server");
+            cluster.nodes.push(Node {
+                ports,
+                child: Some(child),
+            });
+        }
+        let ports = cluster.ports();
+        if let Err(e) = cp::wait_nodes(&ports, TIMEOUT) {
+            cluster.fail(&e);
+        }
+        if let Err(e) = cp::create(&ports, Duration::from_secs(30)) {
+            cluster.fail(&e);
+        }
+        cluster
+    }
+
+    fn fail(&self, why: &str) -> ! {
+        panic!("{why}\n{}", cp::log_tails(&self.dir, &self.ports(), 30));
+    }
+
+    /// Every node's client port, killed ones included, in start order.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.ports.port).collect()
+    }
+
+    /// The ports of the nodes still running.
+    pub fn live_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.ports.port)
+            .collect()
+    }
+
+    /// `CLUSTER SLOTS` as the first live node that answers sees it.
+    pub fn slots(&self) -> Vec<SlotRange> {
+        let mut last = String::from("no live node");
+        for port in self.live_ports() {
+            match cp::slots(port) {
+                Ok(ranges) => return ranges,
+                Err(e) => last = e,
+            }
+        }
+        self.fail(&format!("CLUSTER SLOTS failed on every live node: {last}"))
+    }
+
+    /// The masters' ports, in increasing order.
+    pub fn masters(&self) -> Vec<u16> {
+        cp::masters(&self.slots())
+    }
+
+    /// The masters as the server's `--redis-cluster` takes them:
+    /// `redis://127.0.0.1:P1,redis://127.0.0.1:P2,...`.
+    pub fn seeds(&self) -> String {
+        cp::seeds(&self.masters())
+    }
+
+    /// The hash slot of `key`, computed by Redis (`CLUSTER KEYSLOT`).
+    pub fn slot_of(&self, key: &str) -> u16 {
+        let port = *self.live_ports().first().expect("no live cluster node");
+        cp::key_slot(port, key)
+            .unwrap_or_else(|e| self.fail(&format!("CLUSTER KEYSLOT {key}: {e}")))
+    }
+
+    /// The port of the master that serves `slot` now.
+    pub fn master_port_of_slot(&self, slot: u16) -> u16 {
+        self.slots()
+            .iter()
+            .find(|r| r.contains(slot))
+            .map(|r| r.master)
+            .unwrap_or_else(|| self.fail(&format!("no node serves slot {slot}")))
+    }
+
+    /// The port of the master that serves `key`'s slot now.
+    pub fn master_port_of_key(&self, key: &str) -> u16 {
+        self.master_port_of_slot(self.slot_of(key))
+    }
+
+    /// A plain (not cluster-aware) connection to the node on `port`:
+    /// commands on keys of other nodes' slots answer `MOVED`.
+    pub fn connection_to(&self, port: u16) -> redis::Connection {
+        let conn = cp::connect(port)
+            .unwrap_or_else(|e| self.fail(&format!("cannot connect to node {port}: {e}")));
+        conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+        conn
+    }
+
+    /// SIGKILLs the node on `port` (no shutdown) and reaps it.
+    pub fn kill(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.ports.port == port)
+            .unwrap_or_else(|| panic!("no cluster node on port {port}"));
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILLs the master of `key`'s slot, waits until every surviving
+    /// node's `CLUSTER SLOTS` names the same other master for that slot,
+    /// one that answers `PING` (its replica, promoted), and returns the new
+    /// master's port.
+    pub fn kill_master_of_key(&mut self, key: &str) -> u16 {
+        let slot = self.slot_of(key);
+        let old = self.master_port_of_slot(slot);
+        self.kill(old);
+        let deadline = Instant::now() + FAILOVER_TIMEOUT;
+        let seen = loop {
+            let seen = self
+                .live_ports()
+                .into_iter()
+                .map(|port| {
+                    let master = cp::slots(port).ok().and_then(|ranges| {
+                        ranges.iter().find(|r| r.contains(slot)).map(|r| r.master)
+                    });
+                    (port, master)
+                })
+                .collect::<Vec<_>>();
+            if let Some((_, Some(new))) = seen.first().copied()
+                && new != old
+                && seen.iter().all(|(_, m)| *m == Some(new))
+                && super::process::redis_pings(new)
+            {
+                return new;
+            }
+            if Instant::now() >= deadline {
+                break seen;
+            }
+            thread::sleep(Duration::from_millis(50));
+        };
+        self.fail(&format!(
+            "the surviving nodes do not agree on a new master for slot {slot} within \
+             {FAILOVER_TIMEOUT:?} of killing master {old}: (node, master) {seen:?}"
+        ))
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and serves all
+    /// slots again (after a failover, the killed master's replica slot has
+    /// no replica: that is not waited for).
+    pub fn wait_state_ok(&self) {
+        let deadline = Instant::now() + FAILOVER_TIMEOUT;
+        loop {
+            let bad =
+                self.live_ports()
+                    .into_iter()
+                    .find_map(|port| match cp::cluster_state(port) {
+                        Ok(state) if state == "ok" => None,
+                        Ok(state) => Some(format!("node {port}: cluster_state:{state}")),
+                        Err(e) => Some(format!("node {port}: {e}")),
+                    });
+            let Some(why) = bad else { return };
+            if Instant::now() >= deadline {
+                self.fail(&format!("the cluster is not ok again: {why}"));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines of every node's log.
+    pub fn logs(&self) -> String {
+        cp::log_tails(&self.dir, &self.ports(), 30)
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!("{}", cp::log_tails(&self.dir, &self.ports(), 15));
+        }
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
