@@ -31,7 +31,6 @@ pub mod rooms;
 pub mod subscriber;
 pub mod subscription;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -49,7 +48,7 @@ use cluster::Topology;
 use publisher::{Failure, Publisher};
 use redis::cluster::ClusterClient;
 use rooms::{Attached, RoomSubscriptions, ShardOf};
-use subscriber::{Node, Subscriber};
+use subscriber::{Delivered, Node, Subscriber};
 
 /// How long to wait for Redis to accept a connection before calling it
 /// unreachable: loopback or LAN Redis answers in microseconds.
@@ -317,6 +316,7 @@ impl RedisBroker {
         });
         let _ = broker.publisher.run(|_| Ok(()));
 
+        let delivered = Delivered::default();
         let mut first_attempts = Vec::new();
         for (shard, node) in nodes.into_iter().enumerate() {
             let (first_attempt_tx, first_attempt_rx) = crossbeam_channel::bounded(1);
@@ -336,7 +336,7 @@ impl RedisBroker {
                 metrics: metrics.clone(),
                 subscribed: broker.subscribed[shard].clone(),
                 backoff: Backoff::new(settings.max_backoff),
-                last_delivered: HashMap::new(),
+                delivered: delivered.clone(),
             };
             let name = if cluster {
                 format!("redis-sub-{shard}")

@@ -189,7 +189,26 @@ impl RoomSubscriptions {
             .collect();
         writer.subscribe(&channels)?;
         state.writers[shard] = Some(writer);
+        self.adopt_orphans(&mut state);
         Ok(rooms)
+    }
+
+    /// Subscribes, on the shard that owns them now, wanted rooms whose
+    /// slot moved away from the shard they were on (Redis Cluster
+    /// resharding): that shard's subscriber found out and reconnected
+    /// without them.
+    fn adopt_orphans(&self, state: &mut State) {
+        let State { rooms, writers } = state;
+        for (room, entry) in rooms.iter_mut().filter(|(_, entry)| !entry.requested) {
+            let shard = (self.shard_of)(room);
+            if let Some(writer) = &writers[shard] {
+                entry.shard = shard;
+                entry.requested = true;
+                if let Err(e) = writer.subscribe(&[self.keys.room_channel(room)]) {
+                    warn!("redis subscriber: cannot subscribe to room {room}: {e}");
+                }
+            }
+        }
     }
 
     /// A subscriber lost its connection: none of its rooms is live.

@@ -28,6 +28,7 @@ use crate::clock;
 use crate::faults;
 use crate::metrics::Metrics;
 use crate::protocol::{BadPayload, ChatMessage, Limits, MessageId, parse_channel_payload};
+use crate::sync::{Mutex, lock};
 
 /// How far ahead of this machine's clock a message id may be and still
 /// count as made by the accept script (clocks of Redis and of instances
@@ -38,6 +39,12 @@ const PLAUSIBLE_CLOCK_SKEW_MS: u64 = 60_000;
 /// the catch-up already delivered. A room's entry goes at its first newer
 /// message, so the check costs nothing in steady state.
 type CatchUpSeams = HashMap<String, MessageId>;
+
+/// Per room, where catch-up resumes: the last id delivered, or the room's
+/// last id in history when it was subscribed. Shared by the subscribers of
+/// a cluster's shards, because a room whose slot moves is caught up by the
+/// shard it moves to.
+pub type Delivered = Arc<Mutex<HashMap<String, MessageId>>>;
 
 /// Where a subscriber connects.
 pub enum Node {
@@ -63,9 +70,7 @@ pub struct Subscriber {
     pub metrics: Arc<Metrics>,
     pub subscribed: Arc<AtomicBool>,
     pub backoff: Backoff,
-    /// Per room, where catch-up resumes: the last id delivered, or the
-    /// room's last id in history when it was subscribed.
-    pub last_delivered: HashMap<String, MessageId>,
+    pub delivered: Delivered,
 }
 
 impl Subscriber {
@@ -188,12 +193,16 @@ impl Subscriber {
     ) -> Result<(), RedisError> {
         let (channel, payload) = match push {
             Push::Subscribed(channel) => {
-                // A room joined while this connection was up: its clients
-                // read history themselves; catch-up after a later outage
-                // resumes from what history holds now.
                 if let Some(room) = self.keys.room_of_channel(&channel) {
                     let room = room.to_string();
-                    if let Some(last) = self.last_in_history(&room, history)? {
+                    if lock(&self.delivered).contains_key(&room) {
+                        // A room that moved here from another shard:
+                        // deliver what it missed on the way.
+                        seams.extend(self.catch_up(std::slice::from_ref(&room), history)?);
+                    } else if let Some(last) = self.last_in_history(&room, history)? {
+                        // A room joined while this connection was up: its
+                        // clients read history themselves; catch-up after
+                        // a later outage resumes from what history holds now.
                         self.record_delivered(room, last);
                     }
                 }
@@ -205,7 +214,7 @@ impl Subscriber {
                     return Ok(());
                 };
                 if !self.rooms.is_wanted(room) {
-                    self.last_delivered.remove(room);
+                    lock(&self.delivered).remove(room);
                 } else if matches!(self.node, Node::Shard(_)) {
                     // Redis Cluster moved the room's slot to another
                     // shard: find where it is now.
@@ -272,7 +281,8 @@ impl Subscriber {
         if id.millis > clock::wall_millis() + PLAUSIBLE_CLOCK_SKEW_MS {
             return;
         }
-        let last = self.last_delivered.entry(room).or_insert(id);
+        let mut delivered = lock(&self.delivered);
+        let last = delivered.entry(room).or_insert(id);
         *last = (*last).max(id);
     }
 
@@ -306,7 +316,7 @@ impl Subscriber {
         let mut seams = CatchUpSeams::new();
         let mut missed = 0;
         for room in rooms {
-            let from = self.last_delivered.get(room).copied();
+            let from = lock(&self.delivered).get(room).copied();
             let start = from.map_or_else(|| "-".to_string(), |id| format!("({id}"));
             let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
                 .arg(self.keys.history(room))
