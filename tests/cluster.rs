@@ -5,8 +5,10 @@
 //! replica each): the harness itself fails over; every message reaches its
 //! room on both instances exactly once, in id order, whichever master
 //! serves the room; a master SIGKILLed mid-stream loses no accepted
-//! message and lets no refused one through; and an instance is subscribed
-//! to a room's sharded channel exactly while it has clients there.
+//! message and lets no refused one through, and neither does a room whose
+//! slot is moved to another master mid-stream (`CLUSTER SETSLOT`,
+//! `MIGRATE`); and an instance is subscribed to a room's sharded channel
+//! exactly while it has clients there.
 
 mod common;
 
@@ -270,6 +272,175 @@ fn read_within(client: &mut Client, wait: Duration) -> Frame {
     }
 }
 
+/// What a streaming sender saw: every message it sent, in order, what
+/// became of each, and every message frame it received.
+struct Stream {
+    order: Vec<String>,
+    outcomes: HashMap<String, Outcome>,
+    received: Vec<Value>,
+    /// How many messages were out when `event` was seen set.
+    first_after_event: Option<usize>,
+    /// When each message was sent (as `order`), and when it was answered.
+    sent_at: Vec<Instant>,
+    answered_at: HashMap<String, Instant>,
+    event_at: Option<Instant>,
+    /// The `error` frames of the refused messages.
+    refusals: Vec<Value>,
+}
+
+impl Stream {
+    /// How many of `texts` were accepted.
+    fn accepted_among(&self, texts: &[String]) -> usize {
+        texts
+            .iter()
+            .filter(|t| self.outcomes.get(*t) == Some(&Outcome::Accepted))
+            .count()
+    }
+
+    /// The accepted texts.
+    fn accepted(&self) -> HashSet<String> {
+        self.outcomes
+            .iter()
+            .filter(|(_, o)| **o == Outcome::Accepted)
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+
+    fn refused(&self) -> usize {
+        self.outcomes
+            .values()
+            .filter(|o| **o == Outcome::Refused)
+            .count()
+    }
+
+    /// The longest wait for an answer, and the message that waited.
+    fn slowest_answer(&self) -> (Duration, String) {
+        self.order
+            .iter()
+            .zip(&self.sent_at)
+            .filter_map(|(t, sent)| {
+                Some((self.answered_at.get(t)?.duration_since(*sent), t.clone()))
+            })
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// From the event to the first acceptance of a message sent after it.
+    fn first_acceptance_after_event(&self) -> Option<Duration> {
+        let from = self.first_after_event?;
+        let event_at = self.event_at?;
+        self.order[from..]
+            .iter()
+            .filter(|t| self.outcomes.get(*t) == Some(&Outcome::Accepted))
+            .filter_map(|t| self.answered_at.get(t))
+            .min()
+            .map(|at| at.duration_since(event_at))
+    }
+
+    /// How many of the messages sent after the event were accepted.
+    fn accepted_after_event(&self) -> usize {
+        let from = self
+            .first_after_event
+            .expect("the stream outlasted the event");
+        self.accepted_among(&self.order[from..])
+    }
+}
+
+/// The time `sender` has, after its stream ends, to get every message's
+/// outcome; and after the `event`, to have 50 messages accepted.
+const RECOVERY: Duration = Duration::from_secs(20);
+
+/// Streams `m-0`, `m-1`, ... from `sender`, one every 5 ms, reading its
+/// socket in between, and publishing how many are out in `sent` (another
+/// thread acts on that: kills a master, moves a slot) until `event` is set.
+/// At least `min_sent` messages, and on until 50 of those sent after
+/// `event` was seen were accepted (or [`RECOVERY`] after it, or 60 s in
+/// all); then every message must get its answer (its own copy back:
+/// accepted; an `unavailable` error naming its cid: refused) within
+/// [`RECOVERY`].
+fn stream_through(
+    sender: &mut Client,
+    sent: &AtomicUsize,
+    event: &AtomicBool,
+    min_sent: usize,
+) -> Stream {
+    const PACE: Duration = Duration::from_millis(5);
+    let mut stream = Stream {
+        order: Vec::new(),
+        outcomes: HashMap::new(),
+        received: Vec::new(),
+        first_after_event: None,
+        sent_at: Vec::new(),
+        answered_at: HashMap::new(),
+        event_at: None,
+        refusals: Vec::new(),
+    };
+    let mut stopped_at: Option<Instant> = None;
+    let mut next_send = Instant::now();
+    let stream_deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if stream.event_at.is_none() && event.load(Ordering::Relaxed) {
+            stream.event_at = Some(Instant::now());
+            stream.first_after_event = Some(stream.order.len());
+        }
+        if stopped_at.is_none() {
+            let recovered = stream
+                .first_after_event
+                .is_some_and(|from| stream.accepted_among(&stream.order[from..]) >= 50);
+            let gave_up = stream.event_at.is_some_and(|t| t.elapsed() > RECOVERY);
+            if (stream.order.len() >= min_sent && (recovered || gave_up))
+                || Instant::now() >= stream_deadline
+            {
+                stopped_at = Some(Instant::now());
+            }
+        }
+        let pending = stream.order.len() - stream.outcomes.len();
+        match stopped_at {
+            Some(_) if pending == 0 => break,
+            Some(stopped) => assert!(
+                stopped.elapsed() < RECOVERY,
+                "{pending} messages got no answer within {RECOVERY:?} of the stream's end"
+            ),
+            None if Instant::now() >= next_send => {
+                let text = format!("m-{}", stream.order.len());
+                sender.send(&text, &text);
+                stream.order.push(text);
+                stream.sent_at.push(Instant::now());
+                sent.store(stream.order.len(), Ordering::Relaxed);
+                next_send += PACE;
+                continue;
+            }
+            None => {}
+        }
+        let wait = match stopped_at {
+            None => next_send.saturating_duration_since(Instant::now()),
+            Some(_) => Duration::from_millis(100),
+        };
+        match read_within(sender, wait) {
+            Frame::Message(frame) => {
+                if let Some(cid) = frame["cid"].as_str() {
+                    let previous = stream.outcomes.insert(cid.to_string(), Outcome::Accepted);
+                    stream.answered_at.insert(cid.to_string(), Instant::now());
+                    assert_eq!(previous, None, "{cid}: a second outcome, {frame}");
+                }
+                stream.received.push(frame);
+            }
+            Frame::Error(frame) => {
+                let cid = frame["cid"].as_str().unwrap_or_else(|| {
+                    panic!("sender: an error about no message of its own: {frame}")
+                });
+                assert_eq!(frame["code"], "unavailable", "unexpected refusal: {frame}");
+                let previous = stream.outcomes.insert(cid.to_string(), Outcome::Refused);
+                stream.answered_at.insert(cid.to_string(), Instant::now());
+                assert_eq!(previous, None, "{cid}: a second outcome, {frame}");
+                stream.refusals.push(frame);
+            }
+            Frame::Nothing => {}
+        }
+    }
+    stream
+}
+
 #[test]
 fn a_master_killed_mid_stream_loses_no_accepted_message() {
     let cluster = RedisCluster::start();
@@ -305,106 +476,120 @@ fn a_master_killed_mid_stream_loses_no_accepted_message() {
         })
     };
 
-    // Stream: one message every 5 ms, reading the socket in between. At
-    // least 300 messages, and on until 50 of those sent after the promotion
-    // were accepted (or 20 s after it); then every message must get its
-    // answer within 20 s.
-    const PACE: Duration = Duration::from_millis(5);
-    const RECOVERY: Duration = Duration::from_secs(20);
-    let mut outcomes: HashMap<String, Outcome> = HashMap::new();
-    let mut order: Vec<String> = Vec::new();
-    let mut received: Vec<Value> = Vec::new();
-    let mut first_after_promotion: Option<usize> = None;
-    let mut promoted_at: Option<Instant> = None;
-    let mut stopped_at: Option<Instant> = None;
-    let mut next_send = Instant::now();
-    let stream_deadline = Instant::now() + Duration::from_secs(60);
-    let accepted_among = |outcomes: &HashMap<String, Outcome>, texts: &[String]| {
-        texts
-            .iter()
-            .filter(|t| outcomes.get(*t) == Some(&Outcome::Accepted))
-            .count()
-    };
-    loop {
-        if promoted_at.is_none() && promoted.load(Ordering::Relaxed) {
-            promoted_at = Some(Instant::now());
-            first_after_promotion = Some(order.len());
-        }
-        if stopped_at.is_none() {
-            let recovered = first_after_promotion
-                .is_some_and(|from| accepted_among(&outcomes, &order[from..]) >= 50);
-            let gave_up = promoted_at.is_some_and(|t| t.elapsed() > RECOVERY);
-            if (order.len() >= 300 && (recovered || gave_up)) || Instant::now() >= stream_deadline {
-                stopped_at = Some(Instant::now());
-            }
-        }
-        let pending = order.len() - outcomes.len();
-        match stopped_at {
-            Some(_) if pending == 0 => break,
-            Some(stopped) => assert!(
-                stopped.elapsed() < RECOVERY,
-                "{pending} messages got no answer within {RECOVERY:?} of the stream's end"
-            ),
-            None if Instant::now() >= next_send => {
-                let text = format!("m-{}", order.len());
-                sender.send(&text, &text);
-                order.push(text);
-                sent.store(order.len(), Ordering::Relaxed);
-                next_send += PACE;
-                continue;
-            }
-            None => {}
-        }
-        let wait = match stopped_at {
-            None => next_send.saturating_duration_since(Instant::now()),
-            Some(_) => Duration::from_millis(100),
-        };
-        match read_within(&mut sender, wait) {
-            Frame::Message(frame) => {
-                if let Some(cid) = frame["cid"].as_str() {
-                    let previous = outcomes.insert(cid.to_string(), Outcome::Accepted);
-                    assert_eq!(previous, None, "{cid}: a second outcome, {frame}");
-                }
-                received.push(frame);
-            }
-            Frame::Error(frame) => {
-                let cid = frame["cid"].as_str().unwrap_or_else(|| {
-                    panic!("sender: an error about no message of its own: {frame}")
-                });
-                assert_eq!(frame["code"], "unavailable", "unexpected refusal: {frame}");
-                let previous = outcomes.insert(cid.to_string(), Outcome::Refused);
-                assert_eq!(previous, None, "{cid}: a second outcome, {frame}");
-            }
-            Frame::Nothing => {}
-        }
-    }
+    // At least 300 messages, and on until 50 of those sent after the
+    // promotion were accepted.
+    let stream = stream_through(&mut sender, &sent, &promoted, 300);
     let (_cluster, new_master) = killer.join().expect("the failover failed");
     assert_ne!(new_master, master);
 
-    let accepted: HashSet<String> = outcomes
-        .iter()
-        .filter(|(_, o)| **o == Outcome::Accepted)
-        .map(|(t, _)| t.clone())
-        .collect();
-    let refused = outcomes.len() - accepted.len();
-    let from = first_after_promotion.expect("the stream outlasted the failover");
-    let before_kill = accepted_among(&outcomes, &order[..100]);
-    let after = accepted_among(&outcomes, &order[from..]);
+    let accepted = stream.accepted();
+    let before_kill = stream.accepted_among(&stream.order[..100]);
+    let after = stream.accepted_after_event();
     eprintln!(
-        "{} sent: {} accepted, {refused} refused; {after} accepted after the promotion of {new_master}",
-        order.len(),
-        accepted.len()
+        "{} sent: {} accepted, {} refused; {after} accepted after the promotion of {new_master}",
+        stream.order.len(),
+        accepted.len(),
+        stream.refused()
     );
     assert!(before_kill > 0, "nothing was accepted before the kill");
     assert!(
         after >= 50,
         "sending did not recover within {RECOVERY:?} of the promotion ({after} accepted since)"
     );
-    assert_exactly_once_in_order("sender", &received, &accepted);
+    assert_exactly_once_in_order("sender", &stream.received, &accepted);
     for (name, listener) in [("ra", on_a), ("rb", on_b)] {
         let messages = listener.finish(accepted.len());
         assert_exactly_once_in_order(name, &messages, &accepted);
     }
+}
+
+#[test]
+fn a_room_whose_slot_moves_to_another_master_mid_stream_loses_nothing() {
+    let cluster = RedisCluster::start();
+    let prefix = unique("cmigrate");
+    let a = cluster_instance("a", &cluster, &prefix, &[]);
+    let b = cluster_instance("b", &cluster, &prefix, &[]);
+    let room = "moving";
+    let key = channel(&prefix, room);
+    let slot = cluster.slot_of(&key);
+    let old_master = cluster.master_port_of_slot(slot);
+    let new_master = *cluster
+        .masters()
+        .iter()
+        .find(|&&p| p != old_master)
+        .expect("another master");
+
+    let limit = Duration::from_secs(90);
+    let on_a = Listener::spawn_for(a.client("ra", room), "ra".into(), limit);
+    let on_b = Listener::spawn_for(b.client("rb", room), "rb".into(), limit);
+    let mut sender = a.client("sender", room);
+
+    // Once 100 messages are out, move the room's slot (its channel, its
+    // history, its id counter, its dedup keys) to another master, on a
+    // thread of its own: the stream goes on meanwhile.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let migrated = Arc::new(AtomicBool::new(false));
+    let mover = {
+        let (sent, migrated) = (sent.clone(), migrated.clone());
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while sent.load(Ordering::Relaxed) < 100 {
+                assert!(Instant::now() < deadline, "the stream never reached 100");
+                thread::sleep(Duration::from_millis(5));
+            }
+            let started = Instant::now();
+            let from = cluster.migrate_slot(slot, new_master);
+            let took = started.elapsed();
+            migrated.store(true, Ordering::Relaxed);
+            (cluster, from, took)
+        })
+    };
+
+    // On until 50 of the messages sent after the migration finished were
+    // accepted.
+    let started = Instant::now();
+    let stream = stream_through(&mut sender, &sent, &migrated, 150);
+    let streamed = started.elapsed();
+    let (cluster, from, took) = mover.join().expect("the migration failed");
+    assert_eq!(from, old_master);
+    assert_eq!(cluster.master_port_of_key(&key), new_master);
+
+    let accepted = stream.accepted();
+    let before = stream.accepted_among(&stream.order[..100]);
+    let after = stream.accepted_after_event();
+    let refusals: Vec<String> = stream.refusals.iter().map(Value::to_string).collect();
+    let (slowest, slowest_text) = stream.slowest_answer();
+    eprintln!(
+        "slot {slot} moved {old_master} -> {new_master} in {took:?} (from message {}); \
+         {} sent in {streamed:?}: {} accepted, {} refused {refusals:?}; {after} accepted \
+         after the migration, the first {:?} after it; slowest answer {slowest:?} ({slowest_text})",
+        stream.first_after_event.unwrap_or_default(),
+        stream.order.len(),
+        accepted.len(),
+        stream.refused(),
+        stream.first_acceptance_after_event()
+    );
+    assert!(before > 0, "nothing was accepted before the migration");
+    assert!(
+        after >= 50,
+        "sending did not recover within {RECOVERY:?} of the migration ({after} accepted since)"
+    );
+    assert_exactly_once_in_order("sender", &stream.received, &accepted);
+    for (name, listener) in [("ra", on_a), ("rb", on_b)] {
+        let messages = listener.finish(accepted.len());
+        assert_exactly_once_in_order(name, &messages, &accepted);
+    }
+    // Both instances listen to the room on its new master, none on the old.
+    let mut on_new = cluster.connection_to(new_master);
+    let mut on_old = cluster.connection_to(old_master);
+    wait_for("both instances to subscribe on the new master", || {
+        shard_numsub(&mut on_new, &key) == 2
+    });
+    assert_eq!(
+        shard_numsub(&mut on_old, &key),
+        0,
+        "nobody on the old master"
+    );
 }
 
 #[test]

@@ -16,6 +16,10 @@ use super::{TIMEOUT, temp_dir};
 /// 0.5 to 1 s and asks the other masters for their votes.
 pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long moving one hash slot may take, and then again how long the
+/// other nodes may take to learn its new owner (by gossip).
+pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(15);
+
 struct Node {
     ports: NodePorts,
     child: Option<Child>,
@@ -177,6 +181,28 @@ impl RedisCluster {
             "the surviving nodes do not agree on a new master for slot {slot} within \
              {FAILOVER_TIMEOUT:?} of killing master {old}: (node, master) {seen:?}"
         ))
+    }
+
+    /// Moves hash `slot`, with its keys, from the master that serves it to
+    /// the master on `to_port` (`CLUSTER SETSLOT ... IMPORTING / MIGRATING`,
+    /// `MIGRATE` of every key, `CLUSTER SETSLOT ... NODE` on every master:
+    /// see [`cp::migrate_slot`]), then waits until every live node's
+    /// `CLUSTER SLOTS` names `to_port` for it. Returns the old master's port.
+    pub fn migrate_slot(&self, slot: u16, to_port: u16) -> u16 {
+        let from = self.master_port_of_slot(slot);
+        assert_ne!(from, to_port, "slot {slot} is on {to_port} already");
+        let masters = self.masters();
+        assert!(
+            masters.contains(&to_port),
+            "{to_port} is not a master: {masters:?}"
+        );
+        if let Err(e) = cp::migrate_slot(slot, from, to_port, &masters, MIGRATION_TIMEOUT) {
+            self.fail(&e);
+        }
+        if let Err(e) = cp::wait_slot_owner(&self.live_ports(), slot, to_port, MIGRATION_TIMEOUT) {
+            self.fail(&e);
+        }
+        from
     }
 
     /// Waits until every live node says `cluster_state:ok` and serves all

@@ -297,3 +297,124 @@ pub fn log_tails(dir: &Path, ports: &[u16], lines: usize) -> String {
     }
     out
 }
+
+/// `CLUSTER MYID` of the node on `port`: its 40-character node id.
+pub fn my_id(port: u16) -> Result<String, String> {
+    let mut conn = connect(port).map_err(|e| e.to_string())?;
+    redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query(&mut conn)
+        .map_err(|e| format!("CLUSTER MYID on node {port}: {e}"))
+}
+
+/// Moves hash `slot`, with every key in it, from the master on `from` to
+/// the master on `to`, the way `redis-cli --cluster reshard` does:
+/// `CLUSTER SETSLOT slot IMPORTING <from's id>` on `to`, `... MIGRATING
+/// <to's id>` on `from`, then `CLUSTER GETKEYSINSLOT slot 100` and
+/// `MIGRATE ... KEYS ...` on `from` until it has no key left there, and
+/// last `CLUSTER SETSLOT slot NODE <to's id>` on `to`, on `from`, and on
+/// every other master in `masters`. Meanwhile `from` still serves the keys
+/// it has and answers `ASK` (or `TRYAGAIN`, for a command on keys on both
+/// sides) for the others. Does not wait for the other nodes to learn the
+/// new owner (see [`wait_slot_owner`]). Everything within `timeout`.
+pub fn migrate_slot(
+    slot: u16,
+    from: u16,
+    to: u16,
+    masters: &[u16],
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let from_id = my_id(from)?;
+    let to_id = my_id(to)?;
+    let setslot = |port: u16, args: &[&str]| -> Result<(), String> {
+        let mut conn = connect(port).map_err(|e| format!("node {port}: {e}"))?;
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(args)
+            .query::<()>(&mut conn)
+            .map_err(|e| format!("CLUSTER SETSLOT {slot} {args:?} on node {port}: {e}"))
+    };
+    setslot(to, &["IMPORTING", &from_id])?;
+    setslot(from, &["MIGRATING", &to_id])?;
+
+    let mut source = connect(from).map_err(|e| format!("node {from}: {e}"))?;
+    // MIGRATE itself may take up to its own timeout (5 s).
+    source
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut moved = 0;
+    loop {
+        let keys: Vec<Vec<u8>> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(100)
+            .query(&mut source)
+            .map_err(|e| format!("CLUSTER GETKEYSINSLOT {slot} 100 on node {from}: {e}"))?;
+        if keys.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "slot {slot}: {moved} keys moved from {from} to {to}, still {} or more \
+                 left after {timeout:?}",
+                keys.len()
+            ));
+        }
+        // `OK`, or `NOKEY` when every one of them expired meanwhile.
+        let _: redis::Value = redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(to)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query(&mut source)
+            .map_err(|e| format!("MIGRATE of {} keys of slot {slot} to {to}: {e}", keys.len()))?;
+        moved += keys.len();
+    }
+
+    let node = ["NODE", to_id.as_str()];
+    setslot(to, &node)?;
+    setslot(from, &node)?;
+    for &port in masters.iter().filter(|&&p| p != from && p != to) {
+        setslot(port, &node)?;
+    }
+    Ok(())
+}
+
+/// Waits until the `CLUSTER SLOTS` of every node in `ports` names the
+/// master on `owner` for `slot`. The error says what each node saw last.
+pub fn wait_slot_owner(
+    ports: &[u16],
+    slot: u16,
+    owner: u16,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen: Vec<(u16, Result<Option<u16>, String>)> = ports
+            .iter()
+            .map(|&port| {
+                let master = slots(port)
+                    .map(|ranges| ranges.iter().find(|r| r.contains(slot)).map(|r| r.master));
+                (port, master)
+            })
+            .collect();
+        if seen
+            .iter()
+            .all(|(_, m)| matches!(m, Ok(Some(p)) if *p == owner))
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "not every node names {owner} as the master of slot {slot} after \
+                 {timeout:?}: (node, master) {seen:?}"
+            ));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}

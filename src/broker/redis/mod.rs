@@ -265,6 +265,10 @@ impl RedisBroker {
                 // The accept script's own retries (same dedup key, until
                 // --publish-deadline-ms) decide how long to insist.
                 .retries(2)
+                // TRYAGAIN while a slot moves lasts milliseconds: redis-rs
+                // waits up to 1.28 s by default, holding every publish.
+                .min_retry_wait(10)
+                .max_retry_wait(100)
                 .build()
                 .map_err(|e| format!("bad --redis-cluster nodes: {e}"))?;
             let nodes = (0..topology.shards())
@@ -416,6 +420,16 @@ impl Broker for RedisBroker {
                 }
                 Err(Failure::Refused(reason)) if !in_doubt => {
                     return Err(Unavailable(reason));
+                }
+                Err(Failure::Redirected(reason)) => {
+                    // It did not run: try again, without doubt, while the
+                    // deadline allows.
+                    if Instant::now() >= deadline {
+                        return Err(Unavailable(reason));
+                    }
+                    debug!("redis publisher: message {dedup_key} redirected ({reason}); again");
+                    thread::sleep(RETRY_PAUSE);
+                    continue;
                 }
                 Err(Failure::Refused(reason) | Failure::Unknown(reason)) => reason,
             };

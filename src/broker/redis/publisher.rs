@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use log::{error, info};
 use redis::cluster::ClusterClient;
-use redis::{Client, ConnectionLike, RedisError};
+use redis::{Client, ConnectionLike, ErrorKind, RedisError, ServerErrorKind};
 
 use super::{RedisSettings, connect};
 use crate::backoff::Backoff;
@@ -27,12 +27,17 @@ pub enum Failure {
     Refused(String),
     /// The link broke while it was in flight: it may have run.
     Unknown(String),
+    /// A Redis Cluster redirected it (`MOVED`, `ASK`, `TRYAGAIN` while a
+    /// slot moves): it did not run, and may be tried again at once.
+    Redirected(String),
 }
 
 impl Failure {
     pub fn into_unavailable(self) -> Unavailable {
         match self {
-            Failure::Refused(reason) | Failure::Unknown(reason) => Unavailable(reason),
+            Failure::Refused(reason) | Failure::Unknown(reason) | Failure::Redirected(reason) => {
+                Unavailable(reason)
+            }
         }
     }
 }
@@ -126,7 +131,14 @@ impl Publisher {
         }
         let connection = link.connection.as_mut().expect("connected above");
         command(connection.as_mut()).map_err(|e| {
-            if e.is_connection_refusal() && matches!(self.target, Target::Cluster(_)) {
+            if matches!(
+                e.kind(),
+                ErrorKind::Server(
+                    ServerErrorKind::Moved | ServerErrorKind::Ask | ServerErrorKind::TryAgain
+                )
+            ) {
+                Failure::Redirected(format!("the cluster is moving this room's slot ({e})"))
+            } else if e.is_connection_refusal() && matches!(self.target, Target::Cluster(_)) {
                 // The master of this room's slot died and has no successor
                 // yet: nothing reached Redis, so certainly not accepted.
                 // The next command opens a fresh cluster connection, which

@@ -243,6 +243,21 @@ impl RoomSubscriptions {
         }
     }
 
+    /// Redis Cluster moved `room`'s slot away from the shard it was on:
+    /// subscribe it on the shard that owns it now (the topology was just
+    /// read again), whose subscriber catches it up.
+    pub fn relocate(&self, room: &str) {
+        let mut state = self.state();
+        if let Some(entry) = state.rooms.get_mut(room) {
+            if entry.live {
+                Metrics::down(&self.metrics.room_subscriptions);
+            }
+            entry.requested = false;
+            entry.live = false;
+        }
+        self.adopt_orphans(&mut state);
+    }
+
     /// Whether `room` is wanted (has clients, or lingers).
     pub fn is_wanted(&self, room: &str) -> bool {
         self.state().rooms.contains_key(room)

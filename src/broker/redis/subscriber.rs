@@ -21,7 +21,7 @@ use redis::{Connection, ConnectionInfo, RedisError};
 use super::cluster::Topology;
 use super::rooms::RoomSubscriptions;
 use super::subscription::{self, Push};
-use super::{CONNECT_TIMEOUT, RedisKeys, StreamEntry, parse_stream_entries};
+use super::{CONNECT_TIMEOUT, RedisKeys, StreamEntry, connect, parse_stream_entries};
 use crate::backoff::Backoff;
 use crate::broker::{BrokerEvent, DeliveryStatus, EventSender};
 use crate::clock;
@@ -140,8 +140,10 @@ impl Subscriber {
         let sharded = matches!(self.node, Node::Shard(_));
         let (mut reader, writer) = subscription::open(&info, &self.name, sharded, CONNECT_TIMEOUT)?;
         // History is read from the same node, on a plain connection.
-        let mut history =
-            redis::Client::open(info)?.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+        let mut history = connect(
+            &redis::Client::open(info)?,
+            &format!("{}-history", self.name),
+        )?;
         let writer = Arc::new(writer);
         // However this ends, the connection is closed: sessions holding
         // the write half find it broken, not silently unread.
@@ -215,13 +217,15 @@ impl Subscriber {
                 };
                 if !self.rooms.is_wanted(room) {
                     lock(&self.delivered).remove(room);
-                } else if matches!(self.node, Node::Shard(_)) {
+                } else if let Node::Shard(topology) = &self.node {
                     // Redis Cluster moved the room's slot to another
-                    // shard: find where it is now.
-                    return Err(std::io::Error::other(format!(
-                        "room {room} left this shard (slot migrated)"
-                    ))
-                    .into());
+                    // shard: find where it is now, and subscribe there.
+                    info!(
+                        "redis subscriber {}: room {room} moved to another shard",
+                        self.shard
+                    );
+                    topology.refresh()?;
+                    self.rooms.relocate(room);
                 }
                 return Ok(());
             }
