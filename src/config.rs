@@ -76,6 +76,15 @@ pub struct Config {
     #[arg(long, env = "ROOM_LINGER_MS", default_value_t = 5000)]
     pub room_linger_ms: u64,
 
+    /// Milliseconds a member stays listed after its instance stopped
+    /// refreshing it (the instance died); instances refresh every third.
+    #[arg(long, env = "PRESENCE_TTL_MS", default_value_t = 15_000)]
+    pub presence_ttl_ms: u64,
+
+    /// Most members a `presence` snapshot lists (it then says how many more).
+    #[arg(long, env = "PRESENCE_MAX_MEMBERS", default_value_t = 1000)]
+    pub presence_max_members: usize,
+
     /// Messages kept per room in history (approximate: Redis trims in
     /// whole blocks).
     #[arg(long, env = "HISTORY_LEN", default_value_t = 1000)]
@@ -232,6 +241,9 @@ impl Config {
         if self.max_frame_bytes < 64 {
             return Err("--max-frame-bytes must be at least 64".into());
         }
+        if self.presence_ttl_ms < 300 {
+            return Err("--presence-ttl-ms must be at least 300".into());
+        }
         if self.history_len == 0 {
             return Err("--history-len must be at least 1".into());
         }
@@ -272,6 +284,10 @@ impl Config {
 
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    pub fn presence_ttl(&self) -> Duration {
+        Duration::from_millis(self.presence_ttl_ms)
     }
 
     pub fn room_linger(&self) -> Duration {

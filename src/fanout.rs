@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use log::warn;
 
-use crate::broker::{BrokerEvent, DeliveryStatus};
+use crate::broker::{BrokerEvent, DeliveryStatus, PresenceChange};
 use crate::faults;
 use crate::hub::{Hub, Member};
 use crate::metrics::Metrics;
@@ -117,6 +117,10 @@ impl Fanout {
                         self.deliver_messages(&mut messages);
                         self.broadcast(status);
                     }
+                    BrokerEvent::Presence(change) => {
+                        self.deliver_messages(&mut messages);
+                        self.deliver_presence(&change);
+                    }
                 }
                 if messages.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                     next = events_rx.try_recv().ok();
@@ -154,6 +158,34 @@ impl Fanout {
             }
         }
         messages.clear();
+    }
+
+    /// Hands a room's clients a join, a leave, a fresh member list, or
+    /// someone's typing (not to that someone's own tabs).
+    fn deliver_presence(&self, change: &PresenceChange) {
+        let Some(members) = self.hub.room(change.room()) else {
+            return;
+        };
+        let frame = match change {
+            PresenceChange::Join(event) => ServerFrame::Join(event),
+            PresenceChange::Leave(event) => ServerFrame::Leave(event),
+            PresenceChange::Typing { room, name } => ServerFrame::Typing { room, name },
+            PresenceChange::Snapshot { room, presence } => ServerFrame::Presence {
+                room,
+                members: &presence.members,
+                more: presence.more,
+            },
+        };
+        let batch = Arc::new(Batch::single(&frame.to_ws_bytes()));
+        let members = match change {
+            PresenceChange::Typing { name, .. } => members
+                .iter()
+                .filter(|member| *member.name != **name)
+                .cloned()
+                .collect(),
+            _ => members,
+        };
+        self.send(members, batch, 0);
     }
 
     /// Tells every local client that delivery went down or came back.

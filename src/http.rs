@@ -169,7 +169,12 @@ mod tests {
             ws_path: "/ws",
             public_ws_url: Some("/ws".into()),
             http_port: 5000,
-            broker: Arc::new(LocalBroker::new(events_tx, metrics.clone(), 10)),
+            broker: Arc::new(LocalBroker::new(
+                events_tx,
+                metrics.clone(),
+                10,
+                "a1".into(),
+            )),
             supervisor: Supervisor::new().0,
             metrics,
             hub: Arc::new(Hub::new()),

@@ -24,6 +24,8 @@ pub type ClientId = u64;
 #[derive(Clone)]
 pub struct Member {
     pub id: ClientId,
+    /// Its display name (typing is relayed to the other names).
+    pub name: Arc<str>,
     pub outbox: Arc<Outbox>,
     /// When its reader last read a frame (for the pinger).
     pub last_seen: Arc<LastSeen>,
@@ -149,6 +151,7 @@ mod tests {
         };
         let member = Member {
             id,
+            name: "someone".into(),
             outbox: Arc::new(Outbox::new(wire, 1024)),
             last_seen: Arc::default(),
         };

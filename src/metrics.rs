@@ -85,6 +85,10 @@ metrics! {
     gauge room_subscriptions: "chat_room_subscriptions",
     /// SUBSCRIBE commands sent for a room that gained its first local client.
     counter room_subscriptions_total: "chat_room_subscriptions_total",
+    /// Presence refreshes of this instance's members (one pass over its rooms).
+    counter presence_refreshes_total: "chat_presence_refreshes_total",
+    /// Members of other (stopped) instances this instance found expired.
+    counter presence_expired_total: "chat_presence_expired_total",
     /// 1 while the Redis subscription is live, else 0.
     gauge redis_subscriber_up: "chat_redis_subscriber_up",
     /// 1 while the Redis publishing connection is usable, else 0.

@@ -200,6 +200,73 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         cid: Option<&'a str>,
     },
+    /// Who is in the room, over every instance: after `welcome`, and again
+    /// after the server reconnects to Redis.
+    Presence {
+        room: &'a str,
+        members: &'a [PresenceMember],
+        /// Members left out past `--presence-max-members`.
+        more: usize,
+    },
+    /// Someone's first connection to the room (over every instance).
+    Join(&'a PresenceEvent),
+    /// Someone's last connection to the room went.
+    Leave(&'a PresenceEvent),
+    /// Someone in the room is typing.
+    Typing {
+        room: &'a str,
+        name: &'a str,
+    },
+}
+
+/// A member of a room: one name, however many tabs and instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceMember {
+    pub name: String,
+    pub instances: Vec<String>,
+    pub connections: u64,
+}
+
+/// Why a member left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaveReason {
+    /// Its last connection closed.
+    Left,
+    /// Its instance stopped refreshing it (crashed, or lost Redis for
+    /// longer than `--presence-ttl-ms`).
+    Expired,
+}
+
+/// A `join` or `leave`, as it travels on a room's channel and reaches the
+/// clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceEvent {
+    pub room: String,
+    pub name: String,
+    pub instance: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<LeaveReason>,
+}
+
+/// What a room's channel carries besides messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelEvent {
+    Message(ChatMessage),
+    Join(PresenceEvent),
+    Leave(PresenceEvent),
+    Typing { room: String, name: String },
+}
+
+impl ChannelEvent {
+    pub fn room(&self) -> &str {
+        match self {
+            ChannelEvent::Message(message) => &message.room,
+            ChannelEvent::Join(event) | ChannelEvent::Leave(event) => &event.room,
+            ChannelEvent::Typing { room, .. } => room,
+        }
+    }
 }
 
 impl ServerFrame<'_> {
@@ -318,6 +385,15 @@ pub enum ClientFrame {
         #[serde(default)]
         cid: Option<String>,
     },
+    /// The user is typing: relayed to the room's other members.
+    Typing,
+}
+
+/// A client frame that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientRequest {
+    Message(ValidMessage),
+    Typing,
 }
 
 /// Why a client frame was refused; turned into an `error` frame.
@@ -359,14 +435,17 @@ pub struct ValidMessage {
 /// earlier, by tungstenite, before the frame is buffered. serde_json
 /// refuses nesting deeper than 128 levels, so a deeply nested frame is a
 /// `bad_request`, not a stack overflow.
-pub fn parse_client_frame(raw: &str, limits: &Limits) -> Result<ValidMessage, FrameError> {
+pub fn parse_client_frame(raw: &str, limits: &Limits) -> Result<ClientRequest, FrameError> {
     let max_text_chars = limits.max_text_chars;
     let frame: ClientFrame = serde_json::from_str(raw).map_err(|e| {
         FrameError::bad_request(format!(
-            "expected {{\"type\":\"message\",\"text\":\"...\"}}: {e}"
+            "expected {{\"type\":\"message\",\"text\":\"...\"}} or {{\"type\":\"typing\"}}: {e}"
         ))
     })?;
-    let ClientFrame::Message { text, cid } = frame;
+    let (text, cid) = match frame {
+        ClientFrame::Message { text, cid } => (text, cid),
+        ClientFrame::Typing => return Ok(ClientRequest::Typing),
+    };
     if let Some(cid) = &cid
         && (cid.chars().count() > MAX_CID_CHARS || cid.chars().any(char::is_control))
     {
@@ -389,7 +468,7 @@ pub fn parse_client_frame(raw: &str, limits: &Limits) -> Result<ValidMessage, Fr
             format!("text is {chars} characters; the limit is {max_text_chars}"),
         ));
     }
-    Ok(ValidMessage { text, cid })
+    Ok(ClientRequest::Message(ValidMessage { text, cid }))
 }
 
 /// Why a payload from the Redis channel was skipped.
@@ -402,8 +481,54 @@ impl fmt::Display for BadPayload {
     }
 }
 
-/// Parses a payload received on the Redis channel, which anyone with access
-/// to Redis can publish: it is validated as strictly as a client frame.
+/// Parses what a room's channel carries: a message, a `join` or `leave`,
+/// or `typing`. Anyone with access to Redis can publish: every kind is
+/// validated as strictly as a client frame.
+pub fn parse_channel_event(payload: &[u8], limits: &Limits) -> Result<ChannelEvent, BadPayload> {
+    #[derive(Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum Payload {
+        Join(PresenceEvent),
+        Leave(PresenceEvent),
+        Typing { room: String, name: String },
+    }
+    // Messages are nearly all the traffic: parsed first, and once.
+    let not_a_message = match parse_channel_payload(payload, limits) {
+        Ok(message) => return Ok(ChannelEvent::Message(message)),
+        Err(e) => e,
+    };
+    if payload.len() > limits.max_payload_bytes() {
+        return Err(not_a_message);
+    }
+    let Ok(kind) = serde_json::from_slice::<Payload>(payload) else {
+        return Err(not_a_message);
+    };
+    let check = |room: &str, name: &str| {
+        validate_room(room, limits).map_err(BadPayload)?;
+        validate_name(name, limits).map_err(BadPayload)
+    };
+    match kind {
+        Payload::Join(event) | Payload::Leave(event) if event.instance.chars().count() > 64 => {
+            Err(BadPayload("instance too long".to_string()))
+        }
+        Payload::Join(event) => {
+            check(&event.room, &event.name)?;
+            Ok(ChannelEvent::Join(event))
+        }
+        Payload::Leave(event) => {
+            check(&event.room, &event.name)?;
+            Ok(ChannelEvent::Leave(event))
+        }
+        Payload::Typing { room, name } => {
+            check(&room, &name)?;
+            Ok(ChannelEvent::Typing { room, name })
+        }
+    }
+}
+
+/// Parses a message payload (from the Redis channel or history), which
+/// anyone with access to Redis can write: it is validated as strictly as a
+/// client frame.
 pub fn parse_channel_payload(payload: &[u8], limits: &Limits) -> Result<ChatMessage, BadPayload> {
     #[derive(Deserialize)]
     #[serde(tag = "type", rename_all = "snake_case")]
@@ -500,13 +625,57 @@ mod tests {
 
     #[test]
     fn a_valid_client_message_parses() {
-        let msg = parse_client_frame(
+        let Ok(ClientRequest::Message(msg)) = parse_client_frame(
             r#"{"type":"message","text":"hi","cid":"c1"}"#,
             &Limits::default(),
-        )
-        .unwrap();
+        ) else {
+            panic!("not a message");
+        };
         assert_eq!(msg.text, "hi");
         assert_eq!(msg.cid.as_deref(), Some("c1"));
+        assert_eq!(
+            parse_client_frame(r#"{"type":"typing"}"#, &Limits::default()),
+            Ok(ClientRequest::Typing)
+        );
+    }
+
+    #[test]
+    fn presence_events_travel_on_the_channel_as_clients_get_them() {
+        let limits = Limits::default();
+        let join = PresenceEvent {
+            room: "lobby".into(),
+            name: "bob".into(),
+            instance: "b".into(),
+            reason: None,
+        };
+        let wire = ServerFrame::Join(&join).to_json();
+        assert_eq!(
+            wire,
+            r#"{"type":"join","room":"lobby","name":"bob","instance":"b"}"#
+        );
+        assert_eq!(
+            parse_channel_event(wire.as_bytes(), &limits).unwrap(),
+            ChannelEvent::Join(join)
+        );
+        // As Lua's cjson writes it, fields in any order.
+        let expired =
+            br#"{"reason":"expired","instance":"b","type":"leave","room":"lobby","name":"bob"}"#;
+        let ChannelEvent::Leave(leave) = parse_channel_event(expired, &limits).unwrap() else {
+            panic!("not a leave");
+        };
+        assert_eq!(leave.reason, Some(LeaveReason::Expired));
+        let typing = ServerFrame::Typing {
+            room: "lobby",
+            name: "al",
+        }
+        .to_json();
+        assert!(matches!(
+            parse_channel_event(typing.as_bytes(), &limits),
+            Ok(ChannelEvent::Typing { .. })
+        ));
+        let bad_name = br#"{"type":"typing","room":"lobby","name":"a\nb"}"#;
+        assert!(parse_channel_event(bad_name, &limits).is_err());
+        assert!(parse_channel_event(br#"{"type":"join","room":"lobby"}"#, &limits).is_err());
     }
 
     #[test]
@@ -626,6 +795,7 @@ mod tests {
             #[test]
             fn channel_parser_never_panics_on_arbitrary_bytes(raw in prop::collection::vec(any::<u8>(), 0..400)) {
                 let _ = parse_channel_payload(&raw, &Limits::default());
+                let _ = parse_channel_event(&raw, &Limits::default());
             }
 
             #[test]
@@ -651,7 +821,7 @@ mod tests {
                 prop_assume!(!text.trim().is_empty());
                 let raw = serde_json::json!({"type": "message", "text": text, "cid": cid}).to_string();
                 let parsed = parse_client_frame(&raw, &Limits::default()).unwrap();
-                prop_assert_eq!(parsed.text, text);
+                prop_assert_eq!(parsed, ClientRequest::Message(ValidMessage { text, cid: Some(cid) }));
             }
         }
     }

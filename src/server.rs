@@ -119,6 +119,8 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
                 instance: instance.clone(),
                 limits: config.content_limits(),
                 room_linger: config.room_linger(),
+                presence_ttl: config.presence_ttl(),
+                presence_max_members: config.presence_max_members,
             },
             events_tx,
             metrics.clone(),
@@ -132,6 +134,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
                 events_tx,
                 metrics.clone(),
                 config.history_len,
+                instance.clone(),
             ))
         }
     };
@@ -178,6 +181,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
             client_buffer_bytes: config.client_buffer_bytes,
             max_frame_bytes: config.max_frame_bytes,
             history_replay: config.history_replay,
+            presence_max_members: config.presence_max_members,
             handshake_timeout: config.handshake_timeout(),
             close_grace: config.close_grace(),
         },

@@ -5,19 +5,23 @@
 //! other instance. Run two of these and their clients live in two separate
 //! worlds: the "my chat works on one server" starting point.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use crate::broker::{Broker, BrokerEvent, EventSender, History, HistoryQuery, Unavailable};
+use crate::broker::{
+    Broker, BrokerEvent, EventSender, History, HistoryQuery, Presence, PresenceChange, Unavailable,
+};
 use crate::clock;
 use crate::metrics::Metrics;
-use crate::protocol::{ChatMessage, MessageId, NewMessage};
+use crate::protocol::{ChatMessage, LeaveReason, MessageId, NewMessage, PresenceEvent};
 use crate::sync::{Mutex, lock};
 
 #[derive(Debug, Default)]
 struct State {
     last_id: MessageId,
     rooms: HashMap<String, VecDeque<ChatMessage>>,
+    /// Connections by room, then by name.
+    present: HashMap<String, BTreeMap<String, u64>>,
 }
 
 pub struct LocalBroker {
@@ -25,15 +29,31 @@ pub struct LocalBroker {
     events_tx: EventSender,
     metrics: Arc<Metrics>,
     history_len: usize,
+    instance: String,
 }
 
 impl LocalBroker {
-    pub fn new(events_tx: EventSender, metrics: Arc<Metrics>, history_len: usize) -> Self {
+    pub fn new(
+        events_tx: EventSender,
+        metrics: Arc<Metrics>,
+        history_len: usize,
+        instance: String,
+    ) -> Self {
         LocalBroker {
             state: Mutex::default(),
             events_tx,
             metrics,
             history_len,
+            instance,
+        }
+    }
+
+    fn presence_event(&self, room: &str, name: &str, reason: Option<LeaveReason>) -> PresenceEvent {
+        PresenceEvent {
+            room: room.to_string(),
+            name: name.to_string(),
+            instance: self.instance.clone(),
+            reason,
         }
     }
 }
@@ -97,6 +117,73 @@ impl Broker for LocalBroker {
         })
     }
 
+    fn present(&self, room: &str, name: &str) {
+        let mut state = lock(&self.state);
+        let count = state
+            .present
+            .entry(room.to_string())
+            .or_default()
+            .entry(name.to_string())
+            .or_default();
+        *count += 1;
+        if *count == 1 {
+            let event = self.presence_event(room, name, None);
+            let _ = self
+                .events_tx
+                .send(BrokerEvent::Presence(PresenceChange::Join(event)));
+        }
+    }
+
+    fn absent(&self, room: &str, name: &str) {
+        let mut state = lock(&self.state);
+        let Some(names) = state.present.get_mut(room) else {
+            return;
+        };
+        let Some(count) = names.get_mut(name) else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            names.remove(name);
+            if names.is_empty() {
+                state.present.remove(room);
+            }
+            let event = self.presence_event(room, name, Some(LeaveReason::Left));
+            let _ = self
+                .events_tx
+                .send(BrokerEvent::Presence(PresenceChange::Leave(event)));
+        }
+    }
+
+    fn presence(&self, room: &str, limit: usize) -> Result<Presence, Unavailable> {
+        let state = lock(&self.state);
+        let counts = state
+            .present
+            .get(room)
+            .map(|names| {
+                names
+                    .iter()
+                    .map(|(name, count)| {
+                        (
+                            name.clone(),
+                            HashMap::from([(self.instance.clone(), *count)]),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Presence::from_counts(counts, limit))
+    }
+
+    fn typing(&self, room: &str, name: &str) {
+        let _ = self
+            .events_tx
+            .send(BrokerEvent::Presence(PresenceChange::Typing {
+                room: room.to_string(),
+                name: name.to_string(),
+            }));
+    }
+
     fn readiness(&self) -> Result<(), String> {
         Ok(())
     }
@@ -131,7 +218,7 @@ mod tests {
     #[test]
     fn history_is_bounded_and_answers_both_queries() {
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
-        let broker = LocalBroker::new(events_tx, Arc::default(), 3);
+        let broker = LocalBroker::new(events_tx, Arc::default(), 3, "i".into());
         let mut ids = Vec::new();
         for n in 0..5 {
             let message = NewMessage {

@@ -15,9 +15,10 @@
 pub mod local;
 pub mod redis;
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use crate::protocol::{ChatMessage, MessageId, NewMessage};
+use crate::protocol::{ChatMessage, MessageId, NewMessage, PresenceEvent, PresenceMember};
 
 /// Why the broker could not do what was asked. The message of a failed
 /// publish was NOT accepted: nobody will receive it.
@@ -102,6 +103,70 @@ pub enum BrokerEvent {
     /// Delivery across instances went down or came back: every client is
     /// told, in order with the messages around it.
     Delivery(DeliveryStatus),
+    /// Who is in a room changed, or someone there is typing.
+    Presence(PresenceChange),
+}
+
+/// What the clients of a room are told about its members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceChange {
+    Join(PresenceEvent),
+    Leave(PresenceEvent),
+    /// Relayed to the room's members but those with this name.
+    Typing {
+        room: String,
+        name: String,
+    },
+    /// The room's members, read again (after a reconnection to Redis).
+    Snapshot {
+        room: String,
+        presence: Presence,
+    },
+}
+
+impl PresenceChange {
+    pub fn room(&self) -> &str {
+        match self {
+            PresenceChange::Join(event) | PresenceChange::Leave(event) => &event.room,
+            PresenceChange::Typing { room, .. } | PresenceChange::Snapshot { room, .. } => room,
+        }
+    }
+}
+
+/// A room's members, as a `presence` frame lists them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Presence {
+    /// Sorted by name, at most the limit.
+    pub members: Vec<PresenceMember>,
+    /// Members left out past the limit.
+    pub more: usize,
+}
+
+impl Presence {
+    /// From connection counts by name, then by instance; keeps the first
+    /// `limit` names in order.
+    pub fn from_counts(counts: BTreeMap<String, HashMap<String, u64>>, limit: usize) -> Self {
+        let mut members: Vec<PresenceMember> = counts
+            .into_iter()
+            .filter_map(|(name, by_instance)| {
+                let mut instances: Vec<String> = by_instance
+                    .iter()
+                    .filter(|(_, count)| **count > 0)
+                    .map(|(instance, _)| instance.clone())
+                    .collect();
+                instances.sort();
+                let connections = by_instance.values().sum();
+                (connections > 0).then_some(PresenceMember {
+                    name,
+                    instances,
+                    connections,
+                })
+            })
+            .collect();
+        let more = members.len().saturating_sub(limit);
+        members.truncate(limit);
+        Presence { members, more }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +200,20 @@ pub trait Broker: Send + Sync {
     /// A local client left `room`.
     fn detach(&self, _room: &str) {}
 
+    /// A local client named `name` is now in `room`: one more connection
+    /// in the room's presence (a `join` is published for its first).
+    fn present(&self, room: &str, name: &str);
+
+    /// That client left (a `leave` is published after the name's last).
+    fn absent(&self, room: &str, name: &str);
+
+    /// The room's members, at most `limit` of them.
+    fn presence(&self, room: &str, limit: usize) -> Result<Presence, Unavailable>;
+
+    /// Tells the room's other members that `name` is typing. Ephemeral:
+    /// not stored, and lost if Redis is away.
+    fn typing(&self, room: &str, name: &str);
+
     /// `Ok` while this instance can deliver across instances; otherwise
     /// the reason, for `/readyz`.
     fn readiness(&self) -> Result<(), String>;
@@ -158,6 +237,24 @@ mod tests {
             instance: "i".into(),
             cid: None,
         }
+    }
+
+    #[test]
+    fn a_presence_snapshot_merges_instances_and_stops_at_the_limit() {
+        let counts = BTreeMap::from([
+            (
+                "bob".to_string(),
+                HashMap::from([("b".to_string(), 1), ("a".to_string(), 2)]),
+            ),
+            ("al".to_string(), HashMap::from([("a".to_string(), 1)])),
+            ("gone".to_string(), HashMap::from([("a".to_string(), 0)])),
+            ("zoe".to_string(), HashMap::from([("b".to_string(), 1)])),
+        ]);
+        let presence = Presence::from_counts(counts, 2);
+        assert_eq!(presence.more, 1, "zoe is left out; gone is no member");
+        assert_eq!(presence.members[0].name, "al");
+        assert_eq!(presence.members[1].instances, ["a", "b"]);
+        assert_eq!(presence.members[1].connections, 3);
     }
 
     #[test]

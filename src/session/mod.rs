@@ -88,6 +88,7 @@ pub struct SessionLimits {
     pub client_buffer_bytes: usize,
     pub max_frame_bytes: usize,
     pub history_replay: usize,
+    pub presence_max_members: usize,
     pub handshake_timeout: Duration,
     pub close_grace: Duration,
 }
@@ -241,6 +242,7 @@ fn run_session(client: ClientId, stream: TcpStream, context: &SessionContext) {
 struct Joined<'a> {
     client: ClientId,
     room: &'a str,
+    name: &'a str,
     socket: &'a Arc<TcpStream>,
     outbox: &'a Arc<Outbox>,
     context: &'a SessionContext,
@@ -251,6 +253,7 @@ impl<'a> Joined<'a> {
     fn enter(
         client: ClientId,
         room: &'a str,
+        name: &'a str,
         socket: &'a Arc<TcpStream>,
         outbox: &'a Arc<Outbox>,
         last_seen: Arc<LastSeen>,
@@ -260,6 +263,7 @@ impl<'a> Joined<'a> {
         let joined = Joined {
             client,
             room,
+            name,
             socket,
             outbox,
             context,
@@ -269,6 +273,7 @@ impl<'a> Joined<'a> {
             room,
             Member {
                 id: client,
+                name: name.into(),
                 outbox: Arc::clone(outbox),
                 last_seen,
             },
@@ -276,6 +281,7 @@ impl<'a> Joined<'a> {
         // In the hub first, then subscribed: every message Redis sends
         // after confirming the room's subscription finds this client.
         context.broker.attach(room);
+        context.broker.present(room, name);
         Ok(joined)
     }
 }
@@ -284,6 +290,7 @@ impl Drop for Joined<'_> {
     fn drop(&mut self) {
         let context = self.context;
         context.hub.leave(self.room, self.client);
+        context.broker.absent(self.room, self.name);
         context.broker.detach(self.room);
         if thread::panicking() {
             error!(
@@ -323,7 +330,15 @@ fn run_joined(
     // history: a message accepted meanwhile is then either in history or
     // in the outbox (or both, and the outbox drops the copy), never in
     // neither.
-    let _joined = match Joined::enter(client, &room, &socket, &outbox, last_seen.clone(), context) {
+    let _joined = match Joined::enter(
+        client,
+        &room,
+        &name,
+        &socket,
+        &outbox,
+        last_seen.clone(),
+        context,
+    ) {
         Ok(joined) => joined,
         Err(e) => {
             warn!("client {client} dropped: cannot watch its socket: {e}");
@@ -392,6 +407,22 @@ fn first_frames(
         room,
     };
     let mut first_bytes = welcome.to_ws_bytes().to_vec();
+    // Who is here (this client included), before history; later joins and
+    // leaves follow as events, which the page applies idempotently.
+    match context
+        .broker
+        .presence(room, context.limits.presence_max_members)
+    {
+        Ok(presence) => {
+            let frame = ServerFrame::Presence {
+                room,
+                members: &presence.members,
+                more: presence.more,
+            };
+            first_bytes.extend_from_slice(&frame.to_ws_bytes());
+        }
+        Err(e) => debug!("client {client}: presence of room {room} unavailable: {e}"),
+    }
     let query = match since {
         Some(since) => HistoryQuery::After(since),
         None => HistoryQuery::Recent(context.limits.history_replay),

@@ -7,6 +7,7 @@
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use tungstenite::error::{CapacityError, Error};
@@ -19,9 +20,14 @@ use crate::faults;
 use crate::hub::ClientId;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    CloseReason, ErrorCode, FrameError, NewMessage, ServerFrame, ValidMessage, parse_client_frame,
+    ClientRequest, CloseReason, ErrorCode, FrameError, NewMessage, ServerFrame, ValidMessage,
+    parse_client_frame,
 };
 use crate::rate_limit::{TokenBucket, Verdict};
+
+/// At most one `typing` relayed per client in this time: a page sends one
+/// per keystroke burst, and the others only need to know it goes on.
+const TYPING_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The reader's side of the socket for tungstenite: reads come from the
 /// socket, writes (the pongs tungstenite sends on its own) go to the
@@ -75,6 +81,7 @@ pub fn read_until_closed(
     let client = sender.client;
     let mut sent = 0u64;
     let mut bucket = TokenBucket::new(context.limits.rate);
+    let mut last_typing: Option<Instant> = None;
     let close = |reason: CloseReason, why: String| {
         outbox.close(reason, Queued::Send);
         why
@@ -125,9 +132,22 @@ pub fn read_until_closed(
                 "binary frames are not supported: send JSON text",
             )),
         };
-        if let Ok(message) = &parsed {
-            faults::inject("reader", &message.text);
-        }
+        let parsed = match parsed {
+            Ok(ClientRequest::Typing) => {
+                // Ephemeral, and throttled on its own: extra ones are
+                // dropped, never counted against the rate limit.
+                if last_typing.is_none_or(|at| at.elapsed() >= TYPING_INTERVAL) {
+                    last_typing = Some(Instant::now());
+                    context.broker.typing(sender.room, sender.name);
+                }
+                continue;
+            }
+            Ok(ClientRequest::Message(message)) => {
+                faults::inject("reader", &message.text);
+                Ok(message)
+            }
+            Err(refused) => Err(refused),
+        };
         let reply = match bucket.check() {
             Verdict::Allow => match parsed {
                 Ok(message) => match publish(sender, &mut sent, message, context) {

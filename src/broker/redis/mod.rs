@@ -26,6 +26,7 @@
 //!   increase across all rooms and all instances.
 
 pub mod cluster;
+pub mod presence;
 pub mod publisher;
 pub mod rooms;
 pub mod subscriber;
@@ -40,11 +41,14 @@ use log::{debug, error, info, warn};
 use redis::{Client, Connection, RedisError, Script};
 
 use crate::backoff::Backoff;
-use crate::broker::{Broker, EventSender, History, HistoryQuery, Unavailable};
+use crate::broker::{
+    Broker, BrokerEvent, EventSender, History, HistoryQuery, Presence, PresenceChange, Unavailable,
+};
 use crate::metrics::Metrics;
 use crate::protocol::{ChatMessage, Limits, MessageId, NewMessage, parse_channel_payload};
 use crate::supervisor::Supervisor;
 use cluster::Topology;
+use presence::PresenceStore;
 use publisher::{Failure, Publisher};
 use redis::cluster::ClusterClient;
 use rooms::{Attached, RoomSubscriptions, ShardOf};
@@ -175,8 +179,23 @@ impl RedisKeys {
         }
     }
 
+    /// Who is in the room: name → connections by instance.
+    pub fn presence(&self, room: &str) -> String {
+        format!("{}:presence:{{{room}}}", self.prefix)
+    }
+
+    /// The room's member names, in name order.
+    pub fn presence_names(&self, room: &str) -> String {
+        format!("{}:presence-names:{{{room}}}", self.prefix)
+    }
+
+    /// When each (instance, name) entry of the room's presence expires.
+    pub fn presence_expiry(&self, room: &str) -> String {
+        format!("{}:presence-exp:{{{room}}}", self.prefix)
+    }
+
     /// The command that publishes on a room's channel.
-    fn publish_command(&self) -> &'static str {
+    pub fn publish_command(&self) -> &'static str {
         if self.cluster { "SPUBLISH" } else { "PUBLISH" }
     }
 }
@@ -195,6 +214,10 @@ pub struct RedisSettings {
     pub publish_deadline: Duration,
     /// How long a room stays subscribed after its last local client left.
     pub room_linger: Duration,
+    /// How long a member stays listed after its instance stops refreshing it.
+    pub presence_ttl: Duration,
+    /// Most members a `presence` snapshot lists.
+    pub presence_max_members: usize,
     /// What a valid payload on the channel or in history looks like.
     pub limits: Limits,
     /// The instance id, used to name this instance's Redis connections
@@ -243,6 +266,11 @@ pub struct RedisBroker {
     rooms: Arc<RoomSubscriptions>,
     /// Per subscriber connection: is it subscribed now?
     subscribed: Vec<Arc<AtomicBool>>,
+    presence: PresenceStore,
+    events_tx: EventSender,
+    metrics: Arc<Metrics>,
+    /// Wakes the `presence` thread when a subscriber is back after a failure.
+    reconnected_rx: crossbeam_channel::Receiver<()>,
 }
 
 impl RedisBroker {
@@ -309,13 +337,22 @@ impl RedisBroker {
         supervisor
             .spawn("room-linger", move || linger.run_linger())
             .map_err(|e| format!("cannot start the room-linger thread: {e}"))?;
+        let (reconnected_tx, reconnected_rx) = crossbeam_channel::bounded(1);
         let broker = Arc::new(RedisBroker {
+            reconnected_rx,
             rooms: rooms.clone(),
             keys: keys.clone(),
             script: Script::new(ACCEPT_SCRIPT),
             history_script: Script::new(HISTORY_SCRIPT),
             publisher,
             subscribed: (0..nodes.len()).map(|_| Arc::default()).collect(),
+            presence: PresenceStore::new(
+                keys.clone(),
+                settings.instance.clone(),
+                settings.presence_ttl,
+            ),
+            events_tx: events_tx.clone(),
+            metrics: metrics.clone(),
             settings: settings.clone(),
         });
         let _ = broker.publisher.run(|_| Ok(()));
@@ -339,6 +376,7 @@ impl RedisBroker {
                 rooms: rooms.clone(),
                 metrics: metrics.clone(),
                 subscribed: broker.subscribed[shard].clone(),
+                reconnected_tx: reconnected_tx.clone(),
                 backoff: Backoff::new(settings.max_backoff),
                 delivered: delivered.clone(),
             };
@@ -355,7 +393,59 @@ impl RedisBroker {
         for first_attempt_rx in first_attempts {
             let _ = first_attempt_rx.recv_timeout(CONNECT_TIMEOUT * 3);
         }
+        let refresher = broker.clone();
+        supervisor
+            .spawn("presence", move || refresher.run_presence())
+            .map_err(|e| format!("cannot start the presence thread: {e}"))?;
         Ok(broker)
+    }
+}
+
+impl RedisBroker {
+    /// The `presence` thread: refreshes this instance's members every
+    /// third of the TTL, all rooms in one pass, and when a subscriber is
+    /// back after a failure, at once, then sends every local room a fresh
+    /// snapshot.
+    fn run_presence(&self) {
+        loop {
+            let reconnected = self
+                .reconnected_rx
+                .recv_timeout(self.presence.refresh_interval())
+                .is_ok();
+            // Just back, the publishing connection may still be waiting
+            // out its backoff: insist until it answers, or the next tick.
+            let insist_until = Instant::now() + self.presence.refresh_interval();
+            let refreshed = loop {
+                match self.presence.refresh(&self.publisher) {
+                    Ok(expired) => {
+                        Metrics::inc(&self.metrics.presence_refreshes_total);
+                        Metrics::add(&self.metrics.presence_expired_total, expired);
+                        if expired > 0 {
+                            info!("presence: {expired} members of stopped instances expired");
+                        }
+                        break true;
+                    }
+                    Err(e) if reconnected && Instant::now() < insist_until => {
+                        debug!("presence: refresh failed, again: {}", e.into_unavailable());
+                        thread::sleep(RETRY_PAUSE * 2);
+                    }
+                    Err(e) => {
+                        debug!("presence: refresh failed: {}", e.into_unavailable());
+                        break false;
+                    }
+                }
+            };
+            if reconnected && refreshed {
+                // Presence was as stale as the outage: re-registered by the
+                // refresh above, now told afresh.
+                for room in self.presence.rooms() {
+                    if let Ok(presence) = self.presence(&room, self.settings.presence_max_members) {
+                        let snapshot = PresenceChange::Snapshot { room, presence };
+                        let _ = self.events_tx.send(BrokerEvent::Presence(snapshot));
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -505,6 +595,24 @@ impl Broker for RedisBroker {
 
     fn detach(&self, room: &str) {
         self.rooms.detach(room);
+    }
+
+    fn present(&self, room: &str, name: &str) {
+        self.presence.join(&self.publisher, room, name);
+    }
+
+    fn absent(&self, room: &str, name: &str) {
+        self.presence.leave(&self.publisher, room, name);
+    }
+
+    fn presence(&self, room: &str, limit: usize) -> Result<Presence, Unavailable> {
+        self.presence
+            .snapshot(&self.publisher, room, limit)
+            .map_err(Failure::into_unavailable)
+    }
+
+    fn typing(&self, room: &str, name: &str) {
+        self.presence.typing(&self.publisher, room, name);
     }
 
     fn readiness(&self) -> Result<(), String> {

@@ -23,11 +23,13 @@ use super::rooms::RoomSubscriptions;
 use super::subscription::{self, Push};
 use super::{CONNECT_TIMEOUT, RedisKeys, StreamEntry, connect, parse_stream_entries};
 use crate::backoff::Backoff;
-use crate::broker::{BrokerEvent, DeliveryStatus, EventSender};
+use crate::broker::{BrokerEvent, DeliveryStatus, EventSender, PresenceChange};
 use crate::clock;
 use crate::faults;
 use crate::metrics::Metrics;
-use crate::protocol::{BadPayload, ChatMessage, Limits, MessageId, parse_channel_payload};
+use crate::protocol::{
+    BadPayload, ChannelEvent, ChatMessage, Limits, MessageId, parse_channel_event,
+};
 use crate::sync::{Mutex, lock};
 
 /// How far ahead of this machine's clock a message id may be and still
@@ -69,6 +71,9 @@ pub struct Subscriber {
     pub rooms: Arc<RoomSubscriptions>,
     pub metrics: Arc<Metrics>,
     pub subscribed: Arc<AtomicBool>,
+    /// Told when this connection is back after a failure (presence is
+    /// then registered again and re-sent).
+    pub reconnected_tx: crossbeam_channel::Sender<()>,
     pub backoff: Backoff,
     pub delivered: Delivered,
 }
@@ -174,6 +179,7 @@ impl Subscriber {
         }
         if reconnect || after_failure {
             self.emit(BrokerEvent::Delivery(DeliveryStatus::Up));
+            let _ = self.reconnected_tx.try_send(());
         }
         info!("redis subscriber {}: connected to {}", self.shard, self.url);
         let _ = first_attempt_tx.try_send(());
@@ -232,21 +238,33 @@ impl Subscriber {
             Push::Message { channel, payload } => (channel, payload),
         };
         Metrics::inc(&self.metrics.broker_messages_total);
-        let message = parse_channel_payload(&payload, &self.limits).and_then(|message| {
-            // A room's channel carries that room's messages only: anything
+        let event = parse_channel_event(&payload, &self.limits).and_then(|event| {
+            // A room's channel carries that room's events only: anything
             // else was published by hand, and would reach one instance's
             // clients of another room.
-            if self.keys.room_of_channel(&channel) == Some(message.room.as_str()) {
-                Ok(message)
+            if self.keys.room_of_channel(&channel) == Some(event.room()) {
+                Ok(event)
             } else {
                 Err(BadPayload(format!(
-                    "a message of room {:?} on channel {channel}",
-                    message.room
+                    "an event of room {:?} on channel {channel}",
+                    event.room()
                 )))
             }
         });
-        let message = match message {
-            Ok(message) => message,
+        let message = match event {
+            Ok(ChannelEvent::Message(message)) => message,
+            Ok(ChannelEvent::Join(event)) => {
+                self.emit(BrokerEvent::Presence(PresenceChange::Join(event)));
+                return Ok(());
+            }
+            Ok(ChannelEvent::Leave(event)) => {
+                self.emit(BrokerEvent::Presence(PresenceChange::Leave(event)));
+                return Ok(());
+            }
+            Ok(ChannelEvent::Typing { room, name }) => {
+                self.emit(BrokerEvent::Presence(PresenceChange::Typing { room, name }));
+                return Ok(());
+            }
             Err(e) => {
                 Metrics::inc(&self.metrics.broker_payloads_invalid_total);
                 warn!("redis subscriber: payload on {channel} skipped: {e}");
