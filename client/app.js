@@ -14,6 +14,9 @@
   var BACKOFF_MAX_MS = 10000;
   var PENDING_TIMEOUT_MS = 15000; // no echo after this long => mark failed
   var MAX_TEXT = 2000;
+  var TYPING_SEND_MS = 2000;  // at most one "typing" frame this often
+  var TYPING_SHOW_MS = 3000;  // "bob is typing…" lasts this long after his last one
+  var NARROW_MEDIA = '(max-width: 640px)'; // keep in step with style.css
   var LS_NAME = 'pubsub-chat.name';
   var LS_ROOM = 'pubsub-chat.room';
   var ROOM_RE = /^[A-Za-z0-9_-]{1,32}$/;
@@ -44,7 +47,15 @@
     jump: $('jump-button'),
     composer: $('composer'),
     input: $('message-input'),
-    send: $('send-button')
+    send: $('send-button'),
+    members: $('members'),
+    membersToggle: $('members-toggle'),
+    membersCount: $('members-count'),
+    membersSummary: $('members-summary'),
+    membersStale: $('members-stale'),
+    memberList: $('member-list'),
+    membersMore: $('members-more'),
+    typing: $('typing')
   };
 
   // ---------------------------------------------------------------- state
@@ -66,7 +77,13 @@
     pending: new Map(),  // cid -> {cid, text, li, state, timer, sentAt}
     cidCounter: 0,
     instance: null,
-    deliveryDown: false  // the server said it cannot reach Redis
+    deliveryDown: false, // the server said it cannot reach Redis
+    members: new Map(),  // name -> {name, instances, connections}
+    moreMembers: 0,      // members the server did not list
+    presenceFresh: false, // a presence snapshot came on the current socket
+    typing: new Map(),   // name -> time (ms) until which "is typing" shows
+    typingTimer: null,
+    lastTypingSent: 0
   };
 
   var debug = window.chatDebug = {
@@ -191,6 +208,7 @@
     el.status.setAttribute('data-delivery', S.deliveryDown ? 'down' : 'up');
     el.composer.classList.toggle('is-offline', !canSend);
     updateRetryButtons();
+    refreshMembersStale();
   }
 
   function setInstance(id) {
@@ -305,14 +323,10 @@
     list.insertBefore(li, ref);
   }
 
-  function addNotice(text, kind) {
+  /** Append a line that is not a message (notice, join, leave): it goes
+   *  after everything shown so far, but above local pending entries. */
+  function appendLine(li) {
     withAutoScroll(function () {
-      var li = h('li', 'notice' + (kind ? ' notice-' + kind : ''));
-      li.setAttribute('data-testid', 'notice');
-      li.setAttribute('role', 'status');
-      li.appendChild(h('span', 'notice-time', fmtTime(Date.now())));
-      li.appendChild(h('span', 'notice-text', text));
-      // keep local pending entries below notices
       var ref = null;
       var node = el.messages.lastElementChild;
       while (node && node.classList.contains('pending')) {
@@ -321,6 +335,15 @@
       }
       el.messages.insertBefore(li, ref);
     });
+  }
+
+  function addNotice(text, kind) {
+    var li = h('li', 'notice' + (kind ? ' notice-' + kind : ''));
+    li.setAttribute('data-testid', 'notice');
+    li.setAttribute('role', 'status');
+    li.appendChild(h('span', 'notice-time', fmtTime(Date.now())));
+    li.appendChild(h('span', 'notice-text', text));
+    appendLine(li);
   }
 
   // ---------------------------------------------------------------- outbox
@@ -419,6 +442,242 @@
     return found;
   }
 
+  // ---------------------------------------------------------------- presence
+  // The member list is the server's last `presence` snapshot plus the `join`
+  // and `leave` events since. Snapshot and events overlap around a
+  // (re)connection, so events are applied idempotently: a join for someone
+  // listed, or a leave for someone not listed, leaves the list alone.
+
+  function byName(a, b) { return a < b ? -1 : a > b ? 1 : 0; }
+
+  /** A member from a snapshot, or null if it is not usable. */
+  function readMember(m) {
+    if (!m || typeof m.name !== 'string' || m.name === '') return null;
+    var instances = Array.isArray(m.instances)
+      ? m.instances.filter(function (i) { return typeof i === 'string' && i !== ''; })
+      : [];
+    var connections = Number.isInteger(m.connections) && m.connections > 0 ? m.connections : 1;
+    return { name: m.name, instances: instances, connections: connections };
+  }
+
+  function forThisRoom(frame) {
+    return !(frame.room && S.room && frame.room !== S.room);
+  }
+
+  function onPresenceFrame(frame) {
+    if (!Array.isArray(frame.members) || !forThisRoom(frame)) {
+      console.warn('[chat] presence frame ignored', frame);
+      return;
+    }
+    // A snapshot replaces the list: it is the server's word after a
+    // (re)connection, and events we missed meanwhile are not replayed.
+    var members = new Map();
+    frame.members.forEach(function (raw) {
+      var m = readMember(raw);
+      if (m) members.set(m.name, m);
+    });
+    S.members = members;
+    S.moreMembers = Number.isInteger(frame.more) && frame.more > 0 ? frame.more : 0;
+    S.presenceFresh = true;
+    renderMembers();
+    refreshMembersStale();
+  }
+
+  function onJoinFrame(frame) {
+    if (typeof frame.name !== 'string' || frame.name === '' || !forThisRoom(frame)) {
+      console.warn('[chat] join frame ignored', frame);
+      return;
+    }
+    var instance = typeof frame.instance === 'string' ? frame.instance : '';
+    addPresenceLine('join', frame.name, instance, '');
+    if (!S.members.has(frame.name)) {
+      // A join is a name's first connection in the room: one tab, one instance.
+      S.members.set(frame.name, { name: frame.name, instances: instance ? [instance] : [], connections: 1 });
+      renderMembers();
+    }
+  }
+
+  function onLeaveFrame(frame) {
+    if (typeof frame.name !== 'string' || frame.name === '' || !forThisRoom(frame)) {
+      console.warn('[chat] leave frame ignored', frame);
+      return;
+    }
+    var instance = typeof frame.instance === 'string' ? frame.instance : '';
+    var reason = frame.reason === 'expired' ? 'expired' : 'left';
+    addPresenceLine('leave', frame.name, instance, reason);
+    clearTyping(frame.name);
+    if (S.members.delete(frame.name)) renderMembers();
+  }
+
+  /** "bob joined (instance b)", "bob left", "bob left (instance b stopped answering)". */
+  function addPresenceLine(kind, name, instance, reason) {
+    var li = h('li', 'presence-line presence-' + kind);
+    li.setAttribute('data-testid', 'presence-event');
+    li.setAttribute('data-kind', kind);
+    li.setAttribute('data-name', name);
+    li.setAttribute('data-instance', instance);
+    if (reason) li.setAttribute('data-reason', reason);
+    li.setAttribute('role', 'status');
+    li.style.setProperty('--hue', String(nameHue(name)));
+    li.appendChild(h('span', 'notice-time', fmtTime(Date.now())));
+    var text = h('span', 'presence-text');
+    text.setAttribute('data-testid', 'presence-text');
+    text.appendChild(h('strong', 'presence-name', name));
+    if (kind === 'join') {
+      text.appendChild(document.createTextNode(instance ? ' joined (instance ' + instance + ')' : ' joined'));
+    } else if (reason === 'expired') {
+      // Its instance died without saying goodbye; the others noticed when
+      // it stopped refreshing its presence.
+      text.appendChild(document.createTextNode(instance
+        ? ' left (instance ' + instance + ' stopped answering)'
+        : ' left (its instance stopped answering)'));
+    } else {
+      text.appendChild(document.createTextNode(' left'));
+    }
+    li.appendChild(text);
+    appendLine(li);
+  }
+
+  function buildMember(m) {
+    var mine = m.name === S.name;
+    var li = h('li', 'member' + (mine ? ' mine' : ''));
+    li.setAttribute('data-testid', 'member');
+    li.setAttribute('data-name', m.name);
+    li.setAttribute('data-connections', String(m.connections));
+    li.style.setProperty('--hue', String(nameHue(m.name)));
+    li.appendChild(avatar(m.name));
+    var body = h('div', 'member-body');
+    var top = h('div', 'member-top');
+    var name = h('span', 'member-name', m.name);
+    name.setAttribute('data-testid', 'member-name');
+    top.appendChild(name);
+    if (mine) top.appendChild(h('span', 'msg-you', 'you'));
+    body.appendChild(top);
+    var meta = h('div', 'member-meta');
+    var tabs = h('span', 'member-tabs', m.connections === 1 ? '1 tab' : m.connections + ' tabs');
+    tabs.setAttribute('data-testid', 'member-connections');
+    meta.appendChild(tabs);
+    m.instances.forEach(function (id) {
+      var badge = h('span', 'badge', id);
+      badge.setAttribute('data-testid', 'member-instance');
+      badge.title = 'connected to instance ' + id;
+      meta.appendChild(badge);
+    });
+    body.appendChild(meta);
+    li.appendChild(body);
+    return li;
+  }
+
+  function renderMembers() {
+    var names = Array.from(S.members.keys()).sort(byName);
+    var list = el.memberList;
+    while (list.firstChild) list.removeChild(list.firstChild);
+    names.forEach(function (name) { list.appendChild(buildMember(S.members.get(name))); });
+    var total = names.length + S.moreMembers;
+    el.membersCount.textContent = String(total);
+    el.membersCount.title = total === 1 ? '1 person' : total + ' people';
+    // The one-line summary is what a phone shows while the list is collapsed.
+    el.membersSummary.textContent = names.join(', ') + (S.moreMembers ? ' +' + S.moreMembers : '');
+    el.membersMore.textContent = S.moreMembers ? 'and ' + S.moreMembers + ' more not listed' : '';
+    el.membersMore.hidden = !S.moreMembers;
+  }
+
+  // The list is only as good as the server's link to Redis: while it is
+  // down (or we are not connected), joins and leaves on other instances do
+  // not reach us, so say so instead of showing a confident, wrong list.
+  function refreshMembersStale() {
+    var text = '';
+    if (debug.state !== 'connected') text = 'may be out of date — reconnecting';
+    else if (S.deliveryDown) text = 'may be out of date — the server lost its link to Redis';
+    else if (!S.presenceFresh) text = S.members.size ? 'may be out of date — updating' : 'loading…';
+    el.membersStale.textContent = text;
+    el.membersStale.hidden = text === '';
+    el.members.setAttribute('data-stale', text ? 'true' : 'false');
+  }
+
+  // On a wide screen the list is a sidebar that is always shown; on a narrow
+  // one it collapses to a one-line summary above the conversation.
+  var narrow = typeof window.matchMedia === 'function' ? window.matchMedia(NARROW_MEDIA) : null;
+
+  function syncMembersToggle() {
+    var collapsible = !!(narrow && narrow.matches);
+    var open = el.members.getAttribute('data-open') === 'true';
+    el.membersToggle.disabled = !collapsible;
+    el.membersToggle.setAttribute('aria-expanded', String(!collapsible || open));
+  }
+
+  el.membersToggle.addEventListener('click', function () {
+    var open = el.members.getAttribute('data-open') === 'true';
+    el.members.setAttribute('data-open', String(!open));
+    syncMembersToggle();
+  });
+  if (narrow) {
+    if (typeof narrow.addEventListener === 'function') narrow.addEventListener('change', syncMembersToggle);
+    else if (typeof narrow.addListener === 'function') narrow.addListener(syncMembersToggle);
+  }
+  syncMembersToggle();
+
+  // ---------------------------------------------------------------- typing
+  function onTypingFrame(frame) {
+    if (typeof frame.name !== 'string' || frame.name === '' || !forThisRoom(frame)) return;
+    // Our own name typing is another tab of ours (or a namesake): not news here.
+    if (frame.name === S.name) return;
+    S.typing.delete(frame.name); // re-insert: names show in the order they last typed
+    S.typing.set(frame.name, Date.now() + TYPING_SHOW_MS);
+    renderTyping();
+  }
+
+  function clearTyping(name) {
+    if (S.typing.delete(name)) renderTyping();
+  }
+
+  /** "bob is typing…", "bob and carol are typing…", "bob, carol and 2 others are typing…". */
+  function renderTyping() {
+    var now = Date.now();
+    var names = [];
+    var next = Infinity;
+    S.typing.forEach(function (until, name) {
+      if (until <= now) {
+        S.typing.delete(name);
+      } else {
+        names.push(name);
+        next = Math.min(next, until);
+      }
+    });
+    clearTimeout(S.typingTimer);
+    S.typingTimer = names.length ? setTimeout(renderTyping, next - now + 20) : null;
+
+    var box = el.typing;
+    while (box.firstChild) box.removeChild(box.firstChild);
+    box.setAttribute('data-names', names.join('\n'));
+    if (!names.length) return;
+    var shown = names.length > 3 ? names.slice(0, 2) : names;
+    var others = names.length - shown.length;
+    shown.forEach(function (name, i) {
+      if (i > 0) box.appendChild(document.createTextNode(i === shown.length - 1 && !others ? ' and ' : ', '));
+      box.appendChild(h('strong', null, name));
+    });
+    if (others) box.appendChild(document.createTextNode(' and ' + others + ' others'));
+    box.appendChild(document.createTextNode(names.length === 1 ? ' is typing…' : ' are typing…'));
+  }
+
+  // Tell the room we are typing, at most once per TYPING_SEND_MS: the others
+  // keep the line up for TYPING_SHOW_MS, longer than our interval, so a
+  // steady typist shows without a flicker. Not while delivery is down: the
+  // frame could not reach the other instances anyway.
+  function noteTyping() {
+    if (!S.connected || !S.ws || S.deliveryDown) return;
+    if (el.input.value.trim() === '') return;
+    var now = Date.now();
+    if (now - S.lastTypingSent < TYPING_SEND_MS) return;
+    S.lastTypingSent = now;
+    try {
+      S.ws.send(JSON.stringify({ type: 'typing' }));
+    } catch (e) {
+      console.warn('[chat] typing frame not sent', e);
+    }
+  }
+
   // ---------------------------------------------------------------- inbound
   function onMessageFrame(msg) {
     if (typeof msg.text !== 'string' || typeof msg.from !== 'string') {
@@ -447,6 +706,7 @@
     var p = cid ? S.pending.get(cid) : null;
 
     debug.received.push(msg);
+    clearTyping(msg.from); // they sent what they were typing
 
     withAutoScroll(function () {
       if (p) {
@@ -503,6 +763,7 @@
         }
         S.attempt = 0; // healthy connection: reset backoff
         S.deliveryDown = false; // a "status" frame follows if it is not
+        S.presenceFresh = false; // a "presence" snapshot follows
         setState('connected', 'connected');
         break;
       case 'status':
@@ -517,6 +778,18 @@
         break;
       case 'message':
         onMessageFrame(frame);
+        break;
+      case 'presence':
+        onPresenceFrame(frame);
+        break;
+      case 'join':
+        onJoinFrame(frame);
+        break;
+      case 'leave':
+        onLeaveFrame(frame);
+        break;
+      case 'typing':
+        onTypingFrame(frame);
         break;
       case 'error':
         onErrorFrame(frame);
@@ -613,6 +886,7 @@
         S.ws = null;
         var wasConnected = S.connected;
         S.connected = false;
+        S.presenceFresh = false; // the next socket brings its own snapshot
         console.info('[chat] socket closed', ev.code, ev.reason);
         if (!S.joined) return;
         if (wasConnected) {
@@ -684,6 +958,13 @@
     while (el.messages.firstChild) el.messages.removeChild(el.messages.firstChild);
     el.jump.hidden = true;
     stick = true;
+    S.members = new Map();
+    S.moreMembers = 0;
+    S.presenceFresh = false;
+    S.typing = new Map();
+    S.lastTypingSent = 0;
+    renderMembers();
+    renderTyping();
   }
 
   function join(name, room) {
@@ -756,6 +1037,8 @@
     if (el.roomError.textContent) showFieldError(el.roomInput, el.roomError, '');
   });
   el.leave.addEventListener('click', leave);
+
+  el.input.addEventListener('input', noteTyping);
 
   el.composer.addEventListener('submit', function (ev) {
     ev.preventDefault();

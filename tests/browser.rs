@@ -1,7 +1,8 @@
 //! Verifies in a real headless Chromium that a message typed on the chat page of one instance
 //! appears on the page of another instance joined by Redis, that message text is never run as
-//! HTML, that both pages say sending is paused when Redis dies, and that a tab whose instance is SIGKILLed reconnects through nginx to a survivor and
-//! shows what it missed. tests/browser/chat.mjs drives the browser; these tests start Redis,
+//! HTML, that both pages say sending is paused when Redis dies, that a tab whose instance is SIGKILLed reconnects through nginx to a survivor and
+//! shows what it missed, and that the member list and the typing line follow tabs across
+//! instances. tests/browser/chat.mjs drives the browser; these tests start Redis,
 //! the instances and nginx.
 
 mod common;
@@ -159,6 +160,42 @@ fn a_tab_whose_instance_is_killed_reconnects_through_nginx_and_shows_what_it_mis
             "reconnect".into(),
             "--proxy".into(),
             format!("http://{}", nginx.addr).into(),
+            "--a".into(),
+            format!("http://{}", a.http).into(),
+            "--b".into(),
+            format!("http://{}", b.http).into(),
+            "--pids".into(),
+            format!("{}={},{}={}", a.id, a.pid(), b.id, b.pid()).into(),
+            "--room".into(),
+            unique_room().into(),
+            "--out".into(),
+            out.into(),
+        ],
+    );
+}
+
+#[test]
+fn the_member_list_follows_tabs_across_instances_and_shows_who_is_typing() {
+    let dir = browser_dir();
+    require_tooling(&dir);
+
+    let redis = RedisServer::start();
+    let prefix = unique("browser-presence");
+    // chat.mjs SIGKILLs instance a at the end: a short TTL lets its members
+    // expire within seconds (dropping it afterwards only reaps it).
+    let start =
+        |id: &str| Instance::redis_with(id, &redis.url(), &prefix, &["--presence-ttl-ms", "3000"]);
+    let a = start("browser-a");
+    let b = start("browser-b");
+    a.wait_ready();
+    b.wait_ready();
+
+    let out = dir.join("artifacts");
+    run_chat_mjs(
+        &dir,
+        &[
+            "--scenario".into(),
+            "presence".into(),
             "--a".into(),
             format!("http://{}", a.http).into(),
             "--b".into(),

@@ -24,6 +24,21 @@
 // message exactly once. Saves DIR/reconnect-alice-away.png and
 // DIR/reconnect-alice.png.
 //
+//   node tests/browser/chat.mjs --scenario presence --a http://127.0.0.1:PORT_A \
+//        --b http://127.0.0.1:PORT_B --pids ID_A=PID_A,ID_B=PID_B --room ROOM --out DIR
+//
+// (scenario "presence") alice on instance A and bob on instance B: both
+// member lists show alice and bob with their instances, and alice's page
+// shows bob's join line; bob types without sending and alice's page shows
+// "bob is typing…", gone a few seconds after he stops; a second tab of bob,
+// on A, lists bob with both instances and 2 tabs; closing it leaves bob
+// listed on alice's page, closing bob's first tab removes him and shows
+// "bob left" once. A tab whose name is markup comes and goes: alice's page
+// shows that name as text everywhere. Then carol opens on B, instance A (alice's) is SIGKILLed
+// (its PID from --pids; run the instances with a short --presence-ttl-ms),
+// and carol's page shows "alice left (instance A stopped answering)".
+// Saves DIR/presence-*.png, one of them at 390x844.
+//
 // Every wait has an explicit timeout; prints one "ok" line per check and
 // exits 0, or prints what failed plus both pages' console logs and exits 1.
 
@@ -39,8 +54,11 @@ const MAX_PLACEMENT_TRIES = 6; // page loads through nginx to land bob on the ot
 const SETTLE_MS = 750; // time given to a duplicate or an injected handler to show up
 const OVERALL_MS = 80_000; // the whole run; the Rust side kills us at 90 s
 const DESKTOP = { width: 1000, height: 700 };
-const PHONE = { width: 390, height: 800 };
+const PHONE = { width: 390, height: 844 };
+const TYPING_GONE_MS = 3_000 + 2_500; // the page shows "is typing…" ~3 s after the last frame; slack
+const EXPIRE_MS = 20_000; // a killed instance's members expire (--presence-ttl-ms, short in the test)
 const XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>';
+const XSS_NAME = '<img src=x onerror=__xss=3>'; // a display name is at most 32 characters
 
 class CheckFailed extends Error {}
 
@@ -56,6 +74,7 @@ function usage(problem) {
   console.error(`chat.mjs: ${problem}`);
   console.error('usage: node chat.mjs [--scenario basic] --a <http url of instance A> --b <http url of instance B> --room <room> --out <dir>');
   console.error('       node chat.mjs --scenario reconnect --proxy <http url of nginx> --a <url> --b <url> --pids <id>=<pid>,<id>=<pid> --room <room> --out <dir>');
+  console.error('       node chat.mjs --scenario presence --a <url> --b <url> --pids <id>=<pid>,<id>=<pid> --room <room> --out <dir>');
   process.exit(2);
 }
 
@@ -90,9 +109,10 @@ function parseCli() {
   } catch (e) {
     usage(e.message);
   }
-  if (!['basic', 'reconnect'].includes(values.scenario)) usage(`unknown --scenario ${values.scenario}`);
+  if (!['basic', 'reconnect', 'presence'].includes(values.scenario)) usage(`unknown --scenario ${values.scenario}`);
   const required = ['a', 'b', 'room', 'out'];
   if (values.scenario === 'reconnect') required.push('proxy', 'pids');
+  if (values.scenario === 'presence') required.push('pids');
   for (const key of required) {
     if (!values[key]) usage(`missing --${key}`);
   }
@@ -354,6 +374,11 @@ async function mainBasic(opts, logs, state) {
       const state = await page.getByTestId('status').getAttribute('data-state');
       if (state !== 'connected') fail(`${label}: the page lost its socket (data-state=${state}); only Redis went away`);
       ok(`${label}: Redis killed: banner ${JSON.stringify(text.trim())}, send disabled, still connected`);
+      const stale = page.getByTestId('members-stale');
+      await waitFor(`${label}'s member list to say it may be out of date`, stale.waitFor({ state: 'visible', timeout: WAIT_MS }));
+      const staleText = await stale.textContent();
+      if (!/out of date/.test(staleText)) fail(`${label}: the member list's note says ${JSON.stringify(staleText)}`);
+      ok(`${label}: the member list says ${JSON.stringify(staleText.trim())}`);
     }
     const shotPaused = path.join(opts.out, 'page-a-paused.png');
     await pageA.screenshot({ path: shotPaused, timeout: WAIT_MS });
@@ -584,6 +609,241 @@ async function mainReconnect(opts, logs, state) {
   ok(`screenshots saved: ${path.join(opts.out, 'reconnect-alice-away.png')}, ${shot}`);
 }
 
+// ------------------------------------------------------------ presence
+
+/** The member list as the page shows it, in display order. */
+function shownMembers(page) {
+  return page.evaluate(() =>
+    [...document.querySelectorAll('[data-testid="member-list"] [data-testid="member"]')].map((li) => ({
+      name: li.querySelector('[data-testid="member-name"]').textContent,
+      instances: [...li.querySelectorAll('[data-testid="member-instance"]')].map((b) => b.textContent),
+      tabs: li.querySelector('[data-testid="member-connections"]').textContent,
+    })),
+  );
+}
+
+/**
+ * Waits until the page lists exactly `want` ([{name, instances, tabs?}], in
+ * name order; instances in any order), and returns what it shows.
+ */
+async function waitForMembers(page, label, want) {
+  try {
+    await page.waitForFunction(
+      (w) => {
+        const shown = [...document.querySelectorAll('[data-testid="member-list"] [data-testid="member"]')].map((li) => ({
+          name: li.querySelector('[data-testid="member-name"]').textContent,
+          instances: [...li.querySelectorAll('[data-testid="member-instance"]')].map((b) => b.textContent).sort(),
+          tabs: li.querySelector('[data-testid="member-connections"]').textContent,
+        }));
+        return (
+          shown.length === w.length &&
+          w.every(
+            (m, i) =>
+              shown[i].name === m.name &&
+              JSON.stringify(shown[i].instances) === JSON.stringify([...m.instances].sort()) &&
+              (m.tabs === undefined || shown[i].tabs === m.tabs),
+          )
+        );
+      },
+      want,
+      { timeout: WAIT_MS, polling: 50 },
+    );
+  } catch (e) {
+    const shown = await shownMembers(page).catch(() => 'unreadable');
+    fail(`${label}'s member list: waited for ${JSON.stringify(want)}, it shows ${JSON.stringify(shown)} (${e.message.split('\n')[0]})`);
+  }
+  return shownMembers(page);
+}
+
+/** The texts of the page's join/leave lines for `name`, of one kind. */
+function presenceLines(page, kind, name) {
+  return page.evaluate(
+    ([k, n]) =>
+      [...document.querySelectorAll(`[data-testid="messages"] [data-testid="presence-event"][data-kind="${k}"]`)]
+        .filter((li) => li.getAttribute('data-name') === n)
+        .map((li) => li.querySelector('[data-testid="presence-text"]').textContent),
+    [kind, name],
+  );
+}
+
+/** Waits until the page shows a join/leave line whose text is `text`. */
+async function waitForPresenceLine(page, label, kind, name, text, timeout = WAIT_MS) {
+  try {
+    await page.waitForFunction(
+      ([k, n, t]) =>
+        [...document.querySelectorAll(`[data-testid="messages"] [data-testid="presence-event"][data-kind="${k}"]`)].some(
+          (li) => li.getAttribute('data-name') === n && li.querySelector('[data-testid="presence-text"]').textContent === t,
+        ),
+      [kind, name, text],
+      { timeout, polling: 50 },
+    );
+  } catch (e) {
+    const shown = await presenceLines(page, kind, name).catch(() => 'unreadable');
+    fail(`${label}: waited for the ${kind} line ${JSON.stringify(text)}; its ${kind} lines for ${name}: ${JSON.stringify(shown)} (${e.message.split('\n')[0]})`);
+  }
+}
+
+/** The page's typing line ("" when nobody types). */
+function typingLine(page) {
+  return page.evaluate(() => document.querySelector('[data-testid="typing"]').textContent);
+}
+
+async function mainPresence(opts, logs, state) {
+  const [idA, idB] = await Promise.all([instanceId(opts.a), instanceId(opts.b)]);
+  if (idA === idB) fail(`both instances report the same id ${JSON.stringify(idA)}: need two different instances`);
+  if (!opts.pids.has(idA)) fail(`--pids has no PID for instance ${JSON.stringify(idA)}: ${JSON.stringify([...opts.pids])}`);
+  await mkdir(opts.out, { recursive: true });
+  await launch(state);
+
+  // 1. alice on A, then bob on B: both lists show both, with their instances.
+  const alice = await openAndJoin(state.browser, opts.a, 'alice', opts.room, 'alice', logs);
+  await waitConnected(alice, 'alice', idA);
+  const bob = await openAndJoin(state.browser, opts.b, 'bob', opts.room, 'bob', logs);
+  await waitConnected(bob, 'bob', idB);
+  const both = [
+    { name: 'alice', instances: [idA], tabs: '1 tab' },
+    { name: 'bob', instances: [idB], tabs: '1 tab' },
+  ];
+  for (const [label, page] of [['alice', alice], ['bob', bob]]) {
+    const shown = await waitForMembers(page, label, both);
+    ok(`${label}'s member list: ${shown.map((m) => `${m.name} (${m.tabs}, ${m.instances.join('+')})`).join(', ')}`);
+  }
+  await waitForPresenceLine(alice, 'alice', 'join', 'bob', `bob joined (instance ${idB})`);
+  ok(`alice's page shows "bob joined (instance ${idB})"`);
+  const count = (await alice.getByTestId('members-count').textContent()).trim();
+  if (count !== '2') fail(`alice's member count shows ${JSON.stringify(count)}, expected "2"`);
+  const staleShown = await alice.getByTestId('members-stale').isVisible();
+  if (staleShown) fail(`alice's member list says ${JSON.stringify(await alice.getByTestId('members-stale').textContent())} while all is well`);
+  ok('alice\'s member count is 2 and the list is not marked out of date');
+
+  // 2. bob types without sending: alice sees it, bob does not see himself.
+  const bobInput = bob.getByTestId('message-input');
+  await bobInput.click({ timeout: WAIT_MS });
+  await bobInput.pressSequentially('still think', { delay: 40, timeout: WAIT_MS });
+  const typingSince = Date.now();
+  await waitFor(
+    'alice to show "bob is typing…"',
+    alice.waitForFunction(() => document.querySelector('[data-testid="typing"]').textContent === 'bob is typing…', null, {
+      timeout: WAIT_MS,
+      polling: 50,
+    }),
+  );
+  ok(`alice shows "bob is typing…" ${Date.now() - typingSince} ms after bob's last key`);
+  const ownTyping = await typingLine(bob);
+  if (ownTyping !== '') fail(`bob's own page shows ${JSON.stringify(ownTyping)} in its typing line`);
+  await alice.screenshot({ path: path.join(opts.out, 'presence-typing.png'), timeout: WAIT_MS });
+  await waitFor(
+    `alice's typing line to clear within ${TYPING_GONE_MS} ms of bob's last key`,
+    alice.waitForFunction(() => document.querySelector('[data-testid="typing"]').textContent === '', null, {
+      timeout: Math.max(1, TYPING_GONE_MS - (Date.now() - typingSince)),
+      polling: 50,
+    }),
+  );
+  ok(`alice's typing line cleared ${Date.now() - typingSince} ms after bob stopped typing`);
+  await bobInput.fill('', { timeout: WAIT_MS });
+
+  // 3. A second tab of bob, on A: his own snapshot counts both tabs.
+  const bob2 = await openAndJoin(state.browser, opts.a, 'bob', opts.room, 'bob (2nd tab)', logs);
+  await waitConnected(bob2, 'bob (2nd tab)', idA);
+  const shown2 = await waitForMembers(bob2, 'bob (2nd tab)', [
+    { name: 'alice', instances: [idA], tabs: '1 tab' },
+    { name: 'bob', instances: [idA, idB], tabs: '2 tabs' },
+  ]);
+  ok(`bob's 2nd tab lists bob with ${shown2[1].tabs} on instances ${shown2[1].instances.join(', ')}`);
+
+  // Screenshots: alice at desktop size; bob's 2nd tab at phone size, the
+  // list collapsed to one line, then opened.
+  await alice.screenshot({ path: path.join(opts.out, 'presence-alice.png'), timeout: WAIT_MS });
+  await bob2.setViewportSize(PHONE);
+  await bob2.waitForTimeout(300); // let the layout settle
+  const list2 = bob2.getByTestId('member-list');
+  if (await list2.isVisible()) fail('at phone width the member list is open before it is tapped');
+  const summary = (await bob2.locator('#members-summary').textContent()).trim();
+  if (summary !== 'alice, bob') fail(`at phone width the collapsed member list reads ${JSON.stringify(summary)}`);
+  await bob2.screenshot({ path: path.join(opts.out, 'presence-phone.png'), timeout: WAIT_MS });
+  await bob2.getByTestId('members-toggle').click({ timeout: WAIT_MS });
+  await waitFor('the member list to open at phone width', list2.waitFor({ state: 'visible', timeout: WAIT_MS }));
+  await bob2.screenshot({ path: path.join(opts.out, 'presence-phone-open.png'), timeout: WAIT_MS });
+  ok(`at ${PHONE.width}x${PHONE.height} the member list collapses to ${JSON.stringify(summary)} and opens when tapped`);
+
+  // 4. bob closes his 2nd tab: still in the room through the first.
+  await bob2.context().close();
+  await alice.waitForTimeout(SETTLE_MS);
+  await waitForMembers(alice, 'alice', both);
+  const early = await presenceLines(alice, 'leave', 'bob');
+  if (early.length !== 0) fail(`alice shows ${JSON.stringify(early)} after bob closed only one of his two tabs`);
+  ok("bob closed his 2nd tab: alice still lists him, no leave line");
+
+  // ... then his first: gone from alice's list, one "bob left" line.
+  await bob.context().close();
+  await waitForMembers(alice, 'alice', [{ name: 'alice', instances: [idA], tabs: '1 tab' }]);
+  await waitForPresenceLine(alice, 'alice', 'leave', 'bob', 'bob left');
+  await alice.waitForTimeout(SETTLE_MS);
+  const left = await presenceLines(alice, 'leave', 'bob');
+  if (left.length !== 1) fail(`alice shows bob's leave as ${JSON.stringify(left)}, expected one "bob left"`);
+  await alice.screenshot({ path: path.join(opts.out, 'presence-left.png'), timeout: WAIT_MS });
+  ok('bob closed his last tab: alice\'s list drops him and shows "bob left" once');
+
+  // A name is text too: in the member list, the join and leave lines and
+  // the typing line.
+  const mallory = await openAndJoin(state.browser, opts.b, XSS_NAME, opts.room, 'mallory', logs);
+  await waitConnected(mallory, 'mallory', idB);
+  await mallory.getByTestId('message-input').pressSequentially('hi', { timeout: WAIT_MS });
+  await waitForMembers(alice, 'alice', [
+    { name: XSS_NAME, instances: [idB] },
+    { name: 'alice', instances: [idA] },
+  ]);
+  await waitForPresenceLine(alice, 'alice', 'join', XSS_NAME, `${XSS_NAME} joined (instance ${idB})`);
+  await waitFor(
+    'alice to show the markup name typing',
+    alice.waitForFunction((n) => document.querySelector('[data-testid="typing"]').textContent === `${n} is typing…`, XSS_NAME, {
+      timeout: WAIT_MS,
+      polling: 50,
+    }),
+  );
+  await mallory.context().close();
+  await waitForPresenceLine(alice, 'alice', 'leave', XSS_NAME, `${XSS_NAME} left`);
+  await alice.waitForTimeout(SETTLE_MS); // time for a parsed <img src=x> to fail and run its onerror
+  const injected = await alice.evaluate(() => ({
+    img: document.querySelectorAll('img').length,
+    xss: typeof window.__xss === 'undefined' ? 'undefined' : String(window.__xss),
+  }));
+  if (injected.img !== 0) fail(`alice's page holds ${injected.img} <img> element(s) after the markup name came and went`);
+  if (injected.xss !== 'undefined') fail(`alice's window.__xss is ${injected.xss}: a name ran as HTML`);
+  ok('a markup name shows as literal text in the member list, join, typing and leave lines; no <img>, window.__xss undefined');
+
+  // 5. alice's instance dies: carol, on B, sees alice expire.
+  const carol = await openAndJoin(state.browser, opts.b, 'carol', opts.room, 'carol', logs);
+  await waitConnected(carol, 'carol', idB);
+  await waitForMembers(carol, 'carol', [
+    { name: 'alice', instances: [idA] },
+    { name: 'carol', instances: [idB] },
+  ]);
+  const victimPid = opts.pids.get(idA);
+  try {
+    process.kill(victimPid, 'SIGKILL');
+  } catch (e) {
+    fail(`cannot SIGKILL instance ${idA} (pid ${victimPid}): ${e.message}`);
+  }
+  const killedAt = Date.now();
+  // Her tab would only retry the dead instance; closing it now says nothing
+  // to any server.
+  await alice.context().close();
+  ok(`SIGKILLed alice's instance ${idA} (pid ${victimPid})`);
+  const expired = `alice left (instance ${idA} stopped answering)`;
+  await waitForPresenceLine(carol, 'carol', 'leave', 'alice', expired, EXPIRE_MS);
+  await waitForMembers(carol, 'carol', [{ name: 'carol', instances: [idB] }]);
+  const reason = await carol.evaluate(() =>
+    [...document.querySelectorAll('[data-testid="presence-event"][data-kind="leave"]')]
+      .filter((li) => li.getAttribute('data-name') === 'alice')
+      .map((li) => li.getAttribute('data-reason')),
+  );
+  if (JSON.stringify(reason) !== '["expired"]') fail(`carol's leave lines for alice have reasons ${JSON.stringify(reason)}`);
+  await carol.screenshot({ path: path.join(opts.out, 'presence-expired.png'), timeout: WAIT_MS });
+  ok(`carol shows ${JSON.stringify(expired)} ${Date.now() - killedAt} ms after the kill, and lists only herself`);
+  ok(`screenshots saved: ${['typing', 'alice', 'phone', 'phone-open', 'left', 'expired'].map((n) => path.join(opts.out, `presence-${n}.png`)).join(', ')}`);
+}
+
 const opts = parseCli();
 const logs = [];
 const state = { browser: null };
@@ -596,7 +856,8 @@ const watchdog = setTimeout(() => {
 watchdog.unref();
 
 try {
-  await (opts.scenario === 'reconnect' ? mainReconnect : mainBasic)(opts, logs, state);
+  const scenarios = { basic: mainBasic, reconnect: mainReconnect, presence: mainPresence };
+  await scenarios[opts.scenario](opts, logs, state);
   console.log('all browser checks passed');
 } catch (e) {
   exitCode = 1;
