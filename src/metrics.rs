@@ -53,8 +53,11 @@ metrics! {
     counter messages_published_total: "chat_messages_published_total",
     /// Messages refused with `unavailable` because the broker was down.
     counter messages_unavailable_total: "chat_messages_unavailable_total",
-    /// Messages received from the broker (the Redis channel).
+    /// Payloads received from the broker (the rooms' channels), but
+    /// presence events: messages, and invalid payloads.
     counter broker_messages_total: "chat_broker_messages_total",
+    /// Presence events (join, leave, typing) received from the broker.
+    counter broker_presence_events_total: "chat_broker_presence_events_total",
     /// Payloads on the Redis channel that were not valid messages and were skipped.
     counter broker_payloads_invalid_total: "chat_broker_payloads_invalid_total",
     /// Frames queued to local clients (one per receiver per message).

@@ -256,6 +256,7 @@ fn read_within(client: &mut Client, wait: Duration) -> Frame {
                 Some("message") => Frame::Message(frame),
                 Some("error") => Frame::Error(frame),
                 Some("status") => Frame::Nothing,
+                Some(kind) if common::is_presence(kind) => Frame::Nothing,
                 _ => panic!("sender: unexpected frame {frame}"),
             }
         }

@@ -237,7 +237,6 @@ impl Subscriber {
             }
             Push::Message { channel, payload } => (channel, payload),
         };
-        Metrics::inc(&self.metrics.broker_messages_total);
         let event = parse_channel_event(&payload, &self.limits).and_then(|event| {
             // A room's channel carries that room's events only: anything
             // else was published by hand, and would reach one instance's
@@ -251,35 +250,40 @@ impl Subscriber {
                 )))
             }
         });
-        let message = match event {
-            Ok(ChannelEvent::Message(message)) => message,
-            Ok(ChannelEvent::Join(event)) => {
-                self.emit(BrokerEvent::Presence(PresenceChange::Join(event)));
-                return Ok(());
-            }
-            Ok(ChannelEvent::Leave(event)) => {
-                self.emit(BrokerEvent::Presence(PresenceChange::Leave(event)));
-                return Ok(());
-            }
-            Ok(ChannelEvent::Typing { room, name }) => {
-                self.emit(BrokerEvent::Presence(PresenceChange::Typing { room, name }));
-                return Ok(());
-            }
+        let event = match event {
+            Ok(event) => event,
             Err(e) => {
+                Metrics::inc(&self.metrics.broker_messages_total);
                 Metrics::inc(&self.metrics.broker_payloads_invalid_total);
                 warn!("redis subscriber: payload on {channel} skipped: {e}");
                 return Ok(());
             }
         };
+        let change = match event {
+            ChannelEvent::Message(message) => {
+                self.take_message(message, seams);
+                return Ok(());
+            }
+            ChannelEvent::Join(event) => PresenceChange::Join(event),
+            ChannelEvent::Leave(event) => PresenceChange::Leave(event),
+            ChannelEvent::Typing { room, name } => PresenceChange::Typing { room, name },
+        };
+        Metrics::inc(&self.metrics.broker_presence_events_total);
+        self.emit(BrokerEvent::Presence(change));
+        Ok(())
+    }
+
+    /// Delivers a message received live, unless a catch-up already did.
+    fn take_message(&mut self, message: ChatMessage, seams: &mut CatchUpSeams) {
+        Metrics::inc(&self.metrics.broker_messages_total);
         faults::inject("subscriber", &message.text);
         if let Some(seam) = seams.get(&message.room) {
             if message.id <= *seam {
-                return Ok(());
+                return;
             }
             seams.remove(&message.room);
         }
         self.deliver(message);
-        Ok(())
     }
 
     fn emit(&self, event: BrokerEvent) {
