@@ -6,6 +6,7 @@
 //! receiver in one worker process measures the latency of a sender in
 //! another.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
 use tokio::sync::{Mutex as AsyncMutex, Semaphore, mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -76,6 +78,179 @@ pub struct ClientStats {
     pub lat_cross: Vec<u32>,
     /// Why the connection ended before we closed it.
     pub ended: Option<String>,
+    /// The room's members as this client knows them (presence-join).
+    pub members: Option<MemberList>,
+}
+
+/// A client's member list: its `presence` snapshot, then every `join` and
+/// `leave` it got, applied idempotently (a join of someone listed, a leave
+/// of someone not listed change nothing). Our clients' names are a bit
+/// each; any other name is a stranger, kept by name.
+pub struct MemberList {
+    bits: Vec<u64>,
+    /// Clients listed (bits set).
+    pub count: usize,
+    /// Names listed that are no client's: a complete list has none.
+    pub strangers: HashSet<String>,
+    pub snapshots: u64,
+    /// Snapshots that left members out (`more` > 0).
+    pub cut_short: u64,
+    pub joins: u64,
+    pub leaves: u64,
+    /// Leaves with reason `expired` (an entry its instance did not refresh
+    /// in time).
+    pub expired: u64,
+    /// Events that changed nothing (overlap with the snapshot, or repeats).
+    pub no_ops: u64,
+}
+
+impl MemberList {
+    fn new(clients: usize) -> Self {
+        MemberList {
+            bits: vec![0; clients.div_ceil(64)],
+            count: 0,
+            strangers: HashSet::new(),
+            snapshots: 0,
+            cut_short: 0,
+            joins: 0,
+            leaves: 0,
+            expired: 0,
+            no_ops: 0,
+        }
+    }
+
+    /// Adds (or removes) `name`; true when that changed the list.
+    fn apply(&mut self, layout: &Layout, name: &str, present: bool) -> bool {
+        let Some(k) = layout.client_of(name) else {
+            return if present {
+                self.strangers.insert(name.to_string())
+            } else {
+                self.strangers.remove(name)
+            };
+        };
+        let (word, bit) = (k / 64, 1u64 << (k % 64));
+        let was = self.bits[word] & bit != 0;
+        if was == present {
+            return false;
+        }
+        self.bits[word] ^= bit;
+        if present {
+            self.count += 1;
+        } else {
+            self.count -= 1;
+        }
+        true
+    }
+
+    fn on_frame(&mut self, layout: &Layout, frame: PresenceFrame<'_>) {
+        match frame {
+            PresenceFrame::Snapshot { names, more } => {
+                // A snapshot is the whole list: it replaces what was known.
+                self.bits.iter_mut().for_each(|w| *w = 0);
+                self.count = 0;
+                self.strangers.clear();
+                for name in names {
+                    self.apply(layout, &name, true);
+                }
+                self.snapshots += 1;
+                if more > 0 {
+                    self.cut_short += 1;
+                }
+            }
+            PresenceFrame::Join(name) => {
+                self.joins += 1;
+                if !self.apply(layout, &name, true) {
+                    self.no_ops += 1;
+                }
+            }
+            PresenceFrame::Leave(name, expired) => {
+                self.leaves += 1;
+                self.expired += u64::from(expired);
+                if !self.apply(layout, &name, false) {
+                    self.no_ops += 1;
+                }
+            }
+        }
+    }
+
+    /// Whether the list is exactly every client's name.
+    pub fn complete(&self, clients: usize) -> bool {
+        self.count == clients && self.strangers.is_empty()
+    }
+}
+
+/// A frame that changes a member list.
+enum PresenceFrame<'a> {
+    Snapshot {
+        names: Vec<Cow<'a, str>>,
+        more: usize,
+    },
+    Join(Cow<'a, str>),
+    /// The name, and whether the reason is `expired`.
+    Leave(Cow<'a, str>, bool),
+}
+
+#[derive(Deserialize)]
+struct SnapshotWire<'a> {
+    #[serde(borrow)]
+    members: Vec<MemberWire<'a>>,
+    #[serde(default)]
+    more: usize,
+}
+
+#[derive(Deserialize)]
+struct MemberWire<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct EventWire<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    #[serde(default, borrow)]
+    reason: Option<Cow<'a, str>>,
+}
+
+/// A `presence`, `join` or `leave` frame; `None` for anything else. The
+/// server writes `type` first; the events are parsed by hand (a join storm
+/// of N clients is N²/2 of them), with JSON as the fallback for a name
+/// with escapes or fields in another order.
+fn parse_presence(frame: &str) -> Option<PresenceFrame<'_>> {
+    if frame.starts_with("{\"type\":\"presence\"") {
+        let wire: SnapshotWire = serde_json::from_str(frame).ok()?;
+        return Some(PresenceFrame::Snapshot {
+            names: wire.members.into_iter().map(|m| m.name).collect(),
+            more: wire.more,
+        });
+    }
+    let join = frame.starts_with("{\"type\":\"join\"");
+    if join || frame.starts_with("{\"type\":\"leave\"") {
+        let at = frame.find("\"name\":\"")? + 8;
+        let len = frame[at..].find('"')?;
+        let name = &frame[at..at + len];
+        if !name.contains('\\') {
+            let name = Cow::Borrowed(name);
+            return Some(if join {
+                PresenceFrame::Join(name)
+            } else {
+                PresenceFrame::Leave(name, frame.contains("\"reason\":\"expired\""))
+            });
+        }
+    } else if !frame.contains("\"type\":\"join\"") && !frame.contains("\"type\":\"leave\"") {
+        return None;
+    }
+    let wire: EventWire = serde_json::from_str(frame).ok()?;
+    match wire.kind.as_ref() {
+        "join" => Some(PresenceFrame::Join(wire.name)),
+        "leave" => Some(PresenceFrame::Leave(
+            wire.name,
+            wire.reason.as_deref() == Some("expired"),
+        )),
+        _ => None,
+    }
 }
 
 impl ClientStats {
@@ -96,6 +271,7 @@ impl ClientStats {
             lat_same: Vec::new(),
             lat_cross: Vec::new(),
             ended: None,
+            members: layout.member_lists.then(|| MemberList::new(layout.clients)),
         }
     }
 
@@ -268,7 +444,7 @@ async fn connect(shared: &Shared, k: usize) -> Result<Ws, String> {
         .map_err(|e| format!("tcp connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let room = &shared.rooms[shared.layout.room(k)];
-    let url = format!("ws://{addr}/ws?name=c{k}&room={room}");
+    let url = format!("ws://{addr}/ws?name={}&room={room}", shared.layout.name(k));
     let config = WebSocketConfig::default()
         .read_buffer_size(8 * 1024)
         .write_buffer_size(0);
@@ -367,6 +543,13 @@ pub async fn client(k: usize, shared: Arc<Shared>, stats: Arc<Mutex<ClientStats>
                     } else if t.starts_with("{\"type\":\"error\"") {
                         stats.lock().unwrap().errors += 1;
                         shared.note_error(format!("client c{k} got {t}"));
+                    } else if shared.layout.member_lists
+                        && let Some(frame) = parse_presence(t)
+                    {
+                        let mut st = stats.lock().unwrap();
+                        if let Some(list) = st.members.as_mut() {
+                            list.on_frame(&shared.layout, frame);
+                        }
                     }
                 }
                 Some(Ok(Message::Close(f))) => break Some(format!("closed by server: {f:?}")),

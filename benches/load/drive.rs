@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crate::client::now_ns;
 use crate::options::{Opts, Scenario};
 use crate::pool::{Batch, Pool};
+use crate::presence;
 use crate::procs::{self, Procs, Sample, clk_tck, metrics};
 use crate::report::RunReport;
 
@@ -61,7 +62,16 @@ pub fn run_once(opts: &Opts, run: usize) -> RunReport {
     loadgen.extend(pool.pids());
     list.push(("loadgen".to_string(), loadgen, false));
     let procs = Procs { list };
-    let mut rep = drive(opts, &mut pool, http, &procs);
+    let mut rep = if opts.scenario.is_presence() {
+        let target = presence::Target {
+            broker: &broker,
+            prefix: &prefix,
+            room: &room,
+        };
+        presence::drive(opts, &mut pool, http, &procs, &target)
+    } else {
+        drive(opts, &mut pool, http, &procs)
+    };
     for p in [&a, &b] {
         let tail = p.log_tail();
         let warnings: Vec<_> = tail

@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Scenarios: `latency`, `room`, `rooms`, `burst`, `idle`, `connect`,
-//! `max-clients`, `smoke` (see `options::usage()`). Each run starts its own
+//! `max-clients`, `smoke`, `presence-join`, `presence-idle` (see
+//! `options::usage()`). Each run starts its own
 //! `redis-server` (unless `--target-redis` names one; with
 //! `--redis-cluster`, a private six-node Redis Cluster) and two instances,
 //! `a` and `b`, of the server binary (`PUBSUB_CHAT_BIN`, or this package's
@@ -35,18 +36,23 @@
 //! - `worker.rs`: a worker process: its runtime and its commands.
 //! - `client.rs`: one client: connect, send stamped texts, check deliveries.
 //! - `drive.rs`: one run, from starting the processes to its figures.
+//! - `presence.rs`: the presence scenarios' runs (a join storm and the
+//!   member lists it leaves; idle clients and what presence costs at rest,
+//!   Redis's `INFO` included).
 //! - `report.rs`: figures, percentiles, medians, targets, the verdict.
 //! - `tests/common/process.rs` (shared with the integration tests): free
 //!   ports, temporary directories, HTTP GET, the redis-server and instance
 //!   command lines, the listening line.
 //! - `tests/common/cluster_process.rs` (shared with the integration tests):
 //!   a cluster node's command line, `redis-cli --cluster create`, the wait
-//!   until every slot is served.
+//!   until every slot is served; a connection to a node (the presence
+//!   scenarios read `INFO` with it).
 //!
 //! Exit status: non-zero on any lost, duplicated, reordered or misrouted
-//! delivery (and, for `smoke`, on any failed or dropped client). Missing a
-//! latency or throughput target is reported ("target met: no"), not a
-//! failure.
+//! delivery (for `smoke`, also on any failed or dropped client; for
+//! `presence-join`, on any client whose final member list is not every
+//! client's name). Missing a latency or throughput target is reported
+//! ("target met: no"), not a failure.
 
 mod client;
 #[path = "../../tests/common/cluster_process.rs"]
@@ -55,6 +61,7 @@ mod drive;
 mod layout;
 mod options;
 mod pool;
+mod presence;
 #[path = "../../tests/common/process.rs"]
 mod process;
 mod procs;
@@ -91,8 +98,27 @@ fn main() -> ExitCode {
     }
 
     let workers = opts.workers();
+    let sending = if opts.scenario.is_presence() {
+        // Nobody sends: the joins (or the quiet) are the load.
+        match opts.scenario {
+            options::Scenario::PresenceJoin => format!(
+                "join storm, {} handshakes in flight, lists settle within --drain-s {:.0} s",
+                opts.concurrency,
+                opts.drain.as_secs_f64()
+            ),
+            _ => format!("idle, quiet window {:.1} s", opts.idle.as_secs_f64()),
+        }
+    } else {
+        format!(
+            "senders {} | rate {} | duration {:.1} s",
+            opts.senders,
+            opts.rate
+                .map_or("as fast as possible".to_string(), |r| format!("{r} msg/s")),
+            opts.duration.as_secs_f64()
+        )
+    };
     println!(
-        "pubsub-chat load: scenario {} | runs {} | clients {}{} | senders {} | rate {} | duration {:.1} s{}{}{}",
+        "pubsub-chat load: scenario {} | runs {} | clients {}{} | {sending}{}{}{}",
         opts.scenario.name(),
         opts.runs,
         opts.clients,
@@ -101,10 +127,6 @@ fn main() -> ExitCode {
         } else {
             String::new()
         },
-        opts.senders,
-        opts.rate
-            .map_or("as fast as possible".to_string(), |r| format!("{r} msg/s")),
-        opts.duration.as_secs_f64(),
         if workers > 1 {
             format!(" | {workers} load processes")
         } else {

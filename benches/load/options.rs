@@ -14,6 +14,8 @@ pub enum Scenario {
     Connect,
     MaxClients,
     Smoke,
+    PresenceJoin,
+    PresenceIdle,
 }
 
 impl Scenario {
@@ -27,6 +29,8 @@ impl Scenario {
             "connect" => Scenario::Connect,
             "max-clients" => Scenario::MaxClients,
             "smoke" => Scenario::Smoke,
+            "presence-join" => Scenario::PresenceJoin,
+            "presence-idle" => Scenario::PresenceIdle,
             _ => return None,
         })
     }
@@ -41,7 +45,15 @@ impl Scenario {
             Scenario::Connect => "connect",
             Scenario::MaxClients => "max-clients",
             Scenario::Smoke => "smoke",
+            Scenario::PresenceJoin => "presence-join",
+            Scenario::PresenceIdle => "presence-idle",
         }
+    }
+
+    /// The presence scenarios: nobody sends; what is measured is joins,
+    /// member lists and the cost of keeping them.
+    pub fn is_presence(self) -> bool {
+        matches!(self, Scenario::PresenceJoin | Scenario::PresenceIdle)
     }
 }
 
@@ -167,6 +179,28 @@ impl Opts {
                 per_worker: 10,
                 ..base
             },
+            // Nobody sends: the storm is the load. `drain` bounds the wait
+            // for the member lists to settle (without progress).
+            Scenario::PresenceJoin => Opts {
+                clients: 5000,
+                senders: 0,
+                rate: None,
+                duration: Duration::ZERO,
+                concurrency: 1000,
+                drain: secs(30),
+                ..base
+            },
+            // Two worker processes of 5,000 (--per-worker 8000, as
+            // max-clients spreads its clients), and a quiet window.
+            Scenario::PresenceIdle => Opts {
+                clients: 10_000,
+                senders: 0,
+                rate: None,
+                duration: Duration::ZERO,
+                rooms: 100,
+                idle: secs(20),
+                ..base
+            },
         }
     }
 
@@ -192,6 +226,25 @@ scenarios (defaults):
   max-clients  add clients in batches of 500 until the first failure or 20,000, 1 sender at 10 msg/s throughout
                (target: every client held, every delivery of the stream arrives)
   smoke        20 clients, 2 senders, 50 msg/s, 3 s, 1 run, two worker processes (for CI)
+  presence-join
+               a join storm: 5000 clients with distinct names into one room, alternating between a and
+               b, 1000 handshakes in flight (as connect); nobody sends. Reports the storm's wall time
+               and connects/s, Redis commands per join (INFO commandstats before the storm and once
+               the lists have settled: all calls, those run inside scripts included, and per
+               command), and whether every client's member list (its `presence` snapshot, then the
+               `join`/`leave` events it got, applied idempotently) is the set of all 5000 names,
+               waiting for the events to settle (until no progress for --drain-s, 30 s by default,
+               or 300 s). The instances run with --presence-max-members max(10000, clients), so
+               that a snapshot can list everyone (the default, 1000, would cut it short).
+               (target, asserted: every client's final list is complete)
+  presence-idle
+               10000 idle clients in 100 rooms, each room's clients split between a and b (client k
+               in room k mod R on instance (k div R) mod 2), held by two worker processes; then a
+               quiet window of 20 s (--idle-s). The instances keep the default --presence-ttl-ms
+               (15000: a refresh every 5 s) and --max-clients max(5000, clients). Reports, per second
+               of the window: each instance's CPU (/proc), the presence refreshes (their metric), and
+               Redis's CPU (/proc, and INFO cpu) and commands (INFO commandstats: the calls scripts make
+               count too). (no target: a report)
 
 options:
   --runs N            runs (the summary shows the median of each figure)
@@ -210,7 +263,8 @@ options:
                       of the load generator's own, not a server flag
   --idle-s I          quiet seconds measured before sending starts
   --batch B           clients added per step (max-clients)
-  --drain-s T         longest wait for outstanding deliveries after sending stops (10)
+  --drain-s T         longest wait for outstanding deliveries after sending stops (10);
+                      presence-join: for the member lists to make progress (30)
   --per-worker N      most clients one load-generator process holds (8000; smoke: 10)
   --server-args \"..\" extra arguments for both instances (the current server has no
                       --fanout-window-ms, --client-queue-len or --write-timeout-ms: pass those
@@ -223,7 +277,8 @@ The clients are held by worker processes (this binary again, `--worker`), at mos
 each: one process may hold at most 20,000 open files here.
 
 Exit status is non-zero on any lost, duplicated or reordered delivery (smoke: also on any
-failed or dropped client); a missed latency or throughput target is only reported."
+failed or dropped client; presence-join: on any client whose final member list is not the
+set of all names); a missed latency or throughput target is only reported."
 }
 
 /// The options of this run, or `None` when there is nothing to run (help,
@@ -307,6 +362,13 @@ pub fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>, St
         return Err(
             "--redis-cluster starts its own cluster: it does not go with --target-redis".into(),
         );
+    }
+    if scenario.is_presence() {
+        // Nobody sends; presence-join is one room by definition.
+        o.senders = 0;
+        if scenario == Scenario::PresenceJoin {
+            o.rooms = 1;
+        }
     }
     o.senders = o.senders.min(o.clients);
     o.rooms = o.rooms.min(o.clients);

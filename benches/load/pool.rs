@@ -59,6 +59,9 @@ pub enum Command {
     Expect { sent: Vec<u64> },
     /// → `Count` of the distinct deliveries so far.
     Progress,
+    /// → `Lists`: the state of this worker's clients' member lists
+    /// (presence-join).
+    Lists,
     /// Close every client (15 s at most) → `Tally`; then the worker exits.
     Finish,
 }
@@ -72,7 +75,56 @@ pub enum Reply {
     /// Per sender, what this worker's senders sent (0 for the others').
     Sent(Vec<u64>),
     Count(u64),
+    Lists(ListTally),
     Tally(Box<Tally>),
+}
+
+/// The member lists of clients still connected (presence-join), summed.
+#[derive(Clone, Copy, Default, Debug, Serialize, Deserialize)]
+pub struct ListTally {
+    /// Clients connected now (their list counts).
+    pub clients: usize,
+    /// Of those, those that got a `presence` snapshot.
+    pub with_snapshot: usize,
+    /// Of those, those whose list is exactly every client's name.
+    pub complete: usize,
+    /// Names listed, over all lists.
+    pub listed: u64,
+    /// Names missing, over all lists (clients minus listed, per list).
+    pub missing: u64,
+    /// Names listed that are no client's, over all lists.
+    pub strangers: u64,
+    pub snapshots: u64,
+    /// Snapshots that left members out (`more` > 0).
+    pub cut_short: u64,
+    pub joins: u64,
+    pub leaves: u64,
+    /// Leaves with reason `expired`.
+    pub expired: u64,
+    /// Events that changed nothing.
+    pub no_ops: u64,
+}
+
+impl ListTally {
+    pub fn merge(&mut self, t: ListTally) {
+        self.clients += t.clients;
+        self.with_snapshot += t.with_snapshot;
+        self.complete += t.complete;
+        self.listed += t.listed;
+        self.missing += t.missing;
+        self.strangers += t.strangers;
+        self.snapshots += t.snapshots;
+        self.cut_short += t.cut_short;
+        self.joins += t.joins;
+        self.leaves += t.leaves;
+        self.expired += t.expired;
+        self.no_ops += t.no_ops;
+    }
+
+    /// Frames applied so far: what changes while the lists settle.
+    pub fn events(&self) -> u64 {
+        self.snapshots + self.joins + self.leaves
+    }
 }
 
 /// The outcome of a step of handshakes.
@@ -321,6 +373,18 @@ impl Pool {
     /// Distinct deliveries so far, over all workers.
     pub fn progress(&mut self) -> u64 {
         self.count(&Command::Progress)
+    }
+
+    /// The member lists, over all workers (presence-join).
+    pub fn lists(&mut self) -> ListTally {
+        let mut all = ListTally::default();
+        for reply in self.call(&Command::Lists) {
+            let Reply::Lists(t) = reply else {
+                panic!("a worker did not answer Lists with Lists")
+            };
+            all.merge(t);
+        }
+        all
     }
 
     /// Closes every client; what they saw, over all workers.

@@ -2,7 +2,7 @@
 //! nodes, instances `a` and `b`, the worker processes), their clean-up, and
 //! what `/proc` and `/metrics` say about them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -191,6 +191,9 @@ pub fn start_redis_cluster() -> (Vec<Proc>, String) {
     (procs, seeds)
 }
 
+/// presence-join's `--presence-max-members` (at least the clients).
+pub const PRESENCE_MAX_MEMBERS: usize = 10_000;
+
 /// Instance `id` of the server under test, joined to Redis by `broker`
 /// (`--redis-url URL` or `--redis-cluster SEEDS`) under `prefix`, once it
 /// answers `/readyz`.
@@ -213,6 +216,18 @@ pub fn start_instance(id: &str, broker: &[String], prefix: &str, opts: &Opts) ->
         .any(|a| a.starts_with("--max-clients"))
     {
         cmd.args(["--max-clients", &max_clients]);
+    }
+    // A snapshot that can list every member of the storm's room (the
+    // default, 1000, would leave the rest out). One in `--server-args`
+    // wins.
+    if opts.scenario == Scenario::PresenceJoin
+        && !opts
+            .server_args
+            .iter()
+            .any(|a| a.starts_with("--presence-max-members"))
+    {
+        let most = opts.clients.max(PRESENCE_MAX_MEMBERS).to_string();
+        cmd.args(["--presence-max-members", &most]);
     }
     cmd.args(&opts.server_args)
         // The listening line is logged at info by the server module.
@@ -391,5 +406,119 @@ impl Procs {
             .filter(|p| p.2)
             .map(|(_, pids, _)| sample_groups(pids[0]))
             .collect()
+    }
+}
+
+/// What Redis has done so far, summed over its nodes (one, or a cluster's
+/// masters).
+#[derive(Clone, Default, Debug)]
+pub struct RedisCounts {
+    /// Calls by command (`INFO commandstats`: those a script runs count
+    /// too), the bench's own `INFO` left out.
+    pub calls: BTreeMap<String, u64>,
+    /// `used_cpu_user` + `used_cpu_sys` (`INFO cpu`), in seconds.
+    pub cpu_s: f64,
+}
+
+impl RedisCounts {
+    pub fn total(&self) -> u64 {
+        self.calls.values().sum()
+    }
+
+    /// What happened between `before` and `self`, by command (those with
+    /// calls only).
+    pub fn since(&self, before: &RedisCounts) -> RedisCounts {
+        let calls = self
+            .calls
+            .iter()
+            .map(|(c, n)| {
+                (
+                    c.clone(),
+                    n.saturating_sub(*before.calls.get(c).unwrap_or(&0)),
+                )
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        RedisCounts {
+            calls,
+            cpu_s: (self.cpu_s - before.cpu_s).max(0.0),
+        }
+    }
+}
+
+/// Connections to the Redis the instances use, to read its counters.
+pub struct RedisWatch {
+    conns: Vec<redis::Connection>,
+}
+
+impl RedisWatch {
+    /// One connection per node: the URLs of `--redis-url` or
+    /// `--redis-cluster` (its masters). Opened once, so that their own
+    /// set-up commands come before the first reading.
+    pub fn open(broker: &[String]) -> Result<RedisWatch, String> {
+        let urls: Vec<&str> = broker
+            .get(1)
+            .map(|v| v.split(',').map(str::trim).collect())
+            .unwrap_or_default();
+        let mut conns = Vec::new();
+        for url in urls {
+            let loopback = url
+                .strip_prefix("redis://127.0.0.1:")
+                .and_then(|p| p.trim_end_matches('/').parse::<u16>().ok());
+            let conn = match loopback {
+                Some(port) => cluster_process::connect(port),
+                None => redis::Client::open(url)
+                    .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1))),
+            }
+            .map_err(|e| format!("cannot reach Redis at {url}: {e}"))?;
+            conns.push(conn);
+        }
+        Ok(RedisWatch { conns })
+    }
+
+    /// The length of hash `key` (summed over the nodes: in a cluster, the
+    /// ones that do not hold it answer with an error, taken as 0).
+    pub fn hlen(&mut self, key: &str) -> u64 {
+        self.conns
+            .iter_mut()
+            .filter_map(|c| redis::cmd("HLEN").arg(key).query::<u64>(c).ok())
+            .sum()
+    }
+
+    /// `INFO commandstats` and `INFO cpu`, summed over the nodes.
+    pub fn read(&mut self) -> Result<RedisCounts, String> {
+        let mut counts = RedisCounts::default();
+        for conn in &mut self.conns {
+            // One section a call: Redis 6 takes no more.
+            let mut info = String::new();
+            for section in ["commandstats", "cpu"] {
+                let part: String = redis::cmd("INFO")
+                    .arg(section)
+                    .query(conn)
+                    .map_err(|e| format!("INFO {section}: {e}"))?;
+                info += &part;
+            }
+            for line in info.lines() {
+                if let Some(rest) = line.strip_prefix("cmdstat_") {
+                    // cmdstat_evalsha:calls=12,usec=...
+                    let Some((command, fields)) = rest.split_once(':') else {
+                        continue;
+                    };
+                    let calls = fields
+                        .split(',')
+                        .find_map(|f| f.strip_prefix("calls="))
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    if command != "info" {
+                        *counts.calls.entry(command.to_string()).or_default() += calls;
+                    }
+                } else if let Some((key, value)) = line.split_once(':')
+                    && (key == "used_cpu_user" || key == "used_cpu_sys")
+                {
+                    counts.cpu_s += value.trim().parse::<f64>().unwrap_or(0.0);
+                }
+            }
+        }
+        Ok(counts)
     }
 }

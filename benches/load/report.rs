@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use serde::{Deserialize, Serialize};
 
 use crate::options::{Opts, Scenario};
+use crate::presence;
 
 /// One figure of a run: a name (with its unit) and a value.
 #[derive(Clone, Debug)]
@@ -239,7 +240,15 @@ fn targets(opts: &Opts, get: &dyn Fn(&str) -> f64) -> Vec<(String, bool)> {
                 ),
             ]
         }
-        Scenario::Smoke => vec![],
+        Scenario::Smoke | Scenario::PresenceIdle => vec![],
+        Scenario::PresenceJoin => vec![(
+            format!(
+                "every client's final list is complete ({} of {})",
+                fmt_value(get(presence::COMPLETE), 0),
+                fmt_value(opts.clients as f64, 0)
+            ),
+            get(presence::COMPLETE) >= opts.clients as f64,
+        )],
     }
 }
 
@@ -322,9 +331,27 @@ pub fn summarize(opts: &Opts, reports: &[RunReport]) -> ExitCode {
                 failures.push(format!("run {}: nothing was sent", i + 1));
             }
         }
+        if opts.scenario == Scenario::PresenceJoin {
+            let complete = r.get(presence::COMPLETE).unwrap_or(0.0);
+            if complete < opts.clients as f64 {
+                failures.push(format!(
+                    "run {}: {} of {} clients' final member lists are not every name",
+                    i + 1,
+                    fmt_value(opts.clients as f64 - complete, 0),
+                    fmt_value(opts.clients as f64, 0)
+                ));
+            }
+        }
     }
     if failures.is_empty() {
-        println!("\nRESULT: PASS (no delivery lost, duplicated or reordered)");
+        println!(
+            "\nRESULT: PASS ({})",
+            match opts.scenario {
+                Scenario::PresenceJoin => "every client's final member list is every name",
+                Scenario::PresenceIdle => "a report: nothing is asserted",
+                _ => "no delivery lost, duplicated or reordered",
+            }
+        );
         ExitCode::SUCCESS
     } else {
         println!("\nRESULT: FAIL");

@@ -17,7 +17,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::client::{self, ClientStats, PerMessage, Shared};
 use crate::layout::Layout;
-use crate::pool::{Batch, Command, Reply, Tally, WorkerConfig};
+use crate::pool::{Batch, Command, ListTally, Reply, Tally, WorkerConfig};
 use crate::report::Hist;
 
 /// A connect failure's text without its digits (ports, ids, counts), so
@@ -162,6 +162,7 @@ pub fn main(config: &str) -> ExitCode {
                 reply(Reply::Count(expected));
             }
             Command::Progress => reply(Reply::Count(shared.unique.load(Ordering::Relaxed))),
+            Command::Lists => reply(Reply::Lists(lists(&layout, &mine))),
             Command::Finish => {
                 let _ = shutdown_tx.send(true);
                 let deadline = Instant::now() + Duration::from_secs(15);
@@ -177,6 +178,37 @@ pub fn main(config: &str) -> ExitCode {
     }
     rt.shutdown_timeout(Duration::from_secs(2));
     ExitCode::SUCCESS
+}
+
+/// The member lists of this worker's clients that are connected now.
+fn lists(layout: &Layout, mine: &[(usize, Arc<Mutex<ClientStats>>)]) -> ListTally {
+    let mut t = ListTally::default();
+    for (_, s) in mine {
+        let st = s.lock().unwrap();
+        let Some(list) = st.members.as_ref() else {
+            continue;
+        };
+        if !st.connected || st.ended.is_some() {
+            continue;
+        }
+        t.clients += 1;
+        if list.snapshots > 0 {
+            t.with_snapshot += 1;
+        }
+        if list.complete(layout.clients) {
+            t.complete += 1;
+        }
+        t.listed += (list.count + list.strangers.len()) as u64;
+        t.missing += (layout.clients - list.count) as u64;
+        t.strangers += list.strangers.len() as u64;
+        t.snapshots += list.snapshots;
+        t.cut_short += list.cut_short;
+        t.joins += list.joins;
+        t.leaves += list.leaves;
+        t.expired += list.expired;
+        t.no_ops += list.no_ops;
+    }
+    t
 }
 
 /// Sums what this worker's clients saw.
