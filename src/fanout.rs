@@ -93,6 +93,27 @@ pub fn spawn_fanout(
     Ok(())
 }
 
+/// What waits to be handed out, in arrival order.
+enum Pending {
+    Message(ChatMessage),
+    /// A join, a leave or a fresh member list (typing goes on its own).
+    Presence(PresenceChange),
+}
+
+/// The frame a presence change reaches clients as.
+fn presence_frame(change: &PresenceChange) -> ServerFrame<'_> {
+    match change {
+        PresenceChange::Join(event) => ServerFrame::Join(event),
+        PresenceChange::Leave(event) => ServerFrame::Leave(event),
+        PresenceChange::Typing { room, name } => ServerFrame::Typing { room, name },
+        PresenceChange::Snapshot { room, presence } => ServerFrame::Presence {
+            room,
+            members: &presence.members,
+            more: presence.more,
+        },
+    }
+}
+
 struct Fanout {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
@@ -103,7 +124,7 @@ struct Fanout {
 
 impl Fanout {
     fn run(&self, events_rx: &Receiver<BrokerEvent>) {
-        let mut messages = Vec::with_capacity(MAX_BATCH);
+        let mut pending = Vec::with_capacity(MAX_BATCH);
         while let Ok(first) = events_rx.recv() {
             let mut next = Some(first);
             let mut bytes = 0;
@@ -111,81 +132,77 @@ impl Fanout {
                 match event {
                     BrokerEvent::Message(message) => {
                         bytes += message.text.len() + message.from.len();
-                        messages.push(message);
+                        pending.push(Pending::Message(message));
                     }
                     BrokerEvent::Delivery(status) => {
-                        self.deliver_messages(&mut messages);
+                        self.deliver(&mut pending);
                         self.broadcast(status);
                     }
-                    BrokerEvent::Presence(change) => {
-                        self.deliver_messages(&mut messages);
-                        self.deliver_presence(&change);
+                    BrokerEvent::Presence(PresenceChange::Typing { room, name }) => {
+                        self.deliver(&mut pending);
+                        self.deliver_typing(&room, &name);
                     }
+                    // Joins and leaves share the messages' batches: a join
+                    // storm into a big room costs each client one send per
+                    // batch, not one per join.
+                    BrokerEvent::Presence(change) => pending.push(Pending::Presence(change)),
                 }
-                if messages.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                if pending.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                     next = events_rx.try_recv().ok();
                 }
             }
-            self.deliver_messages(&mut messages);
+            self.deliver(&mut pending);
         }
     }
 
-    /// Frames each message once and hands each room's batch to its
-    /// members, in order.
-    fn deliver_messages(&self, messages: &mut Vec<ChatMessage>) {
+    /// Frames each event once and hands each room's batch to its members,
+    /// in order.
+    fn deliver(&self, pending: &mut Vec<Pending>) {
         let mut batches: Vec<(&str, Batch, usize)> = Vec::new();
-        for message in messages.iter() {
-            faults::inject("fan-out", &message.text);
-            let frame = ServerFrame::Message(message).to_ws_bytes();
-            match batches
-                .iter_mut()
-                .find(|(room, _, _)| *room == message.room)
-            {
+        for item in pending.iter() {
+            let (room, id, frame, is_message) = match item {
+                Pending::Message(message) => {
+                    faults::inject("fan-out", &message.text);
+                    let frame = ServerFrame::Message(message).to_ws_bytes();
+                    (message.room.as_str(), Some(message.id), frame, 1)
+                }
+                Pending::Presence(change) => {
+                    let frame = presence_frame(change).to_ws_bytes();
+                    (change.room(), None, frame, 0)
+                }
+            };
+            match batches.iter_mut().find(|(name, _, _)| *name == room) {
                 Some((_, batch, count)) => {
-                    batch.push(Some(message.id), &frame);
-                    *count += 1;
+                    batch.push(id, &frame);
+                    *count += is_message;
                 }
                 None => {
                     let mut batch = Batch::default();
-                    batch.push(Some(message.id), &frame);
-                    batches.push((&message.room, batch, 1));
+                    batch.push(id, &frame);
+                    batches.push((room, batch, is_message));
                 }
             }
         }
-        for (room, batch, count) in batches {
+        for (room, batch, messages) in batches {
             if let Some(members) = self.hub.room(room) {
-                self.send(members, Arc::new(batch), count);
+                self.send(members, Arc::new(batch), messages);
             }
         }
-        messages.clear();
+        pending.clear();
     }
 
-    /// Hands a room's clients a join, a leave, a fresh member list, or
-    /// someone's typing (not to that someone's own tabs).
-    fn deliver_presence(&self, change: &PresenceChange) {
-        let Some(members) = self.hub.room(change.room()) else {
+    /// Hands `name` typing to the room's members but its own tabs.
+    fn deliver_typing(&self, room: &str, name: &str) {
+        let Some(members) = self.hub.room(room) else {
             return;
         };
-        let frame = match change {
-            PresenceChange::Join(event) => ServerFrame::Join(event),
-            PresenceChange::Leave(event) => ServerFrame::Leave(event),
-            PresenceChange::Typing { room, name } => ServerFrame::Typing { room, name },
-            PresenceChange::Snapshot { room, presence } => ServerFrame::Presence {
-                room,
-                members: &presence.members,
-                more: presence.more,
-            },
-        };
-        let batch = Arc::new(Batch::single(&frame.to_ws_bytes()));
-        let members = match change {
-            PresenceChange::Typing { name, .. } => members
-                .iter()
-                .filter(|member| *member.name != **name)
-                .cloned()
-                .collect(),
-            _ => members,
-        };
-        self.send(members, batch, 0);
+        let frame = ServerFrame::Typing { room, name }.to_ws_bytes();
+        let others: Arc<[Member]> = members
+            .iter()
+            .filter(|member| *member.name != *name)
+            .cloned()
+            .collect();
+        self.send(others, Arc::new(Batch::single(&frame)), 0);
     }
 
     /// Tells every local client that delivery went down or came back.

@@ -267,6 +267,10 @@ pub struct RedisBroker {
     /// Per subscriber connection: is it subscribed now?
     subscribed: Vec<Arc<AtomicBool>>,
     presence: PresenceStore,
+    /// The presence refresh's own connection: under a storm of joins the
+    /// sessions' queue for the shared one would make refreshes late, and
+    /// live members expire.
+    presence_publisher: Publisher,
     events_tx: EventSender,
     metrics: Arc<Metrics>,
     /// Wakes the `presence` thread when a subscriber is back after a failure.
@@ -344,6 +348,7 @@ impl RedisBroker {
             keys: keys.clone(),
             script: Script::new(ACCEPT_SCRIPT),
             history_script: Script::new(HISTORY_SCRIPT),
+            presence_publisher: publisher.sibling("presence"),
             publisher,
             subscribed: (0..nodes.len()).map(|_| Arc::default()).collect(),
             presence: PresenceStore::new(
@@ -416,7 +421,7 @@ impl RedisBroker {
             // out its backoff: insist until it answers, or the next tick.
             let insist_until = Instant::now() + self.presence.refresh_interval();
             let refreshed = loop {
-                match self.presence.refresh(&self.publisher) {
+                match self.presence.refresh(&self.presence_publisher) {
                     Ok(expired) => {
                         Metrics::inc(&self.metrics.presence_refreshes_total);
                         Metrics::add(&self.metrics.presence_expired_total, expired);
@@ -439,7 +444,11 @@ impl RedisBroker {
                 // Presence was as stale as the outage: re-registered by the
                 // refresh above, now told afresh.
                 for room in self.presence.rooms() {
-                    if let Ok(presence) = self.presence(&room, self.settings.presence_max_members) {
+                    let limit = self.settings.presence_max_members;
+                    if let Ok(presence) =
+                        self.presence
+                            .snapshot(&self.presence_publisher, &room, limit)
+                    {
                         let snapshot = PresenceChange::Snapshot { room, presence };
                         let _ = self.events_tx.send(BrokerEvent::Presence(snapshot));
                     }

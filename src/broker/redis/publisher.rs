@@ -51,6 +51,7 @@ struct Link {
 }
 
 /// What the publisher connects to.
+#[derive(Clone)]
 enum Target {
     Single(Client),
     Cluster(ClusterClient),
@@ -58,6 +59,8 @@ enum Target {
 
 pub struct Publisher {
     target: Target,
+    /// Its connection's name's last part (`pub`).
+    role: &'static str,
     settings: RedisSettings,
     metrics: Arc<Metrics>,
     link: Mutex<Link>,
@@ -76,6 +79,7 @@ impl Publisher {
 
     fn new(target: Target, settings: RedisSettings, metrics: Arc<Metrics>) -> Self {
         Publisher {
+            role: "pub",
             link: Mutex::new(Link {
                 connection: None,
                 retry_at: Instant::now(),
@@ -88,10 +92,23 @@ impl Publisher {
         }
     }
 
+    /// A second publisher to the same Redis, on a connection of its own
+    /// named `role`: work that must not queue behind the sessions' (the
+    /// presence refresh) gets it.
+    pub fn sibling(&self, role: &'static str) -> Self {
+        let mut sibling = Self::new(
+            self.target.clone(),
+            self.settings.clone(),
+            self.metrics.clone(),
+        );
+        sibling.role = role;
+        sibling
+    }
+
     fn connect(&self) -> Result<Box<dyn ConnectionLike + Send>, RedisError> {
         Ok(match &self.target {
             Target::Single(client) => {
-                Box::new(connect(client, &self.settings.connection_name("pub"))?)
+                Box::new(connect(client, &self.settings.connection_name(self.role))?)
             }
             Target::Cluster(client) => Box::new(client.get_connection()?),
         })
