@@ -175,6 +175,9 @@ struct State {
     armed: bool,
 }
 
+/// Queue slots an emptied outbox keeps; past it, it gives them back.
+const SHRINK_ABOVE: usize = 16;
+
 /// Most queued chunks handed to one `sendmsg`.
 const MAX_PARTS: usize = 64;
 
@@ -357,6 +360,11 @@ impl<W: Wire> Outbox<W> {
                 // The peer is gone; its reader finds out on its own.
                 Err(_) => return self.lost(state),
             }
+        }
+        // A burst (a join storm into a big room) may have grown the queue;
+        // an idle client should not keep that memory.
+        if state.queue.capacity() > SHRINK_ABOVE {
+            state.queue = VecDeque::new();
         }
         if state.phase == Phase::Closing {
             state.phase = Phase::Closed;
