@@ -36,29 +36,41 @@ impl RedisCluster {
     /// with `redis-cli --cluster create ... --cluster-replicas 1`, and waits
     /// until every node serves all 16384 slots (`cluster_state:ok`).
     pub fn start() -> Self {
-        let mut cluster = RedisCluster {
-            nodes: Vec::new(),
-            dir: temp_dir("redis-cluster"),
-        };
-        for _ in 0..cp::NODES {
-            let ports = NodePorts::free();
-            let child = cp::node_command(ports, &cluster.dir)
-                .unwrap_or_else(|e| panic!("cannot create a cluster node's directory: {e}"))
-                .spawn()
-                .expect("redis-server is not installed: run ./scripts/test.sh, or apt-get install redis-server");
-            cluster.nodes.push(Node {
-                ports,
-                child: Some(child),
-            });
+        // Free ports are found by binding and letting go, so a test running
+        // alongside can take one before a node binds it: the node then
+        // never answers. That is the harness's race, not the code's under
+        // test: start again on other ports, a bounded number of times.
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            let mut cluster = RedisCluster {
+                nodes: Vec::new(),
+                dir: temp_dir("redis-cluster"),
+            };
+            for _ in 0..cp::NODES {
+                let ports = NodePorts::free();
+                let child = cp::node_command(ports, &cluster.dir)
+                    .unwrap_or_else(|e| panic!("cannot create a cluster node's directory: {e}"))
+                    .spawn()
+                    .expect("redis-server is not installed: run ./scripts/test.sh, or apt-get install redis-server");
+                cluster.nodes.push(Node {
+                    ports,
+                    child: Some(child),
+                });
+            }
+            let ports = cluster.ports();
+            if let Err(e) = cp::wait_nodes(&ports, TIMEOUT) {
+                if attempt < ATTEMPTS {
+                    eprintln!("cluster start, attempt {attempt}: {e}; again on other ports");
+                    continue;
+                }
+                cluster.fail(&e);
+            }
+            if let Err(e) = cp::create(&ports, Duration::from_secs(30)) {
+                cluster.fail(&e);
+            }
+            return cluster;
         }
-        let ports = cluster.ports();
-        if let Err(e) = cp::wait_nodes(&ports, TIMEOUT) {
-            cluster.fail(&e);
-        }
-        if let Err(e) = cp::create(&ports, Duration::from_secs(30)) {
-            cluster.fail(&e);
-        }
-        cluster
+        unreachable!("the last attempt returns or fails")
     }
 
     fn fail(&self, why: &str) -> ! {
