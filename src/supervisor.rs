@@ -18,12 +18,14 @@
 //! threads ending during a shutdown are not taken for deaths.
 
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use log::error;
+
+use crate::sync::{Mutex, lock};
 
 pub struct Supervisor {
     stopping: AtomicBool,
@@ -71,17 +73,14 @@ impl Supervisor {
     fn died(&self, name: &str, cause: &str) {
         let what = format!("internal thread {name} died ({cause})");
         error!("{what}: this instance can no longer deliver; it exits so that it is restarted");
-        self.deaths
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(what.clone());
+        lock(&self.deaths).push(what.clone());
         let _ = self.fatal_tx.send(what);
     }
 
     /// `Err` with the cause once an internal thread died, or while the
     /// instance shuts down (a load balancer stops sending clients here).
     pub fn readiness(&self) -> Result<(), String> {
-        let deaths = self.deaths.lock().unwrap_or_else(PoisonError::into_inner);
+        let deaths = lock(&self.deaths);
         if !deaths.is_empty() {
             Err(format!("{}; the instance is exiting", deaths.join("; ")))
         } else if self.is_stopping() {

@@ -206,10 +206,6 @@ impl<W: Wire> Outbox<W> {
         }
     }
 
-    pub fn wire(&self) -> &W {
-        &self.wire
-    }
-
     /// Writes the first frames (welcome, history), then what was delivered
     /// meanwhile, less what history already held (ids up to `seam`).
     pub fn open(&self, first: Vec<u8>, seam: Option<MessageId>) {
