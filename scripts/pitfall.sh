@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# Runs the blocking-subscription pitfall: each broken design next to the
+# real server, measured, with a verdict per variant. Exits non-zero when a
+# broken design does not show its symptom or the real server shows one.
+# See --help.
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+  cat <<'EOF'
+Usage: ./scripts/pitfall.sh [VARIANT...]
+
+The blocking-subscription pitfall, run: four ways to get Redis Pub/Sub
+wrong, each a small program in examples/ whose broken lines are marked
+"// PITFALL:", each run next to the real server doing the same thing right.
+
+  1. Subscribing on the connection that publishes: Redis refuses the next
+     command.                               examples/pitfall_shared_connection.rs
+  2. Reading the subscription where requests are served: /healthz and
+     every other request hang.              examples/pitfall_blocking_handler.rs
+  3. The subscriber writing to clients itself, with blocking writes: one
+     client that stops reading stalls everyone, then Redis cuts the
+     subscriber and messages are lost.      examples/pitfall_subscriber_writes.rs
+  4. Republishing what came from Redis: one message multiplies.
+                                            examples/pitfall_republish.rs
+
+It builds the server and the examples (cargo build --release), starts a
+private redis-server on a free loopback port (variant 3 lowers its
+client-output-buffer-limit) and two instances of the real server, a and b
+(with --client-buffer-bytes 65536), runs the variants and prints one
+verdict line each; it stops everything it started. About 15 s after the
+build; no browser, everything on 127.0.0.1.
+
+Arguments:
+  VARIANT...   run only these variants (1 to 4); default: all
+  -h, --help   show this help
+
+Exit status: 0 when every broken design showed its symptom and the real
+server showed none; 1 otherwise (CI runs it).
+
+One variant by hand, against any Redis you can spare (variant 3 changes
+its settings while it runs), without the real server's half:
+  cargo run --release --example pitfall_republish -- --redis redis://127.0.0.1:6379
+EOF
+}
+
+EXAMPLES=(pitfall_shared_connection pitfall_blocking_handler pitfall_subscriber_writes pitfall_republish)
+NAMES=(
+  "subscribe on the publishing connection"
+  "read the subscription where requests are served"
+  "the subscriber writes to clients, blocking"
+  "republish what came from Redis"
+)
+# The real server's flags for the demo: a stuck client is dropped after
+# 64 KiB (default 1 MiB), and has 30 s to read its Close (default 1 s) so
+# that it finds it when it reads at last.
+REAL_FLAGS=(--client-buffer-bytes 65536 --close-grace-ms 30000)
+
+SELECTED=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    [1-4]) SELECTED+=("$1") ;;
+    *)
+      usage >&2
+      printf '\nerror: unknown argument: %s (variants are 1 to 4)\n' "$1" >&2
+      exit 2
+      ;;
+  esac
+  shift
+done
+((${#SELECTED[@]})) || SELECTED=(1 2 3 4)
+
+cd "$REPO_ROOT"
+have cargo || die "cargo is not installed: install Rust from https://rustup.rs, then run this again"
+# Always a private Redis, never $REDIS_URL: variant 3 changes its settings.
+# shellcheck disable=SC2034  # read by ensure_redis_server (lib.sh)
+NEED_PRIVATE_REDIS=1
+ensure_redis_server ./scripts/pitfall.sh
+
+# ------------------------------------------------- processes and cleanup
+
+TMP_DIR=""
+BUILD_PID=""
+IDS=()
+PIDS=()     # the real instances
+# shellcheck disable=SC2034  # read by stop_private_services (lib.sh)
+LOG_PIDS=() # none here: the instances log to files
+
+cleanup() {
+  local rc=$?
+  trap '' INT TERM HUP PIPE
+  set +e
+  stop_build
+  if ((${#PIDS[@]})); then
+    printf '\nStopping the real instances %s and the private redis-server...\n' "${IDS[*]}"
+    stop_pids "${PIDS[@]}"
+  fi
+  stop_private_services >/dev/null
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 1' HUP PIPE
+
+# ------------------------------------------------------------------ build
+
+step "Building the server and the examples (cargo build --release; the first build takes a few minutes)"
+build_args=(--release --quiet --bin pubsub-chat)
+for name in "${EXAMPLES[@]}"; do build_args+=(--example "$name"); done
+cargo build "${build_args[@]}" &
+BUILD_PID=$!
+rc=0
+wait "$BUILD_PID" || rc=$?
+BUILD_PID=""
+((rc == 0)) || die "cargo build ${build_args[*]} failed (status $rc)"
+BIN="$(release_binary)"
+EXAMPLES_DIR="$(dirname "$BIN")/examples"
+
+started=$SECONDS
+TMP_DIR="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-chat-pitfall.XXXXXX")"
+
+step "Starting a private redis-server"
+start_private_redis "$TMP_DIR/redis"
+
+step "Starting the real server: instances a and b (${BIN#"$REPO_ROOT"/} ${REAL_FLAGS[*]})"
+IDS=(a b)
+HTTP_PORTS=()
+WS_PORTS=()
+for id in "${IDS[@]}"; do
+  http="$(free_port)" || die "found no free port"
+  ws="$(free_port)" || die "found no free port"
+  HTTP_PORTS+=("$http")
+  WS_PORTS+=("$ws")
+  "$BIN" --host 127.0.0.1 --port "$http" --ws-port "$ws" --instance-id "$id" \
+    --redis-url "$REDIS_URL_TO_USE" "${REAL_FLAGS[@]}" \
+    </dev/null >"$TMP_DIR/$id.log" 2>&1 &
+  PIDS+=("$!")
+done
+deadline=$((SECONDS + 30))
+for i in 0 1; do
+  until [[ "$(http_status "${HTTP_PORTS[i]}" /readyz)" == 200 ]]; do
+    if ! kill -0 "${PIDS[i]}" 2>/dev/null || ((SECONDS >= deadline)); then
+      tail -n 20 "$TMP_DIR/${IDS[i]}.log" >&2
+      die "instance ${IDS[i]} did not become ready (its log is above)"
+    fi
+    sleep 0.1
+  done
+  info "instance ${IDS[i]}: http://127.0.0.1:${HTTP_PORTS[i]}  ws://127.0.0.1:${WS_PORTS[i]}/ws"
+done
+
+# ---------------------------------------------------------------- variants
+
+step "Running the variants: each broken design, then the real server doing the same"
+VERDICTS=()
+failed=0
+for n in "${SELECTED[@]}"; do
+  i=$((n - 1))
+  verdict_file="$TMP_DIR/verdict-$n"
+  rc=0
+  with_timeout 120 "$EXAMPLES_DIR/${EXAMPLES[i]}" \
+    --redis "$REDIS_URL_TO_USE" --redis-log "$TMP_DIR/redis/redis.log" \
+    --real-http "127.0.0.1:${HTTP_PORTS[0]}" --real-ws "127.0.0.1:${WS_PORTS[0]}" \
+    --real-b-ws "127.0.0.1:${WS_PORTS[1]}" --verdict "$verdict_file" || rc=$?
+  verdict="$(cat "$verdict_file" 2>/dev/null || true)"
+  if ((rc != 0)); then
+    failed=$((failed + 1))
+    [[ -n "$verdict" ]] || verdict="FAILED — examples/${EXAMPLES[i]}.rs exited with status $rc"
+  fi
+  VERDICTS+=("$n. ${NAMES[i]}: $verdict")
+done
+
+for i in 0 1; do
+  if ! kill -0 "${PIDS[i]}" 2>/dev/null; then
+    failed=$((failed + 1))
+    VERDICTS+=("the real instance ${IDS[i]} died during the demo: its log ends with $(tail -n 1 "$TMP_DIR/${IDS[i]}.log")")
+  fi
+done
+
+step "Verdicts"
+for line in "${VERDICTS[@]}"; do printf '%s\n' "$line"; done
+printf '\n'
+if ((failed == 0)); then
+  printf 'All %d broken designs showed their symptom, and the real server none (%d s after the build).\n' \
+    "${#SELECTED[@]}" $((SECONDS - started))
+else
+  printf 'FAILED: %d of %d variants did not show what they should (see above).\n' "$failed" "${#SELECTED[@]}"
+  exit 1
+fi
