@@ -185,3 +185,53 @@ fn a_client_that_joined_before_redis_existed_is_told_when_sending_works() {
         "the page must learn it can send: {status}"
     );
 }
+
+#[test]
+fn many_browser_connections_at_once_are_all_answered() {
+    // A browser keeps its connections open (keep-alive) and opens several at
+    // once for a page's files; tabs add theirs. Every one must be answered,
+    // whatever the others do.
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    let a = Instance::local("many");
+    // Connections that came and went leave idle threads behind in
+    // tiny_http's pool, as a page load does.
+    for _ in 0..2 {
+        assert_eq!(a.get("/healthz").0, 200);
+    }
+    let mut sockets: Vec<TcpStream> = (0..12)
+        .map(|_| {
+            let socket = TcpStream::connect(a.http).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            socket
+        })
+        .collect();
+    for socket in &mut sockets {
+        write!(
+            socket,
+            "GET /healthz HTTP/1.1\r\nHost: {}\r\nConnection: keep-alive\r\n\r\n",
+            a.http
+        )
+        .unwrap();
+    }
+    let started = Instant::now();
+    let unanswered: Vec<usize> = sockets
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(n, socket)| {
+            let mut head = [0u8; 12];
+            let answered =
+                socket.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200");
+            (!answered).then_some(n)
+        })
+        .collect();
+    assert!(
+        unanswered.is_empty(),
+        "connections {unanswered:?} of 12 got no answer within {:?}",
+        started.elapsed()
+    );
+}
