@@ -161,6 +161,31 @@ http_status() {
 
 # ------------------------------------------------------------------- redis
 
+# redact_url URL: prints URL with its password replaced by *** (the user
+# part runs to the last @): redis://:***@host:6379, redis://user:***@host.
+# What the server prints too (src/redis_url.rs); the only form to show.
+redact_url() {
+  local url="$1" scheme rest user_info host
+  if [[ "$url" != *@* ]]; then
+    printf '%s\n' "$url"
+    return
+  fi
+  if [[ "$url" == *://* ]]; then
+    scheme="${url%%://*}://"
+    rest="${url#*://}"
+  else
+    scheme=""
+    rest="$url"
+  fi
+  user_info="${rest%@*}"
+  host="${rest##*@}"
+  if [[ "$user_info" == *:* ]]; then
+    printf '%s%s:***@%s\n' "$scheme" "${user_info%%:*}" "$host"
+  else
+    printf '%s***@%s\n' "$scheme" "$host"
+  fi
+}
+
 # redis_ping URL: true when the Redis at URL answers PING with PONG.
 # Uses redis-cli when present, else (or when that fails) a RESP PING over bash's /dev/tcp
 # (redis://[[user]:password@]host[:port][/db] only, no TLS).
@@ -254,7 +279,7 @@ choose_redis() {
     if redis_ping "$REDIS_URL"; then
       REDIS_URL_TO_USE="$REDIS_URL"
     else
-      warn "REDIS_URL=$REDIS_URL does not answer PING; starting a private redis-server instead"
+      warn "REDIS_URL=$(redact_url "$REDIS_URL") does not answer PING; starting a private redis-server instead"
       NEED_PRIVATE_REDIS=1
     fi
   else
@@ -549,6 +574,6 @@ provide_redis() {
     step "Starting a private redis-server"
     start_private_redis "$TMP_DIR/redis"
   elif [[ -n "$REDIS_URL_TO_USE" ]]; then
-    step "Using REDIS_URL=$REDIS_URL_TO_USE (it answers PING)"
+    step "Using REDIS_URL=$(redact_url "$REDIS_URL_TO_USE") (it answers PING)"
   fi
 }

@@ -236,7 +236,10 @@ if ((USE_REDIS_CLUSTER)); then
   BROKER_ARGS=(--redis-cluster "$REDIS_CLUSTER_SEEDS")
 else
   provide_redis
-  BROKER_ARGS=(--redis-url "$REDIS_URL_TO_USE")
+  # In the environment, not on the command line (ps shows arguments to
+  # every user): the URL may hold a password.
+  export REDIS_URL="$REDIS_URL_TO_USE"
+  BROKER_ARGS=()
 fi
 
 step "Starting instances ${IDS[*]} (HTTP ports ${HTTP_PORTS[*]})"
@@ -452,7 +455,7 @@ RULE="==========================================================================
     printf '  goes on. Any master works the same for the rooms in its slots\n'
     printf '  (redis-cli -p PORT CLUSTER KEYSLOT '"'"'chat:room:{ROOM}'"'"').\n\n'
   else
-    printf '  Redis:  %s\n\n' "$REDIS_URL_TO_USE"
+    printf '  Redis:  %s\n\n' "$(redact_url "$REDIS_URL_TO_USE")"
   fi
   printf '  Failover demo: open two tabs on the URL (each shows "you are on\n'
   # shellcheck disable=SC2016  # backquotes to show a command, not to run one

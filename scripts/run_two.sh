@@ -9,7 +9,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
   cat <<'EOF'
-Usage: ./scripts/run_two.sh [--no-redis] [--ports A,B]
+Usage: ./scripts/run_two.sh [--no-redis] [--demo] [--ports A,B]
 
 Builds pubsub-chat (cargo build --release) and runs two instances of it,
 "a" on port A and "b" on port B (WebSocket ports A+10000 and B+10000),
@@ -20,6 +20,10 @@ Options:
                 also PORT_A=... PORT_B=...)
   --no-redis    Run the two instances without Redis (--broker local): they
                 do NOT see each other's messages. The isolated starting point.
+  --demo        Turn on the page's fault panel (--demo-controls; also
+                DEMO_CONTROLS=1): cut an instance's Redis subscription, pause
+                its delivery, stall a tab, and watch the server recover.
+                The pages open with the message X-ray on (?trace=1).
   -h, --help    Show this help.
 
 Redis: if REDIS_URL is set and answers PING, it is used. Otherwise the
@@ -32,12 +36,14 @@ EOF
 }
 
 NO_REDIS=0
+DEMO=0
 PORT_A="${PORT_A:-5000}"
 PORT_B="${PORT_B:-5001}"
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --no-redis) NO_REDIS=1 ;;
+    --demo) DEMO=1 ;;
     --ports)
       [[ $# -ge 2 ]] || die "--ports needs a value, e.g. --ports 5100,5101"
       PORTS="$2"
@@ -142,13 +148,23 @@ step "Starting instances a (port $PORT_A) and b (port $PORT_B)"
 # After the Redis step: REDIS_URL_TO_USE is only known from there on.
 BROKER_ARGS=(--broker local)
 if [[ "$NO_REDIS" -eq 0 ]]; then
-  BROKER_ARGS=(--broker redis --redis-url "$REDIS_URL_TO_USE")
+  # In the environment, not on the command line: every user of the
+  # machine can read a process's arguments (ps), only its owner its
+  # environment, and the URL may hold a password.
+  export REDIS_URL="$REDIS_URL_TO_USE"
+  BROKER_ARGS=(--broker redis)
+fi
+DEMO_ARGS=()
+PAGE_QUERY=""
+if [[ "$DEMO" -eq 1 ]]; then
+  DEMO_ARGS=(--demo-controls)
+  PAGE_QUERY="&trace=1"
 fi
 IDS=(a b)
 INSTANCE_PORTS=("$PORT_A" "$PORT_B")
 for i in 0 1; do
   port="${INSTANCE_PORTS[i]}"
-  start_instance "${IDS[i]}" --port "$port" --ws-port $((port + 10000)) "${BROKER_ARGS[@]}"
+  start_instance "${IDS[i]}" --port "$port" --ws-port $((port + 10000)) "${BROKER_ARGS[@]}" "${DEMO_ARGS[@]}"
 done
 
 # ----------------------------------------------------------- wait ready
@@ -162,8 +178,8 @@ done
 
 # ---------------------------------------------------------------- banner
 
-URL_A="http://127.0.0.1:$PORT_A/?name=alice&room=lobby"
-URL_B="http://127.0.0.1:$PORT_B/?name=bob&room=lobby"
+URL_A="http://127.0.0.1:$PORT_A/?name=alice&room=lobby$PAGE_QUERY"
+URL_B="http://127.0.0.1:$PORT_B/?name=bob&room=lobby$PAGE_QUERY"
 RULE="================================================================================"
 {
   printf '\n%s\n' "$RULE"
@@ -178,9 +194,13 @@ RULE="==========================================================================
   if [[ "$NO_REDIS" -eq 0 ]]; then
     printf '  Try it: type a message in one tab; it appears in the other, although\n'
     printf '  each tab talks to a different server process. They meet in Redis.\n\n'
-    printf '  Redis:  %s\n\n' "$REDIS_URL_TO_USE"
+    printf '  Redis:  %s\n\n' "$(redact_url "$REDIS_URL_TO_USE")"
     printf '  Inject a message from outside, straight into Redis:\n'
-    printf "    redis-cli -u %s PUBLISH '%s:room:{lobby}' %s\n\n" "$REDIS_URL_TO_USE" "${REDIS_PREFIX:-chat}" \
+    # A URL with a password is shown as the variable that holds it.
+    cli_url="$REDIS_URL_TO_USE"
+    # shellcheck disable=SC2016  # the variable's name, for the reader to expand
+    [[ "$cli_url" != *@* ]] || cli_url='"$REDIS_URL"'
+    printf "    redis-cli -u %s PUBLISH '%s:room:{lobby}' %s\n\n" "$cli_url" "${REDIS_PREFIX:-chat}" \
       "'{\"type\":\"message\",\"id\":\"0-1\",\"room\":\"lobby\",\"from\":\"redis-cli\",\"text\":\"hello from outside\",\"ts\":$(date +%s%3N),\"instance\":\"redis-cli\"}'"
     printf '  (Each injected message needs its own id: 0-2, 0-3, ...; clients drop repeats.)\n\n'
   else
@@ -188,6 +208,11 @@ RULE="==========================================================================
     printf '  Each instance only knows its own clients: this is the isolated\n'
     printf '  starting point. Run ./scripts/run_two.sh without --no-redis to join\n'
     printf '  the two through Redis Pub/Sub.\n\n'
+  fi
+  if [[ "$DEMO" -eq 1 ]]; then
+    printf '  Fault panel ON (--demo, for this machine only): each page has buttons\n'
+    printf '  to cut its instance'"'"'s Redis subscription, pause its delivery and stall\n'
+    printf '  the tab. Each message shows its path (the X-ray, ?trace=1).\n\n'
   fi
   printf '  Ctrl-C stops everything.\n'
   printf '%s\n\n' "$RULE"

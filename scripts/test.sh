@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
 # Runs the tests: installs what they need when it is missing (redis-server,
-# chromium, nginx, node/npm, the browser test's npm packages), then
-# `cargo test --all-targets`, passing extra arguments through:
-#   ./scripts/test.sh                  every test
-#   ./scripts/test.sh fanout           only tests whose name has "fanout"
-#   ./scripts/test.sh -- --nocapture   arguments for the test binaries
-# With no arguments it also runs the outbox's loom model test (a second
-# build with RUSTFLAGS="--cfg loom", in target/loom).
+# chromium, nginx, node/npm, the browser test's npm packages), then cargo.
+#   ./scripts/test.sh                   every test: the library's, the binary's,
+#                                       every tests/*.rs file and the examples;
+#                                       the benchmarks are compiled, not run;
+#                                       then the outbox's loom model test
+#   ./scripts/test.sh fanout            the tests of tests/fanout.rs (any file
+#                                       name of tests/*.rs: cargo test --test)
+#   ./scripts/test.sh fanout room       those of its tests whose name has "room"
+#   ./scripts/test.sh room              every test whose name has "room", in the
+#                                       library, the binary and every tests/ file
+#   ./scripts/test.sh -- --nocapture    arguments for the test binaries
+#   ./scripts/test.sh --bench SCENARIO  a benchmark: cargo bench --bench load --
+#                                       SCENARIO [options] (--bench alone lists them)
+# Options before the first word (--release, -j 1, --features F) go to
+# cargo. The loom model test is a second build with RUSTFLAGS="--cfg loom",
+# in target/loom.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -14,7 +23,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 case "${1:-}" in
   -h | --help)
-    sed -n '2,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,18s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
     exit 0
     ;;
 esac
@@ -45,11 +54,71 @@ else
   npm ci --prefix "$browser_dir" --no-audit --no-fund --loglevel=error
 fi
 
-step "cargo test --all-targets${*:+ $*}"
-rc=0
-cargo test --all-targets "$@" || rc=$?
+if [[ "${1:-}" == --bench ]]; then
+  # The benchmark starts its own Redis and instances; it needs no browser.
+  shift
+  step "cargo bench --bench load --${*:+ $*}"
+  exec cargo bench --bench load -- "$@"
+fi
 
-if ((rc == 0 && $# == 0)); then
+# Split the arguments: cargo options, then test files (tests/NAME.rs) and
+# name filters, then what follows `--`, for the test binaries.
+cargo_opts=()
+files=()
+filters=()
+passed=()
+while (($#)); do
+  case "$1" in
+    --)
+      shift
+      passed=("$@")
+      break
+      ;;
+    -j | --jobs | -F | --features | -p | --package | --profile | --target)
+      (($# >= 2)) || die "$1 needs a value"
+      cargo_opts+=("$1" "$2")
+      shift
+      ;;
+    -*) cargo_opts+=("$1") ;;
+    *)
+      name="${1#tests/}"
+      name="${name%.rs}"
+      if [[ -f "tests/$name.rs" ]]; then
+        files+=(--test "$name")
+      else
+        filters+=("$1")
+      fi
+      ;;
+  esac
+  shift
+done
+if ((${#filters[@]} > 1)); then
+  die "one name filter at a time (got: ${filters[*]}); test files may be several"
+fi
+
+rc=0
+if ((${#files[@]})); then
+  command=(cargo test "${cargo_opts[@]}" "${files[@]}")
+else
+  # Not --all-targets: it would run the load benchmark (harness = false),
+  # which takes a filter for a scenario name.
+  command=(cargo test "${cargo_opts[@]}" --lib --bins --tests --examples)
+fi
+command+=("${filters[@]}")
+((${#passed[@]})) && command+=(-- "${passed[@]}")
+full=$((${#files[@]} == 0 && ${#filters[@]} == 0))
+
+if ((full)); then
+  # Compiled on every full run, so that they cannot rot; run only when asked.
+  step "Compiling the benchmarks (run them with ./scripts/test.sh --bench)"
+  cargo test "${cargo_opts[@]}" --benches --no-run || rc=$?
+fi
+if ((rc == 0)); then
+  step "${command[*]}"
+  "${command[@]}" || rc=$?
+fi
+
+if ((rc == 0 && full)); then
   # Every interleaving of the outbox's threads, explored by loom over the
   # real code (src/session/outbox.rs, module loom_model).
   step "Model test of the outbox (loom)"
@@ -59,6 +128,6 @@ fi
 if ((rc == 0)); then
   step "All tests passed"
 else
-  step "Tests FAILED (cargo test exited with status $rc)"
+  step "Tests FAILED (cargo exited with status $rc)"
 fi
 exit "$rc"

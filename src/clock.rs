@@ -18,6 +18,15 @@ pub fn wall_millis() -> u64 {
         .unwrap_or(0)
 }
 
+/// Microseconds since the Unix epoch: the X-ray's stamps, fine enough to
+/// tell the hops of one message apart on one machine.
+pub fn wall_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 /// Nanoseconds since the Unix epoch: a seed, or a nonce that tells this
 /// run of the process from earlier ones.
 pub fn wall_nanos() -> u128 {

@@ -1,13 +1,14 @@
 //! Every option of the server, with its documented default and its
 //! environment form. Parses and checks; opens nothing.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
 use crate::protocol::Limits;
 use crate::rate_limit::RateLimit;
+use crate::redis_url::{RedisUrl, RedisUrlParser};
 
 /// How far the WebSocket port sits above the HTTP port when `--ws-port` is
 /// not given: `--port 5000` and `--port 5001` then use 15000 and 15001, so
@@ -28,10 +29,11 @@ pub enum BrokerKind {
 #[derive(Debug, Clone, Parser)]
 #[command(version, about, long_about = None)]
 pub struct Config {
-    /// Address to listen on (HTTP and WebSocket). Use 0.0.0.0 to accept
-    /// connections from other machines.
+    /// Address to listen on (HTTP and WebSocket): an IP address, or a host
+    /// name (its first address is used). Use 0.0.0.0 to accept connections
+    /// from other machines.
     #[arg(long, env = "HOST", default_value = "127.0.0.1")]
-    pub host: IpAddr,
+    pub host: String,
 
     /// HTTP port: the page, /config.json, /healthz, /readyz, /metrics.
     #[arg(long, env = "PORT", default_value_t = 5000)]
@@ -57,14 +59,16 @@ pub struct Config {
     #[arg(long, env = "BROKER", value_enum, default_value_t = BrokerKind::Redis)]
     pub broker: BrokerKind,
 
-    /// Where Redis is.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
+    /// Where Redis is: `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`. The
+    /// password is never shown (logs and probes print `:***@`). No TLS
+    /// (`rediss://`): see the README for a tunnel.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", value_parser = RedisUrlParser)]
+    pub redis_url: RedisUrl,
 
     /// Seed nodes of a Redis Cluster (comma-separated `redis://HOST:PORT`):
     /// cluster mode, with sharded Pub/Sub, instead of `--redis-url`.
-    #[arg(long, env = "REDIS_CLUSTER", value_delimiter = ',')]
-    pub redis_cluster: Vec<String>,
+    #[arg(long, env = "REDIS_CLUSTER", value_delimiter = ',', value_parser = RedisUrlParser)]
+    pub redis_cluster: Vec<RedisUrl>,
 
     /// Prefix of every Redis key and channel this server uses, so that
     /// several chats (or test runs) can share one Redis.
@@ -173,6 +177,12 @@ pub struct Config {
     /// Longest wait between two attempts to reach Redis, in milliseconds.
     #[arg(long, env = "REDIS_MAX_BACKOFF_MS", default_value_t = 5000)]
     pub redis_max_backoff_ms: u64,
+
+    /// The page's fault panel, a teaching aid: clients on loopback may cut
+    /// this instance's Redis subscription, pause its delivery and stall a
+    /// tab (`POST /demo/...`). Never in production.
+    #[arg(long, env = "DEMO_CONTROLS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub demo_controls: bool,
 }
 
 impl Config {
@@ -189,8 +199,40 @@ impl Config {
         }
     }
 
+    /// The address to listen on: `--host` itself when it is an IP address,
+    /// else the first address the system resolves it to.
+    ///
+    /// One address, not all of them: each port then has one listener and
+    /// one accept thread, and `localhost`, which resolves to 127.0.0.1 and
+    /// ::1, is served on whichever the system prefers; browsers and curl
+    /// try a name's every address, so they find it.
+    pub fn listen_ip(&self) -> Result<IpAddr, String> {
+        if let Ok(ip) = self.host.parse::<IpAddr>() {
+            return Ok(ip);
+        }
+        let unresolved = |why: String| {
+            format!(
+                "--host {}: {why}; give an IP address (127.0.0.1, 0.0.0.0, ::) or a name this machine resolves",
+                self.host
+            )
+        };
+        (self.host.as_str(), 0)
+            .to_socket_addrs()
+            .map_err(|e| unresolved(format!("cannot resolve it ({e})")))?
+            .next()
+            .map(|addr| addr.ip())
+            .ok_or_else(|| unresolved("it resolves to no address".into()))
+    }
+
     /// This instance's name: `--instance-id`, or `<hostname>-<port>`.
     pub fn instance_id(&self) -> String {
+        self.instance_id_on(self.port)
+    }
+
+    /// This instance's name once its HTTP port is bound: `--instance-id`,
+    /// or `<hostname>-<the port bound>`, so that two instances started
+    /// with `--port 0` (any free port) do not both become `<hostname>-0`.
+    pub fn instance_id_on(&self, http_port: u16) -> String {
         if let Some(id) = &self.instance_id {
             return id.clone();
         }
@@ -198,9 +240,9 @@ impl Config {
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
         if host.is_empty() {
-            format!("chat-{}", self.port)
+            format!("chat-{http_port}")
         } else {
-            format!("{host}-{}", self.port)
+            format!("{host}-{http_port}")
         }
     }
 
@@ -329,5 +371,46 @@ mod tests {
         );
         assert_eq!(parse(&["--port", "0"]).ws_port(), Ok(0));
         assert!(parse(&["--port", "60000"]).validate().is_err());
+    }
+
+    #[test]
+    fn the_configuration_shows_no_redis_password() {
+        let config = parse(&[
+            "--redis-url",
+            "redis://:hunter2@127.0.0.1:6379",
+            "--redis-cluster",
+            "redis://chat:hunter3@10.0.0.1:7000,redis://chat:hunter3@10.0.0.2:7000",
+        ]);
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter"), "{shown}");
+        assert!(shown.contains("redis://:***@127.0.0.1:6379"), "{shown}");
+        assert_eq!(config.redis_cluster.len(), 2);
+    }
+
+    #[test]
+    fn a_bad_redis_url_is_refused_without_repeating_it() {
+        let e = Config::try_parse_from(["pubsub-chat", "--redis-url", "http://:hunter2@h:1"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("scheme http:// is not Redis's"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn host_names_are_resolved() {
+        assert_eq!(
+            parse(&["--host", "0.0.0.0"]).listen_ip(),
+            Ok(IpAddr::from([0, 0, 0, 0]))
+        );
+        assert!(
+            parse(&["--host", "localhost"])
+                .listen_ip()
+                .unwrap()
+                .is_loopback()
+        );
+        let e = parse(&["--host", "no-such-host.invalid"])
+            .listen_ip()
+            .unwrap_err();
+        assert!(e.contains("give an IP address"), "{e}");
     }
 }

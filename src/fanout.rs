@@ -20,6 +20,11 @@
 //!   time, in order.
 //! - **Status frames travel in order** with the messages: a `down` between
 //!   two messages reaches every client between them.
+//! - **The X-ray costs only those who asked.** A client that connected with
+//!   `trace=1` gets its message frames made for it alone, stamped when they
+//!   are handed to its socket; everyone else gets the shared batch, as
+//!   before. The traced frames go by the same shard and thread as the
+//!   shared ones, so a traced client's order holds the same way.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,10 +33,12 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use log::warn;
 
 use crate::broker::{BrokerEvent, DeliveryStatus, PresenceChange};
+use crate::clock;
+use crate::demo::DemoControls;
 use crate::faults;
 use crate::hub::{Hub, Member};
 use crate::metrics::Metrics;
-use crate::protocol::{ChatMessage, ServerFrame};
+use crate::protocol::{ChatMessage, MessageFrame, Received, ServerFrame};
 use crate::session::outbox::{Batch, Pushed};
 use crate::supervisor::Supervisor;
 
@@ -55,6 +62,8 @@ const JOB_QUEUE: usize = 1024;
 struct Job {
     members: Arc<[Member]>,
     batch: Arc<Batch>,
+    /// What the batch holds, for members that asked for the X-ray.
+    traced: Option<Arc<Traced>>,
     /// Chat messages in the batch (for the delivered counter).
     messages: usize,
     shard: usize,
@@ -66,6 +75,8 @@ pub fn spawn_fanout(
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     threads: usize,
+    instance: Arc<str>,
+    demo: Arc<DemoControls>,
     supervisor: &Arc<Supervisor>,
 ) -> std::io::Result<()> {
     let busy = Arc::new(AtomicUsize::new(0));
@@ -76,7 +87,12 @@ pub fn spawn_fanout(
         let (metrics, busy) = (metrics.clone(), busy.clone());
         supervisor.spawn(&format!("deliverer-{shard}"), move || {
             for job in jobs_rx {
-                let outcome = deliver_to(&job.members, &job.batch, Some((job.shard, shards)));
+                let outcome = deliver_to(
+                    &job.members,
+                    &job.batch,
+                    job.traced.as_deref(),
+                    Some((job.shard, shards)),
+                );
                 outcome.count(&metrics, job.messages);
                 busy.fetch_sub(1, Ordering::Release);
             }
@@ -88,6 +104,8 @@ pub fn spawn_fanout(
         metrics,
         deliverers,
         busy,
+        instance,
+        demo,
     };
     supervisor.spawn("fan-out", move || fanout.run(&events_rx))?;
     Ok(())
@@ -95,7 +113,7 @@ pub fn spawn_fanout(
 
 /// What waits to be handed out, in arrival order.
 enum Pending {
-    Message(ChatMessage),
+    Message(ChatMessage, Received),
     /// A join, a leave or a fresh member list (typing goes on its own).
     Presence(PresenceChange),
 }
@@ -120,19 +138,68 @@ struct Fanout {
     deliverers: Vec<Sender<Job>>,
     /// Jobs handed to deliverers and not finished.
     busy: Arc<AtomicUsize>,
+    /// This instance's name: the X-ray's `received_by`.
+    instance: Arc<str>,
+    /// `--demo-controls`: delivery may be paused on purpose.
+    demo: Arc<DemoControls>,
+}
+
+/// The frames of one room in one delivery, and which pending events
+/// they came from.
+struct RoomBatch<'a> {
+    room: &'a str,
+    batch: Batch,
+    messages: usize,
+    items: Vec<usize>,
+}
+
+/// One room's share of a delivery, kept for its members that asked for
+/// the X-ray: their frames are made one by one, each with its own stamp.
+struct Traced {
+    received_by: Arc<str>,
+    items: Vec<TracedItem>,
+}
+
+enum TracedItem {
+    Message(ChatMessage, Received),
+    /// A join or leave: the same frame as everyone's.
+    Frame(Vec<u8>),
+}
+
+impl Traced {
+    /// The batch for one traced member, stamped now.
+    fn batch(&self) -> Arc<Batch> {
+        let mut batch = Batch::default();
+        for item in &self.items {
+            match item {
+                TracedItem::Message(message, received) => {
+                    let frame = MessageFrame::traced(
+                        message,
+                        *received,
+                        &self.received_by,
+                        clock::wall_micros(),
+                    );
+                    batch.push(Some(message.id), &ServerFrame::Message(frame).to_ws_bytes());
+                }
+                TracedItem::Frame(frame) => batch.push(None, frame),
+            }
+        }
+        Arc::new(batch)
+    }
 }
 
 impl Fanout {
     fn run(&self, events_rx: &Receiver<BrokerEvent>) {
         let mut pending = Vec::with_capacity(MAX_BATCH);
         while let Ok(first) = events_rx.recv() {
+            self.demo.wait_while_delivery_paused();
             let mut next = Some(first);
             let mut bytes = 0;
             while let Some(event) = next.take() {
                 match event {
-                    BrokerEvent::Message(message) => {
+                    BrokerEvent::Message(message, received) => {
                         bytes += message.text.len() + message.from.len();
-                        pending.push(Pending::Message(message));
+                        pending.push(Pending::Message(message, received));
                     }
                     BrokerEvent::Delivery(status) => {
                         self.deliver(&mut pending);
@@ -158,12 +225,12 @@ impl Fanout {
     /// Frames each event once and hands each room's batch to its members,
     /// in order.
     fn deliver(&self, pending: &mut Vec<Pending>) {
-        let mut batches: Vec<(&str, Batch, usize)> = Vec::new();
-        for item in pending.iter() {
+        let mut rooms: Vec<RoomBatch<'_>> = Vec::new();
+        for (index, item) in pending.iter().enumerate() {
             let (room, id, frame, is_message) = match item {
-                Pending::Message(message) => {
+                Pending::Message(message, _) => {
                     faults::inject("fan-out", &message.text);
-                    let frame = ServerFrame::Message(message).to_ws_bytes();
+                    let frame = ServerFrame::Message(MessageFrame::plain(message)).to_ws_bytes();
                     (message.room.as_str(), Some(message.id), frame, 1)
                 }
                 Pending::Presence(change) => {
@@ -171,24 +238,52 @@ impl Fanout {
                     (change.room(), None, frame, 0)
                 }
             };
-            match batches.iter_mut().find(|(name, _, _)| *name == room) {
-                Some((_, batch, count)) => {
-                    batch.push(id, &frame);
-                    *count += is_message;
-                }
+            let at = match rooms.iter().position(|batch| batch.room == room) {
+                Some(at) => at,
                 None => {
-                    let mut batch = Batch::default();
-                    batch.push(id, &frame);
-                    batches.push((room, batch, is_message));
+                    rooms.push(RoomBatch {
+                        room,
+                        batch: Batch::default(),
+                        messages: 0,
+                        items: Vec::new(),
+                    });
+                    rooms.len() - 1
                 }
-            }
+            };
+            let entry = &mut rooms[at];
+            entry.batch.push(id, &frame);
+            entry.messages += is_message;
+            entry.items.push(index);
         }
-        for (room, batch, messages) in batches {
-            if let Some(members) = self.hub.room(room) {
-                self.send(members, Arc::new(batch), messages);
+        for entry in rooms {
+            if let Some(members) = self.hub.room(entry.room) {
+                let traced = members
+                    .iter()
+                    .any(|member| member.trace)
+                    .then(|| Arc::new(self.traced(pending, &entry.items)));
+                self.send(members, Arc::new(entry.batch), traced, entry.messages);
             }
         }
         pending.clear();
+    }
+
+    /// What the traced members of a room need to make their own frames.
+    fn traced(&self, pending: &[Pending], items: &[usize]) -> Traced {
+        let items = items
+            .iter()
+            .map(|&index| match &pending[index] {
+                Pending::Message(message, received) => {
+                    TracedItem::Message(message.clone(), *received)
+                }
+                Pending::Presence(change) => {
+                    TracedItem::Frame(presence_frame(change).to_ws_bytes().to_vec())
+                }
+            })
+            .collect();
+        Traced {
+            received_by: self.instance.clone(),
+            items,
+        }
     }
 
     /// Hands `name` typing to the room's members but its own tabs.
@@ -202,7 +297,7 @@ impl Fanout {
             .filter(|member| *member.name != *name)
             .cloned()
             .collect();
-        self.send(others, Arc::new(Batch::single(&frame)), 0);
+        self.send(others, Arc::new(Batch::single(&frame)), None, 0);
     }
 
     /// Tells every local client that delivery went down or came back.
@@ -219,15 +314,21 @@ impl Fanout {
         };
         let batch = Arc::new(Batch::single(&frame.to_ws_bytes()));
         for members in self.hub.all_rooms() {
-            self.send(members, batch.clone(), 0);
+            self.send(members, batch.clone(), None, 0);
         }
     }
 
-    fn send(&self, members: Arc<[Member]>, batch: Arc<Batch>, messages: usize) {
+    fn send(
+        &self,
+        members: Arc<[Member]>,
+        batch: Arc<Batch>,
+        traced: Option<Arc<Traced>>,
+        messages: usize,
+    ) {
         let shards = self.deliverers.len() + 1;
         let alone = members.len() < SHARD_MIN_MEMBERS && self.busy.load(Ordering::Acquire) == 0;
         if shards == 1 || alone {
-            deliver_to(&members, &batch, None).count(&self.metrics, messages);
+            deliver_to(&members, &batch, traced.as_deref(), None).count(&self.metrics, messages);
             return;
         }
         for (n, jobs_tx) in self.deliverers.iter().enumerate() {
@@ -235,6 +336,7 @@ impl Fanout {
             let job = Job {
                 members: members.clone(),
                 batch: batch.clone(),
+                traced: traced.clone(),
                 messages,
                 shard: n + 1,
             };
@@ -244,7 +346,8 @@ impl Fanout {
                 self.busy.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        deliver_to(&members, &batch, Some((0, shards))).count(&self.metrics, messages);
+        deliver_to(&members, &batch, traced.as_deref(), Some((0, shards)))
+            .count(&self.metrics, messages);
     }
 }
 
@@ -267,12 +370,22 @@ impl Outcome {
     }
 }
 
-/// Hands `batch` to the members of one shard (`(shard, shards)`), or to all.
-fn deliver_to(members: &[Member], batch: &Arc<Batch>, shard: Option<(usize, usize)>) -> Outcome {
+/// Hands `batch` to the members of one shard (`(shard, shards)`), or to all;
+/// members that asked for the X-ray get theirs made from `traced`.
+fn deliver_to(
+    members: &[Member],
+    batch: &Arc<Batch>,
+    traced: Option<&Traced>,
+    shard: Option<(usize, usize)>,
+) -> Outcome {
     let mine = |member: &Member| shard.is_none_or(|(n, of)| member.id as usize % of == n);
     let mut outcome = Outcome::default();
     for member in members.iter().filter(|member| mine(member)) {
-        match member.outbox.deliver(batch) {
+        let pushed = match traced {
+            Some(traced) if member.trace => member.outbox.deliver(&traced.batch()),
+            _ => member.outbox.deliver(batch),
+        };
+        match pushed {
             Pushed::Sent => outcome.delivered += 1,
             Pushed::Queued => {
                 outcome.delivered += 1;

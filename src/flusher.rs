@@ -80,6 +80,21 @@ impl Flusher {
         unsafe { shard.poller.add(socket, Event::none(key)) }
     }
 
+    /// Brings every pending cut forward to `deadline` at the latest: at
+    /// shutdown, connections whose close has begun get a shorter grace.
+    pub fn hasten_cuts(&self, deadline: Instant) {
+        for shard in &self.shards {
+            let mut cuts = lock(&shard.cuts);
+            let hastened = cuts
+                .drain()
+                .map(|Reverse((at, key))| Reverse((at.min(deadline), key)))
+                .collect();
+            *cuts = hastened;
+            drop(cuts);
+            let _ = shard.poller.notify();
+        }
+    }
+
     /// The session is over: no more call-backs for this socket.
     pub fn forget(&self, key: usize, socket: &TcpStream) {
         let shard = self.shard(key);

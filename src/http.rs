@@ -1,24 +1,69 @@
 //! The HTTP side, served by tiny_http: the chat page, `/config.json`,
-//! `/healthz`, `/readyz` and `/metrics`.
+//! `/healthz`, `/readyz`, `/metrics`, `/stats` (the page's instances view)
+//! and, with `--demo-controls`, the fault panel's `POST /demo/...`.
 //!
 //! [`handle`] is a pure function from a method and path to a [`Reply`], so
 //! every route is unit-tested without a socket; [`serve`] is the thin loop
 //! that feeds it from tiny_http.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::{debug, warn};
 use serde::Serialize;
 
 use crate::broker::Broker;
+use crate::clock;
+use crate::demo::{self, DemoControls};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::stats::{InstanceReport, Stats};
 use crate::supervisor::Supervisor;
 
-/// The page, embedded so the binary serves it from any directory.
-const INDEX_HTML: &str = include_str!("../client/index.html");
-const APP_JS: &str = include_str!("../client/app.js");
-const STYLE_CSS: &str = include_str!("../client/style.css");
+/// A row of [`PAGE_FILES`]: `client/<file>`, served at `/<file>`.
+macro_rules! client_file {
+    ($file:literal, $content_type:expr) => {
+        (
+            concat!("/", $file),
+            $content_type,
+            include_str!(concat!("../client/", $file)),
+        )
+    };
+}
+
+/// The page, embedded so the binary serves it from any directory: each
+/// file's path, content type and text (`/` serves `/index.html`). The
+/// scripts are ES modules that `app.js` loads, so a new file under
+/// `client/` needs a row here; the test `every_file_the_page_loads_is_served`
+/// follows the page's references and fails if one is missing.
+const PAGE_FILES: &[(&str, &str, &str)] = &[
+    client_file!("index.html", HTML),
+    client_file!("style.css", CSS),
+    client_file!("app.js", JS),
+    client_file!("js/dom.js", JS),
+    client_file!("js/format.js", JS),
+    client_file!("js/session.js", JS),
+    client_file!("js/state.js", JS),
+    client_file!("js/xray.js", JS),
+    client_file!("js/conversation.js", JS),
+    client_file!("js/presence.js", JS),
+    client_file!("js/lab.js", JS),
+    client_file!("js/socket.js", JS),
+    client_file!("js/page.js", JS),
+];
+const HTML: &str = "text/html; charset=utf-8";
+const JS: &str = "text/javascript; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
+
+/// The embedded page file at `path`, if there is one.
+fn page_file(path: &str) -> Option<Reply> {
+    let path = if path == "/" { "/index.html" } else { path };
+    PAGE_FILES
+        .iter()
+        .find(|(file, _, _)| *file == path)
+        .map(|&(_, content_type, body)| Reply::new(200, content_type, body))
+}
 
 /// What the HTTP handlers read.
 pub struct HttpState {
@@ -31,6 +76,8 @@ pub struct HttpState {
     pub supervisor: Arc<Supervisor>,
     pub metrics: Arc<Metrics>,
     pub hub: Arc<Hub>,
+    pub stats: Arc<Stats>,
+    pub demo: Arc<DemoControls>,
 }
 
 /// `GET /config.json`: how the page finds its WebSocket.
@@ -41,6 +88,29 @@ struct PageConfig<'a> {
     ws_path: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     ws_url: Option<&'a str>,
+    /// The page shows its fault panel (`--demo-controls`).
+    demo_controls: bool,
+}
+
+/// `GET /stats`: the page's instances view.
+#[derive(Debug, Serialize)]
+struct StatsReply<'a> {
+    /// The instance that answered.
+    instance: &'a str,
+    at_ms: u64,
+    demo_controls: bool,
+    /// Every instance that reported lately (through Redis), by name.
+    instances: Vec<InstanceReport>,
+    /// Set when the others could not be read: only this one is listed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    local: LocalStats,
+}
+
+#[derive(Debug, Serialize)]
+struct LocalStats {
+    /// Until when `/demo/pause-delivery` holds delivery, if it does.
+    delivery_paused_until_ms: Option<u64>,
 }
 
 /// An HTTP answer, before tiny_http sees it.
@@ -76,10 +146,10 @@ pub fn handle(method: &str, url: &str, host: Option<&str>, state: &HttpState) ->
         return Reply::text(405, "only GET and HEAD are served here\n");
     }
     let path = url.split(['?', '#']).next().unwrap_or("/");
+    if let Some(file) = page_file(path) {
+        return file;
+    }
     match path {
-        "/" | "/index.html" => Reply::new(200, "text/html; charset=utf-8", INDEX_HTML),
-        "/app.js" => Reply::new(200, "text/javascript; charset=utf-8", APP_JS),
-        "/style.css" => Reply::new(200, "text/css; charset=utf-8", STYLE_CSS),
         "/config.json" => {
             let config = PageConfig {
                 instance: &state.instance,
@@ -89,11 +159,13 @@ pub fn handle(method: &str, url: &str, host: Option<&str>, state: &HttpState) ->
                     .public_ws_url
                     .as_deref()
                     .filter(|_| !is_direct(host, state.http_port)),
+                demo_controls: state.demo.enabled(),
             };
             let body = serde_json::to_vec(&config).expect("page config always serializes");
             Reply::new(200, "application/json", body)
         }
         "/healthz" => Reply::text(200, "ok\n"),
+        "/stats" => stats(state),
         "/readyz" => match state
             .supervisor
             .readiness()
@@ -115,6 +187,120 @@ pub fn handle(method: &str, url: &str, host: Option<&str>, state: &HttpState) ->
     }
 }
 
+/// `GET /stats`: every instance that is up, as the broker knows them; this
+/// one alone when the broker cannot be asked.
+fn stats(state: &HttpState) -> Reply {
+    let (instances, error) = match state.broker.instances() {
+        Ok(instances) if !instances.is_empty() => (instances, None),
+        Ok(_) => (vec![state.stats.latest()], None),
+        Err(e) => (vec![state.stats.latest()], Some(e.to_string())),
+    };
+    let reply = StatsReply {
+        instance: &state.instance,
+        at_ms: clock::wall_millis(),
+        demo_controls: state.demo.enabled(),
+        instances,
+        error,
+        local: LocalStats {
+            delivery_paused_until_ms: state.demo.delivery_paused_until(),
+        },
+    };
+    let body = serde_json::to_vec(&reply).expect("stats always serialize");
+    Reply::new(200, "application/json", body)
+}
+
+/// `POST /demo/...`, the fault panel: refused (403) unless the instance
+/// runs with `--demo-controls` and the caller is on this machine.
+pub fn handle_demo(method: &str, url: &str, peer: Option<IpAddr>, state: &HttpState) -> Reply {
+    if !state.demo.enabled() {
+        return Reply::text(
+            403,
+            "demo controls are off: start the instance with --demo-controls (or DEMO_CONTROLS=1)\n",
+        );
+    }
+    if !peer.is_some_and(|peer| peer.is_loopback()) {
+        return Reply::text(403, "demo controls answer loopback clients only\n");
+    }
+    if method != "POST" {
+        return Reply::text(405, "demo controls are POST requests\n");
+    }
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let param = |name: &str| {
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.into_owned())
+    };
+    let seconds = |default: u64| match param("seconds") {
+        None => Ok(default),
+        Some(text) => match text.parse::<u64>() {
+            Ok(n) if (1..=demo::MAX_SECONDS).contains(&n) => Ok(n),
+            _ => Err(Reply::text(
+                400,
+                format!(
+                    "seconds must be a whole number from 1 to {}, not {text:?}\n",
+                    demo::MAX_SECONDS
+                ),
+            )),
+        },
+    };
+    let done = |message: String| {
+        let body = serde_json::json!({"ok": true, "message": message}).to_string();
+        Reply::new(200, "application/json", body)
+    };
+    match path {
+        "/demo/cut-subscription" => {
+            let hold = match param("seconds") {
+                None => Ok(0),
+                Some(_) => seconds(0),
+            };
+            match hold.map(|n| state.broker.cut_subscription(Duration::from_secs(n))) {
+                Ok(Ok(message)) => {
+                    warn!("demo control: {message}");
+                    done(message)
+                }
+                Ok(Err(message)) => Reply::text(409, format!("{message}\n")),
+                Err(reply) => reply,
+            }
+        }
+        "/demo/pause-delivery" => match seconds(5) {
+            Ok(n) => {
+                state.demo.pause_delivery(n);
+                done(format!(
+                    "delivery on {} is paused for {n} s: messages wait in order, then arrive",
+                    state.instance
+                ))
+            }
+            Err(reply) => reply,
+        },
+        "/demo/stall-reading" => {
+            let n = match seconds(10) {
+                Ok(n) => n,
+                Err(reply) => return reply,
+            };
+            let Some(client) = param("client")
+                .as_deref()
+                .map(|id| id.strip_prefix('c').unwrap_or(id))
+                .and_then(|id| id.parse::<u64>().ok())
+            else {
+                return Reply::text(
+                    400,
+                    "client must be a client id from the welcome frame, like c12\n",
+                );
+            };
+            if demo::stall_reading(&state.hub, client, n) {
+                done(format!(
+                    "c{client}'s socket is not written to for {n} s, as if the tab had stopped \
+                     reading: its frames wait in its outbox, and past the limit it is dropped \
+                     as a slow consumer"
+                ))
+            } else {
+                Reply::text(404, format!("no client c{client} on {}\n", state.instance))
+            }
+        }
+        _ => Reply::text(404, format!("no demo control at {path}\n")),
+    }
+}
+
 /// Whether a request came straight to this instance's HTTP port rather
 /// than through a proxy: its `Host` names that port.
 fn is_direct(host: Option<&str>, http_port: u16) -> bool {
@@ -133,7 +319,12 @@ pub fn serve(server: &tiny_http::Server, state: &HttpState) {
             .iter()
             .find(|header| header.field.equiv("Host"))
             .map(|header| header.value.as_str().to_string());
-        let reply = handle(&method, request.url(), host.as_deref(), state);
+        let reply = if request.url().starts_with("/demo/") {
+            let peer = request.remote_addr().map(|addr| addr.ip());
+            handle_demo(&method, request.url(), peer, state)
+        } else {
+            handle(&method, request.url(), host.as_deref(), state)
+        };
         debug!("http {method} {} -> {}", request.url(), reply.status);
         let header = tiny_http::Header::from_bytes("Content-Type", reply.content_type)
             .expect("content types are valid header values");
@@ -160,7 +351,7 @@ mod tests {
     use crate::broker::local::LocalBroker;
     use crate::hub::Hub;
 
-    fn state() -> HttpState {
+    fn state_with(demo_controls: bool) -> HttpState {
         let metrics = Arc::new(Metrics::default());
         let (events_tx, _events_rx) = crossbeam_channel::unbounded();
         HttpState {
@@ -178,7 +369,56 @@ mod tests {
             supervisor: Supervisor::new().0,
             metrics,
             hub: Arc::new(Hub::new()),
+            stats: Arc::new(Stats::new(InstanceReport {
+                instance: "a1".into(),
+                clients: 0,
+                rooms: 0,
+                published_per_s: 0.0,
+                delivered_per_s: 0.0,
+                up_since_ms: 0,
+                seen_ms: 0,
+                redis: "up".into(),
+                slow_clients_dropped: 0,
+                redis_reconnects: 0,
+                history_replayed: 0,
+            })),
+            demo: Arc::new(DemoControls::new(demo_controls)),
         }
+    }
+
+    fn state() -> HttpState {
+        state_with(false)
+    }
+
+    #[test]
+    fn the_demo_controls_answer_only_when_enabled_and_only_loopback_callers() {
+        let loopback = Some(IpAddr::from([127, 0, 0, 1]));
+        let off = state_with(false);
+        let reply = handle_demo("POST", "/demo/pause-delivery", loopback, &off);
+        assert_eq!(reply.status, 403);
+        assert!(String::from_utf8_lossy(&reply.body).contains("--demo-controls"));
+
+        let on = state_with(true);
+        let elsewhere = Some(IpAddr::from([192, 168, 1, 20]));
+        let reply = handle_demo("POST", "/demo/pause-delivery?seconds=1", elsewhere, &on);
+        assert_eq!(reply.status, 403, "a caller from another machine");
+        assert_eq!(
+            handle_demo("POST", "/demo/pause-delivery?seconds=1", None, &on).status,
+            403,
+            "a caller of unknown address"
+        );
+        let v6 = Some("::1".parse().unwrap());
+        let reply = handle_demo("POST", "/demo/pause-delivery?seconds=1", v6, &on);
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        assert!(on.demo.delivery_paused_until().is_some());
+        let config = handle("GET", "/config.json", None, &on);
+        let config: serde_json::Value = serde_json::from_slice(&config.body).unwrap();
+        assert_eq!(config["demo_controls"], true);
     }
 
     #[test]
@@ -188,7 +428,9 @@ mod tests {
             assert_eq!(reply.status, 200);
             serde_json::from_slice::<serde_json::Value>(&reply.body).unwrap()
         };
-        let direct = serde_json::json!({"instance": "a1", "ws_port": 15000, "ws_path": "/ws"});
+        let direct = serde_json::json!({
+            "instance": "a1", "ws_port": 15000, "ws_path": "/ws", "demo_controls": false
+        });
         assert_eq!(
             config(Some("127.0.0.1:5000")),
             direct,
@@ -219,5 +461,79 @@ mod tests {
         let metrics = String::from_utf8(handle("GET", "/metrics", None, &state).body).unwrap();
         assert!(metrics.contains("chat_clients_connected 0"));
         assert!(metrics.contains("\nchat_hub_members 0\n"));
+    }
+
+    /// Every text between `opener` and the next `close` in `text`.
+    fn quoted_after<'a>(text: &'a str, opener: &str, close: char) -> Vec<&'a str> {
+        text.match_indices(opener)
+            .filter_map(|(at, _)| {
+                let rest = &text[at + opener.len()..];
+                rest.find(close).map(|end| &rest[..end])
+            })
+            .collect()
+    }
+
+    /// `reference`, read in the file at `from`, as a path from the root.
+    fn resolve(from: &str, reference: &str) -> String {
+        if reference.starts_with('/') {
+            return reference.to_string();
+        }
+        let mut parts: Vec<&str> = from.split('/').collect();
+        parts.pop(); // the referring file's own name
+        for part in reference.split('/') {
+            match part {
+                "." => {}
+                ".." => {
+                    parts.pop();
+                }
+                _ => parts.push(part),
+            }
+        }
+        parts.join("/")
+    }
+
+    /// Follows the page's references (`src` and `href` in the HTML, every
+    /// `'./….js'` in a script: its imports, and the list `app.js` loads):
+    /// each must be served with its content type, and
+    /// every embedded file must be reached, so the table has no stale rows.
+    #[test]
+    fn every_file_the_page_loads_is_served() {
+        let state = state();
+        let mut to_visit = vec!["/index.html".to_string()];
+        let mut reached = std::collections::BTreeSet::new();
+        while let Some(path) = to_visit.pop() {
+            if !reached.insert(path.clone()) {
+                continue;
+            }
+            let reply = handle("GET", &path, None, &state);
+            assert_eq!(
+                reply.status, 200,
+                "the page loads {path}, which is not served"
+            );
+            let (content_type, references) = if path.ends_with(".html") {
+                let html = std::str::from_utf8(&reply.body).unwrap();
+                let mut refs = quoted_after(html, " src=\"", '"');
+                refs.extend(quoted_after(html, " href=\"", '"'));
+                (HTML, refs.into_iter().map(str::to_string).collect())
+            } else if path.ends_with(".js") {
+                let js = std::str::from_utf8(&reply.body).unwrap();
+                let refs = quoted_after(js, "'./", '\'');
+                let modules = refs.into_iter().filter(|r| r.ends_with(".js"));
+                (JS, modules.map(|r| format!("./{r}")).collect())
+            } else {
+                (CSS, Vec::new())
+            };
+            assert_eq!(reply.content_type, content_type, "{path}");
+            for reference in references.iter().filter(|r| !r.contains(':')) {
+                to_visit.push(resolve(&path, reference));
+            }
+        }
+        assert!(reached.contains("/app.js") && reached.contains("/style.css"));
+        for (file, _, _) in PAGE_FILES {
+            assert!(
+                reached.contains(*file),
+                "{file} is embedded but the page never loads it"
+            );
+        }
     }
 }

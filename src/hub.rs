@@ -29,6 +29,9 @@ pub struct Member {
     pub outbox: Arc<Outbox>,
     /// When its reader last read a frame (for the pinger).
     pub last_seen: Arc<LastSeen>,
+    /// It asked for the X-ray (`trace=1`): its message frames are made
+    /// for it alone, with its own stamps.
+    pub trace: bool,
 }
 
 /// Local clients by room.
@@ -147,6 +150,7 @@ mod tests {
             name: "someone".into(),
             outbox: Arc::new(Outbox::new(wire, 1024)),
             last_seen: Arc::default(),
+            trace: false,
         };
         (member, peer)
     }

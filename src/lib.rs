@@ -4,6 +4,8 @@
 //! # Layout
 //!
 //! - [`config`]: every option, its default and its environment variable.
+//! - [`redis_url`]: a Redis URL checked at start and shown without its
+//!   password.
 //! - [`server`]: wiring: listeners, broker, named threads, shutdown.
 //! - [`http`]: the page, `/config.json`, `/healthz`, `/readyz`, `/metrics`.
 //! - [`session`]: one WebSocket client's reader and writer threads.
@@ -41,6 +43,7 @@ pub mod backoff;
 pub mod broker;
 pub mod clock;
 pub mod config;
+pub mod demo;
 pub mod fanout;
 pub mod faults;
 pub mod flusher;
@@ -51,8 +54,10 @@ pub mod metrics;
 pub mod origin;
 pub mod protocol;
 pub mod rate_limit;
+pub mod redis_url;
 pub mod server;
 pub mod session;
 pub mod stack;
+pub mod stats;
 pub mod supervisor;
 pub mod sync;

@@ -53,6 +53,8 @@ metrics! {
     counter messages_published_total: "chat_messages_published_total",
     /// Messages refused with `unavailable` because the broker was down.
     counter messages_unavailable_total: "chat_messages_unavailable_total",
+    /// Messages answered `outcome_unknown`: Redis never said whether it accepted them.
+    counter messages_outcome_unknown_total: "chat_messages_outcome_unknown_total",
     /// Payloads received from the broker (the rooms' channels), but
     /// presence events: messages, and invalid payloads.
     counter broker_messages_total: "chat_broker_messages_total",
@@ -105,6 +107,14 @@ impl Metrics {
 
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub fn get_gauge(gauge: &AtomicI64) -> i64 {
+        gauge.load(Ordering::Relaxed)
     }
 
     pub fn set(gauge: &AtomicI64, value: i64) {

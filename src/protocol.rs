@@ -127,6 +127,12 @@ pub struct ChatMessage {
     pub instance: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cid: Option<String>,
+    /// X-ray stamps that travel with the message (see [`Trace`]): when the
+    /// sender's tab says it was typed, and when `instance` read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub typed_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_us: Option<u64>,
 }
 
 /// The fields of a message that the accepting instance knows before the
@@ -139,6 +145,10 @@ pub struct NewMessage {
     pub instance: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub typed_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_us: Option<u64>,
 }
 
 impl NewMessage {
@@ -152,6 +162,8 @@ impl NewMessage {
             text: self.text,
             instance: self.instance,
             cid: self.cid,
+            typed_us: self.typed_us,
+            read_us: self.read_us,
         }
     }
 }
@@ -169,6 +181,11 @@ pub enum ErrorCode {
     RateLimited,
     /// The message was NOT accepted: the broker (Redis) is unreachable.
     Unavailable,
+    /// The message may or may not have been accepted: Redis took the accept
+    /// script and never said how it ended. If it was accepted, it appears
+    /// in the conversation like any other; a client must not resend it
+    /// blindly.
+    OutcomeUnknown,
 }
 
 /// Every frame the server sends, told apart by `type`.
@@ -181,7 +198,7 @@ pub enum ServerFrame<'a> {
         name: &'a str,
         room: &'a str,
     },
-    Message(&'a ChatMessage),
+    Message(MessageFrame<'a>),
     /// Whether messages can be sent right now: `"down"` while the server
     /// cannot reach Redis (sending is paused), `"up"` when it is back.
     Status {
@@ -217,6 +234,111 @@ pub enum ServerFrame<'a> {
         room: &'a str,
         name: &'a str,
     },
+}
+
+/// A chat message as a client receives it: the message's own fields, in
+/// the order they always had, and the X-ray only for clients that asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MessageFrame<'a> {
+    id: MessageId,
+    room: &'a str,
+    from: &'a str,
+    text: &'a str,
+    ts: u64,
+    instance: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace: Option<Trace<'a>>,
+}
+
+impl<'a> MessageFrame<'a> {
+    /// What every client that did not ask for traces gets.
+    pub fn plain(message: &'a ChatMessage) -> Self {
+        MessageFrame {
+            id: message.id,
+            room: &message.room,
+            from: &message.from,
+            text: &message.text,
+            ts: message.ts,
+            instance: &message.instance,
+            cid: message.cid.as_deref(),
+            trace: None,
+        }
+    }
+
+    /// With the X-ray: `received` says how instance `received_by` got the
+    /// message, `sent_us` when its frame for this client was made, just
+    /// before it is handed to the client's socket.
+    pub fn traced(
+        message: &'a ChatMessage,
+        received: Received,
+        received_by: &'a str,
+        sent_us: u64,
+    ) -> Self {
+        MessageFrame {
+            trace: Some(Trace {
+                typed_us: message.typed_us,
+                read_us: message.read_us,
+                read_by: &message.instance,
+                accepted_ms: message.id.millis,
+                received_us: received.at_us,
+                received_by,
+                sent_us,
+                via: received.via,
+            }),
+            ..MessageFrame::plain(message)
+        }
+    }
+}
+
+/// One message's path, stamped at each hop (microseconds since the Unix
+/// epoch, each on the clock of whoever stamped it): the page's X-ray.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Trace<'a> {
+    /// The sender's tab: when it was typed (that browser's clock).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub typed_us: Option<u64>,
+    /// `read_by` read it from the sender's socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_us: Option<u64>,
+    pub read_by: &'a str,
+    /// Redis accepted it: the id's time, in milliseconds (Redis's clock).
+    pub accepted_ms: u64,
+    /// `received_by` got it from its subscription (or from history).
+    pub received_us: u64,
+    pub received_by: &'a str,
+    /// The frame for this client was made and handed to its socket.
+    pub sent_us: u64,
+    pub via: Via,
+}
+
+/// How an instance came by a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// Live, from the Redis subscription.
+    Pubsub,
+    /// From the room's history: a catch-up, or `since` at the handshake.
+    History,
+    /// From the in-memory broker (`--broker local`).
+    Local,
+}
+
+/// When and how an instance received a message (for the X-ray).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub at_us: u64,
+    pub via: Via,
+}
+
+impl Received {
+    pub fn now(via: Via) -> Self {
+        Received {
+            at_us: crate::clock::wall_micros(),
+            via,
+        }
+    }
 }
 
 /// A member of a room: one name, however many tabs and instances.
@@ -384,6 +506,9 @@ pub enum ClientFrame {
         text: String,
         #[serde(default)]
         cid: Option<String>,
+        /// When the page says the user typed it (the X-ray's first hop).
+        #[serde(default)]
+        typed_us: Option<u64>,
     },
     /// The user is typing: relayed to the room's other members.
     Typing,
@@ -413,6 +538,19 @@ impl FrameError {
         }
     }
 
+    /// The answer to a publish whose outcome Redis never told: `why` is
+    /// the broker's reason.
+    pub fn outcome_unknown(why: &str, cid: Option<&str>) -> Self {
+        FrameError {
+            code: ErrorCode::OutcomeUnknown,
+            message: format!(
+                "message may or may not have been sent ({why}); if it was, it will appear in the \
+                 conversation: do not resend it blindly"
+            ),
+            cid: cid.map(str::to_string),
+        }
+    }
+
     pub fn to_frame(&self) -> ServerFrame<'_> {
         ServerFrame::Error {
             code: self.code,
@@ -427,6 +565,7 @@ impl FrameError {
 pub struct ValidMessage {
     pub text: String,
     pub cid: Option<String>,
+    pub typed_us: Option<u64>,
 }
 
 /// Parses and validates one text frame from a client.
@@ -437,17 +576,22 @@ pub struct ValidMessage {
 /// `bad_request`, not a stack overflow.
 pub fn parse_client_frame(raw: &str, limits: &Limits) -> Result<ClientRequest, FrameError> {
     let max_text_chars = limits.max_text_chars;
-    let frame: ClientFrame = serde_json::from_str(raw).map_err(|e| {
-        FrameError::bad_request(format!(
+    let frame: ClientFrame = serde_json::from_str(raw).map_err(|e| FrameError {
+        cid: readable_cid(raw),
+        ..FrameError::bad_request(format!(
             "expected {{\"type\":\"message\",\"text\":\"...\"}} or {{\"type\":\"typing\"}}: {e}"
         ))
     })?;
-    let (text, cid) = match frame {
-        ClientFrame::Message { text, cid } => (text, cid),
+    let (text, cid, typed_us) = match frame {
+        ClientFrame::Message {
+            text,
+            cid,
+            typed_us,
+        } => (text, cid, typed_us),
         ClientFrame::Typing => return Ok(ClientRequest::Typing),
     };
     if let Some(cid) = &cid
-        && (cid.chars().count() > MAX_CID_CHARS || cid.chars().any(char::is_control))
+        && !valid_cid(cid)
     {
         return Err(FrameError::bad_request(format!(
             "cid must be at most {MAX_CID_CHARS} characters with no control characters"
@@ -468,7 +612,26 @@ pub fn parse_client_frame(raw: &str, limits: &Limits) -> Result<ClientRequest, F
             format!("text is {chars} characters; the limit is {max_text_chars}"),
         ));
     }
-    Ok(ClientRequest::Message(ValidMessage { text, cid }))
+    Ok(ClientRequest::Message(ValidMessage {
+        text,
+        cid,
+        typed_us,
+    }))
+}
+
+/// Whether a client's `cid` may be echoed: short, no control characters.
+fn valid_cid(cid: &str) -> bool {
+    cid.chars().count() <= MAX_CID_CHARS && !cid.chars().any(char::is_control)
+}
+
+/// The `cid` of a frame that is not a valid client frame (unknown `type`,
+/// a field missing or of the wrong type), when it is a JSON object with a
+/// valid `cid`: its error is then about that message, and names it. Only
+/// read on the way to an error, so valid frames are parsed once.
+fn readable_cid(raw: &str) -> Option<String> {
+    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(raw).ok()?;
+    let cid = object.get("cid")?.as_str()?;
+    valid_cid(cid).then(|| cid.to_string())
 }
 
 /// Why a payload from the Redis channel was skipped.
@@ -719,6 +882,99 @@ mod tests {
     }
 
     #[test]
+    fn an_outcome_unknown_answer_has_its_own_code_and_says_what_to_do() {
+        let refusal =
+            FrameError::outcome_unknown("redis did not answer within 10000 ms", Some("c7"));
+        let frame = refusal.to_frame().to_json();
+        let frame: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(frame["code"], "outcome_unknown");
+        assert_eq!(frame["cid"], "c7");
+        let message = frame["message"].as_str().unwrap();
+        assert!(
+            message.contains("may or may not have been sent"),
+            "{message}"
+        );
+        assert!(message.contains("do not resend"), "{message}");
+        assert!(message.contains("redis did not answer"), "{message}");
+    }
+
+    #[test]
+    fn a_malformed_frame_with_a_valid_cid_echoes_it() {
+        let limits = Limits::default();
+        let refused = |raw: &str| parse_client_frame(raw, &limits).unwrap_err();
+        for raw in [
+            r#"{"type":"shout","text":"x","cid":"c1"}"#,
+            r#"{"type":"message","cid":"c1"}"#,
+            r#"{"cid":"c1","type":"message","text":42}"#,
+            r#"{"type":"message","text":null,"cid":"c1"}"#,
+            r#"{"text":"no type","cid":"c1"}"#,
+            r#"{"type":7,"text":"x","cid":"c1"}"#,
+        ] {
+            let err = refused(raw);
+            assert_eq!(err.code, ErrorCode::BadRequest, "{raw}");
+            assert_eq!(err.cid.as_deref(), Some("c1"), "{raw}: {err:?}");
+        }
+        // Nothing to echo: not JSON, no cid, or the cid is itself the problem.
+        let long = "x".repeat(MAX_CID_CHARS + 1);
+        for raw in [
+            r#"{"type":"shout","cid":"#.to_string(),
+            r#"{"type":"shout","text":"x"}"#.to_string(),
+            r#"{"type":"shout","cid":null}"#.to_string(),
+            r#"{"type":"shout","cid":42}"#.to_string(),
+            r#"{"type":"message","text":"x","cid":42}"#.to_string(),
+            r#"{"type":"shout","cid":"a\u0007b"}"#.to_string(),
+            format!(r#"{{"type":"shout","cid":"{long}"}}"#),
+            r#"[{"cid":"c1"}]"#.to_string(),
+            r#"["c1"]"#.to_string(),
+        ] {
+            assert_eq!(refused(&raw).cid, None, "{raw}");
+        }
+    }
+
+    #[test]
+    fn only_a_traced_client_gets_the_x_ray_and_the_plain_frame_is_unchanged() {
+        let message = NewMessage {
+            room: "lobby".into(),
+            from: "ann".into(),
+            text: "hi".into(),
+            instance: "a".into(),
+            cid: Some("c1".into()),
+            typed_us: Some(1_764_080_000_000_100),
+            read_us: Some(1_764_080_000_000_200),
+        }
+        .accepted("1764080000000-3".parse().unwrap());
+        assert_eq!(
+            ServerFrame::Message(MessageFrame::plain(&message)).to_json(),
+            r#"{"type":"message","id":"1764080000000-3","room":"lobby","from":"ann","text":"hi","ts":1764080000000,"instance":"a","cid":"c1"}"#
+        );
+        let received = Received {
+            at_us: 1_764_080_000_000_900,
+            via: Via::Pubsub,
+        };
+        let traced =
+            ServerFrame::Message(MessageFrame::traced(&message, received, "b", 7)).to_json();
+        let traced: serde_json::Value = serde_json::from_str(&traced).unwrap();
+        assert_eq!(
+            traced["trace"],
+            serde_json::json!({
+                "typed_us": 1_764_080_000_000_100u64, "read_us": 1_764_080_000_000_200u64,
+                "read_by": "a", "accepted_ms": 1_764_080_000_000u64,
+                "received_us": 1_764_080_000_000_900u64, "received_by": "b",
+                "sent_us": 7, "via": "pubsub"
+            })
+        );
+        // The stamps travel on the channel, so the receiving instance has them.
+        let channel = serde_json::to_value(&message).unwrap();
+        let mut channel = channel.as_object().unwrap().clone();
+        channel.insert("type".into(), "message".into());
+        let payload = serde_json::to_vec(&channel).unwrap();
+        assert_eq!(
+            parse_channel_payload(&payload, &Limits::default()).unwrap(),
+            message
+        );
+    }
+
+    #[test]
     fn channel_payloads_round_trip_and_junk_is_refused() {
         let msg = NewMessage {
             room: "lobby".into(),
@@ -726,9 +982,11 @@ mod tests {
             text: "<b>hi</b>".into(),
             instance: "a1".into(),
             cid: None,
+            typed_us: None,
+            read_us: None,
         }
         .accepted("1764080000000-3".parse().unwrap());
-        let wire = ServerFrame::Message(&msg).to_json();
+        let wire = ServerFrame::Message(MessageFrame::plain(&msg)).to_json();
         let limits = Limits::default();
         assert_eq!(
             parse_channel_payload(wire.as_bytes(), &limits).unwrap(),
@@ -810,9 +1068,9 @@ mod tests {
                 cid in proptest::option::of("[a-z0-9-]{1,36}"),
             ) {
                 prop_assume!(!from.trim().is_empty());
-                let message = NewMessage { room, from, text, instance: "i".into(), cid }
+                let message = NewMessage { room, from, text, instance: "i".into(), cid, typed_us: None, read_us: None }
                     .accepted(MessageId { millis, seq });
-                let wire = ServerFrame::Message(&message).to_json();
+                let wire = ServerFrame::Message(MessageFrame::plain(&message)).to_json();
                 prop_assert_eq!(parse_channel_payload(wire.as_bytes(), &Limits::default()).unwrap(), message);
             }
 
@@ -821,7 +1079,7 @@ mod tests {
                 prop_assume!(!text.trim().is_empty());
                 let raw = serde_json::json!({"type": "message", "text": text, "cid": cid}).to_string();
                 let parsed = parse_client_frame(&raw, &Limits::default()).unwrap();
-                prop_assert_eq!(parsed, ClientRequest::Message(ValidMessage { text, cid: Some(cid) }));
+                prop_assert_eq!(parsed, ClientRequest::Message(ValidMessage { text, cid: Some(cid), typed_us: None }));
             }
         }
     }

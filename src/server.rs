@@ -15,6 +15,7 @@ use crate::broker::local::LocalBroker;
 use crate::broker::redis::{RedisBroker, RedisSettings};
 use crate::broker::{Broker, BrokerEvent};
 use crate::config::{self, BrokerKind, Config};
+use crate::demo::DemoControls;
 use crate::fanout::{self, EVENT_QUEUE};
 use crate::flusher::Flusher;
 use crate::http::{self, HttpState};
@@ -24,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
 use crate::protocol::CloseReason;
 use crate::session::{self, SessionContext, SessionLimits, WS_PATH};
+use crate::stats::Reporter;
 use crate::supervisor::Supervisor;
 
 /// HTTP worker threads: the page and the probes are light, and tiny_http
@@ -32,6 +34,13 @@ const HTTP_WORKERS: usize = 2;
 /// Open files wanted: two per client is never needed (one socket each),
 /// but sockets, Redis links and the page all count.
 const WANTED_OPEN_FILES: u64 = 65_536;
+
+/// At shutdown, how long a client has to answer its Close before its
+/// connection is cut, instead of `--close-grace-ms`: the Close frame goes
+/// out at once, and a client that reads answers within milliseconds. One
+/// that does not would hold the exit for the whole close grace, which the
+/// 2 s an orchestrator allows for stopping cannot spare.
+const SHUTDOWN_CLOSE_GRACE: Duration = Duration::from_millis(250);
 
 /// Connections the kernel queues for the accept thread: a connect storm of
 /// thousands must wait in the queue, not be refused (std's default is 128).
@@ -62,6 +71,7 @@ pub struct RunningServer {
     supervisor: Arc<Supervisor>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
+    flusher: Arc<Flusher>,
     http: Arc<tiny_http::Server>,
 }
 
@@ -73,35 +83,38 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     config.validate()?;
     let open_files = raise_open_files_limit();
     check_budgets(config.max_clients, open_files);
-    let instance = config.instance_id();
     let metrics = Arc::new(Metrics::default());
     let hub = Arc::new(Hub::new());
     let (supervisor, fatal_rx) = Supervisor::new();
 
-    let http_listener = TcpListener::bind((config.host, config.port)).map_err(|e| {
-        format!(
-            "cannot listen for HTTP on {}:{}: {e}",
-            config.host, config.port
-        )
-    })?;
+    let host = config.listen_ip()?;
+    let http_listener = TcpListener::bind((host, config.port))
+        .map_err(|e| format!("cannot listen for HTTP on {host}:{}: {e}", config.port))?;
     let ws_port = config.ws_port()?;
-    let ws_listener = listen((config.host, ws_port).into(), ACCEPT_BACKLOG).map_err(|e| {
-        format!(
-            "cannot listen for WebSocket on {}:{ws_port}: {e}",
-            config.host
-        )
-    })?;
+    let ws_listener = listen((host, ws_port).into(), ACCEPT_BACKLOG)
+        .map_err(|e| format!("cannot listen for WebSocket on {host}:{ws_port}: {e}"))?;
     let http_addr = http_listener.local_addr().map_err(|e| e.to_string())?;
     let ws_addr = ws_listener.local_addr().map_err(|e| e.to_string())?;
+    // Named after the port bound, not the one asked for (`--port 0`).
+    let instance = config.instance_id_on(http_addr.port());
 
     // One delivery path for either broker: it emits events, the fan-out
     // thread alone hands them to the hub's clients.
     let (events_tx, events_rx) = crossbeam_channel::bounded::<BrokerEvent>(EVENT_QUEUE);
+    let demo = Arc::new(DemoControls::new(config.demo_controls));
+    if config.demo_controls {
+        warn!(
+            "--demo-controls is on: loopback clients can cut this instance's Redis subscription, \
+             pause its delivery and stall clients from the page (a teaching aid; never in production)"
+        );
+    }
     fanout::spawn_fanout(
         events_rx,
         hub.clone(),
         metrics.clone(),
         config.delivery_threads(),
+        instance.as_str().into(),
+        demo.clone(),
         &supervisor,
     )
     .map_err(|e| format!("cannot start the fan-out threads: {e}"))?;
@@ -139,6 +152,15 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         }
     };
 
+    let stats = Reporter {
+        instance: instance.clone(),
+        broker: broker.clone(),
+        metrics: metrics.clone(),
+        hub: hub.clone(),
+    }
+    .spawn(&supervisor)
+    .map_err(|e| format!("cannot start the stats thread: {e}"))?;
+
     let http_server = Arc::new(
         tiny_http::Server::from_listener(http_listener, None)
             .map_err(|e| format!("cannot start the HTTP server: {e}"))?,
@@ -153,6 +175,8 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         supervisor: supervisor.clone(),
         metrics: metrics.clone(),
         hub: hub.clone(),
+        stats,
+        demo,
     });
     for worker in 0..HTTP_WORKERS {
         let server = http_server.clone();
@@ -168,7 +192,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         instance.clone(),
         hub.clone(),
         broker,
-        flusher,
+        flusher.clone(),
         metrics.clone(),
         SessionLimits {
             content: config.content_limits(),
@@ -211,6 +235,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         supervisor,
         hub,
         metrics,
+        flusher,
         http: http_server,
     })
 }
@@ -242,6 +267,8 @@ impl RunningServer {
         // Wake the accept thread so it sees the flag and drops the listener.
         let _ = TcpStream::connect_timeout(&self.ws_addr, Duration::from_millis(100));
         self.hub.close_all(reason);
+        self.flusher
+            .hasten_cuts(Instant::now() + SHUTDOWN_CLOSE_GRACE.min(grace));
         let deadline = Instant::now() + grace;
         while self.metrics.clients_connected.load(Ordering::Relaxed) > 0
             && Instant::now() < deadline

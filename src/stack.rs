@@ -52,7 +52,8 @@ mod tests {
     use super::*;
 
     fn deep(n: u32) -> u64 {
-        let buffer = [n as u8; 1024];
+        // black_box: an optimised build must not fold the frames away.
+        let buffer = std::hint::black_box([n as u8; 1024]);
         if n == 0 {
             buffer.iter().map(|&b| u64::from(b)).sum()
         } else {
@@ -75,5 +76,59 @@ mod tests {
             .join()
             .unwrap();
         assert_eq!(result.0, result.1);
+    }
+
+    /// Resident pages of the calling thread's stack from its low end up to
+    /// `high`, by `mincore`.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn resident_stack_pages(high: usize) -> usize {
+        // SAFETY: as in release_unused; mincore only reports on pages of
+        // this thread's own stack mapping, into a vector of the right size.
+        unsafe {
+            let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+            assert_eq!(libc::pthread_getattr_np(libc::pthread_self(), &mut attr), 0);
+            let mut low: *mut libc::c_void = std::ptr::null_mut();
+            let mut size: libc::size_t = 0;
+            assert_eq!(libc::pthread_attr_getstack(&attr, &mut low, &mut size), 0);
+            libc::pthread_attr_destroy(&mut attr);
+            let page = libc::sysconf(libc::_SC_PAGESIZE).max(4096) as usize;
+            let low = (low as usize).div_ceil(page) * page;
+            let high = high / page * page;
+            let mut resident = vec![0u8; (high - low) / page];
+            let got = libc::mincore(
+                low as *mut libc::c_void,
+                high - low,
+                resident.as_mut_ptr().cast(),
+            );
+            assert_eq!(got, 0, "mincore: {}", std::io::Error::last_os_error());
+            resident.iter().filter(|&&page| page & 1 != 0).count()
+        }
+    }
+
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn the_pages_below_the_live_frames_are_given_back() {
+        let (before, after) = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(|| {
+                deep(64);
+                let here = 0u8;
+                // Well below this frame and the calls that measure.
+                let high = std::ptr::addr_of!(here) as usize - 4 * KEEP_BELOW;
+                let before = resident_stack_pages(high);
+                release_unused();
+                (before, resident_stack_pages(high))
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(
+            before >= 8,
+            "deep() left only {before} resident pages: the test measures nothing"
+        );
+        assert_eq!(
+            after, 0,
+            "{after} of {before} resident stack pages were not given back"
+        );
     }
 }

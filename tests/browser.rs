@@ -1,9 +1,11 @@
 //! Verifies in a real headless Chromium that a message typed on the chat page of one instance
 //! appears on the page of another instance joined by Redis, that message text is never run as
-//! HTML, that both pages say sending is paused when Redis dies, that a tab whose instance is SIGKILLed reconnects through nginx to a survivor and
-//! shows what it missed, and that the member list and the typing line follow tabs across
-//! instances. tests/browser/chat.mjs drives the browser; these tests start Redis,
-//! the instances and nginx.
+//! HTML, that the pill, the banner and the conversation tell one story when Redis dies or an
+//! instance is SIGKILLed (the tab reconnects through nginx to a survivor and shows what it
+//! missed), that the member list and the typing line follow tabs across instances, that the
+//! X-ray shows every hop of a message, and that each button of the fault panel does what it
+//! says (and that without `--demo-controls` there is no panel and the endpoints refuse).
+//! tests/browser/chat.mjs drives the browser; these tests start Redis, the instances and nginx.
 
 mod common;
 
@@ -18,7 +20,7 @@ use common::nginx::Nginx;
 use common::{Instance, RedisServer, unique};
 
 /// How long the whole browser run may take before node is killed.
-const NODE_TIMEOUT: Duration = Duration::from_secs(90);
+const NODE_TIMEOUT: Duration = Duration::from_secs(150);
 const CHROMIUM: &str = "/usr/bin/chromium";
 
 fn browser_dir() -> PathBuf {
@@ -202,6 +204,43 @@ fn the_member_list_follows_tabs_across_instances_and_shows_who_is_typing() {
             format!("http://{}", b.http).into(),
             "--pids".into(),
             format!("{}={},{}={}", a.id, a.pid(), b.id, b.pid()).into(),
+            "--room".into(),
+            unique_room().into(),
+            "--out".into(),
+            out.into(),
+        ],
+    );
+}
+
+#[test]
+fn the_x_ray_shows_every_hop_and_each_fault_button_does_what_it_says() {
+    let dir = browser_dir();
+    require_tooling(&dir);
+
+    let redis = RedisServer::start();
+    let prefix = unique("browser-lab");
+    // A's small send buffer lets "stall this tab" end in a slow-consumer
+    // drop after a few messages; B keeps the default.
+    let a = Instance::redis_with(
+        "browser-a",
+        &redis.url(),
+        &prefix,
+        &["--demo-controls", "--client-buffer-bytes", "8192"],
+    );
+    let b = Instance::redis_with("browser-b", &redis.url(), &prefix, &["--demo-controls"]);
+    a.wait_ready();
+    b.wait_ready();
+
+    let out = dir.join("artifacts");
+    run_chat_mjs(
+        &dir,
+        &[
+            "--scenario".into(),
+            "lab".into(),
+            "--a".into(),
+            format!("http://{}", a.http).into(),
+            "--b".into(),
+            format!("http://{}", b.http).into(),
             "--room".into(),
             unique_room().into(),
             "--out".into(),

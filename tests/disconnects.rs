@@ -90,8 +90,13 @@ fn sigterm_closes_every_client_with_going_away_and_exits_within_two_seconds() {
         .map(|n| a.client(&format!("c{n}"), "lobby"))
         .collect();
 
+    // The budget is the 2 s an orchestrator usually allows; half of it is
+    // the margin left for a loaded machine.
     let took = a.terminate();
-    assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "shutdown took {took:?}: it must leave half of the 2 s budget"
+    );
     for client in &mut clients {
         let close = loop {
             match client.socket.read() {

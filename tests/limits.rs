@@ -343,6 +343,22 @@ fn hostile_frames_get_their_documented_answers_and_nothing_panics() {
     }
     assert_still_served(&mut client, "the hostile client itself is still served");
 
+    // A frame that is wrong but carries a valid cid: its error names it.
+    for (n, raw) in [
+        r#"{"type":"shout","text":"x","cid":"CID"}"#,
+        r#"{"type":"message","cid":"CID"}"#,
+        r#"{"type":"message","text":42,"cid":"CID"}"#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cid = format!("bad-{n}");
+        client.send_raw(Message::text(raw.replace("CID", &cid)));
+        let error = next_non_message(&mut client);
+        assert_eq!(error["code"], "bad_request", "{raw}: {error}");
+        assert_eq!(error["cid"], cid.as_str(), "{raw}: {error}");
+    }
+
     // Invalid UTF-8 in a text frame: masked frame, opcode text, bytes ff fe.
     let MaybeTlsStream::Plain(stream) = client.socket.get_mut() else {
         unreachable!()

@@ -173,8 +173,9 @@ impl Traffic {
     }
 
     /// Waits for every sender, checks that each listener got exactly the
-    /// accepted messages, each once, in id order; returns (accepted, refused).
-    fn finish(self, per_sender: usize) -> (HashSet<String>, HashSet<String>) {
+    /// accepted messages, each once, in id order; returns (accepted,
+    /// refused, the `ts` of every accepted message).
+    fn finish(self, per_sender: usize) -> (HashSet<String>, HashSet<String>, Vec<u64>) {
         let mut accepted = HashSet::new();
         let mut refused = HashSet::new();
         for handle in self.senders {
@@ -188,11 +189,13 @@ impl Traffic {
             refused.extend(outcomes.refused);
         }
         assert!(accepted.is_disjoint(&refused));
+        let mut times = Vec::new();
         for (n, listener) in self.listeners.into_iter().enumerate() {
             let messages = listener.finish(accepted.len());
             assert_exactly_once_in_order(&format!("listener {n}"), &messages, &accepted);
+            times = messages.iter().filter_map(|m| m["ts"].as_u64()).collect();
         }
-        (accepted, refused)
+        (accepted, refused, times)
     }
 }
 
@@ -222,7 +225,7 @@ fn a_subscriber_cut_again_and_again_catches_up_without_loss_or_duplicates() {
         }
     }
 
-    let (accepted, refused) = traffic.finish(PER_SENDER);
+    let (accepted, refused, _) = traffic.finish(PER_SENDER);
     assert!(
         refused.is_empty(),
         "the publisher was never cut: {refused:?}"
@@ -250,14 +253,30 @@ fn a_redis_crash_with_aof_loses_no_accepted_message_and_refuses_the_rest() {
     let (a, b) = two_instances(&redis, &prefix);
     let traffic = Traffic::start(&a, &b, SENDERS, PER_SENDER, Duration::from_millis(5));
 
+    let first_crash = now_millis();
     for _ in 0..2 {
         thread::sleep(Duration::from_millis(300));
         redis.kill();
         thread::sleep(Duration::from_millis(300));
         redis.restart();
     }
+    let last_restart = now_millis();
 
-    let (accepted, refused) = traffic.finish(PER_SENDER);
+    let (accepted, refused, times) = traffic.finish(PER_SENDER);
+    // The crashes fell in the middle of the traffic: messages were accepted
+    // before the first and after the last, and some were refused.
+    assert!(
+        times.iter().any(|&ts| ts < first_crash),
+        "no message was accepted before the first crash"
+    );
+    assert!(
+        times.iter().any(|&ts| ts > last_restart),
+        "no message was accepted after the last restart: the traffic ended before the crashes did"
+    );
+    assert!(
+        !refused.is_empty(),
+        "no message was refused: no send met Redis down"
+    );
     // No client was dropped: a listener or sender whose connection closed
     // would have panicked above.
     assert_eq!(
@@ -270,4 +289,82 @@ fn a_redis_crash_with_aof_loses_no_accepted_message_and_refuses_the_rest() {
         accepted.len(),
         refused.len()
     );
+}
+
+/// Milliseconds since the Unix epoch, the clock of a message's `ts` (Redis
+/// runs on this machine).
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Sends a signal (`STOP`, `CONT`) to a process.
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {pid} failed");
+}
+
+#[test]
+fn a_publish_whose_outcome_stays_unknown_is_answered_outcome_unknown() {
+    let redis = RedisServer::start();
+    let a = Instance::redis_with(
+        "doubt",
+        &redis.url(),
+        &unique("doubt"),
+        &["--publish-deadline-ms", "300"],
+    );
+    a.wait_ready();
+    let mut alice = a.client("alice", "lobby");
+    alice.send("first", "d0");
+    assert_eq!(alice.recv_messages(1)[0]["cid"], "d0");
+
+    // A frozen Redis takes the accept script and never answers: the
+    // instance cannot know whether it ran.
+    signal(redis.pid(), "STOP");
+    alice.send("in doubt", "d1");
+    let error = loop {
+        let frame = alice.recv();
+        if frame["type"] != "status" {
+            break frame;
+        }
+    };
+    signal(redis.pid(), "CONT");
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["code"], "outcome_unknown", "{error}");
+    assert_eq!(error["cid"], "d1", "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("may or may not have been sent"),
+        "{message}"
+    );
+
+    // Whether Redis ran it when it woke up depends on where it stopped
+    // reading; either way the client goes on, and sees it at most once.
+    // (Sends are refused as unavailable until the publisher reconnects.)
+    let mut in_doubt = 0;
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    'resend: for n in 0.. {
+        assert!(std::time::Instant::now() < deadline, "never sent again");
+        let cid = format!("after-{n}");
+        alice.send("after", &cid);
+        loop {
+            let frame = alice.recv();
+            let own = frame["cid"] == cid.as_str();
+            match frame["type"].as_str() {
+                Some("message") if own => break 'resend,
+                Some("message") if frame["cid"] == "d1" => in_doubt += 1,
+                Some("error") if own && frame["code"] == "unavailable" => break,
+                Some("status") => {}
+                _ => panic!("unexpected frame {frame}"),
+            }
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(in_doubt <= 1, "the message in doubt came {in_doubt} times");
+    assert_eq!(a.metric("chat_messages_outcome_unknown_total"), 1.0);
 }

@@ -114,10 +114,16 @@ fn what_the_server_writes_to_redis_is_the_documented_frame_and_history() {
         "the stream id is the message id"
     );
     assert_eq!(fields[0].0, "m");
-    let stored: serde_json::Value = serde_json::from_str(&fields[0].1).unwrap();
+    let mut stored: serde_json::Value = serde_json::from_str(&fields[0].1).unwrap();
+    let read_us = stored
+        .as_object_mut()
+        .unwrap()
+        .remove("read_us")
+        .expect("the X-ray's read stamp travels with the message");
+    assert!(read_us.as_u64().unwrap() / 1000 <= delivered["ts"].as_u64().unwrap() + 1);
     assert_eq!(
         stored, delivered,
-        "history holds exactly the delivered frame"
+        "history holds the delivered frame, plus the X-ray's stamps"
     );
     let last: String = redis::cmd("GET")
         .arg(format!("{prefix}:last-id"))

@@ -13,7 +13,10 @@ use crate::broker::{
 };
 use crate::clock;
 use crate::metrics::Metrics;
-use crate::protocol::{ChatMessage, LeaveReason, MessageId, NewMessage, PresenceEvent};
+use crate::protocol::{
+    ChatMessage, LeaveReason, MessageId, NewMessage, PresenceEvent, Received, Via,
+};
+use crate::stats::InstanceReport;
 use crate::sync::{Mutex, lock};
 
 #[derive(Debug, Default)]
@@ -22,6 +25,8 @@ struct State {
     rooms: HashMap<String, VecDeque<ChatMessage>>,
     /// Connections by room, then by name.
     present: HashMap<String, BTreeMap<String, u64>>,
+    /// This instance's last report: alone, it is every instance there is.
+    report: Option<InstanceReport>,
 }
 
 pub struct LocalBroker {
@@ -74,7 +79,11 @@ pub fn next_id(last: MessageId, now_millis: u64) -> MessageId {
 }
 
 impl Broker for LocalBroker {
-    fn publish(&self, message: NewMessage, _dedup_key: &str) -> Result<MessageId, Unavailable> {
+    fn publish(
+        &self,
+        message: NewMessage,
+        _dedup_key: &str,
+    ) -> Result<MessageId, super::PublishError> {
         // Emitting under the lock is what keeps the event order equal to
         // id order.
         let mut state = lock(&self.state);
@@ -88,7 +97,7 @@ impl Broker for LocalBroker {
         history.push_back(message.clone());
         Metrics::inc(&self.metrics.broker_messages_total);
         self.events_tx
-            .send(BrokerEvent::Message(message))
+            .send(BrokerEvent::Message(message, Received::now(Via::Local)))
             .map_err(|_| Unavailable("the fan-out thread is gone".into()))?;
         Ok(id)
     }
@@ -187,6 +196,14 @@ impl Broker for LocalBroker {
     fn readiness(&self) -> Result<(), String> {
         Ok(())
     }
+
+    fn report(&self, report: &InstanceReport) {
+        lock(&self.state).report = Some(report.clone());
+    }
+
+    fn instances(&self) -> Result<Vec<InstanceReport>, Unavailable> {
+        Ok(lock(&self.state).report.iter().cloned().collect())
+    }
 }
 
 #[cfg(test)]
@@ -227,6 +244,8 @@ mod tests {
                 text: n.to_string(),
                 instance: "i".into(),
                 cid: None,
+                typed_us: None,
+                read_us: None,
             };
             ids.push(broker.publish(message, &n.to_string()).unwrap());
         }
@@ -245,7 +264,7 @@ mod tests {
             5,
             "every message goes to the fan-out, in order"
         );
-        assert!(matches!(&emitted[4], BrokerEvent::Message(m) if m.id == ids[4]));
+        assert!(matches!(&emitted[4], BrokerEvent::Message(m, _) if m.id == ids[4]));
         assert_eq!(texts(HistoryQuery::Recent(10)), ["2", "3", "4"]);
         assert_eq!(texts(HistoryQuery::Recent(2)), ["3", "4"]);
         assert_eq!(texts(HistoryQuery::After(ids[3])), ["4"]);

@@ -18,7 +18,10 @@ pub mod redis;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use crate::protocol::{ChatMessage, MessageId, NewMessage, PresenceEvent, PresenceMember};
+use crate::protocol::{
+    ChatMessage, MessageId, NewMessage, PresenceEvent, PresenceMember, Received,
+};
+use crate::stats::InstanceReport;
 
 /// Why the broker could not do what was asked. The message of a failed
 /// publish was NOT accepted: nobody will receive it.
@@ -32,6 +35,34 @@ impl fmt::Display for Unavailable {
 }
 
 impl std::error::Error for Unavailable {}
+
+/// Why a publish did not end with an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishError {
+    /// The message was NOT accepted: nobody will receive it.
+    Unavailable(Unavailable),
+    /// Redis took the accept script but never said how it ended, even
+    /// after retries until `--publish-deadline-ms`: the message may have
+    /// been accepted, and then everyone receives it like any other.
+    OutcomeUnknown(String),
+}
+
+impl From<Unavailable> for PublishError {
+    fn from(unavailable: Unavailable) -> Self {
+        PublishError::Unavailable(unavailable)
+    }
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PublishError::Unavailable(reason) => write!(f, "{reason}"),
+            PublishError::OutcomeUnknown(reason) => write!(f, "outcome unknown: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for PublishError {}
 
 /// Which part of a room's history a connecting client wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,8 +129,9 @@ impl History {
 /// What a broker hands the fan-out, in the order it happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BrokerEvent {
-    /// A message accepted by some instance, for the clients of its room.
-    Message(ChatMessage),
+    /// A message accepted by some instance, for the clients of its room,
+    /// and when and how this instance received it (for the X-ray).
+    Message(ChatMessage, Received),
     /// Delivery across instances went down or came back: every client is
     /// told, in order with the messages around it.
     Delivery(DeliveryStatus),
@@ -186,7 +218,7 @@ pub trait Broker: Send + Sync {
     ///
     /// `dedup_key` is unique to this message: a retry with the same key
     /// after a broken link cannot accept the message twice.
-    fn publish(&self, message: NewMessage, dedup_key: &str) -> Result<MessageId, Unavailable>;
+    fn publish(&self, message: NewMessage, dedup_key: &str) -> Result<MessageId, PublishError>;
 
     /// A room's history.
     fn history(&self, room: &str, query: HistoryQuery) -> Result<History, Unavailable>;
@@ -217,6 +249,20 @@ pub trait Broker: Send + Sync {
     /// `Ok` while this instance can deliver across instances; otherwise
     /// the reason, for `/readyz`.
     fn readiness(&self) -> Result<(), String>;
+
+    /// Tells the other instances how this one is doing (`/stats`). Best
+    /// effort: a report lost to an outage is replaced by the next.
+    fn report(&self, report: &InstanceReport);
+
+    /// Every instance that reported lately, this one included, by name.
+    fn instances(&self) -> Result<Vec<InstanceReport>, Unavailable>;
+
+    /// `--demo-controls`: cuts this instance's subscription the way a
+    /// network failure would, keeps it away for `hold`, and says what it
+    /// cut.
+    fn cut_subscription(&self, _hold: std::time::Duration) -> Result<String, String> {
+        Err("this instance has no Redis subscription to cut (--broker local)".into())
+    }
 }
 
 #[cfg(test)]
@@ -236,6 +282,8 @@ mod tests {
             ts: id.millis,
             instance: "i".into(),
             cid: None,
+            typed_us: None,
+            read_us: None,
         }
     }
 

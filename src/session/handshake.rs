@@ -41,14 +41,17 @@ pub struct JoinRequest {
     pub name: Option<String>,
     pub room: String,
     pub since: Option<MessageId>,
+    /// `trace=1`: this client wants the X-ray of every message.
+    pub trace: bool,
 }
 
-/// Reads `name`, `room` and `since` from a handshake query string.
+/// Reads `name`, `room`, `since` and `trace` from a handshake query string.
 pub fn parse_join_query(query: &str, limits: &Limits) -> Result<JoinRequest, String> {
     let mut join = JoinRequest {
         name: None,
         room: DEFAULT_ROOM.to_string(),
         since: None,
+        trace: false,
     };
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         match &*key {
@@ -64,6 +67,7 @@ pub fn parse_join_query(query: &str, limits: &Limits) -> Result<JoinRequest, Str
             "since" if !value.is_empty() => {
                 join.since = Some(value.parse().map_err(|e| format!("since: {e}"))?);
             }
+            "trace" => join.trace = matches!(&*value, "1" | "true"),
             _ => {}
         }
     }
@@ -78,9 +82,18 @@ fn refuse_handshake(status: StatusCode, reason: String) -> ErrorResponse {
 
 /// Bounds the whole handshake, not each read: a client dripping one byte
 /// every few seconds (slowloris) is cut off at the deadline all the same.
+///
+/// It also reads the request and not one byte further. tungstenite's
+/// server handshake fails ("junk after client request") when a read brings
+/// more than the request, and would drop those bytes; but a client may
+/// send its first frame right behind the request without waiting for the
+/// `101` (simple clients do). Reading only up to the end of the request
+/// (found by peeking) leaves that frame in the socket, where the session's
+/// WebSocket reads it like any other.
 struct DeadlineStream<'a> {
     stream: &'a TcpStream,
     deadline: Instant,
+    head: HeadEnd,
 }
 
 impl Read for DeadlineStream<'_> {
@@ -90,7 +103,39 @@ impl Read for DeadlineStream<'_> {
             return Err(io::ErrorKind::TimedOut.into());
         }
         self.stream.set_read_timeout(Some(left))?;
-        self.stream.read(buf)
+        let peeked = self.stream.peek(buf)?;
+        let take = self.head.clone().feed(&buf[..peeked]);
+        let read = self.stream.read(&mut buf[..take])?;
+        self.head.feed(&buf[..read]);
+        Ok(read)
+    }
+}
+
+/// Finds the end of an HTTP request head, its empty line (`\r\n\r\n`, or
+/// the bare `\n\n` that HTTP parsers also accept), across reads.
+#[derive(Debug, Clone, Default)]
+struct HeadEnd {
+    /// 0: inside a line; 1: just after a `\n`; 2: after `\n\r`; 3: done.
+    state: u8,
+}
+
+impl HeadEnd {
+    /// Takes in `bytes`; returns how many of them belong to the head: all
+    /// of them, unless the head ends inside (none once it has ended).
+    fn feed(&mut self, bytes: &[u8]) -> usize {
+        for (at, &byte) in bytes.iter().enumerate() {
+            self.state = match (self.state, byte) {
+                (3, _) => return at,
+                (1 | 2, b'\n') => {
+                    self.state = 3;
+                    return at + 1;
+                }
+                (1, b'\r') => 2,
+                (_, b'\n') => 1,
+                _ => 0,
+            };
+        }
+        bytes.len()
     }
 }
 
@@ -142,10 +187,14 @@ pub fn handshake(
         Ok(response)
     };
     let deadline = Instant::now() + context.limits.handshake_timeout;
-    let guarded = DeadlineStream { stream, deadline };
+    let guarded = DeadlineStream {
+        stream,
+        deadline,
+        head: HeadEnd::default(),
+    };
     match tungstenite::accept_hdr_with_config(guarded, callback, Some(context.ws_config())) {
-        // The handshake refuses bytes after the request, so nothing read
-        // ahead is lost when its WebSocket is dropped for ours.
+        // Nothing past the request was read (see DeadlineStream), so
+        // nothing is lost when its WebSocket is dropped for the session's.
         Ok(_) => join,
         Err(e) => {
             let timed_out = match &e {
@@ -226,6 +275,22 @@ mod tests {
         assert_eq!(join.name.as_deref(), Some("Année B"));
         assert_eq!(join.room, "team-1");
         assert_eq!(join.since, Some(MessageId { millis: 17, seq: 3 }));
+    }
+
+    #[test]
+    fn the_head_ends_at_its_empty_line_and_not_a_byte_later() {
+        let request = b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n\x81\x85";
+        assert_eq!(HeadEnd::default().feed(request), request.len() - 2);
+        let bare = b"GET / HTTP/1.1\nHost: x\n\nrest";
+        assert_eq!(HeadEnd::default().feed(bare), bare.len() - 4);
+        // Across reads, however the request is cut.
+        for cut in 0..request.len() {
+            let mut head = HeadEnd::default();
+            let first = head.feed(&request[..cut]);
+            let second = head.feed(&request[cut..]);
+            assert_eq!(first + second, request.len() - 2, "cut at {cut}");
+            assert_eq!(head.feed(b"more"), 0);
+        }
     }
 
     #[test]

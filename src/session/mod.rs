@@ -43,7 +43,9 @@ use crate::flusher::Flusher;
 use crate::hub::{ClientId, Hub, Member};
 use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
-use crate::protocol::{CloseReason, ErrorCode, Limits, MessageId, ServerFrame};
+use crate::protocol::{
+    CloseReason, ErrorCode, Limits, MessageFrame, MessageId, Received, ServerFrame, Via,
+};
 use crate::rate_limit::RateLimit;
 use crate::supervisor::Supervisor;
 use handshake::{JoinRequest, close_unjoined, handshake, refuse_raw, set_socket_options};
@@ -242,46 +244,39 @@ fn run_session(client: ClientId, stream: TcpStream, context: &SessionContext) {
 struct Joined<'a> {
     client: ClientId,
     room: &'a str,
-    name: &'a str,
+    name: Arc<str>,
     socket: &'a Arc<TcpStream>,
-    outbox: &'a Arc<Outbox>,
+    outbox: Arc<Outbox>,
     context: &'a SessionContext,
     _connected: Raised<'a>,
 }
 
 impl<'a> Joined<'a> {
     fn enter(
-        client: ClientId,
+        member: Member,
         room: &'a str,
-        name: &'a str,
         socket: &'a Arc<TcpStream>,
-        outbox: &'a Arc<Outbox>,
-        last_seen: Arc<LastSeen>,
         context: &'a SessionContext,
     ) -> std::io::Result<Self> {
-        context.flusher.register(client as usize, socket, outbox)?;
+        let client = member.id;
+        context
+            .flusher
+            .register(client as usize, socket, &member.outbox)?;
         let joined = Joined {
             client,
             room,
-            name,
+            name: member.name.clone(),
             socket,
-            outbox,
+            outbox: member.outbox.clone(),
             context,
             _connected: Raised::new(&context.metrics.clients_connected),
         };
-        context.hub.join(
-            room,
-            Member {
-                id: client,
-                name: name.into(),
-                outbox: Arc::clone(outbox),
-                last_seen,
-            },
-        );
+        let name = member.name.clone();
+        context.hub.join(room, member);
         // In the hub first, then subscribed: every message Redis sends
         // after confirming the room's subscription finds this client.
         context.broker.attach(room);
-        context.broker.present(room, name);
+        context.broker.present(room, &name);
         Ok(joined)
     }
 }
@@ -290,7 +285,7 @@ impl Drop for Joined<'_> {
     fn drop(&mut self) {
         let context = self.context;
         context.hub.leave(self.room, self.client);
-        context.broker.absent(self.room, self.name);
+        context.broker.absent(self.room, &self.name);
         context.broker.detach(self.room);
         if thread::panicking() {
             error!(
@@ -330,15 +325,14 @@ fn run_joined(
     // history: a message accepted meanwhile is then either in history or
     // in the outbox (or both, and the outbox drops the copy), never in
     // neither.
-    let _joined = match Joined::enter(
-        client,
-        &room,
-        &name,
-        &socket,
-        &outbox,
-        last_seen.clone(),
-        context,
-    ) {
+    let member = Member {
+        id: client,
+        name: name.as_str().into(),
+        outbox: Arc::clone(&outbox),
+        last_seen: last_seen.clone(),
+        trace: join.trace,
+    };
+    let _joined = match Joined::enter(member, &room, &socket, context) {
         Ok(joined) => joined,
         Err(e) => {
             warn!("client {client} dropped: cannot watch its socket: {e}");
@@ -348,7 +342,7 @@ fn run_joined(
     };
     info!("client {client} joined room {room} as {name:?} from {peer}");
 
-    let (first, seam) = first_frames(client, &name, &room, join.since, context);
+    let (first, seam) = first_frames(client, &name, &room, join.since, join.trace, context);
     outbox.open(first, seam);
 
     let stream = SessionStream {
@@ -397,6 +391,7 @@ fn first_frames(
     name: &str,
     room: &str,
     since: Option<MessageId>,
+    trace: bool,
     context: &SessionContext,
 ) -> (Vec<u8>, Option<MessageId>) {
     let client_label = format!("c{client}");
@@ -445,8 +440,14 @@ fn first_frames(
                 };
                 first_bytes.extend_from_slice(&frame.to_ws_bytes());
             }
+            let received = Received::now(Via::History);
             for message in &history.messages {
-                first_bytes.extend_from_slice(&ServerFrame::Message(message).to_ws_bytes());
+                let frame = if trace {
+                    MessageFrame::traced(message, received, &context.instance, clock::wall_micros())
+                } else {
+                    MessageFrame::plain(message)
+                };
+                first_bytes.extend_from_slice(&ServerFrame::Message(frame).to_ws_bytes());
             }
             seam = history.seam(since);
         }

@@ -173,6 +173,9 @@ struct State {
     seam: Option<MessageId>,
     /// A flusher was asked to call back when the socket is writable.
     armed: bool,
+    /// Writing is held (the fault panel's stalled tab): bytes queue as if
+    /// the socket were full, until released or a close begins.
+    held: bool,
 }
 
 /// Queue slots an emptied outbox keeps; past it, it gives them back.
@@ -202,6 +205,7 @@ impl<W: Wire> Outbox<W> {
                 phase: Phase::Joining,
                 seam: None,
                 armed: false,
+                held: false,
             }),
         }
     }
@@ -284,6 +288,22 @@ impl<W: Wire> Outbox<W> {
         self.wire.cut();
     }
 
+    /// Stops writing to the socket, as if the client had stopped reading
+    /// (`--demo-controls`): its bytes queue up to the limit, past which it
+    /// is closed as a slow consumer, like any client that stops reading.
+    pub fn hold(&self) {
+        lock(&self.state).held = true;
+    }
+
+    /// Writes again what [`hold`](Self::hold) kept back.
+    pub fn release(&self) {
+        let mut state = lock(&self.state);
+        state.held = false;
+        if matches!(state.phase, Phase::Open | Phase::Closing) {
+            self.write_out(&mut state);
+        }
+    }
+
     /// Bytes waiting for the socket.
     pub fn queued_bytes(&self) -> usize {
         lock(&self.state).queued_bytes
@@ -328,6 +348,8 @@ impl<W: Wire> Outbox<W> {
         }
         self.append(state, Chunk::Own(reason.to_ws_bytes()));
         state.phase = Phase::Closing;
+        // A held client is still told why it is closed.
+        state.held = false;
         self.wire.close_started();
         self.write_out(state);
     }
@@ -335,6 +357,9 @@ impl<W: Wire> Outbox<W> {
     /// Sends what is queued until the socket is full; then asks a flusher
     /// for a call back. After the Close frame, shuts down writing.
     fn write_out(&self, state: &mut State) {
+        if state.held {
+            return;
+        }
         while !state.queue.is_empty() {
             let mut parts = [IoSlice::new(&[]); MAX_PARTS];
             let mut count = 0;
@@ -506,6 +531,36 @@ mod tests {
             batch.push(Some(MessageId { millis: 1, seq }), &[seq as u8; 3]);
         }
         Arc::new(batch)
+    }
+
+    #[test]
+    fn a_held_outbox_queues_until_released_and_still_sends_its_close() {
+        let outbox = Outbox::new(TestWire::with_room(1000), 8);
+        outbox.open(b"W".to_vec(), None);
+        outbox.hold();
+        assert_eq!(outbox.deliver(&batch(&[1])), Pushed::Queued);
+        assert_eq!(
+            *outbox.wire.sent.lock().unwrap(),
+            b"W",
+            "held: nothing written"
+        );
+        outbox.release();
+        assert_eq!(*outbox.wire.sent.lock().unwrap(), b"W\x01\x01\x01");
+
+        outbox.hold();
+        assert_eq!(outbox.deliver(&batch(&[2])), Pushed::Queued);
+        assert_eq!(outbox.deliver(&batch(&[3])), Pushed::Queued);
+        assert_eq!(
+            outbox.deliver(&batch(&[4])),
+            Pushed::Overflowed,
+            "a held client passes its limit like one that does not read"
+        );
+        let sent = outbox.wire.sent.lock().unwrap().clone();
+        let close = CloseReason::SLOW_CONSUMER.to_ws_bytes();
+        assert!(
+            sent.ends_with(&close),
+            "the Close frame goes out even while held: {sent:?}"
+        );
     }
 
     #[test]

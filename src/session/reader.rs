@@ -15,7 +15,8 @@ use tungstenite::{Message, WebSocket};
 
 use super::SessionContext;
 use super::outbox::{Outbox, Pushed, Queued};
-use crate::clock::LastSeen;
+use crate::broker::PublishError;
+use crate::clock::{self, LastSeen};
 use crate::faults;
 use crate::hub::ClientId;
 use crate::metrics::Metrics;
@@ -189,7 +190,8 @@ pub fn read_until_closed(
 
 /// Publishes a valid message; `None` once it is accepted (the sender's own
 /// copy, coming back through the broker like everyone else's, is its
-/// receipt), or the `unavailable` error frame to send back.
+/// receipt), or the error frame to send back: `unavailable` (not sent) or
+/// `outcome_unknown` (Redis never said).
 fn publish(
     sender: &Sender<'_>,
     sent: &mut u64,
@@ -203,6 +205,9 @@ fn publish(
         text: message.text,
         instance: context.instance.clone(),
         cid: message.cid,
+        typed_us: message.typed_us,
+        // The X-ray's second hop: this instance has read and checked it.
+        read_us: Some(clock::wall_micros()),
     };
     *sent += 1;
     let dedup_key = format!("{}-{}-{sent}", context.run_nonce, sender.client);
@@ -211,7 +216,7 @@ fn publish(
             Metrics::inc(&context.metrics.messages_published_total);
             None
         }
-        Err(e) => {
+        Err(PublishError::Unavailable(e)) => {
             Metrics::inc(&context.metrics.messages_unavailable_total);
             debug!("client {}: message not accepted: {e}", sender.client);
             Some(error_frame(
@@ -219,6 +224,12 @@ fn publish(
                 &format!("message not sent: {e}"),
                 cid.as_deref(),
             ))
+        }
+        Err(PublishError::OutcomeUnknown(why)) => {
+            Metrics::inc(&context.metrics.messages_outcome_unknown_total);
+            debug!("client {}: message outcome unknown: {why}", sender.client);
+            let refusal = FrameError::outcome_unknown(&why, cid.as_deref());
+            Some(refusal.to_frame().to_ws_bytes().to_vec())
         }
     }
 }

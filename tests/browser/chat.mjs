@@ -39,6 +39,24 @@
 // and carol's page shows "alice left (instance A stopped answering)".
 // Saves DIR/presence-*.png, one of them at 390x844.
 //
+//   node tests/browser/chat.mjs --scenario lab --a http://127.0.0.1:PORT_A \
+//        --b http://127.0.0.1:PORT_B --room ROOM --out DIR
+//
+// (scenario "lab") Both instances run with --demo-controls, A with a small
+// --client-buffer-bytes. The X-ray: alice on A opens the page with
+// ?trace=1, bob on B turns it on with the toggle (a smooth reconnection,
+// with trace=1 in the WebSocket query); bob's message, read by B and shown
+// on A, shows on alice's page every hop in order (typed in bob's tab, read
+// by B, accepted by Redis, received by A's subscriber, written to alice's
+// socket, shown), each with a time, non-decreasing (the whole-ms Redis
+// stamp may be up to 1 ms early). The instances view lists both, alice's
+// marked. The fault panel, each button in turn, from alice's page: cut A's
+// subscription while bob sends a steady stream (alice's page shows paused
+// then connected, and every message once, in order, some caught up from
+// history); pause A's delivery for 3 s (bob's message arrives only after);
+// stall alice's tab (A drops it as a slow consumer, the page says so,
+// reconnects and catches up). Saves DIR/lab-*.png.
+//
 // Every wait has an explicit timeout; prints one "ok" line per check and
 // exits 0, or prints what failed plus both pages' console logs and exits 1.
 
@@ -52,7 +70,7 @@ const WAIT_MS = 15_000; // any single wait
 const RECONNECT_MS = 20_000; // a tab's reconnection to a survivor, and what it missed
 const MAX_PLACEMENT_TRIES = 6; // page loads through nginx to land bob on the other instance
 const SETTLE_MS = 750; // time given to a duplicate or an injected handler to show up
-const OVERALL_MS = 80_000; // the whole run; the Rust side kills us at 90 s
+const OVERALL_MS = 140_000; // the whole run; the Rust side kills us at 150 s
 const DESKTOP = { width: 1000, height: 700 };
 const PHONE = { width: 390, height: 844 };
 const TYPING_GONE_MS = 3_000 + 2_500; // the page shows "is typing…" ~3 s after the last frame; slack
@@ -75,6 +93,7 @@ function usage(problem) {
   console.error('usage: node chat.mjs [--scenario basic] --a <http url of instance A> --b <http url of instance B> --room <room> --out <dir>');
   console.error('       node chat.mjs --scenario reconnect --proxy <http url of nginx> --a <url> --b <url> --pids <id>=<pid>,<id>=<pid> --room <room> --out <dir>');
   console.error('       node chat.mjs --scenario presence --a <url> --b <url> --pids <id>=<pid>,<id>=<pid> --room <room> --out <dir>');
+  console.error('       node chat.mjs --scenario lab --a <url> --b <url> --room <room> --out <dir>');
   process.exit(2);
 }
 
@@ -109,7 +128,7 @@ function parseCli() {
   } catch (e) {
     usage(e.message);
   }
-  if (!['basic', 'reconnect', 'presence'].includes(values.scenario)) usage(`unknown --scenario ${values.scenario}`);
+  if (!['basic', 'reconnect', 'presence', 'lab'].includes(values.scenario)) usage(`unknown --scenario ${values.scenario}`);
   const required = ['a', 'b', 'room', 'out'];
   if (values.scenario === 'reconnect') required.push('proxy', 'pids');
   if (values.scenario === 'presence') required.push('pids');
@@ -213,13 +232,21 @@ function itemsWithText(page, text) {
   }, text);
 }
 
-async function openAndJoin(browser, base, name, room, label, logs) {
+/**
+ * Opens the page of `base` in a new context and joins `room` as `name`
+ * (through the URL's name and room). `extra` is appended to the query
+ * (`&trace=1`). Every WebSocket the page opens is recorded in
+ * `page.__wsUrls`.
+ */
+async function openAndJoin(browser, base, name, room, label, logs, extra = '') {
   const context = await browser.newContext({ viewport: DESKTOP });
   const page = await context.newPage();
   page.setDefaultTimeout(WAIT_MS);
   page.setDefaultNavigationTimeout(WAIT_MS);
   recordLogs(page, label, logs);
-  const url = `${base}/?name=${encodeURIComponent(name)}&room=${encodeURIComponent(room)}`;
+  page.__wsUrls = [];
+  page.on('websocket', (ws) => page.__wsUrls.push(ws.url()));
+  const url = `${base}/?name=${encodeURIComponent(name)}&room=${encodeURIComponent(room)}${extra}`;
   const res = await waitFor(`${label} to load ${url}`, page.goto(url, { waitUntil: 'load', timeout: WAIT_MS }));
   if (!res || !res.ok()) fail(`${label}: GET ${url} answered ${res ? `HTTP ${res.status()}` : 'nothing'}`);
   return page;
@@ -273,11 +300,45 @@ async function mainBasic(opts, logs, state) {
   await mkdir(opts.out, { recursive: true });
   await launch(state);
 
+  // Before anything was tried, the join screen does not say "offline".
+  {
+    const context = await state.browser.newContext({ viewport: DESKTOP });
+    const page = await context.newPage();
+    recordLogs(page, 'join screen', logs);
+    await waitFor('the join screen to load', page.goto(`${opts.a}/`, { waitUntil: 'load', timeout: WAIT_MS }));
+    const pill = await page.evaluate(() => ({
+      state: document.querySelector('[data-testid="status"]').getAttribute('data-state'),
+      text: document.querySelector('[data-testid="status"]').textContent.trim(),
+      form: !!document.querySelector('[data-testid="join-form"]').offsetParent,
+      banner: !document.querySelector('[data-testid="offline-banner"]').hidden,
+    }));
+    if (pill.state !== 'idle' || pill.text !== 'not connected' || !pill.form || pill.banner) {
+      fail(`the join screen, before anything was tried, shows ${JSON.stringify(pill)}`);
+    }
+    ok(`the join screen's pill says ${JSON.stringify(pill.text)} (data-state=idle), no banner`);
+    await context.close();
+  }
+
   const pageA = await openAndJoin(state.browser, opts.a, 'alice', opts.room, 'page A', logs);
   const pageB = await openAndJoin(state.browser, opts.b, 'bob', opts.room, 'page B', logs);
   await waitConnected(pageA, 'page A', idA);
   await waitConnected(pageB, 'page B', idB);
   ok(`the two pages are on different instances (${idA}, ${idB})`);
+
+  // Without --demo-controls: no fault panel, and the endpoints refuse.
+  for (const [label, page, base] of [['page A', pageA, opts.a], ['page B', pageB, opts.b]]) {
+    const cfg = await fetch(`${base}/config.json`, { signal: AbortSignal.timeout(WAIT_MS) }).then((r) => r.json());
+    if (cfg.demo_controls !== false) fail(`${base}/config.json has demo_controls ${JSON.stringify(cfg.demo_controls)}, expected false`);
+    const panels = await page.locator('[data-testid="fault-panel"], [data-testid^="fault-"]').count();
+    if (panels !== 0) fail(`${label} shows ${panels} fault panel element(s) without --demo-controls`);
+    const client = await page.evaluate(() => window.chatDebug.client);
+    for (const path of ['/demo/cut-subscription', '/demo/pause-delivery?seconds=1', `/demo/stall-reading?client=${client}&seconds=1`]) {
+      const res = await fetch(`${base}${path}`, { method: 'POST', signal: AbortSignal.timeout(WAIT_MS) });
+      const body = await res.text();
+      if (res.status !== 403) fail(`POST ${base}${path} answered HTTP ${res.status} (${JSON.stringify(body)}), expected 403 without --demo-controls`);
+    }
+    ok(`${label}: config.json says demo_controls false, no fault panel in the page, POST /demo/* answer 403`);
+  }
 
   // Alice types a message and presses Enter.
   const hello = 'hello from A';
@@ -360,26 +421,50 @@ async function mainBasic(opts, logs, state) {
   ok(`screenshots saved: ${shotA}, ${shotB}, ${shotPhone}`);
 
   // Redis goes away: both pages, still connected to their instances, must
-  // say that sending is paused and disable it, instead of letting the user
-  // type into the void.
+  // tell one story: the pill says sending is paused (not a green
+  // "connected"), the banner says why, the conversation has a line, and
+  // Enter holds the message visibly instead of doing nothing.
   if (opts.redisPid) {
-    await pageB.setViewportSize({ width: 1000, height: 700 });
+    await pageB.setViewportSize(DESKTOP);
     process.kill(opts.redisPid, 'SIGKILL');
     for (const [label, page] of [['page A', pageA], ['page B', pageB]]) {
+      await waitFor(
+        `${label}'s pill to say sending is paused`,
+        page.locator('[data-testid="status"][data-state="paused"]').waitFor({ state: 'visible', timeout: WAIT_MS }),
+      );
+      const pill = (await page.getByTestId('status').textContent()).trim();
+      if (pill !== 'sending paused') fail(`${label}: the pill says ${JSON.stringify(pill)} while Redis is down`);
       const banner = page.getByTestId('offline-banner');
       await waitFor(`${label} to show that sending is paused`, banner.waitFor({ state: 'visible', timeout: WAIT_MS }));
       const text = await banner.textContent();
       if (!/paused/.test(text) || !/Redis/.test(text)) fail(`${label}: banner says ${JSON.stringify(text)}`);
-      if (!(await page.getByTestId('send-button').isDisabled())) fail(`${label}: the send button is still enabled`);
-      const state = await page.getByTestId('status').getAttribute('data-state');
-      if (state !== 'connected') fail(`${label}: the page lost its socket (data-state=${state}); only Redis went away`);
-      ok(`${label}: Redis killed: banner ${JSON.stringify(text.trim())}, send disabled, still connected`);
+      const line = page.locator('[data-testid="notice"][data-event="delivery-down"]');
+      await waitFor(`${label} to write a line that sending is paused`, line.first().waitFor({ state: 'visible', timeout: WAIT_MS }));
+      if ((await line.count()) !== 1) fail(`${label}: ${await line.count()} "sending paused" lines, expected 1`);
+      ok(`${label}: Redis killed: pill ${JSON.stringify(pill)} (data-state=paused), banner ${JSON.stringify(text.trim())}, one line ${JSON.stringify((await line.textContent()).trim())}`);
       const stale = page.getByTestId('members-stale');
       await waitFor(`${label}'s member list to say it may be out of date`, stale.waitFor({ state: 'visible', timeout: WAIT_MS }));
       const staleText = await stale.textContent();
       if (!/out of date/.test(staleText)) fail(`${label}: the member list's note says ${JSON.stringify(staleText)}`);
       ok(`${label}: the member list says ${JSON.stringify(staleText.trim())}`);
     }
+    // Enter while paused: the message is held, in the list, with the reason.
+    const held = 'said while Redis is down';
+    await inputA.fill(held, { timeout: WAIT_MS });
+    await inputA.press('Enter', { timeout: WAIT_MS });
+    const entry = pageA.locator('[data-testid="pending-message"][data-state="queued"]');
+    await waitFor('page A to show the held message', entry.waitFor({ state: 'visible', timeout: WAIT_MS }));
+    const shown = await entry.evaluate((li) => ({
+      text: li.querySelector('[data-testid="message-text"]').textContent,
+      state: li.querySelector('[data-testid="message-state"]').textContent,
+      cancel: !!li.querySelector('[data-testid="cancel-button"]'),
+    }));
+    if (shown.text !== held || !/waiting/.test(shown.state) || !/Redis/.test(shown.state) || !shown.cancel) {
+      fail(`page A shows the message held while Redis is down as ${JSON.stringify(shown)}`);
+    }
+    const note = await pageA.getByTestId('composer-note').textContent();
+    if (!/waiting/.test(note)) fail(`page A's composer note says ${JSON.stringify(note)}`);
+    ok(`page A: Enter while paused holds the message: ${JSON.stringify(shown.state)}; note ${JSON.stringify(note)}`);
     const shotPaused = path.join(opts.out, 'page-a-paused.png');
     await pageA.screenshot({ path: shotPaused, timeout: WAIT_MS });
     ok(`screenshot saved: ${shotPaused}`);
@@ -526,6 +611,7 @@ async function mainReconnect(opts, logs, state) {
 
   // 5. bob talks meanwhile; his instance is alive.
   const away = [1, 2, 3].map((n) => `while you were away ${n}`);
+  const queuedText = 'typed while cut off';
   try {
     for (const text of away) {
       await typeAndSend(bob, text);
@@ -539,6 +625,23 @@ async function mainReconnect(opts, logs, state) {
       fail(`alice was not cut off while bob sent: ${JSON.stringify(stillAway)}`);
     }
     ok(`bob sent ${away.length} messages while alice was cut off (alice: ${stillAway.state}, none of them shown)`);
+    // One story while cut off: pill, banner and a line; Enter holds the message.
+    const story = await alice.evaluate(() => ({
+      pill: document.querySelector('[data-testid="status"]').textContent.trim(),
+      banner: document.querySelector('[data-testid="offline-banner"]').hidden ? null : document.querySelector('[data-testid="offline-banner"]').textContent.trim(),
+      lost: [...document.querySelectorAll('[data-testid="notice"][data-event="lost"]')].map((li) => li.textContent),
+    }));
+    if (!/^reconnecting/.test(story.pill) || !story.banner || !/lost/.test(story.banner) || story.lost.length !== 1) {
+      fail(`alice, cut off, tells ${JSON.stringify(story)}: want a "reconnecting" pill, a banner and one "lost" line`);
+    }
+    await typeAndSend(alice, queuedText);
+    const held = alice.locator('[data-testid="pending-message"][data-state="queued"]');
+    await waitFor('alice to show her message as held', held.waitFor({ state: 'visible', timeout: WAIT_MS }));
+    const heldState = await held.getByTestId('message-state').textContent();
+    if (!/waiting/.test(heldState) || (await alice.getByTestId('message-input').inputValue()) !== '') {
+      fail(`alice's held message says ${JSON.stringify(heldState)}`);
+    }
+    ok(`alice, cut off: pill ${JSON.stringify(story.pill)}, banner ${JSON.stringify(story.banner)}, line ${JSON.stringify(story.lost[0])}; Enter holds her message: ${JSON.stringify(heldState)}`);
     await alice.screenshot({ path: path.join(opts.out, 'reconnect-alice-away.png'), timeout: WAIT_MS });
   } finally {
     openGate();
@@ -577,15 +680,37 @@ async function mainReconnect(opts, logs, state) {
       ),
     );
   }
+  // The conversation says she is back and what she caught up with.
+  const caught = alice.locator('[data-testid="notice"][data-event="caught-up"]');
+  await waitFor('alice to write the "caught up" line', caught.waitFor({ state: 'visible', timeout: WAIT_MS }));
+  const lines = await alice.evaluate(() =>
+    [...document.querySelectorAll('[data-testid="notice"][data-event]')].map((li) => ({
+      event: li.getAttribute('data-event'),
+      missed: li.getAttribute('data-missed'),
+      text: li.querySelector('[data-testid="notice-text"]').textContent,
+    })),
+  );
+  const events = lines.map((l) => l.event).join(',');
+  if (events !== 'lost,back,caught-up') fail(`alice's connection lines are ${JSON.stringify(lines)}, expected lost, back, caught-up`);
+  if (lines[2].missed !== String(away.length) || !lines[1].text.includes(survivor)) {
+    fail(`alice's lines say ${JSON.stringify(lines)}: want "back" naming ${survivor} and ${away.length} missed`);
+  }
+  ok(`alice's conversation says ${lines.map((l) => JSON.stringify(l.text)).join(', then ')}`);
+  // Her held message went out after the catch-up, once.
+  await waitForMessage(alice, 'alice', { text: queuedText, from: 'alice' });
+  await waitForMessage(bob, 'bob', { text: queuedText, from: 'alice' });
   await alice.waitForTimeout(SETTLE_MS);
+  await expectOnce(alice, 'alice', queuedText);
+  await expectOnce(bob, 'bob', queuedText);
+  ok(`alice's message held while cut off went out by itself once she was back, and reached bob once`);
   for (const text of [before, ...away]) await expectOnce(alice, 'alice', text);
   const order = await alice.evaluate((texts) => {
     const shown = [...document.querySelectorAll('[data-testid="messages"] [data-testid="message"] [data-testid="message-text"]')].map(
       (el) => el.textContent,
     );
     return shown.filter((t) => texts.includes(t));
-  }, [before, ...away]);
-  if (JSON.stringify(order) !== JSON.stringify([before, ...away])) fail(`alice shows them out of order: ${JSON.stringify(order)}`);
+  }, [before, ...away, queuedText]);
+  if (JSON.stringify(order) !== JSON.stringify([before, ...away, queuedText])) fail(`alice shows them out of order: ${JSON.stringify(order)}`);
   const noReload = await alice.evaluate(() => window.__noReload);
   if (noReload !== 1) fail(`alice's window.__noReload is ${JSON.stringify(noReload)}: the page was reloaded`);
   ok(`alice shows ${JSON.stringify(before)} and the ${away.length} missed messages, each exactly once and in order, without a reload`);
@@ -844,6 +969,350 @@ async function mainPresence(opts, logs, state) {
   ok(`screenshots saved: ${['typing', 'alice', 'phone', 'phone-open', 'left', 'expired'].map((n) => path.join(opts.out, `presence-${n}.png`)).join(', ')}`);
 }
 
+// ------------------------------------------------------------ lab: X-ray and fault panel
+
+const HOPS = ['typed', 'read', 'accepted', 'received', 'sent', 'shown'];
+const CUT_MS = 30_000; // a cut subscription to go down and come back, seen by the page
+const PAUSE_S = 3;
+const STALL_S = 30; // longer than the test needs: the drop must come from the full buffer
+const STALL_MESSAGES = 6; // each ~2 KB: more than A's --client-buffer-bytes 8192
+
+/** The X-ray hops of the message whose text is `text`, as the page shows them. */
+function xrayOf(page, text) {
+  return page.evaluate((t) => {
+    for (const li of document.querySelectorAll('[data-testid="messages"] [data-testid="message"]')) {
+      if (li.querySelector('[data-testid="message-text"]').textContent !== t) continue;
+      const box = li.querySelector('[data-testid="xray"]');
+      if (!box) return { missing: true };
+      return {
+        via: box.getAttribute('data-via'),
+        open: box.open,
+        summaryShown: box.querySelector('summary').getBoundingClientRect().height > 0,
+        hops: [...box.querySelectorAll('[data-testid="xray-hop"]')].map((row) => ({
+          hop: row.getAttribute('data-hop'),
+          us: row.getAttribute('data-us'),
+          clock: row.getAttribute('data-clock'),
+          label: row.querySelector('[data-testid="xray-label"]').textContent,
+          time: row.querySelector('[data-testid="xray-time"]').textContent,
+          delta: row.querySelector('[data-testid="xray-delta"]').textContent,
+        })),
+      };
+    }
+    return null;
+  }, text);
+}
+
+/**
+ * Checks an X-ray: every hop of HOPS, in order, each with a label that
+ * names who did it, a time that parses and a clock; the times do not go
+ * back, except the whole-ms Redis stamp, which may be up to 1 ms early.
+ */
+function checkXray(label, x, want) {
+  if (!x || x.missing) fail(`${label}: no X-ray under the message (${JSON.stringify(x)})`);
+  const order = x.hops.map((h) => h.hop);
+  if (JSON.stringify(order) !== JSON.stringify(HOPS)) fail(`${label}: X-ray hops ${JSON.stringify(order)}, expected ${JSON.stringify(HOPS)}`);
+  for (const h of x.hops) {
+    if (!/^\d{13,17}$/.test(h.us)) fail(`${label}: hop ${h.hop} has no time: ${JSON.stringify(h)}`);
+    if (!/^\d\d:\d\d:\d\d\.\d{3}/.test(h.time)) fail(`${label}: hop ${h.hop} shows its time as ${JSON.stringify(h.time)}`);
+    if (!h.clock) fail(`${label}: hop ${h.hop} does not say which clock it is on`);
+    if (!want[h.hop].test(h.label)) fail(`${label}: hop ${h.hop} is labelled ${JSON.stringify(h.label)}, expected ${want[h.hop]}`);
+  }
+  const us = Object.fromEntries(x.hops.map((h) => [h.hop, Number(h.us)]));
+  const slack = { accepted: 1000 }; // Redis stamps whole milliseconds: floor(t) may be up to 1 ms before `read`
+  let last = -Infinity;
+  let lastName = '';
+  for (const h of HOPS) {
+    if (us[h] < last - (slack[h] ?? 0)) {
+      fail(`${label}: hop ${h} at ${us[h]} µs is ${(last - us[h]) / 1000} ms before ${lastName}: ${JSON.stringify(x.hops)}`);
+    }
+    if (!(h in slack)) {
+      last = Math.max(last, us[h]);
+      lastName = h;
+    }
+  }
+  // "received" must also follow "accepted" for real: it can only be later.
+  if (us.received < us.accepted) fail(`${label}: received before Redis accepted it: ${JSON.stringify(x.hops)}`);
+  return us;
+}
+
+/** Waits until the page has a connection line of `event` (after `after` of them), and returns its text. */
+async function waitForLine(page, label, event, { count = 1, timeout = WAIT_MS } = {}) {
+  await waitFor(
+    `${label} to write ${count} "${event}" line(s)`,
+    page.waitForFunction(
+      ([e, n]) => document.querySelectorAll(`[data-testid="notice"][data-event="${e}"]`).length >= n,
+      [event, count],
+      { timeout, polling: 50 },
+    ),
+  );
+  return page.evaluate(([e, n]) => {
+    const li = document.querySelectorAll(`[data-testid="notice"][data-event="${e}"]`)[n - 1];
+    return { text: li.querySelector('[data-testid="notice-text"]').textContent, missed: li.getAttribute('data-missed'), code: li.getAttribute('data-close-code') };
+  }, [event, count]);
+}
+
+/** How many connection lines of `event` the page has. */
+function lineCount(page, event) {
+  return page.evaluate((e) => document.querySelectorAll(`[data-testid="notice"][data-event="${e}"]`).length, event);
+}
+
+/** Records every value the page's pill takes from now on into window.__states. */
+async function watchStates(page) {
+  await page.evaluate(() => {
+    const status = document.querySelector('[data-testid="status"]');
+    window.__states = [status.getAttribute('data-state')];
+    if (window.__stateObserver) window.__stateObserver.disconnect();
+    window.__stateObserver = new MutationObserver(() => {
+      const st = status.getAttribute('data-state');
+      if (window.__states[window.__states.length - 1] !== st) window.__states.push(st);
+    });
+    window.__stateObserver.observe(status, { attributes: true, attributeFilter: ['data-state'] });
+  });
+}
+
+/** The texts of the page's delivered messages that start with `prefix`, in display order. */
+function shownTexts(page, prefix) {
+  return page.evaluate(
+    (p) =>
+      [...document.querySelectorAll('[data-testid="messages"] [data-testid="message"] [data-testid="message-text"]')]
+        .map((el) => el.textContent)
+        .filter((t) => t.startsWith(p)),
+    prefix,
+  );
+}
+
+/** Clicks a fault button (with its seconds, if any), and waits for the server's answer in the panel's log. */
+async function pressFault(page, kind, seconds) {
+  if (seconds !== undefined) await page.getByTestId(`fault-${kind}-seconds`).fill(String(seconds), { timeout: WAIT_MS });
+  await page.getByTestId(`fault-${kind}`).click({ timeout: WAIT_MS });
+  await waitFor(
+    `the fault panel to show the answer to "${kind}"`,
+    page.waitForFunction(
+      () => document.querySelector('[data-testid="fault-log"] [data-testid="fault-log-entry"][data-event="done"], [data-testid="fault-log"] [data-testid="fault-log-entry"][data-event="refused"]'),
+      null,
+      { timeout: WAIT_MS, polling: 50 },
+    ),
+  );
+  const answer = await page.evaluate(() =>
+    [...document.querySelectorAll('[data-testid="fault-log-entry"]')].map((li) => `${li.getAttribute('data-event')}: ${li.textContent}`),
+  );
+  if (!answer.some((a) => a.startsWith('done'))) fail(`the instance refused "${kind}": ${JSON.stringify(answer)}`);
+  return answer;
+}
+
+/** Waits until the fault panel lists `metric` among the counters that moved, and returns what it shows. */
+async function waitForCounter(page, metric) {
+  const row = page.locator(`[data-testid="fault-counter"][data-metric="${metric}"]`);
+  await waitFor(`the fault panel to show ${metric} moving`, row.waitFor({ state: 'visible', timeout: WAIT_MS }));
+  return (await row.textContent()).trim();
+}
+
+async function mainLab(opts, logs, state) {
+  const [idA, idB] = await Promise.all([instanceId(opts.a), instanceId(opts.b)]);
+  if (idA === idB) fail(`both instances report the same id ${JSON.stringify(idA)}: need two different instances`);
+  await mkdir(opts.out, { recursive: true });
+  await launch(state);
+
+  // 1. alice turns the X-ray on with ?trace=1; bob with the toggle.
+  const alice = await openAndJoin(state.browser, opts.a, 'alice', opts.room, 'alice', logs, '&trace=1');
+  await waitConnected(alice, 'alice', idA);
+  const bob = await openAndJoin(state.browser, opts.b, 'bob', opts.room, 'bob', logs);
+  await waitConnected(bob, 'bob', idB);
+  if ((await alice.getByTestId('xray-toggle').getAttribute('aria-pressed')) !== 'true') fail('?trace=1 did not turn alice\'s X-ray toggle on');
+  if (!alice.__wsUrls.length || !alice.__wsUrls.every((u) => new URL(u).searchParams.get('trace') === '1')) {
+    fail(`alice's WebSocket URLs lack trace=1: ${JSON.stringify(alice.__wsUrls)}`);
+  }
+  if (bob.__wsUrls.some((u) => new URL(u).searchParams.has('trace'))) fail(`bob asked for traces before turning them on: ${JSON.stringify(bob.__wsUrls)}`);
+  ok('alice opened the page with ?trace=1: her toggle is on and her WebSocket URL has trace=1');
+
+  await watchStates(bob);
+  const bobClient = await bob.evaluate(() => window.chatDebug.client);
+  await bob.getByTestId('xray-toggle').click({ timeout: WAIT_MS });
+  const xrayOn = await waitForLine(bob, 'bob', 'back');
+  await waitFor(
+    'bob to be connected again with a new welcome',
+    bob.waitForFunction(
+      (old) => document.querySelector('[data-testid="status"]').getAttribute('data-state') === 'connected' && window.chatDebug.client && window.chatDebug.client !== old,
+      bobClient,
+      { timeout: WAIT_MS, polling: 50 },
+    ),
+  );
+  const bobStates = await bob.evaluate(() => window.__states);
+  const bobWs = bob.__wsUrls[bob.__wsUrls.length - 1];
+  if (new URL(bobWs).searchParams.get('trace') !== '1') fail(`bob's new WebSocket URL lacks trace=1: ${bobWs}`);
+  if (new URL(bob.url()).searchParams.get('trace') !== '1') fail(`bob's address does not keep trace=1: ${bob.url()}`);
+  if (bobStates.some((st) => st === 'reconnecting' || st === 'offline') || (await lineCount(bob, 'lost')) !== 0 || !(await bob.getByTestId('offline-banner').isHidden())) {
+    fail(`turning the X-ray on was not smooth for bob: states ${JSON.stringify(bobStates)}, ${await lineCount(bob, 'lost')} "lost" line(s)`);
+  }
+  ok(`bob turned the X-ray on with the toggle: reconnected with trace=1 (states ${JSON.stringify(bobStates)}, no outage shown), line ${JSON.stringify(xrayOn.text)}`);
+  // Make before break: the room saw no leave and join, and bob still counts one tab.
+  await bob.waitForTimeout(SETTLE_MS);
+  await waitForMembers(bob, 'bob', [
+    { name: 'alice', instances: [idA], tabs: '1 tab' },
+    { name: 'bob', instances: [idB], tabs: '1 tab' },
+  ]);
+  const churn = [...(await presenceLines(alice, 'leave', 'bob')), ...(await presenceLines(alice, 'join', 'bob'))];
+  if (churn.length !== 1) fail(`alice shows ${JSON.stringify(churn)} for bob around his toggle: expected only his first join`);
+  ok("the toggle's reconnection is invisible to the room: alice shows bob's one join, bob's list counts him with 1 tab");
+
+  // 2. The X-ray of a message typed on B and read on A.
+  const probe = 'through the X-ray';
+  await typeAndSend(bob, probe);
+  await waitForMessage(alice, 'alice', { text: probe, from: 'bob' });
+  await waitForMessage(bob, 'bob', { text: probe, from: 'bob' });
+  const onAlice = await xrayOf(alice, probe);
+  const us = checkXray("alice's X-ray", onAlice, {
+    typed: /^typed in bob's tab$/,
+    read: new RegExp(`^read by instance ${idB}$`),
+    accepted: /Redis/,
+    received: new RegExp(`^received by the subscriber of instance ${idA}$`),
+    sent: new RegExp(`socket by instance ${idA}$`),
+    shown: /^shown in this tab$/,
+  });
+  if (onAlice.via !== 'pubsub') fail(`alice's X-ray says via ${JSON.stringify(onAlice.via)}, expected pubsub`);
+  if (onAlice.open || !onAlice.summaryShown) fail(`the X-ray should be one compact line, closed until clicked: ${JSON.stringify({ open: onAlice.open, summary: onAlice.summaryShown })}`);
+  ok(`alice's X-ray of bob's message: ${onAlice.hops.map((h) => `${h.hop} ${h.time} ${h.delta}`.trim()).join(' | ')} (total ${(us.shown - us.typed) / 1000} ms)`);
+  const onBob = await xrayOf(bob, probe);
+  checkXray("bob's own X-ray", onBob, {
+    typed: /^typed in this tab$/,
+    read: new RegExp(`^read by instance ${idB}$`),
+    accepted: /Redis/,
+    received: new RegExp(`^received by the subscriber of instance ${idB}$`),
+    sent: new RegExp(`socket by instance ${idB}$`),
+    shown: /^shown in this tab$/,
+  });
+  ok("bob's own copy has its X-ray too, every hop on instance " + idB);
+  const summary = alice.locator('[data-testid="message"]', { hasText: probe }).locator('[data-testid="xray"] summary');
+  await summary.click({ timeout: WAIT_MS });
+  await waitFor('the X-ray to open', alice.locator('[data-testid="message"]', { hasText: probe }).locator('[data-testid="xray-hop"]').first().waitFor({ state: 'visible', timeout: WAIT_MS }));
+  await alice.screenshot({ path: path.join(opts.out, 'lab-xray.png'), timeout: WAIT_MS });
+  ok('the X-ray opens into its list of hops when clicked');
+
+  // 3. The instances view: both, alice's marked, Redis up.
+  try {
+    await alice.waitForFunction(
+      ([a, b]) => {
+        const rows = [...document.querySelectorAll('[data-testid="instance-list"] [data-testid="instance-row"]')];
+        const by = Object.fromEntries(rows.map((r) => [r.getAttribute('data-instance'), r]));
+        return by[a] && by[b] && by[a].getAttribute('data-you') === 'true' && by[b].getAttribute('data-you') === 'false' &&
+          by[a].getAttribute('data-redis') === 'up' && by[b].getAttribute('data-redis') === 'up';
+      },
+      [idA, idB],
+      { timeout: WAIT_MS, polling: 100 },
+    );
+  } catch (e) {
+    const rows = await alice.evaluate(() => [...document.querySelectorAll('[data-testid="instance-row"]')].map((r) => r.textContent));
+    fail(`alice's instances view: waited for ${idA} (hers) and ${idB}, both Redis up; it shows ${JSON.stringify(rows)} (${e.message.split('\n')[0]})`);
+  }
+  const rows = await alice.evaluate(() => [...document.querySelectorAll('[data-testid="instance-row"]')].map((r) => r.textContent.replace(/\s+/g, ' ').trim()));
+  ok(`alice's instances view: ${JSON.stringify(rows)}`);
+
+  // 4. The fault panel is there (the instances run with --demo-controls).
+  for (const [label, page] of [['alice', alice], ['bob', bob]]) {
+    const panel = page.getByTestId('fault-panel');
+    await waitFor(`${label}'s fault panel`, panel.waitFor({ state: 'visible', timeout: WAIT_MS }));
+  }
+  ok('both pages show the fault panel');
+
+  // 4a. Cut A's subscription while bob sends a steady stream: alice's page
+  // goes "sending paused", then connected again, and shows every message
+  // once, in order; what was published while A was away comes from history.
+  await watchStates(alice);
+  await bob.evaluate(() => {
+    window.__burst = 0;
+    window.__burstTimer = setInterval(() => {
+      window.__burst += 1;
+      document.querySelector('[data-testid="message-input"]').value = `stream ${window.__burst}`;
+      document.getElementById('composer').requestSubmit();
+    }, 20);
+  });
+  await waitForMessage(alice, 'alice', { text: 'stream 3', from: 'bob' });
+  let sent = 0;
+  try {
+    await pressFault(alice, 'cut');
+    const down = await waitForLine(alice, 'alice', 'delivery-down', { timeout: CUT_MS });
+    const up = await waitForLine(alice, 'alice', 'delivery-up', { timeout: CUT_MS });
+    ok(`cut: alice's page says ${JSON.stringify(down.text)}, then ${JSON.stringify(up.text)}`);
+    if (!(Number(up.missed) >= 1)) fail(`alice's "up" line says ${up.missed} missed messages while bob kept sending through the cut`);
+  } finally {
+    sent = await bob.evaluate(() => {
+      clearInterval(window.__burstTimer);
+      return window.__burst;
+    });
+  }
+  const last = `stream ${sent}`;
+  await waitForMessage(alice, 'alice', { text: last, from: 'bob' });
+  await alice.waitForTimeout(SETTLE_MS);
+  const stream = await shownTexts(alice, 'stream ');
+  const expected = Array.from({ length: sent }, (_, i) => `stream ${i + 1}`);
+  if (JSON.stringify(stream) !== JSON.stringify(expected)) {
+    fail(`alice shows bob's stream as ${JSON.stringify(stream)}, expected stream 1..${sent} once each, in order`);
+  }
+  const fromHistory = await alice.evaluate(() =>
+    [...document.querySelectorAll('[data-testid="message"]')].filter((li) => li.querySelector('[data-testid="xray"][data-via="history"]')).length,
+  );
+  if (fromHistory < 1) fail('no message of the stream came from history: the catch-up did not show');
+  const aliceStates = await alice.evaluate(() => window.__states);
+  const pausedAt = aliceStates.indexOf('paused');
+  if (pausedAt < 0 || aliceStates.lastIndexOf('connected') < pausedAt || aliceStates[aliceStates.length - 1] !== 'connected') {
+    fail(`alice's pill went ${JSON.stringify(aliceStates)} around the cut: expected paused, then connected`);
+  }
+  const reconnects = await waitForCounter(alice, 'chat_redis_reconnects_total');
+  const log = await alice.evaluate(() => [...document.querySelectorAll('[data-testid="fault-log-entry"]')].map((li) => li.getAttribute('data-event')));
+  for (const e of ['done', 'delivery-down', 'delivery-up']) {
+    if (!log.includes(e)) fail(`the fault panel's log lacks "${e}": ${JSON.stringify(log)}`);
+  }
+  ok(`cut: all ${sent} streamed messages shown once, in order, ${fromHistory} of them caught up from history (X-ray via=history); pill ${JSON.stringify(aliceStates)}; counter ${JSON.stringify(reconnects)}; log ${JSON.stringify(log)}`);
+  await alice.screenshot({ path: path.join(opts.out, 'lab-cut.png'), timeout: WAIT_MS });
+
+  // 4b. Pause A's delivery: bob's message arrives only when it resumes.
+  await pressFault(alice, 'pause', PAUSE_S);
+  const stats = await fetch(`${opts.a}/stats`, { signal: AbortSignal.timeout(WAIT_MS) }).then((r) => r.json());
+  const until = stats.local && stats.local.delivery_paused_until_ms;
+  if (typeof until !== 'number') fail(`${opts.a}/stats does not say until when delivery is paused: ${JSON.stringify(stats.local)}`);
+  const countdown = await alice.getByTestId('fault-status').textContent();
+  if (!/paused/.test(countdown)) fail(`alice's fault panel says ${JSON.stringify(countdown)} during the pause`);
+  const held = 'sent during the pause';
+  await typeAndSend(bob, held);
+  await waitForMessage(bob, 'bob', { text: held, from: 'bob' });
+  const early = Date.now() < until - 300 ? await shownTexts(alice, held) : null;
+  if (early && early.length) fail(`alice shows ${JSON.stringify(held)} before the pause ends`);
+  await waitForMessage(alice, 'alice', { text: held, from: 'bob' });
+  const heldX = await xrayOf(alice, held);
+  const heldUs = Object.fromEntries(heldX.hops.map((h) => [h.hop, Number(h.us)]));
+  if (heldUs.sent < until * 1000 - 1000) fail(`A wrote ${JSON.stringify(held)} to alice at ${heldUs.sent} µs, before the pause ended at ${until} ms`);
+  ok(`pause: ${JSON.stringify(countdown)}; bob's message waited and reached alice ${((heldUs.sent - heldUs.received) / 1e6).toFixed(2)} s after A received it, once delivery resumed${early ? ' (not shown before)' : ''}`);
+
+  // 4c. Stall alice's tab: A drops it as a slow consumer; the page says so,
+  // reconnects and catches up.
+  await pressFault(alice, 'stall', STALL_S);
+  const stalled = await alice.getByTestId('fault-status').textContent();
+  if (!/stalled/.test(stalled)) fail(`alice's fault panel says ${JSON.stringify(stalled)} during the stall`);
+  const backBefore = await lineCount(alice, 'back');
+  const caughtBefore = await lineCount(alice, 'caught-up');
+  const big = Array.from({ length: STALL_MESSAGES }, (_, i) => `stall ${i + 1} ${'x'.repeat(1900)}`);
+  for (const text of big) {
+    await typeAndSend(bob, text);
+    await waitForMessage(bob, 'bob', { text, from: 'bob' });
+  }
+  const lost = await waitForLine(alice, 'alice', 'lost', { timeout: WAIT_MS });
+  if (lost.code !== '1008' || !/slow consumer/.test(lost.text)) fail(`alice's page says ${JSON.stringify(lost)} when dropped as a slow consumer`);
+  const back = await waitForLine(alice, 'alice', 'back', { count: backBefore + 1, timeout: RECONNECT_MS });
+  const caught = await waitForLine(alice, 'alice', 'caught-up', { count: caughtBefore + 1, timeout: RECONNECT_MS });
+  if (!(Number(caught.missed) >= 1)) fail(`alice caught up ${caught.missed} messages after the slow-consumer drop`);
+  for (const text of big) await waitForMessage(alice, 'alice', { text, from: 'bob' });
+  await alice.waitForTimeout(SETTLE_MS);
+  const stallShown = await shownTexts(alice, 'stall ');
+  if (JSON.stringify(stallShown) !== JSON.stringify(big)) {
+    fail(`alice shows the stall messages as ${JSON.stringify(stallShown.map((t) => t.slice(0, 8)))}, expected each once, in order`);
+  }
+  const dropped = await waitForCounter(alice, 'chat_slow_clients_dropped_total');
+  await waitFor('alice to be connected', alice.locator('[data-testid="status"][data-state="connected"]').waitFor({ state: 'visible', timeout: WAIT_MS }));
+  ok(`stall: ${JSON.stringify(lost.text)}; then ${JSON.stringify(back.text)}, ${JSON.stringify(caught.text)}; all ${big.length} messages once, in order; counter ${JSON.stringify(dropped)}`);
+  await alice.screenshot({ path: path.join(opts.out, 'lab-stall.png'), timeout: WAIT_MS });
+  ok(`screenshots saved: ${['xray', 'cut', 'stall'].map((n) => path.join(opts.out, `lab-${n}.png`)).join(', ')}`);
+}
+
 const opts = parseCli();
 const logs = [];
 const state = { browser: null };
@@ -856,7 +1325,7 @@ const watchdog = setTimeout(() => {
 watchdog.unref();
 
 try {
-  const scenarios = { basic: mainBasic, reconnect: mainReconnect, presence: mainPresence };
+  const scenarios = { basic: mainBasic, reconnect: mainReconnect, presence: mainPresence, lab: mainLab };
   await scenarios[opts.scenario](opts, logs, state);
   console.log('all browser checks passed');
 } catch (e) {

@@ -45,6 +45,8 @@ pub struct RedisServer {
     child: Option<Child>,
     dir: PathBuf,
     extra_args: Vec<String>,
+    /// The default user's password (`--requirepass`), if it has one.
+    password: Option<String>,
 }
 
 impl RedisServer {
@@ -59,6 +61,21 @@ impl RedisServer {
             child: None,
             dir: temp_dir("redis"),
             extra_args: Vec::new(),
+            password: None,
+        };
+        server.spawn();
+        server
+    }
+
+    /// Starts one whose default user needs `password` (`--requirepass`):
+    /// its [`url`](Self::url) carries it (`redis://:PASSWORD@...`).
+    pub fn start_with_password(password: &str) -> Self {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            dir: temp_dir("redis"),
+            extra_args: vec!["--requirepass".into(), password.into()],
+            password: Some(password.into()),
         };
         server.spawn();
         server
@@ -71,13 +88,36 @@ impl RedisServer {
             child: None,
             dir: temp_dir("redis"),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            password: None,
         };
         server.spawn();
         server
     }
 
+    /// `redis://127.0.0.1:PORT`, with `:PASSWORD@` when it has one.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Adds a Redis ACL user `user` with `password` and every right
+    /// (`ACL SETUSER user on >password ~* &* +@all`).
+    pub fn add_acl_user(&self, user: &str, password: &str) {
+        let mut conn = self
+            .connection()
+            .expect("cannot reach the test redis-server");
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(user)
+            .arg("on")
+            .arg(format!(">{password}"))
+            .arg("~*")
+            .arg("&*")
+            .arg("+@all")
+            .query::<()>(&mut conn)
+            .expect("ACL SETUSER failed");
     }
 
     fn spawn(&mut self) {
@@ -333,6 +373,12 @@ pub fn two_instances(redis: &RedisServer, prefix: &str) -> (Instance, Instance) 
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     process::try_http_get(addr, path, TIMEOUT)
         .unwrap_or_else(|e| panic!("GET http://{addr}{path} failed: {e}"))
+}
+
+/// `POST path` with an empty body: (status, body); panics on failure.
+pub fn http_post(addr: SocketAddr, path: &str) -> (u16, String) {
+    process::try_http(addr, "POST", path, TIMEOUT)
+        .unwrap_or_else(|e| panic!("POST http://{addr}{path} failed: {e}"))
 }
 
 /// A real WebSocket client (tungstenite), with a read timeout.
@@ -667,4 +713,41 @@ pub fn assert_exactly_once_in_order(
             .all(|pair| id_of(&pair[0]) < id_of(&pair[1])),
         "{who}: ids out of order"
     );
+}
+
+/// Runs the binary as instance `id` with `args` and waits for it to exit
+/// on its own (a start it refuses): (exit status, all it wrote on stderr).
+/// Panics, with that output, if it is still running after `within`.
+pub fn run_to_exit(
+    id: &str,
+    args: &[&str],
+    within: Duration,
+) -> (std::process::ExitStatus, String) {
+    let mut child = process::instance_command(Path::new(env!("CARGO_BIN_EXE_pubsub-chat")), id)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .spawn()
+        .expect("cannot start pubsub-chat");
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "pubsub-chat {args:?} still ran after {within:?}; it wrote:\n{}",
+                reader.join().unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    (status, reader.join().unwrap_or_default())
 }

@@ -63,9 +63,22 @@ pub fn try_http_get(
     path: &str,
     timeout: Duration,
 ) -> std::io::Result<(u16, String)> {
+    try_http(addr, "GET", path, timeout)
+}
+
+/// `method path` with no body over plain HTTP/1.0: (status, body).
+pub fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let status = response
@@ -102,7 +115,8 @@ pub fn redis_server_command(port: u16, dir: &Path) -> Command {
     cmd
 }
 
-/// Whether a Redis on the loopback `port` answers `PING` with `+PONG`.
+/// Whether a Redis on the loopback `port` answers `PING` with `+PONG`, or
+/// with `-NOAUTH` (it is up, and wants a password first).
 pub fn redis_pings(port: u16) -> bool {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     TcpStream::connect_timeout(&addr, Duration::from_millis(200))
@@ -111,7 +125,7 @@ pub fn redis_pings(port: u16) -> bool {
             s.write_all(b"PING\r\n")?;
             let mut buf = [0u8; 16];
             let n = s.read(&mut buf)?;
-            Ok(buf[..n].starts_with(b"+PONG"))
+            Ok(buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
         })
         .unwrap_or(false)
 }

@@ -19,8 +19,9 @@
 
 use std::time::Duration;
 
-use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError, Value};
+use redis::{ConnectionAddr, ConnectionInfo, RedisError, Value};
 
+use crate::redis_url::RedisUrl;
 use crate::sync::{Mutex, lock};
 
 /// Redis Cluster's hash slots.
@@ -79,15 +80,11 @@ pub struct Topology {
 impl Topology {
     /// Reads the cluster's slots from the first seed that answers; its
     /// masters are the shards.
-    pub fn discover(seeds: &[String], timeout: Duration) -> Result<Topology, String> {
+    pub fn discover(seeds: &[RedisUrl], timeout: Duration) -> Result<Topology, String> {
         let seeds = seeds
             .iter()
-            .map(|seed| {
-                seed.as_str()
-                    .into_connection_info()
-                    .map_err(|e| format!("bad --redis-cluster node {seed:?}: {e}"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|seed| seed.connection_info().clone())
+            .collect();
         let topology = Topology {
             seeds,
             timeout,

@@ -26,26 +26,31 @@
 //!   increase across all rooms and all instances.
 
 pub mod cluster;
+pub mod explain;
 pub mod presence;
 pub mod publisher;
 pub mod rooms;
 pub mod subscriber;
 pub mod subscription;
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
-use redis::{Client, Connection, RedisError, Script};
+use redis::{Client, Connection, ConnectionInfo, RedisConnectionInfo, RedisError, Script};
 
 use crate::backoff::Backoff;
 use crate::broker::{
     Broker, BrokerEvent, EventSender, History, HistoryQuery, Presence, PresenceChange, Unavailable,
 };
+use crate::clock;
 use crate::metrics::Metrics;
 use crate::protocol::{ChatMessage, Limits, MessageId, NewMessage, parse_channel_payload};
+use crate::redis_url::RedisUrl;
+use crate::stats::{InstanceReport, STALE_AFTER_MS};
 use crate::supervisor::Supervisor;
 use cluster::Topology;
 use presence::PresenceStore;
@@ -116,6 +121,10 @@ end
 return {latest, redis.call('XRANGE', KEYS[1], ARGV[2], '+'), redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)}
 "#;
 
+/// How long a gone instance's last report is kept before it is removed
+/// (it is not shown after [`STALE_AFTER_MS`]).
+const FORGET_AFTER_MS: u64 = 60_000;
+
 /// How long Redis remembers that a message was accepted, for retries: far
 /// longer than any publish deadline.
 const DEDUP_TTL_SECS: u64 = 600;
@@ -184,6 +193,11 @@ impl RedisKeys {
         format!("{}:presence:{{{room}}}", self.prefix)
     }
 
+    /// Every instance's last report (`/stats`): instance → JSON.
+    pub fn instances(&self) -> String {
+        format!("{}:instances", self.prefix)
+    }
+
     /// The room's member names, in name order.
     pub fn presence_names(&self, room: &str) -> String {
         format!("{}:presence-names:{{{room}}}", self.prefix)
@@ -203,9 +217,9 @@ impl RedisKeys {
 /// How the broker reaches Redis, from the configuration.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    pub url: String,
+    pub url: RedisUrl,
     /// Seed nodes of a Redis Cluster; empty for a single Redis at `url`.
-    pub cluster: Vec<String>,
+    pub cluster: Vec<RedisUrl>,
     pub prefix: String,
     pub history_len: usize,
     pub max_backoff: Duration,
@@ -226,17 +240,27 @@ pub struct RedisSettings {
 }
 
 impl RedisSettings {
-    /// A `CLIENT SETNAME` name for one of this instance's connections:
-    /// Redis allows no spaces or newlines in it.
-    /// Where Redis is, for logs and probes.
+    /// Where Redis is, for logs and probes: without a password.
     pub fn display_url(&self) -> String {
         if self.cluster.is_empty() {
-            self.url.clone()
+            self.url.to_string()
         } else {
-            format!("the redis cluster at {}", self.cluster.join(","))
+            let seeds: Vec<&str> = self.cluster.iter().map(RedisUrl::redacted).collect();
+            format!("the redis cluster at {}", seeds.join(","))
         }
     }
 
+    /// What the logs and `/readyz` say of a failure to connect.
+    pub fn explain(&self, e: &RedisError) -> String {
+        explain::explain(
+            e,
+            &self.display_url(),
+            self.url.connection_info().redis_settings().db(),
+        )
+    }
+
+    /// A `CLIENT SETNAME` name for one of this instance's connections:
+    /// Redis allows no spaces or newlines in it.
     pub fn connection_name(&self, role: &str) -> String {
         format!("{}:{}:{role}", self.prefix, self.instance)
             .chars()
@@ -246,10 +270,32 @@ impl RedisSettings {
 }
 
 /// Opens a connection to Redis with timeouts and a name.
-pub fn connect(client: &Client, name: &str) -> Result<Connection, RedisError> {
-    let mut connection = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+///
+/// It sends `AUTH` and `SELECT` itself rather than let redis-rs do it:
+/// redis-rs replaces a refused `AUTH`'s answer with "Password
+/// authentication failed", and the operator needs Redis's own words
+/// (`WRONGPASS`, `ERR AUTH ... without any password configured`), which
+/// [`explain::explain`] turns into advice.
+pub fn connect(info: &ConnectionInfo, name: &str) -> Result<Connection, RedisError> {
+    let settings = info.redis_settings();
+    let bare = info
+        .clone()
+        .set_redis_settings(RedisConnectionInfo::default().set_skip_set_lib_name());
+    let mut connection = Client::open(bare)?.get_connection_with_timeout(CONNECT_TIMEOUT)?;
     connection.set_read_timeout(Some(COMMAND_TIMEOUT))?;
     connection.set_write_timeout(Some(COMMAND_TIMEOUT))?;
+    if let Some(password) = settings.password() {
+        let mut auth = redis::cmd("AUTH");
+        if let Some(user) = settings.username() {
+            auth.arg(user);
+        }
+        auth.arg(password).query::<()>(&mut connection)?;
+    }
+    if settings.db() != 0 {
+        redis::cmd("SELECT")
+            .arg(settings.db())
+            .query::<()>(&mut connection)?;
+    }
     redis::cmd("CLIENT")
         .arg("SETNAME")
         .arg(name)
@@ -266,6 +312,8 @@ pub struct RedisBroker {
     rooms: Arc<RoomSubscriptions>,
     /// Per subscriber connection: is it subscribed now?
     subscribed: Vec<Arc<AtomicBool>>,
+    /// Per subscriber connection: why it last failed, for `/readyz`.
+    down_reasons: Vec<Arc<crate::sync::Mutex<Option<String>>>>,
     presence: PresenceStore,
     /// The presence refresh's own connection: under a storm of joins the
     /// sessions' queue for the shared one would make refreshes late, and
@@ -275,6 +323,12 @@ pub struct RedisBroker {
     metrics: Arc<Metrics>,
     /// Wakes the `presence` thread when a subscriber is back after a failure.
     reconnected_rx: crossbeam_channel::Receiver<()>,
+    /// The stats reporter's own connection: a report never queues behind
+    /// the sessions.
+    stats_publisher: Publisher,
+    /// Until when (wall-clock ms) the subscribers stay away after
+    /// `/demo/cut-subscription?seconds=N`.
+    held_until_ms: Arc<AtomicU64>,
 }
 
 impl RedisBroker {
@@ -291,7 +345,11 @@ impl RedisBroker {
         let keys = RedisKeys::new(&settings.prefix, cluster);
         let (publisher, nodes, shard_of): (Publisher, Vec<Node>, ShardOf) = if cluster {
             let topology = Arc::new(Topology::discover(&settings.cluster, CONNECT_TIMEOUT)?);
-            let client = ClusterClient::builder(settings.cluster.iter().map(String::as_str))
+            let seeds = settings
+                .cluster
+                .iter()
+                .map(|url| url.connection_info().clone());
+            let client = ClusterClient::builder(seeds)
                 .connection_timeout(CONNECT_TIMEOUT)
                 .response_timeout(COMMAND_TIMEOUT)
                 // The accept script's own retries (same dedup key, until
@@ -312,7 +370,7 @@ impl RedisBroker {
             info!(
                 "redis cluster: {} shards, found through {}",
                 topology.shards(),
-                settings.cluster.join(",")
+                settings.display_url()
             );
             (
                 Publisher::cluster(client, settings.clone(), metrics.clone()),
@@ -320,12 +378,10 @@ impl RedisBroker {
                 shard_of,
             )
         } else {
-            let url = &settings.url;
-            let client =
-                Client::open(url.as_str()).map_err(|e| format!("bad --redis-url {url:?}: {e}"))?;
-            let node = Node::Single(client.get_connection_info().clone());
+            let info = settings.url.connection_info().clone();
+            let node = Node::Single(info.clone());
             (
-                Publisher::single(client, settings.clone(), metrics.clone()),
+                Publisher::single(info, settings.clone(), metrics.clone()),
                 vec![node],
                 Box::new(|_| 0),
             )
@@ -349,8 +405,11 @@ impl RedisBroker {
             script: Script::new(ACCEPT_SCRIPT),
             history_script: Script::new(HISTORY_SCRIPT),
             presence_publisher: publisher.sibling("presence"),
+            stats_publisher: publisher.sibling("stats"),
+            held_until_ms: Arc::default(),
             publisher,
             subscribed: (0..nodes.len()).map(|_| Arc::default()).collect(),
+            down_reasons: (0..nodes.len()).map(|_| Arc::default()).collect(),
             presence: PresenceStore::new(
                 keys.clone(),
                 settings.instance.clone(),
@@ -371,6 +430,8 @@ impl RedisBroker {
                 node,
                 events_tx: events_tx.clone(),
                 url: settings.display_url(),
+                db: settings.url.connection_info().redis_settings().db(),
+                down_reason: broker.down_reasons[shard].clone(),
                 name: if cluster {
                     settings.connection_name(&format!("sub{shard}"))
                 } else {
@@ -382,8 +443,10 @@ impl RedisBroker {
                 metrics: metrics.clone(),
                 subscribed: broker.subscribed[shard].clone(),
                 reconnected_tx: reconnected_tx.clone(),
+                link_breaks: broker.publisher.link_breaks(),
                 backoff: Backoff::new(settings.max_backoff),
                 delivered: delivered.clone(),
+                held_until_ms: broker.held_until_ms.clone(),
             };
             let name = if cluster {
                 format!("redis-sub-{shard}")
@@ -489,7 +552,11 @@ impl Broker for RedisBroker {
     /// script is in flight, the outcome is unknown: the same script, with
     /// the same dedup key, is retried after reconnecting until Redis says
     /// which id the message got, or the deadline passes.
-    fn publish(&self, message: NewMessage, dedup_key: &str) -> Result<MessageId, Unavailable> {
+    fn publish(
+        &self,
+        message: NewMessage,
+        dedup_key: &str,
+    ) -> Result<MessageId, super::PublishError> {
         let body = serde_json::to_string(&message).expect("messages always serialize");
         let deadline = Instant::now() + self.settings.publish_deadline;
         let mut in_doubt = false;
@@ -515,16 +582,16 @@ impl Broker for RedisBroker {
                     }
                     return id
                         .parse()
-                        .map_err(|e| Unavailable(format!("redis returned a bad id: {e}")));
+                        .map_err(|e| Unavailable(format!("redis returned a bad id: {e}")).into());
                 }
                 Err(Failure::Refused(reason)) if !in_doubt => {
-                    return Err(Unavailable(reason));
+                    return Err(Unavailable(reason).into());
                 }
                 Err(Failure::Redirected(reason)) => {
                     // It did not run: try again, without doubt, while the
                     // deadline allows.
                     if Instant::now() >= deadline {
-                        return Err(Unavailable(reason));
+                        return Err(Unavailable(reason).into());
                     }
                     debug!("redis publisher: message {dedup_key} redirected ({reason}); again");
                     thread::sleep(RETRY_PAUSE);
@@ -542,8 +609,8 @@ impl Broker for RedisBroker {
                 error!(
                     "redis publisher: message {dedup_key} still in doubt at the deadline: {reason}"
                 );
-                return Err(Unavailable(format!(
-                    "outcome unknown: redis did not answer within {} ms ({reason})",
+                return Err(super::PublishError::OutcomeUnknown(format!(
+                    "redis did not answer within {} ms ({reason})",
                     self.settings.publish_deadline.as_millis()
                 )));
             }
@@ -635,10 +702,17 @@ impl Broker for RedisBroker {
             } else {
                 String::new()
             };
-            return Err(format!(
-                "redis subscription to {}{which} is down; reconnecting",
-                self.settings.display_url()
-            ));
+            return Err(
+                match crate::sync::lock(&self.down_reasons[shard]).as_deref() {
+                    Some(reason) => {
+                        format!("redis subscription{which} is down: {reason}; reconnecting")
+                    }
+                    None => format!(
+                        "redis subscription to {}{which} is down; reconnecting",
+                        self.settings.display_url()
+                    ),
+                },
+            );
         }
         // The publisher reconnects lazily; a probe is a chance to do it, no
         // more often than its backoff allows.
@@ -653,5 +727,76 @@ impl Broker for RedisBroker {
                 })?;
         }
         Ok(())
+    }
+
+    fn report(&self, report: &InstanceReport) {
+        let Ok(json) = serde_json::to_string(report) else {
+            return;
+        };
+        let key = self.keys.instances();
+        let reported = self.stats_publisher.run(|connection| {
+            redis::cmd("HSET")
+                .arg(&key)
+                .arg(&report.instance)
+                .arg(json)
+                .query::<()>(connection)
+        });
+        if let Err(e) = reported {
+            debug!("stats: report not stored: {}", e.into_unavailable());
+        }
+    }
+
+    fn instances(&self) -> Result<Vec<InstanceReport>, Unavailable> {
+        let key = self.keys.instances();
+        let stored: HashMap<String, String> = self
+            .stats_publisher
+            .run(|connection| redis::cmd("HGETALL").arg(&key).query(connection))
+            .map_err(Failure::into_unavailable)?;
+        let now = clock::wall_millis();
+        let mut up = Vec::new();
+        let mut gone = Vec::new();
+        for (instance, json) in stored {
+            match serde_json::from_str::<InstanceReport>(&json) {
+                Ok(report) if now.saturating_sub(report.seen_ms) <= STALE_AFTER_MS => {
+                    up.push(report)
+                }
+                Ok(report) if now.saturating_sub(report.seen_ms) <= FORGET_AFTER_MS => {}
+                _ => gone.push(instance),
+            }
+        }
+        if !gone.is_empty() {
+            let _ = self.stats_publisher.run(|connection| {
+                redis::cmd("HDEL")
+                    .arg(&key)
+                    .arg(&gone)
+                    .query::<()>(connection)
+            });
+        }
+        up.sort_by(|a, b| a.instance.cmp(&b.instance));
+        Ok(up)
+    }
+
+    fn cut_subscription(&self, hold: Duration) -> Result<String, String> {
+        // The hold is set before the cut, so that the subscriber finds it
+        // when its read fails.
+        let until = clock::wall_millis() + hold.as_millis() as u64;
+        self.held_until_ms.store(until, Ordering::Relaxed);
+        let after = if hold.is_zero() {
+            "at once".to_string()
+        } else {
+            format!("after {} s", hold.as_secs())
+        };
+        match self.rooms.cut() {
+            0 => {
+                self.held_until_ms.store(0, Ordering::Relaxed);
+                Err("the Redis subscription is already down; it is reconnecting".into())
+            }
+            1 => Ok(format!(
+                "the Redis subscription was cut; the subscriber reconnects {after} and catches up"
+            )),
+            n => Ok(format!(
+                "{n} Redis subscriptions (one per cluster shard) were cut; each reconnects {after} and catches up"
+            )),
+        }
     }
 }

@@ -8,13 +8,14 @@
 //! finds the new master after a failover.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use log::{error, info};
 use redis::cluster::ClusterClient;
-use redis::{Client, ConnectionLike, ErrorKind, RedisError, ServerErrorKind};
+use redis::{ConnectionInfo, ConnectionLike, ErrorKind, RedisError, ServerErrorKind};
 
-use super::{RedisSettings, connect};
+use super::{RedisSettings, connect, explain};
 use crate::backoff::Backoff;
 use crate::broker::Unavailable;
 use crate::metrics::Metrics;
@@ -48,12 +49,14 @@ struct Link {
     retry_at: Instant,
     backoff: Backoff,
     last_error: Option<String>,
+    /// [`Publisher::link_breaks`] when the connection was opened.
+    opened_after_breaks: u64,
 }
 
 /// What the publisher connects to.
 #[derive(Clone)]
 enum Target {
-    Single(Client),
+    Single(ConnectionInfo),
     Cluster(ClusterClient),
 }
 
@@ -64,12 +67,18 @@ pub struct Publisher {
     settings: RedisSettings,
     metrics: Arc<Metrics>,
     link: Mutex<Link>,
+    /// How many times a subscriber saw its link to Redis break, shared by
+    /// every connection of this instance. A connection opened before the
+    /// last break is not trusted: Redis may be gone, and a command written
+    /// to it would end "outcome unknown" where a fresh connection, refused,
+    /// says for sure that nothing was sent.
+    link_breaks: Arc<AtomicU64>,
 }
 
 impl Publisher {
     /// A publisher to one Redis.
-    pub fn single(client: Client, settings: RedisSettings, metrics: Arc<Metrics>) -> Self {
-        Self::new(Target::Single(client), settings, metrics)
+    pub fn single(info: ConnectionInfo, settings: RedisSettings, metrics: Arc<Metrics>) -> Self {
+        Self::new(Target::Single(info), settings, metrics)
     }
 
     /// A publisher to a Redis Cluster.
@@ -85,11 +94,19 @@ impl Publisher {
                 retry_at: Instant::now(),
                 backoff: Backoff::new(settings.max_backoff),
                 last_error: None,
+                opened_after_breaks: 0,
             }),
             target,
             settings,
             metrics,
+            link_breaks: Arc::default(),
         }
+    }
+
+    /// The counter the subscribers add to when their link breaks (see
+    /// `link_breaks`); the siblings share it.
+    pub fn link_breaks(&self) -> Arc<AtomicU64> {
+        self.link_breaks.clone()
     }
 
     /// A second publisher to the same Redis, on a connection of its own
@@ -102,13 +119,14 @@ impl Publisher {
             self.metrics.clone(),
         );
         sibling.role = role;
+        sibling.link_breaks = self.link_breaks.clone();
         sibling
     }
 
     fn connect(&self) -> Result<Box<dyn ConnectionLike + Send>, RedisError> {
         Ok(match &self.target {
-            Target::Single(client) => {
-                Box::new(connect(client, &self.settings.connection_name(self.role))?)
+            Target::Single(info) => {
+                Box::new(connect(info, &self.settings.connection_name(self.role))?)
             }
             Target::Cluster(client) => Box::new(client.get_connection()?),
         })
@@ -123,24 +141,28 @@ impl Publisher {
         command: impl FnOnce(&mut dyn ConnectionLike) -> Result<T, RedisError>,
     ) -> Result<T, Failure> {
         let mut link = lock(&self.link);
+        let breaks = self.link_breaks.load(Ordering::Relaxed);
+        if link.connection.is_some() && link.opened_after_breaks != breaks {
+            link.connection = None;
+        }
         if link.connection.is_none() {
             if Instant::now() < link.retry_at {
                 let reason = link.last_error.clone().unwrap_or_default();
-                return Err(Failure::Refused(format!(
-                    "redis is unreachable ({reason}); retrying"
-                )));
+                return Err(Failure::Refused(format!("{reason}; retrying")));
             }
             match self.connect() {
                 Ok(connection) => {
                     if link.last_error.take().is_some() {
                         info!(
-                            "redis publisher: reconnected to {}",
+                            "redis publisher ({}): reconnected to {}",
+                            self.role,
                             self.settings.display_url()
                         );
                         Metrics::inc(&self.metrics.redis_reconnects_total);
                     }
                     link.backoff.reset();
                     link.connection = Some(connection);
+                    link.opened_after_breaks = breaks;
                     Metrics::set(&self.metrics.redis_publisher_up, 1);
                 }
                 Err(e) => return Err(Failure::Refused(self.link_broken(&mut link, e))),
@@ -181,18 +203,22 @@ impl Publisher {
     }
 
     fn link_broken(&self, link: &mut Link, e: RedisError) -> String {
-        let reason = e.to_string();
-        if link.last_error.is_none() {
+        let reason = explain::for_clients(&e);
+        if link.last_error.is_none()
+            || (e.code().is_some() && link.last_error.as_ref() != Some(&reason))
+        {
+            // Once per outage, and again when Redis answers something new
+            // (it came back with another password).
             error!(
-                "redis publisher: {} unreachable: {reason}; messages are refused as unavailable until it is back \
-                 (start Redis with `redis-server`, or run without it: --broker local)",
-                self.settings.display_url()
+                "redis publisher ({}): {}; messages are refused as unavailable until it is back",
+                self.role,
+                self.settings.explain(&e)
             );
         }
         link.connection = None;
         link.retry_at = Instant::now() + link.backoff.next_delay();
         link.last_error = Some(reason.clone());
         Metrics::set(&self.metrics.redis_publisher_up, 0);
-        format!("redis is unreachable ({reason})")
+        reason
     }
 }

@@ -104,6 +104,18 @@ impl RoomSubscriptions {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Cuts every subscribed connection (`--demo-controls`): each
+    /// subscriber sees its link break and recovers as from a real outage.
+    /// Returns how many were cut.
+    pub fn cut(&self) -> usize {
+        let state = self.state();
+        let live: Vec<_> = state.writers.iter().flatten().collect();
+        for writer in &live {
+            writer.shutdown();
+        }
+        live.len()
+    }
+
     /// A local client joins `room`: subscribes to it if needed, and waits
     /// until Redis confirms.
     pub fn attach(&self, room: &str) -> Attached {

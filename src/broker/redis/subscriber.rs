@@ -12,8 +12,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
+use std::time::Duration;
 
 use log::{debug, error, info, warn};
 use redis::{Connection, ConnectionInfo, RedisError};
@@ -21,14 +22,14 @@ use redis::{Connection, ConnectionInfo, RedisError};
 use super::cluster::Topology;
 use super::rooms::RoomSubscriptions;
 use super::subscription::{self, Push};
-use super::{CONNECT_TIMEOUT, RedisKeys, StreamEntry, connect, parse_stream_entries};
+use super::{CONNECT_TIMEOUT, RedisKeys, StreamEntry, connect, explain, parse_stream_entries};
 use crate::backoff::Backoff;
 use crate::broker::{BrokerEvent, DeliveryStatus, EventSender, PresenceChange};
 use crate::clock;
 use crate::faults;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    BadPayload, ChannelEvent, ChatMessage, Limits, MessageId, parse_channel_event,
+    BadPayload, ChannelEvent, ChatMessage, Limits, MessageId, Received, Via, parse_channel_event,
 };
 use crate::sync::{Mutex, lock};
 
@@ -64,6 +65,11 @@ pub struct Subscriber {
     pub events_tx: EventSender,
     /// For the logs: where Redis is (without a password).
     pub url: String,
+    /// The database the URL names (for the message when Redis has none
+    /// of that number).
+    pub db: i64,
+    /// Why this connection is down, for `/readyz` (`None` until it fails).
+    pub down_reason: Arc<Mutex<Option<String>>>,
     pub name: String,
     pub limits: Limits,
     pub keys: RedisKeys,
@@ -76,6 +82,11 @@ pub struct Subscriber {
     pub reconnected_tx: crossbeam_channel::Sender<()>,
     pub backoff: Backoff,
     pub delivered: Delivered,
+    /// Until when (wall-clock ms) a demo cut keeps this subscriber away.
+    pub held_until_ms: Arc<AtomicU64>,
+    /// Counted up at every break, so that the publishing connections, which
+    /// may not have noticed yet, reconnect before their next command.
+    pub link_breaks: Arc<AtomicU64>,
 }
 
 impl Subscriber {
@@ -100,12 +111,20 @@ impl Subscriber {
             Metrics::set(&self.metrics.redis_subscriber_up, 0);
             let _ = first_attempt_tx.try_send(());
             let e = outcome.expect_err("delivery only ends on an error");
+            self.link_breaks.fetch_add(1, Ordering::Relaxed);
             failures += 1;
-            if failures == 1 {
+            if self.wait_out_a_demo_cut() {
+                failures = 0;
+                continue;
+            }
+            let reason = explain::explain(&e, &self.url, self.db);
+            let changed = lock(&self.down_reason).replace(reason.clone()) != Some(reason.clone());
+            // Once per outage, and again when Redis answers something new
+            // (it came back with another password).
+            if failures == 1 || (changed && e.code().is_some()) {
                 error!(
-                    "redis subscriber {}: {} unreachable: {e}; cross-instance delivery is down, retrying \
-                     (start Redis with `redis-server`, or run without it: --broker local)",
-                    self.shard, self.url
+                    "redis subscriber {}: {reason}; cross-instance delivery is down, retrying",
+                    self.shard
                 );
             } else {
                 debug!(
@@ -123,6 +142,25 @@ impl Subscriber {
                 );
             }
         }
+    }
+
+    /// After `/demo/cut-subscription`: stays away as long as asked, then
+    /// reconnects at once, as after a real outage. False if no demo cut
+    /// is in force (the failure is a real one).
+    fn wait_out_a_demo_cut(&mut self) -> bool {
+        let until = self.held_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        let left = until.saturating_sub(clock::wall_millis());
+        info!(
+            "redis subscriber {}: cut on purpose (/demo/cut-subscription); reconnecting in {} ms",
+            self.shard, left
+        );
+        thread::sleep(Duration::from_millis(left));
+        // Only one cut is waited out: a failure after it is real.
+        self.held_until_ms.store(0, Ordering::Relaxed);
+        true
     }
 
     /// The node to subscribe on now.
@@ -145,10 +183,7 @@ impl Subscriber {
         let sharded = matches!(self.node, Node::Shard(_));
         let (mut reader, writer) = subscription::open(&info, &self.name, sharded, CONNECT_TIMEOUT)?;
         // History is read from the same node, on a plain connection.
-        let mut history = connect(
-            &redis::Client::open(info)?,
-            &format!("{}-history", self.name),
-        )?;
+        let mut history = connect(&info, &format!("{}-history", self.name))?;
         let writer = Arc::new(writer);
         // However this ends, the connection is closed: sessions holding
         // the write half find it broken, not silently unread.
@@ -237,6 +272,7 @@ impl Subscriber {
             }
             Push::Message { channel, payload } => (channel, payload),
         };
+        let received = Received::now(Via::Pubsub);
         let event = parse_channel_event(&payload, &self.limits).and_then(|event| {
             // A room's channel carries that room's events only: anything
             // else was published by hand, and would reach one instance's
@@ -261,7 +297,7 @@ impl Subscriber {
         };
         let change = match event {
             ChannelEvent::Message(message) => {
-                self.take_message(message, seams);
+                self.take_message(message, received, seams);
                 return Ok(());
             }
             ChannelEvent::Join(event) => PresenceChange::Join(event),
@@ -274,7 +310,7 @@ impl Subscriber {
     }
 
     /// Delivers a message received live, unless a catch-up already did.
-    fn take_message(&mut self, message: ChatMessage, seams: &mut CatchUpSeams) {
+    fn take_message(&mut self, message: ChatMessage, received: Received, seams: &mut CatchUpSeams) {
         Metrics::inc(&self.metrics.broker_messages_total);
         faults::inject("subscriber", &message.text);
         if let Some(seam) = seams.get(&message.room) {
@@ -283,7 +319,7 @@ impl Subscriber {
             }
             seams.remove(&message.room);
         }
-        self.deliver(message);
+        self.deliver(message, received);
     }
 
     fn emit(&self, event: BrokerEvent) {
@@ -292,10 +328,10 @@ impl Subscriber {
         let _ = self.events_tx.send(event);
     }
 
-    fn deliver(&mut self, message: ChatMessage) {
+    fn deliver(&mut self, message: ChatMessage, received: Received) {
         let id = message.id;
         let room = message.room.clone();
-        self.emit(BrokerEvent::Message(message));
+        self.emit(BrokerEvent::Message(message, received));
         self.record_delivered(room, id);
     }
 
@@ -351,7 +387,7 @@ impl Subscriber {
                 .query(history)?;
             for message in parse_stream_entries(entries, &self.limits) {
                 seams.insert(room.clone(), message.id);
-                self.deliver(message);
+                self.deliver(message, Received::now(Via::History));
                 missed += 1;
             }
         }

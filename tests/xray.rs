@@ -1,0 +1,151 @@
+//! Verifies the message X-ray (`trace=1`): a traced client on another
+//! instance gets every hop of a message's path, in order, each stamped;
+//! history comes stamped `via: "history"`; a traced client in a room big
+//! enough to be sharded over the deliverers keeps its order; and a client
+//! that did not ask gets exactly the frame it always got.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{Client, Instance, RedisServer, two_instances, unique};
+use serde_json::{Value, json};
+use tungstenite::Message;
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+fn send_typed(client: &mut Client, text: &str, cid: &str, typed_us: u64) {
+    let frame = json!({"type": "message", "text": text, "cid": cid, "typed_us": typed_us});
+    client.send_raw(Message::text(frame.to_string()));
+}
+
+fn stamp(trace: &Value, field: &str) -> u64 {
+    trace[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("trace has no {field}: {trace}"))
+}
+
+/// The hops, checked in the order a message travels them. Redis stamps in
+/// whole milliseconds, so its hop may read up to 1 ms before the read.
+fn assert_hops_in_order(trace: &Value, typed_us: u64, shown_us: u64) {
+    let read = stamp(trace, "read_us");
+    let accepted = stamp(trace, "accepted_ms") * 1000;
+    let received = stamp(trace, "received_us");
+    let sent = stamp(trace, "sent_us");
+    assert!(typed_us <= read, "typed {typed_us} after read {read}");
+    assert!(
+        read <= accepted + 1000,
+        "read {read} after accepted {accepted}"
+    );
+    assert!(
+        accepted <= received,
+        "accepted {accepted} after received {received}"
+    );
+    assert!(read <= received, "read {read} after received {received}");
+    assert!(received <= sent, "received {received} after sent {sent}");
+    assert!(sent <= shown_us, "sent {sent} after shown {shown_us}");
+}
+
+#[test]
+fn a_traced_client_on_another_instance_sees_every_hop_and_others_get_the_plain_frame() {
+    let redis = RedisServer::start();
+    let prefix = unique("xray");
+    let (a, b) = two_instances(&redis, &prefix);
+
+    let mut sender = a.client("ann", "lobby");
+    let mut traced = Client::connect(b.ws, "name=bob&room=lobby&trace=1");
+    let mut plain = b.client("bea", "lobby");
+
+    let typed_us = now_us();
+    send_typed(&mut sender, "look at my path", "x1", typed_us);
+    let seen = traced.recv_messages(1).remove(0);
+    let shown_us = now_us();
+    let trace = &seen["trace"];
+    assert_eq!(
+        trace["typed_us"], typed_us,
+        "the sender's stamp travels: {seen}"
+    );
+    assert_eq!(trace["read_by"], "a");
+    assert_eq!(trace["received_by"], "b");
+    assert_eq!(trace["via"], "pubsub");
+    assert_eq!(
+        stamp(trace, "accepted_ms"),
+        seen["ts"].as_u64().unwrap(),
+        "Redis's hop is the id's time"
+    );
+    assert_hops_in_order(trace, typed_us, shown_us);
+
+    let mut expected = seen.clone();
+    expected.as_object_mut().unwrap().remove("trace");
+    let plain_copy = plain.recv_messages(1).remove(0);
+    assert_eq!(plain_copy, expected, "no trace, nothing else changed");
+    assert_eq!(
+        sender.recv_messages(1).remove(0),
+        expected,
+        "the untraced sender gets the plain frame too"
+    );
+
+    // History (the first frames) comes stamped as such.
+    let mut late = Client::connect(b.ws, "name=cy&room=lobby&trace=1");
+    let history = late.drain_messages(Duration::from_millis(500));
+    assert_eq!(history.len(), 1, "{history:?}");
+    let trace = &history[0]["trace"];
+    assert_eq!(trace["via"], "history");
+    assert_eq!(trace["received_by"], "b");
+    assert_eq!(trace["typed_us"], typed_us);
+    assert!(stamp(trace, "received_us") <= stamp(trace, "sent_us"));
+}
+
+#[test]
+fn a_traced_client_in_a_sharded_room_keeps_its_order_and_its_stamps() {
+    // 40 clients on b: past the size (32) at which a room's deliveries are
+    // spread over the deliverer threads.
+    let redis = RedisServer::start();
+    let prefix = unique("xray-shard");
+    let a = Instance::redis("a", &redis.url(), &prefix);
+    let b = Instance::redis_with("b", &redis.url(), &prefix, &["--delivery-threads", "3"]);
+    a.wait_ready();
+    b.wait_ready();
+    let mut crowd: Vec<Client> = (0..38).map(|n| b.client(&format!("p{n}"), "big")).collect();
+    let mut traced: Vec<Client> = (0..2)
+        .map(|n| Client::connect(b.ws, &format!("name=t{n}&room=big&trace=1")))
+        .collect();
+    let mut sender = a.client("ann", "big");
+    for n in 0..30 {
+        send_typed(&mut sender, &format!("m{n}"), &format!("c{n}"), now_us());
+    }
+    for client in &mut traced {
+        let got = client.recv_messages(30);
+        let texts: Vec<_> = got.iter().map(|m| m["text"].as_str().unwrap()).collect();
+        let expected: Vec<_> = (0..30).map(|n| format!("m{n}")).collect();
+        assert_eq!(texts, expected, "in order");
+        for message in &got {
+            assert_eq!(message["trace"]["received_by"], "b", "{message}");
+            assert!(stamp(&message["trace"], "received_us") <= stamp(&message["trace"], "sent_us"));
+        }
+    }
+    for client in crowd.iter_mut().take(5) {
+        let got = client.recv_messages(30);
+        assert!(got.iter().all(|m| m.get("trace").is_none()));
+        assert_eq!(got[29]["text"], "m29");
+    }
+}
+
+#[test]
+fn without_redis_the_x_ray_says_the_message_never_left_the_instance() {
+    let solo = Instance::local("solo");
+    let mut traced = Client::connect(solo.ws, "name=ann&room=lobby&trace=1");
+    let typed_us = now_us();
+    send_typed(&mut traced, "alone", "s1", typed_us);
+    let seen = traced.recv_messages(1).remove(0);
+    let trace = &seen["trace"];
+    assert_eq!(trace["via"], "local");
+    assert_eq!(trace["read_by"], "solo");
+    assert_eq!(trace["received_by"], "solo");
+    assert_hops_in_order(trace, typed_us, now_us());
+}
