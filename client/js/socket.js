@@ -1,0 +1,366 @@
+/* The socket: finding the server, connecting, and reconnecting.
+ *
+ * It owns the WebSocket's life (config.json, the URL with `since` and
+ * `trace`, backoff with jitter, make-before-break for the X-ray toggle),
+ * routes each inbound frame to the file that owns its meaning, and writes
+ * the connection's own lines in the conversation (lost, back, caught up,
+ * Redis down and up). Separate because it is the only file that knows
+ * frames arrive over a socket; state.js tells the rest what that means.
+ */
+
+import { el } from './dom.js';
+import { plural } from './format.js';
+import { S, debug } from './session.js';
+import { conn, setConn, setInstance, instanceName, startCountdown, stopCountdown } from './state.js';
+import { addNotice, flushQueue, onMessageFrame, onErrorFrame } from './conversation.js';
+import { onPresenceFrame, onJoinFrame, onLeaveFrame, onTypingFrame, clearTyping } from './presence.js';
+import { applyDemoControls, renderFaultPanel, faultLog } from './lab.js';
+
+var DEFAULT_WS_PORT = 15000;
+var DEFAULT_WS_PATH = '/ws';
+var BACKOFF_BASE_MS = 500;
+var BACKOFF_MAX_MS = 10000;
+// After a reconnection the server replays what we missed, back to back,
+// right after welcome; this much silence means the replay is over.
+var CATCHUP_QUIET_MS = 400;
+
+var reconnectTimer = null;
+var oldWs = null;    // the socket a deliberate reconnection replaces, until the new one is welcomed
+
+// ---------------------------------------------------------------- inbound
+function onFrame(ev) {
+  if (typeof ev.data !== 'string') {
+    console.warn('[chat] ignoring binary frame');
+    return;
+  }
+  var frame;
+  try {
+    frame = JSON.parse(ev.data);
+  } catch (e) {
+    console.warn('[chat] ignoring non-JSON frame', ev.data);
+    return;
+  }
+  if (!frame || typeof frame !== 'object') {
+    console.warn('[chat] ignoring frame', frame);
+    return;
+  }
+  switch (frame.type) {
+    case 'welcome':
+      onWelcome(frame);
+      break;
+    case 'status':
+      onStatusFrame(frame);
+      break;
+    case 'notice':
+      addNotice(typeof frame.message === 'string' && frame.message ? frame.message : String(frame.code), 'info');
+      break;
+    case 'message': {
+      var shown = onMessageFrame(frame);
+      if (shown === 'new') noteCaughtUp();
+      if (shown) clearTyping(frame.from); // they sent what they were typing
+      break;
+    }
+    case 'presence':
+      onPresenceFrame(frame);
+      break;
+    case 'join':
+      onJoinFrame(frame);
+      break;
+    case 'leave':
+      onLeaveFrame(frame);
+      break;
+    case 'typing':
+      onTypingFrame(frame);
+      break;
+    case 'error':
+      onErrorFrame(frame);
+      break;
+    default:
+      console.info('[chat] ignoring unknown frame type', frame.type, frame);
+  }
+}
+// ---------------------------------------------------------------- connection events
+
+function missedText(n) {
+  return n === 0 ? 'nothing missed' : plural(n, 'missed message', 'missed messages');
+}
+
+/** "after 3 s" since the outage began, or "" if we do not know. */
+function awayText() {
+  if (!conn.lostAt) return '';
+  var secs = (Date.now() - conn.lostAt) / 1000;
+  return ' after ' + (secs < 10 ? secs.toFixed(1) : Math.round(secs)) + ' s';
+}
+
+// What a reconnection replays comes right after welcome, back to back,
+// with no marker at its end: count the new messages until the stream goes
+// quiet. A Redis outage is exact instead: its `up` comes after the replay.
+function startCatchup(kind) {
+  finishCatchup();
+  S.catchup = { kind: kind, count: 0, timer: null };
+  armCatchup();
+}
+
+function armCatchup() {
+  var c = S.catchup;
+  if (!c || c.kind === 'delivery') return;
+  clearTimeout(c.timer);
+  c.timer = setTimeout(finishCatchup, CATCHUP_QUIET_MS);
+}
+
+function noteCaughtUp() {
+  if (!S.catchup) return;
+  S.catchup.count += 1;
+  armCatchup();
+}
+
+/** Close a socket catch-up with its line (a deliberate reconnection says nothing if nothing was missed). */
+function finishCatchup() {
+  var c = S.catchup;
+  if (!c || c.kind === 'delivery') return;
+  clearTimeout(c.timer);
+  S.catchup = null;
+  setTimeout(flushQueue, 0);
+  if (c.kind === 'toggle' && c.count === 0) return;
+  var line = connLine('caught-up', 'Caught up: ' + missedText(c.count) + (c.count ? ' (replayed from history)' : ''), 'ok');
+  line.setAttribute('data-missed', String(c.count));
+}
+
+function onWelcome(frame) {
+  if (typeof frame.instance === 'string') setInstance(frame.instance);
+  if (typeof frame.client === 'string') debug.client = frame.client;
+  if (typeof frame.name === 'string' && frame.name) {
+    S.name = frame.name;
+    el.myName.textContent = frame.name;
+  }
+  var wasOpen = conn.everOpen;
+  var failedBefore = S.attempt > 0;
+  var reason = S.connectReason;
+  S.attempt = 0; // healthy connection: reset backoff
+  S.presenceFresh = false; // a "presence" snapshot follows
+  finishCatchup();
+  S.catchup = null;
+  var away = awayText();
+  dropOldSocket();
+  // A `status` down follows among the first frames if the server cannot
+  // reach Redis right now; until then sending works.
+  setConn({ socket: 'open', everOpen: true, delivery: 'up', deliveryReason: '', retryAt: 0, lostAt: 0 });
+  if (reason === 'xray') {
+    connLine('back', S.trace
+      ? 'X-ray on: reconnected to instance ' + S.instance + ' with trace=1; new messages show their path'
+      : 'X-ray off: reconnected to instance ' + S.instance + ' without traces', 'info');
+    startCatchup('toggle');
+  } else if (wasOpen || failedBefore) {
+    connLine('back', (wasOpen ? 'Reconnected to instance ' : 'Connected to instance ') + S.instance + away, 'ok');
+    if (wasOpen) startCatchup('socket');
+  }
+  S.connectReason = 'reconnect';
+  renderFaultPanel();
+}
+
+function onStatusFrame(frame) {
+  var down = frame.delivery === 'down';
+  var words = typeof frame.message === 'string' ? frame.message : '';
+  if (down === (conn.delivery === 'down')) return; // no change (an `up` when it never went down)
+  if (down) {
+    finishCatchup(); // a `down` among the first frames comes after the replay
+    setConn({ delivery: 'down', deliveryReason: words });
+    var line = connLine('delivery-down', instanceName() + ' lost its link to Redis — sending paused; ' +
+      'messages from other instances will arrive when it is back', 'error');
+    if (words) line.title = words;
+    S.catchup = { kind: 'delivery', count: 0, timer: null };
+  } else {
+    var n = S.catchup && S.catchup.kind === 'delivery' ? S.catchup.count : 0;
+    S.catchup = null;
+    var away = awayText();
+    setConn({ delivery: 'up', deliveryReason: '', lostAt: 0 });
+    var up = connLine('delivery-up', 'Sending works again: ' + instanceName() + ' is linked to Redis' + away +
+      ' — caught up: ' + missedText(n), 'ok');
+    up.setAttribute('data-missed', String(n));
+  }
+}
+
+/** The line for a socket that closed; says why when the server said. */
+function lostText(ev) {
+  var reason = typeof ev.reason === 'string' ? ev.reason : '';
+  if (ev.code === 1008 && /slow consumer/i.test(reason)) {
+    return instanceName() + ' dropped this tab as a slow consumer (it stopped reading, and more than ' +
+      'its send buffer waited) — reconnecting, then catching up';
+  }
+  if (ev.code === 1001) return instanceName() + ' is going away' + (reason ? ' (' + reason + ')' : '') + ' — reconnecting';
+  if (reason) return instanceName() + ' closed the connection (' + ev.code + ': ' + reason + ') — reconnecting';
+  return 'Lost the connection to ' + instanceName() + ' — reconnecting';
+}
+
+/** A line in the conversation about the connection (lost, back, caught up...). */
+function connLine(event, text, kind) {
+  var li = addNotice(text, kind);
+  li.setAttribute('data-event', event);
+  faultLog(event, text);
+  return li;
+}
+
+// ---------------------------------------------------------------- connection
+function loadConfig() {
+  return fetch('config.json', { cache: 'no-store' })
+    .then(function (r) {
+      if (!r.ok) throw new Error('HTTP ' + r.status);
+      return r.json();
+    })
+    .then(function (cfg) {
+      if (!cfg || typeof cfg !== 'object') throw new Error('bad config');
+      S.config = cfg;
+      return cfg;
+    })
+    .catch(function (e) {
+      console.warn('[chat] config.json unavailable, using last/default config', e);
+      return S.config || {};
+    });
+}
+
+function buildWsUrl(cfg) {
+  var url;
+  var wsProto = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
+  if (typeof cfg.ws_url === 'string' && cfg.ws_url.trim() !== '') {
+    var configured = cfg.ws_url.trim();
+    // A path ("/ws") means: this page's own host, through its proxy.
+    if (configured.charAt(0) === '/') configured = wsProto + '//' + window.location.host + configured;
+    url = new URL(configured, window.location.href);
+  } else {
+    var port = Number(cfg.ws_port) > 0 ? Number(cfg.ws_port) : DEFAULT_WS_PORT;
+    var path = typeof cfg.ws_path === 'string' && cfg.ws_path ? cfg.ws_path : DEFAULT_WS_PATH;
+    if (path.charAt(0) !== '/') path = '/' + path;
+    var host = window.location.hostname || '127.0.0.1';
+    url = new URL(wsProto + '//' + host + ':' + port + path);
+  }
+  url.searchParams.set('name', S.name);
+  url.searchParams.set('room', S.room);
+  if (S.lastId) url.searchParams.set('since', S.lastId);
+  else url.searchParams.delete('since');
+  // trace is a handshake parameter: turning the X-ray on or off reconnects.
+  if (S.trace) url.searchParams.set('trace', '1');
+  else url.searchParams.delete('trace');
+  return url.toString();
+}
+
+/** Open a socket. `reason`: 'first' (join), 'reconnect', or 'xray' (the toggle). */
+export function connect(reason) {
+  clearReconnect();
+  if (!S.joined) return;
+  if (reason) S.connectReason = reason;
+  setConn({ socket: 'opening', retryAt: 0 });
+  var joinedAt = S.joinSeq;
+  loadConfig().then(function (cfg) {
+    if (!S.joined || joinedAt !== S.joinSeq || S.ws) return;
+    if (!S.instance && typeof cfg.instance === 'string') setInstance(cfg.instance);
+    applyDemoControls(cfg);
+    var url;
+    try {
+      url = buildWsUrl(cfg);
+    } catch (e) {
+      console.error('[chat] cannot build WebSocket URL', e);
+      scheduleReconnect();
+      return;
+    }
+    var ws;
+    try {
+      ws = new WebSocket(url);
+    } catch (e) {
+      console.error('[chat] WebSocket constructor failed', e);
+      scheduleReconnect();
+      return;
+    }
+    S.ws = ws;
+    // The state turns "connected" at the welcome frame, not at open: only
+    // then has the server joined us to the room (and the backoff resets
+    // only then, so a server that accepts and drops us is not hammered).
+    ws.onmessage = function (ev) {
+      if (S.ws !== ws) return;
+      onFrame(ev);
+    };
+    ws.onerror = function () {
+      if (S.ws !== ws) return;
+      console.warn('[chat] WebSocket error');
+    };
+    ws.onclose = function (ev) {
+      if (S.ws !== ws) return;
+      S.ws = null;
+      dropOldSocket();
+      var wasOpen = conn.socket === 'open';
+      S.presenceFresh = false; // the next socket brings its own snapshot
+      clearTimeout(S.catchup && S.catchup.timer);
+      S.catchup = null;
+      console.info('[chat] socket closed', ev.code, ev.reason);
+      if (!S.joined) return;
+      if (wasOpen || S.connectReason === 'xray') {
+        var line = connLine('lost', lostText(ev), 'error');
+        line.setAttribute('data-close-code', String(ev.code));
+      }
+      S.connectReason = 'reconnect';
+      scheduleReconnect();
+    };
+  });
+}
+
+export function clearReconnect() {
+  clearTimeout(reconnectTimer);
+  reconnectTimer = null;
+  stopCountdown();
+}
+
+function scheduleReconnect() {
+  clearReconnect();
+  if (!S.joined) return;
+  var exp = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * Math.pow(2, S.attempt));
+  // jitter: somewhere between 50% and 100% of the exponential delay
+  var delay = Math.round(exp / 2 + Math.random() * exp / 2);
+  S.attempt += 1;
+  setConn({ socket: 'none', retryAt: Date.now() + delay });
+  startCountdown();
+  reconnectTimer = setTimeout(function () { connect('reconnect'); }, delay);
+}
+
+/**
+ * Replace the socket on purpose (the X-ray toggle: trace is a handshake
+ * parameter). Make before break: the old socket stays open until the new
+ * one is welcomed, so the room sees no leave and join, and nothing is
+ * missed (the new socket replays from `since`; ids already shown are
+ * dropped).
+ */
+export function reconnectNow(reason) {
+  if (!S.joined) return;
+  dropOldSocket();
+  oldWs = S.ws; // detached: its frames and its close are ignored from now on
+  S.ws = null;
+  clearTimeout(S.catchup && S.catchup.timer);
+  S.catchup = null;
+  S.attempt = 0;
+  connect(reason);
+}
+
+/** Close the socket a deliberate reconnection replaced. */
+export function dropOldSocket() {
+  var old = oldWs;
+  if (!old) return;
+  oldWs = null;
+  try { old.close(1000, 'replaced'); } catch (e) { /* ignore */ }
+  // The new socket's presence snapshot (right after its welcome) counts
+  // the old one among our tabs, and closing it sends no event (another
+  // connection of ours remains): onPresenceFrame takes it off.
+  S.uncountOld = true;
+}
+
+el.bannerRetry.addEventListener('click', function () {
+  if (S.joined && !S.ws) connect('reconnect');
+});
+
+window.addEventListener('online', function () {
+  setConn({ deviceOffline: false });
+  if (S.joined && !S.ws && reconnectTimer) {
+    S.attempt = 0;
+    connect('reconnect');
+  }
+});
+window.addEventListener('offline', function () {
+  setConn({ deviceOffline: true });
+});
