@@ -246,12 +246,14 @@ fn a_subscriber_cut_again_and_again_catches_up_without_loss_or_duplicates() {
 
 #[test]
 fn a_redis_crash_with_aof_loses_no_accepted_message_and_refuses_the_rest() {
+    // 300 messages 10 ms apart: 3 s of traffic for crashes that end after
+    // about 1.2 s, so that messages are sent before, during and after them.
     const SENDERS: usize = 4;
-    const PER_SENDER: usize = 150;
+    const PER_SENDER: usize = 300;
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let prefix = unique("crash");
     let (a, b) = two_instances(&redis, &prefix);
-    let traffic = Traffic::start(&a, &b, SENDERS, PER_SENDER, Duration::from_millis(5));
+    let traffic = Traffic::start(&a, &b, SENDERS, PER_SENDER, Duration::from_millis(10));
 
     let first_crash = now_millis();
     for _ in 0..2 {
