@@ -21,7 +21,6 @@ var EXPERIMENT_MS = 20000;  // how long the fault panel follows what a button di
 var stats = null;      // last GET /stats answer
 var statsTimer = null;
 var statsError = '';
-var statsAt = 0;
 
 // ---------------------------------------------------------------- instances view
 // Each instance that is up (it reported through Redis in the last few
@@ -52,7 +51,6 @@ function pollStats() {
       if (!st || !Array.isArray(st.instances)) throw new Error('unexpected answer');
       stats = st;
       statsError = '';
-      statsAt = Date.now();
       // The instance that answered says until when its delivery is held.
       var until = st.local && st.local.delivery_paused_until_ms;
       if (fault.effect && fault.effect.kind === 'pause' && typeof until === 'number' &&
@@ -197,7 +195,7 @@ function buildFaultPanel() {
   sec.appendChild(title);
   fault.cut = faultRow('cut', 'Cut Redis subscription',
     'The instance closes its subscription as a network cut would and stays away N seconds: status goes down, then up, and it catches up from history.', 5);
-  fault.pause = faultRow('pause', 'Pause delivery', 
+  fault.pause = faultRow('pause', 'Pause delivery',
     'The instance stops delivering to its clients; messages wait, in order, and arrive when it resumes.', 5);
   fault.stall = faultRow('stall', 'Stall this tab',
     'The instance stops writing to this tab, as if it stopped reading; past its send buffer it drops the tab as a slow consumer.', 10);
