@@ -107,6 +107,34 @@ fn run_chat_mjs(dir: &Path, args: &[OsString]) {
     }
 }
 
+/// Runs chat.mjs's `scenario` against instances `a` and `b`, in a room of
+/// its own, with the scenario's `extra` options (`("pids", ...)` for
+/// `--pids ...`).
+fn run_scenario(dir: &Path, scenario: &str, a: &Instance, b: &Instance, extra: &[(&str, String)]) {
+    let mut args: Vec<OsString> = vec![
+        "--scenario".into(),
+        scenario.into(),
+        "--a".into(),
+        format!("http://{}", a.http).into(),
+        "--b".into(),
+        format!("http://{}", b.http).into(),
+        "--room".into(),
+        unique_room().into(),
+        "--out".into(),
+        dir.join("artifacts").into(),
+    ];
+    for (name, value) in extra {
+        args.push(format!("--{name}").into());
+        args.push(value.into());
+    }
+    run_chat_mjs(dir, &args);
+}
+
+/// `--pids`: which process each instance is, for the scenarios that kill one.
+fn pids(a: &Instance, b: &Instance) -> String {
+    format!("{}={},{}={}", a.id, a.pid(), b.id, b.pid())
+}
+
 #[test]
 fn a_message_typed_in_one_browser_tab_appears_in_a_tab_on_the_other_instance() {
     let dir = browser_dir();
@@ -119,21 +147,12 @@ fn a_message_typed_in_one_browser_tab_appears_in_a_tab_on_the_other_instance() {
     a.wait_ready();
     b.wait_ready();
 
-    let out = dir.join("artifacts");
-    run_chat_mjs(
+    run_scenario(
         &dir,
-        &[
-            "--a".into(),
-            format!("http://{}", a.http).into(),
-            "--b".into(),
-            format!("http://{}", b.http).into(),
-            "--room".into(),
-            unique_room().into(),
-            "--out".into(),
-            out.into(),
-            "--redis-pid".into(),
-            redis.pid().to_string().into(),
-        ],
+        "basic",
+        &a,
+        &b,
+        &[("redis-pid", redis.pid().to_string())],
     );
 }
 
@@ -154,24 +173,14 @@ fn a_tab_whose_instance_is_killed_reconnects_through_nginx_and_shows_what_it_mis
     b.wait_ready();
     let nginx = Nginx::start(&[&a, &b]);
 
-    let out = dir.join("artifacts");
-    run_chat_mjs(
+    run_scenario(
         &dir,
+        "reconnect",
+        &a,
+        &b,
         &[
-            "--scenario".into(),
-            "reconnect".into(),
-            "--proxy".into(),
-            format!("http://{}", nginx.addr).into(),
-            "--a".into(),
-            format!("http://{}", a.http).into(),
-            "--b".into(),
-            format!("http://{}", b.http).into(),
-            "--pids".into(),
-            format!("{}={},{}={}", a.id, a.pid(), b.id, b.pid()).into(),
-            "--room".into(),
-            unique_room().into(),
-            "--out".into(),
-            out.into(),
+            ("proxy", format!("http://{}", nginx.addr)),
+            ("pids", pids(&a, &b)),
         ],
     );
 }
@@ -192,24 +201,7 @@ fn the_member_list_follows_tabs_across_instances_and_shows_who_is_typing() {
     a.wait_ready();
     b.wait_ready();
 
-    let out = dir.join("artifacts");
-    run_chat_mjs(
-        &dir,
-        &[
-            "--scenario".into(),
-            "presence".into(),
-            "--a".into(),
-            format!("http://{}", a.http).into(),
-            "--b".into(),
-            format!("http://{}", b.http).into(),
-            "--pids".into(),
-            format!("{}={},{}={}", a.id, a.pid(), b.id, b.pid()).into(),
-            "--room".into(),
-            unique_room().into(),
-            "--out".into(),
-            out.into(),
-        ],
-    );
+    run_scenario(&dir, "presence", &a, &b, &[("pids", pids(&a, &b))]);
 }
 
 #[test]
@@ -231,20 +223,5 @@ fn the_x_ray_shows_every_hop_and_each_fault_button_does_what_it_says() {
     a.wait_ready();
     b.wait_ready();
 
-    let out = dir.join("artifacts");
-    run_chat_mjs(
-        &dir,
-        &[
-            "--scenario".into(),
-            "lab".into(),
-            "--a".into(),
-            format!("http://{}", a.http).into(),
-            "--b".into(),
-            format!("http://{}", b.http).into(),
-            "--room".into(),
-            unique_room().into(),
-            "--out".into(),
-            out.into(),
-        ],
-    );
+    run_scenario(&dir, "lab", &a, &b, &[]);
 }
