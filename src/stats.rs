@@ -123,9 +123,12 @@ impl Reporter {
         let up_since_ms = clock::wall_millis();
         let mut previous = Reading::now(&self.metrics);
         let (first, _) = self.report(up_since_ms, previous);
-        let stats = Arc::new(Stats::new(first));
+        let stats = Arc::new(Stats::new(first.clone()));
         let shared = stats.clone();
         supervisor.spawn("stats", move || {
+            // The first report goes out at once, so that a page loaded right
+            // after the start already lists this instance.
+            self.broker.report(&first);
             loop {
                 thread::sleep(REPORT_EVERY);
                 let (report, now) = self.report(up_since_ms, previous);
