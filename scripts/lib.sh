@@ -187,11 +187,14 @@ redact_url() {
 }
 
 # redis_ping URL: true when the Redis at URL answers PING with PONG.
-# Uses redis-cli when present, else (or when that fails) a RESP PING over bash's /dev/tcp
+# Uses redis-cli for a URL without credentials, else (or when that fails) a RESP PING over bash's /dev/tcp
 # (redis://[[user]:password@]host[:port][/db] only, no TLS).
 redis_ping() {
   local url="$1" reply
-  if have redis-cli; then
+  # A URL with credentials never goes on a command line, where `ps` shows
+  # it to every user: the password goes over the socket, from the
+  # environment of the process that sends it.
+  if have redis-cli && [[ "$url" != *@* ]]; then
     reply="$(with_timeout 3 redis-cli -u "$url" PING 2>/dev/null)" || reply=""
     [[ "$reply" != PONG* ]] || return 0
     # redis-cli 7 fails redis://:password@... (it sends an empty user
@@ -211,13 +214,14 @@ redis_ping() {
   host="${host#[}"
   host="${host%]}"
   [[ -n "$host" ]] || host=127.0.0.1
-  # shellcheck disable=SC2016  # the inner script expands its own $1 $2 $3
-  with_timeout 3 bash -c '
+  # shellcheck disable=SC2016  # the inner script expands its own $1 $2
+  REDIS_PING_AUTH="$auth" with_timeout 3 bash -c '
     resp() { printf "*%d\r\n" "$#"; local a; for a in "$@"; do printf "$%d\r\n%s\r\n" "${#a}" "$a"; done; }
     exec 3<>"/dev/tcp/$1/$2" || exit 1
-    if [[ -n "$3" ]]; then
-      user="${3%%:*}" pass="${3#*:}"
-      [[ "$3" == *:* ]] || { user=""; pass="$3"; }
+    auth="${REDIS_PING_AUTH:-}"
+    if [[ -n "$auth" ]]; then
+      user="${auth%%:*}" pass="${auth#*:}"
+      [[ "$auth" == *:* ]] || { user=""; pass="$auth"; }
       if [[ -n "$user" ]]; then resp AUTH "$user" "$pass" >&3; else resp AUTH "$pass" >&3; fi
       IFS= read -r -t 2 line <&3 || exit 1
       [[ "$line" == +OK* ]] || exit 1
@@ -225,7 +229,7 @@ redis_ping() {
     resp PING >&3
     IFS= read -r -t 2 line <&3 || exit 1
     [[ "$line" == +PONG* ]]
-  ' _ "$host" "$port" "$auth" 2>/dev/null
+  ' _ "$host" "$port" 2>/dev/null
 }
 
 # --------------------------------------------------------------- processes

@@ -285,3 +285,58 @@ fn host_localhost_serves() {
     alice.send("hello", "c1");
     assert_eq!(alice.recv_messages(1)[0]["text"], "hello");
 }
+
+#[test]
+fn the_scripts_redis_check_never_puts_a_password_on_a_command_line() {
+    // scripts/lib.sh's redis_ping runs its helpers through `timeout`: a
+    // `timeout` first in PATH that writes down its arguments, then runs the
+    // real one, sees every command line the check starts (`ps` shows those
+    // to every user of the machine).
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+    use std::process::Command;
+
+    let password = password();
+    let redis = RedisServer::start_with_password(&password);
+    let dir = common::temp_dir("argv");
+    let argv_log = dir.join("argv.log");
+    let real_timeout = common::process::find_program("timeout").expect("coreutils' timeout");
+    let wrapper = dir.join("timeout");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$*\" >> '{}'\nexec '{}' \"$@\"\n",
+            argv_log.display(),
+            real_timeout.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/lib.sh");
+    let ping = |url: &str| {
+        Command::new("bash")
+            .arg("-c")
+            .arg("source \"$1\"; redis_ping \"$2\"")
+            .arg("_")
+            .arg(&lib)
+            .arg(url)
+            .env(
+                "PATH",
+                format!("{}:{}", dir.display(), std::env::var("PATH").unwrap()),
+            )
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(ping(&redis.url()), "the right password answers PONG");
+    assert!(
+        !ping(&format!("redis://:wrong@127.0.0.1:{}", redis.port)),
+        "a wrong password does not"
+    );
+    let started = std::fs::read_to_string(&argv_log).unwrap_or_default();
+    assert!(!started.is_empty(), "the check ran nothing through timeout");
+    assert!(
+        !started.contains(&password) && !started.contains("wrong"),
+        "a password was on a command line:\n{started}"
+    );
+}
