@@ -13,7 +13,6 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
@@ -22,7 +21,6 @@ use std::time::{Duration, Instant};
 use common::cluster::RedisCluster;
 use common::{Client, Instance, Listener, assert_exactly_once_in_order, unique, wait_for};
 use serde_json::Value;
-use tungstenite::stream::MaybeTlsStream;
 
 /// An instance in cluster mode, seeded with the cluster's masters, its keys
 /// under `prefix`, once ready.
@@ -242,13 +240,7 @@ enum Frame {
 
 /// Reads one frame from `client` within `wait` (at least 1 ms).
 fn read_within(client: &mut Client, wait: Duration) -> Frame {
-    let MaybeTlsStream::Plain(stream) = client.socket.get_ref() else {
-        unreachable!()
-    };
-    let stream: &TcpStream = stream;
-    stream
-        .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
-        .unwrap();
+    client.set_read_timeout(wait);
     match client.socket.read() {
         Ok(tungstenite::Message::Text(text)) => {
             let frame: Value = serde_json::from_str(&text).unwrap();
@@ -261,14 +253,7 @@ fn read_within(client: &mut Client, wait: Duration) -> Frame {
             }
         }
         Ok(_) => Frame::Nothing,
-        Err(tungstenite::Error::Io(e))
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            Frame::Nothing
-        }
+        Err(e) if common::timed_out(&e) => Frame::Nothing,
         Err(e) => panic!("sender: connection lost: {e}"),
     }
 }

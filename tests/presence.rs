@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use common::{Client, Instance, RedisServer, TIMEOUT, two_instances, unique};
 use serde_json::{Value, json};
 use tungstenite::Message;
-use tungstenite::stream::MaybeTlsStream;
 
 /// One member of a `presence` snapshot: name, instances, connections.
 type Row = (String, Vec<String>, u64);
@@ -31,15 +30,6 @@ fn names(list: &[&str]) -> BTreeSet<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
-fn set_read_timeout(client: &Client, wait: Duration) {
-    let MaybeTlsStream::Plain(stream) = client.socket.get_ref() else {
-        unreachable!()
-    };
-    stream
-        .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
-        .unwrap();
-}
-
 /// The next text frame within `wait`, or `None` if none came; panics if the
 /// connection ends or a non-text data frame arrives.
 fn next_frame(client: &mut Client, who: &str, wait: Duration) -> Option<Value> {
@@ -49,7 +39,7 @@ fn next_frame(client: &mut Client, who: &str, wait: Duration) -> Option<Value> {
         if left.is_zero() {
             break None;
         }
-        set_read_timeout(client, left);
+        client.set_read_timeout(left);
         match client.socket.read() {
             Ok(Message::Text(text)) => {
                 break Some(
@@ -59,18 +49,11 @@ fn next_frame(client: &mut Client, who: &str, wait: Duration) -> Option<Value> {
             }
             Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
             Ok(other) => panic!("{who}: expected a text frame, got {other:?}"),
-            Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                break None;
-            }
+            Err(e) if common::timed_out(&e) => break None,
             Err(e) => panic!("{who}: connection lost: {e}"),
         }
     };
-    set_read_timeout(client, TIMEOUT);
+    client.set_read_timeout(TIMEOUT);
     frame
 }
 
@@ -331,17 +314,10 @@ impl Tracker {
         let _ = self.client.socket.close(None);
         let deadline = Instant::now() + TIMEOUT;
         while Instant::now() < deadline {
-            set_read_timeout(&self.client, Duration::from_millis(200));
+            self.client.set_read_timeout(Duration::from_millis(200));
             match self.client.socket.read() {
                 Ok(_) => continue,
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue;
-                }
+                Err(e) if common::timed_out(&e) => continue,
                 Err(_) => return,
             }
         }

@@ -455,11 +455,7 @@ impl Client {
     /// Every `message` frame that arrives until the socket is quiet for
     /// `quiet` (history and live alike).
     pub fn drain_messages(&mut self, quiet: Duration) -> Vec<Value> {
-        let stream = match self.socket.get_ref() {
-            MaybeTlsStream::Plain(stream) => stream,
-            _ => unreachable!(),
-        };
-        stream.set_read_timeout(Some(quiet)).unwrap();
+        self.set_read_timeout(quiet);
         let mut messages = Vec::new();
         loop {
             match self.socket.read() {
@@ -470,22 +466,11 @@ impl Client {
                     }
                 }
                 Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break;
-                }
+                Err(e) if timed_out(&e) => break,
                 Err(e) => panic!("connection lost while draining: {e}"),
             }
         }
-        let stream = match self.socket.get_ref() {
-            MaybeTlsStream::Plain(stream) => stream,
-            _ => unreachable!(),
-        };
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        self.set_read_timeout(TIMEOUT);
         messages
     }
 
@@ -499,19 +484,9 @@ impl Client {
             if left.is_zero() {
                 break;
             }
-            match self.socket.get_ref() {
-                MaybeTlsStream::Plain(stream) => stream.set_read_timeout(Some(left)).unwrap(),
-                _ => unreachable!(),
-            }
+            self.set_read_timeout(left);
             match self.socket.read() {
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break;
-                }
+                Err(e) if timed_out(&e) => break,
                 Ok(Message::Text(text))
                     if serde_json::from_str::<Value>(&text)
                         .ok()
@@ -520,12 +495,29 @@ impl Client {
                 other => panic!("expected silence, got {other:?}"),
             }
         }
-        let stream = match self.socket.get_ref() {
-            MaybeTlsStream::Plain(stream) => stream,
-            _ => unreachable!(),
-        };
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        self.set_read_timeout(TIMEOUT);
     }
+
+    /// How long one read waits before it fails with a timeout (at least
+    /// 1 ms: no timeout at all would wait for ever).
+    pub fn set_read_timeout(&self, wait: Duration) {
+        let MaybeTlsStream::Plain(stream) = self.socket.get_ref() else {
+            unreachable!("the tests connect over plain TCP")
+        };
+        stream
+            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+            .unwrap();
+    }
+}
+
+/// Whether a read failed only because nothing came within the socket's
+/// read timeout (the connection is fine).
+pub fn timed_out(e: &tungstenite::Error) -> bool {
+    matches!(
+        e,
+        tungstenite::Error::Io(e)
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+    )
 }
 
 /// Whether a frame type is one of presence's (`presence`, `join`, `leave`,
@@ -626,14 +618,7 @@ impl Client {
                 }
             }
             Ok(_) => Received::Nothing,
-            Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                Received::Nothing
-            }
+            Err(e) if timed_out(&e) => Received::Nothing,
             Err(e) => Received::Lost(e),
         }
     }
@@ -657,12 +642,7 @@ impl Listener {
         let expected = Arc::new(AtomicU64::new(u64::MAX));
         let target = expected.clone();
         let handle = thread::spawn(move || {
-            let MaybeTlsStream::Plain(stream) = client.socket.get_ref() else {
-                unreachable!()
-            };
-            stream
-                .set_read_timeout(Some(Duration::from_millis(100)))
-                .unwrap();
+            client.set_read_timeout(Duration::from_millis(100));
             let deadline = Instant::now() + limit;
             let mut messages = Vec::new();
             while (messages.len() as u64) < target.load(Ordering::Relaxed) {
