@@ -195,11 +195,7 @@ fn drive(opts: &Opts, pool: &mut Pool, http: [SocketAddr; 2], procs: &Procs) -> 
     let counters: Vec<Vec<(String, f64)>> = http.iter().map(|h| metrics(*h)).collect();
 
     // ---- close every client
-    let t = pool.finish();
-    if t.unclosed > 0 {
-        rep.notes
-            .push(format!("{} clients did not close within 15 s", t.unclosed));
-    }
+    let t = pool.finish_into(&mut rep);
 
     // ---- figures
     let mut lat_all = t.lat_same.clone();
@@ -213,25 +209,12 @@ fn drive(opts: &Opts, pool: &mut Pool, http: [SocketAddr; 2], procs: &Procs) -> 
     if opts.scenario == Scenario::MaxClients {
         rep.add("clients refused (HTTP 503)", all.refused as f64, 0);
     }
-    rep.add("clients dropped during run", t.dropped as f64, 0);
-    rep.add("clients on a at end", t.per_inst[0] as f64, 0);
-    rep.add("clients on b at end", t.per_inst[1] as f64, 0);
+    t.report_clients(&mut rep);
     if opts.rooms > 1 {
         rep.add("rooms", opts.rooms as f64, 0);
     }
-    rep.add("connect wall time (s)", all.wall.as_secs_f64(), 2);
-    rep.add(
-        "connects/s",
-        all.ok as f64 / all.wall.as_secs_f64().max(1e-9),
-        0,
-    );
-    rep.add("connect p50 (ms)", ms(all.times.pct(0.5)), 2);
-    rep.add("connect p99 (ms)", ms(all.times.pct(0.99)), 2);
-    rep.add(
-        "connect max (ms)",
-        ms(all.times.max().unwrap_or(0) as f64),
-        2,
-    );
+    all.report_rate("connect", &mut rep);
+    all.report_times(&mut rep);
     if let Some((dur, before, after)) = &idle {
         rep.add("idle window (s)", dur.as_secs_f64(), 1);
         for (i, (name, _, _)) in procs.list.iter().enumerate() {

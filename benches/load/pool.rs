@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::options::Opts;
 use crate::procs::Proc;
-use crate::report::Hist;
+use crate::report::{Hist, RunReport};
 
 /// The longest the parent waits for one reply: a hang guard only, as every
 /// wait in a worker has its own bound (a batch of handshakes that all time
@@ -143,6 +143,28 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The step's wall time (named after `what`) and handshakes a second.
+    pub fn report_rate(&self, what: &str, rep: &mut RunReport) {
+        rep.add(format!("{what} wall time (s)"), self.wall.as_secs_f64(), 2);
+        rep.add(
+            "connects/s",
+            self.ok as f64 / self.wall.as_secs_f64().max(1e-9),
+            0,
+        );
+    }
+
+    /// How long the handshakes took.
+    pub fn report_times(&self, rep: &mut RunReport) {
+        let ms = |us: f64| us / 1000.0;
+        rep.add("connect p50 (ms)", ms(self.times.pct(0.5)), 2);
+        rep.add("connect p99 (ms)", ms(self.times.pct(0.99)), 2);
+        rep.add(
+            "connect max (ms)",
+            ms(self.times.max().unwrap_or(0) as f64),
+            2,
+        );
+    }
+
     pub fn merge(&mut self, b: Batch) {
         self.ok += b.ok;
         self.failed += b.failed;
@@ -186,6 +208,14 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// Where the clients were at the end: dropped during the run, or still
+    /// on each instance.
+    pub fn report_clients(&self, rep: &mut RunReport) {
+        rep.add("clients dropped during run", self.dropped as f64, 0);
+        rep.add("clients on a at end", self.per_inst[0] as f64, 0);
+        rep.add("clients on b at end", self.per_inst[1] as f64, 0);
+    }
+
     fn merge(&mut self, t: Tally) {
         self.expected += t.expected;
         self.unique += t.unique;
@@ -385,6 +415,17 @@ impl Pool {
             all.merge(t);
         }
         all
+    }
+
+    /// Closes every client, noting in `rep` those that would not close;
+    /// what they saw, over all workers.
+    pub fn finish_into(&mut self, rep: &mut RunReport) -> Tally {
+        let t = self.finish();
+        if t.unclosed > 0 {
+            rep.notes
+                .push(format!("{} clients did not close within 15 s", t.unclosed));
+        }
+        t
     }
 
     /// Closes every client; what they saw, over all workers.

@@ -154,33 +154,15 @@ fn join_storm(
     let refreshes1 = counter(http, "chat_presence_refreshes_total");
     let expired = counter(http, "chat_presence_expired_total");
 
-    let t = pool.finish();
-    if t.unclosed > 0 {
-        rep.notes
-            .push(format!("{} clients did not close within 15 s", t.unclosed));
-    }
+    let t = pool.finish_into(rep);
 
     // ---- figures
-    let ms = |us: f64| us / 1000.0;
     rep.add("clients requested", n as f64, 0);
     rep.add("clients connected", storm.ok as f64, 0);
     rep.add("clients failed", storm.failed as f64, 0);
-    rep.add("clients dropped during run", t.dropped as f64, 0);
-    rep.add("clients on a at end", t.per_inst[0] as f64, 0);
-    rep.add("clients on b at end", t.per_inst[1] as f64, 0);
-    rep.add("storm wall time (s)", storm.wall.as_secs_f64(), 2);
-    rep.add(
-        "connects/s",
-        storm.ok as f64 / storm.wall.as_secs_f64().max(1e-9),
-        0,
-    );
-    rep.add("connect p50 (ms)", ms(storm.times.pct(0.5)), 2);
-    rep.add("connect p99 (ms)", ms(storm.times.pct(0.99)), 2);
-    rep.add(
-        "connect max (ms)",
-        ms(storm.times.max().unwrap_or(0) as f64),
-        2,
-    );
+    t.report_clients(rep);
+    storm.report_rate("storm", rep);
+    storm.report_times(rep);
     rep.add(
         "lists complete, s after the storm began",
         settled.map_or(f64::NAN, |s| (s - t0).as_secs_f64()),
@@ -315,25 +297,14 @@ fn idle(
     let refreshes1 = counter(http, "chat_presence_refreshes_total");
     let expired = counter(http, "chat_presence_expired_total");
 
-    let t = pool.finish();
-    if t.unclosed > 0 {
-        rep.notes
-            .push(format!("{} clients did not close within 15 s", t.unclosed));
-    }
+    let t = pool.finish_into(rep);
 
     rep.add("clients requested", n as f64, 0);
     rep.add("clients connected", b.ok as f64, 0);
     rep.add("clients failed", b.failed as f64, 0);
-    rep.add("clients dropped during run", t.dropped as f64, 0);
-    rep.add("clients on a at end", t.per_inst[0] as f64, 0);
-    rep.add("clients on b at end", t.per_inst[1] as f64, 0);
+    t.report_clients(rep);
     rep.add("rooms (each on both instances)", opts.rooms as f64, 0);
-    rep.add("connect wall time (s)", b.wall.as_secs_f64(), 2);
-    rep.add(
-        "connects/s",
-        b.ok as f64 / b.wall.as_secs_f64().max(1e-9),
-        0,
-    );
+    b.report_rate("connect", rep);
     rep.add("quiet window (s)", window, 1);
     let cpu = cpu(procs, &s0, &s1);
     let mut refreshes = 0.0;
