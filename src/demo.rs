@@ -53,16 +53,27 @@ impl DemoControls {
     /// Until when delivery is paused, if it is.
     pub fn delivery_paused_until(&self) -> Option<u64> {
         let until = self.delivery_paused_until_ms.load(Ordering::Relaxed);
-        (until > clock::wall_millis()).then_some(until)
+        (until != 0 && until > clock::wall_millis()).then_some(until)
     }
 
-    /// The fan-out calls this before each delivery: returns at once unless
-    /// a pause was asked for.
+    /// The fan-out calls this before each delivery: one atomic load, and
+    /// returns at once, unless a pause was asked for.
     pub fn wait_while_delivery_paused(&self) {
+        let asked = self.delivery_paused_until_ms.load(Ordering::Relaxed);
+        if asked == 0 {
+            return;
+        }
         while let Some(until) = self.delivery_paused_until() {
             let left = until.saturating_sub(clock::wall_millis());
             thread::sleep(Duration::from_millis(left.min(100)));
         }
+        // Back to the fast path, unless a new pause came meanwhile.
+        let _ = self.delivery_paused_until_ms.compare_exchange(
+            asked,
+            0,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 }
 

@@ -260,24 +260,25 @@ impl Fanout {
                 let traced = members
                     .iter()
                     .any(|member| member.trace)
-                    .then(|| Arc::new(self.traced(pending, &entry.items)));
+                    .then(|| Arc::new(self.traced(pending, &entry.items, &entry.batch)));
                 self.send(members, Arc::new(entry.batch), traced, entry.messages);
             }
         }
         pending.clear();
     }
 
-    /// What the traced members of a room need to make their own frames.
-    fn traced(&self, pending: &[Pending], items: &[usize]) -> Traced {
+    /// What the traced members of a room need to make their own frames:
+    /// the messages, and the other frames as `batch` already holds them
+    /// (its frames are the items', in order).
+    fn traced(&self, pending: &[Pending], items: &[usize], batch: &Batch) -> Traced {
         let items = items
             .iter()
-            .map(|&index| match &pending[index] {
+            .zip(batch.frames())
+            .map(|(&index, (_, frame))| match &pending[index] {
                 Pending::Message(message, received) => {
                     TracedItem::Message(message.clone(), *received)
                 }
-                Pending::Presence(change) => {
-                    TracedItem::Frame(presence_frame(change).to_ws_bytes().to_vec())
-                }
+                Pending::Presence(_) => TracedItem::Frame(frame.to_vec()),
             })
             .collect();
         Traced {

@@ -249,11 +249,8 @@ pub fn handle_demo(method: &str, url: &str, peer: Option<IpAddr>, state: &HttpSt
     };
     match path {
         "/demo/cut-subscription" => {
-            let hold = match param("seconds") {
-                None => Ok(0),
-                Some(_) => seconds(0),
-            };
-            match hold.map(|n| state.broker.cut_subscription(Duration::from_secs(n))) {
+            // Without `seconds`, the subscriber reconnects at once.
+            match seconds(0).map(|n| state.broker.cut_subscription(Duration::from_secs(n))) {
                 Ok(Ok(message)) => {
                     warn!("demo control: {message}");
                     done(message)
