@@ -178,6 +178,13 @@ pub struct Config {
     #[arg(long, env = "REDIS_MAX_BACKOFF_MS", default_value_t = 5000)]
     pub redis_max_backoff_ms: u64,
 
+    /// Milliseconds between two PINGs on a quiet Redis link: a subscription
+    /// silent for two of these (PING unanswered) is dead and reconnected,
+    /// so a dead link is found within three. Must exceed the round trip to
+    /// Redis.
+    #[arg(long, env = "REDIS_PING_MS", default_value_t = 1000)]
+    pub redis_ping_ms: u64,
+
     /// The page's fault panel, a teaching aid: clients on loopback may cut
     /// this instance's Redis subscription, pause its delivery and stall a
     /// tab (`POST /demo/...`). Never in production.
@@ -283,6 +290,9 @@ impl Config {
         if self.max_frame_bytes < 64 {
             return Err("--max-frame-bytes must be at least 64".into());
         }
+        if !(50..=60_000).contains(&self.redis_ping_ms) {
+            return Err("--redis-ping-ms must be between 50 and 60000".into());
+        }
         if self.presence_ttl_ms < 300 {
             return Err("--presence-ttl-ms must be at least 300".into());
         }
@@ -346,6 +356,10 @@ impl Config {
 
     pub fn redis_max_backoff(&self) -> Duration {
         Duration::from_millis(self.redis_max_backoff_ms)
+    }
+
+    pub fn redis_ping_interval(&self) -> Duration {
+        Duration::from_millis(self.redis_ping_ms)
     }
 }
 

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use log::warn;
 
-use crate::broker::{BrokerEvent, DeliveryStatus, PresenceChange};
+use crate::broker::{BrokerEvent, DeliveryChange, DeliveryStatus, PresenceChange};
 use crate::clock;
 use crate::demo::DemoControls;
 use crate::faults;
@@ -201,9 +201,9 @@ impl Fanout {
                         bytes += message.text.len() + message.from.len();
                         pending.push(Pending::Message(message, received));
                     }
-                    BrokerEvent::Delivery(status) => {
+                    BrokerEvent::Delivery(change) => {
                         self.deliver(&mut pending);
-                        self.broadcast(status);
+                        self.tell_status(&change);
                     }
                     BrokerEvent::Presence(PresenceChange::Typing { room, name }) => {
                         self.deliver(&mut pending);
@@ -301,20 +301,26 @@ impl Fanout {
         self.send(others, Arc::new(Batch::single(&frame)), None, 0);
     }
 
-    /// Tells every local client that delivery went down or came back.
-    fn broadcast(&self, status: DeliveryStatus) {
-        let frame = match status {
-            DeliveryStatus::Down => ServerFrame::Status {
-                delivery: "down",
-                message: "the server lost its link to Redis: sending is paused while it reconnects",
-            },
-            DeliveryStatus::Up => ServerFrame::Status {
-                delivery: "up",
-                message: "the server is linked to Redis again",
-            },
+    /// Tells the clients of the rooms concerned that sending went down or
+    /// came back.
+    fn tell_status(&self, change: &DeliveryChange) {
+        let delivery = match change.status {
+            DeliveryStatus::Down => "down",
+            DeliveryStatus::Up => "up",
+        };
+        let frame = ServerFrame::Status {
+            delivery,
+            message: &change.message,
         };
         let batch = Arc::new(Batch::single(&frame.to_ws_bytes()));
-        for members in self.hub.all_rooms() {
+        let rooms = match &change.rooms {
+            None => self.hub.all_rooms(),
+            Some(rooms) => rooms
+                .iter()
+                .filter_map(|room| self.hub.room(room))
+                .collect(),
+        };
+        for members in rooms {
             self.send(members, batch.clone(), None, 0);
         }
     }

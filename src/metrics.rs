@@ -85,6 +85,12 @@ metrics! {
     counter handshake_timeouts_total: "chat_handshake_timeouts_total",
     /// Successful reconnections to Redis after the link was lost.
     counter redis_reconnects_total: "chat_redis_reconnects_total",
+    /// Subscribed connections found dead (no answer to PING in time) and
+    /// closed, to be opened again.
+    counter redis_dead_links_total: "chat_redis_dead_links_total",
+    /// Messages delivered from history because a room's subscription had
+    /// been lost meanwhile (catch-up after an outage or a slot move).
+    counter history_caught_up_total: "chat_history_caught_up_total",
     /// Rooms whose channel this instance is subscribed to now (confirmed
     /// by Redis).
     gauge room_subscriptions: "chat_room_subscriptions",
@@ -94,7 +100,8 @@ metrics! {
     counter presence_refreshes_total: "chat_presence_refreshes_total",
     /// Members of other (stopped) instances this instance found expired.
     counter presence_expired_total: "chat_presence_expired_total",
-    /// 1 while the Redis subscription is live, else 0.
+    /// 1 while every Redis subscription (one per cluster shard) is live and
+    /// caught up, else 0.
     gauge redis_subscriber_up: "chat_redis_subscriber_up",
     /// 1 while the Redis publishing connection is usable, else 0.
     gauge redis_publisher_up: "chat_redis_publisher_up",

@@ -134,6 +134,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
                 room_linger: config.room_linger(),
                 presence_ttl: config.presence_ttl(),
                 presence_max_members: config.presence_max_members,
+                ping_interval: config.redis_ping_interval(),
             },
             events_tx,
             metrics.clone(),

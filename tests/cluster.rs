@@ -18,25 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::cluster::RedisCluster;
-use common::{Client, Instance, Listener, assert_exactly_once_in_order, unique, wait_for};
+use common::cluster::{RedisCluster, channel, cluster_instance, shard_numsub};
+use common::{Client, Listener, assert_exactly_once_in_order, unique, wait_for};
 use serde_json::Value;
-
-/// An instance in cluster mode, seeded with the cluster's masters, its keys
-/// under `prefix`, once ready.
-fn cluster_instance(id: &str, cluster: &RedisCluster, prefix: &str, extra: &[&str]) -> Instance {
-    let seeds = cluster.seeds();
-    let mut args = vec!["--redis-cluster", &seeds, "--redis-prefix", prefix];
-    args.extend_from_slice(extra);
-    let instance = Instance::start(id, &args);
-    instance.wait_ready();
-    instance
-}
-
-/// A room's sharded channel.
-fn channel(prefix: &str, room: &str) -> String {
-    format!("{prefix}:room:{{{room}}}")
-}
 
 /// `per_master` room names for each master, as (room, master port): the
 /// first names `r0`, `r1`, ... whose channel's slot that master serves.
@@ -64,16 +48,6 @@ fn rooms_on_every_master(
         }
     }
     panic!("1000 room names did not cover every master: {chosen:?}");
-}
-
-/// `PUBSUB SHARDNUMSUB channel` on one node: its subscribers there.
-fn shard_numsub(conn: &mut redis::Connection, channel: &str) -> i64 {
-    let (_, count): (String, i64) = redis::cmd("PUBSUB")
-        .arg("SHARDNUMSUB")
-        .arg(channel)
-        .query(conn)
-        .unwrap();
-    count
 }
 
 #[test]

@@ -132,9 +132,9 @@ pub enum BrokerEvent {
     /// A message accepted by some instance, for the clients of its room,
     /// and when and how this instance received it (for the X-ray).
     Message(ChatMessage, Received),
-    /// Delivery across instances went down or came back: every client is
-    /// told, in order with the messages around it.
-    Delivery(DeliveryStatus),
+    /// Sending and receiving went down or came back for some rooms: their
+    /// clients are told, in order with the messages around it.
+    Delivery(DeliveryChange),
     /// Who is in a room changed, or someone there is typing.
     Presence(PresenceChange),
 }
@@ -207,6 +207,18 @@ pub enum DeliveryStatus {
     Down,
 }
 
+/// Whether the clients of some rooms can send and receive across
+/// instances now, and why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryChange {
+    pub status: DeliveryStatus,
+    /// The rooms whose clients are told: every room of this instance
+    /// (`None`), or those of one Redis Cluster shard.
+    pub rooms: Option<Vec<String>>,
+    /// For people: the `status` frame's `message`.
+    pub message: String,
+}
+
 /// Where a broker sends its events.
 pub type EventSender = crossbeam_channel::Sender<BrokerEvent>;
 
@@ -246,9 +258,16 @@ pub trait Broker: Send + Sync {
     /// not stored, and lost if Redis is away.
     fn typing(&self, room: &str, name: &str);
 
-    /// `Ok` while this instance can deliver across instances; otherwise
-    /// the reason, for `/readyz`.
+    /// `Ok` while this instance can deliver across instances, in every
+    /// room; otherwise every reason, for `/readyz`.
     fn readiness(&self) -> Result<(), String>;
+
+    /// For a client joining `room`: `Ok` if it can send and receive across
+    /// instances now; otherwise why not, and the client, told `down`, is
+    /// owed an `up` when that changes.
+    fn delivery_status(&self, _room: &str) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Tells the other instances how this one is doing (`/stats`). Best
     /// effort: a report lost to an outage is replaced by the next.

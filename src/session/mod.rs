@@ -462,7 +462,7 @@ fn first_frames(
             first_bytes.extend_from_slice(&frame.to_ws_bytes());
         }
     }
-    if let Err(reason) = context.broker.readiness() {
+    if let Err(reason) = context.broker.delivery_status(room) {
         let frame = ServerFrame::Status {
             delivery: "down",
             message: &reason,

@@ -1,7 +1,9 @@
 //! A private Redis Cluster for a test: six `redis-server` nodes on free
-//! loopback ports, three masters with one replica each, killed and reaped
-//! on drop. Built on `cluster_process.rs` (shared with the load generator);
-//! here every failure is a panic with the nodes' log tails.
+//! loopback ports, three masters with one replica each (and any master
+//! added later, with no replica), killed and reaped on drop; and the
+//! helpers the cluster tests share. Built on `cluster_process.rs` (shared
+//! with the load generator); here every failure is a panic with the nodes'
+//! log tails.
 
 use std::path::PathBuf;
 use std::process::Child;
@@ -9,7 +11,38 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::cluster_process::{self as cp, NodePorts, SlotRange};
-use super::{TIMEOUT, temp_dir};
+use super::{Instance, TIMEOUT, temp_dir};
+
+/// An instance in cluster mode, seeded with the cluster's masters, its keys
+/// under `prefix`, once ready.
+pub fn cluster_instance(
+    id: &str,
+    cluster: &RedisCluster,
+    prefix: &str,
+    extra: &[&str],
+) -> Instance {
+    let seeds = cluster.seeds();
+    let mut args = vec!["--redis-cluster", &seeds, "--redis-prefix", prefix];
+    args.extend_from_slice(extra);
+    let instance = Instance::start(id, &args);
+    instance.wait_ready();
+    instance
+}
+
+/// A room's sharded channel.
+pub fn channel(prefix: &str, room: &str) -> String {
+    format!("{prefix}:room:{{{room}}}")
+}
+
+/// `PUBSUB SHARDNUMSUB channel` on one node: its subscribers there.
+pub fn shard_numsub(conn: &mut redis::Connection, channel: &str) -> i64 {
+    let (_, count): (String, i64) = redis::cmd("PUBSUB")
+        .arg("SHARDNUMSUB")
+        .arg(channel)
+        .query(conn)
+        .unwrap();
+    count
+}
 
 /// How long a replica may take to replace a killed master: the failure is
 /// noticed after `--cluster-node-timeout` (1 s), then the replica waits
@@ -103,7 +136,8 @@ impl RedisCluster {
         self.fail(&format!("CLUSTER SLOTS failed on every live node: {last}"))
     }
 
-    /// The masters' ports, in increasing order.
+    /// The ports of the masters that serve slots, in increasing order (a
+    /// master just added, with no slot yet, is not among them).
     pub fn masters(&self) -> Vec<u16> {
         cp::masters(&self.slots())
     }
@@ -142,6 +176,22 @@ impl RedisCluster {
             .unwrap_or_else(|e| self.fail(&format!("cannot connect to node {port}: {e}")));
         conn.set_read_timeout(Some(TIMEOUT)).unwrap();
         conn
+    }
+
+    /// `CONFIG SET parameter value` on every live node.
+    pub fn config_set(&self, parameter: &str, value: &str) {
+        for port in self.live_ports() {
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(parameter)
+                .arg(value)
+                .query::<()>(&mut self.connection_to(port))
+                .unwrap_or_else(|e| {
+                    self.fail(&format!(
+                        "CONFIG SET {parameter} {value} on node {port}: {e}"
+                    ))
+                });
+        }
     }
 
     /// SIGKILLs the node on `port` (no shutdown) and reaps it.
@@ -195,19 +245,51 @@ impl RedisCluster {
         ))
     }
 
+    /// Starts one more node like the others, makes it a master of the
+    /// cluster with no slot (`redis-cli --cluster add-node`), waits until
+    /// it and every live node know one another and it says
+    /// `cluster_state:ok` (see [`cp::add_node`]), and returns its port.
+    /// Give it slots with [`migrate_slot`](Self::migrate_slot).
+    pub fn add_master(&mut self) -> u16 {
+        let ports = NodePorts::free();
+        let child = cp::node_command(ports, &self.dir)
+            .unwrap_or_else(|e| panic!("cannot create a cluster node's directory: {e}"))
+            .spawn()
+            .expect("cannot start redis-server");
+        self.nodes.push(Node {
+            ports,
+            child: Some(child),
+        });
+        if let Err(e) = cp::wait_nodes(&[ports.port], TIMEOUT) {
+            self.fail(&e);
+        }
+        let existing = *self.masters().first().expect("the cluster has masters");
+        let known: Vec<u16> = self
+            .live_ports()
+            .into_iter()
+            .filter(|&p| p != ports.port)
+            .collect();
+        if let Err(e) = cp::add_node(ports.port, existing, &known, Duration::from_secs(30)) {
+            self.fail(&e);
+        }
+        ports.port
+    }
+
     /// Moves hash `slot`, with its keys, from the master that serves it to
-    /// the master on `to_port` (`CLUSTER SETSLOT ... IMPORTING / MIGRATING`,
-    /// `MIGRATE` of every key, `CLUSTER SETSLOT ... NODE` on every master:
-    /// see [`cp::migrate_slot`]), then waits until every live node's
-    /// `CLUSTER SLOTS` names `to_port` for it. Returns the old master's port.
+    /// the master on `to_port`, which may have no slot yet (`CLUSTER
+    /// SETSLOT ... IMPORTING / MIGRATING`, `MIGRATE` of every key, `CLUSTER
+    /// SETSLOT ... NODE` on every master: see [`cp::migrate_slot`]), then
+    /// waits until every live node's `CLUSTER SLOTS` names `to_port` for it.
+    /// Returns the old master's port.
     pub fn migrate_slot(&self, slot: u16, to_port: u16) -> u16 {
         let from = self.master_port_of_slot(slot);
         assert_ne!(from, to_port, "slot {slot} is on {to_port} already");
+        match cp::role(to_port) {
+            Ok(role) if role == "master" => {}
+            Ok(role) => panic!("{to_port} is not a master: ROLE says {role}"),
+            Err(e) => self.fail(&e),
+        }
         let masters = self.masters();
-        assert!(
-            masters.contains(&to_port),
-            "{to_port} is not a master: {masters:?}"
-        );
         if let Err(e) = cp::migrate_slot(slot, from, to_port, &masters, MIGRATION_TIMEOUT) {
             self.fail(&e);
         }

@@ -2,8 +2,9 @@
 //! (through `tests/common/cluster.rs`) and the load generator
 //! (`benches/load/`, which includes this file with `#[path]` next to
 //! `process.rs`): the command line of one cluster node, `redis-cli --cluster
-//! create`, the wait until the cluster serves every slot, and what
-//! `CLUSTER SLOTS` and `CLUSTER KEYSLOT` say.
+//! create` (and `add-node`, for a master added later), the wait until the
+//! cluster serves every slot, and what `CLUSTER SLOTS`, `CLUSTER KEYSLOT`,
+//! `CLUSTER NODES` and `ROLE` say.
 //!
 //! Like `process.rs`, nothing here panics: every wait has a timeout and a
 //! failure is an `Err` with a message (and the nodes' log tails), which the
@@ -89,16 +90,25 @@ pub fn wait_nodes(ports: &[u16], timeout: Duration) -> Result<(), String> {
 /// every slot ([`wait_ready`]). Everything within `timeout`.
 pub fn create(ports: &[u16], timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
-    let mut cmd = Command::new("redis-cli");
-    cmd.args(["--cluster", "create"])
-        .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
-        .args(["--cluster-replicas", "1", "--cluster-yes"])
+    let mut args = vec!["--cluster".to_string(), "create".to_string()];
+    args.extend(ports.iter().map(|p| format!("127.0.0.1:{p}")));
+    args.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
+    redis_cli(&args, timeout)?;
+    wait_ready(ports, deadline.saturating_duration_since(Instant::now()))
+}
+
+/// Runs `redis-cli` with `args` (a `--cluster` subcommand), within
+/// `timeout`; the error has its output.
+fn redis_cli(args: &[String], timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let what = format!("redis-cli {}", args[..2.min(args.len())].join(" "));
+    let mut child = Command::new("redis-cli")
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
+        .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run redis-cli --cluster create: {e}"))?;
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
     // Its output is a few KiB: it fits the pipes, so waiting before reading
     // cannot block it.
     let status = loop {
@@ -108,24 +118,105 @@ pub fn create(ports: &[u16], timeout: Duration) -> Result<(), String> {
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "redis-cli --cluster create did not finish within {timeout:?}"
-                ));
+                return Err(format!("{what} did not finish within {timeout:?}"));
             }
-            Err(e) => return Err(format!("redis-cli --cluster create: {e}")),
+            Err(e) => return Err(format!("{what}: {e}")),
         }
     };
     let output = child
         .wait_with_output()
-        .map_err(|e| format!("redis-cli --cluster create: {e}"))?;
+        .map_err(|e| format!("{what}: {e}"))?;
     if !status.success() {
         return Err(format!(
-            "redis-cli --cluster create failed ({status}):\n{}{}",
+            "{what} failed ({status}):\n{}{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         ));
     }
-    wait_ready(ports, deadline.saturating_duration_since(Instant::now()))
+    Ok(())
+}
+
+/// `redis-cli --cluster add-node 127.0.0.1:<new> 127.0.0.1:<existing>`:
+/// the empty node on `new` joins the cluster of `existing` as a master
+/// with no slot. Then waits until `new` and every node in `known` list
+/// one another in `CLUSTER NODES`, out of handshake, and `new` says
+/// `cluster_state:ok` (a master refuses everything, `MIGRATE` into it
+/// included, for its first 2 s in a cluster). Everything within
+/// `timeout`.
+pub fn add_node(new: u16, existing: u16, known: &[u16], timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let args = [
+        "--cluster".to_string(),
+        "add-node".to_string(),
+        format!("127.0.0.1:{new}"),
+        format!("127.0.0.1:{existing}"),
+    ];
+    redis_cli(&args, timeout)?;
+    let mut everyone: Vec<u16> = known.to_vec();
+    everyone.push(new);
+    let ids = everyone
+        .iter()
+        .map(|&port| my_id(port))
+        .collect::<Result<Vec<_>, _>>()?;
+    loop {
+        let unknown = everyone.iter().find_map(|&port| {
+            if port == new {
+                match cluster_state(port) {
+                    Ok(state) if state == "ok" => {}
+                    Ok(state) => return Some(format!("node {port} says cluster_state:{state}")),
+                    Err(e) => return Some(format!("node {port}: {e}")),
+                }
+            }
+            let nodes = match cluster_nodes(port) {
+                Ok(nodes) => nodes,
+                Err(e) => return Some(format!("node {port}: {e}")),
+            };
+            ids.iter().find_map(|id| {
+                match nodes.lines().find(|line| line.starts_with(id.as_str())) {
+                    None => Some(format!("node {port} does not list {id}")),
+                    Some(line) if line.contains("handshake") || line.contains("noaddr") => {
+                        Some(format!("node {port} is not through with {id}: {line}"))
+                    }
+                    Some(_) => None,
+                }
+            })
+        });
+        let Some(why) = unknown else {
+            return Ok(());
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "node {new} is not part of the cluster after {timeout:?}: {why}"
+            ));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `CLUSTER NODES` of the node on `port`: one line per node it knows.
+pub fn cluster_nodes(port: u16) -> Result<String, String> {
+    let mut conn = connect(port).map_err(|e| e.to_string())?;
+    redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query(&mut conn)
+        .map_err(|e| format!("CLUSTER NODES on node {port}: {e}"))
+}
+
+/// The first field of `ROLE` on the node on `port`: `master` (with slots
+/// or not) or `slave` (a replica).
+pub fn role(port: u16) -> Result<String, String> {
+    let mut conn = connect(port).map_err(|e| e.to_string())?;
+    let value: redis::Value = redis::cmd("ROLE")
+        .query(&mut conn)
+        .map_err(|e| format!("ROLE on node {port}: {e}"))?;
+    match &value {
+        redis::Value::Array(fields) => match fields.first() {
+            Some(redis::Value::BulkString(bytes)) => Ok(String::from_utf8_lossy(bytes).into()),
+            Some(redis::Value::SimpleString(text)) => Ok(text.clone()),
+            _ => Err(format!("unexpected ROLE reply from node {port}: {value:?}")),
+        },
+        _ => Err(format!("unexpected ROLE reply from node {port}: {value:?}")),
+    }
 }
 
 /// Waits until every node in `ports` says `cluster_state:ok` and its

@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod cluster_process;
+pub mod fault_proxy;
 pub mod nginx;
 pub mod process;
 
@@ -680,7 +681,31 @@ pub fn assert_exactly_once_in_order(
 ) {
     let got = texts(messages);
     let distinct: std::collections::HashSet<String> = got.iter().cloned().collect();
-    assert_eq!(distinct.len(), got.len(), "{who}: duplicates");
+    if distinct.len() != got.len() {
+        let mut seen = std::collections::HashSet::new();
+        let dups: Vec<String> = messages
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| !seen.insert(m["text"].as_str().unwrap_or_default().to_string()))
+            .map(|(i, m)| {
+                let text = m["text"].as_str().unwrap_or_default();
+                let first = messages.iter().position(|x| x["text"] == text).unwrap();
+                let around = |at: usize| {
+                    messages[at.saturating_sub(3)..(at + 3).min(messages.len())]
+                        .iter()
+                        .map(|x| format!("{}={}", x["text"], x["id"]))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
+                format!(
+                    "#{first} and #{i} {text}: [{}] ... [{}]",
+                    around(first),
+                    around(i)
+                )
+            })
+            .collect();
+        panic!("{who}: duplicates: {dups:?}");
+    }
     let missing: Vec<_> = accepted.difference(&distinct).collect();
     let extra: Vec<_> = distinct.difference(accepted).collect();
     assert!(

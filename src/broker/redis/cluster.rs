@@ -12,15 +12,19 @@
 //! but it has no sharded Pub/Sub in its synchronous API. So the
 //! subscribers speak `SSUBSCRIBE` themselves (see `subscription.rs`): one
 //! subscribed connection per **shard** (a master and its replicas), found
-//! here from `CLUSTER SLOTS`. The shards are those the cluster had when the
-//! instance started; a failover changes a shard's master, which
-//! [`Topology::refresh`] finds. A cluster that gains shards needs the
-//! instances restarted to use them.
+//! here from `CLUSTER SLOTS`.
+//!
+//! A shard keeps its number for the life of the instance, while its master
+//! may change: after a failover the promoted replica serves the slots the
+//! old master served, and [`Topology::refresh`] gives it the old master's
+//! shard. A master that appears later (a node added, slots moved to it)
+//! becomes a new shard, with a subscriber of its own.
 
 use std::time::Duration;
 
 use redis::{ConnectionAddr, ConnectionInfo, RedisError, Value};
 
+use super::link::tcp_settings;
 use crate::redis_url::RedisUrl;
 use crate::sync::{Mutex, lock};
 
@@ -54,12 +58,23 @@ struct SlotRange {
     master: Node,
 }
 
+impl SlotRange {
+    fn overlaps(&self, other: &SlotRange) -> bool {
+        self.start <= other.end && other.start <= self.end
+    }
+}
+
+/// One shard: its master now, and the slots it served when last read.
+#[derive(Debug, Clone)]
+struct Shard {
+    master: Node,
+    slots: Vec<SlotRange>,
+}
+
 #[derive(Debug, Default)]
 struct Map {
     ranges: Vec<SlotRange>,
-    /// For each shard, a slot it owned at start-up, by which its current
-    /// master is found again after a failover.
-    anchors: Vec<u16>,
+    shards: Vec<Shard>,
 }
 
 impl Map {
@@ -68,6 +83,56 @@ impl Map {
             .iter()
             .find(|range| range.start <= slot && slot <= range.end)
             .map(|range| &range.master)
+    }
+
+    /// Takes a new reading of the slots: each shard keeps its master if
+    /// that is still a master, or else takes the master that now serves
+    /// its slots (its promoted replica); a master no shard claims is a new
+    /// shard. Returns how many shards were added.
+    fn update(&mut self, ranges: Vec<SlotRange>) -> usize {
+        let mut masters: Vec<Shard> = Vec::new();
+        for range in &ranges {
+            match masters
+                .iter_mut()
+                .find(|shard| shard.master == range.master)
+            {
+                Some(shard) => shard.slots.push(range.clone()),
+                None => masters.push(Shard {
+                    master: range.master.clone(),
+                    slots: vec![range.clone()],
+                }),
+            }
+        }
+        masters.sort_by_key(|shard| shard.slots.iter().map(|r| r.start).min());
+        let mut unclaimed: Vec<Shard> = masters
+            .iter()
+            .filter(|master| {
+                !self
+                    .shards
+                    .iter()
+                    .any(|shard| shard.master == master.master)
+            })
+            .cloned()
+            .collect();
+        for shard in &mut self.shards {
+            if let Some(current) = masters.iter().find(|m| m.master == shard.master) {
+                shard.slots = current.slots.clone();
+                continue;
+            }
+            // Its master is gone: its successor serves some of its slots.
+            if let Some(at) = unclaimed.iter().position(|candidate| {
+                candidate
+                    .slots
+                    .iter()
+                    .any(|new| shard.slots.iter().any(|old| old.overlaps(new)))
+            }) {
+                *shard = unclaimed.remove(at);
+            }
+        }
+        let added = unclaimed.len();
+        self.shards.extend(unclaimed);
+        self.ranges = ranges;
+        added
     }
 }
 
@@ -79,7 +144,7 @@ pub struct Topology {
 
 impl Topology {
     /// Reads the cluster's slots from the first seed that answers; its
-    /// masters are the shards.
+    /// masters, in the order of the slots they serve, are the shards.
     pub fn discover(seeds: &[RedisUrl], timeout: Duration) -> Result<Topology, String> {
         let seeds = seeds
             .iter()
@@ -93,58 +158,44 @@ impl Topology {
         topology.refresh().map_err(|e| {
             format!("cannot read the cluster's slots from any --redis-cluster node: {e}")
         })?;
-        let mut map = lock(&topology.map);
-        let mut masters: Vec<(u16, Node)> = Vec::new();
-        for range in &map.ranges {
-            match masters.iter_mut().find(|(_, node)| *node == range.master) {
-                Some((first, _)) => *first = (*first).min(range.start),
-                None => masters.push((range.start, range.master.clone())),
-            }
-        }
-        masters.sort();
-        map.anchors = masters.into_iter().map(|(slot, _)| slot).collect();
-        drop(map);
         Ok(topology)
     }
 
     /// How many shards (subscriber connections) there are.
     pub fn shards(&self) -> usize {
-        lock(&self.map).anchors.len()
+        lock(&self.map).shards.len()
     }
 
-    /// The shard whose master serves `key`'s slot now (shard 0 if the slot
-    /// has no known master: it is then resubscribed when one is found).
-    pub fn shard_of_key(&self, key: &str) -> usize {
+    /// The shard whose master serves `key`'s slot now; `None` if no known
+    /// master serves it (the map needs reading again).
+    pub fn shard_of_key(&self, key: &str) -> Option<usize> {
         let map = lock(&self.map);
-        let Some(master) = map.master_of_slot(slot_of(key)) else {
-            return 0;
-        };
-        map.anchors
-            .iter()
-            .position(|&anchor| map.master_of_slot(anchor) == Some(master))
-            .unwrap_or(0)
+        let master = map.master_of_slot(slot_of(key))?;
+        map.shards.iter().position(|shard| shard.master == *master)
     }
 
-    /// The master of `shard` now, if it has one.
+    /// The master of `shard` now.
     pub fn master_of_shard(&self, shard: usize) -> Option<ConnectionInfo> {
         let map = lock(&self.map);
-        let anchor = *map.anchors.get(shard)?;
-        let (host, port) = map.master_of_slot(anchor)?.clone();
+        let (host, port) = map.shards.get(shard)?.master.clone();
         Some(
             self.seeds[0]
                 .clone()
-                .set_addr(ConnectionAddr::Tcp(host, port)),
+                .set_addr(ConnectionAddr::Tcp(host, port))
+                .set_tcp_settings(tcp_settings()),
         )
     }
 
     /// Reads `CLUSTER SLOTS` again, from the current masters or the seeds.
-    pub fn refresh(&self) -> Result<(), RedisError> {
+    /// Returns how many shards there are now (more than before when a new
+    /// master appeared).
+    pub fn refresh(&self) -> Result<usize, RedisError> {
         let known: Vec<ConnectionInfo> = {
             let map = lock(&self.map);
-            map.ranges
+            map.shards
                 .iter()
-                .map(|range| {
-                    let (host, port) = range.master.clone();
+                .map(|shard| {
+                    let (host, port) = shard.master.clone();
                     self.seeds[0]
                         .clone()
                         .set_addr(ConnectionAddr::Tcp(host, port))
@@ -155,8 +206,9 @@ impl Topology {
         for node in known.iter().chain(&self.seeds) {
             match self.slots_from(node) {
                 Ok(ranges) if !ranges.is_empty() => {
-                    lock(&self.map).ranges = ranges;
-                    return Ok(());
+                    let mut map = lock(&self.map);
+                    map.update(ranges);
+                    return Ok(map.shards.len());
                 }
                 Ok(_) => {}
                 Err(e) => last_error = Some(e),
@@ -166,9 +218,10 @@ impl Topology {
     }
 
     fn slots_from(&self, node: &ConnectionInfo) -> Result<Vec<SlotRange>, RedisError> {
-        let client = redis::Client::open(node.clone())?;
+        let client = redis::Client::open(node.clone().set_tcp_settings(tcp_settings()))?;
         let mut connection = client.get_connection_with_timeout(self.timeout)?;
         connection.set_read_timeout(Some(self.timeout))?;
+        connection.set_write_timeout(Some(self.timeout))?;
         let reply: Value = redis::cmd("CLUSTER").arg("SLOTS").query(&mut connection)?;
         Ok(parse_slots(reply))
     }
@@ -252,5 +305,50 @@ mod tests {
         assert_eq!(ranges.len(), 2);
         assert_eq!((ranges[1].start, ranges[1].end), (5461, 16383));
         assert_eq!(ranges[0].master, ("127.0.0.1".to_string(), 7000));
+    }
+
+    fn range(start: u16, end: u16, port: u16) -> SlotRange {
+        SlotRange {
+            start,
+            end,
+            master: ("127.0.0.1".to_string(), port),
+        }
+    }
+
+    fn masters(map: &Map) -> Vec<u16> {
+        map.shards.iter().map(|shard| shard.master.1).collect()
+    }
+
+    #[test]
+    fn a_shard_keeps_its_number_through_a_failover_and_new_masters_get_new_ones() {
+        let mut map = Map::default();
+        let added = map.update(vec![range(5461, 16383, 7001), range(0, 5460, 7000)]);
+        assert_eq!(
+            (added, masters(&map)),
+            (2, vec![7000, 7001]),
+            "in slot order"
+        );
+        // 7000 died; its replica 7003 now serves its slots.
+        map.update(vec![range(0, 5460, 7003), range(5461, 16383, 7001)]);
+        assert_eq!(masters(&map), [7003, 7001]);
+        assert_eq!(
+            map.master_of_slot(10),
+            Some(&("127.0.0.1".to_string(), 7003))
+        );
+        // A new master 7006 takes part of 7001's slots: a third shard.
+        let added = map.update(vec![
+            range(0, 5460, 7003),
+            range(5461, 6000, 7006),
+            range(6001, 16383, 7001),
+        ]);
+        assert_eq!((added, masters(&map)), (1, vec![7003, 7001, 7006]));
+        // Part of 7003's slots move to 7001: nobody's number changes.
+        let added = map.update(vec![
+            range(0, 100, 7001),
+            range(101, 5460, 7003),
+            range(5461, 6000, 7006),
+            range(6001, 16383, 7001),
+        ]);
+        assert_eq!((added, masters(&map)), (0, vec![7003, 7001, 7006]));
     }
 }

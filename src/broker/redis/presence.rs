@@ -12,27 +12,45 @@
 //! A join publishes `join` on the room's channel when the name had no
 //! connection anywhere; a leave publishes `leave` after its last one; both
 //! go through the channel the messages take, so they are ordered with
-//! them. One `presence` thread per instance refreshes, every third of
-//! `--presence-ttl-ms`, the entries of all its members, room by room in
-//! one script each: an instance that dies stops refreshing, and whoever
-//! reads or refreshes the room next removes its entries and publishes a
-//! `leave` with reason `expired` for each name that had no other
-//! connection. A killed instance's members are thus gone from every list
-//! within the TTL plus one refresh interval. (Centrifuge's Redis presence
-//! is built the same way: a hash of members and a sorted set of expiry
-//! times, cleaned on read.)
+//! them. Every third of `--presence-ttl-ms` the instance refreshes the
+//! entries of all its members, room by room in one script each: an
+//! instance that dies stops refreshing, and whoever reads or refreshes the
+//! room next removes its entries and publishes a `leave` with reason
+//! `expired` for each name that had no other connection. A killed
+//! instance's members are thus gone from every list within the TTL plus
+//! one refresh interval. (Centrifuge's Redis presence is built the same
+//! way: a hash of members and a sorted set of expiry times, cleaned on
+//! read.)
+//!
+//! **One thread writes it all.** The `presence` thread alone changes this
+//! instance's counts and writes them to Redis: joins and leaves are queued
+//! to it by the sessions, and it runs them, and the refreshes, one after
+//! the other, on its own connection. A refresh that copied the counts and
+//! wrote them a moment later could otherwise undo a leave that landed in
+//! between (a phantom `join`, then a `leave` `expired` a TTL later), or
+//! add a join to a count that already had it; here no interleaving exists
+//! to get wrong.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
 
-use log::warn;
+use crossbeam_channel::{Receiver, Sender, select};
+use log::{debug, info, warn};
 use redis::Script;
 
-use super::RedisKeys;
-use super::publisher::{Failure, Publisher};
-use crate::broker::Presence;
+use super::keys::RedisKeys;
+use super::link::{Failure, Link};
+use crate::broker::{BrokerEvent, EventSender, Presence, PresenceChange};
+use crate::metrics::Metrics;
 use crate::protocol::{LeaveReason, PresenceEvent, ServerFrame};
-use crate::sync::{Mutex, lock};
+
+/// How long a joining session waits for its join to be written: the
+/// presence connection's own timeouts end it sooner, unless joins queue
+/// up behind a slow Redis.
+const JOIN_WAIT: Duration = Duration::from_secs(5);
+/// Pause between two refresh attempts right after a reconnection.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// What every presence script starts with: the time, and a step that
 /// removes expired entries and publishes a `leave` (reason `expired`) for
@@ -147,37 +165,123 @@ end
 return {redis.call('ZCARD', KEYS[4]), found}
 "#;
 
+/// What the sessions ask of the presence thread.
+enum Change {
+    /// One more connection of `name` in `room`; `done` is told once it is
+    /// written (or failed), so that the joiner's member list includes it.
+    Join {
+        room: String,
+        name: String,
+        done: Sender<()>,
+    },
+    /// One connection of `name` in `room` less.
+    Leave { room: String, name: String },
+}
+
+/// The sessions' side of presence: queues changes for the presence thread,
+/// and reads member lists (on the caller's connection).
 pub struct PresenceStore {
+    changes_tx: Sender<Change>,
+    scripts: Scripts,
+}
+
+/// The scripts, and how to call them on one room.
+struct Scripts {
     keys: RedisKeys,
     instance: String,
     ttl: Duration,
-    /// This instance's connections by room and name: what it refreshes.
-    local: Mutex<HashMap<String, BTreeMap<String, u64>>>,
     join: Script,
     leave: Script,
     refresh: Script,
     snapshot: Script,
 }
 
+/// The `presence` thread's state.
+pub struct PresenceThread {
+    changes_rx: Receiver<Change>,
+    /// Told when a subscription is caught up after a reconnection.
+    reconnected_rx: Receiver<()>,
+    scripts: Scripts,
+    link: Link,
+    /// This instance's connections by room and name: what it refreshes.
+    local: HashMap<String, BTreeMap<String, u64>>,
+    events_tx: EventSender,
+    metrics: std::sync::Arc<Metrics>,
+    max_members: usize,
+}
+
 impl PresenceStore {
-    pub fn new(keys: RedisKeys, instance: String, ttl: Duration) -> Self {
+    /// The store and the thread that writes it (to be started by the caller).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        keys: RedisKeys,
+        instance: String,
+        ttl: Duration,
+        link: Link,
+        reconnected_rx: Receiver<()>,
+        events_tx: EventSender,
+        metrics: std::sync::Arc<Metrics>,
+        max_members: usize,
+    ) -> (Self, PresenceThread) {
+        let scripts = || Scripts::new(keys.clone(), instance.clone(), ttl);
+        let (changes_tx, changes_rx) = crossbeam_channel::unbounded();
+        let store = PresenceStore {
+            changes_tx,
+            scripts: scripts(),
+        };
+        let thread = PresenceThread {
+            changes_rx,
+            reconnected_rx,
+            scripts: scripts(),
+            link,
+            local: HashMap::new(),
+            events_tx,
+            metrics,
+            max_members,
+        };
+        (store, thread)
+    }
+
+    /// One more local connection of `name` in `room`: returns once it is
+    /// written to Redis, or failed (then the next refresh registers it).
+    pub fn join(&self, room: &str, name: &str) {
+        let (done, written) = crossbeam_channel::bounded(1);
+        let change = Change::Join {
+            room: room.to_string(),
+            name: name.to_string(),
+            done,
+        };
+        if self.changes_tx.send(change).is_ok() && written.recv_timeout(JOIN_WAIT).is_err() {
+            warn!("presence: {name:?} in room {room} not written within {JOIN_WAIT:?}");
+        }
+    }
+
+    /// One local connection of `name` in `room` less (not waited for).
+    pub fn leave(&self, room: &str, name: &str) {
+        let _ = self.changes_tx.send(Change::Leave {
+            room: room.to_string(),
+            name: name.to_string(),
+        });
+    }
+
+    /// A room's members, at most `limit`, read on `link`.
+    pub fn snapshot(&self, link: &Link, room: &str, limit: usize) -> Result<Presence, Failure> {
+        self.scripts.snapshot(link, room, limit)
+    }
+}
+
+impl Scripts {
+    fn new(keys: RedisKeys, instance: String, ttl: Duration) -> Self {
         let script = |body: &str| Script::new(&format!("{CLEAN_EXPIRED}{body}"));
-        PresenceStore {
+        Scripts {
             keys,
             instance,
             ttl,
-            local: Mutex::default(),
             join: script(JOIN),
             leave: script(LEAVE),
             refresh: script(REFRESH),
             snapshot: script(SNAPSHOT),
         }
-    }
-
-    /// How often the `presence` thread refreshes: a third of the TTL, so
-    /// that two refreshes can be late before an entry expires.
-    pub fn refresh_interval(&self) -> Duration {
-        self.ttl / 3
     }
 
     fn invocation<'a>(&self, script: &'a Script, room: &str) -> redis::ScriptInvocation<'a> {
@@ -201,70 +305,45 @@ impl PresenceStore {
         }
     }
 
-    /// One more local connection of `name` in `room`. Counted locally
-    /// even if Redis is away: the next refresh registers it.
-    pub fn join(&self, publisher: &Publisher, room: &str, name: &str) {
-        *lock(&self.local)
-            .entry(room.to_string())
-            .or_default()
-            .entry(name.to_string())
-            .or_default() += 1;
+    fn join(&self, link: &Link, room: &str, name: &str) -> Result<i64, Failure> {
         let frame = ServerFrame::Join(&self.event(room, name, None)).to_json();
-        let result = publisher.run(|connection| {
+        link.run(|connection| {
             self.invocation(&self.join, room)
                 .arg(name)
                 .arg(self.ttl.as_millis() as u64)
                 .arg(&frame)
                 .invoke::<i64>(connection)
-        });
-        if let Err(e) = result {
-            warn!(
-                "presence: {name:?} in room {room} not registered yet: {}",
-                e.into_unavailable()
-            );
-        }
+        })
     }
 
-    /// One local connection of `name` in `room` less.
-    pub fn leave(&self, publisher: &Publisher, room: &str, name: &str) {
-        {
-            let mut local = lock(&self.local);
-            if let Some(names) = local.get_mut(room) {
-                if let Some(count) = names.get_mut(name) {
-                    *count = count.saturating_sub(1);
-                    if *count == 0 {
-                        names.remove(name);
-                    }
-                }
-                if names.is_empty() {
-                    local.remove(room);
-                }
-            }
-        }
+    fn leave(&self, link: &Link, room: &str, name: &str) -> Result<i64, Failure> {
         let frame = ServerFrame::Leave(&self.event(room, name, Some(LeaveReason::Left))).to_json();
-        let result = publisher.run(|connection| {
+        link.run(|connection| {
             self.invocation(&self.leave, room)
                 .arg(name)
                 .arg(&frame)
                 .invoke::<i64>(connection)
-        });
-        if let Err(e) = result {
-            // Its entry expires, and is cleaned with a `leave` `expired`.
-            warn!(
-                "presence: {name:?} leaving room {room} not recorded: {}",
-                e.into_unavailable()
-            );
-        }
+        })
     }
 
-    /// A room's members, at most `limit`.
-    pub fn snapshot(
+    /// Writes this instance's `names` in `room` again, with a new expiry;
+    /// returns the entries of other instances found expired.
+    fn refresh(
         &self,
-        publisher: &Publisher,
+        link: &Link,
         room: &str,
-        limit: usize,
-    ) -> Result<Presence, Failure> {
-        let (total, pairs): (usize, Vec<(String, String)>) = publisher.run(|connection| {
+        names: &BTreeMap<String, u64>,
+    ) -> Result<u64, Failure> {
+        let mut invocation = self.invocation(&self.refresh, room);
+        invocation.arg(self.ttl.as_millis() as u64);
+        for (name, count) in names {
+            invocation.arg(name).arg(*count);
+        }
+        link.run(|connection| invocation.invoke::<u64>(connection))
+    }
+
+    fn snapshot(&self, link: &Link, room: &str, limit: usize) -> Result<Presence, Failure> {
+        let (total, pairs): (usize, Vec<(String, String)>) = link.run(|connection| {
             self.invocation(&self.snapshot, room)
                 .arg(limit)
                 .invoke(connection)
@@ -284,38 +363,125 @@ impl PresenceStore {
         presence.more = total.saturating_sub(presence.members.len());
         Ok(presence)
     }
+}
 
-    /// Refreshes every local member, room by room; returns the entries of
-    /// other instances found expired (and published as `leave`).
-    pub fn refresh(&self, publisher: &Publisher) -> Result<u64, Failure> {
-        let local = lock(&self.local).clone();
-        let mut expired = 0;
-        for (room, names) in &local {
-            let mut invocation = self.invocation(&self.refresh, room);
-            invocation.arg(self.ttl.as_millis() as u64);
-            for (name, count) in names {
-                invocation.arg(name).arg(*count);
+impl PresenceThread {
+    /// How often the members are refreshed: a third of the TTL, so that
+    /// two refreshes can be late before an entry expires.
+    fn refresh_interval(&self) -> Duration {
+        self.scripts.ttl / 3
+    }
+
+    /// The `presence` thread: runs the sessions' changes in the order
+    /// asked, refreshes every member every third of the TTL, and after a
+    /// reconnection refreshes at once and sends every local room a fresh
+    /// member list.
+    pub fn run(mut self) {
+        let mut next_refresh = Instant::now() + self.refresh_interval();
+        loop {
+            let wait = next_refresh.saturating_duration_since(Instant::now());
+            select! {
+                recv(self.changes_rx) -> change => match change {
+                    Ok(change) => self.apply(change),
+                    Err(_) => return,
+                },
+                recv(self.reconnected_rx) -> _ => {
+                    self.refresh(true);
+                    next_refresh = Instant::now() + self.refresh_interval();
+                }
+                default(wait) => {
+                    self.refresh(false);
+                    next_refresh = Instant::now() + self.refresh_interval();
+                }
             }
-            expired += publisher.run(|connection| invocation.invoke::<u64>(connection))?;
+        }
+    }
+
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::Join { room, name, done } => {
+                *self
+                    .local
+                    .entry(room.clone())
+                    .or_default()
+                    .entry(name.clone())
+                    .or_default() += 1;
+                if let Err(e) = self.scripts.join(&self.link, &room, &name) {
+                    warn!(
+                        "presence: {name:?} in room {room} not registered yet: {}",
+                        e.into_unavailable()
+                    );
+                }
+                let _ = done.send(());
+            }
+            Change::Leave { room, name } => {
+                if let Some(names) = self.local.get_mut(&room) {
+                    if let Some(count) = names.get_mut(&name) {
+                        *count = count.saturating_sub(1);
+                        if *count == 0 {
+                            names.remove(&name);
+                        }
+                    }
+                    if names.is_empty() {
+                        self.local.remove(&room);
+                    }
+                }
+                if let Err(e) = self.scripts.leave(&self.link, &room, &name) {
+                    // Its entry expires, and is cleaned with a `leave` `expired`.
+                    warn!(
+                        "presence: {name:?} leaving room {room} not recorded: {}",
+                        e.into_unavailable()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Refreshes every local member, room by room. `reconnected`: presence
+    /// was as stale as the outage, so the refresh insists (the publishing
+    /// connection may still be in its backoff) and every local room is
+    /// then sent its member list afresh.
+    fn refresh(&mut self, reconnected: bool) {
+        let insist_until = Instant::now() + self.refresh_interval();
+        let expired = loop {
+            match self.refresh_all() {
+                Ok(expired) => break Some(expired),
+                Err(e) if reconnected && Instant::now() < insist_until => {
+                    debug!("presence: refresh failed, again: {}", e.into_unavailable());
+                    thread::sleep(RETRY_PAUSE);
+                }
+                Err(e) => {
+                    debug!("presence: refresh failed: {}", e.into_unavailable());
+                    break None;
+                }
+            }
+        };
+        let Some(expired) = expired else {
+            return;
+        };
+        Metrics::inc(&self.metrics.presence_refreshes_total);
+        Metrics::add(&self.metrics.presence_expired_total, expired);
+        if expired > 0 {
+            info!("presence: {expired} members of stopped instances expired");
+        }
+        if reconnected {
+            for room in self.local.keys() {
+                if let Ok(presence) = self.scripts.snapshot(&self.link, room, self.max_members) {
+                    let snapshot = PresenceChange::Snapshot {
+                        room: room.clone(),
+                        presence,
+                    };
+                    let _ = self.events_tx.send(BrokerEvent::Presence(snapshot));
+                }
+            }
+        }
+    }
+
+    fn refresh_all(&self) -> Result<u64, Failure> {
+        let mut expired = 0;
+        for (room, names) in &self.local {
+            expired += self.scripts.refresh(&self.link, room, names)?;
         }
         Ok(expired)
-    }
-
-    /// The rooms with local members.
-    pub fn rooms(&self) -> Vec<String> {
-        lock(&self.local).keys().cloned().collect()
-    }
-
-    /// Relays `name` typing in `room` on the room's channel.
-    pub fn typing(&self, publisher: &Publisher, room: &str, name: &str) {
-        let frame = ServerFrame::Typing { room, name }.to_json();
-        let channel = self.keys.room_channel(room);
-        let command = self.keys.publish_command();
-        let _ = publisher.run(|connection| {
-            redis::cmd(command)
-                .arg(&channel)
-                .arg(&frame)
-                .query::<i64>(connection)
-        });
     }
 }

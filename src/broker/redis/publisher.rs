@@ -1,224 +1,172 @@
-//! The publishing connection: shared by this instance's reader threads,
-//! it runs the accept script and reads history. Opened lazily, reopened
-//! after a failure no sooner than the backoff allows, so that a dead Redis
-//! costs clients no waiting: they are told `unavailable` at once.
-//!
-//! With a Redis Cluster it is redis-rs's cluster connection, which routes
-//! each command to the master of its keys' slot, follows `MOVED`, and
-//! finds the new master after a failover.
+//! Where a message is published: the accept script, run on the publishing
+//! connection, gives the message its id, appends it to the room's history
+//! and `PUBLISH`es it on the room's channel, as one atomic step; the retry
+//! loop around it makes sure a client gets exactly one answer even when
+//! the link breaks while the script is in flight.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::thread;
+use std::time::{Duration, Instant};
 
-use log::{error, info};
-use redis::cluster::ClusterClient;
-use redis::{ConnectionInfo, ConnectionLike, ErrorKind, RedisError, ServerErrorKind};
+use log::{debug, error, info, warn};
+use redis::Script;
 
-use super::{RedisSettings, connect, explain};
-use crate::backoff::Backoff;
-use crate::broker::Unavailable;
-use crate::metrics::Metrics;
-use crate::sync::{Mutex, lock};
+use super::keys::RedisKeys;
+use super::link::{Failure, Link};
+use crate::broker::{PublishError, Unavailable};
+use crate::protocol::{MessageId, NewMessage};
 
-/// Why a command on the publishing connection failed.
-#[derive(Debug)]
-pub enum Failure {
-    /// It certainly had no effect: Redis was not reached, or refused it.
-    Refused(String),
-    /// The link broke while it was in flight: it may have run.
-    Unknown(String),
-    /// A Redis Cluster redirected it (`MOVED`, `ASK`, `TRYAGAIN` while a
-    /// slot moves): it did not run, and may be tried again at once.
-    Redirected(String),
-}
+/// Pause between two attempts of a publish whose outcome is unknown.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
-impl Failure {
-    pub fn into_unavailable(self) -> Unavailable {
-        match self {
-            Failure::Refused(reason) | Failure::Unknown(reason) | Failure::Redirected(reason) => {
-                Unavailable(reason)
-            }
-        }
-    }
-}
+/// How long Redis remembers that a message was accepted, for retries: far
+/// longer than any publish deadline.
+const DEDUP_TTL_SECS: u64 = 600;
 
-/// The connection and what is known of its health.
-struct Link {
-    connection: Option<Box<dyn ConnectionLike + Send>>,
-    retry_at: Instant,
-    backoff: Backoff,
-    last_error: Option<String>,
-    /// [`Publisher::link_breaks`] when the connection was opened.
-    opened_after_breaks: u64,
-}
+/// The accept script: gives the message the next id, appends it to the
+/// room's history and publishes it, atomically (Redis runs a script as one
+/// step), so that id order, history order and delivery order are one order.
+///
+/// Ids follow the Streams scheme `<ms>-<seq>` and come from the counter
+/// `KEYS[2]`: with one Redis, one counter for every room, so that ids are
+/// unique and increasing across the whole chat; in a Redis Cluster, one per
+/// room, in the room's hash slot (a script may only touch one slot).
+/// `ARGV[3]` is the message JSON without its opening brace; the script puts
+/// `type`, `id` and `ts` in front. `ARGV[1]` is `PUBLISH`, or `SPUBLISH`
+/// (sharded Pub/Sub) in a cluster, on the room's channel `KEYS[4]`.
+///
+/// `KEYS[3]` makes it idempotent: it remembers, for `ARGV[4]` seconds, the
+/// id given to this message, and a retry after a broken link gets that id
+/// back instead of publishing the message twice.
+const ACCEPT_SCRIPT: &str = r#"
+local prior = redis.call('GET', KEYS[3])
+if prior then
+  return prior
+end
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local seq = 0
+local last = redis.call('GET', KEYS[2])
+if last then
+  local last_ms, last_seq = string.match(last, '^(%d+)-(%d+)$')
+  last_ms = tonumber(last_ms)
+  if last_ms >= ms then
+    ms = last_ms
+    seq = tonumber(last_seq) + 1
+  end
+end
+local id = string.format('%d-%d', ms, seq)
+local frame = '{"type":"message","id":"' .. id .. '","ts":' .. string.format('%d', ms) .. ',' .. ARGV[3]
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, 'm', frame)
+redis.call('SET', KEYS[2], id)
+redis.call('SET', KEYS[3], id, 'EX', ARGV[4])
+redis.call(ARGV[1], KEYS[4], frame)
+return id
+"#;
 
-/// What the publisher connects to.
-#[derive(Clone)]
-enum Target {
-    Single(ConnectionInfo),
-    Cluster(ClusterClient),
-}
-
+/// The publishing side of the broker: the sessions' messages, and their
+/// typing notices, on a connection of their own.
 pub struct Publisher {
-    target: Target,
-    /// Its connection's name's last part (`pub`).
-    role: &'static str,
-    settings: RedisSettings,
-    metrics: Arc<Metrics>,
-    link: Mutex<Link>,
-    /// How many times a subscriber saw its link to Redis break, shared by
-    /// every connection of this instance. A connection opened before the
-    /// last break is not trusted: Redis may be gone, and a command written
-    /// to it would end "outcome unknown" where a fresh connection, refused,
-    /// says for sure that nothing was sent.
-    link_breaks: Arc<AtomicU64>,
+    link: Arc<Link>,
+    keys: RedisKeys,
+    script: Script,
+    history_len: usize,
+    /// How long a publish whose outcome is unknown is retried.
+    deadline: Duration,
 }
 
 impl Publisher {
-    /// A publisher to one Redis.
-    pub fn single(info: ConnectionInfo, settings: RedisSettings, metrics: Arc<Metrics>) -> Self {
-        Self::new(Target::Single(info), settings, metrics)
-    }
-
-    /// A publisher to a Redis Cluster.
-    pub fn cluster(client: ClusterClient, settings: RedisSettings, metrics: Arc<Metrics>) -> Self {
-        Self::new(Target::Cluster(client), settings, metrics)
-    }
-
-    fn new(target: Target, settings: RedisSettings, metrics: Arc<Metrics>) -> Self {
+    pub fn new(link: Link, keys: RedisKeys, history_len: usize, deadline: Duration) -> Self {
         Publisher {
-            role: "pub",
-            link: Mutex::new(Link {
-                connection: None,
-                retry_at: Instant::now(),
-                backoff: Backoff::new(settings.max_backoff),
-                last_error: None,
-                opened_after_breaks: 0,
-            }),
-            target,
-            settings,
-            metrics,
-            link_breaks: Arc::default(),
+            link: Arc::new(link),
+            keys,
+            script: Script::new(ACCEPT_SCRIPT),
+            history_len,
+            deadline,
         }
     }
 
-    /// The counter the subscribers add to when their link breaks (see
-    /// `link_breaks`); the siblings share it.
-    pub fn link_breaks(&self) -> Arc<AtomicU64> {
-        self.link_breaks.clone()
+    /// The publishing connection (probed by `/readyz`, watched when idle).
+    pub fn link(&self) -> &Arc<Link> {
+        &self.link
     }
 
-    /// A second publisher to the same Redis, on a connection of its own
-    /// named `role`: work that must not queue behind the sessions' (the
-    /// presence refresh) gets it.
-    pub fn sibling(&self, role: &'static str) -> Self {
-        let mut sibling = Self::new(
-            self.target.clone(),
-            self.settings.clone(),
-            self.metrics.clone(),
-        );
-        sibling.role = role;
-        sibling.link_breaks = self.link_breaks.clone();
-        sibling
-    }
-
-    fn connect(&self) -> Result<Box<dyn ConnectionLike + Send>, RedisError> {
-        Ok(match &self.target {
-            Target::Single(info) => {
-                Box::new(connect(info, &self.settings.connection_name(self.role))?)
-            }
-            Target::Cluster(client) => Box::new(client.get_connection()?),
-        })
-    }
-
-    /// Runs `command` on the publishing connection, (re)connecting first if
-    /// needed. A broken link drops the connection, so the next call starts
-    /// from a fresh one; between failures, calls fail fast until the
-    /// backoff has passed.
-    pub fn run<T>(
-        &self,
-        command: impl FnOnce(&mut dyn ConnectionLike) -> Result<T, RedisError>,
-    ) -> Result<T, Failure> {
-        let mut link = lock(&self.link);
-        let breaks = self.link_breaks.load(Ordering::Relaxed);
-        if link.connection.is_some() && link.opened_after_breaks != breaks {
-            link.connection = None;
-        }
-        if link.connection.is_none() {
-            if Instant::now() < link.retry_at {
-                let reason = link.last_error.clone().unwrap_or_default();
-                return Err(Failure::Refused(format!("{reason}; retrying")));
-            }
-            match self.connect() {
-                Ok(connection) => {
-                    if link.last_error.take().is_some() {
+    /// Runs the accept script. If the link breaks while the script is in
+    /// flight, the outcome is unknown: the same script, with the same dedup
+    /// key, is retried after reconnecting until Redis says which id the
+    /// message got, or the deadline passes.
+    pub fn publish(&self, message: NewMessage, dedup_key: &str) -> Result<MessageId, PublishError> {
+        let body = serde_json::to_string(&message).expect("messages always serialize");
+        let deadline = Instant::now() + self.deadline;
+        let mut in_doubt = false;
+        loop {
+            let attempt = self.link.run(|connection| {
+                self.script
+                    .key(self.keys.history(&message.room))
+                    .key(self.keys.last_id(&message.room))
+                    .key(self.keys.accepted(&message.room, dedup_key))
+                    .key(self.keys.room_channel(&message.room))
+                    .arg(self.keys.publish_command())
+                    .arg(self.history_len)
+                    .arg(&body[1..])
+                    .arg(DEDUP_TTL_SECS)
+                    .invoke::<String>(connection)
+            });
+            let reason = match attempt {
+                Ok(id) => {
+                    if in_doubt {
                         info!(
-                            "redis publisher ({}): reconnected to {}",
-                            self.role,
-                            self.settings.display_url()
+                            "redis publisher: message {dedup_key} resolved after a broken link: {id}"
                         );
-                        Metrics::inc(&self.metrics.redis_reconnects_total);
                     }
-                    link.backoff.reset();
-                    link.connection = Some(connection);
-                    link.opened_after_breaks = breaks;
-                    Metrics::set(&self.metrics.redis_publisher_up, 1);
+                    return id
+                        .parse()
+                        .map_err(|e| Unavailable(format!("redis returned a bad id: {e}")).into());
                 }
-                Err(e) => return Err(Failure::Refused(self.link_broken(&mut link, e))),
+                Err(Failure::Refused(reason)) if !in_doubt => {
+                    return Err(Unavailable(reason).into());
+                }
+                Err(Failure::Redirected(reason)) => {
+                    // It did not run: try again, without doubt, while the
+                    // deadline allows.
+                    if Instant::now() >= deadline {
+                        return Err(Unavailable(reason).into());
+                    }
+                    debug!("redis publisher: message {dedup_key} redirected ({reason}); again");
+                    thread::sleep(RETRY_PAUSE);
+                    continue;
+                }
+                Err(Failure::Refused(reason) | Failure::Unknown(reason)) => reason,
+            };
+            if !in_doubt {
+                warn!(
+                    "redis publisher: message {dedup_key} in doubt ({reason}); retrying until it is known"
+                );
+                in_doubt = true;
             }
+            if Instant::now() >= deadline {
+                error!(
+                    "redis publisher: message {dedup_key} still in doubt at the deadline: {reason}"
+                );
+                return Err(PublishError::OutcomeUnknown(format!(
+                    "redis did not answer within {} ms ({reason})",
+                    self.deadline.as_millis()
+                )));
+            }
+            thread::sleep(RETRY_PAUSE);
         }
-        let connection = link.connection.as_mut().expect("connected above");
-        command(connection.as_mut()).map_err(|e| {
-            if matches!(
-                e.kind(),
-                ErrorKind::Server(
-                    ServerErrorKind::Moved | ServerErrorKind::Ask | ServerErrorKind::TryAgain
-                )
-            ) {
-                Failure::Redirected(format!("the cluster is moving this room's slot ({e})"))
-            } else if e.is_connection_refusal() && matches!(self.target, Target::Cluster(_)) {
-                // The master of this room's slot died and has no successor
-                // yet: nothing reached Redis, so certainly not accepted.
-                // The next command opens a fresh cluster connection, which
-                // reads the slots again and finds the promoted replica; the
-                // other shards are fine, so no backoff.
-                link.connection = None;
-                Failure::Refused(format!("redis is unreachable ({e})"))
-            } else if e.is_io_error()
-                || e.is_timeout()
-                || e.is_connection_dropped()
-                || e.is_unrecoverable_error()
-            {
-                Failure::Unknown(self.link_broken(&mut link, e))
-            } else {
-                Failure::Refused(format!("redis refused the command: {e}"))
-            }
-        })
     }
 
-    /// Whether the connection is down now (it is reopened lazily).
-    pub fn is_down(&self) -> bool {
-        lock(&self.link).connection.is_none()
-    }
-
-    fn link_broken(&self, link: &mut Link, e: RedisError) -> String {
-        let reason = explain::for_clients(&e);
-        if link.last_error.is_none()
-            || (e.code().is_some() && link.last_error.as_ref() != Some(&reason))
-        {
-            // Once per outage, and again when Redis answers something new
-            // (it came back with another password).
-            error!(
-                "redis publisher ({}): {}; messages are refused as unavailable until it is back",
-                self.role,
-                self.settings.explain(&e)
-            );
-        }
-        link.connection = None;
-        link.retry_at = Instant::now() + link.backoff.next_delay();
-        link.last_error = Some(reason.clone());
-        Metrics::set(&self.metrics.redis_publisher_up, 0);
-        reason
+    /// Publishes an ephemeral frame (typing) on the room's channel: not
+    /// stored, lost if Redis is away.
+    pub fn publish_ephemeral(&self, room: &str, frame: &str) {
+        let channel = self.keys.room_channel(room);
+        let command = self.keys.publish_command();
+        let _ = self.link.run(|connection| {
+            redis::cmd(command)
+                .arg(&channel)
+                .arg(frame)
+                .query::<i64>(connection)
+        });
     }
 }

@@ -1,146 +1,234 @@
-//! The subscriber threads: each reads one subscribed Redis connection and
-//! blocks on it. One with a single Redis; one per shard of a Redis Cluster.
+//! Where messages are received from Redis: the subscriber threads, each
+//! reading one subscribed connection, blocked on it. One with a single
+//! Redis; one per shard of a Redis Cluster.
 //!
 //! A connection that has sent `SUBSCRIBE` can do nothing but receive, and
 //! reading from it blocks until a message comes, which may be never: the
 //! blocking-subscription pitfall. So this thread does nothing else. It
-//! validates what arrives, passes subscription confirmations to the room
-//! bookkeeping ([`super::rooms`]), catches up from history after a
-//! reconnection, and emits events in order into the fan-out's channel; it
-//! knows nothing of clients, and never waits on one, or Redis would cut it
-//! off at `client-output-buffer-limit pubsub`.
+//! reads pushes, checks each payload, and emits events in order into the
+//! fan-out's channel; it knows nothing of clients, and never waits on one,
+//! or Redis would cut it off at `client-output-buffer-limit pubsub`. It
+//! never waits on Redis for anything either: subscription requests are
+//! written by the connection's writer thread (`subscription.rs`), and a
+//! room that must be caught up from history is caught up by its shard's
+//! catch-up thread (`catch_up.rs`) while its messages wait at a gate.
+//!
+//! [`Shards`] starts each shard's threads, at start-up and when a Redis
+//! Cluster gains a master.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use log::{debug, error, info, warn};
-use redis::{Connection, ConnectionInfo, RedisError};
+use crossbeam_channel::{Receiver, Sender};
+use log::{error, info, warn};
+use redis::{ConnectionInfo, RedisError, ServerErrorKind};
 
+use super::catch_up::{CatchUp, CatchUpThread, Delivered};
 use super::cluster::Topology;
-use super::rooms::RoomSubscriptions;
-use super::subscription::{self, Push};
-use super::{CONNECT_TIMEOUT, RedisKeys, StreamEntry, connect, explain, parse_stream_entries};
+use super::health::Health;
+use super::keys::RedisKeys;
+use super::link::{CONNECT_TIMEOUT, Links};
+use super::rooms::{Confirmed, RoomSubscriptions};
+use super::settings::RedisSettings;
+use super::subscription::{self, Push, Subscription};
 use crate::backoff::Backoff;
-use crate::broker::{BrokerEvent, DeliveryStatus, EventSender, PresenceChange};
+use crate::broker::{BrokerEvent, EventSender, PresenceChange};
 use crate::clock;
 use crate::faults;
 use crate::metrics::Metrics;
-use crate::protocol::{
-    BadPayload, ChannelEvent, ChatMessage, Limits, MessageId, Received, Via, parse_channel_event,
-};
+use crate::protocol::{BadPayload, ChannelEvent, Received, Via, parse_channel_event};
+use crate::supervisor::Supervisor;
 use crate::sync::{Mutex, lock};
 
-/// How far ahead of this machine's clock a message id may be and still
-/// count as made by the accept script (clocks of Redis and of instances
-/// differ a little).
-const PLAUSIBLE_CLOCK_SKEW_MS: u64 = 60_000;
+/// Everything a shard's threads share with the rest of the broker, and
+/// what it takes to start them.
+pub struct Shards {
+    pub settings: RedisSettings,
+    pub keys: RedisKeys,
+    pub rooms: Arc<RoomSubscriptions>,
+    pub health: Arc<Health>,
+    pub delivered: Arc<Delivered>,
+    /// The cluster's map; `None` with a single Redis.
+    pub topology: Option<Arc<Topology>>,
+    pub events_tx: EventSender,
+    pub metrics: Arc<Metrics>,
+    pub supervisor: Arc<Supervisor>,
+    /// Wakes the presence thread when a subscription is caught up.
+    pub reconnected_tx: Sender<()>,
+    /// Until when (wall-clock ms) the subscribers stay away after
+    /// `/demo/cut-subscription?seconds=N`.
+    pub held_until_ms: Arc<AtomicU64>,
+    /// Makes the catch-up connections; told when a subscription breaks.
+    pub links: Links,
+    /// Shards whose threads run (guards against two starts of one).
+    pub started: Mutex<usize>,
+}
 
-/// Live messages to skip after a catch-up, per room: those up to the id
-/// the catch-up already delivered. A room's entry goes at its first newer
-/// message, so the check costs nothing in steady state.
-type CatchUpSeams = HashMap<String, MessageId>;
+impl Shards {
+    /// Starts the threads of every shard that has none yet. Returns, for
+    /// each, a channel told when its first connection attempt is over.
+    pub fn start_new(self: &Arc<Self>) -> Result<Vec<Receiver<()>>, String> {
+        let wanted = self
+            .topology
+            .as_ref()
+            .map_or(1, |topology| topology.shards());
+        let mut started = lock(&self.started);
+        let mut first_attempts = Vec::new();
+        while *started < wanted {
+            let shard = *started;
+            self.rooms.ensure_shard(shard);
+            self.health.ensure_shard(shard);
+            first_attempts.push(self.start(shard)?);
+            *started += 1;
+        }
+        Ok(first_attempts)
+    }
 
-/// Per room, where catch-up resumes: the last id delivered, or the room's
-/// last id in history when it was subscribed. Shared by the subscribers of
-/// a cluster's shards, because a room whose slot moves is caught up by the
-/// shard it moves to.
-pub type Delivered = Arc<Mutex<HashMap<String, MessageId>>>;
+    fn start(self: &Arc<Self>, shard: usize) -> Result<Receiver<()>, String> {
+        let cluster = self.topology.is_some();
+        let name = |role: &str| {
+            if cluster {
+                format!("{role}{shard}")
+            } else {
+                role.to_string()
+            }
+        };
+        let (catch_up, jobs_rx) = CatchUp::new(
+            shard,
+            self.events_tx.clone(),
+            self.delivered.clone(),
+            self.health.clone(),
+            self.reconnected_tx.clone(),
+            self.metrics.clone(),
+        );
+        let link = match &self.topology {
+            Some(topology) => self
+                .links
+                .to_shard(topology.clone(), shard, &name("catch-up")),
+            None => self.links.link("catch-up"),
+        };
+        let refresher = self.clone();
+        let catch_up_thread = CatchUpThread {
+            catch_up: catch_up.clone(),
+            jobs_rx,
+            link,
+            keys: self.keys.clone(),
+            limits: self.settings.limits,
+            rooms: self.rooms.clone(),
+            refresh_topology: Box::new(move || refresher.refresh_topology()),
+            backoff: Backoff::new(self.settings.max_backoff),
+        };
+        let thread_name = |role: &str| {
+            if cluster {
+                format!("redis-{role}-{shard}")
+            } else {
+                format!("redis-{role}")
+            }
+        };
+        self.supervisor
+            .spawn(&thread_name("catch-up"), move || catch_up_thread.run())
+            .map_err(|e| format!("cannot start a redis catch-up thread: {e}"))?;
+        let subscriber = Subscriber {
+            shard,
+            name: self.settings.connection_name(&name("sub")),
+            shards: self.clone(),
+            catch_up,
+            backoff: Backoff::new(self.settings.max_backoff),
+        };
+        let (first_attempt_tx, first_attempt_rx) = crossbeam_channel::bounded(1);
+        self.supervisor
+            .spawn(&thread_name("sub"), move || {
+                subscriber.run(&first_attempt_tx)
+            })
+            .map_err(|e| format!("cannot start the redis subscriber thread: {e}"))?;
+        Ok(first_attempt_rx)
+    }
 
-/// Where a subscriber connects.
-pub enum Node {
-    /// The one Redis.
-    Single(ConnectionInfo),
-    /// The current master of a Redis Cluster shard.
-    Shard(Arc<Topology>),
+    /// Reads the cluster's slots again, and starts the threads of any
+    /// master the cluster gained.
+    pub fn refresh_topology(self: &Arc<Self>) {
+        let Some(topology) = &self.topology else {
+            return;
+        };
+        match topology.refresh() {
+            Ok(shards) if shards > *lock(&self.started) => {
+                info!(
+                    "redis cluster: a master this instance did not know; starting its subscriber"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!("redis cluster: slots not read: {e}");
+                return;
+            }
+        }
+        if let Err(e) = self.start_new() {
+            error!("redis cluster: {e}");
+        }
+    }
+
+    /// The node shard `shard`'s subscription connects to now.
+    fn node_of(&self, shard: usize) -> Result<ConnectionInfo, RedisError> {
+        match &self.topology {
+            None => Ok(self.settings.url.connection_info().clone()),
+            Some(topology) => topology.master_of_shard(shard).ok_or_else(|| {
+                std::io::Error::other(format!("cluster shard {shard} has no master")).into()
+            }),
+        }
+    }
 }
 
 /// One subscriber thread's state.
-pub struct Subscriber {
+struct Subscriber {
     /// Which subscribed connection this is (0 with a single Redis).
-    pub shard: usize,
-    pub node: Node,
-    pub events_tx: EventSender,
-    /// For the logs: where Redis is (without a password).
-    pub url: String,
-    /// The database the URL names (for the message when Redis has none
-    /// of that number).
-    pub db: i64,
-    /// Why this connection is down, for `/readyz` (`None` until it fails).
-    pub down_reason: Arc<Mutex<Option<String>>>,
-    pub name: String,
-    pub limits: Limits,
-    pub keys: RedisKeys,
-    /// The rooms with local clients: those subscribed, and caught up on.
-    pub rooms: Arc<RoomSubscriptions>,
-    pub metrics: Arc<Metrics>,
-    pub subscribed: Arc<AtomicBool>,
-    /// Told when this connection is back after a failure (presence is
-    /// then registered again and re-sent).
-    pub reconnected_tx: crossbeam_channel::Sender<()>,
-    pub backoff: Backoff,
-    pub delivered: Delivered,
-    /// Until when (wall-clock ms) a demo cut keeps this subscriber away.
-    pub held_until_ms: Arc<AtomicU64>,
-    /// Counted up at every break, so that the publishing connections, which
-    /// may not have noticed yet, reconnect before their next command.
-    pub link_breaks: Arc<AtomicU64>,
+    shard: usize,
+    /// Its connection's name (`CLIENT LIST` shows it).
+    name: String,
+    shards: Arc<Shards>,
+    catch_up: Arc<CatchUp>,
+    backoff: Backoff,
 }
 
 impl Subscriber {
-    /// The subscriber thread: connect, subscribe, catch up on what was
-    /// missed, deliver until the link breaks, wait, and again; for the life
-    /// of the process.
-    pub fn run(mut self, first_attempt_tx: crossbeam_channel::Sender<()>) {
+    /// The subscriber thread: connect, subscribe, deliver until the link
+    /// breaks, wait, and again; for the life of the process.
+    fn run(mut self, first_attempt_tx: &Sender<()>) {
         let mut failures = 0u64;
-        let mut was_subscribed = false;
+        let mut attempts = 0u64;
         loop {
-            // Clients that joined while Redis was away were told `down`:
-            // the first subscription after any failure tells them `up`.
-            let outcome =
-                self.subscribe_and_deliver(&first_attempt_tx, was_subscribed, failures > 0);
-            self.rooms.disconnected(self.shard);
-            if self.subscribed.swap(false, Ordering::Relaxed) {
-                was_subscribed = true;
-                failures = 0;
-                self.backoff.reset();
-                self.emit(BrokerEvent::Delivery(DeliveryStatus::Down));
-            }
-            Metrics::set(&self.metrics.redis_subscriber_up, 0);
+            let e = self
+                .subscribe_and_deliver(first_attempt_tx, attempts > 0)
+                .expect_err("delivery only ends on an error");
+            attempts += 1;
+            let shards = self.shards.clone();
+            shards.rooms.disconnected(self.shard);
+            shards.links.distrust();
             let _ = first_attempt_tx.try_send(());
-            let e = outcome.expect_err("delivery only ends on an error");
-            self.link_breaks.fetch_add(1, Ordering::Relaxed);
-            failures += 1;
             if self.wait_out_a_demo_cut() {
                 failures = 0;
                 continue;
             }
-            let reason = explain::explain(&e, &self.url, self.db);
-            let changed = lock(&self.down_reason).replace(reason.clone()) != Some(reason.clone());
-            // Once per outage, and again when Redis answers something new
-            // (it came back with another password).
-            if failures == 1 || (changed && e.code().is_some()) {
+            failures += 1;
+            let reason = shards.settings.explain(&e);
+            self.catch_up.disconnected(&reason);
+            // The first failure stops delivery: an error. Every attempt
+            // after it says why it failed too, so that an operator
+            // watching the log sees what Redis answers.
+            if failures == 1 {
                 error!(
                     "redis subscriber {}: {reason}; cross-instance delivery is down, retrying",
                     self.shard
                 );
             } else {
-                debug!(
-                    "redis subscriber {}: attempt {failures} failed: {e}",
+                warn!(
+                    "redis subscriber {}: attempt {failures} failed: {reason}; retrying",
                     self.shard
                 );
             }
             thread::sleep(self.backoff.next_delay());
-            if let Node::Shard(topology) = &self.node
-                && let Err(e) = topology.refresh()
-            {
-                debug!(
-                    "redis subscriber {}: cluster slots not read: {e}",
-                    self.shard
-                );
-            }
+            shards.refresh_topology();
         }
     }
 
@@ -148,7 +236,7 @@ impl Subscriber {
     /// reconnects at once, as after a real outage. False if no demo cut
     /// is in force (the failure is a real one).
     fn wait_out_a_demo_cut(&mut self) -> bool {
-        let until = self.held_until_ms.load(Ordering::Relaxed);
+        let until = self.shards.held_until_ms.load(Ordering::Relaxed);
         if until == 0 {
             return false;
         }
@@ -157,127 +245,127 @@ impl Subscriber {
             "redis subscriber {}: cut on purpose (/demo/cut-subscription); reconnecting in {} ms",
             self.shard, left
         );
+        self.catch_up
+            .disconnected("the subscription was cut on purpose (/demo/cut-subscription)");
         thread::sleep(Duration::from_millis(left));
         // Only one cut is waited out: a failure after it is real.
-        self.held_until_ms.store(0, Ordering::Relaxed);
+        self.shards.held_until_ms.store(0, Ordering::Relaxed);
         true
-    }
-
-    /// The node to subscribe on now.
-    fn node_info(&self) -> Result<ConnectionInfo, RedisError> {
-        match &self.node {
-            Node::Single(info) => Ok(info.clone()),
-            Node::Shard(topology) => topology.master_of_shard(self.shard).ok_or_else(|| {
-                std::io::Error::other(format!("cluster shard {} has no master", self.shard)).into()
-            }),
-        }
     }
 
     fn subscribe_and_deliver(
         &mut self,
-        first_attempt_tx: &crossbeam_channel::Sender<()>,
-        reconnect: bool,
-        after_failure: bool,
+        first_attempt_tx: &Sender<()>,
+        again: bool,
     ) -> Result<(), RedisError> {
-        let info = self.node_info()?;
-        let sharded = matches!(self.node, Node::Shard(_));
-        let (mut reader, writer) = subscription::open(&info, &self.name, sharded, CONNECT_TIMEOUT)?;
-        // History is read from the same node, on a plain connection.
-        let mut history = connect(&info, &format!("{}-history", self.name))?;
-        let writer = Arc::new(writer);
-        // However this ends, the connection is closed: sessions holding
-        // the write half find it broken, not silently unread.
-        let _closed = ShutdownOnDrop(writer.clone());
-        let rooms = self.rooms.connected(self.shard, writer)?;
-        let mut awaited: HashSet<String> = rooms
-            .iter()
-            .map(|room| self.keys.room_channel(room))
-            .collect();
-        // Confirmed first, history second: a message accepted in between
-        // is in both, and the seams drop the second copy. What arrives
-        // before every room is confirmed waits here.
-        let mut early = Vec::new();
-        while !awaited.is_empty() {
-            match reader.next_push()? {
-                Push::Subscribed(channel) => {
-                    awaited.remove(&channel);
-                    self.rooms.confirmed(&channel);
-                }
-                push => early.push(push),
-            }
+        let shards = self.shards.clone();
+        let info = shards.node_of(self.shard)?;
+        let sharded = shards.topology.is_some();
+        let (mut reader, subscription) =
+            subscription::open(&info, &self.name, sharded, CONNECT_TIMEOUT)?;
+        // However this ends, the connection is closed: whoever holds its
+        // handle finds it broken, not silently unread.
+        let _closed = ShutdownOnDrop(subscription.clone());
+        // The rooms' subscriptions are queued first and gated second: both
+        // before anything of this connection is read, so nothing slips by.
+        let rooms = shards.rooms.connected(self.shard, subscription);
+        if again {
+            // The master may have changed (a failover): the publishing
+            // connections read the cluster's slots afresh before their next
+            // command, so that `up` means a send will reach it.
+            shards.links.distrust();
         }
-        let mut seams = self.catch_up(&rooms, &mut history)?;
-        self.subscribed.store(true, Ordering::Relaxed);
-        Metrics::set(&self.metrics.redis_subscriber_up, 1);
-        if reconnect {
-            Metrics::inc(&self.metrics.redis_reconnects_total);
+        self.catch_up.connected(&rooms);
+        self.backoff.reset();
+        if again {
+            Metrics::inc(&shards.metrics.redis_reconnects_total);
         }
-        if reconnect || after_failure {
-            self.emit(BrokerEvent::Delivery(DeliveryStatus::Up));
-            let _ = self.reconnected_tx.try_send(());
-        }
-        info!("redis subscriber {}: connected to {}", self.shard, self.url);
+        info!(
+            "redis subscriber {}: connected to {}; {} rooms to subscribe and catch up",
+            self.shard,
+            shards.settings.display_url(),
+            rooms.len()
+        );
         let _ = first_attempt_tx.try_send(());
-        for push in early {
-            self.take(push, &mut seams, &mut history)?;
-        }
         loop {
             let push = reader.next_push()?;
-            self.take(push, &mut seams, &mut history)?;
+            self.take(push)?;
         }
     }
 
     /// Handles one push from the subscribed connection.
-    fn take(
-        &mut self,
-        push: Push,
-        seams: &mut CatchUpSeams,
-        history: &mut Connection,
-    ) -> Result<(), RedisError> {
-        let (channel, payload) = match push {
-            Push::Subscribed(channel) => {
-                if let Some(room) = self.keys.room_of_channel(&channel) {
-                    let room = room.to_string();
-                    if lock(&self.delivered).contains_key(&room) {
-                        // A room that moved here from another shard:
-                        // deliver what it missed on the way.
-                        seams.extend(self.catch_up(std::slice::from_ref(&room), history)?);
-                    } else if let Some(last) = self.last_in_history(&room, history)? {
-                        // A room joined while this connection was up: its
-                        // clients read history themselves; catch-up after
-                        // a later outage resumes from what history holds now.
-                        self.record_delivered(room, last);
-                    }
-                }
-                self.rooms.confirmed(&channel);
-                return Ok(());
+    fn take(&mut self, push: Push) -> Result<(), RedisError> {
+        let shards = &self.shards;
+        match push {
+            Push::Message { channel, payload } => {
+                self.take_payload(&channel, &payload);
+                Ok(())
             }
-            Push::Unsubscribed(channel) => {
-                let Some(room) = self.keys.room_of_channel(&channel) else {
+            Push::Subscribed(channel) => {
+                let room = shards.keys.room_of_channel(&channel).unwrap_or_default();
+                match shards.rooms.confirmed(&channel) {
+                    Confirmed::CatchUp => self.catch_up.start(room),
+                    Confirmed::Fresh => {}
+                    Confirmed::Unwanted => self.catch_up.abandon(room),
+                }
+                Ok(())
+            }
+            Push::Unsubscribed { channel, asked } => {
+                let Some(room) = shards.keys.room_of_channel(&channel) else {
                     return Ok(());
                 };
-                if !self.rooms.is_wanted(room) {
-                    lock(&self.delivered).remove(room);
-                } else if let Node::Shard(topology) = &self.node {
+                if !shards.rooms.is_wanted(room) {
+                    shards.delivered.forget(room);
+                    self.catch_up.abandon(room);
+                } else if !asked {
                     // Redis Cluster moved the room's slot to another
-                    // shard: find where it is now, and subscribe there.
+                    // master: find where it is now, and subscribe there.
                     info!(
                         "redis subscriber {}: room {room} moved to another shard",
                         self.shard
                     );
-                    topology.refresh()?;
-                    self.rooms.relocate(room);
+                    self.relocate(room);
                 }
-                return Ok(());
+                Ok(())
             }
-            Push::Message { channel, payload } => (channel, payload),
-        };
+            Push::Refused { channel, error } => {
+                let room = shards.keys.room_of_channel(&channel).unwrap_or_default();
+                warn!(
+                    "redis subscriber {}: subscribing to room {room:?} refused: {} {}",
+                    self.shard,
+                    error.code(),
+                    error.details().unwrap_or_default()
+                );
+                match error.kind() {
+                    Some(ServerErrorKind::Moved | ServerErrorKind::Ask) if !room.is_empty() => {
+                        self.relocate(room);
+                        Ok(())
+                    }
+                    _ => Err(error.into()),
+                }
+            }
+            Push::Pong => Ok(()),
+        }
+    }
+
+    /// `room` is not served on this connection any more: subscribed again
+    /// where the cluster's map says, and caught up there.
+    fn relocate(&self, room: &str) {
+        self.shards.rooms.unplace(room);
+        self.catch_up.abandon(room);
+        self.catch_up.relocate(room);
+    }
+
+    /// Checks a payload and passes its event on (or holds it at the room's
+    /// catch-up gate).
+    fn take_payload(&self, channel: &str, payload: &[u8]) {
+        let shards = &self.shards;
         let received = Received::now(Via::Pubsub);
-        let event = parse_channel_event(&payload, &self.limits).and_then(|event| {
+        let event = parse_channel_event(payload, &shards.settings.limits).and_then(|event| {
             // A room's channel carries that room's events only: anything
             // else was published by hand, and would reach one instance's
             // clients of another room.
-            if self.keys.room_of_channel(&channel) == Some(event.room()) {
+            if shards.keys.room_of_channel(channel) == Some(event.room()) {
                 Ok(event)
             } else {
                 Err(BadPayload(format!(
@@ -289,120 +377,43 @@ impl Subscriber {
         let event = match event {
             Ok(event) => event,
             Err(e) => {
-                Metrics::inc(&self.metrics.broker_messages_total);
-                Metrics::inc(&self.metrics.broker_payloads_invalid_total);
+                Metrics::inc(&shards.metrics.broker_messages_total);
+                Metrics::inc(&shards.metrics.broker_payloads_invalid_total);
                 warn!("redis subscriber: payload on {channel} skipped: {e}");
-                return Ok(());
-            }
-        };
-        let change = match event {
-            ChannelEvent::Message(message) => {
-                self.take_message(message, received, seams);
-                return Ok(());
-            }
-            ChannelEvent::Join(event) => PresenceChange::Join(event),
-            ChannelEvent::Leave(event) => PresenceChange::Leave(event),
-            ChannelEvent::Typing { room, name } => PresenceChange::Typing { room, name },
-        };
-        Metrics::inc(&self.metrics.broker_presence_events_total);
-        self.emit(BrokerEvent::Presence(change));
-        Ok(())
-    }
-
-    /// Delivers a message received live, unless a catch-up already did.
-    fn take_message(&mut self, message: ChatMessage, received: Received, seams: &mut CatchUpSeams) {
-        Metrics::inc(&self.metrics.broker_messages_total);
-        faults::inject("subscriber", &message.text);
-        if let Some(seam) = seams.get(&message.room) {
-            if message.id <= *seam {
                 return;
             }
-            seams.remove(&message.room);
-        }
-        self.deliver(message, received);
-    }
-
-    fn emit(&self, event: BrokerEvent) {
-        // The fan-out only ends with the process, or dies, which the
-        // supervisor reports.
-        let _ = self.events_tx.send(event);
-    }
-
-    fn deliver(&mut self, message: ChatMessage, received: Received) {
-        let id = message.id;
-        let room = message.room.clone();
-        self.emit(BrokerEvent::Message(message, received));
-        self.record_delivered(room, id);
-    }
-
-    fn record_delivered(&mut self, room: String, id: MessageId) {
-        // Anyone can publish on the channel: an id from the future (say,
-        // 9999999999999-0 typed into redis-cli) must not move the point
-        // catch-up resumes from, or real messages after an outage would be
-        // skipped. Ids the accept script makes are never ahead of the clock.
-        if id.millis > clock::wall_millis() + PLAUSIBLE_CLOCK_SKEW_MS {
-            return;
-        }
-        let mut delivered = lock(&self.delivered);
-        let last = delivered.entry(room).or_insert(id);
-        *last = (*last).max(id);
-    }
-
-    /// The id of a room's newest message in history.
-    fn last_in_history(
-        &self,
-        room: &str,
-        history: &mut Connection,
-    ) -> Result<Option<MessageId>, RedisError> {
-        let newest: Vec<StreamEntry> = redis::cmd("XREVRANGE")
-            .arg(self.keys.history(room))
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query(history)?;
-        Ok(newest.first().and_then(|(id, _)| id.parse().ok()))
-    }
-
-    /// Delivers from history, in order, what each of `rooms` missed while
-    /// this connection was down: after the last id delivered there, or,
-    /// for a room first subscribed now (its clients joined while Redis was
-    /// away), all that history holds; each client's outbox drops what it
-    /// already got as history. Returns the seams that keep live copies of
-    /// those from going out twice.
-    fn catch_up(
-        &mut self,
-        rooms: &[String],
-        history: &mut Connection,
-    ) -> Result<CatchUpSeams, RedisError> {
-        let mut seams = CatchUpSeams::new();
-        let mut missed = 0;
-        for room in rooms {
-            let from = lock(&self.delivered).get(room).copied();
-            let start = from.map_or_else(|| "-".to_string(), |id| format!("({id}"));
-            let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
-                .arg(self.keys.history(room))
-                .arg(start)
-                .arg("+")
-                .query(history)?;
-            for message in parse_stream_entries(entries, &self.limits) {
-                seams.insert(room.clone(), message.id);
-                self.deliver(message, Received::now(Via::History));
-                missed += 1;
+        };
+        let room = event.room().to_string();
+        let event = match event {
+            ChannelEvent::Message(message) => {
+                Metrics::inc(&shards.metrics.broker_messages_total);
+                faults::inject("subscriber", &message.text);
+                BrokerEvent::Message(message, received)
             }
+            ChannelEvent::Join(event) => presence(&shards.metrics, PresenceChange::Join(event)),
+            ChannelEvent::Leave(event) => presence(&shards.metrics, PresenceChange::Leave(event)),
+            ChannelEvent::Typing { room, name } => {
+                presence(&shards.metrics, PresenceChange::Typing { room, name })
+            }
+        };
+        if let Some(event) = self.catch_up.pass(&room, event) {
+            if let BrokerEvent::Message(message, _) = &event {
+                shards.delivered.record(&room, message.id);
+            }
+            // The fan-out only ends with the process, or dies, which the
+            // supervisor reports.
+            let _ = shards.events_tx.send(event);
         }
-        if missed > 0 {
-            info!(
-                "redis subscriber {}: caught up on {missed} messages published while it was away",
-                self.shard
-            );
-        }
-        Ok(seams)
     }
 }
 
+fn presence(metrics: &Metrics, change: PresenceChange) -> BrokerEvent {
+    Metrics::inc(&metrics.broker_presence_events_total);
+    BrokerEvent::Presence(change)
+}
+
 /// Shuts the subscribed connection down when the subscriber lets go of it.
-struct ShutdownOnDrop(Arc<subscription::SubscriptionWriter>);
+struct ShutdownOnDrop(Arc<Subscription>);
 
 impl Drop for ShutdownOnDrop {
     fn drop(&mut self) {

@@ -1,62 +1,117 @@
-//! A subscribed Redis connection shared by two kinds of thread: the
-//! subscriber thread blocks reading it, and any thread writes `SUBSCRIBE`
-//! and `UNSUBSCRIBE` to it.
+//! A subscribed Redis connection, split in two: the subscriber thread
+//! blocks reading it, and any thread asks for `SUBSCRIBE`, `UNSUBSCRIBE`
+//! or `PING` on it without waiting.
 //!
 //! This is the second lesson of the blocking-subscription pitfall. The
 //! subscriber thread spends its life blocked in a read, so it cannot be
 //! asked to subscribe to a new room: a client joining room `x` would wait
 //! until some message, on some other room, happened to wake it. Giving the
 //! read a timeout would turn it into a polling loop. Instead the socket is
-//! split: a session that needs a room writes `SUBSCRIBE chat:room:{x}`
-//! itself, on the write half, while the subscriber keeps reading; Redis's
-//! confirmation arrives on the read half, in order with the messages, and
-//! the subscriber thread passes it on. Nothing polls, and a room change
-//! costs one command written and one confirmation read.
+//! split: a session that needs a room queues `SUBSCRIBE chat:room:{x}`, a
+//! small writer thread of the connection writes it while the subscriber
+//! keeps reading, and Redis's answer arrives on the read half, in order
+//! with the messages. Nothing polls, nobody holds a lock while the bytes
+//! go out, and the commands reach Redis in the order they were asked for.
+//!
+//! Every command names **one** channel, and gets exactly one answer: a
+//! confirmation naming the channel, or an error. So the read half can tell
+//! which command Redis refused: it keeps the commands written, in order,
+//! and matches each answer to the oldest. (One `SSUBSCRIBE` naming rooms of
+//! two hash slots is refused whole with `CROSSSLOT`: per channel, that
+//! cannot happen.)
+//!
+//! A link can die without a reset (a host lost, a NAT entry dropped): the
+//! read then waits for ever. So the read half stamps everything it hears,
+//! and the watcher ([`super::health`]) sends a `PING` (allowed in
+//! subscribed mode) when Redis is quiet and shuts the connection down when
+//! even the `PING` goes unanswered.
 //!
 //! redis-rs's `PubSub` owns its connection and cannot be split this way, so
 //! this file speaks RESP on a `TcpStream` of its own, with redis-rs's
 //! parser and command encoder.
 
+use std::collections::VecDeque;
 use std::io::{self, BufReader, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
 use std::time::Duration;
 
-use redis::{ConnectionAddr, ConnectionInfo, Parser, RedisError, Value};
+use crossbeam_channel::{Receiver, Sender, unbounded};
+use log::debug;
+use redis::{ConnectionAddr, ConnectionInfo, Parser, RedisError, ServerError, Value};
 
+use super::link::tcp_keepalive;
+use crate::clock;
 use crate::sync::{Mutex, lock};
 
+/// Stack of a connection's writer thread: it only copies bytes.
+const WRITER_STACK: usize = 64 * 1024;
+
 /// What the read half delivers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Push {
     /// A message published on a channel.
     Message { channel: String, payload: Vec<u8> },
     /// Redis confirmed a subscription.
     Subscribed(String),
-    /// Redis confirmed the end of a subscription.
-    Unsubscribed(String),
+    /// A subscription ended: `asked` by this instance, or by Redis itself
+    /// (a Redis Cluster moved the channel's slot to another master).
+    Unsubscribed { channel: String, asked: bool },
+    /// Redis refused to subscribe to `channel` (`MOVED` when a cluster
+    /// master does not serve its slot, `NOPERM`, ...), in its own words.
+    Refused { channel: String, error: ServerError },
+    /// The answer to a `PING`.
+    Pong,
 }
 
-/// The write half: any thread may (un)subscribe.
-pub struct SubscriptionWriter {
-    stream: Mutex<TcpStream>,
-    /// Sharded Pub/Sub (`SSUBSCRIBE`, Redis Cluster) or plain.
+/// A command written on the connection and not answered yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Request {
+    Subscribe(String),
+    Unsubscribe(String),
+    Ping,
+}
+
+/// What both halves share.
+struct Shared {
+    /// Commands written, oldest first: each answer is the oldest's.
+    unanswered: Mutex<VecDeque<Request>>,
+    /// When the read half last heard from Redis ([`clock::mono_millis`]).
+    heard_at: AtomicU64,
+    /// The subscriber thread is handling a push, not waiting on Redis:
+    /// silence then means a busy instance, not a dead link.
+    busy: AtomicBool,
+    /// For [`Subscription::shutdown`]: a handle on the socket.
+    socket: TcpStream,
     sharded: bool,
+}
+
+/// The connection as any thread sees it: commands are queued, never
+/// waited on, and written by the connection's writer thread in order.
+pub struct Subscription {
+    requests_tx: Sender<Request>,
+    shared: Arc<Shared>,
 }
 
 /// The read half, owned by the subscriber thread.
 pub struct SubscriptionReader {
     reader: BufReader<TcpStream>,
     parser: Parser,
+    shared: Arc<Shared>,
 }
 
 /// Opens a connection, authenticates and names it, and splits it.
-/// `sharded`: the channels are Redis Cluster shard channels.
+/// `sharded`: the channels are Redis Cluster shard channels. `timeout`
+/// bounds the connect, every write, and each answer until it is
+/// subscribed (then the watcher takes over).
 pub fn open(
     info: &ConnectionInfo,
     name: &str,
     sharded: bool,
     timeout: Duration,
-) -> Result<(SubscriptionReader, SubscriptionWriter), RedisError> {
+) -> Result<(SubscriptionReader, Arc<Subscription>), RedisError> {
     let ConnectionAddr::Tcp(host, port) = info.addr() else {
         return Err(io::Error::other("only plain TCP connections to Redis are supported").into());
     };
@@ -67,14 +122,19 @@ pub fn open(
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
+    socket2::SockRef::from(&stream).set_tcp_keepalive(&tcp_keepalive())?;
     let mut reader = SubscriptionReader {
         reader: BufReader::new(stream.try_clone()?),
         parser: Parser::new(),
+        shared: Arc::new(Shared {
+            unanswered: Mutex::default(),
+            heard_at: AtomicU64::new(clock::mono_millis()),
+            busy: AtomicBool::new(false),
+            socket: stream.try_clone()?,
+            sharded,
+        }),
     };
-    let writer = SubscriptionWriter {
-        stream: Mutex::new(stream),
-        sharded,
-    };
+    let mut writer = stream;
     let settings = info.redis_settings();
     if let Some(password) = settings.password() {
         let mut auth = redis::cmd("AUTH");
@@ -82,48 +142,99 @@ pub fn open(
             auth.arg(user);
         }
         auth.arg(password);
-        writer.send(&auth)?;
+        writer.write_all(&auth.get_packed_command())?;
         reader.expect_ok()?;
     }
-    writer.send(redis::cmd("CLIENT").arg("SETNAME").arg(name))?;
+    if settings.db() != 0 {
+        // Pub/Sub ignores databases, but a database Redis does not have
+        // is a wrong URL, to be told here as on every other connection.
+        writer.write_all(&redis::cmd("SELECT").arg(settings.db()).get_packed_command())?;
+        reader.expect_ok()?;
+    }
+    writer.write_all(
+        &redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(name)
+            .get_packed_command(),
+    )?;
     reader.expect_ok()?;
-    // Subscribed, the connection waits for messages for ever.
+    // Subscribed, the connection waits for messages for ever; the watcher
+    // tells a quiet link from a dead one.
     reader.reader.get_ref().set_read_timeout(None)?;
-    Ok((reader, writer))
+    let (requests_tx, requests_rx) = unbounded();
+    let shared = reader.shared.clone();
+    thread::Builder::new()
+        .name(format!("{name}-write"))
+        .stack_size(WRITER_STACK)
+        .spawn(move || write_requests(writer, &requests_rx, &shared))?;
+    let subscription = Subscription {
+        requests_tx,
+        shared: reader.shared.clone(),
+    };
+    Ok((reader, Arc::new(subscription)))
 }
 
-impl SubscriptionWriter {
-    fn send(&self, command: &redis::Cmd) -> io::Result<()> {
-        lock(&self.stream).write_all(&command.get_packed_command())
+/// The writer thread: writes each request in the order asked, after noting
+/// it as unanswered (its answer may come the moment it is written). Ends
+/// when nobody can ask any more, or the connection breaks.
+fn write_requests(mut stream: TcpStream, requests_rx: &Receiver<Request>, shared: &Shared) {
+    for request in requests_rx {
+        let (name, channel) = match &request {
+            Request::Subscribe(channel) if shared.sharded => ("SSUBSCRIBE", Some(channel)),
+            Request::Subscribe(channel) => ("SUBSCRIBE", Some(channel)),
+            Request::Unsubscribe(channel) if shared.sharded => ("SUNSUBSCRIBE", Some(channel)),
+            Request::Unsubscribe(channel) => ("UNSUBSCRIBE", Some(channel)),
+            Request::Ping => ("PING", None),
+        };
+        let mut command = redis::cmd(name);
+        if let Some(channel) = channel {
+            command.arg(channel);
+        }
+        let command = command.get_packed_command();
+        lock(&shared.unanswered).push_back(request);
+        if let Err(e) = stream.write_all(&command) {
+            debug!("redis subscription: write failed ({e}); closing the connection");
+            let _ = stream.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+}
+
+impl Subscription {
+    fn request(&self, request: Request) {
+        // Fails only once the writer thread ended with a broken link, which
+        // the read half sees too.
+        let _ = self.requests_tx.send(request);
     }
 
-    pub fn subscribe(&self, channels: &[String]) -> io::Result<()> {
-        if channels.is_empty() {
-            return Ok(());
-        }
-        let command = if self.sharded {
-            "SSUBSCRIBE"
-        } else {
-            "SUBSCRIBE"
-        };
-        self.send(redis::cmd(command).arg(channels))
+    pub fn subscribe(&self, channel: &str) {
+        self.request(Request::Subscribe(channel.to_string()));
     }
 
-    pub fn unsubscribe(&self, channels: &[String]) -> io::Result<()> {
-        if channels.is_empty() {
-            return Ok(());
+    pub fn unsubscribe(&self, channel: &str) {
+        self.request(Request::Unsubscribe(channel.to_string()));
+    }
+
+    /// Asks Redis for a sign of life.
+    pub fn ping(&self) {
+        self.request(Request::Ping);
+    }
+
+    /// How long Redis has been silent while the subscriber waited for it;
+    /// `None` while the subscriber is busy with what it heard.
+    pub fn silence(&self) -> Option<Duration> {
+        if self.shared.busy.load(Ordering::Relaxed) {
+            return None;
         }
-        let command = if self.sharded {
-            "SUNSUBSCRIBE"
-        } else {
-            "UNSUBSCRIBE"
-        };
-        self.send(redis::cmd(command).arg(channels))
+        let heard_at = self.shared.heard_at.load(Ordering::Relaxed);
+        Some(Duration::from_millis(
+            clock::mono_millis().saturating_sub(heard_at),
+        ))
     }
 
     /// Ends the connection, which wakes its reader with an error.
     pub fn shutdown(&self) {
-        let _ = lock(&self.stream).shutdown(std::net::Shutdown::Both);
+        let _ = self.shared.socket.shutdown(Shutdown::Both);
     }
 }
 
@@ -131,11 +242,14 @@ impl SubscriptionReader {
     /// The next push; blocks until one arrives.
     pub fn next_push(&mut self) -> Result<Push, RedisError> {
         loop {
-            let value = self.parser.parse_value(&mut self.reader)?;
-            if let Value::ServerError(error) = value {
-                return Err(error.into());
-            }
-            if let Some(push) = push_of(value) {
+            self.shared.busy.store(false, Ordering::Relaxed);
+            let value = self.parser.parse_value(&mut self.reader);
+            self.shared.busy.store(true, Ordering::Relaxed);
+            self.shared
+                .heard_at
+                .store(clock::mono_millis(), Ordering::Relaxed);
+            let push = answer(&mut lock(&self.shared.unanswered), value?)?;
+            if let Some(push) = push {
                 return Ok(push);
             }
         }
@@ -149,24 +263,80 @@ impl SubscriptionReader {
     }
 }
 
+/// What one value read means, matched against the oldest unanswered
+/// command when it is an answer; `None` for a value that means nothing
+/// here.
+fn answer(unanswered: &mut VecDeque<Request>, value: Value) -> Result<Option<Push>, RedisError> {
+    if let Value::ServerError(error) = value {
+        return match unanswered.pop_front() {
+            Some(Request::Subscribe(channel)) => Ok(Some(Push::Refused { channel, error })),
+            _ => Err(error.into()),
+        };
+    }
+    // Before its first subscription the connection answers `PING` as any
+    // other does: `+PONG`, not `[pong, ""]`.
+    if matches!(&value, Value::SimpleString(text) if text.eq_ignore_ascii_case("pong")) {
+        if unanswered.front() != Some(&Request::Ping) {
+            return Err(out_of_step(b"PONG", "", unanswered.front()));
+        }
+        unanswered.pop_front();
+        return Ok(Some(Push::Pong));
+    }
+    let Some((kind, channel, payload)) = parts_of(value) else {
+        return Ok(None);
+    };
+    let push = match kind.as_slice() {
+        b"message" | b"smessage" => Push::Message {
+            channel,
+            payload: payload.unwrap_or_default(),
+        },
+        b"subscribe" | b"ssubscribe" => {
+            if unanswered.front() != Some(&Request::Subscribe(channel.clone())) {
+                return Err(out_of_step(&kind, &channel, unanswered.front()));
+            }
+            unanswered.pop_front();
+            Push::Subscribed(channel)
+        }
+        b"unsubscribe" | b"sunsubscribe" => {
+            let asked = unanswered.front() == Some(&Request::Unsubscribe(channel.clone()));
+            if asked {
+                unanswered.pop_front();
+            }
+            Push::Unsubscribed { channel, asked }
+        }
+        b"pong" => {
+            if unanswered.front() != Some(&Request::Ping) {
+                return Err(out_of_step(&kind, &channel, unanswered.front()));
+            }
+            unanswered.pop_front();
+            Push::Pong
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(push))
+}
+
+/// An answer that is not the one the oldest command expects: the two
+/// halves disagree about the connection, which is then not to be trusted.
+fn out_of_step(kind: &[u8], channel: &str, expected: Option<&Request>) -> RedisError {
+    io::Error::other(format!(
+        "redis answered {} {channel:?} where {expected:?} was expected",
+        String::from_utf8_lossy(kind)
+    ))
+    .into()
+}
+
 /// Reads a RESP2 pub/sub reply: `[kind, channel, payload-or-count]`, plain
-/// or sharded.
-fn push_of(value: Value) -> Option<Push> {
+/// or sharded (`pong` comes as `[pong, ""]`).
+fn parts_of(value: Value) -> Option<(Vec<u8>, String, Option<Vec<u8>>)> {
     let Value::Array(items) = value else {
         return None;
     };
     let mut items = items.into_iter();
     let kind = bytes_of(items.next()?)?;
     let channel = String::from_utf8(bytes_of(items.next()?)?).ok()?;
-    match kind.as_slice() {
-        b"message" | b"smessage" => Some(Push::Message {
-            channel,
-            payload: bytes_of(items.next()?)?,
-        }),
-        b"subscribe" | b"ssubscribe" => Some(Push::Subscribed(channel)),
-        b"unsubscribe" | b"sunsubscribe" => Some(Push::Unsubscribed(channel)),
-        _ => None,
-    }
+    let payload = items.next().and_then(bytes_of);
+    Some((kind, channel, payload))
 }
 
 fn bytes_of(value: Value) -> Option<Vec<u8>> {
@@ -186,17 +356,107 @@ mod tests {
     }
 
     #[test]
-    fn pushes_are_read_from_resp2_replies() {
+    fn pub_sub_replies_are_read_into_their_parts() {
         let message = Value::Array(vec![bulk("message"), bulk("chat:room:{a}"), bulk("{}")]);
         assert_eq!(
-            push_of(message),
-            Some(Push::Message {
-                channel: "chat:room:{a}".into(),
-                payload: b"{}".to_vec()
-            })
+            parts_of(message),
+            Some((
+                b"message".to_vec(),
+                "chat:room:{a}".into(),
+                Some(b"{}".to_vec())
+            ))
         );
         let confirmed = Value::Array(vec![bulk("subscribe"), bulk("c"), Value::Int(1)]);
-        assert_eq!(push_of(confirmed), Some(Push::Subscribed("c".into())));
-        assert_eq!(push_of(Value::Okay), None);
+        assert_eq!(
+            parts_of(confirmed),
+            Some((b"subscribe".to_vec(), "c".into(), None))
+        );
+        assert_eq!(parts_of(Value::Okay), None);
+    }
+
+    /// A server error as Redis sends it (`-MOVED 42 ...`).
+    fn server_error(line: &str) -> Value {
+        redis::parse_redis_value(format!("-{line}\r\n").as_bytes()).unwrap()
+    }
+
+    fn reply(kind: &str, channel: &str) -> Value {
+        Value::Array(vec![bulk(kind), bulk(channel), Value::Int(1)])
+    }
+
+    #[test]
+    fn each_answer_is_matched_to_the_command_it_answers() {
+        let mut unanswered = VecDeque::from([
+            Request::Subscribe("a".into()),
+            Request::Subscribe("b".into()),
+            Request::Ping,
+            Request::Unsubscribe("a".into()),
+        ]);
+        assert_eq!(
+            answer(&mut unanswered, reply("ssubscribe", "a")).unwrap(),
+            Some(Push::Subscribed("a".into()))
+        );
+        // A message between two answers answers nothing.
+        let message = Value::Array(vec![bulk("smessage"), bulk("a"), bulk("{}")]);
+        assert!(matches!(
+            answer(&mut unanswered, message).unwrap(),
+            Some(Push::Message { .. })
+        ));
+        let Some(Push::Refused { channel, error }) =
+            answer(&mut unanswered, server_error("MOVED 42 127.0.0.1:7001")).unwrap()
+        else {
+            panic!("a refused subscribe is reported with its channel");
+        };
+        assert_eq!((channel.as_str(), error.code()), ("b", "MOVED"));
+        assert_eq!(
+            answer(&mut unanswered, Value::Array(vec![bulk("pong"), bulk("")])).unwrap(),
+            Some(Push::Pong)
+        );
+        // Redis ends another subscription on its own (a slot moved), then
+        // answers the one asked for.
+        assert_eq!(
+            answer(&mut unanswered, reply("sunsubscribe", "z")).unwrap(),
+            Some(Push::Unsubscribed {
+                channel: "z".into(),
+                asked: false
+            })
+        );
+        assert_eq!(
+            answer(&mut unanswered, reply("sunsubscribe", "a")).unwrap(),
+            Some(Push::Unsubscribed {
+                channel: "a".into(),
+                asked: true
+            })
+        );
+        assert!(unanswered.is_empty());
+    }
+
+    #[test]
+    fn a_ping_before_any_subscription_is_answered_as_a_plain_pong() {
+        let mut unanswered = VecDeque::from([Request::Ping, Request::Subscribe("a".into())]);
+        assert_eq!(
+            answer(&mut unanswered, Value::SimpleString("PONG".into())).unwrap(),
+            Some(Push::Pong)
+        );
+        assert_eq!(
+            answer(&mut unanswered, reply("subscribe", "a")).unwrap(),
+            Some(Push::Subscribed("a".into()))
+        );
+    }
+
+    #[test]
+    fn an_answer_out_of_step_breaks_the_connection() {
+        let mut unanswered = VecDeque::from([Request::Subscribe("a".into())]);
+        assert!(answer(&mut unanswered, reply("subscribe", "b")).is_err());
+        let mut unanswered = VecDeque::from([Request::Subscribe("a".into())]);
+        assert!(answer(&mut unanswered, Value::Array(vec![bulk("pong"), bulk("")])).is_err());
+        let mut unanswered = VecDeque::from([Request::Ping]);
+        assert!(
+            answer(
+                &mut unanswered,
+                server_error("NOAUTH Authentication required.")
+            )
+            .is_err(),
+            "only a subscribe may be refused without breaking the link"
+        );
     }
 }

@@ -1,0 +1,74 @@
+//! How the broker reaches Redis and what it promises about it, from the
+//! configuration: where Redis is, the prefix, the bounds and the timings.
+
+use std::time::Duration;
+
+use redis::RedisError;
+
+use super::explain;
+use crate::protocol::Limits;
+use crate::redis_url::RedisUrl;
+
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: RedisUrl,
+    /// Seed nodes of a Redis Cluster; empty for a single Redis at `url`.
+    pub cluster: Vec<RedisUrl>,
+    pub prefix: String,
+    pub history_len: usize,
+    pub max_backoff: Duration,
+    /// How long a publish whose outcome is unknown (the link broke while
+    /// the command was in flight) is retried before the client is told.
+    pub publish_deadline: Duration,
+    /// How long a room stays subscribed after its last local client left.
+    pub room_linger: Duration,
+    /// How long a member stays listed after its instance stops refreshing it.
+    pub presence_ttl: Duration,
+    /// How often a quiet subscription is pinged (`--redis-ping-ms`): a
+    /// link silent for two intervals is dead.
+    pub ping_interval: Duration,
+    /// Most members a `presence` snapshot lists.
+    pub presence_max_members: usize,
+    /// What a valid payload on the channel or in history looks like.
+    pub limits: Limits,
+    /// The instance id, used to name this instance's Redis connections
+    /// (`CLIENT LIST` shows `<prefix>:<instance>:pub` and `:sub`).
+    pub instance: String,
+}
+
+impl RedisSettings {
+    /// Whether the chat runs on a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster.is_empty()
+    }
+
+    /// Where Redis is, for logs and probes: without a password.
+    pub fn display_url(&self) -> String {
+        if self.cluster.is_empty() {
+            self.url.to_string()
+        } else {
+            let seeds: Vec<&str> = self.cluster.iter().map(RedisUrl::redacted).collect();
+            format!("the redis cluster at {}", seeds.join(","))
+        }
+    }
+
+    /// The database the URL names (for the message when Redis has none of
+    /// that number).
+    pub fn db(&self) -> i64 {
+        self.url.connection_info().redis_settings().db()
+    }
+
+    /// What the logs and `/readyz` say of a failure to connect.
+    pub fn explain(&self, e: &RedisError) -> String {
+        explain::explain(e, &self.display_url(), self.db())
+    }
+
+    /// A `CLIENT SETNAME` name for one of this instance's connections:
+    /// Redis allows no spaces or newlines in it.
+    pub fn connection_name(&self, role: &str) -> String {
+        format!("{}:{}:{role}", self.prefix, self.instance)
+            .chars()
+            .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+            .collect()
+    }
+}
