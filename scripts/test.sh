@@ -4,7 +4,8 @@
 #   ./scripts/test.sh                   every test: the library's, the binary's,
 #                                       every tests/*.rs file and the examples;
 #                                       the benchmarks are compiled, not run;
-#                                       then the outbox's loom model test
+#                                       then the loom model tests (the outbox,
+#                                       the catch-up gates)
 #   ./scripts/test.sh fanout            the tests of tests/fanout.rs (any file
 #                                       name of tests/*.rs: cargo test --test)
 #   ./scripts/test.sh fanout room       those of its tests whose name has "room"
@@ -14,7 +15,7 @@
 #   ./scripts/test.sh --bench SCENARIO  a benchmark: cargo bench --bench load --
 #                                       SCENARIO [options] (--bench alone lists them)
 # Options before the first word (--release, -j 1, --features F) go to
-# cargo. The loom model test is a second build with RUSTFLAGS="--cfg loom",
+# cargo. The loom model tests are a second build with RUSTFLAGS="--cfg loom",
 # in target/loom.
 set -euo pipefail
 
@@ -119,9 +120,10 @@ if ((rc == 0)); then
 fi
 
 if ((rc == 0 && full)); then
-  # Every interleaving of the outbox's threads, explored by loom over the
-  # real code (src/session/outbox.rs, module loom_model).
-  step "Model test of the outbox (loom)"
+  # Every interleaving of the outbox's threads, and of the subscriber and
+  # catch-up threads at a room's gate, explored by loom over the real code
+  # (src/session/outbox.rs and src/broker/redis/gates.rs, modules loom_model).
+  step "Model tests of the outbox and the catch-up gates (loom)"
   RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="$REPO_ROOT/target/loom" \
     cargo test --release --lib loom || rc=$?
 fi

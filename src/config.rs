@@ -27,7 +27,7 @@ pub enum BrokerKind {
 
 /// A scale-out WebSocket chat server: instances joined by Redis Pub/Sub.
 #[derive(Debug, Clone, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, args_override_self = true)]
 pub struct Config {
     /// Address to listen on (HTTP and WebSocket): an IP address, or a host
     /// name (its first address is used). Use 0.0.0.0 to accept connections

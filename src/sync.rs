@@ -1,11 +1,16 @@
 //! The lock of the delivery path, switchable to loom's.
 //!
-//! Built with `RUSTFLAGS="--cfg loom"`, [`Mutex`] is loom's, so that the
-//! outbox's model test (`src/session/outbox.rs`) explores every
-//! interleaving of the real code; otherwise it is the standard one.
+//! Built with `RUSTFLAGS="--cfg loom"`, [`Mutex`] and [`AtomicUsize`] are
+//! loom's, so that the model tests of the outbox (`src/session/outbox.rs`)
+//! and of the catch-up gates (`src/broker/redis/gates.rs`) explore every
+//! interleaving of the real code; otherwise they are the standard ones.
 
 #[cfg(loom)]
+pub use loom::sync::atomic::{AtomicUsize, Ordering};
+#[cfg(loom)]
 pub use loom::sync::{Mutex, MutexGuard};
+#[cfg(not(loom))]
+pub use std::sync::atomic::{AtomicUsize, Ordering};
 #[cfg(not(loom))]
 pub use std::sync::{Mutex, MutexGuard};
 

@@ -105,37 +105,33 @@ impl Watcher {
             .collect()
     }
 
-    /// Its `status` frames' `delivery`, with when they came.
-    fn statuses(&self) -> Vec<(Instant, String)> {
-        self.frames
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, f)| f["type"] == "status")
-            .map(|(at, f)| (*at, f["delivery"].as_str().unwrap_or_default().to_string()))
-            .collect()
-    }
-
-    /// Waits until it has `count` messages, then stops it.
-    fn finish(self, count: usize, who: &str) -> (Vec<Value>, Vec<(Instant, String)>) {
+    /// Waits until it has `count` messages, then stops it: its messages
+    /// with when each came, and its `status` frames' `delivery`.
+    fn finish(self, count: usize, who: &str) -> (Vec<(Instant, Value)>, Vec<String>) {
         wait_for(&format!("{who} to receive {count} messages"), || {
             self.messages().len() >= count
         });
         thread::sleep(Duration::from_millis(300));
         self.stop.store(true, Ordering::Relaxed);
-        let Watcher {
-            frames,
-            stop,
-            handle,
-        } = self;
-        handle.join().expect("watcher failed");
-        let stopped = Watcher {
-            frames,
-            stop,
-            handle: thread::spawn(|| {}),
-        };
-        (stopped.messages(), stopped.statuses())
+        self.handle.join().expect("watcher failed");
+        let frames = self.frames.lock().unwrap();
+        let messages = frames
+            .iter()
+            .filter(|(_, f)| f["type"] == "message")
+            .cloned()
+            .collect();
+        let statuses = frames
+            .iter()
+            .filter(|(_, f)| f["type"] == "status")
+            .map(|(_, f)| f["delivery"].as_str().unwrap_or_default().to_string())
+            .collect();
+        (messages, statuses)
     }
+}
+
+/// The frames of a list of (arrival, frame).
+fn frames_of(seen: &[(Instant, Value)]) -> Vec<Value> {
+    seen.iter().map(|(_, frame)| frame.clone()).collect()
 }
 
 /// What one fault did, for the assertions and the `FIGURES` line.
@@ -223,8 +219,16 @@ fn run_fault(
     let [wa, wb] = watchers;
     let (a_messages, a_statuses) = wa.finish(accepted.len(), "the watcher on a");
     let (b_messages, b_statuses) = wb.finish(accepted.len(), "the watcher on b");
-    assert_exactly_once_in_order(&format!("{name}: watcher on a"), &a_messages, &accepted);
-    assert_exactly_once_in_order(&format!("{name}: watcher on b"), &b_messages, &accepted);
+    assert_exactly_once_in_order(
+        &format!("{name}: watcher on a"),
+        &frames_of(&a_messages),
+        &accepted,
+    );
+    assert_exactly_once_in_order(
+        &format!("{name}: watcher on b"),
+        &frames_of(&b_messages),
+        &accepted,
+    );
     for (n, received) in sent_seen {
         // A sender stops reading once its last message came back: what it
         // saw is a prefix, which must hold no duplicate and keep the order.
@@ -247,8 +251,8 @@ fn run_fault(
         ready_again,
         accepted: accepted.len(),
         refused,
-        a_statuses: a_statuses.into_iter().map(|(_, s)| s).collect(),
-        b_statuses: b_statuses.into_iter().map(|(_, s)| s).collect(),
+        a_statuses,
+        b_statuses,
     }
 }
 
@@ -446,4 +450,233 @@ fn a_redis_killed_and_restarted_with_aof_loses_no_accepted_message() {
             "{who}'s clients saw {statuses:?}"
         );
     }
+}
+
+/// Drains what `client` has received within `quiet`: the `status` frames'
+/// `delivery`, in order.
+fn statuses_of(client: &mut Client, quiet: Duration) -> Vec<String> {
+    client.set_read_timeout(quiet);
+    let mut statuses = Vec::new();
+    loop {
+        match client.socket.read() {
+            Ok(Message::Text(text)) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["type"] == "status" {
+                    statuses.push(frame["delivery"].as_str().unwrap_or_default().to_string());
+                }
+            }
+            Ok(_) => {}
+            Err(e) if timed_out(&e) => break,
+            Err(e) => panic!("connection lost while reading statuses: {e}"),
+        }
+    }
+    client.set_read_timeout(TIMEOUT);
+    statuses
+}
+
+/// Sends one message and waits for its one answer: `accepted` (its own
+/// copy came back), or the `code` of the error that answered it.
+fn answer_to(client: &mut Client, cid: &str) -> String {
+    client.send(cid, cid);
+    loop {
+        let frame = client.recv();
+        match frame["type"].as_str() {
+            Some("message") if frame["cid"] == cid => return "accepted".into(),
+            Some("error") if frame["cid"] == cid => {
+                return frame["code"].as_str().unwrap_or_default().to_string();
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn clients_told_down_while_the_publisher_waits_out_its_backoff_hear_up_and_can_send() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], redis.port)));
+    let prefix = unique("backoff");
+    // The production default: after a failure the publisher waits up to
+    // 5 s before it tries again.
+    let a = Instance::redis_with("a", &proxy.url(), &prefix, &["--redis-max-backoff-ms", "5000"]);
+    a.wait_ready();
+    let room = unique("room");
+    let mut sender = a.client("sender", &room);
+
+    // The publishing connection alone loses Redis for 6 s (new ones too)
+    // while a client keeps sending: every attempt fails, and the backoff
+    // grows. The subscription stays up throughout.
+    let publisher = Select::name_ends_with(":a:pub");
+    proxy.wait_for(&publisher, TIMEOUT);
+    proxy.inject(publisher, Fault::Blackhole, Scope::AlsoNew);
+    let lost = Instant::now();
+    let mut answers = Vec::new();
+    while lost.elapsed() < Duration::from_secs(6) {
+        answers.push(answer_to(&mut sender, &format!("away-{}", answers.len())));
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        answers.iter().all(|answer| answer != "accepted"),
+        "the publisher was blackholed: {answers:?}"
+    );
+    proxy.heal();
+    let back = Instant::now();
+
+    // 30 clients join in the 3 s after Redis answers again, some while the
+    // publisher still waits out its backoff.
+    let mut joined: Vec<(String, Client)> = (0..30)
+        .map(|n| {
+            thread::sleep(Duration::from_millis(100));
+            let name = format!("j{n}");
+            let client = a.client(&name, &room);
+            (name, client)
+        })
+        .collect();
+    // The publisher is back within the backoff's cap (5 s) and a PING round.
+    thread::sleep((back + Duration::from_secs(7)).saturating_duration_since(Instant::now()));
+    let mut told_down = 0;
+    for (name, client) in &mut joined {
+        let statuses = statuses_of(client, Duration::from_millis(100));
+        if statuses.iter().any(|s| s == "down") {
+            told_down += 1;
+            assert_eq!(
+                statuses.last().map(String::as_str),
+                Some("up"),
+                "{name} was told {statuses:?}: a `down` never followed by `up`"
+            );
+        }
+    }
+    // Whatever it was told, each can send now: `up` means a send is tried.
+    for (name, client) in &mut joined {
+        let outcome = client.send_and_confirm(name, 1, Duration::ZERO);
+        assert_eq!(outcome.accepted.len(), 1, "{name}: its send was refused");
+    }
+    println!(
+        "FIGURES publisher backoff: {told_down} of 30 clients joining in the 3 s after the publisher's link came back were told down; every one of them up later; every send after accepted"
+    );
+}
+
+/// Fills `room`'s history with `count` messages of `chars` characters,
+/// straight into Redis (as the accept script would have).
+fn fill_history(redis: &RedisServer, prefix: &str, room: &str, count: usize, chars: usize) {
+    let mut conn = redis.connection().unwrap();
+    let text = "x".repeat(chars);
+    let mut pipe = redis::pipe();
+    for n in 1..=count {
+        let id = format!("{n}-0");
+        let frame = serde_json::json!({
+            "type": "message", "id": id, "ts": n, "room": room, "from": "filler",
+            "text": text, "instance": "filler",
+        });
+        pipe.cmd("XADD")
+            .arg(format!("{prefix}:history:{room}"))
+            .arg(&id)
+            .arg("m")
+            .arg(frame.to_string())
+            .ignore();
+    }
+    pipe.query::<()>(&mut conn).unwrap();
+}
+
+#[test]
+fn a_large_history_read_does_not_hold_up_a_send_on_the_same_instance() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], redis.port)));
+    let prefix = unique("history");
+    let a = Instance::redis("a", &proxy.url(), &prefix);
+    a.wait_ready();
+    // 1,100 messages of 1,900 characters: about 2 MB of history.
+    let big = unique("big");
+    fill_history(&redis, &prefix, &big, 1100, 1900);
+    let mut sender = a.client("sender", &unique("small"));
+    // Every link of a's at 1 MB/s: reading that history takes seconds.
+    proxy.inject(Select::All, Fault::Bandwidth(1_000_000), Scope::AlsoNew);
+
+    let ws = a.ws;
+    let joins: Vec<thread::JoinHandle<Duration>> = (0..3)
+        .map(|n| {
+            let big = big.clone();
+            thread::spawn(move || {
+                let started = Instant::now();
+                let mut client = Client::connect(ws, &format!("name=j{n}&room={big}&since=0-0"));
+                let history = client.drain_messages(Duration::from_millis(1000));
+                assert_eq!(history.len(), 1100, "j{n}: the whole history");
+                started.elapsed() - Duration::from_millis(1000)
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(200));
+    let mut round_trips = Vec::new();
+    for n in 0..10 {
+        let started = Instant::now();
+        let outcome = sender.send_and_confirm(&format!("m{n}"), 1, Duration::ZERO);
+        assert_eq!(outcome.accepted.len(), 1);
+        round_trips.push(started.elapsed());
+        thread::sleep(Duration::from_millis(100));
+    }
+    let join_times: Vec<Duration> = joins.into_iter().map(|j| j.join().unwrap()).collect();
+    let slowest_send = *round_trips.iter().max().unwrap();
+    println!(
+        "FIGURES history read: joins with since=0-0 took {join_times:?}; the sends meanwhile: slowest {slowest_send:?}, all {round_trips:?}"
+    );
+    assert!(
+        join_times.iter().all(|t| *t > Duration::from_millis(1500)),
+        "the history reads were in flight for seconds: {join_times:?}"
+    );
+    assert!(
+        slowest_send < Duration::from_millis(500),
+        "a send waited {slowest_send:?} behind other clients' history reads"
+    );
+}
+
+#[test]
+fn a_room_subscribed_for_its_first_client_does_not_hold_up_the_other_rooms() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], redis.port)));
+    let prefix = unique("newrooms");
+    let a = Instance::redis("a", &proxy.url(), &prefix);
+    let b = Instance::redis("b", &redis.url(), &prefix);
+    a.wait_ready();
+    b.wait_ready();
+    let room = unique("busy");
+    let listener = a.client("listener", &room);
+    let mut sender = b.client("sender", &room);
+    // Every history read of a's is slow (500 ms each way): joins pay it,
+    // and nobody else must.
+    proxy.inject(
+        Select::name_ends_with("history"),
+        Fault::Latency(Duration::from_millis(500)),
+        Scope::AlsoNew,
+    );
+    let watcher = Watcher::spawn(listener, "listener on a".into());
+    let ws = a.ws;
+    let prefix_rooms = unique("new");
+    let joins = thread::spawn(move || {
+        for n in 0..5 {
+            let _ = Client::connect(ws, &format!("name=n{n}&room={prefix_rooms}-{n}"));
+        }
+    });
+    let mut sent_at = Vec::new();
+    for n in 0..30 {
+        sent_at.push(Instant::now());
+        sender.send(&format!("t{n}"), &format!("t{n}"));
+        thread::sleep(Duration::from_millis(100));
+    }
+    joins.join().unwrap();
+    let (messages, _) = watcher.finish(30, "the listener on a");
+    let delays: Vec<Duration> = messages
+        .iter()
+        .map(|(arrived, frame)| {
+            let n: usize = frame["text"].as_str().unwrap()[1..].parse().unwrap();
+            arrived.saturating_duration_since(sent_at[n])
+        })
+        .collect();
+    let slowest = *delays.iter().max().unwrap();
+    println!(
+        "FIGURES new rooms: 5 rooms subscribed for their first client on a, each join's history read 1 s away; \
+         the busy room's 30 messages reached a's listener in at most {slowest:?}"
+    );
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a message waited {slowest:?} while other rooms were subscribed: {delays:?}"
+    );
 }

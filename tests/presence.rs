@@ -729,3 +729,114 @@ fn a_snapshot_lists_at_most_the_limit_and_says_how_many_more() {
         }
     }
 }
+
+/// A small deterministic generator (xorshift): the interleavings differ
+/// from run to run of the scheduler, not of the test's choices.
+struct Jitter(u64);
+
+impl Jitter {
+    fn millis(&mut self, below: u64) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        Duration::from_millis(self.0 % below)
+    }
+}
+
+#[test]
+fn joins_and_leaves_racing_the_refresh_never_produce_a_wrong_event() {
+    use common::fault_proxy::{Fault, FaultProxy, Scope, Select};
+    const TABS: usize = 4;
+    const CYCLES: usize = 50;
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], redis.port)));
+    // Redis 15 ms away from instance a: every script a runs takes a round
+    // trip of 30 ms, long enough for a join or a leave to land in the
+    // middle of a refresh.
+    proxy.inject(
+        Select::All,
+        Fault::Latency(Duration::from_millis(15)),
+        Scope::AlsoNew,
+    );
+    let prefix = unique("race");
+    // A refresh every 200 ms: dozens of them meet the joins and leaves.
+    let ttl = ["--presence-ttl-ms", "600"];
+    let a = Instance::redis_with("a", &proxy.url(), &prefix, &ttl);
+    let b = Instance::redis_with("b", &redis.url(), &prefix, &ttl);
+    a.wait_ready();
+    b.wait_ready();
+    let room = unique("room");
+    let mut watcher = Tracker::join(&b, "watcher", &room);
+
+    // TABS names each join and leave CYCLES times on a, concurrently.
+    let tabs: Vec<std::thread::JoinHandle<()>> = (0..TABS)
+        .map(|tab| {
+            let ws = a.ws;
+            let room = room.clone();
+            std::thread::spawn(move || {
+                let mut jitter = Jitter(0x9E37_79B9_7F4A_7C15 ^ (tab as u64 + 1));
+                for _ in 0..CYCLES {
+                    let client = Client::connect(ws, &format!("name=u{tab}&room={room}"));
+                    std::thread::sleep(jitter.millis(40));
+                    let tracker = Tracker {
+                        who: format!("u{tab}"),
+                        room: room.clone(),
+                        client,
+                        frames: Vec::new(),
+                        members: BTreeSet::new(),
+                        snapshot: Value::Null,
+                    };
+                    tracker.hang_up();
+                    std::thread::sleep(jitter.millis(20));
+                }
+            })
+        })
+        .collect();
+    while tabs.iter().any(|tab| !tab.is_finished()) {
+        watcher.read(Duration::from_millis(100));
+    }
+    for tab in tabs {
+        tab.join().expect("a tab failed");
+    }
+    // Longer than the TTL and two refreshes: a phantom join would have
+    // expired by now, and said so.
+    watcher.watch(Duration::from_millis(1500));
+
+    let expired: Vec<&Value> = watcher
+        .since(0, "leave")
+        .into_iter()
+        .filter(|f| f["reason"] == "expired")
+        .collect();
+    assert!(
+        expired.is_empty(),
+        "members of a live instance expired (a refresh undid a leave): {expired:?}"
+    );
+    for tab in 0..TABS {
+        let name = format!("u{tab}");
+        let kinds: Vec<&str> = watcher
+            .frames
+            .iter()
+            .filter(|f| f["name"] == name.as_str() && matches!(f["type"].as_str(), Some("join" | "leave")))
+            .map(|f| f["type"].as_str().unwrap())
+            .collect();
+        let alternate = kinds
+            .iter()
+            .enumerate()
+            .all(|(n, kind)| *kind == if n % 2 == 0 { "join" } else { "leave" });
+        assert!(
+            alternate && kinds.len() == 2 * CYCLES,
+            "{name}: {CYCLES} visits should read join, leave, ... {} times: {kinds:?}",
+            2 * CYCLES
+        );
+    }
+    watcher.converge(&["watcher"]);
+    let rows = wait_for_snapshot(&b, &room, "the watcher alone (and the probe)", |rows| {
+        rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>() == ["probe", "watcher"]
+    });
+    println!(
+        "FIGURES presence race: {} tabs x {CYCLES} joins and leaves on an instance 15 ms from Redis, refresh every 200 ms: {} join and {} leave events, none expired, each name alternating; final list {rows:?}",
+        TABS,
+        watcher.since(0, "join").len(),
+        watcher.since(0, "leave").len()
+    );
+}

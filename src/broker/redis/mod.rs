@@ -33,6 +33,7 @@
 pub mod catch_up;
 pub mod cluster;
 pub mod explain;
+pub mod gates;
 pub mod health;
 pub mod history;
 pub mod keys;

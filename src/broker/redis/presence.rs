@@ -382,7 +382,15 @@ impl PresenceThread {
             let wait = next_refresh.saturating_duration_since(Instant::now());
             select! {
                 recv(self.changes_rx) -> change => match change {
-                    Ok(change) => self.apply(change),
+                    Ok(change) => {
+                        self.apply(change);
+                        // A storm of changes must not starve the refresh,
+                        // or live members expire.
+                        if Instant::now() >= next_refresh {
+                            self.refresh(false);
+                            next_refresh = Instant::now() + self.refresh_interval();
+                        }
+                    }
                     Err(_) => return,
                 },
                 recv(self.reconnected_rx) -> _ => {

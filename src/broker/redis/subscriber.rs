@@ -315,7 +315,7 @@ impl Subscriber {
                     return Ok(());
                 };
                 if !shards.rooms.is_wanted(room) {
-                    shards.delivered.forget(room);
+                    self.catch_up.forget(room);
                     self.catch_up.abandon(room);
                 } else if !asked {
                     // Redis Cluster moved the room's slot to another
@@ -396,14 +396,7 @@ impl Subscriber {
                 presence(&shards.metrics, PresenceChange::Typing { room, name })
             }
         };
-        if let Some(event) = self.catch_up.pass(&room, event) {
-            if let BrokerEvent::Message(message, _) = &event {
-                shards.delivered.record(&room, message.id);
-            }
-            // The fan-out only ends with the process, or dies, which the
-            // supervisor reports.
-            let _ = shards.events_tx.send(event);
-        }
+        self.catch_up.pass(&room, event);
     }
 }
 
