@@ -133,6 +133,7 @@ impl Shards {
         let subscriber = Subscriber {
             shard,
             name: self.settings.connection_name(&name("sub")),
+            writer_thread: format!("{}-write", thread_name("sub")),
             shards: self.clone(),
             catch_up,
             backoff: Backoff::new(self.settings.max_backoff),
@@ -186,6 +187,8 @@ struct Subscriber {
     shard: usize,
     /// Its connection's name (`CLIENT LIST` shows it).
     name: String,
+    /// The name of its connection's writer thread.
+    writer_thread: String,
     shards: Arc<Shards>,
     catch_up: Arc<CatchUp>,
     backoff: Backoff,
@@ -262,7 +265,7 @@ impl Subscriber {
         let info = shards.node_of(self.shard)?;
         let sharded = shards.topology.is_some();
         let (mut reader, subscription) =
-            subscription::open(&info, &self.name, sharded, CONNECT_TIMEOUT)?;
+            subscription::open(&info, &self.name, &self.writer_thread, sharded, CONNECT_TIMEOUT)?;
         // However this ends, the connection is closed: whoever holds its
         // handle finds it broken, not silently unread.
         let _closed = ShutdownOnDrop(subscription.clone());

@@ -102,13 +102,15 @@ pub struct SubscriptionReader {
     shared: Arc<Shared>,
 }
 
-/// Opens a connection, authenticates and names it, and splits it.
-/// `sharded`: the channels are Redis Cluster shard channels. `timeout`
-/// bounds the connect, every write, and each answer until it is
-/// subscribed (then the watcher takes over).
+/// Opens a connection, authenticates and names it (`name`), and splits
+/// it; its writer thread is named `writer_thread`. `sharded`: the channels
+/// are Redis Cluster shard channels. `timeout` bounds the connect, every
+/// write, and each answer until it is subscribed (then the watcher takes
+/// over).
 pub fn open(
     info: &ConnectionInfo,
     name: &str,
+    writer_thread: &str,
     sharded: bool,
     timeout: Duration,
 ) -> Result<(SubscriptionReader, Arc<Subscription>), RedisError> {
@@ -164,7 +166,7 @@ pub fn open(
     let (requests_tx, requests_rx) = unbounded();
     let shared = reader.shared.clone();
     thread::Builder::new()
-        .name(format!("{name}-write"))
+        .name(writer_thread.to_string())
         .stack_size(WRITER_STACK)
         .spawn(move || write_requests(writer, &requests_rx, &shared))?;
     let subscription = Subscription {
