@@ -437,21 +437,26 @@ fn a_shard_outage_is_told_only_to_the_clients_of_its_rooms() {
         let (stop, addr) = (stop.clone(), a.http);
         thread::spawn(move || {
             let mut bodies: Vec<String> = Vec::new();
-            let mut seen_503 = false;
+            // When the first 503 came, and the first 200 after it.
+            let mut down_at = None;
+            let mut up_at = None;
             let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline {
                 let (status, body) = http_get(addr, "/readyz");
                 if status == 503 {
-                    seen_503 = true;
+                    down_at.get_or_insert_with(Instant::now);
                     if !bodies.contains(&body) {
                         bodies.push(body);
                     }
-                } else if seen_503 || stop.load(Ordering::Relaxed) {
+                } else if down_at.is_some() {
+                    up_at = Some(Instant::now());
+                    break;
+                } else if stop.load(Ordering::Relaxed) {
                     break;
                 }
                 thread::sleep(Duration::from_millis(50));
             }
-            bodies
+            (bodies, down_at, up_at)
         })
     };
     // Y talks a little before the kill.
@@ -497,7 +502,19 @@ fn a_shard_outage_is_told_only_to_the_clients_of_its_rooms() {
     thread::sleep((failed_over + Duration::from_secs(5)).saturating_duration_since(Instant::now()));
     stop.store(true, Ordering::Relaxed);
     let heard = bystanders.join().expect("Y's clients failed");
-    let bodies = poller.join().expect("the /readyz poller failed");
+    let (bodies, down_at, up_at) = poller.join().expect("the /readyz poller failed");
+    println!(
+        "FIGURES cluster master SIGKILL: shard {x_shard}'s /readyz 503 after {:?}, 200 again after {:?} \
+         (the replica promoted after {:?}); its rooms' clients saw {:?}, the other rooms' {:?}",
+        down_at.map(|at| at - killed_at),
+        up_at.map(|at| at - killed_at),
+        failed_over - killed_at,
+        x_statuses
+            .iter()
+            .map(|(name, status)| format!("{name}: {}", status["delivery"]))
+            .collect::<Vec<_>>(),
+        heard.statuses,
+    );
     eprintln!(
         "Y: {} sent, statuses {:?}, problems {:?}; X statuses {:?}; X after up: {:?} / {:?}; \
          503 bodies {bodies:?}",
