@@ -85,7 +85,7 @@ fn working(args: &Args) -> Result<(std::time::Duration, Vec<String>), String> {
             let name = field("name");
             let what = match name.strip_prefix(&mine)? {
                 "sub" => "subscribed, only reads",
-                "pub" => "publishes, reads history",
+                "pub" => "publishes, only that",
                 _ => return None,
             };
             Some(format!(

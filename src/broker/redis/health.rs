@@ -226,9 +226,4 @@ impl Health {
             Err(format!("{}; reconnecting", reasons.join("; ")))
         }
     }
-
-    /// Whether `shard`'s subscription is live (for `/stats`).
-    pub fn subscribed(&self) -> bool {
-        lock(&self.state).subscriptions.iter().all(Option::is_none)
-    }
 }

@@ -97,6 +97,12 @@ impl RedisKeys {
         format!("{}:instances", self.prefix)
     }
 
+    /// Whether the names are a Redis Cluster's (every name of a room in the
+    /// room's hash slot; channels published with `SPUBLISH`).
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
     /// The command that publishes on a room's channel: sharded Pub/Sub in
     /// a cluster, where a plain `PUBLISH` would be broadcast to every node.
     pub fn publish_command(&self) -> &'static str {

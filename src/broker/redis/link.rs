@@ -373,11 +373,6 @@ impl Link {
         let _ = self.run(|connection| redis::cmd("PING").query::<String>(connection));
     }
 
-    /// Whether the connection is down now (it is reopened lazily).
-    pub fn is_down(&self) -> bool {
-        lock(&self.link).connection.is_none()
-    }
-
     /// The connection failed (`connecting`: it could not even be opened):
     /// dropped, retried after the backoff.
     fn link_broken(&self, link: &mut State, e: RedisError, connecting: bool) -> String {

@@ -32,8 +32,10 @@ const DEDUP_TTL_SECS: u64 = 600;
 /// unique and increasing across the whole chat; in a Redis Cluster, one per
 /// room, in the room's hash slot (a script may only touch one slot).
 /// `ARGV[3]` is the message JSON without its opening brace; the script puts
-/// `type`, `id` and `ts` in front. `ARGV[1]` is `PUBLISH`, or `SPUBLISH`
-/// (sharded Pub/Sub) in a cluster, on the room's channel `KEYS[4]`.
+/// `type`, `id` and `ts` in front. The last step is the one this whole
+/// project is about: `PUBLISH` on the room's channel `KEYS[4]` (`SPUBLISH`,
+/// sharded Pub/Sub, in a Redis Cluster: `ARGV[1]` is `sharded`), which
+/// Redis pushes to every instance subscribed to it, this one included.
 ///
 /// `KEYS[3]` makes it idempotent: it remembers, for `ARGV[4]` seconds, the
 /// id given to this message, and a retry after a broken link gets that id
@@ -60,7 +62,11 @@ local frame = '{"type":"message","id":"' .. id .. '","ts":' .. string.format('%d
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, 'm', frame)
 redis.call('SET', KEYS[2], id)
 redis.call('SET', KEYS[3], id, 'EX', ARGV[4])
-redis.call(ARGV[1], KEYS[4], frame)
+if ARGV[1] == 'sharded' then
+  redis.call('SPUBLISH', KEYS[4], frame)
+else
+  redis.call('PUBLISH', KEYS[4], frame)
+end
 return id
 "#;
 
@@ -106,7 +112,7 @@ impl Publisher {
                     .key(self.keys.last_id(&message.room))
                     .key(self.keys.accepted(&message.room, dedup_key))
                     .key(self.keys.room_channel(&message.room))
-                    .arg(self.keys.publish_command())
+                    .arg(if self.keys.is_cluster() { "sharded" } else { "plain" })
                     .arg(self.history_len)
                     .arg(&body[1..])
                     .arg(DEDUP_TTL_SECS)
