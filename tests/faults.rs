@@ -497,7 +497,12 @@ fn clients_told_down_while_the_publisher_waits_out_its_backoff_hear_up_and_can_s
     let prefix = unique("backoff");
     // The production default: after a failure the publisher waits up to
     // 5 s before it tries again.
-    let a = Instance::redis_with("a", &proxy.url(), &prefix, &["--redis-max-backoff-ms", "5000"]);
+    let a = Instance::redis_with(
+        "a",
+        &proxy.url(),
+        &prefix,
+        &["--redis-max-backoff-ms", "5000"],
+    );
     a.wait_ready();
     let room = unique("room");
     let mut sender = a.client("sender", &room);

@@ -816,7 +816,9 @@ fn joins_and_leaves_racing_the_refresh_never_produce_a_wrong_event() {
         let kinds: Vec<&str> = watcher
             .frames
             .iter()
-            .filter(|f| f["name"] == name.as_str() && matches!(f["type"].as_str(), Some("join" | "leave")))
+            .filter(|f| {
+                f["name"] == name.as_str() && matches!(f["type"].as_str(), Some("join" | "leave"))
+            })
             .map(|f| f["type"].as_str().unwrap())
             .collect();
         let alternate = kinds

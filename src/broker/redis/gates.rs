@@ -252,10 +252,8 @@ impl<D: Downstream> Gates<D> {
             }
             from = Some(message.id);
             delivered += 1;
-            self.downstream.deliver(BrokerEvent::Message(
-                message,
-                Received::now(Via::History),
-            ));
+            self.downstream
+                .deliver(BrokerEvent::Message(message, Received::now(Via::History)));
         }
         Ok((from, delivered))
     }
@@ -487,7 +485,12 @@ mod loom_model {
                 let gates = gates.clone();
                 loom::thread::spawn(move || {
                     let (mut from, _) = gates
-                        .page("r", generation, (1..=first_page).map(message).collect(), None)
+                        .page(
+                            "r",
+                            generation,
+                            (1..=first_page).map(message).collect(),
+                            None,
+                        )
                         .unwrap();
                     while gates.lift("r", generation, from) == Ok(Lifted::ReadAgain) {
                         // Read again: by now history has all the subscriber

@@ -112,7 +112,11 @@ impl Publisher {
                     .key(self.keys.last_id(&message.room))
                     .key(self.keys.accepted(&message.room, dedup_key))
                     .key(self.keys.room_channel(&message.room))
-                    .arg(if self.keys.is_cluster() { "sharded" } else { "plain" })
+                    .arg(if self.keys.is_cluster() {
+                        "sharded"
+                    } else {
+                        "plain"
+                    })
                     .arg(self.history_len)
                     .arg(&body[1..])
                     .arg(DEDUP_TTL_SECS)

@@ -264,8 +264,13 @@ impl Subscriber {
         let shards = self.shards.clone();
         let info = shards.node_of(self.shard)?;
         let sharded = shards.topology.is_some();
-        let (mut reader, subscription) =
-            subscription::open(&info, &self.name, &self.writer_thread, sharded, CONNECT_TIMEOUT)?;
+        let (mut reader, subscription) = subscription::open(
+            &info,
+            &self.name,
+            &self.writer_thread,
+            sharded,
+            CONNECT_TIMEOUT,
+        )?;
         // However this ends, the connection is closed: whoever holds its
         // handle finds it broken, not silently unread.
         let _closed = ShutdownOnDrop(subscription.clone());
