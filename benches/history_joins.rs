@@ -71,7 +71,7 @@ fn usage() -> &'static str {
     "usage: cargo bench --bench history_joins [-- --runs N] [--phase-s S] [--joiners J]
   --runs N      rounds of (joins on b, joins on a) [default 3]
   --phase-s S   seconds of each phase [default 10]
-  --joiners J   joiner threads, each connecting again and again [default 3]
+  --joiners J   joiner threads, each connecting again and again [default 6]
 PUBSUB_CHAT_BIN=/path/to/pubsub-chat measures another build of the server."
 }
 
@@ -81,7 +81,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>, String
     let mut opts = Opts {
         runs: 3,
         phase: Duration::from_secs(10),
-        joiners: 3,
+        joiners: 6,
     };
     let mut bench = false;
     let mut args = args.peekable();

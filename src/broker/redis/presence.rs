@@ -32,7 +32,6 @@
 //! to get wrong.
 
 use std::collections::{BTreeMap, HashMap};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select};
@@ -378,27 +377,44 @@ impl PresenceThread {
     /// member list.
     pub fn run(mut self) {
         let mut next_refresh = Instant::now() + self.refresh_interval();
+        // After a reconnection: until when a failed refresh is tried again
+        // (the presence connection may still be waiting out its backoff),
+        // between the changes queued meanwhile.
+        let mut insist_until: Option<Instant> = None;
         loop {
             let wait = next_refresh.saturating_duration_since(Instant::now());
             select! {
                 recv(self.changes_rx) -> change => match change {
-                    Ok(change) => {
-                        self.apply(change);
-                        // A storm of changes must not starve the refresh,
-                        // or live members expire.
-                        if Instant::now() >= next_refresh {
-                            self.refresh(false);
-                            next_refresh = Instant::now() + self.refresh_interval();
-                        }
-                    }
+                    Ok(change) => self.apply(change),
                     Err(_) => return,
                 },
                 recv(self.reconnected_rx) -> _ => {
-                    self.refresh(true);
+                    insist_until = Some(Instant::now() + self.refresh_interval());
+                    next_refresh = Instant::now();
+                }
+                default(wait) => {}
+            }
+            // Also after a change: a storm of changes must not starve the
+            // refresh, or live members expire.
+            if Instant::now() < next_refresh {
+                continue;
+            }
+            let reconnected = insist_until.is_some();
+            match self.refresh(reconnected) {
+                Ok(()) => {
+                    insist_until = None;
                     next_refresh = Instant::now() + self.refresh_interval();
                 }
-                default(wait) => {
-                    self.refresh(false);
+                Err(e) if insist_until.is_some_and(|until| Instant::now() < until) => {
+                    debug!(
+                        "presence: refresh failed, again soon: {}",
+                        e.into_unavailable()
+                    );
+                    next_refresh = Instant::now() + RETRY_PAUSE;
+                }
+                Err(e) => {
+                    debug!("presence: refresh failed: {}", e.into_unavailable());
+                    insist_until = None;
                     next_refresh = Instant::now() + self.refresh_interval();
                 }
             }
@@ -446,27 +462,10 @@ impl PresenceThread {
     }
 
     /// Refreshes every local member, room by room. `reconnected`: presence
-    /// was as stale as the outage, so the refresh insists (the publishing
-    /// connection may still be in its backoff) and every local room is
-    /// then sent its member list afresh.
-    fn refresh(&mut self, reconnected: bool) {
-        let insist_until = Instant::now() + self.refresh_interval();
-        let expired = loop {
-            match self.refresh_all() {
-                Ok(expired) => break Some(expired),
-                Err(e) if reconnected && Instant::now() < insist_until => {
-                    debug!("presence: refresh failed, again: {}", e.into_unavailable());
-                    thread::sleep(RETRY_PAUSE);
-                }
-                Err(e) => {
-                    debug!("presence: refresh failed: {}", e.into_unavailable());
-                    break None;
-                }
-            }
-        };
-        let Some(expired) = expired else {
-            return;
-        };
+    /// was as stale as the outage, so every local room is then sent its
+    /// member list afresh.
+    fn refresh(&mut self, reconnected: bool) -> Result<(), Failure> {
+        let expired = self.refresh_all()?;
         Metrics::inc(&self.metrics.presence_refreshes_total);
         Metrics::add(&self.metrics.presence_expired_total, expired);
         if expired > 0 {
@@ -483,6 +482,7 @@ impl PresenceThread {
                 }
             }
         }
+        Ok(())
     }
 
     fn refresh_all(&self) -> Result<u64, Failure> {
