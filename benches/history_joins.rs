@@ -33,7 +33,6 @@ mod process;
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -183,15 +182,7 @@ impl Children {
     /// Starts `cmd` as `name`; the child also dies with this process
     /// (parent-death signal), should it be killed before the drop runs.
     fn spawn(&mut self, name: &str, cmd: &mut Command) -> Result<&mut Child, String> {
-        // SAFETY: between fork and exec the child only sets its own
-        // parent-death signal. Children are spawned from the main thread,
-        // which lives until the end of the run.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        process::die_with_parent(cmd);
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {name}: {e}"))?;

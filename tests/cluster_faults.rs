@@ -520,6 +520,13 @@ fn a_shard_outage_is_told_only_to_the_clients_of_its_rooms() {
          503 bodies {bodies:?}",
         heard.sent, heard.statuses, heard.problems, x_statuses, x_answer, x_heard
     );
+    // A killed master resets its connections: noticed at once, well within
+    // the three pings (3 s) that bound a silent death.
+    let noticed = down_at.map(|at| at - killed_at);
+    assert!(
+        noticed.is_some_and(|after| after <= Duration::from_secs(3)),
+        "shard {x_shard}'s outage was noticed (a /readyz 503) after {noticed:?}, more than 3 s"
+    );
 
     assert!(
         heard.statuses.is_empty(),

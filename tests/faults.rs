@@ -297,25 +297,35 @@ fn assert_noticed(name: &str, run: &Run, bound: Duration) {
     );
 }
 
-#[test]
-fn a_blackholed_subscription_is_found_dead_within_three_pings_and_nothing_is_lost() {
+/// Runs fault `name` on `a`'s connection whose name ends with `suffix`
+/// (`:a:sub`, `:a:pub`): `inject` is given its selector.
+fn fault_on_connection(
+    suffix: &str,
+    name: &str,
+    inject: impl FnOnce(&Chat, Select),
+) -> (Chat, Run) {
     let chat = Chat::start(RedisServer::start(), &[]);
-    let name = "subscription blackholed";
-    let sub = Select::name_ends_with(":a:sub");
-    chat.proxy.wait_for(&sub, TIMEOUT);
+    let connection = Select::name_ends_with(suffix);
+    chat.proxy.wait_for(&connection, TIMEOUT);
     let run = run_fault(
         &chat,
         name,
-        |chat| {
-            // The link stops carrying bytes, with no reset: as when a NAT
-            // entry is dropped. A new connection gets through.
-            chat.proxy
-                .inject(sub.clone(), Fault::Blackhole, Scope::OpenNow);
-        },
+        |chat| inject(chat, connection),
         Duration::ZERO,
         |_| {},
     );
     figures(name, &run);
+    (chat, run)
+}
+
+#[test]
+fn a_blackholed_subscription_is_found_dead_within_three_pings_and_nothing_is_lost() {
+    let name = "subscription blackholed";
+    let (chat, run) = fault_on_connection(":a:sub", name, |chat, sub| {
+        // The link stops carrying bytes, with no reset: as when a NAT
+        // entry is dropped. A new connection gets through.
+        chat.proxy.inject(sub, Fault::Blackhole, Scope::OpenNow);
+    });
     assert_noticed(name, &run, PING * 3 + Duration::from_millis(500));
     assert!(chat.a.metric("chat_redis_dead_links_total") >= 1.0);
     assert_eq!(run.refused, 0, "{name}: the publisher was fine");
@@ -323,47 +333,24 @@ fn a_blackholed_subscription_is_found_dead_within_three_pings_and_nothing_is_los
 
 #[test]
 fn a_half_open_subscription_is_found_dead_the_same_way() {
-    let chat = Chat::start(RedisServer::start(), &[]);
     let name = "subscription half-open";
-    let sub = Select::name_ends_with(":a:sub");
-    chat.proxy.wait_for(&sub, TIMEOUT);
-    let run = run_fault(
-        &chat,
-        name,
-        |chat| {
-            // Redis sees the connection closed; the instance sees nothing.
-            assert_eq!(chat.proxy.half_open(sub.clone()), 1);
-        },
-        Duration::ZERO,
-        |_| {},
-    );
-    figures(name, &run);
+    let (_chat, run) = fault_on_connection(":a:sub", name, |chat, sub| {
+        // Redis sees the connection closed; the instance sees nothing.
+        assert_eq!(chat.proxy.half_open(sub), 1);
+    });
     assert_noticed(name, &run, PING * 3 + Duration::from_millis(500));
 }
 
 #[test]
 fn a_blackholed_publisher_answers_every_sender_and_loses_nothing() {
-    let chat = Chat::start(RedisServer::start(), &[]);
     let name = "publisher blackholed";
-    let publisher = Select::name_ends_with(":a:pub");
-    chat.proxy.wait_for(&publisher, TIMEOUT);
-    let run = run_fault(
-        &chat,
-        name,
-        |chat| {
-            chat.proxy
-                .inject(publisher.clone(), Fault::Blackhole, Scope::OpenNow);
-        },
-        Duration::ZERO,
-        |_| {},
-    );
-    figures(name, &run);
+    let (_chat, run) = fault_on_connection(":a:pub", name, |chat, publisher| {
+        chat.proxy
+            .inject(publisher, Fault::Blackhole, Scope::OpenNow);
+    });
     // The command timeout (2 s) finds it, or the keepalive's PING.
-    assert_noticed(
-        name,
-        &run,
-        Duration::from_millis(2000) + PING + Duration::from_millis(500),
-    );
+    let bound = Duration::from_millis(2000) + PING + Duration::from_millis(500);
+    assert_noticed(name, &run, bound);
 }
 
 #[test]
@@ -536,8 +523,10 @@ fn clients_told_down_while_the_publisher_waits_out_its_backoff_hear_up_and_can_s
             (name, client)
         })
         .collect();
-    // The publisher is back within the backoff's cap (5 s) and a PING round.
-    thread::sleep((back + Duration::from_secs(7)).saturating_duration_since(Instant::now()));
+    // The publisher is back within the backoff's cap (5 s) after its last
+    // failure, and a keepalive round (1 s): 9 s leaves a margin for a busy
+    // machine.
+    thread::sleep((back + Duration::from_secs(9)).saturating_duration_since(Instant::now()));
     let mut told_down = 0;
     for (name, client) in &mut joined {
         let statuses = statuses_of(client, Duration::from_millis(100));

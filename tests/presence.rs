@@ -759,8 +759,9 @@ fn joins_and_leaves_racing_the_refresh_never_produce_a_wrong_event() {
         Scope::AlsoNew,
     );
     let prefix = unique("race");
-    // A refresh every 200 ms: dozens of them meet the joins and leaves.
-    let ttl = ["--presence-ttl-ms", "600"];
+    // A refresh every 300 ms: dozens of them meet the joins and leaves,
+    // and a live member has 600 ms of margin before it would expire.
+    let ttl = ["--presence-ttl-ms", "900"];
     let a = Instance::redis_with("a", &proxy.url(), &prefix, &ttl);
     let b = Instance::redis_with("b", &redis.url(), &prefix, &ttl);
     a.wait_ready();
@@ -836,7 +837,7 @@ fn joins_and_leaves_racing_the_refresh_never_produce_a_wrong_event() {
         rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>() == ["probe", "watcher"]
     });
     println!(
-        "FIGURES presence race: {} tabs x {CYCLES} joins and leaves on an instance 15 ms from Redis, refresh every 200 ms: {} join and {} leave events, none expired, each name alternating; final list {rows:?}",
+        "FIGURES presence race: {} tabs x {CYCLES} joins and leaves on an instance 15 ms from Redis, refresh every 300 ms: {} join and {} leave events, none expired, each name alternating; final list {rows:?}",
         TABS,
         watcher.since(0, "join").len(),
         watcher.since(0, "leave").len()

@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
@@ -65,16 +64,7 @@ impl Proc {
 
     /// Starts `cmd`, which dies with this process.
     pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
-        // SAFETY: prctl in the child between fork and exec only sets its
-        // parent-death signal: if this process dies, however, so does the
-        // child (no orphans). Children are spawned from the main thread,
-        // which lives until exit.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        process::die_with_parent(cmd);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));

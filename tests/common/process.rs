@@ -1,17 +1,19 @@
 //! Process helpers shared by the integration tests (through
-//! `tests/common/mod.rs`) and the load generator (`benches/load/`, which
-//! includes this file with `#[path]`): free ports and temporary
-//! directories, a plain HTTP `GET`, a private `redis-server`, and the
-//! command line and "listening" line of an instance.
+//! `tests/common/mod.rs`) and the benchmarks (`benches/load/`,
+//! `benches/history_joins.rs`, which include this file with `#[path]`):
+//! free ports and temporary directories, a plain HTTP `GET`, a private
+//! `redis-server`, the command line and "listening" line of an instance,
+//! and children that die with their parent.
 //!
-//! Standard library only, and nothing that panics on its own: the tests
-//! turn a failure into a panic with their own message, the load generator
-//! into its own report.
+//! The standard library and libc only, and nothing that panics on its own:
+//! the tests turn a failure into a panic with their own message, the
+//! benchmarks into their own report.
 
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{ChildStderr, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +30,22 @@ pub fn unique(label: &str) -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Makes the child `cmd` starts die (SIGKILL) when this process dies,
+/// however it dies: a benchmark killed mid-run leaves no server or
+/// `redis-server` behind.
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: between fork and exec the child only sets its own
+    // parent-death signal. The signal follows the thread that forked, so
+    // callers start children from a thread that lives as long as they do
+    // (the benchmarks' main thread).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
 }
 
 /// A free loopback port (bound, read back, released).

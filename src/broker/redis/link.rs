@@ -359,18 +359,28 @@ impl Link {
     /// using it now): a dead connection is found before a client's
     /// message needs it, and one in its backoff is reopened once that is
     /// over, so that clients hear `up` without having to send first.
+    ///
+    /// Through a Redis Cluster client, only the reopening: there a `PING`
+    /// goes to every master, and one dead master would fail it for all
+    /// (the subscriptions speak for each shard).
     pub fn keep_alive(&self, idle: Duration) {
         let used_at = self.used_at.load(Ordering::Relaxed);
         if clock::mono_millis().saturating_sub(used_at) < idle.as_millis() as u64 {
             return;
         }
-        if let Ok(link) = self.link.try_lock()
-            && link.connection.is_none()
-            && Instant::now() < link.retry_at
-        {
+        let Ok(link) = self.link.try_lock() else {
+            return;
+        };
+        let down = link.connection.is_none();
+        if (down && Instant::now() < link.retry_at) || (!down && self.is_cluster()) {
             return;
         }
-        let _ = self.run(|connection| redis::cmd("PING").query::<String>(connection));
+        drop(link);
+        let _ = if self.is_cluster() {
+            self.run(|_| Ok(()))
+        } else {
+            self.run(|connection| redis::cmd("PING").query::<()>(connection))
+        };
     }
 
     /// The connection failed (`connecting`: it could not even be opened):

@@ -15,9 +15,10 @@
 //!   gets a `PING` (with the command timeout, 2 s), so that it is found
 //!   dead before a client's message needs it; and one waiting out its
 //!   backoff after a failure is reopened when the backoff is over, so that
-//!   clients hear `up` without having to send first. (Not through a Redis
-//!   Cluster client: there a `PING` goes to every master, and one dead
-//!   master would fail it for all; the subscriptions speak for each shard.)
+//!   clients hear `up` without having to send first. (Through a Redis
+//!   Cluster client, only the reopening: there a `PING` goes to every
+//!   master, and one dead master would fail it for all; the subscriptions
+//!   speak for each shard.)
 //!
 //! Every socket also has TCP keepalive (`link.rs`), and every blocking call
 //! a deadline.
@@ -60,7 +61,7 @@ pub fn watch_subscriptions(rooms: &RoomSubscriptions, interval: Duration, metric
 pub fn keep_alive(links: &[Arc<Link>], interval: Duration) {
     loop {
         thread::sleep(interval);
-        for link in links.iter().filter(|link| !link.is_cluster()) {
+        for link in links {
             link.keep_alive(interval);
         }
     }
