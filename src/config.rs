@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::presence::PresenceSettings;
 use crate::protocol::Limits;
 use crate::rate_limit::RateLimit;
 use crate::redis_url::{RedisUrl, RedisUrlParser};
@@ -23,6 +24,13 @@ pub enum BrokerKind {
     /// No Redis: this instance is alone, and its clients see only each
     /// other. The starting point the README uses to show the problem.
     Local,
+}
+
+/// A feature on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 /// A scale-out WebSocket chat server: instances joined by Redis Pub/Sub.
@@ -80,12 +88,30 @@ pub struct Config {
     #[arg(long, env = "ROOM_LINGER_MS", default_value_t = 5000)]
     pub room_linger_ms: u64,
 
+    /// `on`: clients are told who is in their room, and who is typing.
+    /// `off`: no presence at all (no Redis writes per join, no frames).
+    #[arg(long, env = "PRESENCE", value_enum, default_value_t = Switch::On)]
+    pub presence: Switch,
+
     /// Milliseconds a member stays listed after its instance stopped
-    /// refreshing it (the instance died); instances refresh every third.
+    /// refreshing its liveness (the instance died); instances refresh
+    /// every third.
     #[arg(long, env = "PRESENCE_TTL_MS", default_value_t = 15_000)]
     pub presence_ttl_ms: u64,
 
-    /// Most members a `presence` snapshot lists (it then says how many more).
+    /// Milliseconds between two `presence_diff` frames of a room: joins
+    /// and leaves meanwhile are told together.
+    #[arg(long, env = "PRESENCE_DIFF_MS", default_value_t = 500)]
+    pub presence_diff_ms: u64,
+
+    /// The largest room whose member list a client gets whole, with every
+    /// join and leave; past it, clients get the count and a window of
+    /// this many members.
+    #[arg(long, env = "PRESENCE_FULL_LIST_MAX", default_value_t = 100)]
+    pub presence_full_list_max: usize,
+
+    /// The largest window of the member list a client may ask for
+    /// (`members` frame).
     #[arg(long, env = "PRESENCE_MAX_MEMBERS", default_value_t = 1000)]
     pub presence_max_members: usize,
 
@@ -296,6 +322,17 @@ impl Config {
         if self.presence_ttl_ms < 300 {
             return Err("--presence-ttl-ms must be at least 300".into());
         }
+        if !(10..=60_000).contains(&self.presence_diff_ms) {
+            return Err("--presence-diff-ms must be between 10 and 60000".into());
+        }
+        if self.presence_full_list_max == 0
+            || self.presence_full_list_max > self.presence_max_members
+        {
+            return Err(
+                "--presence-full-list-max must be at least 1 and at most --presence-max-members"
+                    .into(),
+            );
+        }
         if self.history_len == 0 {
             return Err("--history-len must be at least 1".into());
         }
@@ -340,6 +377,15 @@ impl Config {
 
     pub fn presence_ttl(&self) -> Duration {
         Duration::from_millis(self.presence_ttl_ms)
+    }
+
+    pub fn presence(&self) -> PresenceSettings {
+        PresenceSettings {
+            enabled: self.presence == Switch::On,
+            diff_interval: Duration::from_millis(self.presence_diff_ms),
+            full_list_max: self.presence_full_list_max,
+            max_members: self.presence_max_members,
+        }
     }
 
     pub fn room_linger(&self) -> Duration {

@@ -38,6 +38,7 @@ use crate::demo::DemoControls;
 use crate::faults;
 use crate::hub::{Hub, Member};
 use crate::metrics::Metrics;
+use crate::presence::Tracker;
 use crate::protocol::{ChatMessage, MessageFrame, Received, ServerFrame};
 use crate::session::outbox::{Batch, Pushed};
 use crate::supervisor::Supervisor;
@@ -69,16 +70,30 @@ struct Job {
     shard: usize,
 }
 
+/// How the fan-out runs, from the configuration.
+pub struct FanoutSettings {
+    /// The fan-out and its deliverers (`--delivery-threads`).
+    pub threads: usize,
+    /// This instance's name: the X-ray's `received_by`.
+    pub instance: Arc<str>,
+    /// `--demo-controls`: delivery may be paused on purpose.
+    pub demo: Arc<DemoControls>,
+}
+
 /// Starts the fan-out thread and `threads - 1` deliverer threads.
 pub fn spawn_fanout(
     events_rx: Receiver<BrokerEvent>,
     hub: Arc<Hub>,
+    presence: Arc<Tracker>,
     metrics: Arc<Metrics>,
-    threads: usize,
-    instance: Arc<str>,
-    demo: Arc<DemoControls>,
+    settings: FanoutSettings,
     supervisor: &Arc<Supervisor>,
 ) -> std::io::Result<()> {
+    let FanoutSettings {
+        threads,
+        instance,
+        demo,
+    } = settings;
     let busy = Arc::new(AtomicUsize::new(0));
     let shards = threads.max(1);
     let mut deliverers = Vec::new();
@@ -106,31 +121,14 @@ pub fn spawn_fanout(
         busy,
         instance,
         demo,
+        presence,
     };
     supervisor.spawn("fan-out", move || fanout.run(&events_rx))?;
     Ok(())
 }
 
-/// What waits to be handed out, in arrival order.
-enum Pending {
-    Message(ChatMessage, Received),
-    /// A join, a leave or a fresh member list (typing goes on its own).
-    Presence(PresenceChange),
-}
-
-/// The frame a presence change reaches clients as.
-fn presence_frame(change: &PresenceChange) -> ServerFrame<'_> {
-    match change {
-        PresenceChange::Join(event) => ServerFrame::Join(event),
-        PresenceChange::Leave(event) => ServerFrame::Leave(event),
-        PresenceChange::Typing { room, name } => ServerFrame::Typing { room, name },
-        PresenceChange::Snapshot { room, presence } => ServerFrame::Presence {
-            room,
-            members: &presence.members,
-            more: presence.more,
-        },
-    }
-}
+/// A message waiting to be handed out, in arrival order.
+type Pending = (ChatMessage, Received);
 
 struct Fanout {
     hub: Arc<Hub>,
@@ -142,6 +140,8 @@ struct Fanout {
     instance: Arc<str>,
     /// `--demo-controls`: delivery may be paused on purpose.
     demo: Arc<DemoControls>,
+    /// Each room's member list, kept from the presence changes.
+    presence: Arc<Tracker>,
 }
 
 /// The frames of one room in one delivery, and which pending events
@@ -157,32 +157,17 @@ struct RoomBatch<'a> {
 /// the X-ray: their frames are made one by one, each with its own stamp.
 struct Traced {
     received_by: Arc<str>,
-    items: Vec<TracedItem>,
-}
-
-enum TracedItem {
-    Message(ChatMessage, Received),
-    /// A join or leave: the same frame as everyone's.
-    Frame(Vec<u8>),
+    messages: Vec<(ChatMessage, Received)>,
 }
 
 impl Traced {
     /// The batch for one traced member, stamped now.
     fn batch(&self) -> Arc<Batch> {
         let mut batch = Batch::default();
-        for item in &self.items {
-            match item {
-                TracedItem::Message(message, received) => {
-                    let frame = MessageFrame::traced(
-                        message,
-                        *received,
-                        &self.received_by,
-                        clock::wall_micros(),
-                    );
-                    batch.push(Some(message.id), &ServerFrame::Message(frame).to_ws_bytes());
-                }
-                TracedItem::Frame(frame) => batch.push(None, frame),
-            }
+        for (message, received) in &self.messages {
+            let frame =
+                MessageFrame::traced(message, *received, &self.received_by, clock::wall_micros());
+            batch.push(Some(message.id), &ServerFrame::Message(frame).to_ws_bytes());
         }
         Arc::new(batch)
     }
@@ -199,7 +184,7 @@ impl Fanout {
                 match event {
                     BrokerEvent::Message(message, received) => {
                         bytes += message.text.len() + message.from.len();
-                        pending.push(Pending::Message(message, received));
+                        pending.push((message, received));
                     }
                     BrokerEvent::Delivery(change) => {
                         self.deliver(&mut pending);
@@ -209,10 +194,9 @@ impl Fanout {
                         self.deliver(&mut pending);
                         self.deliver_typing(&room, &name);
                     }
-                    // Joins and leaves share the messages' batches: a join
-                    // storm into a big room costs each client one send per
-                    // batch, not one per join.
-                    BrokerEvent::Presence(change) => pending.push(Pending::Presence(change)),
+                    // Joins and leaves go to the room's member list; its
+                    // clients hear of them coalesced, a tick later.
+                    BrokerEvent::Presence(change) => self.presence.apply(change),
                 }
                 if pending.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                     next = events_rx.try_recv().ok();
@@ -226,18 +210,10 @@ impl Fanout {
     /// in order.
     fn deliver(&self, pending: &mut Vec<Pending>) {
         let mut rooms: Vec<RoomBatch<'_>> = Vec::new();
-        for (index, item) in pending.iter().enumerate() {
-            let (room, id, frame, is_message) = match item {
-                Pending::Message(message, _) => {
-                    faults::inject("fan-out", &message.text);
-                    let frame = ServerFrame::Message(MessageFrame::plain(message)).to_ws_bytes();
-                    (message.room.as_str(), Some(message.id), frame, 1)
-                }
-                Pending::Presence(change) => {
-                    let frame = presence_frame(change).to_ws_bytes();
-                    (change.room(), None, frame, 0)
-                }
-            };
+        for (index, (message, _)) in pending.iter().enumerate() {
+            faults::inject("fan-out", &message.text);
+            let frame = ServerFrame::Message(MessageFrame::plain(message)).to_ws_bytes();
+            let room = message.room.as_str();
             let at = match rooms.iter().position(|batch| batch.room == room) {
                 Some(at) => at,
                 None => {
@@ -251,8 +227,8 @@ impl Fanout {
                 }
             };
             let entry = &mut rooms[at];
-            entry.batch.push(id, &frame);
-            entry.messages += is_message;
+            entry.batch.push(Some(message.id), &frame);
+            entry.messages += 1;
             entry.items.push(index);
         }
         for entry in rooms {
@@ -260,7 +236,7 @@ impl Fanout {
                 let traced = members
                     .iter()
                     .any(|member| member.trace)
-                    .then(|| Arc::new(self.traced(pending, &entry.items, &entry.batch)));
+                    .then(|| Arc::new(self.traced(pending, &entry.items)));
                 self.send(members, Arc::new(entry.batch), traced, entry.messages);
             }
         }
@@ -268,22 +244,11 @@ impl Fanout {
     }
 
     /// What the traced members of a room need to make their own frames:
-    /// the messages, and the other frames as `batch` already holds them
-    /// (its frames are the items', in order).
-    fn traced(&self, pending: &[Pending], items: &[usize], batch: &Batch) -> Traced {
-        let items = items
-            .iter()
-            .zip(batch.frames())
-            .map(|(&index, (_, frame))| match &pending[index] {
-                Pending::Message(message, received) => {
-                    TracedItem::Message(message.clone(), *received)
-                }
-                Pending::Presence(_) => TracedItem::Frame(frame.to_vec()),
-            })
-            .collect();
+    /// its messages.
+    fn traced(&self, pending: &[Pending], items: &[usize]) -> Traced {
         Traced {
             received_by: self.instance.clone(),
-            items,
+            messages: items.iter().map(|&index| pending[index].clone()).collect(),
         }
     }
 

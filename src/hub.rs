@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::clock::LastSeen;
+use crate::presence::View;
 use crate::protocol::CloseReason;
 use crate::session::outbox::{Outbox, Queued};
 
@@ -32,6 +33,8 @@ pub struct Member {
     /// It asked for the X-ray (`trace=1`): its message frames are made
     /// for it alone, with its own stamps.
     pub trace: bool,
+    /// Its window on the room's member list, and what it was last told.
+    pub view: Arc<View>,
 }
 
 /// Local clients by room.
@@ -151,6 +154,7 @@ mod tests {
             outbox: Arc::new(Outbox::new(wire, 1024)),
             last_seen: Arc::default(),
             trace: false,
+            view: Arc::new(View::new(100)),
         };
         (member, peer)
     }

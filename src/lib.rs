@@ -52,6 +52,7 @@ pub mod hub;
 pub mod liveness;
 pub mod metrics;
 pub mod origin;
+pub mod presence;
 pub mod protocol;
 pub mod rate_limit;
 pub mod redis_url;

@@ -96,9 +96,13 @@ metrics! {
     gauge room_subscriptions: "chat_room_subscriptions",
     /// SUBSCRIBE commands sent for a room that gained its first local client.
     counter room_subscriptions_total: "chat_room_subscriptions_total",
-    /// Presence refreshes of this instance's members (one pass over its rooms).
+    /// Presence liveness refreshes of this instance (one key, every third
+    /// of --presence-ttl-ms).
     counter presence_refreshes_total: "chat_presence_refreshes_total",
-    /// Members of other (stopped) instances this instance found expired.
+    /// Presence frames (`presence`, `presence_diff`) handed to local clients.
+    counter presence_frames_total: "chat_presence_frames_total",
+    /// Members of other (stopped) instances this instance found expired and
+    /// removed.
     counter presence_expired_total: "chat_presence_expired_total",
     /// 1 while every Redis subscription (one per cluster shard) is live and
     /// caught up, else 0.

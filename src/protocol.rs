@@ -217,18 +217,24 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         cid: Option<&'a str>,
     },
-    /// Who is in the room, over every instance: after `welcome`, and again
-    /// after the server reconnects to Redis.
+    /// Who is in the room, over every instance, as the client's window
+    /// shows it, whole: after `welcome`, in answer to `members`, when the
+    /// room crosses `--presence-full-list-max`, after a reconnection.
     Presence {
         room: &'a str,
+        /// Members in the room.
+        count: usize,
+        /// Where the window starts in the room's list, sorted by name.
+        offset: usize,
+        /// The window is the whole room: changes come as joins, leaves and
+        /// changed members.
+        full: bool,
         members: &'a [PresenceMember],
-        /// Members left out past `--presence-max-members`.
+        /// Members not listed.
         more: usize,
     },
-    /// Someone's first connection to the room (over every instance).
-    Join(&'a PresenceEvent),
-    /// Someone's last connection to the room went.
-    Leave(&'a PresenceEvent),
+    /// What changed since the client's last presence frame, coalesced.
+    PresenceDiff(&'a PresenceDiff),
     /// Someone in the room is typing.
     Typing {
         room: &'a str,
@@ -349,6 +355,33 @@ pub struct PresenceMember {
     pub connections: u64,
 }
 
+/// What a `presence_diff` frame carries (see docs/PROTOCOL.md): the count,
+/// and either the changes of a small room's whole list or a large room's
+/// window, whole, when it changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PresenceDiff {
+    pub room: String,
+    pub count: usize,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub joins: Vec<PresenceMember>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub leaves: Vec<Departure>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<PresenceMember>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<PresenceMember>>,
+}
+
+/// A name gone from a room: where its last connection was, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Departure {
+    pub name: String,
+    pub instance: String,
+    pub reason: LeaveReason,
+}
+
 /// Why a member left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -360,24 +393,59 @@ pub enum LeaveReason {
     Expired,
 }
 
-/// A `join` or `leave`, as it travels on a room's channel and reaches the
-/// clients.
+/// One connection of `name` more (`delta` 1) or less (-1) on `instance`,
+/// as the presence scripts publish it on the room's channel (clients get
+/// it coalesced, in `presence_diff`). `seq` counts the room's presence
+/// changes: a receiver that sees one skipped reads the room again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PresenceEvent {
+pub struct MemberChange {
     pub room: String,
     pub name: String,
     pub instance: String,
+    pub delta: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<LeaveReason>,
+    pub seq: u64,
 }
+
+/// Every connection `instance` had in the room, for these `names`, is gone:
+/// it stopped answering (crashed, or lost Redis past the TTL). One event
+/// names at most [`MAX_EXPIRED_NAMES`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembersExpired {
+    pub room: String,
+    pub instance: String,
+    pub names: Vec<String>,
+    pub seq: u64,
+}
+
+/// The room's presence was rewritten (`instance` registered its members
+/// again after Redis lost them): receivers read it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembersRewritten {
+    pub room: String,
+    pub instance: String,
+    pub seq: u64,
+}
+
+/// Most names one `members_expired` event carries: the scripts split a
+/// dead instance's members in chunks, so that a payload stays small.
+pub const MAX_EXPIRED_NAMES: usize = 200;
+
+/// The largest presence payload on a room's channel: a `members_expired`
+/// of [`MAX_EXPIRED_NAMES`] names of the longest kind.
+const MAX_PRESENCE_PAYLOAD_BYTES: usize = 64 * 1024;
 
 /// What a room's channel carries besides messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChannelEvent {
     Message(ChatMessage),
-    Join(PresenceEvent),
-    Leave(PresenceEvent),
+    MemberChange(MemberChange),
+    MembersExpired(MembersExpired),
+    MembersRewritten(MembersRewritten),
     Typing { room: String, name: String },
 }
 
@@ -385,7 +453,9 @@ impl ChannelEvent {
     pub fn room(&self) -> &str {
         match self {
             ChannelEvent::Message(message) => &message.room,
-            ChannelEvent::Join(event) | ChannelEvent::Leave(event) => &event.room,
+            ChannelEvent::MemberChange(change) => &change.room,
+            ChannelEvent::MembersExpired(expired) => &expired.room,
+            ChannelEvent::MembersRewritten(rewritten) => &rewritten.room,
             ChannelEvent::Typing { room, .. } => room,
         }
     }
@@ -512,6 +582,15 @@ pub enum ClientFrame {
     },
     /// The user is typing: relayed to the room's other members.
     Typing,
+    /// Another window of the room's member list.
+    Members {
+        #[serde(default)]
+        offset: Option<u64>,
+        #[serde(default)]
+        limit: Option<u64>,
+        #[serde(default)]
+        cid: Option<String>,
+    },
 }
 
 /// A client frame that passed every check.
@@ -519,6 +598,14 @@ pub enum ClientFrame {
 pub enum ClientRequest {
     Message(ValidMessage),
     Typing,
+    /// A window of the member list: from `offset`, `limit` members (the
+    /// current size if absent). The range is checked by the session,
+    /// which knows `--presence-max-members`.
+    Members {
+        offset: u64,
+        limit: Option<u64>,
+        cid: Option<String>,
+    },
 }
 
 /// Why a client frame was refused; turned into an `error` frame.
@@ -579,7 +666,7 @@ pub fn parse_client_frame(raw: &str, limits: &Limits) -> Result<ClientRequest, F
     let frame: ClientFrame = serde_json::from_str(raw).map_err(|e| FrameError {
         cid: readable_cid(raw),
         ..FrameError::bad_request(format!(
-            "expected {{\"type\":\"message\",\"text\":\"...\"}} or {{\"type\":\"typing\"}}: {e}"
+            "expected {{\"type\":\"message\",\"text\":\"...\"}}, {{\"type\":\"typing\"}} or {{\"type\":\"members\",\"offset\":0,\"limit\":100}}: {e}"
         ))
     })?;
     let (text, cid, typed_us) = match frame {
@@ -589,6 +676,13 @@ pub fn parse_client_frame(raw: &str, limits: &Limits) -> Result<ClientRequest, F
             typed_us,
         } => (text, cid, typed_us),
         ClientFrame::Typing => return Ok(ClientRequest::Typing),
+        ClientFrame::Members { offset, limit, cid } => {
+            return Ok(ClientRequest::Members {
+                offset: offset.unwrap_or(0),
+                limit,
+                cid: cid.filter(|cid| valid_cid(cid)),
+            });
+        }
     };
     if let Some(cid) = &cid
         && !valid_cid(cid)
@@ -651,8 +745,9 @@ pub fn parse_channel_event(payload: &[u8], limits: &Limits) -> Result<ChannelEve
     #[derive(Deserialize)]
     #[serde(tag = "type", rename_all = "snake_case")]
     enum Payload {
-        Join(PresenceEvent),
-        Leave(PresenceEvent),
+        MemberChange(MemberChange),
+        MembersExpired(MembersExpired),
+        MembersRewritten(MembersRewritten),
         Typing { room: String, name: String },
     }
     // Messages are nearly all the traffic: parsed first, and once.
@@ -660,31 +755,54 @@ pub fn parse_channel_event(payload: &[u8], limits: &Limits) -> Result<ChannelEve
         Ok(message) => return Ok(ChannelEvent::Message(message)),
         Err(e) => e,
     };
-    if payload.len() > limits.max_payload_bytes() {
+    if payload.len() > MAX_PRESENCE_PAYLOAD_BYTES {
         return Err(not_a_message);
     }
     let Ok(kind) = serde_json::from_slice::<Payload>(payload) else {
         return Err(not_a_message);
     };
-    let check = |room: &str, name: &str| {
-        validate_room(room, limits).map_err(BadPayload)?;
-        validate_name(name, limits).map_err(BadPayload)
+    let room = |room: &str| validate_room(room, limits).map_err(BadPayload);
+    let name = |name: &str| validate_name(name, limits).map_err(BadPayload);
+    let instance = |instance: &str| {
+        if instance.is_empty() || instance.chars().count() > 64 {
+            Err(BadPayload(
+                "instance must be 1 to 64 characters".to_string(),
+            ))
+        } else {
+            Ok(())
+        }
     };
     match kind {
-        Payload::Join(event) | Payload::Leave(event) if event.instance.chars().count() > 64 => {
-            Err(BadPayload("instance too long".to_string()))
+        Payload::MemberChange(change) => {
+            room(&change.room)?;
+            name(&change.name)?;
+            instance(&change.instance)?;
+            if change.delta != 1 && change.delta != -1 {
+                return Err(BadPayload(format!("delta {} is not 1 or -1", change.delta)));
+            }
+            Ok(ChannelEvent::MemberChange(change))
         }
-        Payload::Join(event) => {
-            check(&event.room, &event.name)?;
-            Ok(ChannelEvent::Join(event))
+        Payload::MembersExpired(expired) => {
+            room(&expired.room)?;
+            instance(&expired.instance)?;
+            if expired.names.len() > MAX_EXPIRED_NAMES {
+                return Err(BadPayload(format!(
+                    "{} names in one event; at most {MAX_EXPIRED_NAMES}",
+                    expired.names.len()
+                )));
+            }
+            expired.names.iter().try_for_each(|n| name(n))?;
+            Ok(ChannelEvent::MembersExpired(expired))
         }
-        Payload::Leave(event) => {
-            check(&event.room, &event.name)?;
-            Ok(ChannelEvent::Leave(event))
+        Payload::MembersRewritten(rewritten) => {
+            room(&rewritten.room)?;
+            instance(&rewritten.instance)?;
+            Ok(ChannelEvent::MembersRewritten(rewritten))
         }
-        Payload::Typing { room, name } => {
-            check(&room, &name)?;
-            Ok(ChannelEvent::Typing { room, name })
+        Payload::Typing { room: r, name: n } => {
+            room(&r)?;
+            name(&n)?;
+            Ok(ChannelEvent::Typing { room: r, name: n })
         }
     }
 }
@@ -803,30 +921,30 @@ mod tests {
     }
 
     #[test]
-    fn presence_events_travel_on_the_channel_as_clients_get_them() {
+    fn presence_changes_travel_on_the_channel_as_the_scripts_write_them() {
         let limits = Limits::default();
-        let join = PresenceEvent {
-            room: "lobby".into(),
-            name: "bob".into(),
-            instance: "b".into(),
-            reason: None,
+        // As Lua's cjson writes them, fields in any order.
+        let joined =
+            br#"{"seq":7,"delta":1,"instance":"b","type":"member_change","room":"lobby","name":"bob"}"#;
+        let ChannelEvent::MemberChange(change) = parse_channel_event(joined, &limits).unwrap()
+        else {
+            panic!("not a member change");
         };
-        let wire = ServerFrame::Join(&join).to_json();
-        assert_eq!(
-            wire,
-            r#"{"type":"join","room":"lobby","name":"bob","instance":"b"}"#
-        );
-        assert_eq!(
-            parse_channel_event(wire.as_bytes(), &limits).unwrap(),
-            ChannelEvent::Join(join)
-        );
-        // As Lua's cjson writes it, fields in any order.
-        let expired =
-            br#"{"reason":"expired","instance":"b","type":"leave","room":"lobby","name":"bob"}"#;
-        let ChannelEvent::Leave(leave) = parse_channel_event(expired, &limits).unwrap() else {
-            panic!("not a leave");
+        assert_eq!((change.delta, change.seq, change.reason), (1, 7, None));
+        let left = br#"{"type":"member_change","room":"lobby","name":"bob","instance":"b","delta":-1,"reason":"left","seq":8}"#;
+        assert!(matches!(
+            parse_channel_event(left, &limits),
+            Ok(ChannelEvent::MemberChange(MemberChange {
+                reason: Some(LeaveReason::Left),
+                ..
+            }))
+        ));
+        let expired = br#"{"type":"members_expired","room":"lobby","instance":"b","names":["al","bo"],"seq":9}"#;
+        let ChannelEvent::MembersExpired(expired) = parse_channel_event(expired, &limits).unwrap()
+        else {
+            panic!("not an expiry");
         };
-        assert_eq!(leave.reason, Some(LeaveReason::Expired));
+        assert_eq!(expired.names, ["al", "bo"]);
         let typing = ServerFrame::Typing {
             room: "lobby",
             name: "al",
@@ -836,9 +954,61 @@ mod tests {
             parse_channel_event(typing.as_bytes(), &limits),
             Ok(ChannelEvent::Typing { .. })
         ));
-        let bad_name = br#"{"type":"typing","room":"lobby","name":"a\nb"}"#;
-        assert!(parse_channel_event(bad_name, &limits).is_err());
-        assert!(parse_channel_event(br#"{"type":"join","room":"lobby"}"#, &limits).is_err());
+        for bad in [
+            &br#"{"type":"typing","room":"lobby","name":"a\nb"}"#[..],
+            br#"{"type":"member_change","room":"lobby","name":"bob","instance":"b","delta":5,"seq":1}"#,
+            br#"{"type":"member_change","room":"lobby","name":"bob","instance":"","delta":1,"seq":1}"#,
+            br#"{"type":"members_expired","room":"lobby","instance":"b","names":["a\u0007"],"seq":1}"#,
+            // The old per-name frames are not presence changes any more.
+            br#"{"type":"join","room":"lobby","name":"bob","instance":"b"}"#,
+        ] {
+            assert!(parse_channel_event(bad, &limits).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let too_many = serde_json::json!({
+            "type": "members_expired", "room": "lobby", "instance": "b", "seq": 1,
+            "names": (0..=MAX_EXPIRED_NAMES).map(|n| format!("n{n}")).collect::<Vec<_>>(),
+        });
+        assert!(parse_channel_event(too_many.to_string().as_bytes(), &limits).is_err());
+    }
+
+    #[test]
+    fn a_members_request_parses_and_a_presence_diff_writes_only_what_it_has() {
+        assert_eq!(
+            parse_client_frame(
+                r#"{"type":"members","offset":200,"limit":100}"#,
+                &Limits::default()
+            ),
+            Ok(ClientRequest::Members {
+                offset: 200,
+                limit: Some(100),
+                cid: None
+            })
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"members"}"#, &Limits::default()),
+            Ok(ClientRequest::Members {
+                offset: 0,
+                limit: None,
+                cid: None
+            })
+        );
+        assert!(
+            parse_client_frame(r#"{"type":"members","offset":-1}"#, &Limits::default()).is_err()
+        );
+        let diff = PresenceDiff {
+            room: "lobby".into(),
+            count: 3,
+            leaves: vec![Departure {
+                name: "al".into(),
+                instance: "a".into(),
+                reason: LeaveReason::Expired,
+            }],
+            ..PresenceDiff::default()
+        };
+        assert_eq!(
+            ServerFrame::PresenceDiff(&diff).to_json(),
+            r#"{"type":"presence_diff","room":"lobby","count":3,"leaves":[{"name":"al","instance":"a","reason":"expired"}]}"#
+        );
     }
 
     #[test]

@@ -16,15 +16,16 @@ use crate::broker::redis::{RedisBroker, RedisSettings};
 use crate::broker::{Broker, BrokerEvent};
 use crate::config::{self, BrokerKind, Config};
 use crate::demo::DemoControls;
-use crate::fanout::{self, EVENT_QUEUE};
+use crate::fanout::{self, EVENT_QUEUE, FanoutSettings};
 use crate::flusher::Flusher;
 use crate::http::{self, HttpState};
 use crate::hub::Hub;
 use crate::liveness;
 use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
+use crate::presence::Tracker;
 use crate::protocol::CloseReason;
-use crate::session::{self, SessionContext, SessionLimits, WS_PATH};
+use crate::session::{self, SessionContext, SessionLimits, SessionServices, WS_PATH};
 use crate::stats::Reporter;
 use crate::supervisor::Supervisor;
 
@@ -108,16 +109,6 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
              pause its delivery and stall clients from the page (a teaching aid; never in production)"
         );
     }
-    fanout::spawn_fanout(
-        events_rx,
-        hub.clone(),
-        metrics.clone(),
-        config.delivery_threads(),
-        instance.as_str().into(),
-        demo.clone(),
-        &supervisor,
-    )
-    .map_err(|e| format!("cannot start the fan-out threads: {e}"))?;
     let flusher = Flusher::start(config::cpus(), &supervisor)
         .map_err(|e| format!("cannot start the flusher threads: {e}"))?;
     let broker: Arc<dyn Broker> = match config.broker {
@@ -133,7 +124,6 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
                 limits: config.content_limits(),
                 room_linger: config.room_linger(),
                 presence_ttl: config.presence_ttl(),
-                presence_max_members: config.presence_max_members,
                 ping_interval: config.redis_ping_interval(),
             },
             events_tx,
@@ -152,6 +142,35 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
             ))
         }
     };
+
+    // The broker first: the presence tracker reads rooms through it, and
+    // the fan-out hands the tracker the broker's presence changes (events
+    // wait in the channel meanwhile).
+    let presence = Arc::new(Tracker::new(
+        config.presence(),
+        hub.clone(),
+        broker.clone(),
+        metrics.clone(),
+    ));
+    fanout::spawn_fanout(
+        events_rx,
+        hub.clone(),
+        presence.clone(),
+        metrics.clone(),
+        FanoutSettings {
+            threads: config.delivery_threads(),
+            instance: instance.as_str().into(),
+            demo: demo.clone(),
+        },
+        &supervisor,
+    )
+    .map_err(|e| format!("cannot start the fan-out threads: {e}"))?;
+    if config.presence().enabled {
+        let tracker = presence.clone();
+        supervisor
+            .spawn("presence-diff", move || tracker.run())
+            .map_err(|e| format!("cannot start the presence-diff thread: {e}"))?;
+    }
 
     let stats = Reporter {
         instance: instance.clone(),
@@ -191,10 +210,13 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
 
     let context = Arc::new(SessionContext::new(
         instance.clone(),
-        hub.clone(),
-        broker,
-        flusher.clone(),
-        metrics.clone(),
+        SessionServices {
+            hub: hub.clone(),
+            broker,
+            presence,
+            flusher: flusher.clone(),
+            metrics: metrics.clone(),
+        },
         SessionLimits {
             content: config.content_limits(),
             rate: config.rate_limit(),
@@ -206,7 +228,6 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
             client_buffer_bytes: config.client_buffer_bytes,
             max_frame_bytes: config.max_frame_bytes,
             history_replay: config.history_replay,
-            presence_max_members: config.presence_max_members,
             handshake_timeout: config.handshake_timeout(),
             close_grace: config.close_grace(),
         },

@@ -9,12 +9,13 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::broker::{
-    Broker, BrokerEvent, EventSender, History, HistoryQuery, Presence, PresenceChange, Unavailable,
+    Broker, BrokerEvent, Connections, EventSender, History, HistoryQuery, PresenceChange,
+    PresenceSnapshot, Unavailable,
 };
 use crate::clock;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    ChatMessage, LeaveReason, MessageId, NewMessage, PresenceEvent, Received, Via,
+    ChatMessage, LeaveReason, MemberChange, MessageId, NewMessage, Received, Via,
 };
 use crate::stats::InstanceReport;
 use crate::sync::{Mutex, lock};
@@ -23,10 +24,18 @@ use crate::sync::{Mutex, lock};
 struct State {
     last_id: MessageId,
     rooms: HashMap<String, VecDeque<ChatMessage>>,
-    /// Connections by room, then by name.
-    present: HashMap<String, BTreeMap<String, u64>>,
+    /// Presence by room: connections by name, and the number of the last
+    /// change (numbered as the Redis broker numbers them, so the presence
+    /// tracker reads both alike).
+    present: HashMap<String, RoomPresence>,
     /// This instance's last report: alone, it is every instance there is.
     report: Option<InstanceReport>,
+}
+
+#[derive(Debug, Default)]
+struct RoomPresence {
+    seq: u64,
+    names: BTreeMap<String, u64>,
 }
 
 pub struct LocalBroker {
@@ -53,13 +62,37 @@ impl LocalBroker {
         }
     }
 
-    fn presence_event(&self, room: &str, name: &str, reason: Option<LeaveReason>) -> PresenceEvent {
-        PresenceEvent {
+    /// Changes `name`'s connections in `room` by `delta`, and emits the
+    /// numbered change (under the lock: changes reach the fan-out in the
+    /// order of their numbers).
+    fn change(&self, room: &str, name: &str, delta: i64) -> Option<u64> {
+        let mut state = lock(&self.state);
+        let presence = state.present.entry(room.to_string()).or_default();
+        let count = presence.names.entry(name.to_string()).or_default();
+        if delta < 0 && *count == 0 {
+            presence.names.remove(name);
+            return None;
+        }
+        *count = count.saturating_add_signed(delta);
+        if *count == 0 {
+            presence.names.remove(name);
+        }
+        presence.seq += 1;
+        let change = MemberChange {
             room: room.to_string(),
             name: name.to_string(),
             instance: self.instance.clone(),
-            reason,
-        }
+            delta,
+            reason: (delta < 0).then_some(LeaveReason::Left),
+            seq: presence.seq,
+        };
+        let seq = presence.seq;
+        // The room's number is kept when it empties: a tracker that still
+        // holds the room must not see the numbers start again.
+        let _ = self
+            .events_tx
+            .send(BrokerEvent::Presence(PresenceChange::MemberChange(change)));
+        Some(seq)
     }
 }
 
@@ -126,62 +159,31 @@ impl Broker for LocalBroker {
         })
     }
 
-    fn present(&self, room: &str, name: &str) {
-        let mut state = lock(&self.state);
-        let count = state
-            .present
-            .entry(room.to_string())
-            .or_default()
-            .entry(name.to_string())
-            .or_default();
-        *count += 1;
-        if *count == 1 {
-            let event = self.presence_event(room, name, None);
-            let _ = self
-                .events_tx
-                .send(BrokerEvent::Presence(PresenceChange::Join(event)));
-        }
+    fn present(&self, room: &str, name: &str) -> Option<u64> {
+        self.change(room, name, 1)
     }
 
     fn absent(&self, room: &str, name: &str) {
-        let mut state = lock(&self.state);
-        let Some(names) = state.present.get_mut(room) else {
-            return;
-        };
-        let Some(count) = names.get_mut(name) else {
-            return;
-        };
-        *count -= 1;
-        if *count == 0 {
-            names.remove(name);
-            if names.is_empty() {
-                state.present.remove(room);
-            }
-            let event = self.presence_event(room, name, Some(LeaveReason::Left));
-            let _ = self
-                .events_tx
-                .send(BrokerEvent::Presence(PresenceChange::Leave(event)));
-        }
+        self.change(room, name, -1);
     }
 
-    fn presence(&self, room: &str, limit: usize) -> Result<Presence, Unavailable> {
+    fn presence_snapshot(&self, room: &str) -> Result<PresenceSnapshot, Unavailable> {
         let state = lock(&self.state);
-        let counts = state
-            .present
-            .get(room)
-            .map(|names| {
-                names
-                    .iter()
-                    .map(|(name, count)| {
-                        (
-                            name.clone(),
-                            HashMap::from([(self.instance.clone(), *count)]),
-                        )
-                    })
-                    .collect()
+        let Some(presence) = state.present.get(room) else {
+            return Ok(PresenceSnapshot::default());
+        };
+        let members = presence
+            .names
+            .iter()
+            .map(|(name, count)| {
+                let connections = Connections::from([(self.instance.clone(), *count)]);
+                (name.clone(), connections)
             })
-            .unwrap_or_default();
-        Ok(Presence::from_counts(counts, limit))
+            .collect();
+        Ok(PresenceSnapshot {
+            seq: presence.seq,
+            members,
+        })
     }
 
     fn typing(&self, room: &str, name: &str) {

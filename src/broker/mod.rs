@@ -15,11 +15,11 @@
 pub mod local;
 pub mod redis;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::protocol::{
-    ChatMessage, MessageId, NewMessage, PresenceEvent, PresenceMember, Received,
+    ChatMessage, MemberChange, MembersExpired, MembersRewritten, MessageId, NewMessage, Received,
 };
 use crate::stats::InstanceReport;
 
@@ -139,66 +139,47 @@ pub enum BrokerEvent {
     Presence(PresenceChange),
 }
 
-/// What the clients of a room are told about its members.
+/// A change of who is in a room, or of who types there. The presence
+/// tracker (`crate::presence`) keeps each room's member list from these,
+/// and tells clients what changed, coalesced; typing goes to them as is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PresenceChange {
-    Join(PresenceEvent),
-    Leave(PresenceEvent),
+    MemberChange(MemberChange),
+    MembersExpired(MembersExpired),
+    /// The room's presence was rewritten: read it again.
+    MembersRewritten(MembersRewritten),
+    /// Every room's presence may be stale (this instance's link to Redis
+    /// came back): read them all again, and tell their clients afresh.
+    Resync,
     /// Relayed to the room's members but those with this name.
     Typing {
         room: String,
         name: String,
     },
-    /// The room's members, read again (after a reconnection to Redis).
-    Snapshot {
-        room: String,
-        presence: Presence,
-    },
 }
 
 impl PresenceChange {
-    pub fn room(&self) -> &str {
+    /// The room it is about (`None` for every room).
+    pub fn room(&self) -> Option<&str> {
         match self {
-            PresenceChange::Join(event) | PresenceChange::Leave(event) => &event.room,
-            PresenceChange::Typing { room, .. } | PresenceChange::Snapshot { room, .. } => room,
+            PresenceChange::MemberChange(change) => Some(&change.room),
+            PresenceChange::MembersExpired(expired) => Some(&expired.room),
+            PresenceChange::MembersRewritten(rewritten) => Some(&rewritten.room),
+            PresenceChange::Typing { room, .. } => Some(room),
+            PresenceChange::Resync => None,
         }
     }
 }
 
-/// A room's members, as a `presence` frame lists them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Presence {
-    /// Sorted by name, at most the limit.
-    pub members: Vec<PresenceMember>,
-    /// Members left out past the limit.
-    pub more: usize,
-}
+/// Connections by instance, of one name in one room.
+pub type Connections = BTreeMap<String, u64>;
 
-impl Presence {
-    /// From connection counts by name, then by instance; keeps the first
-    /// `limit` names in order.
-    pub fn from_counts(counts: BTreeMap<String, HashMap<String, u64>>, limit: usize) -> Self {
-        let mut members: Vec<PresenceMember> = counts
-            .into_iter()
-            .filter_map(|(name, by_instance)| {
-                let mut instances: Vec<String> = by_instance
-                    .iter()
-                    .filter(|(_, count)| **count > 0)
-                    .map(|(instance, _)| instance.clone())
-                    .collect();
-                instances.sort();
-                let connections = by_instance.values().sum();
-                (connections > 0).then_some(PresenceMember {
-                    name,
-                    instances,
-                    connections,
-                })
-            })
-            .collect();
-        let more = members.len().saturating_sub(limit);
-        members.truncate(limit);
-        Presence { members, more }
-    }
+/// A room's presence as read at once: its members and the number of the
+/// last change it includes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PresenceSnapshot {
+    pub seq: u64,
+    pub members: BTreeMap<String, Connections>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,14 +226,16 @@ pub trait Broker: Send + Sync {
     fn detach(&self, _room: &str) {}
 
     /// A local client named `name` is now in `room`: one more connection
-    /// in the room's presence (a `join` is published for its first).
-    fn present(&self, room: &str, name: &str);
+    /// in the room's presence. Returns once it is written: the change's
+    /// number, which the client's member list waits for (`None` if it
+    /// failed).
+    fn present(&self, room: &str, name: &str) -> Option<u64>;
 
-    /// That client left (a `leave` is published after the name's last).
+    /// That client left.
     fn absent(&self, room: &str, name: &str);
 
-    /// The room's members, at most `limit` of them.
-    fn presence(&self, room: &str, limit: usize) -> Result<Presence, Unavailable>;
+    /// The room's presence, whole, with the number of its last change.
+    fn presence_snapshot(&self, room: &str) -> Result<PresenceSnapshot, Unavailable>;
 
     /// Tells the room's other members that `name` is typing. Ephemeral:
     /// not stored, and lost if Redis is away.
@@ -304,24 +287,6 @@ mod tests {
             typed_us: None,
             read_us: None,
         }
-    }
-
-    #[test]
-    fn a_presence_snapshot_merges_instances_and_stops_at_the_limit() {
-        let counts = BTreeMap::from([
-            (
-                "bob".to_string(),
-                HashMap::from([("b".to_string(), 1), ("a".to_string(), 2)]),
-            ),
-            ("al".to_string(), HashMap::from([("a".to_string(), 1)])),
-            ("gone".to_string(), HashMap::from([("a".to_string(), 0)])),
-            ("zoe".to_string(), HashMap::from([("b".to_string(), 1)])),
-        ]);
-        let presence = Presence::from_counts(counts, 2);
-        assert_eq!(presence.more, 1, "zoe is left out; gone is no member");
-        assert_eq!(presence.members[0].name, "al");
-        assert_eq!(presence.members[1].instances, ["a", "b"]);
-        assert_eq!(presence.members[1].connections, 3);
     }
 
     #[test]

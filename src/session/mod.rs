@@ -43,6 +43,7 @@ use crate::flusher::Flusher;
 use crate::hub::{ClientId, Hub, Member};
 use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
+use crate::presence::{Tracker, View};
 use crate::protocol::{
     CloseReason, ErrorCode, Limits, MessageFrame, MessageId, Received, ServerFrame, Via,
 };
@@ -68,6 +69,7 @@ pub struct SessionContext {
     pub instance: String,
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
+    pub presence: Arc<Tracker>,
     pub flusher: Arc<Flusher>,
     pub metrics: Arc<Metrics>,
     pub limits: SessionLimits,
@@ -90,24 +92,37 @@ pub struct SessionLimits {
     pub client_buffer_bytes: usize,
     pub max_frame_bytes: usize,
     pub history_replay: usize,
-    pub presence_max_members: usize,
     pub handshake_timeout: Duration,
     pub close_grace: Duration,
+}
+
+/// What sessions talk to besides their socket.
+pub struct SessionServices {
+    pub hub: Arc<Hub>,
+    pub broker: Arc<dyn Broker>,
+    pub presence: Arc<Tracker>,
+    pub flusher: Arc<Flusher>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl SessionContext {
     pub fn new(
         instance: String,
-        hub: Arc<Hub>,
-        broker: Arc<dyn Broker>,
-        flusher: Arc<Flusher>,
-        metrics: Arc<Metrics>,
+        services: SessionServices,
         limits: SessionLimits,
         supervisor: Arc<Supervisor>,
     ) -> Self {
+        let SessionServices {
+            hub,
+            broker,
+            presence,
+            flusher,
+            metrics,
+        } = services;
         SessionContext {
             hub,
             broker,
+            presence,
             flusher,
             metrics,
             limits,
@@ -248,6 +263,9 @@ struct Joined<'a> {
     socket: &'a Arc<TcpStream>,
     outbox: Arc<Outbox>,
     context: &'a SessionContext,
+    /// The number of its join in the room's presence (`None` with
+    /// presence off, or if it could not be written).
+    present: Option<u64>,
     _connected: Raised<'a>,
 }
 
@@ -262,13 +280,14 @@ impl<'a> Joined<'a> {
         context
             .flusher
             .register(client as usize, socket, &member.outbox)?;
-        let joined = Joined {
+        let mut joined = Joined {
             client,
             room,
             name: member.name.clone(),
             socket,
             outbox: member.outbox.clone(),
             context,
+            present: None,
             _connected: Raised::new(&context.metrics.clients_connected),
         };
         let name = member.name.clone();
@@ -276,7 +295,9 @@ impl<'a> Joined<'a> {
         // In the hub first, then subscribed: every message Redis sends
         // after confirming the room's subscription finds this client.
         context.broker.attach(room);
-        context.broker.present(room, &name);
+        if context.presence.settings().enabled {
+            joined.present = context.broker.present(room, &name);
+        }
         Ok(joined)
     }
 }
@@ -285,7 +306,9 @@ impl Drop for Joined<'_> {
     fn drop(&mut self) {
         let context = self.context;
         context.hub.leave(self.room, self.client);
-        context.broker.absent(self.room, &self.name);
+        if context.presence.settings().enabled {
+            context.broker.absent(self.room, &self.name);
+        }
         context.broker.detach(self.room);
         if thread::panicking() {
             error!(
@@ -321,6 +344,7 @@ fn run_joined(
         context.limits.client_buffer_bytes,
     ));
     let last_seen = Arc::new(LastSeen::default());
+    let view = Arc::new(context.presence.new_view());
     // Join (and have the room's subscription confirmed) before reading
     // history: a message accepted meanwhile is then either in history or
     // in the outbox (or both, and the outbox drops the copy), never in
@@ -331,6 +355,7 @@ fn run_joined(
         outbox: Arc::clone(&outbox),
         last_seen: last_seen.clone(),
         trace: join.trace,
+        view: view.clone(),
     };
     let _joined = match Joined::enter(member, &room, &socket, context) {
         Ok(joined) => joined,
@@ -342,7 +367,16 @@ fn run_joined(
     };
     info!("client {client} joined room {room} as {name:?} from {peer}");
 
-    let (first, seam) = first_frames(client, &name, &room, join.since, join.trace, context);
+    let client_side = FirstFrames {
+        client,
+        name: &name,
+        room: &room,
+        since: join.since,
+        trace: join.trace,
+        view: &view,
+        present: _joined.present,
+    };
+    let (first, seam) = first_frames(&client_side, context);
     outbox.open(first, seam);
 
     let stream = SessionStream {
@@ -356,6 +390,7 @@ fn run_joined(
         client,
         name: &name,
         room: &room,
+        view: &view,
     };
     let ended = read_until_closed(&sender, &mut websocket, &last_seen, context);
     // Whoever closed, the Close frame is queued or sent: read and discard
@@ -382,18 +417,36 @@ pub fn linger(socket: &TcpStream, deadline: Instant) {
     }
 }
 
-/// What a client gets before live messages: the welcome, the room's history
-/// (or a notice that it is truncated or unavailable) and, while Redis is
-/// unreachable, a `status` frame; all as one buffer. Also returns the seam:
-/// live copies up to that id were sent as history.
-fn first_frames(
+/// Who a joining client is, for its first frames.
+struct FirstFrames<'a> {
     client: ClientId,
-    name: &str,
-    room: &str,
+    name: &'a str,
+    room: &'a str,
     since: Option<MessageId>,
     trace: bool,
+    view: &'a View,
+    /// The number of its own join in the room's presence.
+    present: Option<u64>,
+}
+
+/// What a client gets before live messages: the welcome, who is in the
+/// room, the room's history (or a notice that it is truncated or
+/// unavailable) and, while Redis is unreachable, a `status` frame; all as
+/// one buffer. Also returns the seam: live copies up to that id were sent
+/// as history.
+fn first_frames(
+    joiner: &FirstFrames<'_>,
     context: &SessionContext,
 ) -> (Vec<u8>, Option<MessageId>) {
+    let FirstFrames {
+        client,
+        name,
+        room,
+        since,
+        trace,
+        view,
+        present,
+    } = *joiner;
     let client_label = format!("c{client}");
     let welcome = ServerFrame::Welcome {
         instance: &context.instance,
@@ -402,21 +455,10 @@ fn first_frames(
         room,
     };
     let mut first_bytes = welcome.to_ws_bytes().to_vec();
-    // Who is here (this client included), before history; later joins and
-    // leaves follow as events, which the page applies idempotently.
-    match context
-        .broker
-        .presence(room, context.limits.presence_max_members)
-    {
-        Ok(presence) => {
-            let frame = ServerFrame::Presence {
-                room,
-                members: &presence.members,
-                more: presence.more,
-            };
-            first_bytes.extend_from_slice(&frame.to_ws_bytes());
-        }
-        Err(e) => debug!("client {client}: presence of room {room} unavailable: {e}"),
+    // Who is here (this client included), before history; what changes
+    // later comes coalesced, from the presence tracker.
+    if let Some(frame) = context.presence.first_frame(room, view, present) {
+        first_bytes.extend_from_slice(&frame);
     }
     let query = match since {
         Some(since) => HistoryQuery::After(since),

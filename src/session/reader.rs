@@ -20,6 +20,7 @@ use crate::clock::{self, LastSeen};
 use crate::faults;
 use crate::hub::ClientId;
 use crate::metrics::Metrics;
+use crate::presence::View;
 use crate::protocol::{
     ClientRequest, CloseReason, ErrorCode, FrameError, NewMessage, ServerFrame, ValidMessage,
     parse_client_frame,
@@ -67,6 +68,8 @@ pub struct Sender<'a> {
     pub client: ClientId,
     pub name: &'a str,
     pub room: &'a str,
+    /// Its window on the room's member list.
+    pub view: &'a View,
 }
 
 /// Reads frames and publishes messages until the connection ends or a
@@ -139,22 +142,40 @@ pub fn read_until_closed(
                 // dropped, never counted against the rate limit.
                 if last_typing.is_none_or(|at| at.elapsed() >= TYPING_INTERVAL) {
                     last_typing = Some(Instant::now());
-                    context.broker.typing(sender.room, sender.name);
+                    if context.presence.settings().enabled {
+                        context.broker.typing(sender.room, sender.name);
+                    } else {
+                        let refusal = "typing is not relayed: presence is off on this server \
+                                       (--presence off)";
+                        outbox.push(error_frame(ErrorCode::BadRequest, refusal, None));
+                    }
                 }
                 continue;
             }
             Ok(ClientRequest::Message(message)) => {
                 faults::inject("reader", &message.text);
-                Ok(message)
+                Ok(ClientRequest::Message(message))
             }
-            Err(refused) => Err(refused),
+            other => other,
         };
         let reply = match bucket.check() {
             Verdict::Allow => match parsed {
-                Ok(message) => match publish(sender, &mut sent, message, context) {
-                    None => continue,
-                    Some(refusal) => refusal,
-                },
+                Ok(ClientRequest::Message(message)) => {
+                    match publish(sender, &mut sent, message, context) {
+                        None => continue,
+                        Some(refusal) => refusal,
+                    }
+                }
+                Ok(ClientRequest::Members { offset, limit, cid }) => {
+                    match context
+                        .presence
+                        .request(sender.room, sender.view, &outbox, offset, limit)
+                    {
+                        Ok(()) => continue,
+                        Err(why) => error_frame(ErrorCode::BadRequest, &why, cid.as_deref()),
+                    }
+                }
+                Ok(ClientRequest::Typing) => continue,
                 Err(refused) => {
                     Metrics::inc(&context.metrics.messages_rejected_total);
                     debug!("client {client}: frame refused: {}", refused.message);
@@ -164,7 +185,9 @@ pub fn read_until_closed(
             Verdict::Refuse => {
                 Metrics::inc(&context.metrics.rate_limited_total);
                 let cid = match &parsed {
-                    Ok(message) => message.cid.as_deref(),
+                    Ok(ClientRequest::Message(message)) => message.cid.as_deref(),
+                    Ok(ClientRequest::Members { cid, .. }) => cid.as_deref(),
+                    Ok(ClientRequest::Typing) => None,
                     Err(refused) => refused.cid.as_deref(),
                 };
                 let limit = context.limits.rate;

@@ -521,10 +521,10 @@ pub fn timed_out(e: &tungstenite::Error) -> bool {
     )
 }
 
-/// Whether a frame type is one of presence's (`presence`, `join`, `leave`,
-/// `typing`), which most tests pass over.
+/// Whether a frame type is one of presence's (`presence`,
+/// `presence_diff`, `typing`), which most tests pass over.
 pub fn is_presence(kind: &str) -> bool {
-    matches!(kind, "presence" | "join" | "leave" | "typing")
+    matches!(kind, "presence" | "presence_diff" | "typing")
 }
 
 /// The texts of a list of message frames.

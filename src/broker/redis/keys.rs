@@ -14,8 +14,9 @@
 //! - string `<prefix>:accepted:<key>`, for a few minutes: the id a message
 //!   got, so that a publish retried after a broken link is not accepted
 //!   twice;
-//! - presence, per room: a hash of names, a sorted set of expiry times and
-//!   a sorted set of names ([`super::presence`]);
+//! - presence, per room: a hash of names and a change counter; per
+//!   instance: its liveness and the rooms it has members in
+//!   ([`super::presence`]);
 //! - hash `<prefix>:instances`: every instance's last `/stats` report.
 //!
 //! In a Redis Cluster every name of a room carries the room as its hash
@@ -82,14 +83,24 @@ impl RedisKeys {
         format!("{}:presence:{{{room}}}", self.prefix)
     }
 
-    /// The room's member names, in name order.
-    pub fn presence_names(&self, room: &str) -> String {
-        format!("{}:presence-names:{{{room}}}", self.prefix)
+    /// The number of the room's last presence change.
+    pub fn presence_seq(&self, room: &str) -> String {
+        format!("{}:presence-seq:{{{room}}}", self.prefix)
     }
 
-    /// When each (instance, name) entry of the room's presence expires.
-    pub fn presence_expiry(&self, room: &str) -> String {
-        format!("{}:presence-exp:{{{room}}}", self.prefix)
+    /// Every instance alive, scored by when it expires unless refreshed.
+    pub fn presence_instances(&self) -> String {
+        format!("{}:presence-instances", self.prefix)
+    }
+
+    /// The rooms `instance` has members in: where to clean up after it.
+    pub fn presence_rooms(&self, instance: &str) -> String {
+        format!("{}:presence-rooms:{instance}", self.prefix)
+    }
+
+    /// Claimed by the instance that cleans up after dead `instance`.
+    pub fn presence_cleaning(&self, instance: &str) -> String {
+        format!("{}:presence-cleaning:{instance}", self.prefix)
     }
 
     /// Every instance's last report (`/stats`): instance → JSON.

@@ -55,7 +55,7 @@ use log::{debug, info};
 use redis::cluster::ClusterClient;
 
 use crate::broker::{
-    Broker, EventSender, History, HistoryQuery, Presence, PublishError, Unavailable,
+    Broker, EventSender, History, HistoryQuery, PresenceSnapshot, PublishError, Unavailable,
 };
 use crate::clock;
 use crate::metrics::Metrics;
@@ -126,7 +126,6 @@ impl RedisBroker {
             reconnected_rx,
             events_tx.clone(),
             metrics.clone(),
-            settings.presence_max_members,
         );
         supervisor
             .spawn("presence", move || presence_thread.run())
@@ -260,17 +259,17 @@ impl Broker for RedisBroker {
         self.rooms.detach(room);
     }
 
-    fn present(&self, room: &str, name: &str) {
-        self.presence.join(room, name);
+    fn present(&self, room: &str, name: &str) -> Option<u64> {
+        self.presence.join(room, name)
     }
 
     fn absent(&self, room: &str, name: &str) {
         self.presence.leave(room, name);
     }
 
-    fn presence(&self, room: &str, limit: usize) -> Result<Presence, Unavailable> {
+    fn presence_snapshot(&self, room: &str) -> Result<PresenceSnapshot, Unavailable> {
         self.presence
-            .snapshot(self.history.link(), room, limit)
+            .snapshot(self.history.link(), room)
             .map_err(link::Failure::into_unavailable)
     }
 

@@ -27,8 +27,6 @@ pub struct RedisSettings {
     /// How often a quiet subscription is pinged (`--redis-ping-ms`): a
     /// link silent for two intervals is dead.
     pub ping_interval: Duration,
-    /// Most members a `presence` snapshot lists.
-    pub presence_max_members: usize,
     /// What a valid payload on the channel or in history looks like.
     pub limits: Limits,
     /// The instance id, used to name this instance's Redis connections

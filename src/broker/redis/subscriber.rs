@@ -398,8 +398,15 @@ impl Subscriber {
                 faults::inject("subscriber", &message.text);
                 BrokerEvent::Message(message, received)
             }
-            ChannelEvent::Join(event) => presence(&shards.metrics, PresenceChange::Join(event)),
-            ChannelEvent::Leave(event) => presence(&shards.metrics, PresenceChange::Leave(event)),
+            ChannelEvent::MemberChange(change) => {
+                presence(&shards.metrics, PresenceChange::MemberChange(change))
+            }
+            ChannelEvent::MembersExpired(expired) => {
+                presence(&shards.metrics, PresenceChange::MembersExpired(expired))
+            }
+            ChannelEvent::MembersRewritten(rewritten) => {
+                presence(&shards.metrics, PresenceChange::MembersRewritten(rewritten))
+            }
             ChannelEvent::Typing { room, name } => {
                 presence(&shards.metrics, PresenceChange::Typing { room, name })
             }

@@ -1,0 +1,671 @@
+//! Who is in each room, as this instance tells its clients: cheap in a
+//! room of 20,000.
+//!
+//! Telling every client every join made a join storm quadratic: each of
+//! `n` joins went to the `n` clients already there, each of whom rebuilt
+//! its list. So (the way Phoenix Presence batches its diffs and Discord
+//! shows a large guild's member list):
+//!
+//! - **A replica per room.** Each instance keeps, for each room it has
+//!   clients in, the room's member list ([`roster::Roster`]): read once
+//!   from the broker when the room gets its first local client, then kept
+//!   in step by the changes the broker emits (one per connection that
+//!   comes or goes, numbered, so a missed one is noticed and the room read
+//!   again). A joining client's member list comes from it: no Redis read
+//!   per join.
+//! - **Coalesced changes.** Nothing goes to clients as a change happens.
+//!   Every `--presence-diff-ms` the `presence-diff` thread tells each room's
+//!   clients what changed since its last tick, in one `presence_diff`
+//!   frame at most, with the count: a storm of joins, or a crashed
+//!   instance's thousands of members expiring, costs each client a frame
+//!   per tick.
+//! - **A window on large rooms.** A room of at most
+//!   `--presence-full-list-max` members is shown whole, with every join
+//!   and leave. A larger one is shown as its count and each client's
+//!   window (the first members in name order, or the range it asked for
+//!   with a `members` frame): a client hears of a change only when its
+//!   window's contents change, and gets the window whole then, bounded by
+//!   its size.
+//! - **Each client is told from what it holds.** A room's state has a
+//!   version (one more at every change the roster takes). Each client's
+//!   [`View`] records the version of the last list it was given, whoever
+//!   gave it: its first frames, an answer to `members`, or a tick. A tick
+//!   gives a client only what is newer than what it holds, under the
+//!   client's own lock, so a frame built from an older state can never
+//!   land after a newer one, and a client that joins between two ticks is
+//!   not told again what its first list already said.
+//!
+//! Typing is not here: it goes to the room's clients as it comes (see
+//! `crate::fanout`).
+
+pub mod roster;
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+
+use crate::broker::{Broker, PresenceChange};
+use crate::hub::{Hub, Member};
+use crate::metrics::Metrics;
+use crate::protocol::{PresenceDiff, PresenceMember, ServerFrame};
+use crate::session::outbox::{Batch, Outbox, Pushed};
+use roster::{Applied, Changes, Roster};
+
+/// Most changes kept for a room while its roster is being read: past it,
+/// they are dropped, and the room is read again.
+const EARLY_MAX: usize = 10_000;
+/// How long a joining client's member list waits for its own join to come
+/// back from Redis (a millisecond or two), so that it lists itself.
+const OWN_JOIN_WAIT: Duration = Duration::from_millis(500);
+
+/// What presence costs and shows, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceSettings {
+    /// `--presence on|off`.
+    pub enabled: bool,
+    /// `--presence-diff-ms`: how often changes are told.
+    pub diff_interval: Duration,
+    /// `--presence-full-list-max`: the largest room shown whole, and the
+    /// size of a client's window in a larger one.
+    pub full_list_max: usize,
+    /// `--presence-max-members`: the largest window a client may ask.
+    pub max_members: usize,
+}
+
+/// One client's view of its room's member list: the window it holds, and
+/// what it was last given.
+#[derive(Debug)]
+pub struct View {
+    /// (offset, limit), packed: read by the `presence-diff` thread for
+    /// every client at each tick, without taking `shown`.
+    window: AtomicU64,
+    /// `None` until the client's first list is made: until then a tick
+    /// leaves it alone (its first list will be newer).
+    shown: Mutex<Option<Shown>>,
+}
+
+/// What a client's list says: as of which version of the room, and what it
+/// holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shown {
+    version: u64,
+    /// The room's epoch: one more every time the room is to be told afresh
+    /// (after this instance reconnects to Redis).
+    epoch: u64,
+    /// Whether it holds the whole room; `None` if it holds nothing yet
+    /// (its room could not be read when it joined).
+    full: Option<bool>,
+    count: usize,
+    /// A hash of its window's members.
+    content: u64,
+}
+
+impl Shown {
+    /// A client owed its room's list.
+    const OWED: Shown = Shown {
+        version: 0,
+        epoch: 0,
+        full: None,
+        count: 0,
+        content: 0,
+    };
+}
+
+impl View {
+    pub fn new(limit: usize) -> Self {
+        View {
+            window: AtomicU64::new(pack(0, limit)),
+            shown: Mutex::new(None),
+        }
+    }
+
+    /// (offset, limit).
+    pub fn window(&self) -> (usize, usize) {
+        let packed = self.window.load(Ordering::Relaxed);
+        ((packed >> 32) as usize, (packed & 0xffff_ffff) as usize)
+    }
+
+    fn set_window(&self, offset: usize, limit: usize) {
+        self.window.store(pack(offset, limit), Ordering::Relaxed);
+    }
+
+    fn shown(&self) -> MutexGuard<'_, Option<Shown>> {
+        self.shown.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn pack(offset: usize, limit: usize) -> u64 {
+    let clamp = |n: usize| n.min(u32::MAX as usize) as u64;
+    (clamp(offset) << 32) | clamp(limit)
+}
+
+/// How a room is to be read again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Reread {
+    /// A change was missed, or the room was rewritten: what differs goes
+    /// out as a diff.
+    Diff,
+    /// This instance's link to Redis came back: its clients get the room
+    /// afresh, whole.
+    Fresh,
+}
+
+#[derive(Debug, Default)]
+struct Room {
+    /// `None` until first read.
+    roster: Option<Roster>,
+    /// Changes that came while the roster was being read first.
+    early: Vec<PresenceChange>,
+    reread: Option<Reread>,
+    /// One more at every change the roster takes.
+    version: u64,
+    epoch: u64,
+    /// The version its clients were last told of, at a tick.
+    told: u64,
+}
+
+impl Room {
+    /// Applies a change to a loaded roster; a gap asks for a reread.
+    fn take(&mut self, change: &PresenceChange) {
+        let Some(roster) = &mut self.roster else {
+            return;
+        };
+        let applied = match change {
+            PresenceChange::MemberChange(change) => roster.apply_change(change),
+            PresenceChange::MembersExpired(expired) => roster.apply_expired(expired),
+            PresenceChange::MembersRewritten(rewritten) if rewritten.seq > roster.seq() => {
+                Applied::Gap
+            }
+            _ => Applied::Old,
+        };
+        match applied {
+            Applied::Yes => self.version += 1,
+            Applied::Gap => self.reread = self.reread.max(Some(Reread::Diff)),
+            Applied::Old => {}
+        }
+    }
+}
+
+/// A room's state at a tick, taken under the lock, to be told outside it.
+struct Telling {
+    room: String,
+    version: u64,
+    epoch: u64,
+    count: usize,
+    full: bool,
+    /// A small room: its members, and what changed since the last tick.
+    whole: Vec<PresenceMember>,
+    changes: Changes,
+    /// A large room: each window its clients hold, with its members.
+    windows: HashMap<(usize, usize), Vec<PresenceMember>>,
+}
+
+pub struct Tracker {
+    settings: PresenceSettings,
+    rooms: Mutex<HashMap<String, Room>>,
+    /// Signalled when changes are applied (a joiner waits for its own).
+    applied: Condvar,
+    hub: Arc<Hub>,
+    broker: Arc<dyn Broker>,
+    metrics: Arc<Metrics>,
+}
+
+impl Tracker {
+    pub fn new(
+        settings: PresenceSettings,
+        hub: Arc<Hub>,
+        broker: Arc<dyn Broker>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Tracker {
+            settings,
+            rooms: Mutex::default(),
+            applied: Condvar::new(),
+            hub,
+            broker,
+            metrics,
+        }
+    }
+
+    pub fn settings(&self) -> &PresenceSettings {
+        &self.settings
+    }
+
+    /// A view for a new client: the default window.
+    pub fn new_view(&self) -> View {
+        View::new(self.settings.full_list_max)
+    }
+
+    // Every step below leaves the rooms consistent before it can panic.
+    fn rooms(&self) -> MutexGuard<'_, HashMap<String, Room>> {
+        self.rooms.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A change from the broker (the fan-out thread's call): applied to its
+    /// room's roster, if this instance has clients there. No I/O.
+    pub fn apply(&self, change: PresenceChange) {
+        if !self.settings.enabled {
+            return;
+        }
+        let mut rooms = self.rooms();
+        let Some(room_name) = change.room() else {
+            // Every room afresh (a reconnection to Redis).
+            for room in rooms.values_mut() {
+                room.reread = Some(Reread::Fresh);
+            }
+            return;
+        };
+        let Some(room) = rooms.get_mut(room_name) else {
+            return;
+        };
+        if room.roster.is_none() {
+            if room.early.len() < EARLY_MAX {
+                room.early.push(change);
+            } else {
+                room.reread = room.reread.max(Some(Reread::Diff));
+            }
+            return;
+        }
+        room.take(&change);
+        drop(rooms);
+        self.applied.notify_all();
+    }
+
+    /// The `presence` frame a client joining `room` gets among its first
+    /// frames, for its `view`; `None` if presence is off or the room
+    /// cannot be read (the client then gets it at a tick, once it can).
+    /// `own`: the number of this client's own join, to wait for, so that
+    /// the list includes it.
+    pub fn first_frame(&self, room: &str, view: &View, own: Option<u64>) -> Option<Vec<u8>> {
+        if !self.settings.enabled {
+            return None;
+        }
+        self.rooms().entry(room.to_string()).or_default();
+        if !self.loaded(room) {
+            self.load(room);
+        }
+        if let Some(own) = own {
+            self.wait_for(room, own);
+        }
+        let mut shown = view.shown();
+        let rooms = self.rooms();
+        let frame = rooms
+            .get(room)
+            .filter(|room| room.roster.is_some())
+            .map(|state| self.presence_frame(room, state, view.window(), &mut shown));
+        if shown.is_none() {
+            *shown = Some(Shown::OWED);
+        }
+        frame
+    }
+
+    /// Waits (a little) until `room`'s roster holds change `own`.
+    fn wait_for(&self, room: &str, own: u64) {
+        let deadline = Instant::now() + OWN_JOIN_WAIT;
+        let mut rooms = self.rooms();
+        loop {
+            let behind = rooms
+                .get(room)
+                .and_then(|room| room.roster.as_ref())
+                .is_some_and(|roster| roster.seq() < own);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !behind || left.is_zero() {
+                return;
+            }
+            rooms = self
+                .applied
+                .wait_timeout(rooms, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// A `members` request: the client's window becomes `offset`, `limit`
+    /// (its size so far if `None`), and it is sent a `presence` frame for
+    /// it. `Err` says what is wrong with the request.
+    pub fn request(
+        &self,
+        room: &str,
+        view: &View,
+        outbox: &Outbox,
+        offset: u64,
+        limit: Option<u64>,
+    ) -> Result<(), String> {
+        if !self.settings.enabled {
+            return Err("presence is off on this server (--presence off)".into());
+        }
+        let max = self.settings.max_members;
+        let limit = limit.unwrap_or(view.window().1 as u64);
+        if limit == 0 || limit > max as u64 {
+            return Err(format!("limit must be 1 to {max} (--presence-max-members)"));
+        }
+        let offset = usize::try_from(offset).unwrap_or(usize::MAX);
+        let mut shown = view.shown();
+        let rooms = self.rooms();
+        let state = rooms
+            .get(room)
+            .filter(|room| room.roster.is_some())
+            .ok_or_else(|| "the member list is not read yet; ask again".to_string())?;
+        view.set_window(offset, limit as usize);
+        let frame = self.presence_frame(room, state, view.window(), &mut shown);
+        drop(rooms);
+        self.push(outbox, frame);
+        Ok(())
+    }
+
+    fn loaded(&self, room: &str) -> bool {
+        self.rooms()
+            .get(room)
+            .is_some_and(|room| room.roster.is_some())
+    }
+
+    /// Reads `room` from the broker (outside the lock) and installs it,
+    /// with the changes that came meanwhile.
+    fn load(&self, room_name: &str) {
+        let snapshot = match self.broker.presence_snapshot(room_name) {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                debug!("presence: room {room_name} not read: {e}");
+                return;
+            }
+        };
+        let mut rooms = self.rooms();
+        let Some(room) = rooms.get_mut(room_name) else {
+            return;
+        };
+        if room.roster.is_some() {
+            return;
+        }
+        room.roster = Some(Roster::new(snapshot));
+        room.version += 1;
+        for change in std::mem::take(&mut room.early) {
+            room.take(&change);
+        }
+        drop(rooms);
+        self.applied.notify_all();
+    }
+
+    /// A `presence` frame of `room` for a window, and records it as what
+    /// the client holds.
+    fn presence_frame(
+        &self,
+        name: &str,
+        room: &Room,
+        window: (usize, usize),
+        shown: &mut Option<Shown>,
+    ) -> Vec<u8> {
+        let roster = room.roster.as_ref().expect("a loaded room");
+        let count = roster.count();
+        let full = count <= self.settings.full_list_max;
+        let (offset, limit) = if full { (0, count) } else { window };
+        let members = roster.window(offset, limit);
+        *shown = Some(Shown {
+            version: room.version,
+            epoch: room.epoch,
+            full: Some(full),
+            count,
+            content: hash(&members),
+        });
+        whole_frame(name, count, offset, full, &members)
+    }
+
+    /// The `presence-diff` thread: every `--presence-diff-ms`, reads again
+    /// the rooms that need it and tells each room's clients what changed.
+    pub fn run(&self) {
+        loop {
+            thread::sleep(self.settings.diff_interval);
+            self.tick();
+        }
+    }
+
+    /// One tick: forget rooms with no local client, read those that need
+    /// it, then tell each room's clients what is new to them.
+    pub fn tick(&self) {
+        let to_read: Vec<(String, Option<Reread>)> = {
+            let mut rooms = self.rooms();
+            rooms.retain(|name, _| self.hub.room(name).is_some());
+            rooms
+                .iter()
+                .filter(|(_, room)| room.roster.is_none() || room.reread.is_some())
+                .map(|(name, room)| (name.clone(), room.reread))
+                .collect()
+        };
+        for (name, reread) in to_read {
+            match reread {
+                None => self.load(&name),
+                Some(how) => self.reread(&name, how),
+            }
+        }
+        let names: Vec<String> = self.rooms().keys().cloned().collect();
+        for name in names {
+            if let Some((telling, members)) = self.telling(&name) {
+                self.tell(&telling, &members);
+            }
+        }
+    }
+
+    fn reread(&self, room_name: &str, how: Reread) {
+        let snapshot = match self.broker.presence_snapshot(room_name) {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                debug!("presence: room {room_name} not read again: {e}");
+                return;
+            }
+        };
+        let mut rooms = self.rooms();
+        let Some(room) = rooms.get_mut(room_name) else {
+            return;
+        };
+        match &mut room.roster {
+            Some(roster) => roster.replace(snapshot),
+            None => room.roster = Some(Roster::new(snapshot)),
+        }
+        room.version += 1;
+        if how == Reread::Fresh {
+            room.epoch += 1;
+        }
+        room.reread = None;
+    }
+
+    /// A room's state to tell, if it changed since the last tick, with the
+    /// clients to tell it to (taken under the same lock: a client missing
+    /// from them joined later, and its first list is newer).
+    fn telling(&self, name: &str) -> Option<(Telling, Arc<[Member]>)> {
+        let mut rooms = self.rooms();
+        let room = rooms.get_mut(name)?;
+        let roster = room.roster.as_mut()?;
+        if room.version == room.told {
+            return None;
+        }
+        room.told = room.version;
+        let members = self.hub.room(name)?;
+        let count = roster.count();
+        let full = count <= self.settings.full_list_max;
+        let changes = roster.take_changes();
+        let mut telling = Telling {
+            room: name.to_string(),
+            version: room.version,
+            epoch: room.epoch,
+            count,
+            full,
+            whole: Vec::new(),
+            changes: Changes::default(),
+            windows: HashMap::new(),
+        };
+        if full {
+            telling.whole = roster.window(0, count);
+            telling.changes = changes;
+        } else {
+            for member in members.iter() {
+                let window = member.view.window();
+                telling
+                    .windows
+                    .entry(window)
+                    .or_insert_with(|| roster.window(window.0, window.1));
+            }
+        }
+        Some((telling, members))
+    }
+
+    /// Gives each client what is new to it: nothing if its list is as new
+    /// as this tick's, the room whole if it holds another kind of list (or
+    /// an older epoch), else the changes (a small room) or its window and
+    /// the count (a large one).
+    fn tell(&self, telling: &Telling, members: &[Member]) {
+        let mut frames: HashMap<Told, Arc<Batch>> = HashMap::new();
+        let diff_of_changes = (!telling.changes.is_empty()).then(|| PresenceDiff {
+            room: telling.room.clone(),
+            count: telling.count,
+            joins: telling.changes.joins.clone(),
+            leaves: telling.changes.leaves.clone(),
+            changed: telling.changes.changed.clone(),
+            ..PresenceDiff::default()
+        });
+        for member in members {
+            let mut shown = member.view.shown();
+            let Some(held) = *shown else {
+                continue;
+            };
+            if held.version >= telling.version {
+                continue;
+            }
+            // Read under the client's lock, as a `members` request sets it.
+            let window = if telling.full {
+                (0, telling.count)
+            } else {
+                member.view.window()
+            };
+            let listed = if telling.full {
+                &telling.whole
+            } else {
+                match telling.windows.get(&window) {
+                    Some(listed) => listed,
+                    // Moved since the tick began: it was answered then.
+                    None => continue,
+                }
+            };
+            let content = hash(listed);
+            let told = if held.full != Some(telling.full) || held.epoch != telling.epoch {
+                Told::Whole(window)
+            } else if telling.full {
+                match diff_of_changes {
+                    Some(_) => Told::Changes,
+                    None if held.count != telling.count => Told::Count,
+                    None => Told::Nothing,
+                }
+            } else if held.content != content {
+                Told::Window(window)
+            } else if held.count != telling.count {
+                Told::Count
+            } else {
+                Told::Nothing
+            };
+            *shown = Some(Shown {
+                version: telling.version,
+                epoch: telling.epoch,
+                full: Some(telling.full),
+                count: telling.count,
+                content,
+            });
+            if told == Told::Nothing {
+                continue;
+            }
+            let batch = frames.entry(told).or_insert_with(|| {
+                let frame = match told {
+                    Told::Whole(_) => {
+                        whole_frame(&telling.room, telling.count, window.0, telling.full, listed)
+                    }
+                    Told::Changes => diff_frame(diff_of_changes.as_ref().expect("changes")),
+                    Told::Window(_) => diff_frame(&PresenceDiff {
+                        room: telling.room.clone(),
+                        count: telling.count,
+                        offset: Some(window.0),
+                        members: Some(listed.clone()),
+                        ..PresenceDiff::default()
+                    }),
+                    Told::Count | Told::Nothing => diff_frame(&PresenceDiff {
+                        room: telling.room.clone(),
+                        count: telling.count,
+                        ..PresenceDiff::default()
+                    }),
+                };
+                Arc::new(Batch::single(&frame))
+            });
+            // Under the client's lock: no older frame can follow it.
+            self.deliver(member, batch);
+        }
+    }
+
+    fn deliver(&self, member: &Member, batch: &Arc<Batch>) {
+        match member.outbox.deliver(batch) {
+            Pushed::Sent | Pushed::Queued => Metrics::inc(&self.metrics.presence_frames_total),
+            Pushed::Overflowed => {
+                warn!(
+                    "client {} dropped: send buffer full (slow consumer)",
+                    member.id
+                );
+                Metrics::inc(&self.metrics.slow_clients_dropped_total);
+            }
+            Pushed::Refused => {}
+        }
+    }
+
+    fn push(&self, outbox: &Outbox, frame: Vec<u8>) {
+        if matches!(outbox.push(frame), Pushed::Sent | Pushed::Queued) {
+            Metrics::inc(&self.metrics.presence_frames_total);
+        }
+    }
+}
+
+/// What one client is told at a tick; clients told the same share a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Told {
+    Nothing,
+    /// A `presence` frame: the room whole, or this window of it.
+    Whole((usize, usize)),
+    /// A small room's `presence_diff` of joins and leaves.
+    Changes,
+    /// A large room's `presence_diff` with this window's members.
+    Window((usize, usize)),
+    /// A `presence_diff` with the count alone.
+    Count,
+}
+
+fn whole_frame(
+    room: &str,
+    count: usize,
+    offset: usize,
+    full: bool,
+    members: &[PresenceMember],
+) -> Vec<u8> {
+    ServerFrame::Presence {
+        room,
+        count,
+        offset,
+        full,
+        members,
+        more: count.saturating_sub(members.len()),
+    }
+    .to_ws_bytes()
+    .to_vec()
+}
+
+fn diff_frame(diff: &PresenceDiff) -> Vec<u8> {
+    ServerFrame::PresenceDiff(diff).to_ws_bytes().to_vec()
+}
+
+/// A hash of a list of members: whether a client's window changed.
+fn hash(members: &[PresenceMember]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    for member in members {
+        member.name.hash(&mut hasher);
+        member.instances.hash(&mut hasher);
+        member.connections.hash(&mut hasher);
+    }
+    hasher.finish()
+}
