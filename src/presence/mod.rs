@@ -669,3 +669,276 @@ fn hash(members: &[PresenceMember]) -> u64 {
     }
     hasher.finish()
 }
+
+#[cfg(test)]
+mod tests {
+    //! The tracker on its own: a local broker, a hub of clients on real
+    //! loopback sockets, and ticks run by hand, so that each interleaving
+    //! of joins, changes and ticks is chosen, not hoped for.
+
+    use super::*;
+    use crate::broker::local::LocalBroker;
+    use crate::broker::{BrokerEvent, PresenceChange};
+    use crate::session::outbox::{SocketWire, Watcher};
+    use crossbeam_channel::Receiver;
+    use serde_json::Value;
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+
+    struct NoWatcher;
+
+    impl Watcher for NoWatcher {
+        fn watch_writable(&self, _: usize, _: &TcpStream) {}
+        fn cut_at(&self, _: usize, _: Instant) {}
+    }
+
+    struct Room {
+        tracker: Tracker,
+        hub: Arc<Hub>,
+        broker: Arc<LocalBroker>,
+        events: Receiver<BrokerEvent>,
+    }
+
+    /// A client as the tracker sees it, and the other end of its socket.
+    struct Client {
+        member: Member,
+        peer: TcpStream,
+    }
+
+    fn room(full_list_max: usize) -> Room {
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        let broker = Arc::new(LocalBroker::new(events_tx, Arc::default(), 10, "i".into()));
+        let hub = Arc::new(Hub::new());
+        let settings = PresenceSettings {
+            enabled: true,
+            diff_interval: Duration::from_secs(3600),
+            full_list_max,
+            max_members: 1000,
+        };
+        let tracker = Tracker::new(settings, hub.clone(), broker.clone(), Arc::default());
+        Room {
+            tracker,
+            hub,
+            broker,
+            events,
+        }
+    }
+
+    impl Room {
+        /// Hands the tracker what the broker emitted (the fan-out's job).
+        fn pump(&self) {
+            for event in self.events.try_iter() {
+                if let BrokerEvent::Presence(change) = event {
+                    self.tracker.apply(change);
+                }
+            }
+        }
+
+        /// `name` comes to the room with no client of this test's (another
+        /// instance's client, as far as the list is concerned).
+        fn present(&self, name: &str) {
+            self.broker.present("r", name);
+            self.pump();
+        }
+
+        fn absent(&self, name: &str) {
+            self.broker.absent("r", name);
+            self.pump();
+        }
+
+        /// A client joins as a session does: in the hub, present, then its
+        /// first list. Returns the client and its first list.
+        fn join(&self, id: u64, name: &str) -> (Client, Value) {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (socket, _) = listener.accept().unwrap();
+            let wire = SocketWire {
+                socket: Arc::new(socket),
+                key: id as usize,
+                watcher: Arc::new(NoWatcher),
+                close_grace: Duration::from_secs(1),
+            };
+            let member = Member {
+                id,
+                name: name.into(),
+                outbox: Arc::new(Outbox::new(wire, 1 << 20)),
+                last_seen: Arc::default(),
+                trace: false,
+                view: Arc::new(self.tracker.new_view()),
+            };
+            self.hub.join("r", member.clone());
+            let own = self.broker.present("r", name);
+            self.pump();
+            let first = self.tracker.first_frame("r", &member.view, own).unwrap();
+            member.outbox.open(Vec::new(), None);
+            let first = parse_frames(&first).remove(0);
+            (Client { member, peer }, first)
+        }
+    }
+
+    /// The text frames in a buffer of unmasked server frames.
+    fn parse_frames(mut bytes: &[u8]) -> Vec<Value> {
+        let mut frames = Vec::new();
+        while bytes.len() >= 2 {
+            let (len, header) = match bytes[1] & 0x7f {
+                126 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+                127 => (
+                    u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                n => (n as usize, 2),
+            };
+            frames.push(serde_json::from_slice(&bytes[header..header + len]).unwrap());
+            bytes = &bytes[header + len..];
+        }
+        frames
+    }
+
+    impl Client {
+        /// What reached its socket so far.
+        fn received(&mut self) -> Vec<Value> {
+            self.peer
+                .set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            let mut bytes = Vec::new();
+            let mut buffer = [0u8; 65536];
+            while let Ok(n) = self.peer.read(&mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                bytes.extend_from_slice(&buffer[..n]);
+            }
+            parse_frames(&bytes)
+        }
+    }
+
+    fn listed(frame: &Value, field: &str) -> Vec<String> {
+        frame[field]
+            .as_array()
+            .map(|members| {
+                members
+                    .iter()
+                    .map(|m| m["name"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_client_that_listed_a_name_gone_by_the_tick_is_told_it_left() {
+        let room = room(100);
+        let (mut old, _) = room.join(1, "old");
+        room.tracker.tick();
+        old.received();
+        // x comes; a client joins and lists it; x goes; then the tick.
+        room.present("x");
+        let (mut new, first) = room.join(2, "new");
+        assert_eq!(listed(&first, "members"), ["new", "old", "x"]);
+        room.absent("x");
+        room.tracker.tick();
+        let told = new.received();
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(listed(&told[0], "leaves"), ["x"], "{}", told[0]);
+        // Its own join is in it too: applied again, it changes nothing.
+        assert_eq!(listed(&told[0], "joins"), ["new"]);
+        // The client that was there all along: new joined, x came and
+        // went (a leave of a name it never listed changes nothing).
+        let told = old.received();
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(listed(&told[0], "joins"), ["new"]);
+        assert_eq!(told[0]["count"], 2);
+    }
+
+    #[test]
+    fn a_client_whose_first_list_is_as_new_as_the_tick_is_told_nothing() {
+        let room = room(100);
+        let (mut old, _) = room.join(1, "old");
+        room.tracker.tick();
+        old.received();
+        room.present("x");
+        let (mut new, _) = room.join(2, "new");
+        room.tracker.tick();
+        assert!(new.received().is_empty(), "its first list said it all");
+        let told = old.received();
+        assert_eq!(listed(&told[0], "joins"), ["new", "x"]);
+        room.tracker.tick();
+        assert!(old.received().is_empty(), "nothing new, nothing sent");
+    }
+
+    #[test]
+    fn a_thousand_changes_between_two_ticks_are_one_frame() {
+        let room = room(2000);
+        let (mut client, _) = room.join(1, "watcher");
+        room.tracker.tick();
+        client.received();
+        for n in 0..1000 {
+            room.present(&format!("m{n:04}"));
+        }
+        for n in 0..500 {
+            room.absent(&format!("m{n:04}"));
+        }
+        room.tracker.tick();
+        let told = client.received();
+        assert_eq!(told.len(), 1);
+        assert_eq!(told[0]["count"], 501);
+        assert_eq!(listed(&told[0], "joins").len(), 500);
+        assert_eq!(listed(&told[0], "leaves").len(), 500);
+    }
+
+    #[test]
+    fn a_large_room_tells_a_window_only_its_own_changes() {
+        let room = room(2);
+        for name in ["b", "d", "f"] {
+            room.present(name);
+        }
+        let (mut client, first) = room.join(1, "e");
+        assert_eq!(first["full"], false);
+        assert_eq!(listed(&first, "members"), ["b", "d"]);
+        assert_eq!(first["count"], 4);
+        // Past the window: the count alone.
+        room.present("z");
+        room.tracker.tick();
+        let told = client.received();
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(told[0]["count"], 5);
+        assert!(told[0].get("members").is_none(), "{}", told[0]);
+        // In it: the window, whole.
+        room.present("a");
+        room.tracker.tick();
+        let told = client.received();
+        assert_eq!(listed(&told[0], "members"), ["a", "b"]);
+        assert_eq!(told[0]["offset"], 0);
+        // Another window, asked for: answered at once, followed after.
+        room.tracker
+            .request("r", &client.member.view, &client.member.outbox, 3, Some(2))
+            .unwrap();
+        let told = client.received();
+        assert_eq!(told[0]["type"], "presence");
+        assert_eq!(listed(&told[0], "members"), ["e", "f"]);
+        room.absent("a");
+        room.tracker.tick();
+        let told = client.received();
+        assert_eq!(listed(&told[0], "members"), ["f", "z"], "{}", told[0]);
+        assert_eq!(told[0]["offset"], 3);
+        let refused = room
+            .tracker
+            .request("r", &client.member.view, &client.member.outbox, 0, Some(1001));
+        assert!(refused.unwrap_err().contains("1 to 1000"));
+        assert_eq!(client.member.view.window(), (3, 2), "a refused window changes nothing");
+    }
+
+    #[test]
+    fn a_resync_tells_every_client_its_list_afresh_once() {
+        let room = room(100);
+        let (mut client, _) = room.join(1, "c");
+        room.tracker.tick();
+        client.received();
+        room.tracker.apply(PresenceChange::Resync);
+        room.tracker.tick();
+        let told = client.received();
+        assert_eq!(told.len(), 1);
+        assert_eq!(told[0]["type"], "presence");
+        room.tracker.tick();
+        assert!(client.received().is_empty());
+    }
+}
