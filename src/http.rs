@@ -78,6 +78,8 @@ pub struct HttpState {
     pub hub: Arc<Hub>,
     pub stats: Arc<Stats>,
     pub demo: Arc<DemoControls>,
+    /// `--presence on|off`: the page shows the member list only when on.
+    pub presence: bool,
 }
 
 /// `GET /config.json`: how the page finds its WebSocket.
@@ -90,6 +92,8 @@ struct PageConfig<'a> {
     ws_url: Option<&'a str>,
     /// The page shows its fault panel (`--demo-controls`).
     demo_controls: bool,
+    /// The page shows who is here, and who is typing (`--presence`).
+    presence: bool,
 }
 
 /// `GET /stats`: the page's instances view.
@@ -160,6 +164,7 @@ pub fn handle(method: &str, url: &str, host: Option<&str>, state: &HttpState) ->
                     .as_deref()
                     .filter(|_| !is_direct(host, state.http_port)),
                 demo_controls: state.demo.enabled(),
+                presence: state.presence,
             };
             let body = serde_json::to_vec(&config).expect("page config always serializes");
             Reply::new(200, "application/json", body)
@@ -380,6 +385,7 @@ mod tests {
                 history_replayed: 0,
             })),
             demo: Arc::new(DemoControls::new(demo_controls)),
+            presence: true,
         }
     }
 
@@ -426,7 +432,8 @@ mod tests {
             serde_json::from_slice::<serde_json::Value>(&reply.body).unwrap()
         };
         let direct = serde_json::json!({
-            "instance": "a1", "ws_port": 15000, "ws_path": "/ws", "demo_controls": false
+            "instance": "a1", "ws_port": 15000, "ws_path": "/ws", "demo_controls": false,
+            "presence": true
         });
         assert_eq!(
             config(Some("127.0.0.1:5000")),

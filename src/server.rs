@@ -197,6 +197,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         hub: hub.clone(),
         stats,
         demo,
+        presence: config.presence().enabled,
     });
     for worker in 0..HTTP_WORKERS {
         let server = http_server.clone();
