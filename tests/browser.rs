@@ -2,22 +2,28 @@
 //! appears on the page of another instance joined by Redis, that message text is never run as
 //! HTML, that the pill, the banner and the conversation tell one story when Redis dies or an
 //! instance is SIGKILLed (the tab reconnects through nginx to a survivor and shows what it
-//! missed), that the member list and the typing line follow tabs across instances, that the
-//! X-ray shows every hop of a message, and that each button of the fault panel does what it
-//! says (and that without `--demo-controls` there is no panel and the endpoints refuse).
-//! tests/browser/chat.mjs drives the browser; these tests start Redis, the instances and nginx.
+//! missed), that the member list and the typing line follow tabs across instances (with the
+//! join and leave lines of a small room), that in a large room the page shows the count and a
+//! window of the first members, asks for more when its list is scrolled to the bottom and
+//! follows members leaving, that the X-ray shows every hop of a message, and that each button
+//! of the fault panel does what it says (and that without `--demo-controls` there is no panel
+//! and the endpoints refuse). tests/browser/chat.mjs drives the browser; these tests start
+//! Redis, the instances, nginx and (for the large room) the other members.
 
 mod common;
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::nginx::Nginx;
-use common::{Instance, RedisServer, unique};
+use common::{Client, Instance, RedisServer, temp_dir, timed_out, unique};
 
 /// How long the whole browser run may take before node is killed.
 const NODE_TIMEOUT: Duration = Duration::from_secs(150);
@@ -111,6 +117,18 @@ fn run_chat_mjs(dir: &Path, args: &[OsString]) {
 /// its own, with the scenario's `extra` options (`("pids", ...)` for
 /// `--pids ...`).
 fn run_scenario(dir: &Path, scenario: &str, a: &Instance, b: &Instance, extra: &[(&str, String)]) {
+    run_scenario_in(dir, scenario, &unique_room(), a, b, extra);
+}
+
+/// [`run_scenario`] in `room`.
+fn run_scenario_in(
+    dir: &Path,
+    scenario: &str,
+    room: &str,
+    a: &Instance,
+    b: &Instance,
+    extra: &[(&str, String)],
+) {
     let mut args: Vec<OsString> = vec![
         "--scenario".into(),
         scenario.into(),
@@ -119,7 +137,7 @@ fn run_scenario(dir: &Path, scenario: &str, a: &Instance, b: &Instance, extra: &
         "--b".into(),
         format!("http://{}", b.http).into(),
         "--room".into(),
-        unique_room().into(),
+        room.into(),
         "--out".into(),
         dir.join("artifacts").into(),
     ];
@@ -186,6 +204,22 @@ fn a_tab_whose_instance_is_killed_reconnects_through_nginx_and_shows_what_it_mis
 }
 
 #[test]
+fn with_presence_off_the_page_chats_without_a_member_list_or_typing() {
+    let dir = browser_dir();
+    require_tooling(&dir);
+
+    let redis = RedisServer::start();
+    let prefix = unique("browser-presence-off");
+    let start = |id: &str| Instance::redis_with(id, &redis.url(), &prefix, &["--presence", "off"]);
+    let a = start("browser-a");
+    let b = start("browser-b");
+    a.wait_ready();
+    b.wait_ready();
+
+    run_scenario(&dir, "presence-off", &a, &b, &[]);
+}
+
+#[test]
 fn the_member_list_follows_tabs_across_instances_and_shows_who_is_typing() {
     let dir = browser_dir();
     require_tooling(&dir);
@@ -224,4 +258,129 @@ fn the_x_ray_shows_every_hop_and_each_fault_button_does_what_it_says() {
     b.wait_ready();
 
     run_scenario(&dir, "lab", &a, &b, &[]);
+}
+
+/// Members of the large room that are not browsers: plain WebSocket
+/// clients, read by a thread of their own (so that none is dropped as a
+/// slow or silent client while node runs), each closed once its name is a
+/// line of the leave file (chat.mjs writes it when it wants them gone).
+struct Bots {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<Vec<String>>>,
+}
+
+impl Bots {
+    fn hold(mut bots: Vec<(String, Client)>, leave_file: PathBuf) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = thread::spawn(move || {
+            for (_, bot) in &bots {
+                bot.set_read_timeout(Duration::from_millis(1));
+            }
+            let mut problems = Vec::new();
+            while !stopping.load(Ordering::Relaxed) {
+                let leave = std::fs::read_to_string(&leave_file).unwrap_or_default();
+                let leaving: HashSet<&str> = leave.lines().collect();
+                bots.retain_mut(|(name, bot)| {
+                    if leaving.contains(name.as_str()) {
+                        // A Close, then the socket drops: the server sees
+                        // the member leave.
+                        let _ = bot.socket.close(None);
+                        let _ = bot.socket.flush();
+                        return false;
+                    }
+                    loop {
+                        match bot.socket.read() {
+                            Ok(_) => continue,
+                            Err(e) if timed_out(&e) => return true,
+                            Err(e) => {
+                                problems.push(format!("{name} lost its connection: {e}"));
+                                return false;
+                            }
+                        }
+                    }
+                });
+                thread::sleep(Duration::from_millis(20));
+            }
+            problems
+        });
+        Bots {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops reading and panics if a bot lost its connection unasked.
+    fn finish(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let problems = self.thread.take().unwrap().join().unwrap();
+        assert!(problems.is_empty(), "bots: {}", problems.join("; "));
+    }
+}
+
+impl Drop for Bots {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn a_large_room_shows_its_count_and_a_window_that_grows_when_the_list_is_scrolled() {
+    const BOTS: usize = 30;
+    const WINDOW: usize = 5;
+    let dir = browser_dir();
+    require_tooling(&dir);
+
+    let redis = RedisServer::start();
+    let prefix = unique("browser-large-room");
+    // More than WINDOW members make a room large: its clients get the count
+    // and a window of WINDOW members, not every name.
+    let window = WINDOW.to_string();
+    let start = |id: &str| {
+        Instance::redis_with(
+            id,
+            &redis.url(),
+            &prefix,
+            &["--presence-full-list-max", &window],
+        )
+    };
+    let a = start("browser-a");
+    let b = start("browser-b");
+    a.wait_ready();
+    b.wait_ready();
+
+    // bot00..bot29, every other one on each instance; they all sort after
+    // the page's "alice".
+    let room = unique_room();
+    let names: Vec<String> = (0..BOTS).map(|i| format!("bot{i:02}")).collect();
+    let bots = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let instance = if i % 2 == 0 { &a } else { &b };
+            (name.clone(), instance.client(name, &room))
+        })
+        .collect();
+    let files = temp_dir("browser-large-room");
+    let leave_file = files.join("leave");
+    let bots = Bots::hold(bots, leave_file.clone());
+
+    run_scenario_in(
+        &dir,
+        "large-room",
+        &room,
+        &a,
+        &b,
+        &[
+            ("count", (BOTS + 1).to_string()),
+            ("window", window.clone()),
+            ("bots", names.join(",")),
+            ("leave-file", leave_file.display().to_string()),
+        ],
+    );
+    bots.finish();
+    let _ = std::fs::remove_dir_all(&files);
 }

@@ -1,9 +1,9 @@
 /* Presence: who is in the room (the member list) and who is typing.
  *
  * Separate because it is the room's other story, told alongside the
- * messages: it keeps its own picture of the room from `presence`, `join`,
- * `leave` and `typing` frames, and writes only the join and leave lines
- * into the conversation. How fresh that picture can be follows the
+ * messages: it keeps its own picture of the room from `presence`,
+ * `presence_diff` and `typing` frames, and writes only the join and leave
+ * lines into the conversation. How fresh that picture can be follows the
  * connection state (refreshMembersStale).
  */
 
@@ -16,20 +16,37 @@ import { appendLine } from './conversation.js';
 var TYPING_SEND_MS = 2000;  // at most one "typing" frame this often
 var TYPING_SHOW_MS = 3000;  // "bob is typing…" lasts this long after his last one
 var NARROW_MEDIA = '(max-width: 640px)'; // keep in step with style.css
+var WINDOW_STEP = 100;      // a larger window asks for this many more members
+var WINDOW_MAX = 1000;      // the most a `members` frame may ask for (the server's default --presence-max-members)
+var NEAR_BOTTOM_PX = 150;   // "scrolled near the bottom": the list ends this close below what shows
+var ASK_TIMEOUT_MS = 10000; // an unanswered `members` frame stops blocking the next one after this
+var SUMMARY_NAMES = 10;     // names in the collapsed one-line summary (it ellipsizes anyway)
 
-var members = new Map();  // name -> {name, instances, connections}
-var moreMembers = 0;      // members the server did not list
+// The member list is the window the server gave us: the whole room while
+// it is small (`full`), the first members by name while it is large.
+var members = new Map();  // name -> {name, instances, connections}: what we hold
+var count = 0;            // members in the room, over every instance
+var offset = 0;           // the room-list position of the first member held
+var full = true;          // the held list is the whole room; changes come per name
+var shown = new Map();    // name -> {li, key}: each held member's <li>, and what it shows
+var asking = null;        // {cid, ws, timer}: a larger window asked for, until a `presence` answers
+var askSeq = 0;
+var askCeiling = WINDOW_MAX; // lowered if the server refuses a window size
+var wanted = 0;           // the window size we last asked for: asked again after a reconnection
 var typing = new Map();   // name -> time (ms) until which "is typing" shows
 var typingTimer = null;
 var lastTypingSent = 0;
+var enabled = true;       // false when /config.json says the server runs --presence off
 
 // ---------------------------------------------------------------- members
-// The member list is the server's last `presence` snapshot plus the `join`
-// and `leave` events since. Snapshot and events overlap around a
-// (re)connection, so events are applied idempotently: a join for someone
-// listed, or a leave for someone not listed, leaves the list alone.
+// A `presence` frame replaces what we hold; a `presence_diff` says what
+// changed since: per name (joins, leaves, changed) in a small room, the
+// window whole in a large one. The first snapshot and the first diff
+// overlap around a (re)connection, so per-name changes are applied
+// idempotently: a join of someone held, or a leave of someone not held,
+// changes nothing and writes no line.
 
-/** A member from a snapshot, or null if it is not usable. */
+/** A member from a frame, or null if it is not usable. */
 function readMember(m) {
   if (!m || typeof m.name !== 'string' || m.name === '') return null;
   var instances = Array.isArray(m.instances)
@@ -39,9 +56,24 @@ function readMember(m) {
   return { name: m.name, instances: instances, connections: connections };
 }
 
+function readMembers(list) {
+  var out = new Map();
+  list.forEach(function (raw) {
+    var m = readMember(raw);
+    if (m) out.set(m.name, m);
+  });
+  return out;
+}
+
+/** A count from a frame, or null if it is not one. */
+function countOf(n) { return Number.isInteger(n) && n >= 0 ? n : null; }
+
 function forThisRoom(frame) {
   return !(frame.room && S.room && frame.room !== S.room);
 }
+
+/** Members in the room that we do not hold (past the window). */
+function notHeld() { return Math.max(0, count - offset - members.size); }
 
 export function onPresenceFrame(frame) {
   if (!Array.isArray(frame.members) || !forThisRoom(frame)) {
@@ -49,46 +81,68 @@ export function onPresenceFrame(frame) {
     return;
   }
   // A snapshot replaces the list: it is the server's word after a
-  // (re)connection, and events we missed meanwhile are not replayed.
-  var snapshot = new Map();
-  frame.members.forEach(function (raw) {
-    var m = readMember(raw);
-    if (m) snapshot.set(m.name, m);
-  });
-  members = snapshot;
-  moreMembers = Number.isInteger(frame.more) && frame.more > 0 ? frame.more : 0;
-  var me = snapshot.get(S.name);
+  // (re)connection, a change of room size, or our `members` frame, and
+  // what we missed meanwhile is not replayed.
+  members = readMembers(frame.members);
+  var more = countOf(frame.more) || 0;
+  count = countOf(frame.count);
+  if (count === null) count = members.size + more; // a server from before `count`
+  offset = countOf(frame.offset) || 0;
+  full = frame.full !== false;
+  var me = members.get(S.name);
   if (S.uncountOld && me && me.connections > 1) me.connections -= 1;
   S.uncountOld = false;
   S.presenceFresh = true;
+  var answer = !!asking && asking.ws === S.ws;
+  answered();
   renderMembers();
   refreshMembersStale();
+  // A new socket starts with the server's default window: ask again for
+  // the one the user had scrolled to (not in answer to our own question,
+  // which could go round for ever if the server gave less than asked).
+  if (!answer && !full && wanted > offset + members.size && notHeld()) askForMore(wanted);
 }
 
-export function onJoinFrame(frame) {
-  if (typeof frame.name !== 'string' || frame.name === '' || !forThisRoom(frame)) {
-    console.warn('[chat] join frame ignored', frame);
+export function onPresenceDiffFrame(frame) {
+  if (!forThisRoom(frame)) {
+    console.warn('[chat] presence_diff frame ignored', frame);
     return;
   }
-  var instance = typeof frame.instance === 'string' ? frame.instance : '';
-  addPresenceLine('join', frame.name, instance, '');
-  if (!members.has(frame.name)) {
-    // A join is a name's first connection in the room: one tab, one instance.
-    members.set(frame.name, { name: frame.name, instances: instance ? [instance] : [], connections: 1 });
-    renderMembers();
+  var n = countOf(frame.count);
+  if (n !== null) count = n;
+  if (Array.isArray(frame.members)) {
+    // A large room: our window, whole. Nobody's coming or going is news.
+    members = readMembers(frame.members);
+    offset = countOf(frame.offset) || 0;
+    full = false;
   }
+  if (Array.isArray(frame.leaves)) frame.leaves.forEach(applyLeave);
+  if (Array.isArray(frame.joins)) frame.joins.forEach(applyJoin);
+  if (Array.isArray(frame.changed)) {
+    // Still in the room, with another tab or one instance less. One we did
+    // not hold is in the room all the same (the snapshot overlapped).
+    frame.changed.forEach(function (raw) {
+      var m = readMember(raw);
+      if (m) members.set(m.name, m);
+    });
+  }
+  renderMembers();
 }
 
-export function onLeaveFrame(frame) {
-  if (typeof frame.name !== 'string' || frame.name === '' || !forThisRoom(frame)) {
-    console.warn('[chat] leave frame ignored', frame);
-    return;
-  }
-  var instance = typeof frame.instance === 'string' ? frame.instance : '';
-  var reason = frame.reason === 'expired' ? 'expired' : 'left';
-  addPresenceLine('leave', frame.name, instance, reason);
-  clearTyping(frame.name);
-  if (members.delete(frame.name)) renderMembers();
+function applyJoin(raw) {
+  var m = readMember(raw);
+  if (!m) return;
+  var known = members.has(m.name);
+  members.set(m.name, m); // the join's instances are newer than what we held
+  if (!known) addPresenceLine('join', m.name, m.instances.join(', '), '');
+}
+
+function applyLeave(raw) {
+  if (!raw || typeof raw.name !== 'string' || raw.name === '') return;
+  clearTyping(raw.name);
+  if (!members.delete(raw.name)) return;
+  var instance = typeof raw.instance === 'string' ? raw.instance : '';
+  addPresenceLine('leave', raw.name, instance, raw.reason === 'expired' ? 'expired' : 'left');
 }
 
 /** "bob joined (instance b)", "bob left", "bob left (instance b stopped answering)". */
@@ -106,7 +160,9 @@ function addPresenceLine(kind, name, instance, reason) {
   text.setAttribute('data-testid', 'presence-text');
   text.appendChild(h('strong', 'presence-name', name));
   if (kind === 'join') {
-    text.appendChild(document.createTextNode(instance ? ' joined (instance ' + instance + ')' : ' joined'));
+    // Joins are coalesced: two tabs on two instances can arrive as one.
+    var where = instance.indexOf(', ') >= 0 ? ' (instances ' : ' (instance ';
+    text.appendChild(document.createTextNode(instance ? ' joined' + where + instance + ')' : ' joined'));
   } else if (reason === 'expired') {
     // Its instance died without saying goodbye; the others noticed when
     // it stopped refreshing its presence.
@@ -150,19 +206,130 @@ function buildMember(m) {
   return li;
 }
 
-function renderMembers() {
-  var names = Array.from(members.keys()).sort(byName);
-  var list = el.memberList;
-  while (list.firstChild) list.removeChild(list.firstChild);
-  names.forEach(function (name) { list.appendChild(buildMember(members.get(name))); });
-  var total = names.length + moreMembers;
-  el.membersCount.textContent = String(total);
-  el.membersCount.title = total === 1 ? '1 person' : total + ' people';
-  // The one-line summary is what a phone shows while the list is collapsed.
-  el.membersSummary.textContent = names.join(', ') + (moreMembers ? ' +' + moreMembers : '');
-  el.membersMore.textContent = moreMembers ? 'and ' + moreMembers + ' more not listed' : '';
-  el.membersMore.hidden = !moreMembers;
+/** What a member's <li> shows: when it changes, the <li> is built again. */
+function memberKey(m) {
+  return m.connections + '|' + m.instances.join(',') + '|' + (m.name === S.name ? 'you' : '');
 }
+
+/**
+ * Brings the list's <li>s in step with `sorted`, touching only what
+ * changed: a frame in a room of a thousand moves a few rows, and a full
+ * rebuild would lose the reader's scroll position and focus each time.
+ */
+function syncList(sorted) {
+  var list = el.memberList;
+  var keep = new Set(sorted.map(function (m) { return m.name; }));
+  shown.forEach(function (row, name) {
+    if (keep.has(name)) return;
+    list.removeChild(row.li);
+    shown.delete(name);
+  });
+  // What is left is in name order, as `sorted` is: walk both together,
+  // inserting the new rows where they belong.
+  var next = list.firstChild;
+  sorted.forEach(function (m) {
+    var key = memberKey(m);
+    var row = shown.get(m.name);
+    if (!row || row.key !== key) {
+      var li = buildMember(m);
+      if (row) list.replaceChild(li, row.li);
+      if (row && next === row.li) next = li;
+      row = { li: li, key: key };
+      shown.set(m.name, row);
+    }
+    if (row.li === next) next = next.nextSibling;
+    else list.insertBefore(row.li, next);
+  });
+}
+
+function renderMembers() {
+  var sorted = Array.from(members.values()).sort(function (a, b) { return byName(a.name, b.name); });
+  syncList(sorted);
+  el.membersCount.textContent = String(count);
+  el.membersCount.title = count === 1 ? '1 person in this room' : count + ' people in this room';
+  // The one-line summary is what a phone shows while the list is collapsed.
+  var names = sorted.slice(0, SUMMARY_NAMES).map(function (m) { return m.name; });
+  var rest = Math.max(0, count - names.length);
+  el.membersSummary.textContent = names.join(', ') + (rest ? ' +' + rest : '');
+  var more = notHeld();
+  el.membersMore.textContent = more ? 'and ' + more + ' more' : '';
+  el.membersMore.hidden = !more;
+  el.membersLoad.hidden = !canAskMore();
+}
+
+// ---------------------------------------------------------------- a larger window
+// A large room shows the first members by name; scrolling to the bottom
+// of the list (or the "show more" button, for a list too short to
+// scroll) asks for WINDOW_STEP more, from the top: one window, so that
+// every later `presence_diff` keeps all of it up to date.
+
+function canAskMore() {
+  return !full && notHeld() > 0 && offset + members.size < askCeiling;
+}
+
+function askForMore(limit) {
+  if (asking || !S.ws || !canSend()) return;
+  limit = Math.min(limit, askCeiling);
+  if (limit <= 0) return;
+  askSeq += 1;
+  var cid = 'members-' + askSeq;
+  try {
+    S.ws.send(JSON.stringify({ type: 'members', offset: 0, limit: limit, cid: cid }));
+  } catch (e) {
+    console.warn('[chat] members frame not sent', e);
+    return;
+  }
+  wanted = Math.max(wanted, limit);
+  // Until its `presence` comes, one question is enough (scroll events come
+  // by the dozen); a lost answer must not block the list for good.
+  asking = { cid: cid, ws: S.ws, timer: setTimeout(answered, ASK_TIMEOUT_MS) };
+  el.membersLoad.disabled = true;
+}
+
+function answered() {
+  if (asking) clearTimeout(asking.timer);
+  asking = null;
+  el.membersLoad.disabled = false;
+}
+
+function askIfNearBottom() {
+  if (!canAskMore() || asking) return;
+  var list = el.memberList;
+  if (!list.getClientRects().length) return; // collapsed (a phone) or hidden
+  // The list ends below what shows of it: the aside scrolls as a whole on
+  // a wide screen, the panel on a narrow one.
+  var visibleBottom = Math.min(window.innerHeight,
+    el.members.getBoundingClientRect().bottom, el.membersPanel.getBoundingClientRect().bottom);
+  if (list.getBoundingClientRect().bottom - visibleBottom > NEAR_BOTTOM_PX) return;
+  askForMore(offset + members.size + WINDOW_STEP);
+}
+
+/** An `error` frame about our `members` frame: true if it was ours. */
+export function onMembersError(frame) {
+  if (!asking || typeof frame.cid !== 'string' || frame.cid !== asking.cid) return false;
+  console.warn('[chat] members frame refused', frame);
+  // A size the server refuses will be refused again: stay at what we hold.
+  if (frame.code === 'bad_request') askCeiling = offset + members.size;
+  answered();
+  renderMembers();
+  return true;
+}
+
+// Scroll events do not bubble, but the aside sees its panel's in the
+// capture phase; one check per frame is plenty.
+var scrollQueued = false;
+el.members.addEventListener('scroll', function () {
+  if (scrollQueued) return;
+  scrollQueued = true;
+  window.requestAnimationFrame(function () {
+    scrollQueued = false;
+    askIfNearBottom();
+  });
+}, true);
+
+el.membersLoad.addEventListener('click', function () {
+  if (canAskMore()) askForMore(offset + members.size + WINDOW_STEP);
+});
 
 // The list is only as good as the server's link to Redis: while it is
 // down (or we are not connected), joins and leaves on other instances do
@@ -250,7 +417,7 @@ function renderTyping() {
 // steady typist shows without a flicker. Not while delivery is down: the
 // frame could not reach the other instances anyway.
 export function noteTyping() {
-  if (!canSend() || !S.ws) return;
+  if (!enabled || !canSend() || !S.ws) return;
   if (el.input.value.trim() === '') return;
   var now = Date.now();
   if (now - lastTypingSent < TYPING_SEND_MS) return;
@@ -262,10 +429,23 @@ export function noteTyping() {
   }
 }
 
+/** With `--presence off` the server lists nobody and relays no typing:
+ * the page hides its member list and sends no `typing` frame. */
+export function applyPresenceConfig(cfg) {
+  enabled = !(cfg && cfg.presence === false);
+  var aside = document.getElementById('members');
+  if (aside) aside.setAttribute('data-presence', enabled ? 'on' : 'off');
+}
+
 /** Forget the room's members and typists (joining, leaving). */
 export function resetPresence() {
   members = new Map();
-  moreMembers = 0;
+  count = 0;
+  offset = 0;
+  full = true;
+  answered();
+  askCeiling = WINDOW_MAX;
+  wanted = 0;
   S.presenceFresh = false;
   typing = new Map();
   lastTypingSent = 0;

@@ -13,7 +13,7 @@ import { plural } from './format.js';
 import { S, debug } from './session.js';
 import { conn, setConn, setInstance, instanceName, startCountdown, stopCountdown } from './state.js';
 import { addNotice, flushQueue, onMessageFrame, onErrorFrame } from './conversation.js';
-import { onPresenceFrame, onJoinFrame, onLeaveFrame, onTypingFrame, clearTyping } from './presence.js';
+import { onPresenceFrame, onPresenceDiffFrame, onMembersError, onTypingFrame, clearTyping, applyPresenceConfig } from './presence.js';
 import { applyDemoControls, renderFaultPanel, faultLog } from './lab.js';
 
 var DEFAULT_WS_PORT = 15000;
@@ -63,17 +63,16 @@ function onFrame(ev) {
     case 'presence':
       onPresenceFrame(frame);
       break;
-    case 'join':
-      onJoinFrame(frame);
-      break;
-    case 'leave':
-      onLeaveFrame(frame);
+    case 'presence_diff':
+      onPresenceDiffFrame(frame);
       break;
     case 'typing':
       onTypingFrame(frame);
       break;
     case 'error':
-      onErrorFrame(frame);
+      // A refused `members` frame (the list's "show more") is the list's
+      // business, not a line in the conversation.
+      if (!onMembersError(frame)) onErrorFrame(frame);
       break;
     default:
       console.info('[chat] ignoring unknown frame type', frame.type, frame);
@@ -254,6 +253,7 @@ export function connect(reason) {
     if (!S.joined || joinedAt !== S.joinSeq || S.ws) return;
     if (!S.instance && typeof cfg.instance === 'string') setInstance(cfg.instance);
     applyDemoControls(cfg);
+    applyPresenceConfig(cfg);
     var url;
     try {
       url = buildWsUrl(cfg);
@@ -345,8 +345,9 @@ export function dropOldSocket() {
   oldWs = null;
   try { old.close(1000, 'replaced'); } catch (e) { /* ignore */ }
   // The new socket's presence snapshot (right after its welcome) counts
-  // the old one among our tabs, and closing it sends no event (another
-  // connection of ours remains): onPresenceFrame takes it off.
+  // the old one among our tabs, and the `presence_diff` that says it
+  // closed comes up to half a second later: onPresenceFrame takes it off
+  // at once, and that diff then changes nothing.
   S.uncountOld = true;
 }
 

@@ -27,17 +27,48 @@
 //   node tests/browser/chat.mjs --scenario presence --a http://127.0.0.1:PORT_A \
 //        --b http://127.0.0.1:PORT_B --pids ID_A=PID_A,ID_B=PID_B --room ROOM --out DIR
 //
-// (scenario "presence") alice on instance A and bob on instance B: both
-// member lists show alice and bob with their instances, and alice's page
-// shows bob's join line; bob types without sending and alice's page shows
-// "bob is typing…", gone a few seconds after he stops; a second tab of bob,
-// on A, lists bob with both instances and 2 tabs; closing it leaves bob
-// listed on alice's page, closing bob's first tab removes him and shows
-// "bob left" once. A tab whose name is markup comes and goes: alice's page
-// shows that name as text everywhere. Then carol opens on B, instance A (alice's) is SIGKILLed
-// (its PID from --pids; run the instances with a short --presence-ttl-ms),
-// and carol's page shows "alice left (instance A stopped answering)".
-// Saves DIR/presence-*.png, one of them at 390x844.
+// (scenario "presence") A small room: the server sends `presence_diff`
+// frames with joins, leaves and changed members, coalesced (up to
+// --presence-diff-ms, 0.5 s by default, after the fact), and never the old
+// `join` and `leave` frames. alice on instance A and bob on instance B:
+// both member lists show alice and bob with their instances, and alice's
+// page shows bob's join line; bob types without sending and alice's page
+// shows "bob is typing…", gone a few seconds after he stops; a second tab
+// of bob, on A, lists bob with both instances and 2 tabs (on his page and
+// on alice's); closing it leaves bob listed on alice's page with 1 tab and
+// no leave line, closing bob's first tab removes him and shows "bob left"
+// once. A tab whose name is markup comes and goes: alice's page shows that
+// name as text everywhere. Then carol opens on B, instance A (alice's) is
+// SIGKILLed (its PID from --pids; run the instances with a short
+// --presence-ttl-ms), and carol's page shows "alice left (instance A
+// stopped answering)". Saves DIR/presence-*.png, one of them at 390x844.
+//
+//   node tests/browser/chat.mjs --scenario large-room --a http://127.0.0.1:PORT_A \
+//        --b http://127.0.0.1:PORT_B --room ROOM --count 31 --window 5 \
+//        --bots bot00,bot01,...,bot29 --leave-file FILE --out DIR
+//
+// (scenario "large-room") Both instances run with --presence-full-list-max
+// WINDOW, and the bots (plain WebSocket clients of the Rust test, named by
+// --bots) are in ROOM already: a large room. alice opens on A: her page
+// shows COUNT members (the bots and herself) and lists only the first
+// WINDOW by name, "and N more" for the rest, no join line; her page sends
+// no `members` frame until its list is scrolled. Bots leave (chat.mjs
+// writes their names to FILE, one a line; the Rust side closes each bot it
+// finds named there): the count and the window follow, the rows that stay
+// are the same nodes (the list is updated, not rebuilt). alice scrolls her
+// member list to its bottom (a short window, so that it scrolls): the page
+// asks for WINDOW + 100 members from 0, once, and then lists every member,
+// in name order, never more rows than the count. Saves
+// DIR/large-room-window.png and DIR/large-room.png.
+//
+//   node tests/browser/chat.mjs --scenario presence-off --a http://127.0.0.1:PORT_A \
+//        --b http://127.0.0.1:PORT_B --room ROOM --out DIR
+//
+// (scenario "presence-off") Both instances run with --presence off. alice
+// on A and bob on B chat as usual; neither page shows a member list (the
+// sidebar is gone), alice's page sends no `typing` frame while she types,
+// gets no presence frame and shows no error. Saves
+// DIR/presence-off.png.
 //
 //   node tests/browser/chat.mjs --scenario lab --a http://127.0.0.1:PORT_A \
 //        --b http://127.0.0.1:PORT_B --room ROOM --out DIR
@@ -60,7 +91,7 @@
 // Every wait has an explicit timeout; prints one "ok" line per check and
 // exits 0, or prints what failed plus both pages' console logs and exits 1.
 
-import { mkdir } from 'node:fs/promises';
+import { mkdir, rename, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { chromium } from 'playwright-core';
@@ -94,6 +125,7 @@ function usage(problem) {
   console.error('       node chat.mjs --scenario reconnect --proxy <http url of nginx> --a <url> --b <url> --pids <id>=<pid>,<id>=<pid> --room <room> --out <dir>');
   console.error('       node chat.mjs --scenario presence --a <url> --b <url> --pids <id>=<pid>,<id>=<pid> --room <room> --out <dir>');
   console.error('       node chat.mjs --scenario lab --a <url> --b <url> --room <room> --out <dir>');
+  console.error('       node chat.mjs --scenario large-room --a <url> --b <url> --room <room> --count <n> --window <n> --bots <name>,<name>,... --leave-file <file> --out <dir>');
   process.exit(2);
 }
 
@@ -121,6 +153,10 @@ function parseCli() {
         b: { type: 'string' },
         room: { type: 'string' },
         out: { type: 'string' },
+        count: { type: 'string' },
+        window: { type: 'string' },
+        bots: { type: 'string' },
+        'leave-file': { type: 'string' },
       },
       strict: true,
       allowPositionals: false,
@@ -128,14 +164,22 @@ function parseCli() {
   } catch (e) {
     usage(e.message);
   }
-  if (!['basic', 'reconnect', 'presence', 'lab'].includes(values.scenario)) usage(`unknown --scenario ${values.scenario}`);
+  if (!['basic', 'reconnect', 'presence', 'lab', 'large-room', 'presence-off'].includes(values.scenario)) usage(`unknown --scenario ${values.scenario}`);
   const required = ['a', 'b', 'room', 'out'];
   if (values.scenario === 'reconnect') required.push('proxy', 'pids');
   if (values.scenario === 'presence') required.push('pids');
+  if (values.scenario === 'large-room') required.push('count', 'window', 'bots', 'leave-file');
   for (const key of required) {
     if (!values[key]) usage(`missing --${key}`);
   }
+  for (const key of ['count', 'window']) {
+    if (values[key] !== undefined && !/^[1-9][0-9]*$/.test(values[key])) usage(`--${key} must be a positive number`);
+  }
   return {
+    count: values.count ? Number(values.count) : null,
+    window: values.window ? Number(values.window) : null,
+    bots: values.bots ? values.bots.split(',').filter((n) => n !== '') : null,
+    leaveFile: values['leave-file'] || null,
     redisPid: values['redis-pid'] ? Number(values['redis-pid']) : null,
     scenario: values.scenario,
     proxy: values.proxy ? values.proxy.replace(/\/+$/, '') : null,
@@ -177,6 +221,21 @@ function recordLogs(page, label, logs) {
     logs.push(`[${label}] request failed: ${req.method()} ${req.url()}: ${req.failure()?.errorText}`),
   );
   page.on('crash', () => logs.push(`[${label}] page crashed`));
+}
+
+// The presence frames a page's sockets receive, recorded for the checks
+// (`join` and `leave` are gone from the protocol: recorded to catch them).
+const PRESENCE_TYPES = ['presence', 'presence_diff', 'join', 'leave'];
+
+/** A WebSocket frame's JSON object, or null. */
+function parseFrame(payload) {
+  if (typeof payload !== 'string') return null;
+  try {
+    const frame = JSON.parse(payload);
+    return frame && typeof frame === 'object' ? frame : null;
+  } catch {
+    return null;
+  }
 }
 
 /** Runs a wait; a timeout becomes a failure that says what was awaited. */
@@ -236,7 +295,9 @@ function itemsWithText(page, text) {
  * Opens the page of `base` in a new context and joins `room` as `name`
  * (through the URL's name and room). `extra` is appended to the query
  * (`&trace=1`). Every WebSocket the page opens is recorded in
- * `page.__wsUrls`.
+ * `page.__wsUrls`; the JSON frames its sockets send, in `page.__sent`, and
+ * the presence frames they receive (PRESENCE_TYPES), in `page.__presence`
+ * (each with `at`, the time it came, in ms).
  */
 async function openAndJoin(browser, base, name, room, label, logs, extra = '') {
   const context = await browser.newContext({ viewport: DESKTOP });
@@ -245,7 +306,19 @@ async function openAndJoin(browser, base, name, room, label, logs, extra = '') {
   page.setDefaultNavigationTimeout(WAIT_MS);
   recordLogs(page, label, logs);
   page.__wsUrls = [];
-  page.on('websocket', (ws) => page.__wsUrls.push(ws.url()));
+  page.__sent = [];
+  page.__presence = [];
+  page.on('websocket', (ws) => {
+    page.__wsUrls.push(ws.url());
+    ws.on('framesent', (f) => {
+      const frame = parseFrame(f.payload);
+      if (frame) page.__sent.push(frame);
+    });
+    ws.on('framereceived', (f) => {
+      const frame = parseFrame(f.payload);
+      if (frame && PRESENCE_TYPES.includes(frame.type)) page.__presence.push({ ...frame, at: Date.now() });
+    });
+  });
   const url = `${base}/?name=${encodeURIComponent(name)}&room=${encodeURIComponent(room)}${extra}`;
   const res = await waitFor(`${label} to load ${url}`, page.goto(url, { waitUntil: 'load', timeout: WAIT_MS }));
   if (!res || !res.ok()) fail(`${label}: GET ${url} answered ${res ? `HTTP ${res.status()}` : 'nothing'}`);
@@ -813,6 +886,38 @@ function typingLine(page) {
   return page.evaluate(() => document.querySelector('[data-testid="typing"]').textContent);
 }
 
+/**
+ * Fails unless every presence frame the page received is one of a small
+ * room's, as docs/PROTOCOL.md has them: `presence` with `count`, `offset`
+ * 0, `full` true and every member listed; `presence_diff` with `count` and
+ * only per-name changes; no `join` or `leave` frame.
+ */
+function checkSmallRoomFrames(page, label, room) {
+  const frames = page.__presence;
+  const snapshots = frames.filter((f) => f.type === 'presence');
+  const diffs = frames.filter((f) => f.type === 'presence_diff');
+  if (!snapshots.length || !diffs.length) fail(`${label} received ${snapshots.length} presence and ${diffs.length} presence_diff frames; expected some of each`);
+  for (const f of frames) {
+    const where = `${label}'s ${f.type} frame ${JSON.stringify(f)}`;
+    if (f.room !== room) fail(`${where}: room is not ${room}`);
+    if (!Number.isInteger(f.count) || f.count < 0) fail(`${where}: no count`);
+    if (f.type === 'presence') {
+      if (f.full !== true || f.offset !== 0 || f.more !== 0 || f.members.length !== f.count) {
+        fail(`${where}: a small room's snapshot is full, from offset 0, lists all count members, more 0`);
+      }
+    } else if (f.type === 'presence_diff') {
+      if ('members' in f || 'offset' in f) fail(`${where}: a small room's diff carries per-name changes, not a window`);
+      for (const key of ['joins', 'leaves', 'changed']) {
+        if (key in f && (!Array.isArray(f[key]) || f[key].length === 0)) fail(`${where}: ${key} present but not a non-empty list`);
+      }
+    } else {
+      fail(`${where}: not a presence frame of docs/PROTOCOL.md`);
+    }
+  }
+  const diffGaps = diffs.slice(1).map((f, i) => f.at - diffs[i].at);
+  ok(`${label}: ${snapshots.length} presence and ${diffs.length} presence_diff frames, all as a small room's (shortest gap between two diffs as received: ${diffGaps.length ? Math.min(...diffGaps) : '-'} ms)`);
+}
+
 async function mainPresence(opts, logs, state) {
   const [idA, idB] = await Promise.all([instanceId(opts.a), instanceId(opts.b)]);
   if (idA === idB) fail(`both instances report the same id ${JSON.stringify(idA)}: need two different instances`);
@@ -875,6 +980,14 @@ async function mainPresence(opts, logs, state) {
     { name: 'bob', instances: [idA, idB], tabs: '2 tabs' },
   ]);
   ok(`bob's 2nd tab lists bob with ${shown2[1].tabs} on instances ${shown2[1].instances.join(', ')}`);
+  // alice hears of it as a change of bob (a `changed` member), not a join.
+  await waitForMembers(alice, 'alice', [
+    { name: 'alice', instances: [idA], tabs: '1 tab' },
+    { name: 'bob', instances: [idA, idB], tabs: '2 tabs' },
+  ]);
+  const joinsOfBob = await presenceLines(alice, 'join', 'bob');
+  if (joinsOfBob.length !== 1) fail(`alice shows bob's joins as ${JSON.stringify(joinsOfBob)} after his 2nd tab opened, expected his first only`);
+  ok("alice's list follows bob's 2nd tab (2 tabs, both instances) without a second join line");
 
   // Screenshots: alice at desktop size; bob's 2nd tab at phone size, the
   // list collapsed to one line, then opened.
@@ -891,13 +1004,14 @@ async function mainPresence(opts, logs, state) {
   await bob2.screenshot({ path: path.join(opts.out, 'presence-phone-open.png'), timeout: WAIT_MS });
   ok(`at ${PHONE.width}x${PHONE.height} the member list collapses to ${JSON.stringify(summary)} and opens when tapped`);
 
-  // 4. bob closes his 2nd tab: still in the room through the first.
+  // 4. bob closes his 2nd tab: still in the room through the first (the
+  // change reaches alice coalesced, up to half a second later).
   await bob2.context().close();
-  await alice.waitForTimeout(SETTLE_MS);
   await waitForMembers(alice, 'alice', both);
+  await alice.waitForTimeout(SETTLE_MS);
   const early = await presenceLines(alice, 'leave', 'bob');
   if (early.length !== 0) fail(`alice shows ${JSON.stringify(early)} after bob closed only one of his two tabs`);
-  ok("bob closed his 2nd tab: alice still lists him, no leave line");
+  ok("bob closed his 2nd tab: alice lists him with 1 tab on his first instance, no leave line");
 
   // ... then his first: gone from alice's list, one "bob left" line.
   await bob.context().close();
@@ -937,6 +1051,8 @@ async function mainPresence(opts, logs, state) {
   if (injected.xss !== 'undefined') fail(`alice's window.__xss is ${injected.xss}: a name ran as HTML`);
   ok('a markup name shows as literal text in the member list, join, typing and leave lines; no <img>, window.__xss undefined');
 
+  checkSmallRoomFrames(alice, 'alice', opts.room);
+
   // 5. alice's instance dies: carol, on B, sees alice expire.
   const carol = await openAndJoin(state.browser, opts.b, 'carol', opts.room, 'carol', logs);
   await waitConnected(carol, 'carol', idB);
@@ -966,7 +1082,267 @@ async function mainPresence(opts, logs, state) {
   if (JSON.stringify(reason) !== '["expired"]') fail(`carol's leave lines for alice have reasons ${JSON.stringify(reason)}`);
   await carol.screenshot({ path: path.join(opts.out, 'presence-expired.png'), timeout: WAIT_MS });
   ok(`carol shows ${JSON.stringify(expired)} ${Date.now() - killedAt} ms after the kill, and lists only herself`);
+  checkSmallRoomFrames(carol, 'carol', opts.room);
   ok(`screenshots saved: ${['typing', 'alice', 'phone', 'phone-open', 'left', 'expired'].map((n) => path.join(opts.out, `presence-${n}.png`)).join(', ')}`);
+}
+
+// ------------------------------------------------------------ large room
+
+const LARGE_VIEW = { width: 1000, height: 320 }; // short, so that a few members make the sidebar scroll
+const WINDOW_STEP = 100; // a page at the bottom of its list asks for this many more members
+
+/** What the member list shows: its rows' names in order, the count, and "and N more" ("" when hidden). */
+function windowShown(page) {
+  return page.evaluate(() => {
+    const more = document.querySelector('[data-testid="members-more"]');
+    return {
+      names: [...document.querySelectorAll('[data-testid="member-list"] [data-testid="member"]')].map((li) => li.getAttribute('data-name')),
+      count: document.querySelector('[data-testid="members-count"]').textContent.trim(),
+      more: more.hidden ? '' : more.textContent.trim(),
+    };
+  });
+}
+
+/** Waits until the member list shows exactly `want` ({names, count, more}). */
+async function waitForWindow(page, label, want) {
+  try {
+    await page.waitForFunction(
+      (w) => {
+        const more = document.querySelector('[data-testid="members-more"]');
+        const names = [...document.querySelectorAll('[data-testid="member-list"] [data-testid="member"]')].map((li) => li.getAttribute('data-name'));
+        return (
+          JSON.stringify(names) === JSON.stringify(w.names) &&
+          document.querySelector('[data-testid="members-count"]').textContent.trim() === w.count &&
+          (more.hidden ? '' : more.textContent.trim()) === w.more
+        );
+      },
+      want,
+      { timeout: WAIT_MS, polling: 50 },
+    );
+  } catch (e) {
+    const shown = await windowShown(page).catch(() => 'unreadable');
+    fail(`${label}'s member list: waited for ${JSON.stringify(want)}, it shows ${JSON.stringify(shown)} (${e.message.split('\n')[0]})`);
+  }
+}
+
+/**
+ * Marks every row of the member list, to tell later whether a row is the
+ * same node (updated in place) or a new one (the list rebuilt).
+ */
+function markRows(page) {
+  return page.evaluate(() => {
+    for (const li of document.querySelectorAll('[data-testid="member-list"] [data-testid="member"]')) li.__mark = true;
+  });
+}
+
+/**
+ * Fails unless the rows built since markRows are exactly those of the
+ * members new in the list (`after` but not `before`): a row that stays is
+ * the same node. Returns how many rows were kept.
+ */
+async function expectRowsUpdated(page, label, before, after, what) {
+  const built = await page.evaluate(() =>
+    [...document.querySelectorAll('[data-testid="member-list"] [data-testid="member"]')]
+      .filter((li) => !li.__mark)
+      .map((li) => li.getAttribute('data-name')),
+  );
+  const expected = after.filter((n) => !before.includes(n));
+  if (JSON.stringify(built) !== JSON.stringify(expected)) {
+    fail(`${label}: when ${what}, the rows built anew are ${JSON.stringify(built)}, expected only the new members' ${JSON.stringify(expected)} (the list must be updated, not rebuilt)`);
+  }
+  return after.length - built.length;
+}
+
+/**
+ * Keeps, in the page, the largest excess of rows over the count it ever
+ * showed (window.__rowsOverCount, 0 or less when the list never held more
+ * members than the room has), checked at every change of the list or count.
+ */
+function watchRowsOverCount(page) {
+  return page.evaluate(() => {
+    const list = document.querySelector('[data-testid="member-list"]');
+    const count = document.querySelector('[data-testid="members-count"]');
+    const check = () => {
+      const over = list.querySelectorAll('[data-testid="member"]').length - Number(count.textContent);
+      window.__rowsOverCount = Math.max(window.__rowsOverCount ?? -Infinity, over);
+    };
+    check();
+    const watch = new MutationObserver(check);
+    watch.observe(list, { childList: true });
+    watch.observe(count, { childList: true, characterData: true, subtree: true });
+  });
+}
+
+/**
+ * Asks the Rust side to close the bots named `names`: it closes every bot
+ * named in the file (one name a line). The file is replaced whole (written
+ * aside, then renamed), so that it is never read half written.
+ */
+async function closeBots(file, closed, names) {
+  closed.push(...names);
+  await writeFile(`${file}.tmp`, `${closed.join('\n')}\n`);
+  await rename(`${file}.tmp`, file);
+}
+
+/** The `members` frames the page sent. */
+function membersAsked(page) {
+  return page.__sent.filter((f) => f.type === 'members');
+}
+
+async function mainLargeRoom(opts, logs, state) {
+  const idA = await instanceId(opts.a);
+  if (opts.bots.length + 1 !== opts.count) fail(`--count ${opts.count} is not the ${opts.bots.length} bots and alice`);
+  if (opts.count <= opts.window) fail(`--count ${opts.count} is not more than --window ${opts.window}: not a large room`);
+  if (opts.bots.some((n) => n <= 'alice')) fail('every bot must sort after "alice" (her row is the first of the window)');
+  await mkdir(opts.out, { recursive: true });
+  await launch(state);
+
+  // 1. alice joins a room that the bots made large: the count is the
+  // room's, the list the first members by name, and nobody's join is news.
+  const alice = await openAndJoin(state.browser, opts.a, 'alice', opts.room, 'alice', logs);
+  await waitConnected(alice, 'alice', idA);
+  await watchRowsOverCount(alice);
+  let inRoom = ['alice', ...opts.bots].sort();
+  const windowOf = (names, size) => ({
+    names: names.slice(0, size),
+    count: String(names.length),
+    more: names.length > size ? `and ${names.length - size} more` : '',
+  });
+  await waitForWindow(alice, 'alice', windowOf(inRoom, opts.window));
+  ok(`alice's page shows ${opts.count} in the room and lists the first ${opts.window}: ${inRoom.slice(0, opts.window).join(', ')}, "and ${opts.count - opts.window} more"`);
+  const joinLines = await alice.evaluate(() => document.querySelectorAll('[data-testid="presence-event"]').length);
+  if (joinLines !== 0) fail(`alice's conversation has ${joinLines} join/leave lines in a large room`);
+  await alice.screenshot({ path: path.join(opts.out, 'large-room-window.png'), timeout: WAIT_MS });
+
+  // 2. Three of the first members leave: the window slides up, the count
+  // drops, and the rows that stay are the same nodes.
+  await markRows(alice);
+  const closed = [];
+  const firstLeavers = opts.bots.slice(0, 3);
+  let before = inRoom.slice(0, opts.window);
+  const leftAt = Date.now();
+  await closeBots(opts.leaveFile, closed, firstLeavers);
+  inRoom = inRoom.filter((n) => !closed.includes(n));
+  await waitForWindow(alice, 'alice', windowOf(inRoom, opts.window));
+  const tookMs = Date.now() - leftAt;
+  let kept = await expectRowsUpdated(alice, 'alice', before, inRoom.slice(0, opts.window), `${firstLeavers.join(', ')} left`);
+  ok(`${firstLeavers.join(', ')} left: ${tookMs} ms later alice's page shows ${inRoom.length} and the window ${inRoom.slice(0, opts.window).join(', ')} (${kept} rows kept in place)`);
+  if (membersAsked(alice).length) fail(`alice's page sent ${JSON.stringify(membersAsked(alice))} before its list was scrolled`);
+
+  // 3. alice scrolls her member list to its bottom: one `members` frame
+  // for a larger window from 0, and every member listed, in order.
+  await alice.setViewportSize(LARGE_VIEW);
+  await alice.waitForTimeout(300); // let the layout settle
+  const scroller = await alice.evaluate(() => {
+    const aside = document.querySelector('[data-testid="members"]');
+    return { scrollHeight: aside.scrollHeight, clientHeight: aside.clientHeight };
+  });
+  if (scroller.scrollHeight <= scroller.clientHeight) {
+    fail(`at ${LARGE_VIEW.width}x${LARGE_VIEW.height} alice's member list does not scroll (${JSON.stringify(scroller)}): the test cannot scroll it`);
+  }
+  await markRows(alice);
+  before = inRoom.slice(0, opts.window);
+  const box = await alice.getByTestId('member-list').boundingBox();
+  await alice.mouse.move(box.x + box.width / 2, box.y + 10);
+  const held = opts.window;
+  for (let i = 0; i < 20 && !membersAsked(alice).length; i++) {
+    await alice.mouse.wheel(0, 200);
+    await alice.waitForTimeout(100);
+  }
+  const loaded = inRoom.slice(0, held + WINDOW_STEP);
+  await waitForWindow(alice, 'alice', windowOf(inRoom, held + WINDOW_STEP));
+  const asked = membersAsked(alice);
+  if (asked.length !== 1 || asked[0].offset !== 0 || asked[0].limit !== held + WINDOW_STEP) {
+    fail(`alice's page asked ${JSON.stringify(asked)} for more members; expected one {"type":"members","offset":0,"limit":${held + WINDOW_STEP}}`);
+  }
+  kept = await expectRowsUpdated(alice, 'alice', before, loaded, 'more members were loaded');
+  ok(`alice scrolled her list to its bottom: the page asked ${JSON.stringify(asked[0])}, then listed all ${loaded.length}, in name order (${kept} rows kept in place)`);
+
+  // 4. Two of the last leave, while she holds them: rows removed, count down.
+  await markRows(alice);
+  before = loaded;
+  const lastLeavers = opts.bots.slice(-2);
+  await closeBots(opts.leaveFile, closed, lastLeavers);
+  inRoom = inRoom.filter((n) => !closed.includes(n));
+  await waitForWindow(alice, 'alice', windowOf(inRoom, held + WINDOW_STEP));
+  kept = await expectRowsUpdated(alice, 'alice', before, inRoom.slice(0, held + WINDOW_STEP), `${lastLeavers.join(', ')} left`);
+  ok(`${lastLeavers.join(', ')} left: alice's page shows ${inRoom.length} and lists them all (${kept} rows kept in place)`);
+  if (membersAsked(alice).length !== 1) fail(`alice's page asked for members ${membersAsked(alice).length} times; once was enough`);
+
+  const over = await alice.evaluate(() => window.__rowsOverCount);
+  if (!(over <= 0)) fail(`alice's member list once held ${over} more rows than the count it showed`);
+  ok('alice\'s member list never held more rows than the count it showed');
+  checkLargeRoomFrames(alice, 'alice', opts.room);
+  await alice.setViewportSize(DESKTOP);
+  await alice.evaluate(() => document.querySelector('[data-testid="members"]').scrollTo(0, 120));
+  await alice.waitForTimeout(300);
+  await alice.screenshot({ path: path.join(opts.out, 'large-room.png'), timeout: WAIT_MS });
+  ok(`screenshots saved: ${['large-room-window', 'large-room'].map((n) => path.join(opts.out, `${n}.png`)).join(', ')}`);
+}
+
+/**
+ * Fails unless every presence frame the page received is one of a large
+ * room's, as docs/PROTOCOL.md has them: `presence` with `full` false, a
+ * `count`, `offset` 0 and `more` the members not listed; `presence_diff`
+ * with a `count`, and a window (`offset` and `members`) or nothing else.
+ */
+async function mainPresenceOff(opts, logs, state) {
+  const [idA, idB] = [await instanceId(opts.a), await instanceId(opts.b)];
+  await launch(state);
+  const alice = await openAndJoin(state.browser, opts.a, 'alice', opts.room, 'alice@A', logs);
+  await waitConnected(alice, 'alice@A', idA);
+  const bob = await openAndJoin(state.browser, opts.b, 'bob', opts.room, 'bob@B', logs);
+  await waitConnected(bob, 'bob@B', idB);
+  // Typing, slowly enough that a page with presence would send `typing`.
+  const input = alice.getByTestId('message-input');
+  await input.pressSequentially('hello without presence', { delay: 60, timeout: WAIT_MS });
+  await input.press('Enter', { timeout: WAIT_MS });
+  await waitForMessage(bob, 'bob@B', { text: 'hello without presence', from: 'alice' });
+  await waitForMessage(alice, 'alice@A', { text: 'hello without presence', from: 'alice' });
+  ok('a message crosses instances with presence off');
+  await alice.waitForTimeout(SETTLE_MS);
+  for (const [page, label] of [[alice, 'alice@A'], [bob, 'bob@B']]) {
+    const list = await page.evaluate(() => {
+      const aside = document.querySelector('[data-testid="members"]');
+      const box = aside.getBoundingClientRect();
+      return {
+        attr: aside.getAttribute('data-presence'),
+        shown: getComputedStyle(aside).display !== 'none' && box.width > 0,
+      };
+    });
+    if (list.attr !== 'off' || list.shown) {
+      fail(`${label}: the member list shows with presence off (${JSON.stringify(list)})`);
+    }
+    if (page.__presence.length) fail(`${label}: presence frames with presence off: ${JSON.stringify(page.__presence)}`);
+    const errors = await page.locator('[data-testid="messages"] .notice-error').count();
+    if (errors) fail(`${label}: ${errors} error lines in the conversation`);
+  }
+  const typingSent = alice.__sent.filter((f) => f.type === 'typing' || f.type === 'members');
+  if (typingSent.length) fail(`alice@A sent ${JSON.stringify(typingSent)} to a server with presence off`);
+  ok('no member list, no typing or members frame, no presence frame, no error line');
+  await alice.screenshot({ path: path.join(opts.out, 'presence-off.png') });
+  ok(`screenshot saved: ${path.join(opts.out, 'presence-off.png')}`);
+}
+
+function checkLargeRoomFrames(page, label, room) {
+  const frames = page.__presence;
+  for (const f of frames) {
+    const where = `${label}'s ${f.type} frame ${JSON.stringify(f).slice(0, 300)}`;
+    if (f.room !== room) fail(`${where}: room is not ${room}`);
+    if (!Number.isInteger(f.count) || f.count < 0) fail(`${where}: no count`);
+    if (f.type === 'presence') {
+      if (f.full !== false || f.offset !== 0 || !Array.isArray(f.members) || f.more !== f.count - f.members.length) {
+        fail(`${where}: a large room's snapshot has full false, offset 0, more = count - listed`);
+      }
+    } else if (f.type === 'presence_diff') {
+      if ('joins' in f || 'leaves' in f || 'changed' in f) fail(`${where}: a large room's diff has no per-name changes`);
+      if (('members' in f) !== ('offset' in f)) fail(`${where}: members and offset come together`);
+    } else {
+      fail(`${where}: not a presence frame of docs/PROTOCOL.md`);
+    }
+  }
+  const snapshots = frames.filter((f) => f.type === 'presence').length;
+  ok(`${label}: ${snapshots} presence and ${frames.length - snapshots} presence_diff frames, all as a large room's`);
 }
 
 // ------------------------------------------------------------ lab: X-ray and fault panel
@@ -1325,7 +1701,14 @@ const watchdog = setTimeout(() => {
 watchdog.unref();
 
 try {
-  const scenarios = { basic: mainBasic, reconnect: mainReconnect, presence: mainPresence, lab: mainLab };
+  const scenarios = {
+    basic: mainBasic,
+    reconnect: mainReconnect,
+    presence: mainPresence,
+    lab: mainLab,
+    'large-room': mainLargeRoom,
+    'presence-off': mainPresenceOff,
+  };
   await scenarios[opts.scenario](opts, logs, state);
   console.log('all browser checks passed');
 } catch (e) {
