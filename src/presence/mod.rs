@@ -199,10 +199,27 @@ struct Telling {
     count: usize,
     full: bool,
     /// A small room: its members, and what changed since the last tick.
-    whole: Vec<PresenceMember>,
+    whole: Listed,
     changes: Changes,
     /// A large room: each window its clients hold, with its members.
-    windows: HashMap<(usize, usize), Vec<PresenceMember>>,
+    windows: HashMap<(usize, usize), Listed>,
+}
+
+/// Members as one frame lists them, and their hash (what a client that
+/// holds them recorded).
+#[derive(Default)]
+struct Listed {
+    members: Vec<PresenceMember>,
+    hash: u64,
+}
+
+impl Listed {
+    fn new(members: Vec<PresenceMember>) -> Self {
+        Listed {
+            hash: hash(&members),
+            members,
+        }
+    }
 }
 
 pub struct Tracker {
@@ -493,12 +510,12 @@ impl Tracker {
             epoch: room.epoch,
             count,
             full,
-            whole: Vec::new(),
+            whole: Listed::default(),
             changes: Changes::default(),
             windows: HashMap::new(),
         };
         if full {
-            telling.whole = roster.window(0, count);
+            telling.whole = Listed::new(roster.window(0, count));
             telling.changes = changes;
         } else {
             for member in members.iter() {
@@ -506,7 +523,7 @@ impl Tracker {
                 telling
                     .windows
                     .entry(window)
-                    .or_insert_with(|| roster.window(window.0, window.1));
+                    .or_insert_with(|| Listed::new(roster.window(window.0, window.1)));
             }
         }
         Some((telling, members))
@@ -549,7 +566,7 @@ impl Tracker {
                     None => continue,
                 }
             };
-            let content = hash(listed);
+            let content = listed.hash;
             let told = if held.full != Some(telling.full) || held.epoch != telling.epoch {
                 Told::Whole(window)
             } else if telling.full {
@@ -577,15 +594,19 @@ impl Tracker {
             }
             let batch = frames.entry(told).or_insert_with(|| {
                 let frame = match told {
-                    Told::Whole(_) => {
-                        whole_frame(&telling.room, telling.count, window.0, telling.full, listed)
-                    }
+                    Told::Whole(_) => whole_frame(
+                        &telling.room,
+                        telling.count,
+                        window.0,
+                        telling.full,
+                        &listed.members,
+                    ),
                     Told::Changes => diff_frame(diff_of_changes.as_ref().expect("changes")),
                     Told::Window(_) => diff_frame(&PresenceDiff {
                         room: telling.room.clone(),
                         count: telling.count,
                         offset: Some(window.0),
-                        members: Some(listed.clone()),
+                        members: Some(listed.members.clone()),
                         ..PresenceDiff::default()
                     }),
                     Told::Count | Told::Nothing => diff_frame(&PresenceDiff {
@@ -920,11 +941,19 @@ mod tests {
         let told = client.received();
         assert_eq!(listed(&told[0], "members"), ["f", "z"], "{}", told[0]);
         assert_eq!(told[0]["offset"], 3);
-        let refused = room
-            .tracker
-            .request("r", &client.member.view, &client.member.outbox, 0, Some(1001));
+        let refused = room.tracker.request(
+            "r",
+            &client.member.view,
+            &client.member.outbox,
+            0,
+            Some(1001),
+        );
         assert!(refused.unwrap_err().contains("1 to 1000"));
-        assert_eq!(client.member.view.window(), (3, 2), "a refused window changes nothing");
+        assert_eq!(
+            client.member.view.window(),
+            (3, 2),
+            "a refused window changes nothing"
+        );
     }
 
     #[test]
