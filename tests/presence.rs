@@ -212,7 +212,10 @@ impl Follower {
                 self.count = frame["count"].as_u64().expect("diff without count");
                 let lists = ["joins", "leaves", "changed"];
                 if lists.iter().any(|list| frame.get(list).is_some()) {
-                    assert!(self.full, "{who}: joins and leaves in a large room: {frame}");
+                    assert!(
+                        self.full,
+                        "{who}: joins and leaves in a large room: {frame}"
+                    );
                     assert!(frame.get("members").is_none(), "{who}: {frame}");
                 }
                 for list in ["joins", "changed"] {
@@ -229,7 +232,8 @@ impl Follower {
                             matches!(leave["reason"].as_str(), Some("left" | "expired")),
                             "{who}: a leave with an unknown reason: {frame}"
                         );
-                        self.held.remove(leave["name"].as_str().expect("a leave's name"));
+                        self.held
+                            .remove(leave["name"].as_str().expect("a leave's name"));
                     }
                 }
                 if frame.get("members").is_some() {
@@ -929,17 +933,17 @@ fn a_large_room_is_a_count_and_a_window_the_client_can_move() {
     for (request, says) in [
         (json!({"type": "members", "limit": 0, "cid": "w2"}), "limit"),
         (json!({"type": "members", "limit": 11, "cid": "w3"}), "10"),
-        (json!({"type": "members", "offset": -1, "cid": "w4"}), "members"),
+        (
+            json!({"type": "members", "offset": -1, "cid": "w4"}),
+            "members",
+        ),
     ] {
         let cid = request["cid"].clone();
         kim.ask_members(request);
         let error = kim.next_of_type("error");
         assert_eq!(error["code"], "bad_request", "{error}");
         assert_eq!(error["cid"], cid, "{error}");
-        assert!(
-            error["message"].as_str().unwrap().contains(says),
-            "{error}"
-        );
+        assert!(error["message"].as_str().unwrap().contains(says), "{error}");
     }
     assert_eq!(kim.offset, 3);
 
@@ -1096,7 +1100,10 @@ fn with_presence_off_nothing_is_listed_written_or_relayed() {
         let error = next_frame(&mut alice, "alice", TIMEOUT).expect("an answer");
         assert_eq!(error["type"], "error", "{error}");
         assert_eq!(error["code"], "bad_request", "{error}");
-        assert_eq!(error["cid"], request.get("cid").cloned().unwrap_or(Value::Null));
+        assert_eq!(
+            error["cid"],
+            request.get("cid").cloned().unwrap_or(Value::Null)
+        );
         assert!(error["message"].as_str().unwrap().contains(says), "{error}");
     }
     alice.send("hello", "h1");
@@ -1112,10 +1119,7 @@ fn with_presence_off_nothing_is_listed_written_or_relayed() {
         .arg(format!("{prefix}:presence*"))
         .query(&mut redis_client)
         .unwrap();
-    let listed: Vec<&String> = keys
-        .iter()
-        .filter(|key| key.contains("lobby"))
-        .collect();
+    let listed: Vec<&String> = keys.iter().filter(|key| key.contains("lobby")).collect();
     assert!(listed.is_empty(), "no member written: {listed:?}");
 }
 

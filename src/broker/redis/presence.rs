@@ -506,7 +506,9 @@ impl PresenceThread {
         if added == 1 && !rewrite && !self.local.is_empty() {
             // Taken for dead (a long silence) and cleaned up after: its
             // members, alive, are written again.
-            warn!("presence: this instance was taken for dead by the others; writing its members again");
+            warn!(
+                "presence: this instance was taken for dead by the others; writing its members again"
+            );
         }
         if rewrite || (added == 1 && !self.local.is_empty()) {
             self.rewrite_all()?;
