@@ -877,7 +877,7 @@ fn a_large_room_is_a_count_and_a_window_the_client_can_move() {
     // afresh: the count and the first four.
     let mark = kim.frames.len();
     let mut room_now = names(&["ben", "dan", "eve", "kim", "ray"]);
-    let mut ray = Follower::join(&b, "ray", room);
+    let ray = Follower::join(&b, "ray", room);
     assert_eq!(ray.snapshot["full"], false, "{}", ray.snapshot);
     assert_eq!(ray.snapshot["count"], 5);
     assert_eq!(ray.snapshot["more"], 1);

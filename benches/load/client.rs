@@ -1,13 +1,16 @@
 //! One worker's clients: the connection, the stamped texts a sender sends,
-//! and what each receiver checks and measures of every delivery.
+//! what each receiver checks and measures of every delivery, and its
+//! presence frames (counted, and applied to its view of the room: see
+//! `members.rs`). A connection's life is `session`, which a churner
+//! (`churn.rs`) lives again and again.
 //!
 //! Every text carries `<sender>:<seq>:<send time in ns>`. The time is
 //! `CLOCK_MONOTONIC`, the same clock in every process of the machine, so a
 //! receiver in one worker process measures the latency of a sender in
 //! another.
 
-use std::borrow::Cow;
 use std::collections::HashSet;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,18 +18,19 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
-use serde::Deserialize;
 use tokio::sync::{Mutex as AsyncMutex, Semaphore, mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{WebSocketStream, client_async_with_config};
 
+use crate::churn;
 use crate::layout::Layout;
+use crate::members::{Kind, View};
 
-type Ws = WebSocketStream<tokio::net::TcpStream>;
+pub type Ws = WebSocketStream<tokio::net::TcpStream>;
 type WsSink = Arc<AsyncMutex<SplitSink<Ws, Message>>>;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const TEXT_BYTES: usize = 100;
 
 /// Nanoseconds of `CLOCK_MONOTONIC`: senders stamp it into the text,
@@ -78,179 +82,24 @@ pub struct ClientStats {
     pub lat_cross: Vec<u32>,
     /// Why the connection ended before we closed it.
     pub ended: Option<String>,
-    /// The room's members as this client knows them (presence-join).
-    pub members: Option<MemberList>,
-}
-
-/// A client's member list: its `presence` snapshot, then every `join` and
-/// `leave` it got, applied idempotently (a join of someone listed, a leave
-/// of someone not listed change nothing). Our clients' names are a bit
-/// each; any other name is a stranger, kept by name.
-pub struct MemberList {
-    bits: Vec<u64>,
-    /// Clients listed (bits set).
-    pub count: usize,
-    /// Names listed that are no client's: a complete list has none.
-    pub strangers: HashSet<String>,
-    pub snapshots: u64,
-    /// Snapshots that left members out (`more` > 0).
-    pub cut_short: u64,
-    pub joins: u64,
-    pub leaves: u64,
-    /// Leaves with reason `expired` (an entry its instance did not refresh
-    /// in time).
-    pub expired: u64,
-    /// Events that changed nothing (overlap with the snapshot, or repeats).
-    pub no_ops: u64,
-}
-
-impl MemberList {
-    fn new(clients: usize) -> Self {
-        MemberList {
-            bits: vec![0; clients.div_ceil(64)],
-            count: 0,
-            strangers: HashSet::new(),
-            snapshots: 0,
-            cut_short: 0,
-            joins: 0,
-            leaves: 0,
-            expired: 0,
-            no_ops: 0,
-        }
-    }
-
-    /// Adds (or removes) `name`; true when that changed the list.
-    fn apply(&mut self, layout: &Layout, name: &str, present: bool) -> bool {
-        let Some(k) = layout.client_of(name) else {
-            return if present {
-                self.strangers.insert(name.to_string())
-            } else {
-                self.strangers.remove(name)
-            };
-        };
-        let (word, bit) = (k / 64, 1u64 << (k % 64));
-        let was = self.bits[word] & bit != 0;
-        if was == present {
-            return false;
-        }
-        self.bits[word] ^= bit;
-        if present {
-            self.count += 1;
-        } else {
-            self.count -= 1;
-        }
-        true
-    }
-
-    fn on_frame(&mut self, layout: &Layout, frame: PresenceFrame<'_>) {
-        match frame {
-            PresenceFrame::Snapshot { names, more } => {
-                // A snapshot is the whole list: it replaces what was known.
-                self.bits.iter_mut().for_each(|w| *w = 0);
-                self.count = 0;
-                self.strangers.clear();
-                for name in names {
-                    self.apply(layout, &name, true);
-                }
-                self.snapshots += 1;
-                if more > 0 {
-                    self.cut_short += 1;
-                }
-            }
-            PresenceFrame::Join(name) => {
-                self.joins += 1;
-                if !self.apply(layout, &name, true) {
-                    self.no_ops += 1;
-                }
-            }
-            PresenceFrame::Leave(name, expired) => {
-                self.leaves += 1;
-                self.expired += u64::from(expired);
-                if !self.apply(layout, &name, false) {
-                    self.no_ops += 1;
-                }
-            }
-        }
-    }
-
-    /// Whether the list is exactly every client's name.
-    pub fn complete(&self, clients: usize) -> bool {
-        self.count == clients && self.strangers.is_empty()
-    }
-}
-
-/// A frame that changes a member list.
-enum PresenceFrame<'a> {
-    Snapshot {
-        names: Vec<Cow<'a, str>>,
-        more: usize,
-    },
-    Join(Cow<'a, str>),
-    /// The name, and whether the reason is `expired`.
-    Leave(Cow<'a, str>, bool),
-}
-
-#[derive(Deserialize)]
-struct SnapshotWire<'a> {
-    #[serde(borrow)]
-    members: Vec<MemberWire<'a>>,
-    #[serde(default)]
-    more: usize,
-}
-
-#[derive(Deserialize)]
-struct MemberWire<'a> {
-    #[serde(borrow)]
-    name: Cow<'a, str>,
-}
-
-#[derive(Deserialize)]
-struct EventWire<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
-    #[serde(borrow)]
-    name: Cow<'a, str>,
-    #[serde(default, borrow)]
-    reason: Option<Cow<'a, str>>,
-}
-
-/// A `presence`, `join` or `leave` frame; `None` for anything else. The
-/// server writes `type` first; the events are parsed by hand (a join storm
-/// of N clients is N²/2 of them), with JSON as the fallback for a name
-/// with escapes or fields in another order.
-fn parse_presence(frame: &str) -> Option<PresenceFrame<'_>> {
-    if frame.starts_with("{\"type\":\"presence\"") {
-        let wire: SnapshotWire = serde_json::from_str(frame).ok()?;
-        return Some(PresenceFrame::Snapshot {
-            names: wire.members.into_iter().map(|m| m.name).collect(),
-            more: wire.more,
-        });
-    }
-    let join = frame.starts_with("{\"type\":\"join\"");
-    if join || frame.starts_with("{\"type\":\"leave\"") {
-        let at = frame.find("\"name\":\"")? + 8;
-        let len = frame[at..].find('"')?;
-        let name = &frame[at..at + len];
-        if !name.contains('\\') {
-            let name = Cow::Borrowed(name);
-            return Some(if join {
-                PresenceFrame::Join(name)
-            } else {
-                PresenceFrame::Leave(name, frame.contains("\"reason\":\"expired\""))
-            });
-        }
-    } else if !frame.contains("\"type\":\"join\"") && !frame.contains("\"type\":\"leave\"") {
-        return None;
-    }
-    let wire: EventWire = serde_json::from_str(frame).ok()?;
-    match wire.kind.as_ref() {
-        "join" => Some(PresenceFrame::Join(wire.name)),
-        "leave" => Some(PresenceFrame::Leave(
-            wire.name,
-            wire.reason.as_deref() == Some("expired"),
-        )),
-        _ => None,
-    }
+    /// A connection is open now (a churner's comes and goes).
+    pub online: bool,
+    /// Presence frames received (`presence`, `presence_diff`, and a server
+    /// from before's `join` and `leave`), and their bytes, over the
+    /// client's connections.
+    pub presence_frames: u64,
+    pub presence_bytes: u64,
+    /// `presence_frames` and `presence_bytes` at the last mark.
+    pub mark: (u64, u64),
+    /// Since when its count has been the target's (ns), if it is.
+    pub right_since: Option<u64>,
+    /// Latencies of messages sent before the churn and during it
+    /// (presence-churn).
+    pub lat_quiet: Vec<u32>,
+    pub lat_churn: Vec<u32>,
+    /// The room's members as this client knows them (the scenarios with
+    /// member lists).
+    pub view: Option<View>,
 }
 
 impl ClientStats {
@@ -271,12 +120,46 @@ impl ClientStats {
             lat_same: Vec::new(),
             lat_cross: Vec::new(),
             ended: None,
-            members: layout.member_lists.then(|| MemberList::new(layout.clients)),
+            online: false,
+            presence_frames: 0,
+            presence_bytes: 0,
+            mark: (0, 0),
+            right_since: None,
+            lat_quiet: Vec::new(),
+            lat_churn: Vec::new(),
+            view: layout.member_lists.then(|| View::new(layout)),
+        }
+    }
+
+    /// Takes a presence frame: counts it and, with a view, applies it;
+    /// then notes whether the count is `target`'s (`u64::MAX`: none).
+    fn on_presence(&mut self, layout: &Layout, kind: Kind, frame: &str, target: u64) {
+        self.presence_frames += 1;
+        self.presence_bytes += frame.len() as u64;
+        let Some(view) = self.view.as_mut() else {
+            return;
+        };
+        view.apply(layout, kind, frame);
+        let right = target != u64::MAX && view.count() == Some(target as usize);
+        if !right {
+            self.right_since = None;
+        } else if self.right_since.is_none() {
+            self.right_since = Some(now_ns());
         }
     }
 
     /// Records one delivery; true when it is new (not a duplicate).
-    fn record(&mut self, sender: usize, seq: u64, sent_ns: u64, now: u64, same: bool) -> bool {
+    /// `split_ns`: messages sent before it are the quiet phase's, after it
+    /// the churn's (`u64::MAX`: no phases).
+    fn record(
+        &mut self,
+        sender: usize,
+        seq: u64,
+        sent_ns: u64,
+        now: u64,
+        same: bool,
+        split_ns: u64,
+    ) -> bool {
         let late = self.late;
         let tr = match self.tracks.get_mut(sender) {
             Some(Some(tr)) => tr,
@@ -321,6 +204,13 @@ impl ClientStats {
                 self.lat_same.push(us);
             } else {
                 self.lat_cross.push(us);
+            }
+            if split_ns != u64::MAX {
+                if sent_ns < split_ns {
+                    self.lat_quiet.push(us);
+                } else {
+                    self.lat_churn.push(us);
+                }
             }
         }
         fresh
@@ -382,10 +272,18 @@ pub struct Shared {
     /// and the last receiver got it, to split latency into the path to the
     /// first receiver and the fan-out to the whole room.
     pub per_message: Vec<PerMessage>,
+    /// The count every view should reach (`u64::MAX`: none yet).
+    pub target: AtomicU64,
+    /// When the churn started (ns; `u64::MAX`: not yet): latencies of
+    /// messages sent before are the quiet phase's.
+    pub split_ns: AtomicU64,
+    /// The churn's phase, and what the churners did (presence-churn).
+    pub churn: watch::Receiver<churn::Phase>,
+    pub churned: churn::Counters,
 }
 
 impl Shared {
-    fn note_error(&self, what: String) {
+    pub fn note_error(&self, what: String) {
         let mut e = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
         if e.is_none() {
             *e = Some(what);
@@ -437,7 +335,8 @@ impl PerMessage {
     }
 }
 
-async fn connect(shared: &Shared, k: usize) -> Result<Ws, String> {
+/// Opens client `k`'s WebSocket and waits for its `welcome`.
+pub async fn connect(shared: &Shared, k: usize) -> Result<Ws, String> {
     let addr = shared.ws[shared.layout.instance(k)];
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
@@ -479,17 +378,37 @@ fn parse_stamp(frame: &str) -> Option<(usize, u64, u64)> {
 /// `conn_tx`), starts its sender if it is one, and checks every delivery
 /// until shutdown.
 pub async fn client(k: usize, shared: Arc<Shared>, stats: Arc<Mutex<ClientStats>>) {
+    let Some(ws) = first_connect(k, &shared, &stats).await else {
+        return;
+    };
+    let sends = shared.layout.is_sender(k);
+    if let Some(why) = session(k, ws, &shared, &stats, sends, std::future::pending()).await {
+        lost(k, &shared, &stats, why);
+    }
+    shared.live.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Client `k`'s first connection, at most `--concurrency` handshakes in
+/// flight over the workers: reports the handshake time (or the failure) on
+/// `conn_tx`; the client is then live (until its task ends) and
+/// connected. A sender counts as active before it is reported, so that
+/// `Stop` waits for it.
+pub async fn first_connect(
+    k: usize,
+    shared: &Arc<Shared>,
+    stats: &Arc<Mutex<ClientStats>>,
+) -> Option<Ws> {
     let permit = shared.conn_sem.acquire().await.expect("semaphore open");
     let t0 = Instant::now();
-    let ws = match tokio::time::timeout(CONNECT_TIMEOUT, connect(&shared, k)).await {
+    let ws = match tokio::time::timeout(CONNECT_TIMEOUT, connect(shared, k)).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             let _ = shared.conn_tx.send(Err(e));
-            return;
+            return None;
         }
         Err(_) => {
             let _ = shared.conn_tx.send(Err("timed out (30 s)".into()));
-            return;
+            return None;
         }
     };
     let took = t0.elapsed();
@@ -501,55 +420,88 @@ pub async fn client(k: usize, shared: Arc<Shared>, stats: Arc<Mutex<ClientStats>
         st.join_ns = now_ns();
     }
     shared.live.fetch_add(1, Ordering::SeqCst);
+    if shared.layout.is_sender(k) {
+        shared.active_senders.fetch_add(1, Ordering::SeqCst);
+    }
+    let _ = shared.conn_tx.send(Ok(took.as_micros() as u64));
+    Some(ws)
+}
+
+/// Notes why client `k`'s connection ended before we closed it.
+pub fn lost(k: usize, shared: &Shared, stats: &Mutex<ClientStats>, why: String) {
+    shared.note_error(format!(
+        "client c{k} (instance {}) {why}",
+        ["a", "b"][shared.layout.instance(k)]
+    ));
+    stats.lock().unwrap().ended = Some(why);
+}
+
+/// One connection of client `k`, after its `welcome`: starts its sender
+/// (`sends`), checks every frame, until shutdown or `until` (then it
+/// closes politely: `None`) or until the server ends it (`Some(why)`).
+pub async fn session(
+    k: usize,
+    ws: Ws,
+    shared: &Arc<Shared>,
+    stats: &Arc<Mutex<ClientStats>>,
+    sends: bool,
+    until: impl Future<Output = ()>,
+) -> Option<String> {
+    stats.lock().unwrap().online = true;
     let (sink, mut stream) = ws.split();
     let sink: WsSink = Arc::new(AsyncMutex::new(sink));
     let window = Arc::new(Semaphore::new(shared.window));
-    let me = shared.layout.is_sender(k).then_some(k);
+    let me = sends.then_some(k);
     if let Some(j) = me {
-        shared.active_senders.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(sender(j, sink.clone(), window.clone(), shared.clone()));
     }
-    let _ = shared.conn_tx.send(Ok(took.as_micros() as u64));
-
+    // A churner comes and goes, and gets history again each time: its
+    // deliveries are not checked.
+    let checks_messages = shared.layout.churner(k).is_none();
+    let layout = &shared.layout;
     let mut shutdown = shared.shutdown.clone();
+    tokio::pin!(until);
     let ended: Option<String> = loop {
         tokio::select! {
             biased;
             _ = shutdown.wait_for(|v| *v) => break None,
+            _ = &mut until => break None,
             msg = stream.next() => match msg {
                 Some(Ok(Message::Text(t))) => {
                     let t = t.as_str();
-                    if t.starts_with("{\"type\":\"message\"") {
-                        let Some((j, seq, sent_ns)) = parse_stamp(t) else {
-                            stats.lock().unwrap().foreign += 1;
-                            continue;
-                        };
-                        let now = now_ns();
-                        let fresh = {
-                            let mut st = stats.lock().unwrap();
-                            let same = shared.layout.instance(j) == st.inst;
-                            st.record(j, seq, sent_ns, now, same)
-                        };
-                        shared.total.fetch_add(1, Ordering::Relaxed);
-                        if fresh {
-                            shared.unique.fetch_add(1, Ordering::Relaxed);
+                    match Kind::of(t) {
+                        Kind::Message if checks_messages => {
+                            let Some((j, seq, sent_ns)) = parse_stamp(t) else {
+                                stats.lock().unwrap().foreign += 1;
+                                continue;
+                            };
+                            let now = now_ns();
+                            let split = shared.split_ns.load(Ordering::Relaxed);
+                            let fresh = {
+                                let mut st = stats.lock().unwrap();
+                                let same = layout.instance(j) == st.inst;
+                                st.record(j, seq, sent_ns, now, same, split)
+                            };
+                            shared.total.fetch_add(1, Ordering::Relaxed);
+                            if fresh {
+                                shared.unique.fetch_add(1, Ordering::Relaxed);
+                            }
+                            if let Some(pm) = shared.per_message.get(j) {
+                                pm.record(seq, sent_ns, now);
+                            }
+                            if me == Some(j) {
+                                window.add_permits(1);
+                            }
                         }
-                        if let Some(pm) = shared.per_message.get(j) {
-                            pm.record(seq, sent_ns, now);
+                        Kind::Error => {
+                            stats.lock().unwrap().errors += 1;
+                            shared.note_error(format!("client c{k} got {t}"));
                         }
-                        if me == Some(j) {
-                            window.add_permits(1);
+                        kind if kind.is_presence() => {
+                            let target = shared.target.load(Ordering::Relaxed);
+                            stats.lock().unwrap().on_presence(layout, kind, t, target);
                         }
-                    } else if t.starts_with("{\"type\":\"error\"") {
-                        stats.lock().unwrap().errors += 1;
-                        shared.note_error(format!("client c{k} got {t}"));
-                    } else if shared.layout.member_lists
-                        && let Some(frame) = parse_presence(t)
-                    {
-                        let mut st = stats.lock().unwrap();
-                        if let Some(list) = st.members.as_mut() {
-                            list.on_frame(&shared.layout, frame);
-                        }
+                        _ => {}
                     }
                 }
                 Some(Ok(Message::Close(f))) => break Some(format!("closed by server: {f:?}")),
@@ -559,24 +511,16 @@ pub async fn client(k: usize, shared: Arc<Shared>, stats: Arc<Mutex<ClientStats>
             },
         }
     };
-    match ended {
-        Some(why) => {
-            shared.note_error(format!(
-                "client c{k} (instance {}) {why}",
-                ["a", "b"][shared.layout.instance(k)]
-            ));
-            stats.lock().unwrap().ended = Some(why);
-        }
-        None => {
-            // Close politely and wait (briefly) for the server's close reply.
-            let closing = async {
-                let _ = sink.lock().await.send(Message::Close(None)).await;
-                while let Some(Ok(_)) = stream.next().await {}
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(3), closing).await;
-        }
+    if ended.is_none() {
+        // Close politely and wait (briefly) for the server's close reply.
+        let closing = async {
+            let _ = sink.lock().await.send(Message::Close(None)).await;
+            while let Some(Ok(_)) = stream.next().await {}
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), closing).await;
     }
-    shared.live.fetch_sub(1, Ordering::SeqCst);
+    stats.lock().unwrap().online = false;
+    ended
 }
 
 /// Sender `j`: from `start` to `stop`, stamped texts at its share of the

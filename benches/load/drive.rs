@@ -62,13 +62,14 @@ pub fn run_once(opts: &Opts, run: usize) -> RunReport {
     loadgen.extend(pool.pids());
     list.push(("loadgen".to_string(), loadgen, false));
     let procs = Procs { list };
+    let mut b = b;
     let mut rep = if opts.scenario.is_presence() {
         let target = presence::Target {
             broker: &broker,
             prefix: &prefix,
             room: &room,
         };
-        presence::drive(opts, &mut pool, http, &procs, &target)
+        presence::drive(opts, &mut pool, http, &procs, &target, &mut b)
     } else {
         drive(opts, &mut pool, http, &procs)
     };
@@ -173,23 +174,9 @@ fn drive(opts: &Opts, pool: &mut Pool, http: [SocketAddr; 2], procs: &Procs) -> 
     let sent = pool.stop();
     let sent_total: u64 = sent.iter().sum();
 
-    // ---- drain: wait for every expected delivery. What has not arrived
-    // after `--drain-s` without progress (or after 120 s) is lost.
-    let expected = pool.expect(&sent);
-    let hard_deadline = Instant::now() + Duration::from_secs(120);
-    let mut got = pool.progress();
-    let mut last_progress = (Instant::now(), got);
-    while got < expected && Instant::now() < hard_deadline {
-        if got != last_progress.1 {
-            last_progress = (Instant::now(), got);
-        } else if last_progress.0.elapsed() >= opts.drain {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-        got = pool.progress();
-    }
+    // ---- drain: wait for every expected delivery.
+    let (got, expected, drained) = drain_deliveries(pool, opts, &sent);
     let window_end = Instant::now();
-    let drained = got >= expected;
     let window_samples = procs.sample();
     let groups_end = procs.groups();
     let counters: Vec<Vec<(String, f64)>> = http.iter().map(|h| metrics(*h)).collect();
@@ -246,6 +233,7 @@ fn drive(opts: &Opts, pool: &mut Pool, http: [SocketAddr; 2], procs: &Procs) -> 
     }
     rep.add("error frames", t.errors as f64, 0);
     rep.add("send errors", t.send_errors as f64, 0);
+    t.report_presence(&mut rep);
     if t.foreign > 0 {
         rep.add("unrecognised messages", t.foreign as f64, 0);
     }
@@ -388,4 +376,24 @@ fn drive(opts: &Opts, pool: &mut Pool, http: [SocketAddr; 2], procs: &Procs) -> 
         rep.notes.push(format!("first error: {e}"));
     }
     rep
+}
+
+/// Waits for every delivery the clients should get, given what each
+/// sender sent: what has not arrived after `--drain-s` without progress
+/// (or after 120 s) is lost. (received, expected, all arrived).
+pub fn drain_deliveries(pool: &mut Pool, opts: &Opts, sent: &[u64]) -> (u64, u64, bool) {
+    let expected = pool.expect(sent);
+    let hard_deadline = Instant::now() + Duration::from_secs(120);
+    let mut got = pool.progress();
+    let mut last_progress = (Instant::now(), got);
+    while got < expected && Instant::now() < hard_deadline {
+        if got != last_progress.1 {
+            last_progress = (Instant::now(), got);
+        } else if last_progress.0.elapsed() >= opts.drain {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        got = pool.progress();
+    }
+    (got, expected, got >= expected)
 }

@@ -9,8 +9,27 @@
 //! except in `presence-idle`, where every room has members on both
 //! instances: client `k` is on `(k div rooms) mod 2`.
 //! Worker `w` of `W` holds the clients with `k mod W == w`.
+//!
+//! In `presence-churn`, churner `q` of `Q` is client
+//! `base + q * stride` (or the next one, so that churners alternate
+//! between the instances), `base` the first client past the senders: the
+//! churners are spread over the room's names, hence over its name order
+//! too, as real comings and goings are.
+
+use std::time::Duration;
 
 use crate::options::{Opts, Scenario};
+
+/// How long a churner stays away: longer than two `presence_diff`
+/// intervals at the default 500 ms, so that most of its leaves and joins
+/// are seen as such and do not cancel out within one interval.
+const CHURN_AWAY: Duration = Duration::from_secs(1);
+
+/// A churner's cycle: away `CHURN_AWAY`, present the rest. Present three
+/// times as long as away, so that a join slow to be answered (seconds, on
+/// a busy machine) does not make it miss its next leave, and the churn
+/// keeps its rate.
+const CHURN_PERIOD: Duration = Duration::from_secs(4);
 
 #[derive(Clone, Copy, Debug)]
 pub struct Layout {
@@ -20,20 +39,90 @@ pub struct Layout {
     pub workers: usize,
     /// Each room's clients alternate between the instances (presence-idle).
     pub spread: bool,
-    /// Each client keeps its room's member list (presence-join).
+    /// Each client keeps its room's member list from its presence frames
+    /// (presence-join, -churn, -crash).
     pub member_lists: bool,
+    /// The instances' `--presence-full-list-max`: the size of a client's
+    /// window, and the largest room sent whole.
+    pub presence_window: usize,
+    /// Churning clients (presence-churn; else 0).
+    pub churners: usize,
+    /// Clients between one churner and the next (at least 2).
+    churn_stride: usize,
+    /// Each churner's cycle: a leave, `churn_away` away, a join, the rest
+    /// of the period present. Churner `q`'s leaves are `q / churners` of a
+    /// period after the churn's start, and every period after that: leaves
+    /// (and joins) are spread evenly, `churners / churn_period` a second.
+    pub churn_period: Duration,
+    pub churn_away: Duration,
 }
 
 impl Layout {
     pub fn new(opts: &Opts) -> Self {
+        let senders = opts.senders.min(opts.clients);
+        // Churners enough for --churn leaves (and joins) a second, each
+        // leaving once a CHURN_PERIOD; never more than half the clients
+        // past the senders (then each cycles faster, away a quarter of its
+        // period all the same).
+        let base = senders.max(1);
+        let room = opts.clients.saturating_sub(base + 1) / 2;
+        let (churners, churn_period) =
+            if opts.scenario == Scenario::PresenceChurn && opts.churn > 0.0 {
+                let wanted = (opts.churn * CHURN_PERIOD.as_secs_f64()).round() as usize;
+                let q = wanted.max(1).min(room);
+                (q, Duration::from_secs_f64(q as f64 / opts.churn))
+            } else {
+                (0, Duration::ZERO)
+            };
+        let churn_away =
+            churn_period.mul_f64(CHURN_AWAY.as_secs_f64() / CHURN_PERIOD.as_secs_f64());
         Layout {
             clients: opts.clients,
-            senders: opts.senders.min(opts.clients),
+            senders,
             rooms: opts.rooms.max(1),
             workers: opts.workers(),
             spread: opts.scenario == Scenario::PresenceIdle,
-            member_lists: opts.scenario == Scenario::PresenceJoin,
+            member_lists: opts.scenario.keeps_member_lists(),
+            presence_window: opts.presence().full_list_max,
+            churners,
+            churn_stride: opts
+                .clients
+                .saturating_sub(base + 1)
+                .checked_div(churners)
+                .unwrap_or(0),
+            churn_period,
+            churn_away,
         }
+    }
+
+    /// The first churner's client: past every sender (and client 0).
+    fn churn_base(&self) -> usize {
+        self.senders.max(1)
+    }
+
+    /// Churner `q`'s client.
+    pub fn churner_client(&self, q: usize) -> usize {
+        let k = self.churn_base() + q * self.churn_stride;
+        // Churners alternate between a and b (k mod 2), whatever the
+        // stride's parity.
+        if k % 2 == q % 2 { k } else { k + 1 }
+    }
+
+    /// Which churner client `k` is, if it is one.
+    pub fn churner(&self, k: usize) -> Option<usize> {
+        if self.churners == 0 || k < self.churn_base() {
+            return None;
+        }
+        let q = (k - self.churn_base()) / self.churn_stride;
+        (q < self.churners && self.churner_client(q) == k).then_some(q)
+    }
+
+    /// Every client, in the byte order of their names: the order of a
+    /// room's member list.
+    pub fn by_name(&self) -> Vec<u32> {
+        let mut order: Vec<u32> = (0..self.clients as u32).collect();
+        order.sort_by_cached_key(|&k| self.name(k as usize));
+        order
     }
 
     pub fn room(&self, k: usize) -> usize {
@@ -59,9 +148,10 @@ impl Layout {
         k < self.senders
     }
 
-    /// Whether client `k` is meant to receive sender `j`'s messages.
+    /// Whether client `k` is meant to receive sender `j`'s messages: not a
+    /// churner, which comes and goes (and gets history again each time).
     pub fn hears(&self, k: usize, j: usize) -> bool {
-        j < self.senders && self.room(j) == self.room(k)
+        j < self.senders && self.room(j) == self.room(k) && self.churner(k).is_none()
     }
 
     /// Client `k`'s name, distinct over all clients.

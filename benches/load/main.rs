@@ -4,13 +4,14 @@
 //! cargo bench --bench load -- <scenario> [--runs N] [--clients N] [--senders S]
 //!     [--rooms R] [--rate R|max] [--duration-s D] [--target-redis URL]
 //!     [--concurrency C] [--window W] [--idle-s I] [--batch B] [--drain-s T]
-//!     [--per-worker N] [--server-args "..."] [--redis-cluster]
+//!     [--per-worker N] [--churn R] [--server-args "..."] [--redis-cluster]
 //! PUBSUB_CHAT_BIN=/path/to/older/pubsub-chat cargo bench --bench load -- <scenario>
 //! ```
 //!
 //! Scenarios: `latency`, `room`, `rooms`, `burst`, `idle`, `connect`,
-//! `max-clients`, `smoke`, `presence-join`, `presence-idle` (see
-//! `options::usage()`). Each run starts its own
+//! `max-clients`, `smoke`, `presence-join`, `presence-idle`,
+//! `presence-churn`, `presence-crash` (see `options::usage()`). Each run
+//! starts its own
 //! `redis-server` (unless `--target-redis` names one; with
 //! `--redis-cluster`, a private six-node Redis Cluster) and two instances,
 //! `a` and `b`, of the server binary (`PUBSUB_CHAT_BIN`, or this package's
@@ -19,7 +20,12 @@
 //!
 //! Every text carries `<sender>:<seq>:<send time in ns>`, so each receiver
 //! measures end-to-end latency and checks each sender of its room for
-//! loss, duplicates and reordering.
+//! loss, duplicates and reordering. Every client counts the presence
+//! frames it gets (none may come with `--server-args "--presence off"`);
+//! in the scenarios with member lists (`presence-join`, `-churn`,
+//! `-crash`) each keeps its room's count and list (or window) from them,
+//! checked against who is really there. The instances' presence flags are
+//! read from `--server-args`, to know what the clients should get.
 //!
 //! This is a test tool, not the server: the clients are async (tokio) and
 //! held by a few worker processes (this binary again, `--worker`) with one
@@ -34,11 +40,19 @@
 //!   (and `PUBSUB_CHAT_BIN`), child clean-up, `/proc` samples and `/metrics`.
 //! - `pool.rs`: the worker processes seen from the parent, and the protocol.
 //! - `worker.rs`: a worker process: its runtime and its commands.
-//! - `client.rs`: one client: connect, send stamped texts, check deliveries.
+//! - `client.rs`: one client: connect, send stamped texts, check deliveries,
+//!   count presence frames.
+//! - `members.rs`: a client's view of its room's members, from its
+//!   `presence` and `presence_diff` frames (or an older server's `join` and
+//!   `leave`), what in them disagrees with the protocol, and the check
+//!   against who is in the room.
+//! - `churn.rs`: a churning client: its leaves and joins on a schedule.
 //! - `drive.rs`: one run, from starting the processes to its figures.
 //! - `presence.rs`: the presence scenarios' runs (a join storm and the
 //!   member lists it leaves; idle clients and what presence costs at rest,
-//!   Redis's `INFO` included).
+//!   Redis's `INFO` included; churn in a large room, what it costs each
+//!   client and the chat's latency; an instance killed, and its members'
+//!   expiry as the other's clients see it).
 //! - `report.rs`: figures, percentiles, medians, targets, the verdict.
 //! - `tests/common/process.rs` (shared with the integration tests): free
 //!   ports, temporary directories, HTTP GET, the redis-server and instance
@@ -50,15 +64,18 @@
 //!
 //! Exit status: non-zero on any lost, duplicated, reordered or misrouted
 //! delivery (for `smoke`, also on any failed or dropped client; for
-//! `presence-join`, on any client whose final member list is not every
-//! client's name). Missing a latency or throughput target is reported
+//! `presence-join`, `-churn` and `-crash`, on any client whose final count
+//! and list are not who is in the room; with `--presence off`, on any
+//! presence frame). Missing a latency or throughput target is reported
 //! ("target met: no"), not a failure.
 
+mod churn;
 mod client;
 #[path = "../../tests/common/cluster_process.rs"]
 mod cluster_process;
 mod drive;
 mod layout;
+mod members;
 mod options;
 mod pool;
 mod presence;
@@ -99,12 +116,32 @@ fn main() -> ExitCode {
 
     let workers = opts.workers();
     let sending = if opts.scenario.is_presence() {
-        // Nobody sends: the joins (or the quiet) are the load.
+        // Nobody sends (but presence-churn's one sender): the joins, the
+        // churn, the expiry (or the quiet) are the load.
+        let p = opts.presence();
         match opts.scenario {
             options::Scenario::PresenceJoin => format!(
-                "join storm, {} handshakes in flight, lists settle within --drain-s {:.0} s",
+                "join storm, {} handshakes in flight, lists settle within --drain-s {:.0} s, window {}",
                 opts.concurrency,
-                opts.drain.as_secs_f64()
+                opts.drain.as_secs_f64(),
+                p.full_list_max
+            ),
+            options::Scenario::PresenceChurn => format!(
+                "{} sender(s) at {} msg/s, quiet {:.1} s then churn {:.1} s at {} joins/s and as \
+                 many leaves, diffs every {} ms, window {}",
+                opts.senders,
+                opts.rate.map_or("max".to_string(), |r| r.to_string()),
+                opts.idle.as_secs_f64(),
+                opts.duration.as_secs_f64(),
+                opts.churn,
+                p.diff.as_millis(),
+                p.full_list_max
+            ),
+            options::Scenario::PresenceCrash => format!(
+                "b killed once the lists settle, TTL {} ms, diffs every {} ms, window {}",
+                p.ttl.as_millis(),
+                p.diff.as_millis(),
+                p.full_list_max
             ),
             _ => format!("idle, quiet window {:.1} s", opts.idle.as_secs_f64()),
         }

@@ -16,6 +16,8 @@ pub enum Scenario {
     Smoke,
     PresenceJoin,
     PresenceIdle,
+    PresenceChurn,
+    PresenceCrash,
 }
 
 impl Scenario {
@@ -31,6 +33,8 @@ impl Scenario {
             "smoke" => Scenario::Smoke,
             "presence-join" => Scenario::PresenceJoin,
             "presence-idle" => Scenario::PresenceIdle,
+            "presence-churn" => Scenario::PresenceChurn,
+            "presence-crash" => Scenario::PresenceCrash,
             _ => return None,
         })
     }
@@ -47,13 +51,31 @@ impl Scenario {
             Scenario::Smoke => "smoke",
             Scenario::PresenceJoin => "presence-join",
             Scenario::PresenceIdle => "presence-idle",
+            Scenario::PresenceChurn => "presence-churn",
+            Scenario::PresenceCrash => "presence-crash",
         }
     }
 
-    /// The presence scenarios: nobody sends; what is measured is joins,
-    /// member lists and the cost of keeping them.
+    /// The presence scenarios (run by `presence.rs`): what is measured is
+    /// joins, member lists and the cost of keeping them. Only
+    /// `presence-churn` has a sender (its chat latency, quiet and churning).
     pub fn is_presence(self) -> bool {
-        matches!(self, Scenario::PresenceJoin | Scenario::PresenceIdle)
+        matches!(
+            self,
+            Scenario::PresenceJoin
+                | Scenario::PresenceIdle
+                | Scenario::PresenceChurn
+                | Scenario::PresenceCrash
+        )
+    }
+
+    /// The scenarios whose clients keep their room's member list from
+    /// their presence frames, checked against who is really there.
+    pub fn keeps_member_lists(self) -> bool {
+        matches!(
+            self,
+            Scenario::PresenceJoin | Scenario::PresenceChurn | Scenario::PresenceCrash
+        )
     }
 }
 
@@ -87,7 +109,85 @@ pub struct Opts {
     pub rooms: usize,
     /// Most clients one load-generator process holds (see `pool.rs`).
     pub per_worker: usize,
+    /// Joins per second, and as many leaves, over all churning clients
+    /// (`presence-churn`).
+    pub churn: f64,
     pub server_args: Vec<String>,
+}
+
+/// The instances' presence settings, as `--server-args` sets them (else
+/// the server's defaults): the load generator checks the clients' lists
+/// against them. The last of a repeated flag wins, as in the server.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PresenceArgs {
+    /// `--presence on|off`: off, no presence frame may ever arrive.
+    pub on: bool,
+    /// `--presence-diff-ms`: at most one `presence_diff` per room per
+    /// interval.
+    pub diff: Duration,
+    /// `--presence-full-list-max`: a room of at most this many members is
+    /// sent whole (`full`); a larger one, as each client's window of this
+    /// many names.
+    pub full_list_max: usize,
+    /// `--presence-ttl-ms`: how long a dead instance's members linger.
+    pub ttl: Duration,
+}
+
+impl PresenceArgs {
+    /// The server's defaults (docs/PROTOCOL.md).
+    pub const DEFAULT: PresenceArgs = PresenceArgs {
+        on: true,
+        diff: Duration::from_millis(500),
+        full_list_max: 100,
+        ttl: Duration::from_millis(15_000),
+    };
+
+    /// Reads them from the instances' extra arguments (`--flag value` or
+    /// `--flag=value`).
+    pub fn of(server_args: &[String]) -> Result<PresenceArgs, String> {
+        let mut p = PresenceArgs::DEFAULT;
+        let mut args = server_args.iter();
+        while let Some(arg) = args.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) => (f, Some(v.to_string())),
+                None => (arg.as_str(), None),
+            };
+            let known = [
+                "--presence",
+                "--presence-diff-ms",
+                "--presence-full-list-max",
+                "--presence-ttl-ms",
+            ];
+            if !known.contains(&flag) {
+                continue;
+            }
+            let Some(v) = inline.or_else(|| args.next().cloned()) else {
+                return Err(format!("--server-args: {flag} needs a value"));
+            };
+            let ms = |v: &str| {
+                v.parse::<u64>()
+                    .map(Duration::from_millis)
+                    .map_err(|_| format!("--server-args: {flag} {v:?} is not a number"))
+            };
+            match flag {
+                "--presence" => {
+                    p.on = match v.as_str() {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(format!("--server-args: --presence {v:?}: on or off")),
+                    }
+                }
+                "--presence-diff-ms" => p.diff = ms(&v)?,
+                "--presence-ttl-ms" => p.ttl = ms(&v)?,
+                _ => {
+                    p.full_list_max = v.parse().map_err(|_| {
+                        format!("--server-args: --presence-full-list-max {v:?} is not a number")
+                    })?
+                }
+            }
+        }
+        Ok(p)
+    }
 }
 
 /// Clients per worker process by default: 8,000 sockets stay well under
@@ -113,6 +213,7 @@ impl Opts {
             drain: Duration::from_secs(10),
             rooms: 1,
             per_worker: PER_WORKER,
+            churn: 100.0,
             server_args: Vec::new(),
         };
         let secs = Duration::from_secs;
@@ -206,12 +307,40 @@ impl Opts {
                 idle: secs(20),
                 ..base
             },
+            // One room over both instances; a quiet phase (--idle-s) with
+            // the sender on, then the churn (--duration-s).
+            Scenario::PresenceChurn => Opts {
+                clients: 10_000,
+                senders: 1,
+                rate: Some(10.0),
+                duration: secs(30),
+                idle: secs(10),
+                concurrency: 200,
+                drain: secs(30),
+                ..base
+            },
+            // Nobody sends: the expiry of b's members is the load. `drain`
+            // is the wait past the TTL (and a third of it) for the lists.
+            Scenario::PresenceCrash => Opts {
+                clients: 10_000,
+                senders: 0,
+                rate: None,
+                duration: Duration::ZERO,
+                concurrency: 200,
+                drain: secs(30),
+                ..base
+            },
         }
     }
 
     /// Worker processes that hold the clients: as few as `per_worker` allows.
     pub fn workers(&self) -> usize {
         self.clients.div_ceil(self.per_worker.max(1)).max(1)
+    }
+
+    /// The instances' presence settings (checked by `parse_args`).
+    pub fn presence(&self) -> PresenceArgs {
+        PresenceArgs::of(&self.server_args).unwrap_or(PresenceArgs::DEFAULT)
     }
 }
 
@@ -233,15 +362,20 @@ scenarios (defaults):
   smoke        20 clients, 2 senders, 50 msg/s, 3 s, 1 run, two worker processes (for CI)
   presence-join
                a join storm: 5000 clients with distinct names into one room, alternating between a and
-               b, 200 handshakes in flight; nobody sends. Reports the storm's wall time
-               and connects/s, Redis commands per join (INFO commandstats before the storm and once
-               the lists have settled: all calls, those run inside scripts included, and per
-               command), and whether every client's member list (its `presence` snapshot, then the
-               `join`/`leave` events it got, applied idempotently) is the set of all 5000 names,
-               waiting for the events to settle (until no progress for --drain-s, 30 s by default,
-               or 300 s). The instances run with --presence-max-members max(10000, clients), so
-               that a snapshot can list everyone (the default, 1000, would cut it short).
-               (target, asserted: every client's final list is complete)
+               b, 200 handshakes in flight; nobody sends. Each client keeps what its presence frames
+               say: the room's count, and its window (the first W names in byte order, W the server's
+               --presence-full-list-max, 100 by default) or, in a room of at most W, the whole list
+               (its `presence`, then every `presence_diff` applied in order; a server from before
+               presence_diff: its snapshot, then each `join`/`leave`). Waits for every client's list to
+               be right (until no presence frame for --drain-s, 30 s by default, or 300 s). Reports
+               joins/s (clients over the storm's wall time, and counting the settling), the time until
+               every count and every list was right, the presence frames and bytes per client (mean,
+               max), whatever in the frames disagreed with the protocol, Redis commands per join (INFO
+               commandstats: all calls, those run inside scripts included, and per command).
+               The instances run with --presence-max-members max(10000, clients) (a server from before
+               lists no more than that in a snapshot).
+               (asserted: every client's final count is the number of clients and its list is exactly
+               the first W names, or every name; target: >= 890 joins/s, 10x the 89 of before)
   presence-idle
                10000 idle clients in 100 rooms, each room's clients split between a and b (client k
                in room k mod R on instance (k div R) mod 2), held by two worker processes; then a
@@ -249,7 +383,30 @@ scenarios (defaults):
                (15000: a refresh every 5 s) and --max-clients max(5000, clients). Reports, per second
                of the window: each instance's CPU (/proc), the presence refreshes (their metric), and
                Redis's CPU (/proc, and INFO cpu) and commands (INFO commandstats: the calls scripts make
-               count too). (no target: a report)
+               count too), and the presence frames each client got (mean, max). (no target: a report)
+  presence-churn
+               10000 members in one room, alternating between a and b (as presence-join); once every
+               list is right, 1 sender (client 0) at 10 msg/s for a quiet phase of 10 s (--idle-s), then
+               churn for 30 s (--duration-s) with the sender still on: 100 joins and 100 leaves a
+               second in all (--churn). The churners are 4 x --churn clients spread over the names and
+               the instances (never client 0), each in turn away for a second and present for three
+               (at most half the room churns: fewer, faster, in a small room). Reports, per
+               non-churning client and per second, the presence frames and bytes received (mean and
+               max over the clients), quiet and churning; the joins and leaves done; the chat latency
+               p50/p99 quiet and churning and their ratio; every process's CPU in each phase. After
+               the churn every churner comes back and every list must settle (as in presence-join).
+               (asserted: no delivery lost, duplicated or reordered, every final list right; targets:
+               at most one presence frame per client per --presence-diff-ms, churn p99 within 1.5x of
+               quiet)
+  presence-crash
+               10000 members in one room, half on a, half on b; once every list is right, instance b
+               is killed (SIGKILL), and its members expire from the lists of a's clients after the
+               server's --presence-ttl-ms (15000 by default; e.g. --server-args \"--presence-ttl-ms
+               3000\" for a short run). Reports the TTL, the time from the kill until every surviving
+               client's count was right (the members on a) and until its list was, and the presence
+               frames and bytes each surviving client received from the kill until then and 2
+               --presence-diff-ms more (mean, max). (asserted: every survivor's final list is right;
+               target: within the TTL and a third of it, plus one --presence-diff-ms)
 
 options:
   --runs N            runs (the summary shows the median of each figure)
@@ -266,14 +423,20 @@ options:
   --concurrency C     handshakes in flight at once (over all worker processes)
   --window W          unconfirmed messages per sender in as-fast-as-possible mode (64); a bound
                       of the load generator's own, not a server flag
-  --idle-s I          quiet seconds measured before sending starts
+  --idle-s I          quiet seconds measured before sending starts (presence-churn: the quiet
+                      phase, the sender on and nobody churning, before the churn: 10)
   --batch B           clients added per step (max-clients)
   --drain-s T         longest wait for outstanding deliveries after sending stops (10);
-                      presence-join: for the member lists to make progress (30)
+                      presence-join, presence-churn: for the member lists to make progress (30);
+                      presence-crash: for the lists, past the TTL and a third of it (30)
   --per-worker N      most clients one load-generator process holds (8000; smoke: 10)
+  --churn R           presence-churn: joins per second, and as many leaves, over all churners (100)
   --server-args \"..\" extra arguments for both instances (the current server has no
                       --fanout-window-ms, --client-queue-len or --write-timeout-ms: pass those
-                      only to an older build)
+                      only to an older build). The load generator reads the presence flags among
+                      them, to check what the clients get: --presence on|off (off: any presence
+                      frame fails the run; the presence scenarios need it on), --presence-diff-ms
+                      (500), --presence-full-list-max (100: the window W), --presence-ttl-ms (15000)
 
 environment:
   PUBSUB_CHAT_BIN     the server binary to measure (default: this package's release build)
@@ -282,8 +445,9 @@ The clients are held by worker processes (this binary again, `--worker`), at mos
 each: one process may hold at most 20,000 open files here.
 
 Exit status is non-zero on any lost, duplicated or reordered delivery (smoke: also on any
-failed or dropped client; presence-join: on any client whose final member list is not the
-set of all names); a missed latency or throughput target is only reported."
+failed or dropped client; presence-join, presence-churn, presence-crash: on any client whose
+final count and list are not who is in the room; with --presence off: on any presence frame);
+a missed latency or throughput target is only reported."
 }
 
 /// The options of this run, or `None` when there is nothing to run (help,
@@ -353,6 +517,7 @@ pub fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>, St
             "--batch" => o.batch = (num(&flag, &v)? as usize).max(1),
             "--drain-s" => o.drain = Duration::from_secs_f64(num(&flag, &v)?),
             "--per-worker" => o.per_worker = (num(&flag, &v)? as usize).max(1),
+            "--churn" => o.churn = num(&flag, &v)?,
             "--server-args" => o.server_args = v.split_whitespace().map(String::from).collect(),
             other => return Err(format!("unknown option {other}\n\n{}", usage())),
         }
@@ -368,10 +533,22 @@ pub fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>, St
             "--redis-cluster starts its own cluster: it does not go with --target-redis".into(),
         );
     }
+    let presence = PresenceArgs::of(&o.server_args)?;
     if scenario.is_presence() {
-        // Nobody sends; presence-join is one room by definition.
-        o.senders = 0;
-        if scenario == Scenario::PresenceJoin {
+        if !presence.on {
+            return Err(format!(
+                "{} measures presence: it does not go with --presence off",
+                scenario.name()
+            ));
+        }
+        // Nobody sends but presence-churn's one sender; the scenarios with
+        // member lists are one room by definition.
+        o.senders = if scenario == Scenario::PresenceChurn {
+            o.senders.max(1)
+        } else {
+            0
+        };
+        if scenario.keeps_member_lists() {
             o.rooms = 1;
         }
     }

@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::churn::ChurnTally;
+use crate::members::Seen;
 use crate::options::Opts;
 use crate::procs::Proc;
 use crate::report::{Hist, RunReport};
@@ -59,9 +61,22 @@ pub enum Command {
     Expect { sent: Vec<u64> },
     /// → `Count` of the distinct deliveries so far.
     Progress,
-    /// → `Lists`: the state of this worker's clients' member lists
-    /// (presence-join).
-    Lists,
+    /// → `Present`: which of this worker's clients have a connection open.
+    Present,
+    /// Who is in the room now (a bit per client, over all workers): the
+    /// count every view should reach and what `Views` checks them
+    /// against. Each client's presence frames count from zero again, and
+    /// the time its count became right from `at_ns` (if right already)
+    /// → `Done`.
+    Mark { present: Vec<u64>, at_ns: u64 },
+    /// → `Views`: this worker's clients' views against the last `Mark`.
+    Views,
+    /// The churn starts at `at_ns` (`CLOCK_MONOTONIC`); messages sent from
+    /// then on are the churn phase's → `Done`.
+    ChurnStart { at_ns: u64 },
+    /// The churn stops: churners away come back → `Count` of those still
+    /// away after 40 s at most.
+    ChurnStop,
     /// Close every client (15 s at most) → `Tally`; then the worker exits.
     Finish,
 }
@@ -75,57 +90,70 @@ pub enum Reply {
     /// Per sender, what this worker's senders sent (0 for the others').
     Sent(Vec<u64>),
     Count(u64),
-    Lists(ListTally),
+    /// A bit per client (all clients; this worker's set).
+    Present(Vec<u64>),
+    Views(ViewTally),
     Tally(Box<Tally>),
 }
 
-/// The member lists of clients still connected (presence-join), summed.
+/// The clients' views of their room against who is in it (the last
+/// `Mark`), and their presence frames since then, summed over workers.
 #[derive(Clone, Copy, Default, Debug, Serialize, Deserialize)]
-pub struct ListTally {
-    /// Clients connected now (their list counts).
+pub struct ViewTally {
+    /// Clients with a connection open now (those checked).
     pub clients: usize,
-    /// Of those, those that got a `presence` snapshot.
+    /// Of those, with a view: those that got a `presence`, those whose
+    /// count is right, those whose count and list (or window) are.
     pub with_snapshot: usize,
-    /// Of those, those whose list is exactly every client's name.
-    pub complete: usize,
-    /// Names listed, over all lists.
-    pub listed: u64,
-    /// Names missing, over all lists (clients minus listed, per list).
+    pub count_right: usize,
+    pub right: usize,
+    /// Names missing from, and listed wrongly in, the views (lists or
+    /// windows); strangers listed; views of the wrong kind (a whole list
+    /// of a large room, a window of a small one, or not at offset 0).
     pub missing: u64,
-    /// Names listed that are no client's, over all lists.
+    pub extra: u64,
     pub strangers: u64,
-    pub snapshots: u64,
-    /// Snapshots that left members out (`more` > 0).
-    pub cut_short: u64,
-    pub joins: u64,
-    pub leaves: u64,
-    /// Leaves with reason `expired`.
-    pub expired: u64,
-    /// Events that changed nothing.
-    pub no_ops: u64,
+    pub wrong_mode: usize,
+    /// Clients measured (online, not churners): their presence frames and
+    /// bytes since the mark, in all and the most one client got.
+    pub measured: usize,
+    pub frames: u64,
+    pub frames_max: u64,
+    pub bytes: u64,
+    pub bytes_max: u64,
+    /// The last time (ns) a client's count became right, over those whose
+    /// count is right (0 if none).
+    pub right_since_max: u64,
+    /// Presence frames received by every client so far: what changes
+    /// while the lists settle.
+    pub received: u64,
+    /// What the online clients' frames were, over their lives.
+    pub seen: Seen,
 }
 
-impl ListTally {
-    pub fn merge(&mut self, t: ListTally) {
+impl ViewTally {
+    pub fn merge(&mut self, t: ViewTally) {
         self.clients += t.clients;
         self.with_snapshot += t.with_snapshot;
-        self.complete += t.complete;
-        self.listed += t.listed;
+        self.count_right += t.count_right;
+        self.right += t.right;
         self.missing += t.missing;
+        self.extra += t.extra;
         self.strangers += t.strangers;
-        self.snapshots += t.snapshots;
-        self.cut_short += t.cut_short;
-        self.joins += t.joins;
-        self.leaves += t.leaves;
-        self.expired += t.expired;
-        self.no_ops += t.no_ops;
-    }
-
-    /// Frames applied so far: what changes while the lists settle.
-    pub fn events(&self) -> u64 {
-        self.snapshots + self.joins + self.leaves
+        self.wrong_mode += t.wrong_mode;
+        self.measured += t.measured;
+        self.frames += t.frames;
+        self.frames_max = self.frames_max.max(t.frames_max);
+        self.bytes += t.bytes;
+        self.bytes_max = self.bytes_max.max(t.bytes_max);
+        self.right_since_max = self.right_since_max.max(t.right_since_max);
+        self.received += t.received;
+        self.seen.merge(&t.seen);
     }
 }
+
+/// The figure `--presence off` keeps at zero (see `report.rs`).
+pub const PRESENCE_FRAMES: &str = "presence frames received (all clients)";
 
 /// The outcome of a step of handshakes.
 #[derive(Default, Serialize, Deserialize)]
@@ -205,6 +233,17 @@ pub struct Tally {
     /// Per sender: (seq, sent, first receiver, last receiver), in ns, for
     /// the messages this worker's clients got.
     pub per_message: Vec<Vec<(u64, u64, u64, u64)>>,
+    /// Presence frames (and bytes) the clients received over the run, in
+    /// all and the most one client got.
+    pub presence_frames: u64,
+    pub presence_bytes: u64,
+    pub presence_frames_max: u64,
+    pub presence_bytes_max: u64,
+    /// Latencies of the messages sent before the churn, and during it
+    /// (presence-churn).
+    pub lat_quiet: Hist,
+    pub lat_churn: Hist,
+    pub churn: ChurnTally,
 }
 
 impl Tally {
@@ -245,6 +284,40 @@ impl Tally {
         for (mine, theirs) in self.per_message.iter_mut().zip(t.per_message) {
             mine.extend(theirs);
         }
+        self.presence_frames += t.presence_frames;
+        self.presence_bytes += t.presence_bytes;
+        self.presence_frames_max = self.presence_frames_max.max(t.presence_frames_max);
+        self.presence_bytes_max = self.presence_bytes_max.max(t.presence_bytes_max);
+        self.lat_quiet.merge(&t.lat_quiet);
+        self.lat_churn.merge(&t.lat_churn);
+        self.churn.merge(t.churn);
+    }
+
+    /// The presence frames the clients got over the run: what `--presence
+    /// off` must keep at zero.
+    pub fn report_presence(&self, rep: &mut RunReport) {
+        let clients = (self.per_inst[0] + self.per_inst[1] + self.dropped).max(1) as f64;
+        rep.add(PRESENCE_FRAMES, self.presence_frames as f64, 0);
+        rep.add(
+            "presence frames per client (mean)",
+            self.presence_frames as f64 / clients,
+            1,
+        );
+        rep.add(
+            "presence frames per client (max)",
+            self.presence_frames_max as f64,
+            0,
+        );
+        rep.add(
+            "presence KiB per client (mean)",
+            self.presence_bytes as f64 / clients / 1024.0,
+            1,
+        );
+        rep.add(
+            "presence KiB per client (max)",
+            self.presence_bytes_max as f64 / 1024.0,
+            1,
+        );
     }
 
     /// (first receiver, last receiver) latencies in µs of every message
@@ -405,16 +478,49 @@ impl Pool {
         self.count(&Command::Progress)
     }
 
-    /// The member lists, over all workers (presence-join).
-    pub fn lists(&mut self) -> ListTally {
-        let mut all = ListTally::default();
-        for reply in self.call(&Command::Lists) {
-            let Reply::Lists(t) = reply else {
-                panic!("a worker did not answer Lists with Lists")
+    /// Which clients have a connection open, over all workers (a bit
+    /// per client).
+    pub fn present(&mut self) -> Vec<u64> {
+        let mut all: Vec<u64> = Vec::new();
+        for reply in self.call(&Command::Present) {
+            let Reply::Present(bits) = reply else {
+                panic!("a worker did not answer Present with Present")
+            };
+            all.resize(all.len().max(bits.len()), 0);
+            for (a, b) in all.iter_mut().zip(bits) {
+                *a |= b;
+            }
+        }
+        all
+    }
+
+    /// Tells every worker who is in the room (see `Command::Mark`).
+    pub fn mark(&mut self, present: &[u64], at_ns: u64) {
+        self.call(&Command::Mark {
+            present: present.to_vec(),
+            at_ns,
+        });
+    }
+
+    /// The views against the last mark, over all workers.
+    pub fn views(&mut self) -> ViewTally {
+        let mut all = ViewTally::default();
+        for reply in self.call(&Command::Views) {
+            let Reply::Views(t) = reply else {
+                panic!("a worker did not answer Views with Views")
             };
             all.merge(t);
         }
         all
+    }
+
+    pub fn churn_start(&mut self, at_ns: u64) {
+        self.call(&Command::ChurnStart { at_ns });
+    }
+
+    /// Stops the churn; churners still away after 40 s.
+    pub fn churn_stop(&mut self) -> u64 {
+        self.count(&Command::ChurnStop)
     }
 
     /// Closes every client, noting in `rep` those that would not close;

@@ -1,34 +1,50 @@
 //! The presence scenarios, from the connected processes to their figures.
 //!
+//! In the scenarios with member lists (join, churn, crash) every client
+//! keeps its view of the room from its presence frames (`members.rs`);
+//! the parent tells the workers who is in the room (`Mark`) and asks how
+//! the views compare (`Views`), every 100 ms while they settle.
+//!
 //! - `presence-join`: a join storm. Every client connects at once (as in
-//!   `connect`), one room, names `c0`, `c1`, ...; each keeps its member
-//!   list (its `presence` snapshot, then the `join`s and `leave`s it gets,
-//!   see `client.rs`). Redis's `INFO commandstats` is read before the
-//!   storm and once the lists have settled: commands per join. The run
-//!   fails unless every client's list is, in the end, exactly every name.
+//!   `connect`), one room, names `c0`, `c1`, ...; Redis's `INFO
+//!   commandstats` is read before the storm and once the views have
+//!   settled: commands per join. The run fails unless every client's view
+//!   is, in the end, the count of all clients and the first W names (or
+//!   every name, in a room of at most W).
 //! - `presence-idle`: thousands of idle clients in many rooms, each room on
 //!   both instances; then a quiet window, in which what presence costs at
 //!   rest shows: the instances' CPU, their refreshes, Redis's CPU and
-//!   commands.
+//!   commands, the frames clients get.
+//! - `presence-churn`: one large room settles; one sender measures chat
+//!   latency, first quiet, then while churners leave and come back (see
+//!   `churn.rs`); what each listening client receives of presence, per
+//!   second, in both phases. After the churn every view must settle right.
+//! - `presence-crash`: one large room over both instances settles; `b` is
+//!   killed; what a's clients receive while b's members expire, and how
+//!   long until their counts (and lists) are right.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::client::now_ns;
+use crate::drive;
+use crate::layout::Layout;
 use crate::options::{Opts, Scenario};
-use crate::pool::{ListTally, Pool};
-use crate::procs::{Procs, RedisCounts, RedisWatch, Sample, clk_tck, metrics};
+use crate::pool::{Pool, ViewTally};
+use crate::procs::{Proc, Procs, RedisCounts, RedisWatch, Sample, clk_tck, metrics};
 use crate::report::RunReport;
 
-/// The longest wait for the member lists to settle after the storm,
-/// whatever the progress.
-const SETTLE_MAX: Duration = Duration::from_secs(120);
+/// The longest wait for the views to settle, whatever the progress.
+const SETTLE_MAX: Duration = Duration::from_secs(300);
 
 /// After the idle clients connected, before the window: their joins
 /// (each fanned out to its room) are done by then.
 const IDLE_SETTLE: Duration = Duration::from_secs(3);
 
-/// The figure presence-join's verdict reads.
-pub const COMPLETE: &str = "clients whose final list is complete";
+/// The figures the verdict reads: clients whose final view is right, and
+/// how many should be.
+pub const COMPLETE: &str = "clients whose final list is right";
+pub const SHOULD: &str = "clients whose final list should be right";
 
 /// Where a run's instances keep presence: `broker` is how they reach
 /// Redis (`--redis-url URL` or `--redis-cluster SEEDS`), whose counters
@@ -39,13 +55,15 @@ pub struct Target<'a> {
     pub room: &'a str,
 }
 
-/// One run of a presence scenario.
+/// One run of a presence scenario; `b` is instance b (presence-crash
+/// kills it).
 pub fn drive(
     opts: &Opts,
     pool: &mut Pool,
     http: [SocketAddr; 2],
     procs: &Procs,
     target: &Target,
+    b: &mut Proc,
 ) -> RunReport {
     let mut rep = RunReport::default();
     let mut redis = match RedisWatch::open(target.broker) {
@@ -55,10 +73,10 @@ pub fn drive(
             None
         }
     };
+    // The room's members in Redis: name -> connections by instance.
+    let key = format!("{}:presence:{{{}}}", target.prefix, target.room);
     match opts.scenario {
         Scenario::PresenceJoin => {
-            // The room's members in Redis: name -> connections by instance.
-            let key = format!("{}:presence:{{{}}}", target.prefix, target.room);
             join_storm(opts, pool, http, procs, &mut redis, &key, &mut rep);
             if let Some(r) = redis.as_mut() {
                 // Once every client has closed: 0 unless a leave went
@@ -71,6 +89,8 @@ pub fn drive(
                 );
             }
         }
+        Scenario::PresenceChurn => churn(opts, pool, http, procs, &mut redis, &mut rep),
+        Scenario::PresenceCrash => crash(opts, pool, http, procs, &mut redis, b, &mut rep),
         _ => idle(opts, pool, http, procs, &mut redis, &mut rep),
     }
     rep
@@ -84,6 +104,15 @@ fn counter(http: [SocketAddr; 2], key: &str) -> [f64; 2] {
             .find(|(k, _)| k == key)
             .map_or(f64::NAN, |(_, v)| v)
     })
+}
+
+/// Every `chat_presence_*` series of an instance (its names change with
+/// the server: whatever it has is shown).
+fn presence_metrics(http: SocketAddr) -> Vec<(String, f64)> {
+    metrics(http)
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("chat_presence"))
+        .collect()
 }
 
 fn read(redis: &mut Option<RedisWatch>, rep: &mut RunReport) -> Option<RedisCounts> {
@@ -104,6 +133,143 @@ fn cpu(procs: &Procs, before: &[Sample], after: &[Sample]) -> Vec<f64> {
         .collect()
 }
 
+/// A bit per client, for clients `0..n` that `keep`.
+fn bits(n: usize, keep: impl Fn(usize) -> bool) -> Vec<u64> {
+    let mut b = vec![0u64; n.div_ceil(64)];
+    for k in (0..n).filter(|&k| keep(k)) {
+        b[k / 64] |= 1 << (k % 64);
+    }
+    b
+}
+
+fn ones(bits: &[u64]) -> usize {
+    bits.iter().map(|b| b.count_ones() as usize).sum()
+}
+
+/// Seconds from `from_ns` to `to_ns` (`CLOCK_MONOTONIC`); NaN for no time.
+fn secs_between(from_ns: u64, to_ns: u64) -> f64 {
+    if to_ns == 0 {
+        f64::NAN
+    } else {
+        to_ns.saturating_sub(from_ns) as f64 / 1e9
+    }
+}
+
+/// Polls the views every 100 ms until the `want` clients are online and
+/// every view is right; or until `quiet` passed without a presence frame
+/// (None: no such limit, as when nothing happens until a TTL runs out);
+/// or until `hard`. The last views, and when they were all right.
+fn settle(
+    pool: &mut Pool,
+    want: usize,
+    quiet: Option<Duration>,
+    hard: Instant,
+) -> (ViewTally, Option<Instant>) {
+    let mut v = pool.views();
+    let mut last = (Instant::now(), v.received);
+    loop {
+        if v.clients == want && v.right == want {
+            return (v, Some(Instant::now()));
+        }
+        if Instant::now() >= hard {
+            return (v, None);
+        }
+        if v.received != last.1 {
+            last = (Instant::now(), v.received);
+        } else if quiet.is_some_and(|q| last.0.elapsed() >= q) {
+            return (v, None);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        v = pool.views();
+    }
+}
+
+/// Why views are not right, for a note.
+fn wrong(v: &ViewTally, want: usize) -> String {
+    format!(
+        "{} of {want} right ({} online, {} with a presence, {} with the right count; names missing {}, \
+         listed wrongly {}, strangers {}, views of the wrong kind {})",
+        v.right,
+        v.clients,
+        v.with_snapshot,
+        v.count_right,
+        v.missing,
+        v.extra,
+        v.strangers,
+        v.wrong_mode
+    )
+}
+
+/// The views' figures: how many are right, and what their frames held.
+fn report_views(v: &ViewTally, rep: &mut RunReport) {
+    rep.add("clients checked (online at the check)", v.clients as f64, 0);
+    rep.add("clients with a presence frame", v.with_snapshot as f64, 0);
+    rep.add("clients whose count is right", v.count_right as f64, 0);
+    rep.add(COMPLETE, v.right as f64, 0);
+    rep.add("names missing, over all lists", v.missing as f64, 0);
+    rep.add("names listed wrongly, over all lists", v.extra as f64, 0);
+    rep.add(
+        "unknown names listed, over all lists",
+        v.strangers as f64,
+        0,
+    );
+    rep.add(
+        "lists of the wrong kind (whole, window, offset)",
+        v.wrong_mode as f64,
+        0,
+    );
+    let s = &v.seen;
+    rep.add(
+        "presence snapshots received (over the run)",
+        s.snapshots as f64,
+        0,
+    );
+    rep.add(
+        "presence_diff frames received (over the run)",
+        s.diffs as f64,
+        0,
+    );
+    if s.legacy_events > 0 {
+        rep.add(
+            "join/leave frames received (old server)",
+            s.legacy_events as f64,
+            0,
+        );
+        rep.add("snapshots cut short (more > 0)", s.cut_short as f64, 0);
+    }
+    rep.add("leaves with reason expired", s.expired as f64, 0);
+    rep.add("joins and leaves that changed nothing", s.no_ops as f64, 0);
+    for (what, n) in s.anomalies.named() {
+        rep.add(format!("protocol: {what}"), n as f64, 0);
+    }
+}
+
+/// Presence frames and bytes per measured client since the last mark,
+/// over `secs` (per second; `secs` of 1 for totals), mean and max.
+fn report_frames(v: &ViewTally, phase: &str, secs: f64, unit: &str, rep: &mut RunReport) {
+    let n = v.measured.max(1) as f64;
+    rep.add(
+        format!("{phase}: presence frames per client{unit} (mean)"),
+        v.frames as f64 / n / secs,
+        2,
+    );
+    rep.add(
+        format!("{phase}: presence frames per client{unit} (max)"),
+        v.frames_max as f64 / secs,
+        2,
+    );
+    rep.add(
+        format!("{phase}: presence bytes per client{unit} (mean)"),
+        v.bytes as f64 / n / secs,
+        0,
+    );
+    rep.add(
+        format!("{phase}: presence bytes per client{unit} (max)"),
+        v.bytes_max as f64 / secs,
+        0,
+    );
+}
+
 fn join_storm(
     opts: &Opts,
     pool: &mut Pool,
@@ -117,42 +283,26 @@ fn join_storm(
     let refreshes0 = counter(http, "chat_presence_refreshes_total");
     let redis0 = read(redis, rep);
     let s0 = procs.sample();
+    // Every client should end up in the room.
+    pool.mark(&bits(n, |_| true), now_ns());
 
     // ---- the storm: every handshake at once (at most --concurrency in
     // flight); a client's join is registered before its `welcome`.
     let t0 = Instant::now();
+    let t0_ns = now_ns();
     let storm = pool.connect(n);
     let storm_end = Instant::now();
     let s_storm = procs.sample();
 
-    // ---- settle: until every list is complete, or no event arrived for
-    // --drain-s, or SETTLE_MAX.
-    let hard = storm_end + SETTLE_MAX;
-    let mut lists: ListTally = pool.lists();
-    let mut last = (Instant::now(), lists.events());
-    let mut settled = None;
-    loop {
-        if lists.complete == n {
-            settled = Some(Instant::now());
-            break;
-        }
-        if Instant::now() >= hard {
-            break;
-        }
-        if lists.events() != last.1 {
-            last = (Instant::now(), lists.events());
-        } else if last.0.elapsed() >= opts.drain {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        lists = pool.lists();
-    }
+    // ---- settle: until every view is right, or no presence frame came
+    // for --drain-s, or SETTLE_MAX.
+    let (views, settled) = settle(pool, n, Some(opts.drain), storm_end + SETTLE_MAX);
     let settle_end = Instant::now();
     let s_end = procs.sample();
     let redis1 = read(redis, rep);
     let members_in_redis = redis.as_mut().map(|r| r.hlen(key));
     let refreshes1 = counter(http, "chat_presence_refreshes_total");
-    let expired = counter(http, "chat_presence_expired_total");
+    let presence = http.map(presence_metrics);
 
     let t = pool.finish_into(rep);
 
@@ -162,14 +312,38 @@ fn join_storm(
     rep.add("clients failed", storm.failed as f64, 0);
     t.report_clients(rep);
     storm.report_rate("storm", rep);
+    rep.add(
+        "joins/s (connected / storm wall time)",
+        storm.ok as f64 / storm.wall.as_secs_f64().max(1e-9),
+        0,
+    );
+    rep.add(
+        "joins/s until every list was right",
+        settled.map_or(f64::NAN, |s| n as f64 / (s - t0).as_secs_f64()),
+        0,
+    );
     storm.report_times(rep);
     rep.add(
-        "lists complete, s after the storm began",
+        "window W (--presence-full-list-max)",
+        opts.presence().full_list_max as f64,
+        0,
+    );
+    rep.add(
+        "every count right, s after the storm began",
+        if views.count_right == n {
+            secs_between(t0_ns, views.right_since_max)
+        } else {
+            f64::NAN
+        },
+        2,
+    );
+    rep.add(
+        "every list right, s after the storm began (0.1 s polls)",
         settled.map_or(f64::NAN, |s| (s - t0).as_secs_f64()),
         2,
     );
     rep.add(
-        "lists complete, s after the storm ended",
+        "every list right, s after the storm ended",
         settled.map_or(f64::NAN, |s| (s - storm_end).as_secs_f64()),
         2,
     );
@@ -180,39 +354,9 @@ fn join_storm(
             0,
         );
     }
-    rep.add(
-        "clients checked (connected at the end)",
-        lists.clients as f64,
-        0,
-    );
-    rep.add(
-        "clients with a presence snapshot",
-        lists.with_snapshot as f64,
-        0,
-    );
-    rep.add(COMPLETE, lists.complete as f64, 0);
-    rep.add(
-        "clients whose final list is incomplete",
-        (n - lists.complete.min(n)) as f64,
-        0,
-    );
-    rep.add("names missing, over all lists", lists.missing as f64, 0);
-    rep.add(
-        "unknown names listed, over all lists",
-        lists.strangers as f64,
-        0,
-    );
-    rep.add("snapshots cut short (more > 0)", lists.cut_short as f64, 0);
-    rep.add("presence snapshots received", lists.snapshots as f64, 0);
-    rep.add("join events received", lists.joins as f64, 0);
-    rep.add("leave events received", lists.leaves as f64, 0);
-    rep.add("leave events with reason expired", lists.expired as f64, 0);
-    rep.add("events that changed nothing", lists.no_ops as f64, 0);
-    rep.add(
-        "join events per client",
-        lists.joins as f64 / lists.clients.max(1) as f64,
-        1,
-    );
+    rep.add(SHOULD, n as f64, 0);
+    report_views(&views, rep);
+    report_frames(&views, "storm and settling", 1.0, "", rep);
     if let (Some(r0), Some(r1)) = (&redis0, &redis1) {
         let d = r1.since(r0);
         let joins = n.max(1) as f64;
@@ -254,23 +398,399 @@ fn join_storm(
                 refreshes1[i] - refreshes0[i],
                 0,
             );
-            rep.add(
-                format!("{name}: chat_presence_expired_total"),
-                expired[i],
-                0,
-            );
+            for (k, v) in &presence[i] {
+                rep.add(format!("{name}: {k}"), *v, 0);
+            }
         }
     }
     rep.add("storm and settling (s)", (settle_end - t0).as_secs_f64(), 2);
     if settled.is_none() {
         rep.notes.push(format!(
-            "the lists did not all complete: gave up after {:.1} s without an event (or {} s); {} of {n} complete",
+            "the lists did not all settle (no presence frame for {:.1} s, or {} s): {}",
             opts.drain.as_secs_f64(),
             SETTLE_MAX.as_secs(),
-            lists.complete
+            wrong(&views, n)
         ));
     }
     notes(rep, storm.errors, &t);
+}
+
+fn churn(
+    opts: &Opts,
+    pool: &mut Pool,
+    http: [SocketAddr; 2],
+    procs: &Procs,
+    redis: &mut Option<RedisWatch>,
+    rep: &mut RunReport,
+) {
+    let n = opts.clients;
+    let layout = Layout::new(opts);
+    let p = opts.presence();
+    let batch = pool.connect(n);
+
+    // ---- settle: the room as it is, before anything is measured.
+    let present = pool.present();
+    pool.mark(&present, now_ns());
+    let t_settle = Instant::now();
+    let (before, settled) = settle(
+        pool,
+        ones(&present),
+        Some(opts.drain),
+        t_settle + SETTLE_MAX,
+    );
+    if settled.is_none() {
+        rep.notes.push(format!(
+            "before the churn, the lists did not all settle: {}",
+            wrong(&before, ones(&present))
+        ));
+    }
+
+    // ---- quiet: the sender on, nobody churns.
+    pool.start();
+    pool.mark(&present, now_ns());
+    let q0 = Instant::now();
+    let (s_q0, redis_q0) = (procs.sample(), read(redis, rep));
+    std::thread::sleep(opts.idle);
+    let quiet = pool.views();
+    let quiet_s = q0.elapsed().as_secs_f64();
+    let (s_q1, redis_q1) = (procs.sample(), read(redis, rep));
+
+    // ---- churn: the sender still on.
+    pool.mark(&present, now_ns());
+    let start_ns = now_ns() + 100_000_000;
+    pool.churn_start(start_ns);
+    let c0 = Instant::now();
+    std::thread::sleep(opts.duration + Duration::from_millis(100));
+    let churning = pool.views();
+    let churn_s = c0.elapsed().as_secs_f64();
+    let (s_c1, redis_c1) = (procs.sample(), read(redis, rep));
+    let churn_metrics = http.map(presence_metrics);
+    let sent = pool.stop();
+    let away = pool.churn_stop();
+    let sent_total: u64 = sent.iter().sum();
+    let (got, expected, drained) = drive::drain_deliveries(pool, opts, &sent);
+
+    // ---- settle again: every churner back, every view right.
+    let present_end = pool.present();
+    pool.mark(&present_end, now_ns());
+    let t_end = Instant::now();
+    let (after, settled_end) = settle(pool, n, Some(opts.drain), t_end + SETTLE_MAX);
+
+    let t = pool.finish_into(rep);
+
+    // ---- figures
+    let ms = |us: f64| us / 1000.0;
+    rep.add("clients requested", n as f64, 0);
+    rep.add("clients connected", batch.ok as f64, 0);
+    rep.add("clients failed", batch.failed as f64, 0);
+    t.report_clients(rep);
+    batch.report_rate("connect", rep);
+    batch.report_times(rep);
+    rep.add(
+        "window W (--presence-full-list-max)",
+        p.full_list_max as f64,
+        0,
+    );
+    rep.add(
+        "presence_diff interval (ms)",
+        p.diff.as_secs_f64() * 1000.0,
+        0,
+    );
+    rep.add("lists right before the quiet phase", before.right as f64, 0);
+    rep.add(
+        "s until then (0.1 s polls)",
+        settled.map_or(f64::NAN, |s| (s - t_settle).as_secs_f64()),
+        2,
+    );
+    rep.add("churners", layout.churners as f64, 0);
+    rep.add("churn period (s)", layout.churn_period.as_secs_f64(), 2);
+    rep.add(
+        "churn: each churner away (s, once a period)",
+        layout.churn_away.as_secs_f64(),
+        2,
+    );
+    rep.add(
+        "clients measured (online, not churning)",
+        churning.measured as f64,
+        0,
+    );
+    rep.add("quiet phase (s)", quiet_s, 1);
+    rep.add("churn phase (s)", churn_s, 1);
+    let c = &t.churn;
+    rep.add("churn: leaves", c.leaves as f64, 0);
+    rep.add("churn: joins", c.joins as f64, 0);
+    // The first joins come one away-time after the first leaves.
+    let (leaves_s, joins_s) = (
+        c.leaves as f64 / churn_s,
+        c.joins as f64 / (churn_s - layout.churn_away.as_secs_f64()).max(1e-3),
+    );
+    rep.add("churn: leaves/s", leaves_s, 1);
+    rep.add("churn: joins/s (from the first return on)", joins_s, 1);
+    rep.add("churn: joins failed", c.failed as f64, 0);
+    rep.add("churners back after the churn", c.returns as f64, 0);
+    rep.add(
+        "churn: join handshake p50 (ms)",
+        ms(c.join_times.pct(0.5)),
+        2,
+    );
+    rep.add(
+        "churn: join handshake p99 (ms)",
+        ms(c.join_times.pct(0.99)),
+        2,
+    );
+    rep.add("churners still away after the churn", away as f64, 0);
+    report_frames(&quiet, "quiet", quiet_s, "/s", rep);
+    report_frames(&churning, "churn", churn_s, "/s", rep);
+    // Coalesced: at most one presence_diff per --presence-diff-ms, and one
+    // more for where the window's edges fall.
+    rep.add(
+        CHURN_FRAMES_ALLOWED,
+        churn_s / p.diff.as_secs_f64().max(1e-3) + 1.0,
+        0,
+    );
+    rep.add(CHURN_FRAMES_MAX, churning.frames_max as f64, 0);
+    let (q50, q99) = (ms(t.lat_quiet.pct(0.5)), ms(t.lat_quiet.pct(0.99)));
+    let (c50, c99) = (ms(t.lat_churn.pct(0.5)), ms(t.lat_churn.pct(0.99)));
+    rep.add("quiet: chat latency p50 (ms)", q50, 3);
+    rep.add("quiet: chat latency p99 (ms)", q99, 3);
+    rep.add("churn: chat latency p50 (ms)", c50, 3);
+    rep.add("churn: chat latency p99 (ms)", c99, 3);
+    rep.add("chat latency p50, churn / quiet", c50 / q50, 2);
+    rep.add(LATENCY_RATIO, c99 / q99, 2);
+    rep.add("messages sent", sent_total as f64, 0);
+    rep.add("deliveries expected", t.expected as f64, 0);
+    rep.add("deliveries received", (t.unique + t.dup) as f64, 0);
+    rep.add("lost", t.lost as f64, 0);
+    rep.add("duplicated", t.dup as f64, 0);
+    rep.add("out of order", t.ooo as f64, 0);
+    rep.add("error frames", t.errors as f64, 0);
+    rep.add("send errors", t.send_errors as f64, 0);
+    rep.add(SHOULD, n as f64, 0);
+    rep.add(
+        "every list right, s after the churn (0.1 s polls)",
+        settled_end.map_or(f64::NAN, |s| (s - t_end).as_secs_f64()),
+        2,
+    );
+    report_views(&after, rep);
+    let quiet_cpu = cpu(procs, &s_q0, &s_q1);
+    let churn_cpu = cpu(procs, &s_q1, &s_c1);
+    for (i, (name, _, is_instance)) in procs.list.iter().enumerate() {
+        rep.add(
+            format!("{name}: CPU, quiet (ms/s)"),
+            1000.0 * quiet_cpu[i] / quiet_s,
+            1,
+        );
+        // From the quiet phase's end: the churn's start (100 ms) is in.
+        rep.add(
+            format!("{name}: CPU, churn (ms/s)"),
+            1000.0 * churn_cpu[i] / churn_s,
+            1,
+        );
+        if *is_instance {
+            for (k, v) in &churn_metrics[i.min(1)] {
+                rep.add(format!("{name}: {k} (after the churn)"), *v, 0);
+            }
+        }
+    }
+    if let (Some(r0), Some(r1), Some(r2)) = (&redis_q0, &redis_q1, &redis_c1) {
+        let (dq, dc) = (r1.since(r0), r2.since(r1));
+        rep.add("redis: commands/s, quiet", dq.total() as f64 / quiet_s, 1);
+        rep.add("redis: commands/s, churn", dc.total() as f64 / churn_s, 1);
+        rep.add(
+            "redis: CPU, churn (ms/s, INFO cpu)",
+            1000.0 * dc.cpu_s / churn_s,
+            1,
+        );
+    }
+    if !drained {
+        rep.notes.push(format!(
+            "drain gave up ({:.1} s without progress, or 120 s) with {got} of {expected} expected deliveries",
+            opts.drain.as_secs_f64(),
+        ));
+    }
+    if leaves_s.min(joins_s) < 0.9 * opts.churn {
+        rep.notes.push(format!(
+            "the churn fell short of --churn {}: {leaves_s:.1} leaves/s and {joins_s:.1} joins/s \
+             (joins answered late make churners miss their next leave: join handshake p99 {:.0} ms)",
+            opts.churn,
+            ms(c.join_times.pct(0.99))
+        ));
+    }
+    if settled_end.is_none() {
+        rep.notes.push(format!(
+            "after the churn, the lists did not all settle: {}",
+            wrong(&after, n)
+        ));
+    }
+    let mut errs: Vec<_> = c.errors.iter().collect();
+    errs.sort_by_key(|e| std::cmp::Reverse(*e.1));
+    for (e, k) in errs.into_iter().take(3) {
+        rep.notes.push(format!("churn join failure x{k}: {e}"));
+    }
+    notes(rep, batch.errors, &t);
+}
+
+/// The figures presence-churn's targets read.
+pub const CHURN_FRAMES_ALLOWED: &str =
+    "churn: presence frames per client allowed (one per --presence-diff-ms, +1)";
+pub const CHURN_FRAMES_MAX: &str = "churn: most presence frames one client got";
+pub const LATENCY_RATIO: &str = "chat latency p99, churn / quiet";
+pub const EXPIRY_S: &str = "kill -> every survivor's count right (s)";
+pub const EXPIRY_ALLOWED_S: &str = "allowed: TTL + a third + --presence-diff-ms (s)";
+
+#[allow(clippy::too_many_arguments)]
+fn crash(
+    opts: &Opts,
+    pool: &mut Pool,
+    http: [SocketAddr; 2],
+    procs: &Procs,
+    redis: &mut Option<RedisWatch>,
+    b: &mut Proc,
+    rep: &mut RunReport,
+) {
+    let n = opts.clients;
+    let layout = Layout::new(opts);
+    let p = opts.presence();
+    let batch = pool.connect(n);
+
+    // ---- settle: every view right before the kill.
+    let present = pool.present();
+    pool.mark(&present, now_ns());
+    let t_settle = Instant::now();
+    let (before, settled) = settle(
+        pool,
+        ones(&present),
+        Some(opts.drain),
+        t_settle + SETTLE_MAX,
+    );
+    if settled.is_none() {
+        rep.notes.push(format!(
+            "before the kill, the lists did not all settle: {}",
+            wrong(&before, ones(&present))
+        ));
+    }
+
+    // ---- the kill: a's clients should then see b's members go.
+    let survivors: Vec<u64> = {
+        let on_a = bits(n, |k| layout.instance(k) == 0);
+        present.iter().zip(&on_a).map(|(p, a)| p & a).collect()
+    };
+    let (n_a, n_b) = (ones(&survivors), ones(&present) - ones(&survivors));
+    let (s0, redis0) = (procs.sample(), read(redis, rep));
+    let a_metrics0 = presence_metrics(http[0]);
+    pool.mark(&survivors, now_ns());
+    let kill_ns = now_ns();
+    let killed = Instant::now();
+    b.kill();
+    let hard = killed + p.ttl + p.ttl / 3 + opts.drain;
+    let (after, expired) = settle(pool, n_a, None, hard);
+    // What comes after every view is right (a window's last change, a
+    // count) belongs to the expiry too.
+    std::thread::sleep(2 * p.diff);
+    let tail = pool.views();
+    let (s1, redis1) = (procs.sample(), read(redis, rep));
+    let a_metrics1 = presence_metrics(http[0]);
+
+    let t = pool.finish_into(rep);
+
+    // ---- figures
+    rep.add("clients requested", n as f64, 0);
+    rep.add("clients connected", batch.ok as f64, 0);
+    rep.add("clients failed", batch.failed as f64, 0);
+    t.report_clients(rep);
+    batch.report_rate("connect", rep);
+    batch.report_times(rep);
+    rep.add(
+        "window W (--presence-full-list-max)",
+        p.full_list_max as f64,
+        0,
+    );
+    rep.add(
+        "presence_diff interval (ms)",
+        p.diff.as_secs_f64() * 1000.0,
+        0,
+    );
+    rep.add(
+        "presence TTL (ms, --presence-ttl-ms)",
+        p.ttl.as_secs_f64() * 1000.0,
+        0,
+    );
+    rep.add("lists right before the kill", before.right as f64, 0);
+    rep.add(
+        "s until then (0.1 s polls)",
+        settled.map_or(f64::NAN, |s| (s - t_settle).as_secs_f64()),
+        2,
+    );
+    rep.add("members on a (survivors)", n_a as f64, 0);
+    rep.add("members on b (killed)", n_b as f64, 0);
+    rep.add(
+        EXPIRY_S,
+        if after.count_right == n_a && after.clients == n_a {
+            secs_between(kill_ns, after.right_since_max)
+        } else {
+            f64::NAN
+        },
+        2,
+    );
+    rep.add(
+        "kill -> every survivor's list right (s, 0.1 s polls)",
+        expired.map_or(f64::NAN, |s| (s - killed).as_secs_f64()),
+        2,
+    );
+    rep.add(
+        EXPIRY_ALLOWED_S,
+        (p.ttl + p.ttl / 3 + p.diff).as_secs_f64(),
+        2,
+    );
+    report_frames(
+        &tail,
+        &format!(
+            "expiry (kill to all right + {:.1} s)",
+            (2 * p.diff).as_secs_f64()
+        ),
+        1.0,
+        "",
+        rep,
+    );
+    rep.add(SHOULD, n.div_ceil(2) as f64, 0);
+    report_views(&tail, rep);
+    let cpu = cpu(procs, &s0, &s1);
+    for (i, (name, _, is_instance)) in procs.list.iter().enumerate() {
+        if i == 1 {
+            continue;
+        }
+        rep.add(format!("{name}: CPU, kill to the end (s)"), cpu[i], 2);
+        if *is_instance {
+            for (k, v) in &a_metrics1 {
+                let v0 = a_metrics0
+                    .iter()
+                    .find(|(k0, _)| k0 == k)
+                    .map_or(0.0, |(_, v0)| *v0);
+                rep.add(format!("{name}: {k} since the kill"), v - v0, 0);
+            }
+        }
+    }
+    if let (Some(r0), Some(r1)) = (&redis0, &redis1) {
+        let d = r1.since(r0);
+        rep.add("redis: commands, kill to the end", d.total() as f64, 0);
+        rep.add(
+            "redis: CPU, kill to the end (ms, INFO cpu)",
+            1000.0 * d.cpu_s,
+            1,
+        );
+    }
+    if expired.is_none() {
+        rep.notes.push(format!(
+            "after the kill, the survivors' lists were not all right within the TTL, a third of it \
+             and --drain-s ({:.1} s): {}",
+            (hard - killed).as_secs_f64(),
+            wrong(&after, n_a)
+        ));
+    }
+    rep.notes.push(format!(
+        "the {n_b} clients on b were cut by the kill (counted as dropped)"
+    ));
+    notes(rep, batch.errors, &t);
 }
 
 fn idle(
@@ -286,6 +806,8 @@ fn idle(
     std::thread::sleep(IDLE_SETTLE);
 
     // ---- the quiet window
+    let present = pool.present();
+    pool.mark(&present, now_ns());
     let refreshes0 = counter(http, "chat_presence_refreshes_total");
     let redis0 = read(redis, rep);
     let s0 = procs.sample();
@@ -293,6 +815,7 @@ fn idle(
     std::thread::sleep(opts.idle);
     let s1 = procs.sample();
     let window = t0.elapsed().as_secs_f64();
+    let frames = pool.views();
     let redis1 = read(redis, rep);
     let refreshes1 = counter(http, "chat_presence_refreshes_total");
     let expired = counter(http, "chat_presence_expired_total");
@@ -306,6 +829,7 @@ fn idle(
     rep.add("rooms (each on both instances)", opts.rooms as f64, 0);
     b.report_rate("connect", rep);
     rep.add("quiet window (s)", window, 1);
+    report_frames(&frames, "quiet window", window, "/s", rep);
     let cpu = cpu(procs, &s0, &s1);
     let mut refreshes = 0.0;
     for (i, (name, _, is_instance)) in procs.list.iter().enumerate() {

@@ -82,6 +82,13 @@ impl Proc {
         }
     }
 
+    /// SIGKILL, at once (presence-crash's instance b): no goodbye to Redis
+    /// or to its clients.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     fn stop(&mut self) {
         let pid = self.child.id();
         if self.child.try_wait().ok().flatten().is_none() {
@@ -181,7 +188,8 @@ pub fn start_redis_cluster() -> (Vec<Proc>, String) {
     (procs, seeds)
 }
 
-/// presence-join's `--presence-max-members` (at least the clients).
+/// The `--presence-max-members` of the scenarios with member lists (at
+/// least the clients).
 pub const PRESENCE_MAX_MEMBERS: usize = 10_000;
 
 /// Instance `id` of the server under test, joined to Redis by `broker`
@@ -207,10 +215,11 @@ pub fn start_instance(id: &str, broker: &[String], prefix: &str, opts: &Opts) ->
     {
         cmd.args(["--max-clients", &max_clients]);
     }
-    // A snapshot that can list every member of the storm's room (the
-    // default, 1000, would leave the rest out). One in `--server-args`
-    // wins.
-    if opts.scenario == Scenario::PresenceJoin
+    // A server from before `presence_diff` sends the whole list in its
+    // snapshot, as far as this goes (the default, 1000, would leave the
+    // rest out); to the current one it is only the largest window a
+    // client may ask for. One in `--server-args` wins.
+    if opts.scenario.keeps_member_lists()
         && !opts
             .server_args
             .iter()

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use serde::{Deserialize, Serialize};
 
 use crate::options::{Opts, Scenario};
+use crate::pool::PRESENCE_FRAMES;
 use crate::presence;
 
 /// One figure of a run: a name (with its unit) and a value.
@@ -241,21 +242,68 @@ fn targets(opts: &Opts, get: &dyn Fn(&str) -> f64) -> Vec<(String, bool)> {
             ]
         }
         Scenario::Smoke | Scenario::PresenceIdle => vec![],
-        Scenario::PresenceJoin => vec![(
-            format!(
-                "every client's final list is complete ({} of {})",
-                fmt_value(get(presence::COMPLETE), 0),
-                fmt_value(opts.clients as f64, 0)
+        Scenario::PresenceJoin => vec![
+            lists_right(get),
+            (
+                format!(
+                    ">= 890 joins/s, 10x the 89 of before (is {})",
+                    fmt_value(get("joins/s (connected / storm wall time)"), 0)
+                ),
+                get("joins/s (connected / storm wall time)") >= 890.0,
             ),
-            get(presence::COMPLETE) >= opts.clients as f64,
-        )],
+        ],
+        Scenario::PresenceChurn => vec![
+            lists_right(get),
+            (
+                format!(
+                    "at most one presence frame per client per --presence-diff-ms while churning \
+                     (most one client got: {}; allowed {})",
+                    fmt_value(get(presence::CHURN_FRAMES_MAX), 0),
+                    fmt_value(get(presence::CHURN_FRAMES_ALLOWED), 0)
+                ),
+                get(presence::CHURN_FRAMES_MAX) <= get(presence::CHURN_FRAMES_ALLOWED),
+            ),
+            (
+                format!(
+                    "chat latency p99 while churning within 1.5x of quiet (is {:.2}x)",
+                    get(presence::LATENCY_RATIO)
+                ),
+                get(presence::LATENCY_RATIO) <= 1.5,
+            ),
+        ],
+        Scenario::PresenceCrash => vec![
+            lists_right(get),
+            (
+                format!(
+                    "every survivor's count right within the TTL, a third of it and one \
+                     --presence-diff-ms (is {:.2} s; allowed {:.2} s)",
+                    get(presence::EXPIRY_S),
+                    get(presence::EXPIRY_ALLOWED_S)
+                ),
+                get(presence::EXPIRY_S) <= get(presence::EXPIRY_ALLOWED_S),
+            ),
+        ],
     }
+}
+
+/// The presence scenarios' asserted target, as a line.
+fn lists_right(get: &dyn Fn(&str) -> f64) -> (String, bool) {
+    (
+        format!(
+            "every client's final count and list are right ({} of {})",
+            fmt_value(get(presence::COMPLETE), 0),
+            fmt_value(get(presence::SHOULD), 0)
+        ),
+        get(presence::COMPLETE) >= get(presence::SHOULD),
+    )
 }
 
 /// Prints the summary and the targets, and returns the verdict: failure on
 /// any lost, duplicated, reordered or misrouted (another room's) delivery
 /// (smoke: also on any failed or dropped client, error frame or send
-/// error, or nothing sent).
+/// error, or nothing sent; the scenarios with member lists: on any client
+/// whose final view is not who is in the room; `--presence off`: on any
+/// presence frame).
 pub fn summarize(opts: &Opts, reports: &[RunReport]) -> ExitCode {
     let names: Vec<(String, usize)> = reports[0]
         .figures
@@ -327,27 +375,41 @@ pub fn summarize(opts: &Opts, reports: &[RunReport]) -> ExitCode {
                 failures.push(format!("run {}: {} {what}", i + 1, fmt_value(g(what), 0)));
             }
         }
-        if opts.scenario == Scenario::Smoke && g("messages sent") == 0.0 {
+        if matches!(opts.scenario, Scenario::Smoke | Scenario::PresenceChurn)
+            && g("messages sent") == 0.0
+        {
             failures.push(format!("run {}: nothing was sent", i + 1));
         }
-        if opts.scenario == Scenario::PresenceJoin {
-            let complete = r.get(presence::COMPLETE).unwrap_or(0.0);
-            if complete < opts.clients as f64 {
+        if opts.scenario.keeps_member_lists() {
+            let (complete, should) = (g(presence::COMPLETE), g(presence::SHOULD));
+            if complete < should || should == 0.0 {
                 failures.push(format!(
-                    "run {}: {} of {} clients' final member lists are not every name",
+                    "run {}: {} of {} clients' final count and list are not who is in the room",
                     i + 1,
-                    fmt_value(opts.clients as f64 - complete, 0),
-                    fmt_value(opts.clients as f64, 0)
+                    fmt_value(should - complete, 0),
+                    fmt_value(should, 0)
                 ));
             }
+        }
+        if !opts.presence().on && g(PRESENCE_FRAMES) > 0.0 {
+            failures.push(format!(
+                "run {}: {} presence frames with --presence off",
+                i + 1,
+                fmt_value(g(PRESENCE_FRAMES), 0)
+            ));
         }
     }
     if failures.is_empty() {
         println!(
             "\nRESULT: PASS ({})",
             match opts.scenario {
-                Scenario::PresenceJoin => "every client's final member list is every name",
+                Scenario::PresenceJoin | Scenario::PresenceCrash =>
+                    "every client's final count and list are who is in the room",
+                Scenario::PresenceChurn =>
+                    "no delivery lost, duplicated or reordered; every final count and list right",
                 Scenario::PresenceIdle => "a report: nothing is asserted",
+                _ if !opts.presence().on =>
+                    "no delivery lost, duplicated or reordered; no presence frame",
                 _ => "no delivery lost, duplicated or reordered",
             }
         );

@@ -15,9 +15,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc, watch};
 
+use crate::churn::{self, Phase};
 use crate::client::{self, ClientStats, PerMessage, Shared};
 use crate::layout::Layout;
-use crate::pool::{Batch, Command, ListTally, Reply, Tally, WorkerConfig};
+use crate::members::Expected;
+use crate::pool::{Batch, Command, Reply, Tally, ViewTally, WorkerConfig};
 use crate::report::Hist;
 
 /// A connect failure's text without its digits (ports, ids, counts), so
@@ -54,6 +56,7 @@ pub fn main(config: &str) -> ExitCode {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (start_tx, start_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (churn_tx, churn_rx) = watch::channel(Phase::Waiting);
     let shared = Arc::new(Shared {
         ws: config.ws,
         rooms: (0..layout.rooms)
@@ -76,6 +79,10 @@ pub fn main(config: &str) -> ExitCode {
         live: AtomicUsize::new(0),
         active_senders: AtomicUsize::new(0),
         per_message: (0..layout.senders).map(|_| PerMessage::new()).collect(),
+        target: AtomicU64::new(u64::MAX),
+        split_ns: AtomicU64::new(u64::MAX),
+        churn: churn_rx,
+        churned: churn::Counters::default(),
     });
     // This worker's clients, in order, and how many of them have been
     // started.
@@ -85,6 +92,14 @@ pub fn main(config: &str) -> ExitCode {
         .collect();
     let mut started = 0;
     let mut sent: Vec<u64> = vec![0; layout.senders];
+    // Every client in name order (the room's list), and who should be in
+    // the room: for the views' check.
+    let by_name = if layout.member_lists {
+        layout.by_name()
+    } else {
+        Vec::new()
+    };
+    let mut expected: Option<Expected> = None;
 
     let mut out = std::io::stdout().lock();
     let mut reply = |r: Reply| {
@@ -108,7 +123,12 @@ pub fn main(config: &str) -> ExitCode {
                 let batch = rt.block_on(async {
                     let t0 = Instant::now();
                     for (k, stats) in &mine[from..started] {
-                        tokio::spawn(client::client(*k, shared.clone(), stats.clone()));
+                        match layout.churner(*k) {
+                            Some(q) => {
+                                tokio::spawn(churn::churner(*k, q, shared.clone(), stats.clone()))
+                            }
+                            None => tokio::spawn(client::client(*k, shared.clone(), stats.clone())),
+                        };
                     }
                     let mut b = Batch::default();
                     let mut times = Vec::new();
@@ -162,7 +182,51 @@ pub fn main(config: &str) -> ExitCode {
                 reply(Reply::Count(expected));
             }
             Command::Progress => reply(Reply::Count(shared.unique.load(Ordering::Relaxed))),
-            Command::Lists => reply(Reply::Lists(lists(&layout, &mine))),
+            Command::Present => {
+                let mut bits = vec![0u64; layout.clients.div_ceil(64)];
+                for (k, s) in &mine {
+                    if s.lock().unwrap().online {
+                        bits[k / 64] |= 1 << (k % 64);
+                    }
+                }
+                reply(Reply::Present(bits));
+            }
+            Command::Mark { present, at_ns } => {
+                let e = Expected::new(present, &by_name, layout.presence_window);
+                shared.target.store(e.count as u64, Ordering::SeqCst);
+                for (_, s) in &mine {
+                    let mut st = s.lock().unwrap();
+                    st.mark = (st.presence_frames, st.presence_bytes);
+                    let right = st.view.as_ref().and_then(|v| v.count()) == Some(e.count);
+                    st.right_since = right.then_some(at_ns);
+                }
+                expected = Some(e);
+                reply(Reply::Done);
+            }
+            Command::Views => reply(Reply::Views(views(&layout, &mine, expected.as_ref()))),
+            Command::ChurnStart { at_ns } => {
+                shared.split_ns.store(at_ns, Ordering::SeqCst);
+                let _ = churn_tx.send(Phase::On { start_ns: at_ns });
+                reply(Reply::Done);
+            }
+            Command::ChurnStop => {
+                let _ = churn_tx.send(Phase::Stopped);
+                // Those that ever connected and were not cut by the server
+                // come back (a failed join is tried again every second).
+                let churners = mine
+                    .iter()
+                    .filter(|(k, s)| {
+                        let st = s.lock().unwrap();
+                        layout.churner(*k).is_some() && st.connected && st.ended.is_none()
+                    })
+                    .count();
+                let deadline = Instant::now() + Duration::from_secs(40);
+                let online = || shared.churned.online.load(Ordering::SeqCst);
+                while online() < churners && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                reply(Reply::Count(churners.saturating_sub(online()) as u64));
+            }
             Command::Finish => {
                 let _ = shutdown_tx.send(true);
                 let deadline = Instant::now() + Duration::from_secs(15);
@@ -180,33 +244,47 @@ pub fn main(config: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The member lists of this worker's clients that are connected now.
-fn lists(layout: &Layout, mine: &[(usize, Arc<Mutex<ClientStats>>)]) -> ListTally {
-    let mut t = ListTally::default();
-    for (_, s) in mine {
+/// This worker's clients' views against `expected` (who is in the room),
+/// and their presence frames since the last mark.
+fn views(
+    layout: &Layout,
+    mine: &[(usize, Arc<Mutex<ClientStats>>)],
+    expected: Option<&Expected>,
+) -> ViewTally {
+    let mut t = ViewTally::default();
+    for (k, s) in mine {
         let st = s.lock().unwrap();
-        let Some(list) = st.members.as_ref() else {
-            continue;
-        };
-        if !st.connected || st.ended.is_some() {
+        t.received += st.presence_frames;
+        if !st.online {
             continue;
         }
         t.clients += 1;
-        if list.snapshots > 0 {
-            t.with_snapshot += 1;
+        if layout.churner(*k).is_none() {
+            let frames = st.presence_frames - st.mark.0;
+            let bytes = st.presence_bytes - st.mark.1;
+            t.measured += 1;
+            t.frames += frames;
+            t.frames_max = t.frames_max.max(frames);
+            t.bytes += bytes;
+            t.bytes_max = t.bytes_max.max(bytes);
         }
-        if list.complete(layout.clients) {
-            t.complete += 1;
+        let (Some(view), Some(e)) = (st.view.as_ref(), expected) else {
+            continue;
+        };
+        t.seen.merge(&view.seen);
+        t.with_snapshot += usize::from(view.has_snapshot());
+        let c = view.check(e);
+        t.count_right += usize::from(c.count_right);
+        t.right += usize::from(c.right);
+        t.missing += c.missing as u64;
+        t.extra += c.extra as u64;
+        t.strangers += c.strangers as u64;
+        t.wrong_mode += usize::from(c.wrong_mode);
+        if c.count_right
+            && let Some(at) = st.right_since
+        {
+            t.right_since_max = t.right_since_max.max(at);
         }
-        t.listed += (list.count + list.strangers.len()) as u64;
-        t.missing += (layout.clients - list.count) as u64;
-        t.strangers += list.strangers.len() as u64;
-        t.snapshots += list.snapshots;
-        t.cut_short += list.cut_short;
-        t.joins += list.joins;
-        t.leaves += list.leaves;
-        t.expired += list.expired;
-        t.no_ops += list.no_ops;
     }
     t
 }
@@ -215,6 +293,7 @@ fn lists(layout: &Layout, mine: &[(usize, Arc<Mutex<ClientStats>>)]) -> ListTall
 fn tally(shared: &Shared, mine: &[(usize, Arc<Mutex<ClientStats>>)], sent: &[u64]) -> Tally {
     let mut t = Tally::default();
     let (mut lat_same, mut lat_cross) = (Vec::new(), Vec::new());
+    let (mut lat_quiet, mut lat_churn) = (Vec::new(), Vec::new());
     let mut ended: HashMap<String, usize> = HashMap::new();
     for (_, s) in mine {
         let mut st = s.lock().unwrap();
@@ -242,9 +321,18 @@ fn tally(shared: &Shared, mine: &[(usize, Arc<Mutex<ClientStats>>)], sent: &[u64
         }
         lat_same.append(&mut st.lat_same);
         lat_cross.append(&mut st.lat_cross);
+        lat_quiet.append(&mut st.lat_quiet);
+        lat_churn.append(&mut st.lat_churn);
+        t.presence_frames += st.presence_frames;
+        t.presence_bytes += st.presence_bytes;
+        t.presence_frames_max = t.presence_frames_max.max(st.presence_frames);
+        t.presence_bytes_max = t.presence_bytes_max.max(st.presence_bytes);
     }
     t.lat_same = Hist::of(lat_same);
     t.lat_cross = Hist::of(lat_cross);
+    t.lat_quiet = Hist::of(lat_quiet);
+    t.lat_churn = Hist::of(lat_churn);
+    t.churn = shared.churned.tally();
     t.ended = ended;
     t.send_errors = shared.send_errors.load(Ordering::SeqCst);
     t.first_error = shared.first_error.lock().unwrap().clone();
