@@ -2,9 +2,12 @@
 //! presence in Redis, kept in step by the changes that travel on the
 //! room's channel, each numbered (`seq`) so that a missed one is noticed.
 //!
-//! It also remembers, until the next diff is taken, which names changed and
-//! whether each was in the room before: a diff then says where each of
-//! them stands now, however many joins and leaves happened in between.
+//! It also remembers, until the next diff is taken, which names changed,
+//! whether each was in the room before, and at which version of the room
+//! (the tracker's count of the changes it took) it changed last: a diff
+//! then says where each of them stands now, however many joins and leaves
+//! happened in between, and a client whose list is newer than the last
+//! diff is told only the names that changed after it.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -28,12 +31,48 @@ pub struct Changes {
     pub joins: Vec<PresenceMember>,
     pub leaves: Vec<Departure>,
     pub changed: Vec<PresenceMember>,
+    /// The version at which each name changed last.
+    at: HashMap<String, u64>,
 }
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
         self.joins.is_empty() && self.leaves.is_empty() && self.changed.is_empty()
     }
+
+    /// Only the names that changed after `version`.
+    pub fn since(&self, version: u64) -> Changes {
+        let after = |name: &str| self.at.get(name).is_some_and(|at| *at > version);
+        Changes {
+            joins: self
+                .joins
+                .iter()
+                .filter(|m| after(&m.name))
+                .cloned()
+                .collect(),
+            leaves: self
+                .leaves
+                .iter()
+                .filter(|d| after(&d.name))
+                .cloned()
+                .collect(),
+            changed: self
+                .changed
+                .iter()
+                .filter(|m| after(&m.name))
+                .cloned()
+                .collect(),
+            at: HashMap::new(),
+        }
+    }
+}
+
+/// A name changed since the last diff: what it was then, and the version
+/// of its last change.
+#[derive(Debug)]
+struct Touched {
+    before: Option<Connections>,
+    at: u64,
 }
 
 #[derive(Debug, Default)]
@@ -42,8 +81,8 @@ pub struct Roster {
     members: BTreeMap<String, Connections>,
     /// The number of the last change in the roster.
     seq: u64,
-    /// Names changed since the last diff, with what they were then.
-    touched: BTreeMap<String, Option<Connections>>,
+    /// Names changed since the last diff.
+    touched: BTreeMap<String, Touched>,
     /// How each name that left since the last diff left: its instance and
     /// why.
     departures: HashMap<String, (String, LeaveReason)>,
@@ -84,21 +123,28 @@ impl Roster {
         }
     }
 
-    /// Notes what `name` was before its first change since the last diff.
-    fn touch(&mut self, name: &str) {
-        if !self.touched.contains_key(name) {
-            let before = self.members.get(name).cloned();
-            self.touched.insert(name.to_string(), before);
+    /// Notes what `name` was before its first change since the last diff,
+    /// and that it changed at version `at`.
+    fn touch(&mut self, name: &str, at: u64) {
+        match self.touched.get_mut(name) {
+            Some(touched) => touched.at = at,
+            None => {
+                let before = self.members.get(name).cloned();
+                self.touched
+                    .insert(name.to_string(), Touched { before, at });
+            }
         }
     }
 
-    pub fn apply_change(&mut self, change: &MemberChange) -> Applied {
+    /// Applies a change, which makes version `at` of the room if it comes
+    /// next.
+    pub fn apply_change(&mut self, change: &MemberChange, at: u64) -> Applied {
         let order = self.order(change.seq);
         if order != Applied::Yes {
             return order;
         }
         self.seq = change.seq;
-        self.touch(&change.name);
+        self.touch(&change.name, at);
         let connections = self.members.entry(change.name.clone()).or_default();
         let count = connections.entry(change.instance.clone()).or_default();
         *count = count.saturating_add_signed(change.delta);
@@ -114,7 +160,7 @@ impl Roster {
         Applied::Yes
     }
 
-    pub fn apply_expired(&mut self, expired: &MembersExpired) -> Applied {
+    pub fn apply_expired(&mut self, expired: &MembersExpired, at: u64) -> Applied {
         let order = self.order(expired.seq);
         if order != Applied::Yes {
             return order;
@@ -124,7 +170,7 @@ impl Roster {
             if !self.members.contains_key(name) {
                 continue;
             }
-            self.touch(name);
+            self.touch(name, at);
             let Some(connections) = self.members.get_mut(name) else {
                 continue;
             };
@@ -144,7 +190,7 @@ impl Roster {
     /// differs from the roster is noted as changed, for the next diff. A
     /// name gone this way left for an unknown reason: `expired`, its
     /// instance the last it was seen on.
-    pub fn replace(&mut self, snapshot: PresenceSnapshot) {
+    pub fn replace(&mut self, snapshot: PresenceSnapshot, at: u64) {
         let names: Vec<String> = self
             .members
             .keys()
@@ -153,7 +199,7 @@ impl Roster {
             .collect();
         for name in names {
             if self.members.get(&name) != snapshot.members.get(&name) {
-                self.touch(&name);
+                self.touch(&name, at);
                 if !snapshot.members.contains_key(&name)
                     && let Some(instance) = self.members[&name].keys().next_back()
                 {
@@ -174,7 +220,8 @@ impl Roster {
     pub fn take_changes(&mut self) -> Changes {
         let mut changes = Changes::default();
         let departures = std::mem::take(&mut self.departures);
-        for (name, before) in std::mem::take(&mut self.touched) {
+        for (name, Touched { before, at }) in std::mem::take(&mut self.touched) {
+            changes.at.insert(name.clone(), at);
             match (before, self.members.get(&name)) {
                 (None, Some(now)) => changes.joins.push(member(&name, now)),
                 (Some(_), Some(now)) => changes.changed.push(member(&name, now)),
@@ -242,10 +289,22 @@ mod tests {
     #[test]
     fn changes_are_applied_in_order_and_a_skipped_one_is_a_gap() {
         let mut roster = Roster::default();
-        assert_eq!(roster.apply_change(&change("bo", "a", 1, 1)), Applied::Yes);
-        assert_eq!(roster.apply_change(&change("al", "b", 1, 2)), Applied::Yes);
-        assert_eq!(roster.apply_change(&change("al", "b", 1, 2)), Applied::Old);
-        assert_eq!(roster.apply_change(&change("al", "a", 1, 4)), Applied::Gap);
+        assert_eq!(
+            roster.apply_change(&change("bo", "a", 1, 1), 1),
+            Applied::Yes
+        );
+        assert_eq!(
+            roster.apply_change(&change("al", "b", 1, 2), 2),
+            Applied::Yes
+        );
+        assert_eq!(
+            roster.apply_change(&change("al", "b", 1, 2), 2),
+            Applied::Old
+        );
+        assert_eq!(
+            roster.apply_change(&change("al", "a", 1, 4), 4),
+            Applied::Gap
+        );
         assert_eq!(roster.count(), 2);
         assert_eq!(names(&roster.window(0, 10)), ["al", "bo"]);
         assert_eq!(names(&roster.window(1, 10)), ["bo"]);
@@ -263,11 +322,11 @@ mod tests {
         // cy comes and goes: said as a leave (a client that read the room
         // while cy was in it must drop it). al leaves. bo opens a tab on b.
         // dee joins.
-        roster.apply_change(&change("cy", "a", 1, 11));
-        roster.apply_change(&change("cy", "a", -1, 12));
-        roster.apply_change(&change("al", "a", -1, 13));
-        roster.apply_change(&change("bo", "b", 1, 14));
-        roster.apply_change(&change("dee", "b", 1, 15));
+        roster.apply_change(&change("cy", "a", 1, 11), 11);
+        roster.apply_change(&change("cy", "a", -1, 12), 12);
+        roster.apply_change(&change("al", "a", -1, 13), 13);
+        roster.apply_change(&change("bo", "b", 1, 14), 14);
+        roster.apply_change(&change("dee", "b", 1, 15), 15);
         let changes = roster.take_changes();
         assert_eq!(names(&changes.joins), ["dee"]);
         let leaves: Vec<_> = changes
@@ -286,9 +345,9 @@ mod tests {
     #[test]
     fn an_expired_instance_leaves_its_names_with_their_other_tabs_kept() {
         let mut roster = Roster::default();
-        roster.apply_change(&change("al", "a", 1, 1));
-        roster.apply_change(&change("al", "b", 1, 2));
-        roster.apply_change(&change("bo", "b", 1, 3));
+        roster.apply_change(&change("al", "a", 1, 1), 1);
+        roster.apply_change(&change("al", "b", 1, 2), 2);
+        roster.apply_change(&change("bo", "b", 1, 3), 3);
         roster.take_changes();
         let expired = MembersExpired {
             room: "r".into(),
@@ -296,7 +355,7 @@ mod tests {
             names: vec!["al".into(), "bo".into()],
             seq: 4,
         };
-        assert_eq!(roster.apply_expired(&expired), Applied::Yes);
+        assert_eq!(roster.apply_expired(&expired, 4), Applied::Yes);
         let changes = roster.take_changes();
         assert_eq!(changes.leaves[0].name, "bo");
         assert_eq!(changes.leaves[0].reason, LeaveReason::Expired);
@@ -306,20 +365,39 @@ mod tests {
     #[test]
     fn a_fresh_reading_is_diffed_against_the_roster() {
         let mut roster = Roster::default();
-        roster.apply_change(&change("al", "a", 1, 1));
-        roster.apply_change(&change("bo", "a", 1, 2));
+        roster.apply_change(&change("al", "a", 1, 1), 1);
+        roster.apply_change(&change("bo", "a", 1, 2), 2);
         roster.take_changes();
-        roster.replace(PresenceSnapshot {
-            seq: 9,
-            members: BTreeMap::from([
-                ("bo".to_string(), Connections::from([("a".to_string(), 1)])),
-                ("cy".to_string(), Connections::from([("b".to_string(), 2)])),
-            ]),
-        });
+        roster.replace(
+            PresenceSnapshot {
+                seq: 9,
+                members: BTreeMap::from([
+                    ("bo".to_string(), Connections::from([("a".to_string(), 1)])),
+                    ("cy".to_string(), Connections::from([("b".to_string(), 2)])),
+                ]),
+            },
+            3,
+        );
         let changes = roster.take_changes();
         assert_eq!(names(&changes.joins), ["cy"]);
         assert_eq!(changes.leaves[0].name, "al");
         assert!(changes.changed.is_empty());
         assert_eq!(roster.seq(), 9);
+    }
+
+    #[test]
+    fn a_list_newer_than_the_last_diff_is_told_only_what_changed_after_it() {
+        let mut roster = Roster::default();
+        roster.apply_change(&change("al", "a", 1, 1), 1);
+        roster.apply_change(&change("bo", "a", 1, 2), 2);
+        // A client read the room here, at version 2.
+        roster.apply_change(&change("al", "a", -1, 3), 3);
+        roster.apply_change(&change("cy", "a", 1, 4), 4);
+        let changes = roster.take_changes();
+        assert_eq!(names(&changes.joins), ["bo", "cy"]);
+        let newer = changes.since(2);
+        assert_eq!(names(&newer.joins), ["cy"]);
+        assert_eq!(newer.leaves[0].name, "al");
+        assert!(changes.since(4).is_empty());
     }
 }
