@@ -101,7 +101,7 @@ pub struct Config {
 
     /// Milliseconds between two `presence_diff` frames of a room: joins
     /// and leaves meanwhile are told together.
-    #[arg(long, env = "PRESENCE_DIFF_MS", default_value_t = 500)]
+    #[arg(long, env = "PRESENCE_DIFF_MS", default_value_t = 1000)]
     pub presence_diff_ms: u64,
 
     /// The largest room whose member list a client gets whole, with every

@@ -357,7 +357,7 @@ pub struct PresenceMember {
 
 /// What a `presence_diff` frame carries (see docs/PROTOCOL.md): the count,
 /// and either the changes of a small room's whole list or a large room's
-/// window, whole, when it changed.
+/// window: what entered and left it, or the window whole.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PresenceDiff {
     pub room: String,
@@ -372,6 +372,12 @@ pub struct PresenceDiff {
     pub offset: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub members: Option<Vec<PresenceMember>>,
+    /// A large room: members that entered the window (or changed in it)
+    /// since the last tick, and the names that left it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub added: Vec<PresenceMember>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
 }
 
 /// A name gone from a room: where its last connection was, and why.

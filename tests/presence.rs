@@ -241,6 +241,35 @@ impl Follower {
                     self.offset = frame["offset"].as_u64().expect("a window's offset");
                     self.held = rows(frame, "members").into_iter().collect();
                 }
+                if frame.get("added").is_some() || frame.get("removed").is_some() {
+                    assert!(
+                        !self.full,
+                        "{who}: a window change in a small room: {frame}"
+                    );
+                    assert!(frame.get("members").is_none(), "{who}: {frame}");
+                    assert_eq!(
+                        frame["offset"].as_u64(),
+                        Some(self.offset),
+                        "{who}: a window change is to the window held: {frame}"
+                    );
+                    for name in frame
+                        .get("removed")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        let name = name.as_str().expect("a removed name");
+                        assert!(
+                            self.held.remove(name).is_some(),
+                            "{who}: {name} removed from a window that did not hold it: {frame}"
+                        );
+                    }
+                    if frame.get("added").is_some() {
+                        for (name, row) in rows(frame, "added") {
+                            self.held.insert(name, row);
+                        }
+                    }
+                }
             }
             "typing" => {
                 assert!(frame["name"].is_string(), "{who}: {frame}");
@@ -685,7 +714,7 @@ fn a_killed_instances_members_expire_everywhere_within_the_ttl() {
     let mark = olga.frames.len();
     let killed = Instant::now();
     b.kill();
-    // ttl 1.5 s + one refresh interval (0.5 s) + a diff interval, with
+    // ttl 1.5 s + one refresh interval (0.5 s) + a diff interval (1 s), with
     // room to spare.
     olga.until("bob's expiry", Duration::from_secs(6), |f| {
         !f.held.contains_key("bob")
@@ -896,15 +925,18 @@ fn a_large_room_is_a_count_and_a_window_the_client_can_move() {
         diffs.iter().all(|f| f.get("members").is_none()),
         "zed is past kim's window: {diffs:?}"
     );
-    // A name before it moves the window: it comes whole.
+    // A name before it moves the window: what entered and left it comes,
+    // not the window whole.
     let mark = kim.frames.len();
     let _abe = Follower::join(&b, "abe", room);
     room_now.insert("abe".into());
     kim.converge_window(&room_now, 4, TIMEOUT);
+    let moved = kim.since(mark, "presence_diff");
     assert!(
-        kim.since(mark, "presence_diff")
-            .iter()
-            .any(|f| f["offset"] == 0 && f["members"].is_array()),
+        moved.iter().any(|f| f["offset"] == 0
+            && f["added"][0]["name"] == "abe"
+            && f["removed"] == json!(["kim"])
+            && f.get("members").is_none()),
         "{}",
         kim.dump()
     );

@@ -6,8 +6,9 @@
 //! `offset`, `full`, `members`, `more`); a `presence_diff` brings the
 //! room's `count` and, in a small room (`full`: at most
 //! `--presence-full-list-max` members), the `joins`, `leaves` and `changed`
-//! to apply to the whole list, or, in a large one, the window again
-//! (`offset`, `members`) when it changed. Frames are applied in order and
+//! to apply to the whole list, or, in a large one, when the window
+//! changed, the names that entered and left it (`offset`, `added`,
+//! `removed`) or the window again (`offset`, `members`). Frames are applied in order and
 //! idempotently (a join of someone listed, a leave of someone not listed
 //! change nothing). With no `members` frame sent, a client's window is the
 //! first `--presence-full-list-max` names of the room, in byte order.
@@ -101,6 +102,10 @@ struct Wire<'a> {
     leaves: Option<Vec<Departure<'a>>>,
     #[serde(borrow)]
     changed: Option<Vec<Member<'a>>>,
+    #[serde(borrow)]
+    added: Option<Vec<Member<'a>>>,
+    #[serde(borrow)]
+    removed: Option<Vec<Cow<'a, str>>>,
 }
 
 /// A member; its `instances` and `connections` are not checked.
@@ -466,7 +471,7 @@ impl View {
         match self.mode {
             None | Some(Mode::Legacy) => self.seen.anomalies.shape += 1,
             Some(Mode::Full) => {
-                if wire.members.is_some() {
+                if wire.members.is_some() || wire.added.is_some() || wire.removed.is_some() {
                     self.seen.anomalies.shape += 1;
                 }
                 if count > self.w {
@@ -513,9 +518,46 @@ impl View {
                         self.seen.anomalies.window_size += 1;
                     }
                     self.set_window(layout, offset, &members);
+                } else if wire.added.is_some() || wire.removed.is_some() {
+                    if wire.offset != Some(self.offset) {
+                        self.seen.anomalies.shape += 1;
+                    }
+                    let added = wire.added.unwrap_or_default();
+                    self.change_window(layout, &added, &wire.removed.unwrap_or_default());
+                    if self.window.len() != self.w.min(count.saturating_sub(self.offset)) {
+                        self.seen.anomalies.window_size += 1;
+                    }
                 }
             }
         }
+    }
+
+    /// Applies what entered (or changed in) and left the window, keeping
+    /// it in name order.
+    fn change_window(&mut self, layout: &Layout, added: &[Member], removed: &[Cow<str>]) {
+        for name in removed {
+            let k = layout.client_of(name).map_or(STRANGER, |k| k as u32);
+            match self.window.iter().position(|&held| held == k) {
+                Some(at) => {
+                    self.window.remove(at);
+                    self.window_strangers -= usize::from(k == STRANGER);
+                }
+                None => self.seen.anomalies.stale += 1,
+            }
+        }
+        for m in added {
+            let k = layout.client_of(&m.name).map_or(STRANGER, |k| k as u32);
+            if k == STRANGER || !self.window.contains(&k) {
+                self.window_strangers += usize::from(k == STRANGER);
+                self.window.push(k);
+            }
+        }
+        // Strangers (never in a right view) go last.
+        self.window
+            .sort_by(|&a, &b| match (a == STRANGER, b == STRANGER) {
+                (false, false) => by_name(a, b),
+                (x, y) => x.cmp(&y),
+            });
     }
 
     /// This view against who is in the room.
@@ -558,6 +600,24 @@ impl View {
             && (self.mode != Some(Mode::Window) || self.window == e.window);
         c
     }
+}
+
+/// Clients `a` and `b` in the byte order of their names (`c<k>`), without
+/// writing the names out.
+fn by_name(a: u32, b: u32) -> std::cmp::Ordering {
+    fn digits(k: u32, buf: &mut [u8; 10]) -> &[u8] {
+        let (mut k, mut at) = (k, buf.len());
+        loop {
+            at -= 1;
+            buf[at] = b'0' + (k % 10) as u8;
+            k /= 10;
+            if k == 0 {
+                return &buf[at..];
+            }
+        }
+    }
+    let (mut x, mut y) = ([0u8; 10], [0u8; 10]);
+    digits(a, &mut x).cmp(digits(b, &mut y))
 }
 
 fn sorted(members: &[Member]) -> bool {

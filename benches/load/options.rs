@@ -137,7 +137,7 @@ impl PresenceArgs {
     /// The server's defaults (docs/PROTOCOL.md).
     pub const DEFAULT: PresenceArgs = PresenceArgs {
         on: true,
-        diff: Duration::from_millis(500),
+        diff: Duration::from_millis(1000),
         full_list_max: 100,
         ttl: Duration::from_millis(15_000),
     };

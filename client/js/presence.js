@@ -115,6 +115,17 @@ export function onPresenceDiffFrame(frame) {
     members = readMembers(frame.members);
     offset = countOf(frame.offset) || 0;
     full = false;
+  } else if (Array.isArray(frame.added) || Array.isArray(frame.removed)) {
+    // A large room: who entered and left our window (a shift counts too),
+    // not joins and leaves of the room, so no line in the chat.
+    (Array.isArray(frame.removed) ? frame.removed : []).forEach(function (name) {
+      if (typeof name === 'string') members.delete(name);
+    });
+    (Array.isArray(frame.added) ? frame.added : []).forEach(function (raw) {
+      var m = readMember(raw);
+      if (m) members.set(m.name, m);
+    });
+    full = false;
   }
   if (Array.isArray(frame.leaves)) frame.leaves.forEach(applyLeave);
   if (Array.isArray(frame.joins)) frame.joins.forEach(applyJoin);

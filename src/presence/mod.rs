@@ -24,8 +24,9 @@
 //!   and leave. A larger one is shown as its count and each client's
 //!   window (the first members in name order, or the range it asked for
 //!   with a `members` frame): a client hears of a change only when its
-//!   window's contents change, and gets the window whole then, bounded by
-//!   its size.
+//!   window's contents change, and then only which names entered and left
+//!   the window since the last tick (the window whole if what it holds is
+//!   not the last tick's), bounded by the window's size.
 //! - **Each client is told from what it holds.** A room's state has a
 //!   version (one more at every change the roster takes). Each client's
 //!   [`View`] records the version of the last list it was given, whoever
@@ -167,6 +168,9 @@ struct Room {
     epoch: u64,
     /// The version its clients were last told of, at a tick.
     told: u64,
+    /// A large room: each window's members as last told, which the next
+    /// tick's window diffs are taken from.
+    told_windows: HashMap<(usize, usize), Arc<Listed>>,
 }
 
 impl Room {
@@ -204,13 +208,68 @@ struct Telling {
     /// A small room: its members, and what changed since the last tick.
     whole: Listed,
     changes: Changes,
-    /// A large room: each window its clients hold, with its members.
-    windows: HashMap<(usize, usize), Listed>,
+    /// A large room: each window its clients hold.
+    windows: HashMap<(usize, usize), Window>,
+}
+
+/// A large room's window at a tick: its members, and what changed in it
+/// since the last tick, for clients that hold the last tick's.
+struct Window {
+    now: Arc<Listed>,
+    since: Option<WindowChange>,
+}
+
+/// Which names entered (or changed) and left a window between two ticks.
+struct WindowChange {
+    /// The hash of the window as told at the last tick.
+    from: u64,
+    added: Vec<PresenceMember>,
+    removed: Vec<String>,
+}
+
+impl WindowChange {
+    /// Both lists are in name order: one merge.
+    fn between(before: &Listed, now: &Listed) -> Self {
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        let (mut old, mut new) = (
+            before.members.iter().peekable(),
+            now.members.iter().peekable(),
+        );
+        loop {
+            match (old.peek(), new.peek()) {
+                (Some(o), Some(n)) if o.name == n.name => {
+                    if o != n {
+                        added.push((*n).clone());
+                    }
+                    old.next();
+                    new.next();
+                }
+                (Some(o), Some(n)) if o.name < n.name => {
+                    removed.push(o.name.clone());
+                    old.next();
+                }
+                (Some(o), None) => {
+                    removed.push(o.name.clone());
+                    old.next();
+                }
+                (_, Some(n)) => {
+                    added.push((*n).clone());
+                    new.next();
+                }
+                (None, None) => break,
+            }
+        }
+        WindowChange {
+            from: before.hash,
+            added,
+            removed,
+        }
+    }
 }
 
 /// Members as one frame lists them, and their hash (what a client that
 /// holds them recorded).
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Listed {
     members: Vec<PresenceMember>,
     hash: u64,
@@ -524,12 +583,22 @@ impl Tracker {
         } else {
             for member in members.iter() {
                 let window = member.view.window();
-                telling
-                    .windows
-                    .entry(window)
-                    .or_insert_with(|| Listed::new(roster.window(window.0, window.1)));
+                telling.windows.entry(window).or_insert_with(|| {
+                    let now = Arc::new(Listed::new(roster.window(window.0, window.1)));
+                    let since = room
+                        .told_windows
+                        .get(&window)
+                        .filter(|before| before.hash != now.hash)
+                        .map(|before| WindowChange::between(before, &now));
+                    Window { now, since }
+                });
             }
         }
+        room.told_windows = telling
+            .windows
+            .iter()
+            .map(|(window, listed)| (*window, listed.now.clone()))
+            .collect();
         Some((telling, members))
     }
 
@@ -556,11 +625,11 @@ impl Tracker {
             } else {
                 member.view.window()
             };
-            let listed = if telling.full {
-                &telling.whole
+            let (listed, since) = if telling.full {
+                (&telling.whole, None)
             } else {
                 match telling.windows.get(&window) {
-                    Some(listed) => listed,
+                    Some(w) => (&*w.now, w.since.as_ref()),
                     // Moved since the tick began: it was answered then.
                     None => continue,
                 }
@@ -578,12 +647,15 @@ impl Tracker {
                     true if held.count != telling.count => Told::Count,
                     true => Told::Nothing,
                 }
-            } else if held.content != content {
-                Told::Window(window)
-            } else if held.count != telling.count {
-                Told::Count
+            } else if held.content == content {
+                match held.count != telling.count {
+                    true => Told::Count,
+                    false => Told::Nothing,
+                }
+            } else if since.is_some_and(|change| change.from == held.content) {
+                Told::WindowChange(window)
             } else {
-                Told::Nothing
+                Told::Window(window)
             };
             *shown = Some(Shown {
                 version: telling.version,
@@ -612,6 +684,17 @@ impl Tracker {
                             joins: changes.joins.clone(),
                             leaves: changes.leaves.clone(),
                             changed: changes.changed.clone(),
+                            ..PresenceDiff::default()
+                        })
+                    }
+                    Told::WindowChange(_) => {
+                        let change = since.expect("told only with a change");
+                        diff_frame(&PresenceDiff {
+                            room: telling.room.clone(),
+                            count: telling.count,
+                            offset: Some(window.0),
+                            added: change.added.clone(),
+                            removed: change.removed.clone(),
                             ..PresenceDiff::default()
                         })
                     }
@@ -665,6 +748,9 @@ enum Told {
     /// A small room's `presence_diff` of the joins and leaves after a
     /// version.
     Changes(u64),
+    /// A large room's `presence_diff` with the names that entered and left
+    /// this window since the last tick.
+    WindowChange((usize, usize)),
     /// A large room's `presence_diff` with this window's members.
     Window((usize, usize)),
     /// A `presence_diff` with the count alone.
@@ -716,7 +802,7 @@ mod tests {
     use crate::broker::{BrokerEvent, PresenceChange};
     use crate::session::outbox::{SocketWire, Watcher};
     use crossbeam_channel::Receiver;
-    use serde_json::Value;
+    use serde_json::{Value, json};
     use std::io::Read;
     use std::net::{TcpListener, TcpStream};
 
@@ -940,11 +1026,13 @@ mod tests {
         assert_eq!(told.len(), 1, "{told:?}");
         assert_eq!(told[0]["count"], 5);
         assert!(told[0].get("members").is_none(), "{}", told[0]);
-        // In it: the window, whole.
+        // In it: what entered and left the window, not the window whole.
         room.present("a");
         room.tracker.tick();
         let told = client.received();
-        assert_eq!(listed(&told[0], "members"), ["a", "b"]);
+        assert_eq!(listed(&told[0], "added"), ["a"], "{}", told[0]);
+        assert_eq!(told[0]["removed"], json!(["d"]), "{}", told[0]);
+        assert!(told[0].get("members").is_none(), "{}", told[0]);
         assert_eq!(told[0]["offset"], 0);
         // Another window, asked for: answered at once, followed after.
         room.tracker
@@ -955,9 +1043,16 @@ mod tests {
         assert_eq!(listed(&told[0], "members"), ["e", "f"]);
         room.absent("a");
         room.tracker.tick();
+        // A window the last tick did not tell: whole.
         let told = client.received();
         assert_eq!(listed(&told[0], "members"), ["f", "z"], "{}", told[0]);
         assert_eq!(told[0]["offset"], 3);
+        // Shifted by a name before it: its changes again.
+        room.present("c");
+        room.tracker.tick();
+        let told = client.received();
+        assert_eq!(listed(&told[0], "added"), ["e"], "{}", told[0]);
+        assert_eq!(told[0]["removed"], json!(["z"]), "{}", told[0]);
         let refused = room.tracker.request(
             "r",
             &client.member.view,

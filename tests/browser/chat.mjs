@@ -29,7 +29,7 @@
 //
 // (scenario "presence") A small room: the server sends `presence_diff`
 // frames with joins, leaves and changed members, coalesced (up to
-// --presence-diff-ms, 0.5 s by default, after the fact), and never the old
+// --presence-diff-ms, 1 s by default, after the fact), and never the old
 // `join` and `leave` frames. alice on instance A and bob on instance B:
 // both member lists show alice and bob with their instances, and alice's
 // page shows bob's join line; bob types without sending and alice's page
@@ -1215,7 +1215,11 @@ async function mainLargeRoom(opts, logs, state) {
   await alice.screenshot({ path: path.join(opts.out, 'large-room-window.png'), timeout: WAIT_MS });
 
   // 2. Three of the first members leave: the window slides up, the count
-  // drops, and the rows that stay are the same nodes.
+  // drops, and the rows that stay are the same nodes. First a diff
+  // interval goes by (1 s by default), so that the window alice holds is
+  // the one the server last told: its changes then come as names removed
+  // and added (a window given between two ticks gets the next one whole).
+  await alice.waitForTimeout(1500);
   await markRows(alice);
   const closed = [];
   const firstLeavers = opts.bots.slice(0, 3);
@@ -1227,6 +1231,9 @@ async function mainLargeRoom(opts, logs, state) {
   const tookMs = Date.now() - leftAt;
   let kept = await expectRowsUpdated(alice, 'alice', before, inRoom.slice(0, opts.window), `${firstLeavers.join(', ')} left`);
   ok(`${firstLeavers.join(', ')} left: ${tookMs} ms later alice's page shows ${inRoom.length} and the window ${inRoom.slice(0, opts.window).join(', ')} (${kept} rows kept in place)`);
+  const windowChanges = alice.__presence.filter((f) => f.type === 'presence_diff' && Array.isArray(f.removed));
+  if (!windowChanges.length) fail(`alice's page was not told who left her window (no presence_diff with removed): ${JSON.stringify(alice.__presence).slice(0, 600)}`);
+  ok(`the window's changes came as names removed and added (${windowChanges.length} presence_diff frames), not the window whole`);
   if (membersAsked(alice).length) fail(`alice's page sent ${JSON.stringify(membersAsked(alice))} before its list was scrolled`);
 
   // 3. alice scrolls her member list to its bottom: one `members` frame
@@ -1284,7 +1291,8 @@ async function mainLargeRoom(opts, logs, state) {
  * Fails unless every presence frame the page received is one of a large
  * room's, as docs/PROTOCOL.md has them: `presence` with `full` false, a
  * `count`, `offset` 0 and `more` the members not listed; `presence_diff`
- * with a `count`, and a window (`offset` and `members`) or nothing else.
+ * with a `count`, and a window's changes (`offset`, `added`, `removed`) or
+ * the window whole (`offset` and `members`) or nothing else.
  */
 async function mainPresenceOff(opts, logs, state) {
   const [idA, idB] = [await instanceId(opts.a), await instanceId(opts.b)];
@@ -1336,7 +1344,9 @@ function checkLargeRoomFrames(page, label, room) {
       }
     } else if (f.type === 'presence_diff') {
       if ('joins' in f || 'leaves' in f || 'changed' in f) fail(`${where}: a large room's diff has no per-name changes`);
-      if (('members' in f) !== ('offset' in f)) fail(`${where}: members and offset come together`);
+      const windowed = 'members' in f || 'added' in f || 'removed' in f;
+      if (windowed !== ('offset' in f)) fail(`${where}: a window (members, or added and removed) and offset come together`);
+      if ('members' in f && ('added' in f || 'removed' in f)) fail(`${where}: a window whole or its changes, not both`);
     } else {
       fail(`${where}: not a presence frame of docs/PROTOCOL.md`);
     }
