@@ -20,8 +20,9 @@
 //! - [`rate_limit`], [`origin`], [`liveness`]: the defences: a token
 //!   bucket per client, the Origin check, and the pinger that finds dead
 //!   peers.
-//! - [`metrics`], [`backoff`], [`stack`]: counters, reconnection waits, and
-//!   giving back the stack pages an idle reader no longer needs.
+//! - [`metrics`], [`backoff`], [`stack`], [`allocator`]: counters,
+//!   reconnection waits, giving back the stack pages an idle reader no
+//!   longer needs, and malloc set up for thousands of threads.
 //!
 //! # The path of one message
 //!
@@ -39,6 +40,7 @@
 //!    them from its queue and writes them. The sender gets its own copy
 //!    this way too: that is its receipt, and everyone sees the same order.
 
+pub mod allocator;
 pub mod backoff;
 pub mod broker;
 pub mod clock;

@@ -6,27 +6,14 @@ use std::time::Duration;
 
 use clap::Parser;
 use crossbeam_channel::select;
-use log::{error, info};
+use log::{error, info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use pubsub_chat::allocator;
 use pubsub_chat::config::Config;
 use pubsub_chat::protocol::CloseReason;
 use pubsub_chat::server;
-
-/// glibc gives threads up to eight malloc arenas per core, each keeping its
-/// own free memory. Here thousands of threads allocate a little, rarely:
-/// two arenas hold it with less memory left idle in each.
-const MALLOC_ARENAS: i32 = 2;
-
-fn limit_malloc_arenas() {
-    // SAFETY: mallopt only changes allocator settings; it is called before
-    // any other thread exists.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
-    }
-}
 
 /// How long shutdown waits for clients to take their close frames: the
 /// whole exit must fit in the 2 seconds an orchestrator usually allows,
@@ -40,9 +27,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(1000);
 const EXIT_INTERNAL_ERROR: u8 = 70;
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
+    let allocator_note = allocator::configure();
     let config = Config::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    if let Some(note) = allocator_note {
+        warn!("{note}");
+    }
     // Registered before start, so that a signal during start-up is not lost.
     let mut signals = match Signals::new([SIGINT, SIGTERM]) {
         Ok(signals) => signals,

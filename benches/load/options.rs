@@ -397,7 +397,8 @@ scenarios (defaults):
                the churn every churner comes back and every list must settle (as in presence-join).
                (asserted: no delivery lost, duplicated or reordered, every final list right; targets:
                at most one presence frame per client per --presence-diff-ms, churn p99 within 1.5x of
-               quiet)
+               quiet). With --server-args \"--presence off\": the control, the same churn with nothing
+               to tell (no list checked, no presence frame allowed), for what the churn costs alone
   presence-crash
                10000 members in one room, half on a, half on b; once every list is right, instance b
                is killed (SIGKILL), and its members expire from the lists of a's clients after the
@@ -435,7 +436,7 @@ options:
                       --fanout-window-ms, --client-queue-len or --write-timeout-ms: pass those
                       only to an older build). The load generator reads the presence flags among
                       them, to check what the clients get: --presence on|off (off: any presence
-                      frame fails the run; the presence scenarios need it on), --presence-diff-ms
+                      frame fails the run; the presence scenarios need it on, but for presence-churn's control), --presence-diff-ms
                       (500), --presence-full-list-max (100: the window W), --presence-ttl-ms (15000)
 
 environment:
@@ -535,7 +536,9 @@ pub fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>, St
     }
     let presence = PresenceArgs::of(&o.server_args)?;
     if scenario.is_presence() {
-        if !presence.on {
+        // presence-churn with presence off is its control: the same
+        // comings and goings, nothing to tell.
+        if !presence.on && scenario != Scenario::PresenceChurn {
             return Err(format!(
                 "{} measures presence: it does not go with --presence off",
                 scenario.name()

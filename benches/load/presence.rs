@@ -432,12 +432,12 @@ fn churn(
     let present = pool.present();
     pool.mark(&present, now_ns());
     let t_settle = Instant::now();
-    let (before, settled) = settle(
-        pool,
-        ones(&present),
-        Some(opts.drain),
-        t_settle + SETTLE_MAX,
-    );
+    // Presence off (the control): no list to wait for.
+    let settle = |pool: &mut Pool, want, hard| match p.on {
+        true => settle(pool, want, Some(opts.drain), hard),
+        false => (pool.views(), Some(Instant::now())),
+    };
+    let (before, settled) = settle(pool, ones(&present), t_settle + SETTLE_MAX);
     if settled.is_none() {
         rep.notes.push(format!(
             "before the churn, the lists did not all settle: {}",
@@ -474,7 +474,7 @@ fn churn(
     let present_end = pool.present();
     pool.mark(&present_end, now_ns());
     let t_end = Instant::now();
-    let (after, settled_end) = settle(pool, n, Some(opts.drain), t_end + SETTLE_MAX);
+    let (after, settled_end) = settle(pool, n, t_end + SETTLE_MAX);
 
     let t = pool.finish_into(rep);
 
@@ -565,7 +565,7 @@ fn churn(
     rep.add("out of order", t.ooo as f64, 0);
     rep.add("error frames", t.errors as f64, 0);
     rep.add("send errors", t.send_errors as f64, 0);
-    rep.add(SHOULD, n as f64, 0);
+    rep.add(SHOULD, if p.on { n as f64 } else { 0.0 }, 0);
     rep.add(
         "every list right, s after the churn (0.1 s polls)",
         settled_end.map_or(f64::NAN, |s| (s - t_end).as_secs_f64()),

@@ -252,6 +252,14 @@ fn targets(opts: &Opts, get: &dyn Fn(&str) -> f64) -> Vec<(String, bool)> {
                 get("joins/s (connected / storm wall time)") >= 890.0,
             ),
         ],
+        Scenario::PresenceChurn if !opts.presence().on => vec![(
+            format!(
+                "chat latency p99 while churning within 1.5x of quiet (is {:.2}x; the control, \
+                 presence off)",
+                get(presence::LATENCY_RATIO)
+            ),
+            get(presence::LATENCY_RATIO) <= 1.5,
+        )],
         Scenario::PresenceChurn => vec![
             lists_right(get),
             (
@@ -380,7 +388,7 @@ pub fn summarize(opts: &Opts, reports: &[RunReport]) -> ExitCode {
         {
             failures.push(format!("run {}: nothing was sent", i + 1));
         }
-        if opts.scenario.keeps_member_lists() {
+        if opts.scenario.keeps_member_lists() && opts.presence().on {
             let (complete, should) = (g(presence::COMPLETE), g(presence::SHOULD));
             if complete < should || should == 0.0 {
                 failures.push(format!(
@@ -405,6 +413,8 @@ pub fn summarize(opts: &Opts, reports: &[RunReport]) -> ExitCode {
             match opts.scenario {
                 Scenario::PresenceJoin | Scenario::PresenceCrash =>
                     "every client's final count and list are who is in the room",
+                Scenario::PresenceChurn if !opts.presence().on =>
+                    "no delivery lost, duplicated or reordered; no presence frame (the control)",
                 Scenario::PresenceChurn =>
                     "no delivery lost, duplicated or reordered; every final count and list right",
                 Scenario::PresenceIdle => "a report: nothing is asserted",

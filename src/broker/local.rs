@@ -176,7 +176,7 @@ impl Broker for LocalBroker {
             .names
             .iter()
             .map(|(name, count)| {
-                let connections = Connections::from([(self.instance.clone(), *count)]);
+                let connections = Connections::one(&self.instance, *count);
                 (name.clone(), connections)
             })
             .collect();

@@ -146,11 +146,7 @@ impl Roster {
         self.seq = change.seq;
         self.touch(&change.name, at);
         let connections = self.members.entry(change.name.clone()).or_default();
-        let count = connections.entry(change.instance.clone()).or_default();
-        *count = count.saturating_add_signed(change.delta);
-        if *count == 0 {
-            connections.remove(&change.instance);
-        }
+        connections.add(&change.instance, change.delta);
         if connections.is_empty() {
             self.members.remove(&change.name);
             let reason = change.reason.unwrap_or(LeaveReason::Left);
@@ -201,7 +197,7 @@ impl Roster {
             if self.members.get(&name) != snapshot.members.get(&name) {
                 self.touch(&name, at);
                 if !snapshot.members.contains_key(&name)
-                    && let Some(instance) = self.members[&name].keys().next_back()
+                    && let Some(instance) = self.members[&name].instances().next_back()
                 {
                     self.departures
                         .insert(name.clone(), (instance.clone(), LeaveReason::Expired));
@@ -262,8 +258,8 @@ impl Roster {
 fn member(name: &str, connections: &Connections) -> PresenceMember {
     PresenceMember {
         name: name.to_string(),
-        instances: connections.keys().cloned().collect(),
-        connections: connections.values().sum(),
+        instances: connections.instances().cloned().collect(),
+        connections: connections.total(),
     }
 }
 
@@ -315,8 +311,8 @@ mod tests {
         let mut roster = Roster::new(PresenceSnapshot {
             seq: 10,
             members: BTreeMap::from([
-                ("al".to_string(), Connections::from([("a".to_string(), 1)])),
-                ("bo".to_string(), Connections::from([("a".to_string(), 1)])),
+                ("al".to_string(), Connections::one("a", 1)),
+                ("bo".to_string(), Connections::one("a", 1)),
             ]),
         });
         // cy comes and goes: said as a leave (a client that read the room
@@ -372,8 +368,8 @@ mod tests {
             PresenceSnapshot {
                 seq: 9,
                 members: BTreeMap::from([
-                    ("bo".to_string(), Connections::from([("a".to_string(), 1)])),
-                    ("cy".to_string(), Connections::from([("b".to_string(), 2)])),
+                    ("bo".to_string(), Connections::one("a", 1)),
+                    ("cy".to_string(), Connections::one("b", 2)),
                 ]),
             },
             3,
