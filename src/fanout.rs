@@ -36,7 +36,7 @@ use crate::broker::{BrokerEvent, DeliveryChange, DeliveryStatus, PresenceChange}
 use crate::clock;
 use crate::demo::DemoControls;
 use crate::faults;
-use crate::hub::{Hub, Member};
+use crate::hub::{Hub, Member, RoomMembers};
 use crate::metrics::Metrics;
 use crate::presence::Tracker;
 use crate::protocol::{ChatMessage, MessageFrame, Received, ServerFrame};
@@ -61,7 +61,7 @@ const JOB_QUEUE: usize = 1024;
 
 /// One shard's share of one delivery.
 struct Job {
-    members: Arc<[Member]>,
+    members: RoomMembers,
     batch: Arc<Batch>,
     /// What the batch holds, for members that asked for the X-ray.
     traced: Option<Arc<Traced>>,
@@ -258,7 +258,7 @@ impl Fanout {
             return;
         };
         let frame = ServerFrame::Typing { room, name }.to_ws_bytes();
-        let others: Arc<[Member]> = members
+        let others: RoomMembers = members
             .iter()
             .filter(|member| *member.name != *name)
             .cloned()
@@ -292,7 +292,7 @@ impl Fanout {
 
     fn send(
         &self,
-        members: Arc<[Member]>,
+        members: RoomMembers,
         batch: Arc<Batch>,
         traced: Option<Arc<Traced>>,
         messages: usize,
@@ -345,7 +345,7 @@ impl Outcome {
 /// Hands `batch` to the members of one shard (`(shard, shards)`), or to all;
 /// members that asked for the X-ray get theirs made from `traced`.
 fn deliver_to(
-    members: &[Member],
+    members: &RoomMembers,
     batch: &Arc<Batch>,
     traced: Option<&Traced>,
     shard: Option<(usize, usize)>,

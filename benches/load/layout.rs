@@ -10,6 +10,12 @@
 //! instances: client `k` is on `(k div rooms) mod 2`.
 //! Worker `w` of `W` holds the clients with `k mod W == w`.
 //!
+//! In `presence-churn`, the last [`PROBES`] clients that neither send nor
+//! churn are held by a process of their own (worker `W`): they measure
+//! chat latency as the server gives it, apart from the queue of the
+//! processes that read for thousands of clients at once (every presence
+//! tick, each of them has a frame to read for every client it holds).
+//!
 //! In `presence-churn`, churner `q` of `Q` is client
 //! `base + q * stride` (or the next one, so that churners alternate
 //! between the instances), `base` the first client past the senders: the
@@ -30,6 +36,9 @@ const CHURN_AWAY: Duration = Duration::from_secs(1);
 /// a busy machine) does not make it miss its next leave, and the churn
 /// keeps its rate.
 const CHURN_PERIOD: Duration = Duration::from_secs(4);
+
+/// Clients in the latency probes' own process (presence-churn).
+pub const PROBES: usize = 16;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Layout {
@@ -55,6 +64,10 @@ pub struct Layout {
     /// (and joins) are spread evenly, `churners / churn_period` a second.
     pub churn_period: Duration,
     pub churn_away: Duration,
+    /// Latency probes (presence-churn; else 0): the clients from
+    /// `probe_from` on that neither send nor churn.
+    pub probes: usize,
+    probe_from: usize,
 }
 
 impl Layout {
@@ -76,7 +89,7 @@ impl Layout {
             };
         let churn_away =
             churn_period.mul_f64(CHURN_AWAY.as_secs_f64() / CHURN_PERIOD.as_secs_f64());
-        Layout {
+        let mut layout = Layout {
             clients: opts.clients,
             senders,
             rooms: opts.rooms.max(1),
@@ -92,7 +105,33 @@ impl Layout {
                 .unwrap_or(0),
             churn_period,
             churn_away,
+            probes: 0,
+            probe_from: opts.clients,
+        };
+        if opts.scenario == Scenario::PresenceChurn {
+            while layout.probes < PROBES && layout.probe_from > base + 1 {
+                layout.probe_from -= 1;
+                if layout.churner(layout.probe_from).is_none() {
+                    layout.probes += 1;
+                }
+            }
         }
+        layout
+    }
+
+    /// Whether client `k` is a latency probe.
+    pub fn is_probe(&self, k: usize) -> bool {
+        self.probes > 0 && k >= self.probe_from && !self.is_sender(k) && self.churner(k).is_none()
+    }
+
+    /// Worker processes: `workers`, and the probes' own.
+    pub fn processes(&self) -> usize {
+        self.workers + usize::from(self.probes > 0)
+    }
+
+    /// The probes' process, if there is one.
+    pub fn probe_worker(&self) -> Option<usize> {
+        (self.probes > 0).then_some(self.workers)
     }
 
     /// The first churner's client: past every sender (and client 0).
@@ -141,7 +180,11 @@ impl Layout {
     }
 
     pub fn worker(&self, k: usize) -> usize {
-        k % self.workers
+        if self.is_probe(k) {
+            self.workers
+        } else {
+            k % self.workers
+        }
     }
 
     pub fn is_sender(&self, k: usize) -> bool {

@@ -393,7 +393,9 @@ scenarios (defaults):
                (at most half the room churns: fewer, faster, in a small room). Reports, per
                non-churning client and per second, the presence frames and bytes received (mean and
                max over the clients), quiet and churning; the joins and leaves done; the chat latency
-               p50/p99 quiet and churning and their ratio; every process's CPU in each phase. After
+               p50/p99 quiet and churning and their ratio, over every listening client and over 16
+               latency probes held by a load process of their own (apart from the queue of the
+               processes that read for thousands); every process's CPU in each phase. After
                the churn every churner comes back and every list must settle (as in presence-join).
                (asserted: no delivery lost, duplicated or reordered, every final list right; targets:
                at most one presence frame per client per --presence-diff-ms, churn p99 within 1.5x of

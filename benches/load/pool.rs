@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::churn::ChurnTally;
+use crate::layout::Layout;
 use crate::members::Seen;
 use crate::options::Opts;
 use crate::procs::Proc;
@@ -243,6 +244,9 @@ pub struct Tally {
     /// (presence-churn).
     pub lat_quiet: Hist,
     pub lat_churn: Hist,
+    /// The same, for the latency probes alone (presence-churn).
+    pub probe_lat_quiet: Hist,
+    pub probe_lat_churn: Hist,
     pub churn: ChurnTally,
 }
 
@@ -352,6 +356,8 @@ struct Worker {
 /// The worker processes of one run; they are killed on drop.
 pub struct Pool {
     workers: Vec<Worker>,
+    /// The latency probes' worker, if there is one.
+    probe_worker: Option<usize>,
 }
 
 impl Pool {
@@ -359,7 +365,8 @@ impl Pool {
     pub fn spawn(opts: &Opts, ws: [SocketAddr; 2], room: &str) -> Pool {
         let exe = std::env::current_exe().expect("the load generator's own path");
         let mut workers = Vec::new();
-        for index in 0..opts.workers() {
+        let layout = Layout::new(opts);
+        for index in 0..layout.processes() {
             let config = WorkerConfig {
                 opts: opts.clone(),
                 index,
@@ -393,7 +400,10 @@ impl Pool {
                 proc,
             });
         }
-        let mut pool = Pool { workers };
+        let mut pool = Pool {
+            workers,
+            probe_worker: layout.probe_worker(),
+        };
         for (i, w) in pool.workers.iter_mut().enumerate() {
             match receive(i, w) {
                 Reply::Ready => {}
@@ -537,10 +547,14 @@ impl Pool {
     /// Closes every client; what they saw, over all workers.
     pub fn finish(&mut self) -> Tally {
         let mut all = Tally::default();
-        for reply in self.call(&Command::Finish) {
+        for (index, reply) in self.call(&Command::Finish).into_iter().enumerate() {
             let Reply::Tally(t) = reply else {
                 panic!("a worker did not answer Finish with a Tally")
             };
+            if Some(index) == self.probe_worker {
+                all.probe_lat_quiet.merge(&t.lat_quiet);
+                all.probe_lat_churn.merge(&t.lat_churn);
+            }
             all.merge(*t);
         }
         all

@@ -17,7 +17,8 @@
 //!   commands, the frames clients get.
 //! - `presence-churn`: one large room settles; one sender measures chat
 //!   latency, first quiet, then while churners leave and come back (see
-//!   `churn.rs`); what each listening client receives of presence, per
+//!   `churn.rs`), over every listening client and over the latency probes
+//!   (`layout.rs`); what each listening client receives of presence, per
 //!   second, in both phases. After the churn every view must settle right.
 //! - `presence-crash`: one large room over both instances settles; `b` is
 //!   killed; what a's clients receive while b's members expire, and how
@@ -557,6 +558,13 @@ fn churn(
     rep.add("churn: chat latency p99 (ms)", c99, 3);
     rep.add("chat latency p50, churn / quiet", c50 / q50, 2);
     rep.add(LATENCY_RATIO, c99 / q99, 2);
+    let (pq99, pc99) = (
+        ms(t.probe_lat_quiet.pct(0.99)),
+        ms(t.probe_lat_churn.pct(0.99)),
+    );
+    rep.add("probes: quiet: chat latency p99 (ms)", pq99, 3);
+    rep.add("probes: churn: chat latency p99 (ms)", pc99, 3);
+    rep.add(PROBE_LATENCY_RATIO, pc99 / pq99, 2);
     rep.add("messages sent", sent_total as f64, 0);
     rep.add("deliveries expected", t.expected as f64, 0);
     rep.add("deliveries received", (t.unique + t.dup) as f64, 0);
@@ -635,6 +643,7 @@ pub const CHURN_FRAMES_ALLOWED: &str =
     "churn: presence frames per client allowed (one per --presence-diff-ms, +1)";
 pub const CHURN_FRAMES_MAX: &str = "churn: most presence frames one client got";
 pub const LATENCY_RATIO: &str = "chat latency p99, churn / quiet";
+pub const PROBE_LATENCY_RATIO: &str = "probes: chat latency p99, churn / quiet";
 pub const EXPIRY_S: &str = "kill -> every survivor's count right (s)";
 pub const EXPIRY_ALLOWED_S: &str = "allowed: TTL + a third + --presence-diff-ms (s)";
 

@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 
 use crate::broker::{Broker, PresenceChange};
-use crate::hub::{Hub, Member};
+use crate::hub::{Hub, Member, RoomMembers};
 use crate::metrics::Metrics;
 use crate::protocol::{PresenceDiff, PresenceMember, ServerFrame};
 use crate::session::outbox::{Batch, Outbox, Pushed};
@@ -554,7 +554,7 @@ impl Tracker {
     /// A room's state to tell, if it changed since the last tick, with the
     /// clients to tell it to (taken under the same lock: a client missing
     /// from them joined later, and its first list is newer).
-    fn telling(&self, name: &str) -> Option<(Telling, Arc<[Member]>)> {
+    fn telling(&self, name: &str) -> Option<(Telling, RoomMembers)> {
         let mut rooms = self.rooms();
         let room = rooms.get_mut(name)?;
         let roster = room.roster.as_mut()?;
@@ -606,12 +606,12 @@ impl Tracker {
     /// as this tick's, the room whole if it holds another kind of list (or
     /// an older epoch), else the changes (a small room) or its window and
     /// the count (a large one).
-    fn tell(&self, telling: &Telling, members: &[Member]) {
+    fn tell(&self, telling: &Telling, members: &RoomMembers) {
         let mut frames: HashMap<Told, Arc<Batch>> = HashMap::new();
         // The changes since a version (the last tick's, for nearly every
         // client; a client that read the room since, from then on).
         let mut changes_since: HashMap<u64, Changes> = HashMap::new();
-        for member in members {
+        for member in members.iter() {
             let mut shown = member.view.shown();
             let Some(held) = *shown else {
                 continue;
