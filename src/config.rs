@@ -166,6 +166,13 @@ pub struct Config {
     #[arg(long, env = "MAX_CLIENTS", default_value_t = 5000)]
     pub max_clients: usize,
 
+    /// Clients of this instance that may have the X-ray (`trace=1`) at
+    /// once: each costs a frame serialized for it alone, for every message.
+    /// Past it a client is accepted without the X-ray and told so; 0 turns
+    /// the X-ray off.
+    #[arg(long, env = "MAX_TRACED_CLIENTS", default_value_t = 16)]
+    pub max_traced_clients: usize,
+
     /// Milliseconds between two pings to a client that has been quiet.
     #[arg(long, env = "PING_INTERVAL_MS", default_value_t = 30_000)]
     pub ping_interval_ms: u64,

@@ -186,6 +186,9 @@ pub enum ErrorCode {
     /// in the conversation like any other; a client must not resend it
     /// blindly.
     OutcomeUnknown,
+    /// The client asked for the X-ray and `--max-traced-clients` clients
+    /// have it: it is accepted without.
+    TraceRefused,
 }
 
 /// Every frame the server sends, told apart by `type`.

@@ -226,6 +226,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
                 allowed: config.allowed_origins.clone(),
             },
             max_clients: config.max_clients,
+            max_traced_clients: config.max_traced_clients,
             client_buffer_bytes: config.client_buffer_bytes,
             max_frame_bytes: config.max_frame_bytes,
             history_replay: config.history_replay,

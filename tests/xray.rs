@@ -1,8 +1,10 @@
 //! Verifies the message X-ray (`trace=1`): a traced client on another
 //! instance gets every hop of a message's path, in order, each stamped;
 //! history comes stamped `via: "history"`; a traced client in a room big
-//! enough to be sharded over the deliverers keeps its order; and a client
-//! that did not ask gets exactly the frame it always got.
+//! enough to be sharded over the deliverers keeps its order; a client
+//! that did not ask gets exactly the frame it always got; and past
+//! `--max-traced-clients` a client that asks is told no and gets plain
+//! frames.
 
 mod common;
 
@@ -148,4 +150,40 @@ fn without_redis_the_x_ray_says_the_message_never_left_the_instance() {
     assert_eq!(trace["read_by"], "solo");
     assert_eq!(trace["received_by"], "solo");
     assert_hops_in_order(trace, typed_us, now_us());
+}
+
+#[test]
+fn past_max_traced_clients_a_client_asking_for_the_x_ray_is_told_no_and_gets_plain_frames() {
+    let solo = Instance::start("solo", &["--broker", "local", "--max-traced-clients", "1"]);
+    let mut first = Client::connect(solo.ws, "name=ann&room=lobby&trace=1");
+    let mut second = Client::connect(solo.ws, "name=bob&room=lobby&trace=1");
+    let refusal = second.recv();
+    assert_eq!(refusal["type"], "error", "{refusal}");
+    assert_eq!(refusal["code"], "trace_refused", "{refusal}");
+    assert!(
+        refusal["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--max-traced-clients")),
+        "the refusal says which limit: {refusal}"
+    );
+    assert!(refusal.get("cid").is_none(), "{refusal}");
+
+    send_typed(&mut first, "seen twice", "t1", now_us());
+    assert!(first.recv_messages(1)[0].get("trace").is_some());
+    let plain = second.recv_messages(1).remove(0);
+    assert!(
+        plain.get("trace").is_none(),
+        "no X-ray past the cap: {plain}"
+    );
+    assert_eq!(plain["text"], "seen twice");
+
+    // The traced place is given back when its client leaves.
+    drop(first);
+    solo.wait_metric("chat_clients_connected", 1.0);
+    let mut third = Client::connect(solo.ws, "name=cy&room=lobby&trace=1");
+    send_typed(&mut second, "now traced", "t2", now_us());
+    let seen = third.recv_messages(2);
+    assert_eq!(seen[0]["trace"]["via"], "history", "{seen:?}");
+    assert_eq!(seen[1]["text"], "now traced");
+    assert_eq!(seen[1]["trace"]["via"], "local", "{seen:?}");
 }

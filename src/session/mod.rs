@@ -77,6 +77,8 @@ pub struct SessionContext {
     next_client: AtomicU64,
     /// Sessions alive, handshakes included: what `--max-clients` bounds.
     sessions: AtomicUsize,
+    /// Clients with the X-ray: what `--max-traced-clients` bounds.
+    traced: AtomicUsize,
     /// Tells this run of the instance from earlier ones in dedup keys, so
     /// that a restarted instance's client 1 is not taken for the old one's.
     run_nonce: String,
@@ -89,6 +91,7 @@ pub struct SessionLimits {
     pub rate: RateLimit,
     pub origins: OriginPolicy,
     pub max_clients: usize,
+    pub max_traced_clients: usize,
     pub client_buffer_bytes: usize,
     pub max_frame_bytes: usize,
     pub history_replay: usize,
@@ -129,6 +132,7 @@ impl SessionContext {
             supervisor,
             next_client: AtomicU64::new(1),
             sessions: AtomicUsize::new(0),
+            traced: AtomicUsize::new(0),
             run_nonce: format!("{instance}-{}", clock::wall_nanos()),
             instance,
         }
@@ -158,6 +162,23 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A place in `--max-traced-clients`, given back when dropped.
+struct TraceSlot<'a>(&'a SessionContext);
+
+impl<'a> TraceSlot<'a> {
+    fn take(context: &'a SessionContext) -> Option<Self> {
+        let taken = context.traced.fetch_add(1, Ordering::Relaxed);
+        let slot = TraceSlot(context);
+        (taken < context.limits.max_traced_clients).then_some(slot)
+    }
+}
+
+impl Drop for TraceSlot<'_> {
+    fn drop(&mut self) {
+        self.0.traced.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -333,6 +354,21 @@ fn run_joined(
 ) {
     let name = join.name.unwrap_or_else(|| format!("guest-{client}"));
     let room = join.room;
+    // Held as long as the session: the X-ray's place is given back when
+    // the client leaves.
+    let trace_slot = if join.trace {
+        TraceSlot::take(context)
+    } else {
+        None
+    };
+    let trace = trace_slot.is_some();
+    let trace_refused = join.trace && !trace;
+    if trace_refused {
+        info!(
+            "client {client}: X-ray refused, {} clients have it (--max-traced-clients)",
+            context.limits.max_traced_clients
+        );
+    }
     let key = client as usize;
     let outbox = Arc::new(Outbox::new(
         SocketWire {
@@ -354,7 +390,7 @@ fn run_joined(
         name: name.as_str().into(),
         outbox: Arc::clone(&outbox),
         last_seen: last_seen.clone(),
-        trace: join.trace,
+        trace,
         view: view.clone(),
     };
     let _joined = match Joined::enter(member, &room, &socket, context) {
@@ -372,7 +408,8 @@ fn run_joined(
         name: &name,
         room: &room,
         since: join.since,
-        trace: join.trace,
+        trace,
+        trace_refused,
         view: &view,
         present: _joined.present,
     };
@@ -424,6 +461,8 @@ struct FirstFrames<'a> {
     room: &'a str,
     since: Option<MessageId>,
     trace: bool,
+    /// It asked for the X-ray and `--max-traced-clients` have it.
+    trace_refused: bool,
     view: &'a View,
     /// The number of its own join in the room's presence.
     present: Option<u64>,
@@ -444,6 +483,7 @@ fn first_frames(
         room,
         since,
         trace,
+        trace_refused,
         view,
         present,
     } = *joiner;
@@ -455,6 +495,19 @@ fn first_frames(
         room,
     };
     let mut first_bytes = welcome.to_ws_bytes().to_vec();
+    if trace_refused {
+        let refusal = format!(
+            "no X-ray for this connection: {} clients of this instance have it already \
+             (--max-traced-clients); messages come without their path",
+            context.limits.max_traced_clients
+        );
+        let frame = ServerFrame::Error {
+            code: ErrorCode::TraceRefused,
+            message: &refusal,
+            cid: None,
+        };
+        first_bytes.extend_from_slice(&frame.to_ws_bytes());
+    }
     // Who is here (this client included), before history; what changes
     // later comes coalesced, from the presence tracker.
     if let Some(frame) = context.presence.first_frame(room, view, present) {
