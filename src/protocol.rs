@@ -869,8 +869,11 @@ pub fn validate_room(room: &str, limits: &Limits) -> Result<(), String> {
     }
 }
 
-/// Checks a display name: 1 to `max_name_chars` characters, no control
-/// characters, not blank.
+/// Checks a display name: 1 to `max_name_chars` characters, not blank,
+/// no control characters, and nothing invisible that would let one name
+/// pass for another ([`is_invisible`]). Names are compared as they are
+/// written, so they are taken in Unicode's composed form first
+/// ([`normalize_name`]).
 pub fn validate_name(name: &str, limits: &Limits) -> Result<(), String> {
     let max = limits.max_name_chars;
     let chars = name.chars().count();
@@ -880,7 +883,42 @@ pub fn validate_name(name: &str, limits: &Limits) -> Result<(), String> {
     if name.chars().any(char::is_control) {
         return Err("name must not contain control characters".to_string());
     }
+    if let Some(c) = name.chars().find(|&c| is_invisible(c)) {
+        return Err(format!(
+            "name must not contain U+{:04X}: invisible and direction-changing characters \
+             (zero-width spaces and joiners, bidi marks, overrides and isolates, soft \
+             hyphens, fillers) would let one name pass for another",
+            c as u32
+        ));
+    }
     Ok(())
+}
+
+/// A name as it is compared and shown: trimmed, in Unicode's composed form
+/// (NFC), so that "é" typed as one character or as "e" and an accent is
+/// one name.
+pub fn normalize_name(name: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    name.trim().nfc().collect()
+}
+
+/// Whether `c` shows nothing, or changes how the text around it shows:
+/// Unicode's format characters (general category Cf: zero-width spaces
+/// and joiners, bidi marks, embeddings, overrides and isolates, the byte
+/// order mark, soft hyphens, ...) and the fillers and joiners that render
+/// as nothing though they are letters or marks.
+fn is_invisible(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    const BLANK_LETTERS: [char; 7] = [
+        '\u{034F}', // combining grapheme joiner
+        '\u{115F}', // Hangul choseong filler
+        '\u{1160}', // Hangul jungseong filler
+        '\u{17B4}', // Khmer vowel inherent aq
+        '\u{17B5}', // Khmer vowel inherent aa
+        '\u{3164}', // Hangul filler
+        '\u{FFA0}', // halfwidth Hangul filler
+    ];
+    c.general_category() == GeneralCategory::Format || BLANK_LETTERS.contains(&c)
 }
 
 #[cfg(test)]
@@ -1243,7 +1281,7 @@ mod tests {
             #[test]
             fn every_valid_message_round_trips_through_the_channel(
                 millis in 0u64..=u64::MAX / 2, seq in any::<u64>(),
-                room in "[A-Za-z0-9_-]{1,32}", from in "[^\\p{Cc}]{1,32}", text in ".{1,200}",
+                room in "[A-Za-z0-9_-]{1,32}", from in "[^\\p{Cc}\\p{Cf}\\u{034F}\\u{115F}\\u{1160}\\u{17B4}\\u{17B5}\\u{3164}\\u{FFA0}]{1,32}", text in ".{1,200}",
                 cid in proptest::option::of("[a-z0-9-]{1,36}"),
             ) {
                 prop_assume!(!from.trim().is_empty());

@@ -106,7 +106,7 @@ function buildMessage(msg, mine) {
   li.appendChild(avatar(msg.from));
   var body = h('div', 'msg-body');
   var meta = h('div', 'msg-meta');
-  meta.appendChild(h('span', 'msg-from', msg.from));
+  meta.appendChild(h('bdi', 'msg-from', msg.from));
   if (mine) meta.appendChild(h('span', 'msg-you', 'you'));
   var ts = typeof msg.ts === 'number' ? msg.ts : msgTsFromId(msg.id);
   var time = h('time', 'msg-time', fmtTime(ts));
@@ -190,7 +190,7 @@ function buildPending(p) {
   li.appendChild(avatar(S.name));
   var body = h('div', 'msg-body');
   var meta = h('div', 'msg-meta');
-  meta.appendChild(h('span', 'msg-from', S.name));
+  meta.appendChild(h('bdi', 'msg-from', S.name));
   meta.appendChild(h('span', 'msg-you', 'you'));
   var st = h('span', 'msg-state', 'sending…');
   st.setAttribute('data-testid', 'message-state');

@@ -169,7 +169,9 @@ function addPresenceLine(kind, name, instance, reason) {
   li.appendChild(h('span', 'notice-time', fmtTime(Date.now())));
   var text = h('span', 'presence-text');
   text.setAttribute('data-testid', 'presence-text');
-  text.appendChild(h('strong', 'presence-name', name));
+  var who = h('strong', 'presence-name');
+  who.appendChild(h('bdi', null, name));
+  text.appendChild(who);
   if (kind === 'join') {
     // Joins are coalesced: two tabs on two instances can arrive as one.
     var where = instance.indexOf(', ') >= 0 ? ' (instances ' : ' (instance ';
@@ -197,7 +199,7 @@ function buildMember(m) {
   li.appendChild(avatar(m.name));
   var body = h('div', 'member-body');
   var top = h('div', 'member-top');
-  var name = h('span', 'member-name', m.name);
+  var name = h('bdi', 'member-name', m.name);
   name.setAttribute('data-testid', 'member-name');
   top.appendChild(name);
   if (mine) top.appendChild(h('span', 'msg-you', 'you'));
@@ -417,7 +419,9 @@ function renderTyping() {
   var others = names.length - shown.length;
   shown.forEach(function (name, i) {
     if (i > 0) box.appendChild(document.createTextNode(i === shown.length - 1 && !others ? ' and ' : ', '));
-    box.appendChild(h('strong', null, name));
+    var who = h('strong');
+    who.appendChild(h('bdi', null, name));
+    box.appendChild(who);
   });
   if (others) box.appendChild(document.createTextNode(' and ' + others + ' others'));
   box.appendChild(document.createTextNode(names.length === 1 ? ' is typing…' : ' are typing…'));

@@ -14,8 +14,8 @@ use super::{SessionContext, WS_PATH, linger};
 use crate::hub::ClientId;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    CloseReason, DEFAULT_ROOM, ErrorCode, Limits, MessageId, ServerFrame, validate_name,
-    validate_room,
+    CloseReason, DEFAULT_ROOM, ErrorCode, Limits, MessageId, ServerFrame, normalize_name,
+    validate_name, validate_room,
 };
 
 /// TCP keepalive: a peer that vanished without a FIN (power loss, a
@@ -56,9 +56,9 @@ pub fn parse_join_query(query: &str, limits: &Limits) -> Result<JoinRequest, Str
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         match &*key {
             "name" if !value.trim().is_empty() => {
-                let name = value.trim();
-                validate_name(name, limits)?;
-                join.name = Some(name.to_string());
+                let name = normalize_name(&value);
+                validate_name(&name, limits)?;
+                join.name = Some(name);
             }
             "room" if !value.is_empty() => {
                 validate_room(&value, limits)?;

@@ -82,6 +82,10 @@ pub struct SessionContext {
     /// Tells this run of the instance from earlier ones in dedup keys, so
     /// that a restarted instance's client 1 is not taken for the old one's.
     run_nonce: String,
+    /// Random, drawn at start: guests are `guest-<tag>-<n>`, so that the
+    /// first guest of every instance and of every run is not one name
+    /// (and one member) everywhere.
+    guest_tag: String,
 }
 
 /// The per-client limits, from the configuration.
@@ -134,6 +138,7 @@ impl SessionContext {
             sessions: AtomicUsize::new(0),
             traced: AtomicUsize::new(0),
             run_nonce: format!("{instance}-{}", clock::wall_nanos()),
+            guest_tag: random_tag(),
             instance,
         }
     }
@@ -145,6 +150,24 @@ impl SessionContext {
             .max_message_size(Some(self.limits.max_frame_bytes))
             .max_frame_size(Some(self.limits.max_frame_bytes))
     }
+}
+
+/// Five random characters of `0-9a-z` (60 million draws): from the
+/// standard library's randomly keyed hasher, which is enough to tell runs
+/// apart, not to keep a secret.
+fn random_tag() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(clock::wall_nanos());
+    hasher.write_u32(std::process::id());
+    let mut bits = hasher.finish();
+    (0..5)
+        .map(|_| {
+            let digit = (bits % 36) as u32;
+            bits /= 36;
+            char::from_digit(digit, 36).expect("a digit below 36")
+        })
+        .collect()
 }
 
 /// A place in `--max-clients`, given back when dropped, however the
@@ -352,7 +375,9 @@ fn run_joined(
     peer: &str,
     context: &SessionContext,
 ) {
-    let name = join.name.unwrap_or_else(|| format!("guest-{client}"));
+    let name = join
+        .name
+        .unwrap_or_else(|| format!("guest-{}-{client}", context.guest_tag));
     let room = join.room;
     // Held as long as the session: the X-ray's place is given back when
     // the client leaves.

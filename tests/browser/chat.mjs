@@ -945,6 +945,15 @@ async function mainPresence(opts, logs, state) {
   const staleShown = await alice.getByTestId('members-stale').isVisible();
   if (staleShown) fail(`alice's member list says ${JSON.stringify(await alice.getByTestId('members-stale').textContent())} while all is well`);
   ok('alice\'s member count is 2 and the list is not marked out of date');
+  // A name is isolated from the text around it: a right-to-left name (or
+  // one ending in a direction mark) cannot reorder what follows it.
+  const unisolated = await alice.evaluate(() =>
+    [...document.querySelectorAll('[data-testid="member-name"], .presence-name, .msg-from')]
+      .filter((e) => e.tagName !== 'BDI' && !e.querySelector(':scope > bdi'))
+      .map((e) => e.outerHTML),
+  );
+  if (unisolated.length) fail(`names on alice's page not isolated in <bdi>: ${unisolated.join(', ')}`);
+  ok("alice's page shows every name in a <bdi>");
 
   // 2. bob types without sending: alice sees it, bob does not see himself.
   const bobInput = bob.getByTestId('message-input');
