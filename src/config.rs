@@ -124,6 +124,13 @@ pub struct Config {
     #[arg(long, env = "HISTORY_REPLAY", default_value_t = 50)]
     pub history_replay: usize,
 
+    /// Most messages of history sent at once: to a client that connects
+    /// with `since` (the most recent ones; it is told older ones remain),
+    /// and in answer to one `history` request. Also bounded in bytes by
+    /// `--client-buffer-bytes`.
+    #[arg(long, env = "HISTORY_REPLAY_MAX", default_value_t = 200)]
+    pub history_replay_max: usize,
+
     /// Bytes a client's outbox may hold while its socket cannot take them
     /// (the client does not read); past it, the client is closed as a slow
     /// consumer (1008). Bytes are shared between clients, so this bounds
@@ -342,6 +349,11 @@ impl Config {
         }
         if self.history_len == 0 {
             return Err("--history-len must be at least 1".into());
+        }
+        if self.history_replay_max == 0 || self.history_replay > self.history_replay_max {
+            return Err(
+                "--history-replay-max must be at least 1 and at least --history-replay".into(),
+            );
         }
         if self.redis_prefix.is_empty() {
             return Err("--redis-prefix must not be empty".into());

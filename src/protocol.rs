@@ -60,6 +60,14 @@ pub struct MessageId {
 
 impl MessageId {
     pub const ZERO: MessageId = MessageId { millis: 0, seq: 0 };
+
+    /// The smallest id after this one.
+    pub fn next(self) -> MessageId {
+        MessageId {
+            seq: self.seq + 1,
+            ..self
+        }
+    }
 }
 
 impl fmt::Display for MessageId {
@@ -213,6 +221,17 @@ pub enum ServerFrame<'a> {
     Notice {
         code: &'a str,
         message: &'a str,
+        /// `history_more`: the oldest message sent; older ones remain, to
+        /// be asked for with a `history` request.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        before: Option<MessageId>,
+    },
+    /// A page of older history, in answer to a `history` request: oldest
+    /// first, and whether older messages remain.
+    History {
+        room: &'a str,
+        messages: Vec<MessageFrame<'a>>,
+        more: bool,
     },
     Error {
         code: ErrorCode,
@@ -600,6 +619,14 @@ pub enum ClientFrame {
         #[serde(default)]
         cid: Option<String>,
     },
+    /// A page of the room's history older than `before`.
+    History {
+        before: String,
+        #[serde(default)]
+        limit: Option<u64>,
+        #[serde(default)]
+        cid: Option<String>,
+    },
 }
 
 /// A client frame that passed every check.
@@ -612,6 +639,14 @@ pub enum ClientRequest {
     /// which knows `--presence-max-members`.
     Members {
         offset: u64,
+        limit: Option<u64>,
+        cid: Option<String>,
+    },
+    /// Up to `limit` messages older than `before` (`--history-replay` if
+    /// absent). The limit is checked by the session, which knows
+    /// `--history-replay-max`.
+    History {
+        before: MessageId,
         limit: Option<u64>,
         cid: Option<String>,
     },
@@ -675,7 +710,7 @@ pub fn parse_client_frame(raw: &str, limits: &Limits) -> Result<ClientRequest, F
     let frame: ClientFrame = serde_json::from_str(raw).map_err(|e| FrameError {
         cid: readable_cid(raw),
         ..FrameError::bad_request(format!(
-            "expected {{\"type\":\"message\",\"text\":\"...\"}}, {{\"type\":\"typing\"}} or {{\"type\":\"members\",\"offset\":0,\"limit\":100}}: {e}"
+            "expected {{\"type\":\"message\",\"text\":\"...\"}}, {{\"type\":\"typing\"}}, {{\"type\":\"members\",\"offset\":0,\"limit\":100}} or {{\"type\":\"history\",\"before\":\"ID\",\"limit\":50}}: {e}"
         ))
     })?;
     let (text, cid, typed_us) = match frame {
@@ -691,6 +726,14 @@ pub fn parse_client_frame(raw: &str, limits: &Limits) -> Result<ClientRequest, F
                 limit,
                 cid: cid.filter(|cid| valid_cid(cid)),
             });
+        }
+        ClientFrame::History { before, limit, cid } => {
+            let cid = cid.filter(|cid| valid_cid(cid));
+            let before = before.parse().map_err(|e| FrameError {
+                cid: cid.clone(),
+                ..FrameError::bad_request(format!("before: {e}"))
+            })?;
+            return Ok(ClientRequest::History { before, limit, cid });
         }
     };
     if let Some(cid) = &cid

@@ -230,6 +230,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
             client_buffer_bytes: config.client_buffer_bytes,
             max_frame_bytes: config.max_frame_bytes,
             history_replay: config.history_replay,
+            history_replay_max: config.history_replay_max,
             handshake_timeout: config.handshake_timeout(),
             close_grace: config.close_grace(),
         },

@@ -175,6 +175,33 @@ fn a_message_typed_in_one_browser_tab_appears_in_a_tab_on_the_other_instance() {
 }
 
 #[test]
+fn a_tab_offered_part_of_a_long_history_loads_the_rest_when_scrolled_to_the_top() {
+    let dir = browser_dir();
+    require_tooling(&dir);
+
+    let redis = RedisServer::start();
+    let prefix = unique("browser-older");
+    let a = Instance::redis("browser-a", &redis.url(), &prefix);
+    let b = Instance::redis("browser-b", &redis.url(), &prefix);
+    a.wait_ready();
+    b.wait_ready();
+    let room = unique_room();
+    let total = 60;
+    let mut filler = a.client("filler", &room);
+    let outcomes = filler.send_and_confirm("old", total, Duration::ZERO);
+    assert_eq!(outcomes.accepted.len(), total);
+
+    run_scenario_in(
+        &dir,
+        "older-history",
+        &room,
+        &a,
+        &b,
+        &[("count", total.to_string())],
+    );
+}
+
+#[test]
 fn a_tab_whose_instance_is_killed_reconnects_through_nginx_and_shows_what_it_missed() {
     let dir = browser_dir();
     require_tooling(&dir);

@@ -45,8 +45,12 @@ fn a_local_instance_replays_its_recent_history_to_newcomers() {
     for i in 0..5 {
         alice.send(&format!("m{i}"), &format!("c{i}"));
     }
-    alice.recv_messages(5);
+    let sent = alice.recv_messages(5);
     let mut late = a.client("late", "lobby");
+    // Older ones remain: the newcomer is told where they start.
+    let more = late.recv();
+    assert_eq!(more["code"], "history_more", "{more}");
+    assert_eq!(more["before"], sent[2]["id"]);
     let history = late.recv_messages(3);
     assert_eq!(common::texts(&history), ["m2", "m3", "m4"]);
     late.expect_silence(Duration::from_millis(200));

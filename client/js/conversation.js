@@ -24,6 +24,15 @@ var sentCids = new Set(); // every cid we have sent in this session
 var pending = new Map();  // cid -> {cid, text, li, state ('queued'|'pending'|'failed'), timer, typedUs}
 var cidCounter = 0;
 
+// Older history: the server sends a bounded replay and says, with a
+// `history_more` notice, that older messages remain before an id.
+var OLDER_PAGE = 50;        // messages asked for per page
+var older = null;           // the id to ask before; null: nothing older known to remain
+var olderLoading = false;   // a `history` request is on its way
+var olderRow = null;        // the "Load older messages" row at the top of the list
+var fillingGap = false;     // loading what a reconnection skipped, page after page
+var olderCounter = 0;
+
 // ---------------------------------------------------------------- ids
 function parseId(id) {
   if (typeof id !== 'string') return null;
@@ -75,6 +84,8 @@ var stick = true;
 el.messages.addEventListener('scroll', function () {
   stick = atBottom();
   if (stick) el.jump.hidden = true;
+  // Scrolled to the top with older messages left: load them.
+  if (el.messages.scrollTop < 40 && older) loadOlder();
 });
 el.jump.addEventListener('click', scrollToBottom);
 if (typeof ResizeObserver === 'function') {
@@ -440,8 +451,116 @@ export function onErrorFrame(frame) {
   addNotice(code + ': ' + text, 'error');
 }
 
+// ---------------------------------------------------------------- older history
+function showOlderRow() {
+  if (!olderRow) {
+    olderRow = h('li', 'older');
+    olderRow.setAttribute('data-testid', 'older');
+    var button = h('button', 'older-button');
+    button.type = 'button';
+    button.setAttribute('data-testid', 'load-older');
+    button.addEventListener('click', loadOlder);
+    olderRow.appendChild(button);
+  }
+  if (el.messages.firstChild !== olderRow) el.messages.insertBefore(olderRow, el.messages.firstChild);
+  var button = olderRow.firstChild;
+  button.disabled = olderLoading;
+  button.textContent = olderLoading ? 'Loading older messages…' : 'Load older messages';
+}
+
+function hideOlderRow() {
+  if (olderRow && olderRow.parentNode) olderRow.parentNode.removeChild(olderRow);
+}
+
+/**
+ * A `history_more` notice: messages older than `before` remain. On a fresh
+ * page the row at the top offers them; after a reconnection that skipped
+ * some (more were missed than one replay holds), they are loaded at once.
+ */
+export function onHistoryMore(before) {
+  if (typeof before !== 'string' || !parseId(before)) return;
+  older = before;
+  showOlderRow();
+  if (seen.size > 0) {
+    fillingGap = true;
+    loadOlder();
+  }
+}
+
+/** Ask for the page before `older` (the button, a scroll to the top). */
+export function loadOlder() {
+  if (!older || olderLoading || !S.ws || S.ws.readyState !== WebSocket.OPEN) return;
+  olderLoading = true;
+  showOlderRow();
+  try {
+    S.ws.send(JSON.stringify({ type: 'history', before: older, limit: OLDER_PAGE, cid: 'older-' + (++olderCounter) }));
+  } catch (e) {
+    console.warn('[chat] history request failed', e);
+    olderLoading = false;
+    showOlderRow();
+  }
+}
+
+/** A page of older history: each message in its place by id, the view kept where it was. */
+export function onHistoryFrame(frame) {
+  olderLoading = false;
+  var page = Array.isArray(frame.messages) ? frame.messages : [];
+  var list = el.messages;
+  var fromBottom = list.scrollHeight - list.scrollTop;
+  var reachedShown = false;
+  for (var i = page.length - 1; i >= 0; i--) {
+    if (!insertOlder(page[i])) reachedShown = true;
+  }
+  list.scrollTop = list.scrollHeight - fromBottom;
+  var oldest = page.length && parseId(page[0].id) ? page[0].id : null;
+  if (frame.more === true && oldest) {
+    older = oldest;
+    showOlderRow();
+    // A reconnection's gap is filled once the pages reach what was shown.
+    if (fillingGap && !reachedShown) loadOlder();
+    else fillingGap = false;
+  } else {
+    older = null;
+    fillingGap = false;
+    hideOlderRow();
+  }
+}
+
+/** A refused `history` request (its cid says so); false if it was not one. */
+export function onOlderError(frame) {
+  if (typeof frame.cid !== 'string' || frame.cid.indexOf('older-') !== 0) return false;
+  olderLoading = false;
+  fillingGap = false;
+  showOlderRow();
+  return true;
+}
+
+/** Insert a message of an older page before the first newer message shown; false if already shown. */
+function insertOlder(msg) {
+  if (!msg || typeof msg.text !== 'string' || typeof msg.from !== 'string') return true;
+  var key = parseId(msg.id);
+  if (!key) return true;
+  if (seen.has(msg.id)) return false;
+  seen.add(msg.id);
+  var cid = typeof msg.cid === 'string' ? msg.cid : null;
+  var li = buildMessage(msg, !!cid && msg.from === S.name && sentCids.has(cid));
+  var ref = null;
+  for (var node = el.messages.firstElementChild; node; node = node.nextElementSibling) {
+    if (node.classList.contains('pending')) { ref = node; break; }
+    if (node.getAttribute('data-testid') !== 'message') continue;
+    var k = parseId(node.getAttribute('data-id'));
+    if (k && cmpKey(k, key) > 0) { ref = node; break; }
+  }
+  el.messages.insertBefore(li, ref);
+  return true;
+}
+
 /** Forget the room: its messages, its ids, and whatever we were sending to it. */
 export function resetConversation() {
+  older = null;
+  olderLoading = false;
+  fillingGap = false;
+  olderRow = null;
   seen = new Set();
   S.lastId = null;
   lastKey = null;

@@ -12,7 +12,7 @@ import { el } from './dom.js';
 import { plural } from './format.js';
 import { S, debug } from './session.js';
 import { conn, setConn, setInstance, instanceName, startCountdown, stopCountdown } from './state.js';
-import { addNotice, flushQueue, onMessageFrame, onErrorFrame } from './conversation.js';
+import { addNotice, flushQueue, onMessageFrame, onErrorFrame, onHistoryMore, onHistoryFrame, onOlderError } from './conversation.js';
 import { onPresenceFrame, onPresenceDiffFrame, onMembersError, onTypingFrame, clearTyping, applyPresenceConfig } from './presence.js';
 import { applyDemoControls, renderFaultPanel, faultLog } from './lab.js';
 
@@ -52,7 +52,11 @@ function onFrame(ev) {
       onStatusFrame(frame);
       break;
     case 'notice':
-      addNotice(typeof frame.message === 'string' && frame.message ? frame.message : String(frame.code), 'info');
+      if (frame.code === 'history_more') onHistoryMore(frame.before);
+      else addNotice(typeof frame.message === 'string' && frame.message ? frame.message : String(frame.code), 'info');
+      break;
+    case 'history':
+      onHistoryFrame(frame);
       break;
     case 'message': {
       var shown = onMessageFrame(frame);
@@ -72,7 +76,8 @@ function onFrame(ev) {
     case 'error':
       // A refused `members` frame (the list's "show more") is the list's
       // business, not a line in the conversation.
-      if (!onMembersError(frame)) onErrorFrame(frame);
+      if (onOlderError(frame)) onErrorFrame({ code: frame.code, message: frame.message });
+      else if (!onMembersError(frame)) onErrorFrame(frame);
       break;
     default:
       console.info('[chat] ignoring unknown frame type', frame.type, frame);

@@ -140,19 +140,26 @@ impl Broker for LocalBroker {
         let latest = (state.last_id != MessageId::ZERO).then_some(state.last_id);
         let empty = VecDeque::new();
         let history = state.rooms.get(room).unwrap_or(&empty);
+        // The most recent entries that match, as Redis's XREVRANGE with a
+        // COUNT reads them, oldest first.
+        let read = |matches: &dyn Fn(&ChatMessage) -> bool| -> Vec<ChatMessage> {
+            let mut entries: Vec<ChatMessage> = history
+                .iter()
+                .rev()
+                .filter(|m| matches(m))
+                .take(query.entries_to_read())
+                .cloned()
+                .collect();
+            entries.reverse();
+            entries
+        };
         Ok(match query {
-            HistoryQuery::Recent(n) => History {
-                messages: history
-                    .iter()
-                    .skip(history.len().saturating_sub(n))
-                    .cloned()
-                    .collect(),
-                truncated: false,
-                latest,
-            },
-            HistoryQuery::After(since) => History::resume(
+            HistoryQuery::Recent(n) => History::page(read(&|_| true), n, latest),
+            HistoryQuery::Before(before, n) => History::page(read(&|m| m.id < before), n, latest),
+            HistoryQuery::After(since, max) => History::resume(
                 since,
-                history.iter().filter(|m| m.id >= since).cloned().collect(),
+                read(&|m| m.id >= since),
+                max,
                 history.front().map(|m| m.id),
                 latest,
             ),
@@ -269,13 +276,15 @@ mod tests {
         assert!(matches!(&emitted[4], BrokerEvent::Message(m, _) if m.id == ids[4]));
         assert_eq!(texts(HistoryQuery::Recent(10)), ["2", "3", "4"]);
         assert_eq!(texts(HistoryQuery::Recent(2)), ["3", "4"]);
-        assert_eq!(texts(HistoryQuery::After(ids[3])), ["4"]);
+        assert_eq!(texts(HistoryQuery::After(ids[3], 10)), ["4"]);
+        assert_eq!(texts(HistoryQuery::After(ids[0], 2)), ["3", "4"]);
+        assert_eq!(texts(HistoryQuery::Before(ids[4], 2)), ["2", "3"]);
         let elsewhere = broker
             .history("elsewhere", HistoryQuery::Recent(5))
             .unwrap();
         assert!(elsewhere.messages.is_empty());
         let trimmed = broker
-            .history("lobby", HistoryQuery::After(ids[0]))
+            .history("lobby", HistoryQuery::After(ids[0], 10))
             .unwrap();
         assert!(trimmed.truncated, "the first message was trimmed away");
         assert_eq!(trimmed.messages.len(), 3);

@@ -69,8 +69,25 @@ impl std::error::Error for PublishError {}
 pub enum HistoryQuery {
     /// The most recent `n` messages (a newcomer's context).
     Recent(usize),
-    /// Every message after this id that history still holds (recovery).
-    After(MessageId),
+    /// The messages after this id that history still holds, at most the
+    /// most recent `max` of them (recovery; older ones are paged with
+    /// `Before`).
+    After(MessageId, usize),
+    /// Up to `n` messages older than this id, the most recent of them (a
+    /// page back).
+    Before(MessageId, usize),
+}
+
+impl HistoryQuery {
+    /// Entries a broker reads to answer: one more than it sends, to know
+    /// whether older ones remain (`After` also reads `since` itself, to
+    /// know whether it is still there).
+    pub fn entries_to_read(&self) -> usize {
+        match *self {
+            HistoryQuery::Recent(n) | HistoryQuery::Before(_, n) => n + 1,
+            HistoryQuery::After(_, max) => max + 1,
+        }
+    }
 }
 
 /// A room's history as read for one client.
@@ -81,6 +98,9 @@ pub struct History {
     /// The client asked for messages after an id older than anything
     /// history still holds: some messages are gone for good.
     pub truncated: bool,
+    /// Older messages than those (and, after `since`, newer than it)
+    /// remain in history: the client may ask for them.
+    pub more: bool,
     /// The last id accepted anywhere in the chat when history was read.
     pub latest: Option<MessageId>,
 }
@@ -93,15 +113,24 @@ impl History {
     /// If `since` itself is still there, nothing was lost. If it is not,
     /// and the oldest entry is newer than it, history was trimmed past it
     /// (or lost in a Redis restart): the client is told.
+    /// `from_since` is the most recent `max + 1` entries from `since` on
+    /// (or fewer, if there are no more): if it reaches `since`, every
+    /// message after it is there; if not, and it is full, more remain
+    /// between `since` and those, and only the most recent `max` are sent.
     pub fn resume(
         since: MessageId,
         mut from_since: Vec<ChatMessage>,
+        max: usize,
         oldest: Option<MessageId>,
         latest: Option<MessageId>,
     ) -> History {
         let found = from_since.first().is_some_and(|m| m.id == since);
         if found {
             from_since.remove(0);
+        }
+        let more = from_since.len() > max;
+        if more {
+            from_since.drain(..from_since.len() - max);
         }
         let truncated = !found
             && match oldest {
@@ -111,6 +140,22 @@ impl History {
         History {
             messages: from_since,
             truncated,
+            more,
+            latest,
+        }
+    }
+
+    /// `Recent(n)` or `Before(_, n)` from the most recent `n + 1` entries
+    /// asked for, oldest first: `n` of them, and whether more remain.
+    pub fn page(mut entries: Vec<ChatMessage>, n: usize, latest: Option<MessageId>) -> History {
+        let more = entries.len() > n;
+        if more {
+            entries.drain(..entries.len() - n);
+        }
+        History {
+            messages: entries,
+            truncated: false,
+            more,
             latest,
         }
     }
@@ -348,7 +393,7 @@ mod tests {
     #[test]
     fn an_exact_resume_replays_what_follows_since() {
         let entries = vec![message(id(5, 0)), message(id(6, 0)), message(id(7, 0))];
-        let history = History::resume(id(5, 0), entries, Some(id(1, 0)), Some(id(7, 0)));
+        let history = History::resume(id(5, 0), entries, 10, Some(id(1, 0)), Some(id(7, 0)));
         assert!(!history.truncated);
         assert_eq!(
             history.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
@@ -358,18 +403,35 @@ mod tests {
     }
 
     #[test]
+    fn a_resume_past_its_cap_keeps_the_most_recent_and_says_more_remain() {
+        // since (1, 0) not reached: 3 entries read for a cap of 2.
+        let entries = vec![message(id(5, 0)), message(id(6, 0)), message(id(7, 0))];
+        let history = History::resume(id(1, 0), entries, 2, Some(id(1, 0)), Some(id(7, 0)));
+        assert!(history.more && !history.truncated);
+        assert_eq!(
+            history.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+            [id(6, 0), id(7, 0)]
+        );
+        // since reached within the cap: nothing more.
+        let entries = vec![message(id(6, 0)), message(id(7, 0))];
+        let history = History::resume(id(6, 0), entries, 1, Some(id(1, 0)), Some(id(7, 0)));
+        assert!(!history.more);
+        assert_eq!(history.messages.len(), 1);
+    }
+
+    #[test]
     fn a_since_older_than_history_is_truncated() {
         let entries = vec![message(id(5, 0)), message(id(6, 0))];
-        let history = History::resume(id(2, 0), entries, Some(id(5, 0)), Some(id(6, 0)));
+        let history = History::resume(id(2, 0), entries, 10, Some(id(5, 0)), Some(id(6, 0)));
         assert!(history.truncated);
         assert_eq!(history.messages.len(), 2);
-        let lost = History::resume(id(2, 0), Vec::new(), None, None);
+        let lost = History::resume(id(2, 0), Vec::new(), 10, None, None);
         assert!(lost.truncated, "history emptied by a Redis restart");
     }
 
     #[test]
     fn a_future_since_replays_nothing_and_does_not_block_live_messages() {
-        let history = History::resume(id(99, 0), Vec::new(), Some(id(1, 0)), Some(id(7, 0)));
+        let history = History::resume(id(99, 0), Vec::new(), 10, Some(id(1, 0)), Some(id(7, 0)));
         assert!(!history.truncated);
         assert!(history.messages.is_empty());
         assert_eq!(history.seam(Some(id(99, 0))), Some(id(7, 0)));
@@ -380,6 +442,7 @@ mod tests {
         let history = History {
             messages: vec![message(id(3, 1))],
             truncated: false,
+            more: false,
             latest: Some(id(4, 0)),
         };
         assert_eq!(history.seam(None), Some(id(3, 1)));

@@ -99,6 +99,7 @@ pub struct SessionLimits {
     pub client_buffer_bytes: usize,
     pub max_frame_bytes: usize,
     pub history_replay: usize,
+    pub history_replay_max: usize,
     pub handshake_timeout: Duration,
     pub close_grace: Duration,
 }
@@ -479,6 +480,23 @@ pub fn linger(socket: &TcpStream, deadline: Instant) {
     }
 }
 
+/// Room left in the first frames' budget for the frames after history
+/// (the `history_more` notice, a `status`).
+const RESERVED_FOR_NOTICES: usize = 512;
+
+/// How many of `frames` (oldest first) to leave out so that the rest, the
+/// most recent, fit in `budget` bytes.
+pub fn fitting_from(frames: &[Vec<u8>], budget: usize) -> usize {
+    let mut size = 0;
+    for (at, frame) in frames.iter().enumerate().rev() {
+        size += frame.len();
+        if size > budget {
+            return at + 1;
+        }
+    }
+    0
+}
+
 /// Who a joining client is, for its first frames.
 struct FirstFrames<'a> {
     client: ClientId,
@@ -539,16 +557,12 @@ fn first_frames(
         first_bytes.extend_from_slice(&frame);
     }
     let query = match since {
-        Some(since) => HistoryQuery::After(since),
+        Some(since) => HistoryQuery::After(since, context.limits.history_replay_max),
         None => HistoryQuery::Recent(context.limits.history_replay),
     };
     let mut seam = since;
     match context.broker.history(room, query) {
         Ok(history) => {
-            Metrics::add(
-                &context.metrics.history_replayed_total,
-                history.messages.len() as u64,
-            );
             if history.truncated {
                 let notice = format!(
                     "messages after {} are no longer in history; showing the oldest it still holds",
@@ -557,17 +571,59 @@ fn first_frames(
                 let frame = ServerFrame::Notice {
                     code: "history_truncated",
                     message: &notice,
+                    before: None,
                 };
                 first_bytes.extend_from_slice(&frame.to_ws_bytes());
             }
             let received = Received::now(Via::History);
-            for message in &history.messages {
-                let frame = if trace {
-                    MessageFrame::traced(message, received, &context.instance, clock::wall_micros())
-                } else {
-                    MessageFrame::plain(message)
+            let frames: Vec<Vec<u8>> = history
+                .messages
+                .iter()
+                .map(|message| {
+                    let frame = if trace {
+                        MessageFrame::traced(
+                            message,
+                            received,
+                            &context.instance,
+                            clock::wall_micros(),
+                        )
+                    } else {
+                        MessageFrame::plain(message)
+                    };
+                    ServerFrame::Message(frame).to_ws_bytes().to_vec()
+                })
+                .collect();
+            // The first frames fit the client's buffer like everything
+            // else: the most recent messages that fit, the rest paged.
+            let budget = context
+                .limits
+                .client_buffer_bytes
+                .saturating_sub(first_bytes.len() + RESERVED_FOR_NOTICES);
+            let skipped = fitting_from(&frames, budget);
+            if history.more || skipped > 0 {
+                let before = history
+                    .messages
+                    .get(skipped)
+                    .map(|m| m.id)
+                    .or_else(|| history.messages.last().map(|m| m.id.next()));
+                let notice = format!(
+                    "older messages remain in history: ask for them with \
+                     {{\"type\":\"history\",\"before\":\"{}\"}}",
+                    before.unwrap_or_default()
+                );
+                let frame = ServerFrame::Notice {
+                    code: "history_more",
+                    message: &notice,
+                    before,
                 };
-                first_bytes.extend_from_slice(&ServerFrame::Message(frame).to_ws_bytes());
+                first_bytes.extend_from_slice(&frame.to_ws_bytes());
+            }
+            Metrics::add(
+                &context.metrics.history_replayed_total,
+                (frames.len() - skipped) as u64,
+            );
+            for frame in &frames[skipped..] {
+                first_bytes.extend_from_slice(frame);
             }
             seam = history.seam(since);
         }

@@ -15,17 +15,18 @@ use tungstenite::{Message, WebSocket};
 
 use super::SessionContext;
 use super::outbox::{Outbox, Pushed, Queued};
-use crate::broker::PublishError;
+use crate::broker::{HistoryQuery, PublishError};
 use crate::clock::{self, LastSeen};
 use crate::faults;
 use crate::hub::ClientId;
 use crate::metrics::Metrics;
 use crate::presence::View;
 use crate::protocol::{
-    ClientRequest, CloseReason, ErrorCode, FrameError, NewMessage, ServerFrame, ValidMessage,
-    parse_client_frame,
+    ClientRequest, CloseReason, ErrorCode, FrameError, MessageFrame, MessageId, NewMessage,
+    ServerFrame, ValidMessage, parse_client_frame,
 };
 use crate::rate_limit::{TokenBucket, Verdict};
+use crate::session::fitting_from;
 
 /// At most one `typing` relayed per client in this time: a page sends one
 /// per keystroke burst, and the others only need to know it goes on.
@@ -175,6 +176,9 @@ pub fn read_until_closed(
                         Err(why) => error_frame(ErrorCode::BadRequest, &why, cid.as_deref()),
                     }
                 }
+                Ok(ClientRequest::History { before, limit, cid }) => {
+                    history_page(sender, before, limit, cid.as_deref(), context)
+                }
                 Ok(ClientRequest::Typing) => continue,
                 Err(refused) => {
                     Metrics::inc(&context.metrics.messages_rejected_total);
@@ -186,7 +190,9 @@ pub fn read_until_closed(
                 Metrics::inc(&context.metrics.rate_limited_total);
                 let cid = match &parsed {
                     Ok(ClientRequest::Message(message)) => message.cid.as_deref(),
-                    Ok(ClientRequest::Members { cid, .. }) => cid.as_deref(),
+                    Ok(ClientRequest::Members { cid, .. } | ClientRequest::History { cid, .. }) => {
+                        cid.as_deref()
+                    }
                     Ok(ClientRequest::Typing) => None,
                     Err(refused) => refused.cid.as_deref(),
                 };
@@ -255,6 +261,55 @@ fn publish(
             Some(refusal.to_frame().to_ws_bytes().to_vec())
         }
     }
+}
+
+/// A `history` request: the page of messages older than `before`, as one
+/// frame no larger than the client's buffer (the most recent of them that
+/// fit, `more` if others remain), or the error frame to send back.
+fn history_page(
+    sender: &Sender<'_>,
+    before: MessageId,
+    limit: Option<u64>,
+    cid: Option<&str>,
+    context: &SessionContext,
+) -> Vec<u8> {
+    let max = context.limits.history_replay_max;
+    let limit = limit.map_or(context.limits.history_replay as u64, |limit| limit);
+    if limit == 0 || limit > max as u64 {
+        let why = format!("limit must be 1 to {max} (--history-replay-max)");
+        return error_frame(ErrorCode::BadRequest, &why, cid);
+    }
+    let query = HistoryQuery::Before(before, limit as usize);
+    let history = match context.broker.history(sender.room, query) {
+        Ok(history) => history,
+        Err(e) => {
+            let why = format!("history is unavailable: {e}");
+            return error_frame(ErrorCode::Unavailable, &why, cid);
+        }
+    };
+    let frames: Vec<Vec<u8>> = history
+        .messages
+        .iter()
+        .map(|message| serde_json::to_vec(&MessageFrame::plain(message)).unwrap_or_default())
+        .collect();
+    // The page's envelope and commas, and room for them in the budget.
+    let budget = context.limits.client_buffer_bytes.saturating_sub(256);
+    let skipped = fitting_from(&frames, budget);
+    let messages = history.messages[skipped..]
+        .iter()
+        .map(MessageFrame::plain)
+        .collect();
+    Metrics::add(
+        &context.metrics.history_replayed_total,
+        (frames.len() - skipped) as u64,
+    );
+    ServerFrame::History {
+        room: sender.room,
+        messages,
+        more: history.more || skipped > 0,
+    }
+    .to_ws_bytes()
+    .to_vec()
 }
 
 fn error_frame(code: ErrorCode, message: &str, cid: Option<&str>) -> Vec<u8> {

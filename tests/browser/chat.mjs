@@ -88,6 +88,14 @@
 // stall alice's tab (A drops it as a slow consumer, the page says so,
 // reconnects and catches up). Saves DIR/lab-*.png.
 //
+//   node tests/browser/chat.mjs --scenario older-history --a http://127.0.0.1:PORT_A \
+//        --b http://127.0.0.1:PORT_B --room <room> --count <n> --out <dir>
+// (scenario "older-history") The room already holds n (> 50) messages
+// old-0 ... old-<n-1>. carol opens the page on B: it shows the newest 50
+// (--history-replay) and a "Load older messages" row, not the server's
+// notice as text; scrolled to the top, it shows all n in order, the row
+// gone, and the view kept in place. Saves DIR/older-*.png.
+//
 // Every wait has an explicit timeout; prints one "ok" line per check and
 // exits 0, or prints what failed plus both pages' console logs and exits 1.
 
@@ -164,11 +172,12 @@ function parseCli() {
   } catch (e) {
     usage(e.message);
   }
-  if (!['basic', 'reconnect', 'presence', 'lab', 'large-room', 'presence-off'].includes(values.scenario)) usage(`unknown --scenario ${values.scenario}`);
+  if (!['basic', 'reconnect', 'presence', 'lab', 'large-room', 'presence-off', 'older-history'].includes(values.scenario)) usage(`unknown --scenario ${values.scenario}`);
   const required = ['a', 'b', 'room', 'out'];
   if (values.scenario === 'reconnect') required.push('proxy', 'pids');
   if (values.scenario === 'presence') required.push('pids');
   if (values.scenario === 'large-room') required.push('count', 'window', 'bots', 'leave-file');
+  if (values.scenario === 'older-history') required.push('count');
   for (const key of required) {
     if (!values[key]) usage(`missing --${key}`);
   }
@@ -1708,6 +1717,64 @@ async function mainLab(opts, logs, state) {
   ok(`screenshots saved: ${['xray', 'cut', 'stall'].map((n) => path.join(opts.out, `lab-${n}.png`)).join(', ')}`);
 }
 
+// ------------------------------------------------------------ older history
+
+async function mainOlderHistory(opts, logs, state) {
+  const total = opts.count;
+  const want = Array.from({ length: total }, (_, n) => `old-${n}`);
+  await mkdir(opts.out, { recursive: true });
+  await launch(state);
+  const carol = await openAndJoin(state.browser, opts.b, 'carol', opts.room, 'carol', logs);
+  await waitWelcomed(carol, 'carol');
+  // The newest 50 (--history-replay), and the row that offers the rest.
+  await waitFor(
+    'carol to show the newest 50 messages and the "Load older messages" row',
+    carol.waitForFunction(
+      () =>
+        document.querySelectorAll('[data-testid="message"]').length === 50 &&
+        !!document.querySelector('[data-testid="load-older"]'),
+      null,
+      { timeout: WAIT_MS, polling: 50 },
+    ),
+  );
+  const first = await shownTexts(carol, 'old-');
+  if (JSON.stringify(first) !== JSON.stringify(want.slice(total - 50))) {
+    fail(`carol first shows ${JSON.stringify(first.slice(0, 3))}... expected the newest 50, ${want[total - 50]} to ${want[total - 1]}`);
+  }
+  const notices = await carol.evaluate(() => [...document.querySelectorAll('[data-testid="notice-text"]')].map((n) => n.textContent));
+  if (notices.some((n) => n.includes('history_more') || n.includes('"type":"history"'))) {
+    fail(`carol shows the server's history_more notice as text: ${JSON.stringify(notices)}`);
+  }
+  ok(`carol shows the newest 50 of ${total} messages and a "Load older messages" row at the top`);
+  await carol.screenshot({ path: path.join(opts.out, 'older-before.png'), timeout: WAIT_MS });
+
+  // Scrolled to the top, the page asks for the rest and keeps its place.
+  const topBefore = await carol.evaluate(() => document.querySelector('[data-testid="message"]').getAttribute('data-id'));
+  await carol.evaluate(() => {
+    const list = document.querySelector('[data-testid="messages"]');
+    list.scrollTop = 0;
+    list.dispatchEvent(new Event('scroll'));
+  });
+  await waitFor(
+    `carol to show all ${total} messages once scrolled to the top`,
+    carol.waitForFunction((n) => document.querySelectorAll('[data-testid="message"]').length === n, total, {
+      timeout: WAIT_MS,
+      polling: 50,
+    }),
+  );
+  const all = await shownTexts(carol, 'old-');
+  if (JSON.stringify(all) !== JSON.stringify(want)) fail(`after loading older, carol shows ${JSON.stringify(all)}`);
+  const after = await carol.evaluate((id) => ({
+    row: !!document.querySelector('[data-testid="older"]'),
+    scrollTop: document.querySelector('[data-testid="messages"]').scrollTop,
+    kept: document.querySelector(`[data-testid="message"][data-id="${id}"]`).getBoundingClientRect().top,
+  }), topBefore);
+  if (after.row) fail('the "Load older messages" row is still there with nothing older left');
+  if (after.scrollTop <= 0) fail('loading older messages jumped the view to the top instead of keeping the place');
+  ok(`scrolled to the top, carol shows all ${total} messages in order, the row is gone, the view kept its place (scrollTop ${Math.round(after.scrollTop)})`);
+  await carol.screenshot({ path: path.join(opts.out, 'older-after.png'), timeout: WAIT_MS });
+}
+
 const opts = parseCli();
 const logs = [];
 const state = { browser: null };
@@ -1727,6 +1794,7 @@ try {
     lab: mainLab,
     'large-room': mainLargeRoom,
     'presence-off': mainPresenceOff,
+    'older-history': mainOlderHistory,
   };
   await scenarios[opts.scenario](opts, logs, state);
   console.log('all browser checks passed');

@@ -14,15 +14,18 @@ use crate::broker::{History, HistoryQuery, Unavailable};
 use crate::protocol::{ChatMessage, Limits, MessageId, parse_channel_payload};
 
 /// Reads a room's history and the last id handed out (`KEYS[2]`) in one
-/// atomic step, so that the seam computed from them is exact: the newest
-/// `ARGV[2]` entries (`ARGV[1]` = `recent`), or the entries from `ARGV[2]`
-/// on and the oldest entry (`after`).
+/// atomic step, so that the seam computed from them is exact. Each mode
+/// reads at most `ARGV[3]` entries, the most recent first: `recent`, the
+/// newest; `before`, those older than `ARGV[2]`; `after`, those from
+/// `ARGV[2]` on, and the oldest entry of all.
 const HISTORY_SCRIPT: &str = r#"
 local latest = redis.call('GET', KEYS[2])
 if ARGV[1] == 'recent' then
-  return {latest, redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[2])}
+  return {latest, redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[3])}
+elseif ARGV[1] == 'before' then
+  return {latest, redis.call('XREVRANGE', KEYS[1], '(' .. ARGV[2], '-', 'COUNT', ARGV[3])}
 end
-return {latest, redis.call('XRANGE', KEYS[1], ARGV[2], '+'), redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)}
+return {latest, redis.call('XREVRANGE', KEYS[1], '+', ARGV[2], 'COUNT', ARGV[3]), redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)}
 "#;
 
 /// One entry of an `XRANGE` reply: its id and its field-value pairs.
@@ -53,37 +56,44 @@ impl HistoryReader {
     /// Reads history and the last id in one atomic step (a script), so
     /// that the seam computed from them is exact.
     pub fn read(&self, room: &str, query: HistoryQuery) -> Result<History, Unavailable> {
-        let invocation = |mode: &str, arg: String| {
-            let mut invocation = self.script.key(self.keys.history(room));
-            invocation.key(self.keys.last_id(room)).arg(mode).arg(arg);
-            invocation
+        let (mode, from) = match query {
+            HistoryQuery::Recent(_) => ("recent", String::new()),
+            HistoryQuery::Before(before, _) => ("before", before.to_string()),
+            HistoryQuery::After(since, _) => ("after", since.to_string()),
+        };
+        let mut invocation = self.script.key(self.keys.history(room));
+        invocation
+            .key(self.keys.last_id(room))
+            .arg(mode)
+            .arg(from)
+            .arg(query.entries_to_read());
+        // Most recent first: put oldest first.
+        let messages = |mut entries: Vec<StreamEntry>| {
+            entries.reverse();
+            parse_stream_entries(entries, &self.limits)
         };
         let history = match query {
-            HistoryQuery::Recent(n) => {
-                let (latest, mut entries): (Option<String>, Vec<StreamEntry>) = self
+            HistoryQuery::Recent(n) | HistoryQuery::Before(_, n) => {
+                let (latest, entries): (Option<String>, Vec<StreamEntry>) = self
                     .link
-                    .run(|connection| invocation("recent", n.to_string()).invoke(connection))
+                    .run(|connection| invocation.invoke(connection))
                     .map_err(Failure::into_unavailable)?;
-                entries.reverse();
-                History {
-                    messages: parse_stream_entries(entries, &self.limits),
-                    truncated: false,
-                    latest: parse_last_id(latest),
-                }
+                History::page(messages(entries), n, parse_last_id(latest))
             }
-            HistoryQuery::After(since) => {
+            HistoryQuery::After(since, max) => {
                 let (latest, from_since, oldest): (
                     Option<String>,
                     Vec<StreamEntry>,
                     Vec<StreamEntry>,
                 ) = self
                     .link
-                    .run(|connection| invocation("after", since.to_string()).invoke(connection))
+                    .run(|connection| invocation.invoke(connection))
                     .map_err(Failure::into_unavailable)?;
                 let oldest = oldest.first().and_then(|(id, _)| id.parse().ok());
                 History::resume(
                     since,
-                    parse_stream_entries(from_since, &self.limits),
+                    messages(from_since),
+                    max,
                     oldest,
                     parse_last_id(latest),
                 )
