@@ -576,7 +576,19 @@ fn a_large_history_read_does_not_hold_up_a_send_on_the_same_instance() {
     let redis = RedisServer::start();
     let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], redis.port)));
     let prefix = unique("history");
-    let a = Instance::redis("a", &proxy.url(), &prefix);
+    // Replays large enough to take all of it (the defaults send at most
+    // 200 messages and 1 MiB to a client).
+    let a = Instance::redis_with(
+        "a",
+        &proxy.url(),
+        &prefix,
+        &[
+            "--history-replay-max",
+            "1100",
+            "--client-buffer-bytes",
+            "4194304",
+        ],
+    );
     a.wait_ready();
     // 1,100 messages of 1,900 characters: about 2 MB of history.
     let big = unique("big");
