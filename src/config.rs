@@ -184,6 +184,13 @@ pub struct Config {
     #[arg(long, env = "PING_INTERVAL_MS", default_value_t = 30_000)]
     pub ping_interval_ms: u64,
 
+    /// Milliseconds during which bytes queued for a client may wait with
+    /// its socket taking none of them; past it, the client is closed as a
+    /// slow consumer (1008), even if it keeps sending. Checked at each ping
+    /// interval.
+    #[arg(long, env = "SEND_TIMEOUT_MS", default_value_t = 30_000)]
+    pub send_timeout_ms: u64,
+
     /// Milliseconds of silence (not even a pong) after which a client is
     /// dropped as dead.
     #[arg(long, env = "IDLE_TIMEOUT_MS", default_value_t = 75_000)]
@@ -321,6 +328,9 @@ impl Config {
         if self.max_clients == 0 {
             return Err("--max-clients must be at least 1".into());
         }
+        if self.send_timeout_ms < 100 {
+            return Err("--send-timeout-ms must be at least 100".into());
+        }
         if self.ping_interval_ms == 0 || self.idle_timeout_ms <= self.ping_interval_ms {
             return Err(
                 "--idle-timeout-ms must be longer than --ping-interval-ms (and both positive)"
@@ -380,6 +390,10 @@ impl Config {
     /// `--delivery-threads`, or one per CPU.
     pub fn delivery_threads(&self) -> usize {
         self.delivery_threads.unwrap_or_else(cpus)
+    }
+
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_millis(self.send_timeout_ms)
     }
 
     pub fn ping_interval(&self) -> Duration {

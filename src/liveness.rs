@@ -8,6 +8,12 @@
 //! interval for the whole instance (not once per client), closes any
 //! client silent for longer than the idle timeout. The close cuts the
 //! connection at the end of the close grace, which ends the reader.
+//!
+//! The same pass closes clients that talk but do not read: bytes queued
+//! for one that its socket has taken none of for `--send-timeout-ms`. Its
+//! buffer alone would not catch it if nothing more is sent to it (the
+//! first frames of a join, then a quiet room), and pongs of its own keep
+//! it from looking idle.
 
 use std::sync::Arc;
 use std::thread;
@@ -22,14 +28,30 @@ use crate::protocol::CloseReason;
 use crate::session::outbox::Queued;
 use crate::supervisor::Supervisor;
 
+/// When the pinger wakes, and what it closes.
+pub struct PingerSettings {
+    /// `--ping-interval-ms`: how often it wakes, and how quiet a client is
+    /// before it is pinged (half of it).
+    pub interval: Duration,
+    /// `--idle-timeout-ms`: silent this long, a client is dropped as dead.
+    pub idle_timeout: Duration,
+    /// `--send-timeout-ms`: its socket taking nothing this long, a client
+    /// is dropped as a slow consumer.
+    pub send_timeout: Duration,
+}
+
 /// Starts the pinger thread.
 pub fn spawn_pinger(
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
-    interval: Duration,
-    idle_timeout: Duration,
+    settings: PingerSettings,
     supervisor: &Arc<Supervisor>,
 ) -> std::io::Result<()> {
+    let PingerSettings {
+        interval,
+        idle_timeout,
+        send_timeout,
+    } = settings;
     let mut ping = Vec::new();
     Frame::ping(Vec::new())
         .format(&mut ping)
@@ -39,6 +61,18 @@ pub fn spawn_pinger(
             thread::sleep(interval);
             let mut pinged = 0;
             for member in hub.members() {
+                if let Some(stuck_for) = member.outbox.stuck_for()
+                    && stuck_for > send_timeout
+                {
+                    if member.outbox.close(CloseReason::STALLED, Queued::Drop) {
+                        warn!(
+                            "client {} dropped: nothing read for {stuck_for:?} (slow consumer)",
+                            member.id
+                        );
+                        Metrics::inc(&metrics.slow_clients_dropped_total);
+                    }
+                    continue;
+                }
                 let idle_for = member.last_seen.idle_for();
                 if idle_for > idle_timeout {
                     if member.outbox.close(CloseReason::IDLE, Queued::Drop) {

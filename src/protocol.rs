@@ -531,6 +531,12 @@ impl CloseReason {
         code: 1008,
         reason: "slow consumer: send buffer full",
     };
+    /// The client's socket took none of what was queued for it for
+    /// `--send-timeout-ms`: it talks, perhaps, but does not read.
+    pub const STALLED: CloseReason = CloseReason {
+        code: 1008,
+        reason: "slow consumer: nothing read for too long",
+    };
     /// The client stopped answering pings: a dead peer, most likely.
     pub const IDLE: CloseReason = CloseReason {
         code: 1001,

@@ -239,8 +239,11 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     liveness::spawn_pinger(
         hub.clone(),
         metrics.clone(),
-        config.ping_interval(),
-        config.idle_timeout(),
+        liveness::PingerSettings {
+            interval: config.ping_interval(),
+            idle_timeout: config.idle_timeout(),
+            send_timeout: config.send_timeout(),
+        },
         &supervisor,
     )
     .map_err(|e| format!("cannot start the pinger thread: {e}"))?;

@@ -1,7 +1,8 @@
 //! Verifies that every limit gives its documented answer and costs the
 //! other users nothing: oversized text and frames, bad names and rooms, the
 //! rate limit and flood disconnect, --max-clients, the handshake timeout
-//! (slowloris), the ping timeout, the Origin check, and hostile frames. In
+//! (slowloris), the ping timeout, the send timeout (a client that keeps
+//! talking but never reads), the Origin check, and hostile frames. In
 //! each case a well-behaved client on the same instance keeps sending and
 //! receiving.
 
@@ -466,4 +467,60 @@ fn a_client_that_stops_reading_is_dropped_and_fifty_others_get_all_ten_thousand(
         "the one subscription is still there"
     );
     stalled.shutdown(Shutdown::Both).ok();
+}
+
+#[test]
+fn a_client_that_talks_but_never_reads_is_dropped_at_the_send_timeout() {
+    // Its buffer is far larger than what is sent: only the send timeout
+    // can let it go.
+    let a = Instance::start(
+        "stall",
+        &[
+            "--broker",
+            "local",
+            "--client-buffer-bytes",
+            "67108864",
+            "--send-timeout-ms",
+            "2000",
+            "--ping-interval-ms",
+            "500",
+        ],
+    );
+    let mut stalled = tungstenite::WebSocket::from_raw_socket(
+        stalled_client(a.ws),
+        tungstenite::protocol::Role::Client,
+        None,
+    );
+    let mut sender = a.client("sender", "lobby");
+    let bystander = common::Listener::spawn(a.client("bystander", "lobby"), "bystander".into());
+    let started = Instant::now();
+    let mut sent = 0;
+    while a.metric("chat_slow_clients_dropped_total") < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "a client that never read was still served after {sent} messages"
+        );
+        // Pongs nobody asked for: the client looks alive, and reads nothing.
+        stalled.send(Message::Pong(Vec::new().into())).unwrap();
+        for _ in 0..100 {
+            sent += 1;
+            sender.send(
+                &format!("{sent:05}-{}", "x".repeat(1500)),
+                &format!("s{sent}"),
+            );
+        }
+        sender.recv_messages(100);
+    }
+    let log = a.log();
+    assert!(log.contains("nothing read for"), "the log says why: {log}");
+    assert_eq!(
+        a.metric("chat_slow_clients_dropped_total"),
+        1.0,
+        "only the stalled one"
+    );
+    assert_eq!(
+        bystander.finish(sent).len(),
+        sent,
+        "the bystander got every message"
+    );
 }

@@ -176,6 +176,9 @@ struct State {
     /// Writing is held (the fault panel's stalled tab): bytes queue as if
     /// the socket were full, until released or a close begins.
     held: bool,
+    /// Since when queued bytes have waited without the socket taking any:
+    /// what `--send-timeout-ms` bounds.
+    stuck_since: Option<Instant>,
 }
 
 /// Queue slots an emptied outbox keeps; past it, it gives them back.
@@ -206,6 +209,7 @@ impl<W: Wire> Outbox<W> {
                 seam: None,
                 armed: false,
                 held: false,
+                stuck_since: None,
             }),
         }
     }
@@ -304,6 +308,16 @@ impl<W: Wire> Outbox<W> {
         }
     }
 
+    /// How long queued bytes have waited without the socket taking any
+    /// (a client that does not read); `None` when nothing waits.
+    pub fn stuck_for(&self) -> Option<std::time::Duration> {
+        let state = lock(&self.state);
+        match state.phase {
+            Phase::Open => state.stuck_since.map(|since| since.elapsed()),
+            _ => None,
+        }
+    }
+
     /// Bytes waiting for the socket.
     pub fn queued_bytes(&self) -> usize {
         lock(&self.state).queued_bytes
@@ -358,6 +372,9 @@ impl<W: Wire> Outbox<W> {
     /// for a call back. After the Close frame, shuts down writing.
     fn write_out(&self, state: &mut State) {
         if state.held {
+            if !state.queue.is_empty() {
+                state.stuck_since.get_or_insert_with(Instant::now);
+            }
             return;
         }
         while !state.queue.is_empty() {
@@ -369,9 +386,13 @@ impl<W: Wire> Outbox<W> {
             }
             match self.wire.send(&parts[..count]) {
                 Ok(0) => return self.lost(state),
-                Ok(n) => consume(state, n),
+                Ok(n) => {
+                    consume(state, n);
+                    state.stuck_since = None;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    state.stuck_since.get_or_insert_with(Instant::now);
                     if !state.armed {
                         state.armed = true;
                         self.wire.notify_when_writable();
