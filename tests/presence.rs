@@ -7,7 +7,8 @@
 //! interval; several tabs with one name are one member; a SIGKILLed
 //! instance's members expire everywhere within the TTL; `typing` reaches
 //! the others, not the sender, and is throttled silently; after a Redis
-//! restart each client gets one fresh list.
+//! restart each client gets one fresh list; a newcomer to a room of 8,500
+//! gets it whole when `--presence-max-members 10000` allows it.
 //!
 //! Large rooms: each client holds the count and a window, asks for another
 //! with `members`, and hears only of its window's changes; after a join
@@ -1252,4 +1253,59 @@ fn joins_and_leaves_racing_the_refresh_never_expire_a_live_member() {
     println!(
         "FIGURES presence race: {TABS} tabs x {CYCLES} joins and leaves on an instance 15 ms from Redis, refresh every 300 ms: {diffs} presence_diff frames, names seen {seen:?}, none expired; final list {list:?}"
     );
+}
+
+#[test]
+fn a_newcomer_to_a_room_of_8500_gets_the_whole_list_when_the_limits_allow_it() {
+    // --presence-max-members 10000 once broke every snapshot past about
+    // 8,000 names (Lua's unpack): the room's members are written here
+    // as another, live instance's, so that only the snapshot is at stake.
+    const MEMBERS: usize = 8500;
+    let redis = RedisServer::start();
+    let prefix = unique("presence-8500");
+    let room = "crowd";
+    let mut conn = redis.connection().unwrap();
+    let mut pipe = redis::pipe();
+    for chunk in (0..MEMBERS).collect::<Vec<_>>().chunks(1000) {
+        let fields: Vec<(String, &str)> = chunk
+            .iter()
+            .map(|k| (format!("m{k:05}"), r#"{"ghost":1}"#))
+            .collect();
+        pipe.hset_multiple(format!("{prefix}:presence:{{{room}}}"), &fields)
+            .ignore();
+    }
+    let far = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 3_600_000) as f64;
+    pipe.zadd(format!("{prefix}:presence-instances"), "ghost", far)
+        .ignore();
+    pipe.query::<()>(&mut conn).unwrap();
+
+    let a = Instance::redis_with(
+        "a",
+        &redis.url(),
+        &prefix,
+        &[
+            "--presence-max-members",
+            "10000",
+            "--presence-full-list-max",
+            "10000",
+        ],
+    );
+    a.wait_ready();
+    let mut zed = Client::connect(a.ws, &format!("name=zed&room={room}"));
+    let frame = loop {
+        let frame = next_frame(&mut zed, "zed", TIMEOUT).expect("zed's member list");
+        if frame["type"] == "presence" {
+            break frame;
+        }
+    };
+    assert_eq!(frame["count"], MEMBERS + 1, "count: {}", frame["count"]);
+    assert_eq!(frame["full"], true);
+    let listed = rows(&frame, "members");
+    assert_eq!(listed.len(), MEMBERS + 1);
+    assert_eq!(listed[0].0, "m00000");
+    assert_eq!(listed[MEMBERS].0, "zed");
 }
