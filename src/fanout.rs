@@ -67,6 +67,8 @@ struct Job {
     traced: Option<Arc<Traced>>,
     /// Chat messages in the batch (for the delivered counter).
     messages: usize,
+    /// Members with this name are passed over (a typer's own tabs).
+    skip: Option<Arc<str>>,
     shard: usize,
 }
 
@@ -106,6 +108,7 @@ pub fn spawn_fanout(
                     &job.members,
                     &job.batch,
                     job.traced.as_deref(),
+                    job.skip.as_deref(),
                     Some((job.shard, shards)),
                 );
                 outcome.count(&metrics, job.messages);
@@ -176,6 +179,7 @@ impl Traced {
 impl Fanout {
     fn run(&self, events_rx: &Receiver<BrokerEvent>) {
         let mut pending = Vec::with_capacity(MAX_BATCH);
+        let mut typing = Vec::new();
         while let Ok(first) = events_rx.recv() {
             self.demo.wait_while_delivery_paused();
             let mut next = Some(first);
@@ -190,9 +194,9 @@ impl Fanout {
                         self.deliver(&mut pending);
                         self.tell_status(&change);
                     }
+                    // After the batch's messages, without cutting it short.
                     BrokerEvent::Presence(PresenceChange::Typing { room, name }) => {
-                        self.deliver(&mut pending);
-                        self.deliver_typing(&room, &name);
+                        typing.push((room, name));
                     }
                     // Joins and leaves go to the room's member list; its
                     // clients hear of them coalesced, a tick later.
@@ -203,6 +207,9 @@ impl Fanout {
                 }
             }
             self.deliver(&mut pending);
+            for (room, name) in typing.drain(..) {
+                self.deliver_typing(&room, &name);
+            }
         }
     }
 
@@ -237,7 +244,7 @@ impl Fanout {
                     .iter()
                     .any(|member| member.trace)
                     .then(|| Arc::new(self.traced(pending, &entry.items)));
-                self.send(members, Arc::new(entry.batch), traced, entry.messages);
+                self.send(members, Arc::new(entry.batch), traced, None, entry.messages);
             }
         }
         pending.clear();
@@ -252,18 +259,20 @@ impl Fanout {
         }
     }
 
-    /// Hands `name` typing to the room's members but its own tabs.
+    /// Hands `name` typing to the room's members but its own tabs (passed
+    /// over as the room is walked: no list is made for it).
     fn deliver_typing(&self, room: &str, name: &str) {
         let Some(members) = self.hub.room(room) else {
             return;
         };
         let frame = ServerFrame::Typing { room, name }.to_ws_bytes();
-        let others: RoomMembers = members
-            .iter()
-            .filter(|member| *member.name != *name)
-            .cloned()
-            .collect();
-        self.send(others, Arc::new(Batch::single(&frame)), None, 0);
+        self.send(
+            members,
+            Arc::new(Batch::single(&frame)),
+            None,
+            Some(name.into()),
+            0,
+        );
     }
 
     /// Tells the clients of the rooms concerned that sending went down or
@@ -286,7 +295,7 @@ impl Fanout {
                 .collect(),
         };
         for members in rooms {
-            self.send(members, batch.clone(), None, 0);
+            self.send(members, batch.clone(), None, None, 0);
         }
     }
 
@@ -295,12 +304,14 @@ impl Fanout {
         members: RoomMembers,
         batch: Arc<Batch>,
         traced: Option<Arc<Traced>>,
+        skip: Option<Arc<str>>,
         messages: usize,
     ) {
         let shards = self.deliverers.len() + 1;
         let alone = members.len() < SHARD_MIN_MEMBERS && self.busy.load(Ordering::Acquire) == 0;
         if shards == 1 || alone {
-            deliver_to(&members, &batch, traced.as_deref(), None).count(&self.metrics, messages);
+            deliver_to(&members, &batch, traced.as_deref(), skip.as_deref(), None)
+                .count(&self.metrics, messages);
             return;
         }
         for (n, jobs_tx) in self.deliverers.iter().enumerate() {
@@ -310,6 +321,7 @@ impl Fanout {
                 batch: batch.clone(),
                 traced: traced.clone(),
                 messages,
+                skip: skip.clone(),
                 shard: n + 1,
             };
             if jobs_tx.send(job).is_err() {
@@ -318,8 +330,14 @@ impl Fanout {
                 self.busy.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        deliver_to(&members, &batch, traced.as_deref(), Some((0, shards)))
-            .count(&self.metrics, messages);
+        deliver_to(
+            &members,
+            &batch,
+            traced.as_deref(),
+            skip.as_deref(),
+            Some((0, shards)),
+        )
+        .count(&self.metrics, messages);
     }
 }
 
@@ -342,15 +360,20 @@ impl Outcome {
     }
 }
 
-/// Hands `batch` to the members of one shard (`(shard, shards)`), or to all;
-/// members that asked for the X-ray get theirs made from `traced`.
+/// Hands `batch` to the members of one shard (`(shard, shards)`), or to all,
+/// but those named `skip`; members that asked for the X-ray get theirs
+/// made from `traced`.
 fn deliver_to(
     members: &RoomMembers,
     batch: &Arc<Batch>,
     traced: Option<&Traced>,
+    skip: Option<&str>,
     shard: Option<(usize, usize)>,
 ) -> Outcome {
-    let mine = |member: &Member| shard.is_none_or(|(n, of)| member.id as usize % of == n);
+    let mine = |member: &Member| {
+        shard.is_none_or(|(n, of)| member.id as usize % of == n)
+            && skip.is_none_or(|name| *member.name != *name)
+    };
     let mut outcome = Outcome::default();
     for member in members.iter().filter(|member| mine(member)) {
         let pushed = match traced {

@@ -602,9 +602,12 @@ impl CloseReason {
     }
 }
 
-/// What a client may send.
+/// What a client may send. A field its type does not define is refused,
+/// by name: a frame carries nothing the server would relay or keep
+/// without reading it (a `typing` padded with kilobytes, relayed to a
+/// whole room).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientFrame {
     Message {
         text: String,
@@ -614,8 +617,10 @@ pub enum ClientFrame {
         #[serde(default)]
         typed_us: Option<u64>,
     },
-    /// The user is typing: relayed to the room's other members.
-    Typing,
+    /// The user is typing: relayed to the room's other members. (A struct
+    /// variant with no field, not a unit one: serde lets a unit variant
+    /// of a tagged enum carry any field.)
+    Typing {},
     /// Another window of the room's member list.
     Members {
         #[serde(default)]
@@ -725,7 +730,7 @@ pub fn parse_client_frame(raw: &str, limits: &Limits) -> Result<ClientRequest, F
             cid,
             typed_us,
         } => (text, cid, typed_us),
-        ClientFrame::Typing => return Ok(ClientRequest::Typing),
+        ClientFrame::Typing {} => return Ok(ClientRequest::Typing),
         ClientFrame::Members { offset, limit, cid } => {
             return Ok(ClientRequest::Members {
                 offset: offset.unwrap_or(0),

@@ -372,6 +372,69 @@ fn hostile_frames_get_their_documented_answers_and_nothing_panics() {
     assert_eq!(a.get("/healthz").0, 200);
 }
 
+#[test]
+fn a_field_that_a_frame_type_does_not_define_is_refused_by_name() {
+    let a = Instance::start("fields", &["--broker", "local"]);
+    let mut other = a.client("other", "lobby");
+    let mut client = a.client("padder", "lobby");
+    let padded_typing = format!(r#"{{"type":"typing","pad":"{}"}}"#, "x".repeat(16_000));
+    for (raw, field, cid) in [
+        (padded_typing.as_str(), "pad", None),
+        (
+            r#"{"type":"message","text":"hi","cid":"c7","color":"red"}"#,
+            "color",
+            Some("c7"),
+        ),
+        (
+            r#"{"type":"members","offset":0,"sort":"name"}"#,
+            "sort",
+            None,
+        ),
+        (
+            r#"{"type":"history","before":"1-0","page":2}"#,
+            "page",
+            None,
+        ),
+    ] {
+        client.send_raw(Message::text(raw));
+        let error = next_non_message(&mut client);
+        assert_eq!(error["code"], "bad_request", "{field}: {error}");
+        assert!(
+            error["message"].as_str().unwrap().contains(field),
+            "the error names {field}: {error}"
+        );
+        assert_eq!(error["cid"].as_str(), cid, "{error}");
+    }
+    // Nothing of it reached the room.
+    other.expect_silence(Duration::from_millis(500));
+    assert_still_served(&mut client, "the client itself is still served");
+}
+
+#[test]
+fn typing_has_a_bucket_of_its_own_and_a_typing_flood_is_disconnected() {
+    let a = Instance::start("typing-flood", &["--broker", "local"]);
+    let mut other = a.client("other", "lobby");
+    let mut flooder = a.client("flooder", "lobby");
+    for _ in 0..200 {
+        flooder.send_raw(Message::text(r#"{"type":"typing"}"#));
+    }
+    let (code, reason) = expect_close(&mut flooder);
+    assert_eq!(code, CloseCode::Policy);
+    assert_eq!(reason, "rate limit exceeded repeatedly");
+    // The room heard of it once (one relayed per 2 s), not 200 times.
+    let mut typing = 0;
+    other.set_read_timeout(Duration::from_millis(500));
+    while let Ok(message) = other.socket.read() {
+        if let Message::Text(text) = message {
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            typing += usize::from(frame["type"] == "typing");
+        }
+    }
+    assert_eq!(typing, 1);
+    other.set_read_timeout(TIMEOUT);
+    assert_still_served(&mut other, "the others are still served");
+}
+
 /// A client whose receive buffer is tiny, so that a server writing to it
 /// fills up quickly once it stops reading.
 fn stalled_client(ws: std::net::SocketAddr) -> TcpStream {

@@ -25,12 +25,19 @@ use crate::protocol::{
     ClientRequest, CloseReason, ErrorCode, FrameError, MessageFrame, MessageId, NewMessage,
     ServerFrame, ValidMessage, parse_client_frame,
 };
-use crate::rate_limit::{TokenBucket, Verdict};
+use crate::rate_limit::{RateLimit, TokenBucket, Verdict};
 use crate::session::fitting_from;
 
 /// At most one `typing` relayed per client in this time: a page sends one
 /// per keystroke burst, and the others only need to know it goes on.
 const TYPING_INTERVAL: Duration = Duration::from_secs(2);
+
+/// `typing` frames a client may send back to back, and a second on
+/// average, apart from its messages' rate limit: a page sends about one
+/// a second while its user types. Past it they are dropped, and
+/// `--rate-strikes` of them in a row close the client as flooding.
+const TYPING_BURST: u32 = 5;
+const TYPING_PER_SECOND: f64 = 1.0;
 
 /// The reader's side of the socket for tungstenite: reads come from the
 /// socket, writes (the pongs tungstenite sends on its own) go to the
@@ -86,6 +93,11 @@ pub fn read_until_closed(
     let client = sender.client;
     let mut sent = 0u64;
     let mut bucket = TokenBucket::new(context.limits.rate);
+    let mut typing_bucket = TokenBucket::new(RateLimit {
+        burst: TYPING_BURST,
+        per_second: TYPING_PER_SECOND,
+        strikes: context.limits.rate.strikes,
+    });
     let mut last_typing: Option<Instant> = None;
     let close = |reason: CloseReason, why: String| {
         outbox.close(reason, Queued::Send);
@@ -139,8 +151,22 @@ pub fn read_until_closed(
         };
         let parsed = match parsed {
             Ok(ClientRequest::Typing) => {
-                // Ephemeral, and throttled on its own: extra ones are
-                // dropped, never counted against the rate limit.
+                // Ephemeral, with a bucket of its own: extra ones are
+                // dropped, not counted against the messages' rate limit,
+                // and at most one in TYPING_INTERVAL is relayed.
+                match typing_bucket.check() {
+                    Verdict::Allow => {}
+                    // Dropped quietly: a page's burst of keys is no fault.
+                    Verdict::Refuse => continue,
+                    Verdict::Disconnect => {
+                        Metrics::inc(&context.metrics.flooding_clients_dropped_total);
+                        warn!(
+                            "client {client} dropped: {} (typing)",
+                            CloseReason::FLOODING.reason
+                        );
+                        return close(CloseReason::FLOODING, CloseReason::FLOODING.reason.into());
+                    }
+                }
                 if last_typing.is_none_or(|at| at.elapsed() >= TYPING_INTERVAL) {
                     last_typing = Some(Instant::now());
                     if context.presence.settings().enabled {
