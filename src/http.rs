@@ -92,8 +92,57 @@ struct PageConfig<'a> {
     ws_url: Option<&'a str>,
     /// The page shows its fault panel (`--demo-controls`).
     demo_controls: bool,
+    /// What the fault panel's requests carry: only for a page of this
+    /// machine loaded straight from this instance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    demo_token: Option<&'a str>,
     /// The page shows who is here, and who is typing (`--presence`).
     presence: bool,
+}
+
+/// Who a request comes from, as far as the answer depends on it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Caller<'a> {
+    /// The connection's peer address.
+    pub peer: Option<IpAddr>,
+    /// `Host`.
+    pub host: Option<&'a str>,
+    /// `Origin`: the page that sent it, if a browser says.
+    pub origin: Option<&'a str>,
+    /// `X-Demo-Token`.
+    pub demo_token: Option<&'a str>,
+    /// It names a proxy (`Forwarded`, `X-Forwarded-*`, `Via`): its real
+    /// origin is elsewhere.
+    pub proxied: bool,
+}
+
+impl Caller<'_> {
+    /// On this machine, and not through a proxy on it.
+    fn is_local_and_straight(&self) -> bool {
+        self.peer.is_some_and(|peer| peer.is_loopback()) && !self.proxied
+    }
+
+    /// Reads what matters from a request's headers.
+    fn of(request: &tiny_http::Request) -> Caller<'_> {
+        let header = |name: &'static str| {
+            request
+                .headers()
+                .iter()
+                .find(|header| header.field.equiv(name))
+                .map(|header| header.value.as_str())
+        };
+        let proxied = request.headers().iter().any(|header| {
+            let field = header.field.as_str().as_str().to_ascii_lowercase();
+            field == "forwarded" || field == "via" || field.starts_with("x-forwarded-")
+        });
+        Caller {
+            peer: request.remote_addr().map(|addr| addr.ip()),
+            host: header("Host"),
+            origin: header("Origin"),
+            demo_token: header("X-Demo-Token"),
+            proxied,
+        }
+    }
 }
 
 /// `GET /stats`: the page's instances view.
@@ -141,11 +190,13 @@ impl Reply {
 
 /// Answers one request.
 ///
-/// `host` is the request's `Host` header: `/config.json` uses it to tell a
-/// page loaded straight from this instance (which must use the instance's
-/// own WebSocket port) from one loaded through a proxy (which gets
-/// `--public-ws-url`).
-pub fn handle(method: &str, url: &str, host: Option<&str>, state: &HttpState) -> Reply {
+/// `/config.json` uses the caller's `Host` to tell a page loaded straight
+/// from this instance (which must use the instance's own WebSocket port)
+/// from one loaded through a proxy (which gets `--public-ws-url`), and
+/// gives the fault panel's token only to a page of this machine, loaded
+/// straight.
+pub fn handle(method: &str, url: &str, caller: &Caller<'_>, state: &HttpState) -> Reply {
+    let host = caller.host;
     if method != "GET" && method != "HEAD" {
         return Reply::text(405, "only GET and HEAD are served here\n");
     }
@@ -164,6 +215,8 @@ pub fn handle(method: &str, url: &str, host: Option<&str>, state: &HttpState) ->
                     .as_deref()
                     .filter(|_| !is_direct(host, state.http_port)),
                 demo_controls: state.demo.enabled(),
+                demo_token: (state.demo.enabled() && caller.is_local_and_straight())
+                    .then(|| state.demo.token()),
                 presence: state.presence,
             };
             let body = serde_json::to_vec(&config).expect("page config always serializes");
@@ -215,19 +268,44 @@ fn stats(state: &HttpState) -> Reply {
 }
 
 /// `POST /demo/...`, the fault panel: refused (403) unless the instance
-/// runs with `--demo-controls` and the caller is on this machine.
-pub fn handle_demo(method: &str, url: &str, peer: Option<IpAddr>, state: &HttpState) -> Reply {
+/// runs with `--demo-controls` and the caller is this instance's page on
+/// this machine (see [`crate::demo`]).
+pub fn handle_demo(method: &str, url: &str, caller: &Caller<'_>, state: &HttpState) -> Reply {
     if !state.demo.enabled() {
         return Reply::text(
             403,
             "demo controls are off: start the instance with --demo-controls (or DEMO_CONTROLS=1)\n",
         );
     }
-    if !peer.is_some_and(|peer| peer.is_loopback()) {
+    if !caller.peer.is_some_and(|peer| peer.is_loopback()) {
         return Reply::text(403, "demo controls answer loopback clients only\n");
     }
     if method != "POST" {
         return Reply::text(405, "demo controls are POST requests\n");
+    }
+    if caller.proxied {
+        return Reply::text(
+            403,
+            "demo controls do not answer through a proxy (Forwarded, X-Forwarded-*, Via): \
+             open the page straight from the instance's port\n",
+        );
+    }
+    if let Some(origin) = caller.origin
+        && caller
+            .host
+            .is_none_or(|host| origin != format!("http://{host}"))
+    {
+        return Reply::text(
+            403,
+            format!("demo controls answer this instance's own page, not another site ({origin})\n"),
+        );
+    }
+    if caller.demo_token != Some(state.demo.token()) {
+        return Reply::text(
+            403,
+            "demo controls need the X-Demo-Token header: the token the instance printed at \
+             start (the page gets it from /config.json)\n",
+        );
     }
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
     let param = |name: &str| {
@@ -289,14 +367,23 @@ pub fn handle_demo(method: &str, url: &str, peer: Option<IpAddr>, state: &HttpSt
                     "client must be a client id from the welcome frame, like c12\n",
                 );
             };
-            if demo::stall_reading(&state.hub, client, n) {
-                done(format!(
+            match state.demo.stall_reading(&state.hub, client, n) {
+                demo::Stall::Started => done(format!(
                     "c{client}'s socket is not written to for {n} s, as if the tab had stopped \
                      reading: its frames wait in its outbox, and past the limit it is dropped \
                      as a slow consumer"
-                ))
-            } else {
-                Reply::text(404, format!("no client c{client} on {}\n", state.instance))
+                )),
+                demo::Stall::NoSuchClient => {
+                    Reply::text(404, format!("no client c{client} on {}\n", state.instance))
+                }
+                demo::Stall::TooMany => Reply::text(
+                    429,
+                    format!(
+                        "{} stalls are in progress on {}: wait for one to end\n",
+                        demo::MAX_STALLS,
+                        state.instance
+                    ),
+                ),
             }
         }
         _ => Reply::text(404, format!("no demo control at {path}\n")),
@@ -316,16 +403,11 @@ fn is_direct(host: Option<&str>, http_port: u16) -> bool {
 pub fn serve(server: &tiny_http::Server, state: &HttpState) {
     while let Ok(request) = server.recv() {
         let method = request.method().as_str().to_string();
-        let host = request
-            .headers()
-            .iter()
-            .find(|header| header.field.equiv("Host"))
-            .map(|header| header.value.as_str().to_string());
+        let caller = Caller::of(&request);
         let reply = if request.url().starts_with("/demo/") {
-            let peer = request.remote_addr().map(|addr| addr.ip());
-            handle_demo(&method, request.url(), peer, state)
+            handle_demo(&method, request.url(), &caller, state)
         } else {
-            handle(&method, request.url(), host.as_deref(), state)
+            handle(&method, request.url(), &caller, state)
         };
         debug!("http {method} {} -> {}", request.url(), reply.status);
         let header = tiny_http::Header::from_bytes("Content-Type", reply.content_type)
@@ -395,23 +477,35 @@ mod tests {
 
     #[test]
     fn the_demo_controls_answer_only_when_enabled_and_only_loopback_callers() {
+        let from = |peer: Option<IpAddr>, token: &str| {
+            let token = token.to_string();
+            move |state: &HttpState, url: &str| {
+                let caller = Caller {
+                    peer,
+                    demo_token: Some(&token),
+                    ..Caller::default()
+                };
+                handle_demo("POST", url, &caller, state)
+            }
+        };
         let loopback = Some(IpAddr::from([127, 0, 0, 1]));
         let off = state_with(false);
-        let reply = handle_demo("POST", "/demo/pause-delivery", loopback, &off);
+        let reply = from(loopback, "")(&off, "/demo/pause-delivery");
         assert_eq!(reply.status, 403);
         assert!(String::from_utf8_lossy(&reply.body).contains("--demo-controls"));
 
         let on = state_with(true);
+        let token = on.demo.token().to_string();
         let elsewhere = Some(IpAddr::from([192, 168, 1, 20]));
-        let reply = handle_demo("POST", "/demo/pause-delivery?seconds=1", elsewhere, &on);
+        let reply = from(elsewhere, &token)(&on, "/demo/pause-delivery?seconds=1");
         assert_eq!(reply.status, 403, "a caller from another machine");
         assert_eq!(
-            handle_demo("POST", "/demo/pause-delivery?seconds=1", None, &on).status,
+            from(None, &token)(&on, "/demo/pause-delivery?seconds=1").status,
             403,
             "a caller of unknown address"
         );
         let v6 = Some("::1".parse().unwrap());
-        let reply = handle_demo("POST", "/demo/pause-delivery?seconds=1", v6, &on);
+        let reply = from(v6, &token)(&on, "/demo/pause-delivery?seconds=1");
         assert_eq!(
             reply.status,
             200,
@@ -419,7 +513,7 @@ mod tests {
             String::from_utf8_lossy(&reply.body)
         );
         assert!(on.demo.delivery_paused_until().is_some());
-        let config = handle("GET", "/config.json", None, &on);
+        let config = handle("GET", "/config.json", &Caller::default(), &on);
         let config: serde_json::Value = serde_json::from_slice(&config.body).unwrap();
         assert_eq!(config["demo_controls"], true);
     }
@@ -427,7 +521,11 @@ mod tests {
     #[test]
     fn config_json_tells_the_page_where_the_websocket_is() {
         let config = |host| {
-            let reply = handle("GET", "/config.json", host, &state());
+            let caller = Caller {
+                host,
+                ..Caller::default()
+            };
+            let reply = handle("GET", "/config.json", &caller, &state());
             assert_eq!(reply.status, 200);
             serde_json::from_slice::<serde_json::Value>(&reply.body).unwrap()
         };
@@ -453,16 +551,26 @@ mod tests {
     #[test]
     fn page_health_and_unknown_routes() {
         let state = state();
-        let page = handle("GET", "/?name=x", None, &state);
+        let page = handle("GET", "/?name=x", &Caller::default(), &state);
         assert_eq!(
             (page.status, page.content_type),
             (200, "text/html; charset=utf-8")
         );
-        assert_eq!(handle("GET", "/healthz", None, &state).status, 200);
-        assert_eq!(handle("GET", "/readyz", None, &state).status, 200);
-        assert_eq!(handle("GET", "/nope", None, &state).status, 404);
-        assert_eq!(handle("POST", "/", None, &state).status, 405);
-        let metrics = String::from_utf8(handle("GET", "/metrics", None, &state).body).unwrap();
+        assert_eq!(
+            handle("GET", "/healthz", &Caller::default(), &state).status,
+            200
+        );
+        assert_eq!(
+            handle("GET", "/readyz", &Caller::default(), &state).status,
+            200
+        );
+        assert_eq!(
+            handle("GET", "/nope", &Caller::default(), &state).status,
+            404
+        );
+        assert_eq!(handle("POST", "/", &Caller::default(), &state).status, 405);
+        let metrics =
+            String::from_utf8(handle("GET", "/metrics", &Caller::default(), &state).body).unwrap();
         assert!(metrics.contains("chat_clients_connected 0"));
         assert!(metrics.contains("\nchat_hub_members 0\n"));
     }
@@ -509,7 +617,7 @@ mod tests {
             if !reached.insert(path.clone()) {
                 continue;
             }
-            let reply = handle("GET", &path, None, &state);
+            let reply = handle("GET", &path, &Caller::default(), &state);
             assert_eq!(
                 reply.status, 200,
                 "the page loads {path}, which is not served"

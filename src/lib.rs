@@ -20,9 +20,10 @@
 //! - [`rate_limit`], [`origin`], [`liveness`]: the defences: a token
 //!   bucket per client, the Origin check, and the pinger that finds dead
 //!   peers.
-//! - [`metrics`], [`backoff`], [`stack`], [`allocator`]: counters,
-//!   reconnection waits, giving back the stack pages an idle reader no
-//!   longer needs, and malloc set up for thousands of threads.
+//! - [`metrics`], [`backoff`], [`stack`], [`allocator`], [`random`]:
+//!   counters, reconnection waits, giving back the stack pages an idle
+//!   reader no longer needs, malloc set up for thousands of threads, and
+//!   random tags and tokens.
 //!
 //! # The path of one message
 //!
@@ -56,6 +57,7 @@ pub mod metrics;
 pub mod origin;
 pub mod presence;
 pub mod protocol;
+pub mod random;
 pub mod rate_limit;
 pub mod redis_url;
 pub mod server;

@@ -105,8 +105,10 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     let demo = Arc::new(DemoControls::new(config.demo_controls));
     if config.demo_controls {
         warn!(
-            "--demo-controls is on: loopback clients can cut this instance's Redis subscription, \
-             pause its delivery and stall clients from the page (a teaching aid; never in production)"
+            "--demo-controls is on: this machine's page can cut this instance's Redis subscription, \
+             pause its delivery and stall clients (a teaching aid; never in production); \
+             requests carry X-Demo-Token: {}",
+            demo.token()
         );
     }
     let flusher = Flusher::start(config::cpus(), &supervisor)

@@ -9,7 +9,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Client, Instance, RedisServer, http_post, texts, unique, wait_for};
+use common::{
+    Client, Instance, RedisServer, http_get_with, http_post, http_post_with, texts, unique,
+    wait_for,
+};
 use serde_json::Value;
 use tungstenite::Message;
 
@@ -22,6 +25,22 @@ fn demo_pair(redis: &RedisServer, extra: &[&str]) -> (Instance, Instance) {
     a.wait_ready();
     b.wait_ready();
     (a, b)
+}
+
+/// The fault panel's token, as the page gets it: from `/config.json`,
+/// asked from this machine, straight.
+fn demo_token(instance: &Instance) -> String {
+    let (_, config) = instance.get("/config.json");
+    json(&config)["demo_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no demo_token in {config}"))
+        .to_string()
+}
+
+/// A fault panel request as the page makes it: with the token.
+fn demo_post(instance: &Instance, path: &str) -> (u16, String) {
+    let token = demo_token(instance);
+    http_post_with(instance.http, path, &[("X-Demo-Token", &token)])
 }
 
 fn json(body: &str) -> Value {
@@ -73,7 +92,7 @@ fn cutting_the_subscription_reports_down_then_up_and_catches_up() {
     let reconnects = a.metric("chat_redis_reconnects_total");
 
     // Without `seconds`, it reconnects at once.
-    let (status, body) = http_post(b.http, "/demo/cut-subscription");
+    let (status, body) = demo_post(&b, "/demo/cut-subscription");
     assert_eq!(status, 200, "{body}");
     let mut ignored = Vec::new();
     assert_eq!(
@@ -85,7 +104,7 @@ fn cutting_the_subscription_reports_down_then_up_and_catches_up() {
         "up"
     );
 
-    let (status, body) = http_post(a.http, "/demo/cut-subscription?seconds=2");
+    let (status, body) = demo_post(&a, "/demo/cut-subscription?seconds=2");
     assert_eq!(status, 200, "{body}");
     assert_eq!(json(&body)["ok"], true);
     let cut_at = Instant::now();
@@ -121,7 +140,7 @@ fn a_pause_holds_delivery_then_everything_arrives_in_order() {
     let mut reader = a.client("ann", "lobby");
     let mut writer = b.client("bob", "lobby");
 
-    let (status, body) = http_post(a.http, "/demo/pause-delivery?seconds=2");
+    let (status, body) = demo_post(&a, "/demo/pause-delivery?seconds=2");
     assert_eq!(status, 200, "{body}");
     let (_, stats) = a.get("/stats");
     assert!(
@@ -152,10 +171,7 @@ fn a_stalled_client_is_dropped_as_a_slow_consumer_and_its_neighbours_get_everyth
     let mut writer = b.client("bob", "lobby");
     let id = stalled.welcome["client"].as_str().unwrap().to_string();
 
-    let (status, body) = http_post(
-        a.http,
-        &format!("/demo/stall-reading?client={id}&seconds=30"),
-    );
+    let (status, body) = demo_post(&a, &format!("/demo/stall-reading?client={id}&seconds=30"));
     assert_eq!(status, 200, "{body}");
     let text = "x".repeat(300);
     for n in 0..30 {
@@ -187,10 +203,7 @@ fn a_short_stall_delivers_what_waited_in_order() {
     let mut writer = b.client("bob", "lobby");
     let id = stalled.welcome["client"].as_str().unwrap().to_string();
 
-    let (status, body) = http_post(
-        a.http,
-        &format!("/demo/stall-reading?client={id}&seconds=2"),
-    );
+    let (status, body) = demo_post(&a, &format!("/demo/stall-reading?client={id}&seconds=2"));
     assert_eq!(status, 200, "{body}");
     for n in 0..5 {
         writer.send(&format!("w{n}"), &format!("w{n}"));
@@ -214,7 +227,7 @@ fn bad_requests_to_the_controls_say_what_is_wrong() {
         ("/demo/reboot", 404, "no demo control"),
     ];
     for (path, code, says) in cases {
-        let (status, body) = http_post(a.http, path);
+        let (status, body) = demo_post(&a, path);
         assert_eq!(status, code, "{path}: {body}");
         assert!(body.contains(says), "{path}: {body}");
     }
@@ -249,4 +262,85 @@ fn stats_list_every_instance_that_is_up_with_its_clients() {
     assert_eq!(entry["instance"], "a");
     assert_eq!(entry["redis"], "up");
     assert!(entry["published_per_s"].is_number() && entry["delivered_per_s"].is_number());
+}
+
+#[test]
+fn the_controls_answer_only_the_page_of_this_machine_with_its_token() {
+    let redis = RedisServer::start();
+    let (a, _b) = demo_pair(&redis, &[]);
+    let token = demo_token(&a);
+    assert!(token.len() >= 32, "a token hard to guess: {token}");
+    assert!(a.log().contains(&token), "the instance prints it at start");
+    let path = "/demo/pause-delivery?seconds=1";
+    let refusals = [
+        (vec![], "X-Demo-Token"),
+        (vec![("X-Demo-Token", "guess")], "X-Demo-Token"),
+        // Another site's page (any site can POST to 127.0.0.1).
+        (
+            vec![
+                ("X-Demo-Token", token.as_str()),
+                ("Origin", "https://evil.example"),
+            ],
+            "another site",
+        ),
+        // Through a proxy on this machine, every user would be loopback.
+        (
+            vec![
+                ("X-Demo-Token", token.as_str()),
+                ("X-Forwarded-For", "203.0.113.7"),
+            ],
+            "proxy",
+        ),
+        (
+            vec![
+                ("X-Demo-Token", token.as_str()),
+                ("Forwarded", "for=203.0.113.7"),
+            ],
+            "proxy",
+        ),
+        (
+            vec![("X-Demo-Token", token.as_str()), ("Via", "1.1 nginx")],
+            "proxy",
+        ),
+    ];
+    for (headers, why) in refusals {
+        let (status, body) = http_post_with(a.http, path, &headers);
+        assert_eq!(status, 403, "{headers:?}: {body}");
+        assert!(
+            body.contains(why),
+            "{headers:?}: the refusal says why: {body}"
+        );
+    }
+    // The page's own origin, with the token: done.
+    let own = format!("http://{}", a.http);
+    let (status, body) = http_post_with(
+        a.http,
+        path,
+        &[("X-Demo-Token", token.as_str()), ("Origin", own.as_str())],
+    );
+    assert_eq!(status, 200, "{body}");
+    // The token is not given through a proxy either.
+    let (_, config) = http_get_with(
+        a.http,
+        "/config.json",
+        &[("X-Forwarded-For", "203.0.113.7")],
+    );
+    assert!(json(&config).get("demo_token").is_none(), "{config}");
+    assert_eq!(json(&config)["demo_controls"], true);
+}
+
+#[test]
+fn stalls_at_once_are_bounded() {
+    let redis = RedisServer::start();
+    let (a, _b) = demo_pair(&redis, &[]);
+    let clients: Vec<Client> = (0..10)
+        .map(|n| a.client(&format!("s{n}"), "lobby"))
+        .collect();
+    let mut answers = Vec::new();
+    for client in &clients {
+        let id = client.welcome["client"].as_str().unwrap().to_string();
+        answers.push(demo_post(&a, &format!("/demo/stall-reading?client={id}&seconds=5")).0);
+    }
+    assert_eq!(&answers[..8], &[200; 8], "{answers:?}");
+    assert_eq!(&answers[8..], &[429, 429], "{answers:?}");
 }

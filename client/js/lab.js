@@ -329,7 +329,10 @@ function runFault(kind, seconds) {
   // The counters before the fault, then the POST, then follow.
   readMetrics().catch(function () { return new Map(); }).then(function (values) {
     COUNTERS.forEach(function (c) { if (values.has(c[0])) x.series.set(c[0], [values.get(c[0])]); });
-    return fetch(path, { method: 'POST', cache: 'no-store' });
+    // The run's token, given by /config.json to this machine's page only:
+    // the instance refuses fault requests without it.
+    var token = S.config && typeof S.config.demo_token === 'string' ? S.config.demo_token : '';
+    return fetch(path, { method: 'POST', cache: 'no-store', headers: { 'X-Demo-Token': token } });
   }).then(function (r) {
     return r.text().then(function (body) {
       var words = body;

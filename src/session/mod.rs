@@ -139,7 +139,7 @@ impl SessionContext {
             sessions: AtomicUsize::new(0),
             traced: AtomicUsize::new(0),
             run_nonce: format!("{instance}-{}", clock::wall_nanos()),
-            guest_tag: random_tag(),
+            guest_tag: crate::random::random_base36(5),
             instance,
         }
     }
@@ -151,24 +151,6 @@ impl SessionContext {
             .max_message_size(Some(self.limits.max_frame_bytes))
             .max_frame_size(Some(self.limits.max_frame_bytes))
     }
-}
-
-/// Five random characters of `0-9a-z` (60 million draws): from the
-/// standard library's randomly keyed hasher, which is enough to tell runs
-/// apart, not to keep a secret.
-fn random_tag() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(clock::wall_nanos());
-    hasher.write_u32(std::process::id());
-    let mut bits = hasher.finish();
-    (0..5)
-        .map(|_| {
-            let digit = (bits % 36) as u32;
-            bits /= 36;
-            char::from_digit(digit, 36).expect("a digit below 36")
-        })
-        .collect()
 }
 
 /// A place in `--max-clients`, given back when dropped, however the

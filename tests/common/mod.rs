@@ -378,8 +378,19 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// `POST path` with an empty body: (status, body); panics on failure.
 pub fn http_post(addr: SocketAddr, path: &str) -> (u16, String) {
-    process::try_http(addr, "POST", path, TIMEOUT)
+    http_post_with(addr, path, &[])
+}
+
+/// `POST path` with extra request headers.
+pub fn http_post_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    process::try_http_with(addr, "POST", path, headers, TIMEOUT)
         .unwrap_or_else(|e| panic!("POST http://{addr}{path} failed: {e}"))
+}
+
+/// `GET path` with extra request headers.
+pub fn http_get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    process::try_http_with(addr, "GET", path, headers, TIMEOUT)
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path} failed: {e}"))
 }
 
 /// A real WebSocket client (tungstenite), with a read timeout.
