@@ -173,6 +173,18 @@ pub struct Config {
     #[arg(long, env = "MAX_CLIENTS", default_value_t = 5000)]
     pub max_clients: usize,
 
+    /// HTTP connections (page, `/config.json`, `/metrics`, ...) served at
+    /// once; each holds a thread while it lasts. Past it a connection is
+    /// answered 503 at once.
+    #[arg(long, env = "MAX_HTTP_CONNECTIONS", default_value_t = 256)]
+    pub max_http_connections: usize,
+
+    /// Milliseconds an HTTP connection may wait for the client's next
+    /// bytes (a request head, or the next request on a kept-alive
+    /// connection); past it, it is closed and its thread given back.
+    #[arg(long, env = "HTTP_TIMEOUT_MS", default_value_t = 10_000)]
+    pub http_timeout_ms: u64,
+
     /// Clients of this instance that may have the X-ray (`trace=1`) at
     /// once: each costs a frame serialized for it alone, for every message.
     /// Past it a client is accepted without the X-ray and told so; 0 turns
@@ -328,6 +340,12 @@ impl Config {
         if self.max_clients == 0 {
             return Err("--max-clients must be at least 1".into());
         }
+        if self.max_http_connections == 0 {
+            return Err("--max-http-connections must be at least 1".into());
+        }
+        if self.http_timeout_ms < 100 {
+            return Err("--http-timeout-ms must be at least 100".into());
+        }
         if self.send_timeout_ms < 100 {
             return Err("--send-timeout-ms must be at least 100".into());
         }
@@ -390,6 +408,10 @@ impl Config {
     /// `--delivery-threads`, or one per CPU.
     pub fn delivery_threads(&self) -> usize {
         self.delivery_threads.unwrap_or_else(cpus)
+    }
+
+    pub fn http_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_timeout_ms)
     }
 
     pub fn send_timeout(&self) -> Duration {

@@ -83,7 +83,7 @@ pub struct RunningServer {
 pub fn start(config: &Config) -> Result<RunningServer, String> {
     config.validate()?;
     let open_files = raise_open_files_limit();
-    check_budgets(config.max_clients, open_files);
+    check_budgets(config.max_clients + config.max_http_connections, open_files);
     let metrics = Arc::new(Metrics::default());
     let hub = Arc::new(Hub::new());
     let (supervisor, fatal_rx) = Supervisor::new();
@@ -184,8 +184,15 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     .map_err(|e| format!("cannot start the stats thread: {e}"))?;
 
     let http_server = Arc::new(
-        tiny_http::Server::from_listener(http_listener, None)
-            .map_err(|e| format!("cannot start the HTTP server: {e}"))?,
+        tiny_http::Server::from_listener_with_limits(
+            http_listener,
+            None,
+            tiny_http::ConnectionLimits {
+                max_connections: config.max_http_connections,
+                read_timeout: Some(config.http_timeout()),
+            },
+        )
+        .map_err(|e| format!("cannot start the HTTP server: {e}"))?,
     );
     let http_state = Arc::new(HttpState {
         instance: instance.clone(),

@@ -1,7 +1,10 @@
 //! Verifies the HTTP side of PROTOCOL.md: the page, `/config.json`,
 //! `/healthz`, `/readyz` (200 with Redis up, 503 while it is down) and
 //! `/metrics`, whose counters move with the traffic; and that a message
-//! sent while Redis is down is answered `unavailable`, never lost silently.
+//! sent while Redis is down is answered `unavailable`, never lost silently;
+//! and that the HTTP port holds a fixed budget: a head that never ends is
+//! closed at `--http-timeout-ms`, and past `--max-http-connections` a
+//! connection is refused at once.
 
 mod common;
 
@@ -234,4 +237,84 @@ fn many_browser_connections_at_once_are_all_answered() {
         "connections {unanswered:?} of 12 got no answer within {:?}",
         started.elapsed()
     );
+}
+
+/// The threads of process `pid` (Linux: `/proc/<pid>/task`).
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| tasks.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn heads_that_never_end_are_closed_and_past_the_cap_connections_are_refused_at_once() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    let a = Instance::start(
+        "http-budget",
+        &[
+            "--broker",
+            "local",
+            "--max-http-connections",
+            "20",
+            "--http-timeout-ms",
+            "1000",
+        ],
+    );
+    assert_eq!(a.get("/healthz").0, 200);
+    let before = threads_of(a.pid());
+    // 60 connections: past the cap, a 503 comes at once, unasked.
+    let started = Instant::now();
+    let sockets: Vec<TcpStream> = (0..60)
+        .map(|_| TcpStream::connect(a.http).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut held, mut refused) = (Vec::new(), 0);
+    for mut socket in sockets {
+        socket.set_nonblocking(true).unwrap();
+        let mut answer = [0u8; 12];
+        match socket.read(&mut answer) {
+            Ok(n) => {
+                assert!(
+                    answer[..n].starts_with(b"HTTP/1.1 503"),
+                    "{:?}",
+                    &answer[..n]
+                );
+                refused += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+                held.push(socket);
+            }
+        }
+    }
+    assert_eq!((held.len(), refused), (20, 40), "20 held, the rest refused");
+    // The held ones send a request head but for its last line, as a
+    // slowloris does: each is closed at the timeout, without an answer.
+    for socket in &mut held {
+        socket.set_nonblocking(false).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(socket, "GET /healthz HTTP/1.1\r\nHost: {}\r\n", a.http).unwrap();
+    }
+    for socket in &mut held {
+        let mut answer = Vec::new();
+        socket
+            .read_to_end(&mut answer)
+            .unwrap_or_else(|e| panic!("expected the server to close it: {e}"));
+        assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "every connection ended within the timeout: {:?}",
+        started.elapsed()
+    );
+    // Their threads are given back, and the port serves again.
+    wait_for("the connections' threads to end", || {
+        threads_of(a.pid()) <= before + 4
+    });
+    assert_eq!(a.get("/healthz").0, 200);
 }

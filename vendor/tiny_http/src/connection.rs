@@ -87,6 +87,26 @@ impl Connection {
         }
     }
 
+    /// pubsub-chat patch (PATCHED.md): a write that cannot wait (the
+    /// refusal of a connection past the cap).
+    pub(crate) fn set_write_timeout_now(&self) -> std::io::Result<()> {
+        let short = Some(std::time::Duration::from_millis(100));
+        match self {
+            Self::Tcp(s) => s.set_write_timeout(short),
+            #[cfg(unix)]
+            Self::Unix(s) => s.set_write_timeout(short),
+        }
+    }
+
+    /// pubsub-chat patch (PATCHED.md): bounds each read's wait.
+    pub(crate) fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_read_timeout(timeout),
+            #[cfg(unix)]
+            Self::Unix(s) => s.set_read_timeout(timeout),
+        }
+    }
+
     pub(crate) fn shutdown(&self, how: Shutdown) -> std::io::Result<()> {
         match self {
             Self::Tcp(s) => s.shutdown(how),

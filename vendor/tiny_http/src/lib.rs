@@ -99,7 +99,7 @@ use std::io::Error as IoError;
 use std::io::ErrorKind as IoErrorKind;
 use std::io::Result as IoResult;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -124,6 +124,57 @@ mod response;
 mod ssl;
 mod test;
 mod util;
+
+/// pubsub-chat patch (PATCHED.md): what connections may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Connections served at once; past it a new one is answered 503 and
+    /// closed at once.
+    pub max_connections: usize,
+    /// The longest any one read waits: for the head of a request, for its
+    /// body, for the next request of a kept-alive connection. Past it the
+    /// connection is closed. `None`: no limit.
+    pub read_timeout: Option<Duration>,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: usize::MAX,
+            read_timeout: None,
+        }
+    }
+}
+
+/// A connection being served: counted while this lives.
+struct LiveConnection(Arc<AtomicUsize>);
+
+impl LiveConnection {
+    fn new(live: &Arc<AtomicUsize>) -> Self {
+        live.fetch_add(1, Relaxed);
+        LiveConnection(Arc::clone(live))
+    }
+}
+
+impl Drop for LiveConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Answers a connection past the cap with a 503, without waiting for it.
+fn refuse_busy(sock: &mut connection::Connection) {
+    use std::io::Write;
+    let body = "too many connections to this server; try again shortly\n";
+    let _ = sock.set_write_timeout_now();
+    let _ = write!(
+        sock,
+        "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\nContent-Length: {}\r\n\r\n{}",
+        body.len(),
+        body
+    );
+    let _ = sock.shutdown(Shutdown::Both);
+}
 
 /// The main class of this library.
 ///
@@ -243,7 +294,18 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::from_listener_with_limits(listener, ssl_config, ConnectionLimits::default())
+    }
+
+    /// pubsub-chat patch (PATCHED.md): [`Server::from_listener`], with
+    /// bounds on what connections may hold.
+    pub fn from_listener_with_limits<L: Into<Listener>>(
+        listener: L,
+        ssl_config: Option<SslConfig>,
+        limits: ConnectionLimits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
+        let live = Arc::new(AtomicUsize::new(0));
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
 
@@ -292,8 +354,17 @@ impl Server {
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
                 let new_client = match server.accept() {
-                    Ok((sock, _)) => {
+                    Ok((mut sock, _)) => {
                         use util::RefinedTcpStream;
+                        // pubsub-chat patch: past the cap, refused at
+                        // once; under it, no read waits for ever.
+                        if live.load(Relaxed) >= limits.max_connections {
+                            refuse_busy(&mut sock);
+                            continue;
+                        }
+                        if sock.set_read_timeout(limits.read_timeout).is_err() {
+                            continue;
+                        }
                         let (read_closable, write_closable) = match ssl {
                             None => RefinedTcpStream::new(sock),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
@@ -320,7 +391,9 @@ impl Server {
                     Ok(client) => {
                         let messages = inside_messages.clone();
                         let mut client = Some(client);
+                        let held = LiveConnection::new(&live);
                         tasks_pool.spawn(Box::new(move || {
+                            let _held = &held;
                             if let Some(client) = client.take() {
                                 // Synchronization is needed for HTTPS requests to avoid a deadlock
                                 if client.secure() {

@@ -85,7 +85,10 @@ impl TaskPool {
     fn add_thread(&self, initial_fn: Option<Box<dyn FnMut() + Send>>) {
         let sharing = self.sharing.clone();
 
-        thread::spawn(move || {
+        // pubsub-chat patch (PATCHED.md): a thread that cannot be had drops
+        // its task (the connection is closed) instead of panicking the
+        // accept thread, which took the whole HTTP port down with it.
+        let spawned = thread::Builder::new().spawn(move || {
             let sharing = sharing;
             let _active_guard = Registration::new(&sharing.active_tasks);
 
@@ -129,6 +132,9 @@ impl TaskPool {
                 task();
             }
         });
+        if let Err(e) = spawned {
+            log::error!("no thread for a connection, which is closed: {}", e);
+        }
     }
 }
 
