@@ -299,6 +299,7 @@ EOF
             proxy_set_header Connection \$connection_upgrade;
             # With the port: the instances compare it with the page's Origin.
             proxy_set_header Host \$http_host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
             proxy_read_timeout 1h;
             proxy_send_timeout 1h;
         }

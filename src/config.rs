@@ -173,6 +173,23 @@ pub struct Config {
     #[arg(long, env = "MAX_CLIENTS", default_value_t = 5000)]
     pub max_clients: usize,
 
+    /// WebSocket clients one address may have on this instance (0: no
+    /// bound); past it, the handshake is answered 429. Behind a trusted
+    /// proxy, the address it forwards counts.
+    #[arg(long, env = "MAX_CLIENTS_PER_IP", default_value_t = 100)]
+    pub max_clients_per_ip: usize,
+
+    /// Proxies whose `X-Forwarded-For` is believed (addresses or networks,
+    /// comma-separated): a client behind them counts by the address they
+    /// forward, not theirs.
+    #[arg(
+        long,
+        env = "TRUSTED_PROXIES",
+        value_delimiter = ',',
+        default_value = "127.0.0.1,::1"
+    )]
+    pub trusted_proxies: Vec<String>,
+
     /// HTTP connections (page, `/config.json`, `/metrics`, ...) served at
     /// once; each holds a thread while it lasts. Past it a connection is
     /// answered 503 at once.
@@ -340,6 +357,7 @@ impl Config {
         if self.max_clients == 0 {
             return Err("--max-clients must be at least 1".into());
         }
+        crate::per_address::TrustedProxies::parse(&self.trusted_proxies)?;
         if self.max_http_connections == 0 {
             return Err("--max-http-connections must be at least 1".into());
         }

@@ -17,9 +17,9 @@
 //! - [`broker`]: Redis Pub/Sub (and a Redis Stream of history per room), or
 //!   the local, single-instance twin.
 //! - [`protocol`]: the wire types and their only encoding and validation.
-//! - [`rate_limit`], [`origin`], [`liveness`]: the defences: a token
-//!   bucket per client, the Origin check, and the pinger that finds dead
-//!   peers.
+//! - [`rate_limit`], [`origin`], [`per_address`], [`liveness`]: the
+//!   defences: a token bucket per client, the Origin check, clients per
+//!   address, and the pinger that finds dead peers.
 //! - [`metrics`], [`backoff`], [`stack`], [`allocator`], [`random`]:
 //!   counters, reconnection waits, giving back the stack pages an idle
 //!   reader no longer needs, malloc set up for thousands of threads, and
@@ -55,6 +55,7 @@ pub mod hub;
 pub mod liveness;
 pub mod metrics;
 pub mod origin;
+pub mod per_address;
 pub mod presence;
 pub mod protocol;
 pub mod random;

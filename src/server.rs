@@ -236,6 +236,8 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
             },
             max_clients: config.max_clients,
             max_traced_clients: config.max_traced_clients,
+            max_clients_per_ip: config.max_clients_per_ip,
+            trusted_proxies: crate::per_address::TrustedProxies::parse(&config.trusted_proxies)?,
             client_buffer_bytes: config.client_buffer_bytes,
             max_frame_bytes: config.max_frame_bytes,
             history_replay: config.history_replay,

@@ -287,6 +287,67 @@ fn handshake_with_origin(a: &Instance, origin: &str) -> Result<(), u16> {
     }
 }
 
+/// A WebSocket handshake said to be forwarded for `forwarded_for`; the
+/// socket on success (kept open), or the HTTP status of the refusal.
+fn handshake_forwarded_for(a: &Instance, forwarded_for: &str) -> Result<TcpStream, u16> {
+    let stream = TcpStream::connect(a.ws).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let request = tungstenite::http::Request::builder()
+        .uri(format!("ws://{}/ws?name=x", a.ws))
+        .header("Host", a.ws.to_string())
+        .header("X-Forwarded-For", forwarded_for)
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header(
+            "Sec-WebSocket-Key",
+            tungstenite::handshake::client::generate_key(),
+        )
+        .body(())
+        .unwrap();
+    match tungstenite::client(request, stream) {
+        Ok((socket, _)) => Ok(socket.into_inner()),
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("handshake failed oddly: {e}"),
+    }
+}
+
+#[test]
+fn one_address_holds_at_most_max_clients_per_ip_the_forwarded_one_behind_a_trusted_proxy() {
+    // Loopback is a trusted proxy by default: the forwarded address counts.
+    let a = Instance::start(
+        "per-ip",
+        &["--broker", "local", "--max-clients-per-ip", "2"],
+    );
+    let first = handshake_forwarded_for(&a, "203.0.113.7").expect("1st from .7");
+    let _second = handshake_forwarded_for(&a, "198.51.100.1, 203.0.113.7").expect("2nd from .7");
+    assert_eq!(handshake_forwarded_for(&a, "203.0.113.7").err(), Some(429));
+    let _other = handshake_forwarded_for(&a, "203.0.113.8").expect("another address");
+    drop(first);
+    wait_for("the first's place to be given back", || {
+        handshake_forwarded_for(&a, "203.0.113.7").is_ok()
+    });
+
+    // From a peer that is not a trusted proxy, X-Forwarded-For is the
+    // client's own say: ignored, the peer's address counts.
+    let b = Instance::start(
+        "per-ip-untrusted",
+        &[
+            "--broker",
+            "local",
+            "--max-clients-per-ip",
+            "2",
+            "--trusted-proxies",
+            "10.9.9.9",
+        ],
+    );
+    let _x = handshake_forwarded_for(&b, "203.0.113.1").unwrap();
+    let _y = handshake_forwarded_for(&b, "203.0.113.2").unwrap();
+    assert_eq!(handshake_forwarded_for(&b, "203.0.113.3").err(), Some(429));
+}
+
 #[test]
 fn cross_site_origins_are_refused_with_403_unless_allowed() {
     let a = Instance::start(

@@ -13,6 +13,7 @@ use tungstenite::http::StatusCode;
 use super::{SessionContext, WS_PATH, linger};
 use crate::hub::ClientId;
 use crate::metrics::Metrics;
+use crate::per_address::AddressSlot;
 use crate::protocol::{
     CloseReason, DEFAULT_ROOM, ErrorCode, Limits, MessageId, ServerFrame, normalize_name,
     validate_name, validate_room,
@@ -154,12 +155,18 @@ impl Write for DeadlineStream<'_> {
 /// a browser can read, unlike an HTTP status).
 // The callback's error type is tungstenite's, large or not.
 #[allow(clippy::result_large_err)]
+///
+/// `address_slot`: the client's place under `--max-clients-per-ip`; when
+/// it is `None` (the peer is a trusted proxy), it is taken here, for the
+/// address the proxy forwards.
 pub fn handshake(
     client: ClientId,
     stream: &TcpStream,
+    address_slot: &mut Option<AddressSlot>,
     context: &SessionContext,
 ) -> Option<Result<JoinRequest, String>> {
     let mut join = None;
+    let peer = stream.peer_addr().map(|addr| addr.ip()).ok();
     let callback = |request: &Request, response: Response| {
         if request.uri().path() != WS_PATH {
             return Err(refuse_handshake(
@@ -168,6 +175,28 @@ pub fn handshake(
             ));
         }
         let header = |name| request.headers().get(name).and_then(|v| v.to_str().ok());
+        if address_slot.is_none()
+            && let Some(peer) = peer
+        {
+            let address = context
+                .limits
+                .trusted_proxies
+                .client_address(peer, header("x-forwarded-for"));
+            match context.per_address.take(address) {
+                Some(taken) => *address_slot = Some(taken),
+                None => {
+                    let max = context.limits.max_clients_per_ip;
+                    warn!(
+                        "client {client} refused: {address} already has {max} clients \
+                         (--max-clients-per-ip)"
+                    );
+                    return Err(refuse_handshake(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        format!("your address already has {max} connections to this instance"),
+                    ));
+                }
+            }
+        }
         let origin = header("origin");
         if !context.limits.origins.allows(origin, header("host")) {
             Metrics::inc(&context.metrics.origin_refused_total);

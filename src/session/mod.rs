@@ -43,6 +43,7 @@ use crate::flusher::Flusher;
 use crate::hub::{ClientId, Hub, Member};
 use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
+use crate::per_address::{AddressSlot, PerAddress, TrustedProxies};
 use crate::presence::{Tracker, View};
 use crate::protocol::{
     CloseReason, ErrorCode, Limits, MessageFrame, MessageId, Received, ServerFrame, Via,
@@ -79,6 +80,8 @@ pub struct SessionContext {
     sessions: AtomicUsize,
     /// Clients with the X-ray: what `--max-traced-clients` bounds.
     traced: AtomicUsize,
+    /// Clients per address: what `--max-clients-per-ip` bounds.
+    per_address: Arc<PerAddress>,
     /// Tells this run of the instance from earlier ones in dedup keys, so
     /// that a restarted instance's client 1 is not taken for the old one's.
     run_nonce: String,
@@ -96,6 +99,9 @@ pub struct SessionLimits {
     pub origins: OriginPolicy,
     pub max_clients: usize,
     pub max_traced_clients: usize,
+    /// `--max-clients-per-ip` (0: no bound).
+    pub max_clients_per_ip: usize,
+    pub trusted_proxies: TrustedProxies,
     pub client_buffer_bytes: usize,
     pub max_frame_bytes: usize,
     pub history_replay: usize,
@@ -128,6 +134,7 @@ impl SessionContext {
             metrics,
         } = services;
         SessionContext {
+            per_address: PerAddress::new(limits.max_clients_per_ip),
             hub,
             broker,
             presence,
@@ -223,13 +230,28 @@ pub fn spawn_session(mut stream: TcpStream, context: Arc<SessionContext>) {
         );
         return;
     };
+    // A peer that is not a trusted proxy is the client: counted now. A
+    // proxy's client is known from the handshake's headers.
+    let peer = stream.peer_addr().map(|addr| addr.ip()).ok();
+    let address_slot = match peer {
+        Some(peer) if !context.limits.trusted_proxies.contains(peer) => {
+            match context.per_address.take(peer) {
+                Some(taken) => Some(taken),
+                None => {
+                    refuse_crowded_address(&mut stream, client, peer, &context);
+                    return;
+                }
+            }
+        }
+        _ => None,
+    };
     let refused = stream.try_clone().ok();
     let spawned = thread::Builder::new()
         .name(format!("ws-read-{client}"))
         .stack_size(READER_STACK)
         .spawn(move || {
             let context = Arc::clone(&slot.0);
-            run_session(client, stream, &context);
+            run_session(client, stream, address_slot, &context);
             drop(slot);
         });
     if let Err(e) = spawned {
@@ -245,9 +267,33 @@ pub fn spawn_session(mut stream: TcpStream, context: Arc<SessionContext>) {
     }
 }
 
+/// Refuses a client whose address already has `--max-clients-per-ip`.
+fn refuse_crowded_address(
+    stream: &mut TcpStream,
+    client: ClientId,
+    address: std::net::IpAddr,
+    context: &SessionContext,
+) {
+    let max = context.limits.max_clients_per_ip;
+    warn!("client {client} refused: {address} already has {max} clients (--max-clients-per-ip)");
+    Metrics::inc(&context.metrics.connections_refused_total);
+    refuse_raw(
+        stream,
+        "429 Too Many Requests",
+        &format!("your address already has {max} connections to this instance"),
+    );
+}
+
 /// The reader thread's body: handshake, join, then read and publish until
-/// the connection ends.
-fn run_session(client: ClientId, stream: TcpStream, context: &SessionContext) {
+/// the connection ends. `address_slot`: the client's place under
+/// `--max-clients-per-ip`, if it was counted at accept (else the
+/// handshake counts it, by the address a trusted proxy forwards).
+fn run_session(
+    client: ClientId,
+    stream: TcpStream,
+    mut address_slot: Option<AddressSlot>,
+    context: &SessionContext,
+) {
     let _thread = Raised::new(&context.metrics.session_threads);
     let peer = stream
         .peer_addr()
@@ -256,7 +302,7 @@ fn run_session(client: ClientId, stream: TcpStream, context: &SessionContext) {
     let joined = set_socket_options(&stream, context.limits.handshake_timeout)
         .map_err(|e| debug!("client {client} refused: socket options: {e}"))
         .ok()
-        .and_then(|()| handshake(client, &stream, context));
+        .and_then(|()| handshake(client, &stream, &mut address_slot, context));
     let grace = context.limits.close_grace;
     match joined {
         Some(Ok(_)) if context.supervisor.is_stopping() => {
