@@ -23,6 +23,7 @@ use crate::hub::Hub;
 use crate::liveness;
 use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
+use crate::per_address::TrustedProxies;
 use crate::presence::Tracker;
 use crate::protocol::CloseReason;
 use crate::session::{self, SessionContext, SessionLimits, SessionServices, WS_PATH};
@@ -189,6 +190,16 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
             None,
             tiny_http::ConnectionLimits {
                 max_connections: config.max_http_connections,
+                // A proxy's clients all share its address: its own
+                // limits apply to them (nginx's limit_conn).
+                max_per_address: match config.max_clients_per_ip {
+                    0 => usize::MAX,
+                    n => n,
+                },
+                exempt: {
+                    let trusted = TrustedProxies::parse(&config.trusted_proxies)?;
+                    Arc::new(move |ip| trusted.contains(ip))
+                },
                 read_timeout: Some(config.http_timeout()),
             },
         )
@@ -237,7 +248,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
             max_clients: config.max_clients,
             max_traced_clients: config.max_traced_clients,
             max_clients_per_ip: config.max_clients_per_ip,
-            trusted_proxies: crate::per_address::TrustedProxies::parse(&config.trusted_proxies)?,
+            trusted_proxies: TrustedProxies::parse(&config.trusted_proxies)?,
             client_buffer_bytes: config.client_buffer_bytes,
             max_frame_bytes: config.max_frame_bytes,
             history_replay: config.history_replay,

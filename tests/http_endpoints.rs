@@ -318,3 +318,49 @@ fn heads_that_never_end_are_closed_and_past_the_cap_connections_are_refused_at_o
     });
     assert_eq!(a.get("/healthz").0, 200);
 }
+
+#[test]
+fn one_address_holds_at_most_max_clients_per_ip_http_connections() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    // Loopback is not a trusted proxy here: it counts as one client.
+    let a = Instance::start(
+        "http-per-ip",
+        &[
+            "--broker",
+            "local",
+            "--max-clients-per-ip",
+            "5",
+            "--trusted-proxies",
+            "10.9.9.9",
+            "--http-timeout-ms",
+            "1000",
+        ],
+    );
+    let sockets: Vec<TcpStream> = (0..8)
+        .map(|_| TcpStream::connect(a.http).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut answers = Vec::new();
+    for mut socket in sockets {
+        socket.set_nonblocking(true).unwrap();
+        let mut answer = [0u8; 12];
+        answers.push(match socket.read(&mut answer) {
+            Ok(n) => String::from_utf8_lossy(&answer[..n]).to_string(),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+                "held".to_string()
+            }
+        });
+    }
+    let held = answers.iter().filter(|a| *a == "held").count();
+    let crowded = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 429"))
+        .count();
+    assert_eq!((held, crowded), (5, 3), "{answers:?}");
+    // Once they are closed (the timeout), the address is served again.
+    wait_for("the held connections to end", || a.get("/healthz").0 == 200);
+}

@@ -126,11 +126,16 @@ mod test;
 mod util;
 
 /// pubsub-chat patch (PATCHED.md): what connections may hold.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct ConnectionLimits {
     /// Connections served at once; past it a new one is answered 503 and
     /// closed at once.
     pub max_connections: usize,
+    /// Connections one peer address may have at once; past it a new one is
+    /// answered 429 and closed at once. Peers for which `exempt` says so
+    /// (proxies, whose clients all share their address) are not counted.
+    pub max_per_address: usize,
+    pub exempt: Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>,
     /// The longest any one read waits: for the head of a request, for its
     /// body, for the next request of a kept-alive connection. Past it the
     /// connection is closed. `None`: no limit.
@@ -141,35 +146,78 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
             max_connections: usize::MAX,
+            max_per_address: usize::MAX,
+            exempt: Arc::new(|_| false),
             read_timeout: None,
         }
     }
 }
 
+/// Connections being served, in all and per peer address.
+#[derive(Default)]
+struct Live {
+    all: AtomicUsize,
+    per_address: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
 /// A connection being served: counted while this lives.
-struct LiveConnection(Arc<AtomicUsize>);
+struct LiveConnection {
+    live: Arc<Live>,
+    address: Option<std::net::IpAddr>,
+}
 
 impl LiveConnection {
-    fn new(live: &Arc<AtomicUsize>) -> Self {
-        live.fetch_add(1, Relaxed);
-        LiveConnection(Arc::clone(live))
+    /// Counts a connection from `address` (`None`: not counted per
+    /// address), unless that address already has `max_per_address`.
+    fn new(live: &Arc<Live>, address: Option<std::net::IpAddr>, max_per_address: usize) -> Option<Self> {
+        if let Some(address) = address {
+            let mut counts = live.per_address.lock().unwrap_or_else(|e| e.into_inner());
+            let count = counts.entry(address).or_default();
+            if *count >= max_per_address {
+                return None;
+            }
+            *count += 1;
+        }
+        live.all.fetch_add(1, Relaxed);
+        Some(LiveConnection {
+            live: Arc::clone(live),
+            address,
+        })
     }
 }
 
 impl Drop for LiveConnection {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        self.live.all.fetch_sub(1, Relaxed);
+        if let Some(address) = self.address {
+            let mut counts = self.live.per_address.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(count) = counts.get_mut(&address) {
+                *count -= 1;
+                if *count == 0 {
+                    counts.remove(&address);
+                }
+            }
+        }
     }
 }
 
 /// Answers a connection past the cap with a 503, without waiting for it.
 fn refuse_busy(sock: &mut connection::Connection) {
+    refuse(sock, "503 Service Unavailable", "too many connections to this server; try again shortly\n");
+}
+
+/// Answers a connection past its address's cap with a 429.
+fn refuse_crowded(sock: &mut connection::Connection) {
+    refuse(sock, "429 Too Many Requests", "your address has too many connections to this server\n");
+}
+
+fn refuse(sock: &mut connection::Connection, status: &str, body: &str) {
     use std::io::Write;
-    let body = "too many connections to this server; try again shortly\n";
     let _ = sock.set_write_timeout_now();
     let _ = write!(
         sock,
-        "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\nContent-Length: {}\r\n\r\n{}",
+        "HTTP/1.1 {}\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\nContent-Length: {}\r\n\r\n{}",
+        status,
         body.len(),
         body
     );
@@ -305,7 +353,7 @@ impl Server {
         limits: ConnectionLimits,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
-        let live = Arc::new(AtomicUsize::new(0));
+        let live = Arc::new(Live::default());
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
 
@@ -354,14 +402,19 @@ impl Server {
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
                 let new_client = match server.accept() {
-                    Ok((mut sock, _)) => {
+                    Ok((mut sock, peer)) => {
                         use util::RefinedTcpStream;
-                        // pubsub-chat patch: past the cap, refused at
-                        // once; under it, no read waits for ever.
-                        if live.load(Relaxed) >= limits.max_connections {
+                        // pubsub-chat patch: past the caps, refused at
+                        // once; under them, no read waits for ever.
+                        if live.all.load(Relaxed) >= limits.max_connections {
                             refuse_busy(&mut sock);
                             continue;
                         }
+                        let address = peer.map(|peer| peer.ip()).filter(|ip| !(limits.exempt)(*ip));
+                        let Some(held) = LiveConnection::new(&live, address, limits.max_per_address) else {
+                            refuse_crowded(&mut sock);
+                            continue;
+                        };
                         if sock.set_read_timeout(limits.read_timeout).is_err() {
                             continue;
                         }
@@ -382,16 +435,15 @@ impl Server {
                             Some(ref _ssl) => unreachable!(),
                         };
 
-                        Ok(ClientConnection::new(write_closable, read_closable))
+                        Ok((ClientConnection::new(write_closable, read_closable), held))
                     }
                     Err(e) => Err(e),
                 };
 
                 match new_client {
-                    Ok(client) => {
+                    Ok((client, held)) => {
                         let messages = inside_messages.clone();
                         let mut client = Some(client);
-                        let held = LiveConnection::new(&live);
                         tasks_pool.spawn(Box::new(move || {
                             let _held = &held;
                             if let Some(client) = client.take() {
