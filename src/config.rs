@@ -120,6 +120,12 @@ pub struct Config {
     #[arg(long, env = "HISTORY_LEN", default_value_t = 1000)]
     pub history_len: usize,
 
+    /// Milliseconds a room's history lives in Redis after its last message
+    /// (every message renews it): a room nobody writes to is forgotten.
+    /// Default: 7 days.
+    #[arg(long, env = "HISTORY_TTL_MS", default_value_t = 7 * 24 * 3600 * 1000)]
+    pub history_ttl_ms: u64,
+
     /// Messages of history sent to a client that connects without `since`.
     #[arg(long, env = "HISTORY_REPLAY", default_value_t = 50)]
     pub history_replay: usize,
@@ -396,6 +402,9 @@ impl Config {
         if self.history_len == 0 {
             return Err("--history-len must be at least 1".into());
         }
+        if self.history_ttl_ms < 1000 {
+            return Err("--history-ttl-ms must be at least 1000".into());
+        }
         if self.history_replay_max == 0 || self.history_replay > self.history_replay_max {
             return Err(
                 "--history-replay-max must be at least 1 and at least --history-replay".into(),
@@ -426,6 +435,10 @@ impl Config {
     /// `--delivery-threads`, or one per CPU.
     pub fn delivery_threads(&self) -> usize {
         self.delivery_threads.unwrap_or_else(cpus)
+    }
+
+    pub fn history_ttl(&self) -> Duration {
+        Duration::from_millis(self.history_ttl_ms)
     }
 
     pub fn http_timeout(&self) -> Duration {

@@ -121,6 +121,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
                 cluster: config.redis_cluster.clone(),
                 prefix: config.redis_prefix.clone(),
                 history_len: config.history_len,
+                history_ttl: config.history_ttl(),
                 max_backoff: config.redis_max_backoff(),
                 publish_deadline: config.publish_deadline(),
                 instance: instance.clone(),

@@ -150,6 +150,7 @@ impl RedisBroker {
                 links.link("pub").watched_by(health.clone()),
                 keys.clone(),
                 settings.history_len,
+                settings.history_ttl,
                 settings.publish_deadline,
             ),
             history: HistoryReader::new(links.link("history"), keys.clone(), settings.limits),

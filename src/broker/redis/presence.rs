@@ -55,13 +55,21 @@ use crate::protocol::MAX_EXPIRED_NAMES;
 /// presence connection's own timeouts end it sooner, unless joins queue
 /// up behind a slow Redis.
 const JOIN_WAIT: Duration = Duration::from_secs(5);
+/// How long an empty room's change counter outlives its last member: a
+/// room's hash vanishes with its last name, and its counter then expires
+/// unless someone joins again (which keeps it). Long past the moment any
+/// instance forgets the room (its next presence tick with no local
+/// client there), so no instance reads a counter that started again.
+const EMPTY_ROOM_SEQ_TTL_MS: u64 = 10 * 60 * 1000;
+
 /// Pause between two refresh attempts right after a reconnection.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// One connection of `ARGV[4]` on instance `ARGV[3]` more (`ARGV[5]` = 1)
 /// or less (-1, `ARGV[6]` the reason); numbers and publishes the change.
 /// `KEYS`: the hash, the counter, the channel; `ARGV[1]` the publish
-/// command, `ARGV[2]` the room. Returns the change's number.
+/// command, `ARGV[2]` the room; `ARGV[7]` how long the counter of a room
+/// left empty lives. Returns the change's number.
 const CHANGE: &str = r#"
 local raw = redis.call('HGET', KEYS[1], ARGV[4])
 local counts = raw and cjson.decode(raw) or {}
@@ -73,6 +81,11 @@ else
   redis.call('HSET', KEYS[1], ARGV[4], cjson.encode(counts))
 end
 local seq = redis.call('INCR', KEYS[2])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+else
+  redis.call('PERSIST', KEYS[2])
+end
 local change = {type = 'member_change', room = ARGV[2], name = ARGV[4], instance = ARGV[3], delta = tonumber(ARGV[5]), seq = seq}
 if ARGV[6] ~= '' then change.reason = ARGV[6] end
 redis.call(ARGV[1], KEYS[3], cjson.encode(change))
@@ -81,7 +94,8 @@ return seq
 
 /// Removes every connection of instance `ARGV[3]` from the room (it
 /// died), and publishes the names it had, `ARGV[4]` at a time, each chunk
-/// a numbered change. Returns how many names lost it.
+/// a numbered change; a room left empty has its counter expire in
+/// `ARGV[5]` ms. Returns how many names lost it.
 const EXPIRE: &str = r#"
 local all = redis.call('HGETALL', KEYS[1])
 local names = {}
@@ -103,6 +117,9 @@ for first = 1, #names, chunk do
   for i = first, math.min(first + chunk - 1, #names) do table.insert(part, names[i]) end
   local seq = redis.call('INCR', KEYS[2])
   redis.call(ARGV[1], KEYS[3], cjson.encode({type = 'members_expired', room = ARGV[2], instance = ARGV[3], names = part, seq = seq}))
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
 end
 return #names
 "#;
@@ -290,6 +307,7 @@ impl Scripts {
                 .arg(name)
                 .arg(delta)
                 .arg(reason)
+                .arg(EMPTY_ROOM_SEQ_TTL_MS)
                 .invoke::<u64>(connection)
         })
     }
@@ -317,7 +335,8 @@ impl Scripts {
                 .arg(self.keys.publish_command())
                 .arg(room)
                 .arg(instance)
-                .arg(MAX_EXPIRED_NAMES);
+                .arg(MAX_EXPIRED_NAMES)
+                .arg(EMPTY_ROOM_SEQ_TTL_MS);
             invocation.invoke::<u64>(connection)
         })
     }

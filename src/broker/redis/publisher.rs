@@ -19,9 +19,10 @@ use crate::protocol::{MessageId, NewMessage};
 /// Pause between two attempts of a publish whose outcome is unknown.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
-/// How long Redis remembers that a message was accepted, for retries: far
-/// longer than any publish deadline.
-const DEDUP_TTL_SECS: u64 = 600;
+/// How long Redis remembers that a message was accepted, past the publish
+/// deadline: retries of a message stop at the deadline, so this margin
+/// covers a retry sent just before it, and no more.
+const DEDUP_MARGIN: Duration = Duration::from_secs(30);
 
 /// The accept script: gives the message the next id, appends it to the
 /// room's history and publishes it, atomically (Redis runs a script as one
@@ -40,6 +41,10 @@ const DEDUP_TTL_SECS: u64 = 600;
 /// `KEYS[3]` makes it idempotent: it remembers, for `ARGV[4]` seconds, the
 /// id given to this message, and a retry after a broken link gets that id
 /// back instead of publishing the message twice.
+///
+/// Nothing it writes lives for ever: the history lives `ARGV[5]` ms after
+/// the room's last message, and so does, in a cluster, the room's own
+/// last id (with one Redis, the last id is one key for the whole chat).
 const ACCEPT_SCRIPT: &str = r#"
 local prior = redis.call('GET', KEYS[3])
 if prior then
@@ -60,7 +65,12 @@ end
 local id = string.format('%d-%d', ms, seq)
 local frame = '{"type":"message","id":"' .. id .. '","ts":' .. string.format('%d', ms) .. ',' .. ARGV[3]
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, 'm', frame)
-redis.call('SET', KEYS[2], id)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if ARGV[1] == 'sharded' then
+  redis.call('SET', KEYS[2], id, 'PX', ARGV[5])
+else
+  redis.call('SET', KEYS[2], id)
+end
 redis.call('SET', KEYS[3], id, 'EX', ARGV[4])
 if ARGV[1] == 'sharded' then
   redis.call('SPUBLISH', KEYS[4], frame)
@@ -77,17 +87,25 @@ pub struct Publisher {
     keys: RedisKeys,
     script: Script,
     history_len: usize,
+    history_ttl: Duration,
     /// How long a publish whose outcome is unknown is retried.
     deadline: Duration,
 }
 
 impl Publisher {
-    pub fn new(link: Link, keys: RedisKeys, history_len: usize, deadline: Duration) -> Self {
+    pub fn new(
+        link: Link,
+        keys: RedisKeys,
+        history_len: usize,
+        history_ttl: Duration,
+        deadline: Duration,
+    ) -> Self {
         Publisher {
             link: Arc::new(link),
             keys,
             script: Script::new(ACCEPT_SCRIPT),
             history_len,
+            history_ttl,
             deadline,
         }
     }
@@ -119,7 +137,8 @@ impl Publisher {
                     })
                     .arg(self.history_len)
                     .arg(&body[1..])
-                    .arg(DEDUP_TTL_SECS)
+                    .arg((self.deadline + DEDUP_MARGIN).as_secs().max(1))
+                    .arg(self.history_ttl.as_millis() as u64)
                     .invoke::<String>(connection)
             });
             let reason = match attempt {

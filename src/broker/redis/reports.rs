@@ -1,10 +1,13 @@
 //! Each instance's `/stats` report, kept in Redis so that any instance can
 //! list them all: one hash field per instance, written every few seconds
 //! on a connection of its own (a report never queues behind the sessions),
-//! read back by `/stats`, and forgotten a minute after its instance stops.
+//! read back by `/stats`, and forgotten a minute after its instance stops
+//! (by whichever instance reads or writes them next: nobody need ask for
+//! `/stats` for a stopped instance's report to go).
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use log::debug;
 
@@ -21,6 +24,8 @@ const FORGET_AFTER_MS: u64 = 60_000;
 pub struct Reports {
     link: Arc<Link>,
     keys: RedisKeys,
+    /// When this instance last removed the reports of gone instances.
+    pruned_ms: AtomicU64,
 }
 
 impl Reports {
@@ -28,6 +33,7 @@ impl Reports {
         Reports {
             link: Arc::new(link),
             keys,
+            pruned_ms: AtomicU64::new(0),
         }
     }
 
@@ -52,6 +58,12 @@ impl Reports {
         });
         if let Err(e) = stored {
             debug!("stats: report not stored: {}", e.into_unavailable());
+        }
+        let now = clock::wall_millis();
+        if now.saturating_sub(self.pruned_ms.load(Ordering::Relaxed)) >= FORGET_AFTER_MS / 2 {
+            self.pruned_ms.store(now, Ordering::Relaxed);
+            // Reading removes the reports of instances gone a while.
+            let _ = self.read();
         }
     }
 

@@ -16,6 +16,9 @@ pub struct RedisSettings {
     pub cluster: Vec<RedisUrl>,
     pub prefix: String,
     pub history_len: usize,
+    /// How long a room's history (and, in a cluster, its last id) lives
+    /// after its last message (`--history-ttl-ms`).
+    pub history_ttl: Duration,
     pub max_backoff: Duration,
     /// How long a publish whose outcome is unknown (the link broke while
     /// the command was in flight) is retried before the client is told.
