@@ -262,40 +262,15 @@ fn a_peer_that_stops_answering_pings_is_dropped() {
     drop(silent);
 }
 
-fn handshake_with_origin(a: &Instance, origin: &str) -> Result<(), u16> {
+/// A WebSocket handshake with one extra request header; the socket on
+/// success (kept open), or the HTTP status of the refusal.
+fn handshake_with_header(a: &Instance, name: &str, value: &str) -> Result<TcpStream, u16> {
     let stream = TcpStream::connect(a.ws).unwrap();
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     let request = tungstenite::http::Request::builder()
         .uri(format!("ws://{}/ws?name=x", a.ws))
         .header("Host", a.ws.to_string())
-        .header("Origin", origin)
-        .header("Connection", "Upgrade")
-        .header("Upgrade", "websocket")
-        .header("Sec-WebSocket-Version", "13")
-        .header(
-            "Sec-WebSocket-Key",
-            tungstenite::handshake::client::generate_key(),
-        )
-        .body(())
-        .unwrap();
-    match tungstenite::client(request, stream) {
-        Ok(_) => Ok(()),
-        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
-            Err(response.status().as_u16())
-        }
-        Err(e) => panic!("handshake failed oddly: {e}"),
-    }
-}
-
-/// A WebSocket handshake said to be forwarded for `forwarded_for`; the
-/// socket on success (kept open), or the HTTP status of the refusal.
-fn handshake_forwarded_for(a: &Instance, forwarded_for: &str) -> Result<TcpStream, u16> {
-    let stream = TcpStream::connect(a.ws).unwrap();
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let request = tungstenite::http::Request::builder()
-        .uri(format!("ws://{}/ws?name=x", a.ws))
-        .header("Host", a.ws.to_string())
-        .header("X-Forwarded-For", forwarded_for)
+        .header(name, value)
         .header("Connection", "Upgrade")
         .header("Upgrade", "websocket")
         .header("Sec-WebSocket-Version", "13")
@@ -312,6 +287,15 @@ fn handshake_forwarded_for(a: &Instance, forwarded_for: &str) -> Result<TcpStrea
         }
         Err(e) => panic!("handshake failed oddly: {e}"),
     }
+}
+
+fn handshake_with_origin(a: &Instance, origin: &str) -> Result<(), u16> {
+    handshake_with_header(a, "Origin", origin).map(drop)
+}
+
+/// A WebSocket handshake said to be forwarded for `forwarded_for`.
+fn handshake_forwarded_for(a: &Instance, forwarded_for: &str) -> Result<TcpStream, u16> {
+    handshake_with_header(a, "X-Forwarded-For", forwarded_for)
 }
 
 #[test]
