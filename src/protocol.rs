@@ -925,7 +925,7 @@ pub fn validate_room(room: &str, limits: &Limits) -> Result<(), String> {
 
 /// Checks a display name: 1 to `max_name_chars` characters, not blank,
 /// no control characters, and nothing invisible that would let one name
-/// pass for another ([`is_invisible`]). Names are compared as they are
+/// pass for another (`is_invisible`). Names are compared as they are
 /// written, so they are taken in Unicode's composed form first
 /// ([`normalize_name`]).
 pub fn validate_name(name: &str, limits: &Limits) -> Result<(), String> {

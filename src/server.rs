@@ -185,6 +185,8 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     .spawn(&supervisor)
     .map_err(|e| format!("cannot start the stats thread: {e}"))?;
 
+    // Checked with the configuration; parsed once here for both ports.
+    let trusted_proxies = TrustedProxies::parse(&config.trusted_proxies)?;
     let http_server = Arc::new(
         tiny_http::Server::from_listener_with_limits(
             http_listener,
@@ -198,7 +200,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
                     n => n,
                 },
                 exempt: {
-                    let trusted = TrustedProxies::parse(&config.trusted_proxies)?;
+                    let trusted = trusted_proxies.clone();
                     Arc::new(move |ip| trusted.contains(ip))
                 },
                 read_timeout: Some(config.http_timeout()),
@@ -249,7 +251,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
             max_clients: config.max_clients,
             max_traced_clients: config.max_traced_clients,
             max_clients_per_ip: config.max_clients_per_ip,
-            trusted_proxies: TrustedProxies::parse(&config.trusted_proxies)?,
+            trusted_proxies,
             client_buffer_bytes: config.client_buffer_bytes,
             max_frame_bytes: config.max_frame_bytes,
             history_replay: config.history_replay,

@@ -10,7 +10,7 @@ use tungstenite::handshake::HandshakeError;
 use tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tungstenite::http::StatusCode;
 
-use super::{SessionContext, WS_PATH, linger};
+use super::{SessionContext, WS_PATH, crowded_address, linger};
 use crate::hub::ClientId;
 use crate::metrics::Metrics;
 use crate::per_address::AddressSlot;
@@ -153,12 +153,12 @@ impl Write for DeadlineStream<'_> {
 /// Runs the WebSocket handshake; on success, what the client asked for,
 /// or why its query is not acceptable (answered with an error frame, which
 /// a browser can read, unlike an HTTP status).
-// The callback's error type is tungstenite's, large or not.
-#[allow(clippy::result_large_err)]
 ///
 /// `address_slot`: the client's place under `--max-clients-per-ip`; when
 /// it is `None` (the peer is a trusted proxy), it is taken here, for the
 /// address the proxy forwards.
+// The callback's error type is tungstenite's, large or not.
+#[allow(clippy::result_large_err)]
 pub fn handshake(
     client: ClientId,
     stream: &TcpStream,
@@ -185,14 +185,9 @@ pub fn handshake(
             match context.per_address.take(address) {
                 Some(taken) => *address_slot = Some(taken),
                 None => {
-                    let max = context.limits.max_clients_per_ip;
-                    warn!(
-                        "client {client} refused: {address} already has {max} clients \
-                         (--max-clients-per-ip)"
-                    );
                     return Err(refuse_handshake(
                         StatusCode::TOO_MANY_REQUESTS,
-                        format!("your address already has {max} connections to this instance"),
+                        crowded_address(client, address, context),
                     ));
                 }
             }

@@ -238,7 +238,9 @@ pub fn spawn_session(mut stream: TcpStream, context: Arc<SessionContext>) {
             match context.per_address.take(peer) {
                 Some(taken) => Some(taken),
                 None => {
-                    refuse_crowded_address(&mut stream, client, peer, &context);
+                    Metrics::inc(&context.metrics.connections_refused_total);
+                    let reason = crowded_address(client, peer, &context);
+                    refuse_raw(&mut stream, "429 Too Many Requests", &reason);
                     return;
                 }
             }
@@ -267,21 +269,17 @@ pub fn spawn_session(mut stream: TcpStream, context: Arc<SessionContext>) {
     }
 }
 
-/// Refuses a client whose address already has `--max-clients-per-ip`.
-fn refuse_crowded_address(
-    stream: &mut TcpStream,
+/// Logs the refusal of a client whose address already has
+/// `--max-clients-per-ip`, at accept or at the handshake (behind a trusted
+/// proxy), and returns the reason the client is given with its 429.
+pub(crate) fn crowded_address(
     client: ClientId,
     address: std::net::IpAddr,
     context: &SessionContext,
-) {
+) -> String {
     let max = context.limits.max_clients_per_ip;
     warn!("client {client} refused: {address} already has {max} clients (--max-clients-per-ip)");
-    Metrics::inc(&context.metrics.connections_refused_total);
-    refuse_raw(
-        stream,
-        "429 Too Many Requests",
-        &format!("your address already has {max} connections to this instance"),
-    );
+    format!("your address already has {max} connections to this instance")
 }
 
 /// The reader thread's body: handshake, join, then read and publish until
