@@ -290,12 +290,13 @@ fn start_instance(
         let log = log.lock().unwrap_or_else(|e| e.into_inner());
         log.tail.iter().cloned().collect::<Vec<_>>().join("\n")
     };
-    let (http, ws) = addrs.recv_timeout(Duration::from_secs(20)).map_err(|_| {
-        format!(
-            "instance {id} did not log its listening line:\n{}",
-            tail(&log)
-        )
-    })?;
+    let process::Listening { http, ws, .. } =
+        addrs.recv_timeout(Duration::from_secs(20)).map_err(|_| {
+            format!(
+                "instance {id} did not log its listening line:\n{}",
+                tail(&log)
+            )
+        })?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let status = process::try_http_get(http, "/readyz", Duration::from_secs(2)).map(|r| r.0);

@@ -101,8 +101,8 @@ if ! [[ "$PROXY_PORT" =~ ^[0-9]{1,5}$ ]] || ((10#$PROXY_PORT < 1 || 10#$PROXY_PO
   die "bad --port '$PROXY_PORT': use 1..65535"
 fi
 PROXY_PORT=$((10#$PROXY_PORT))
-if ! [[ "$BASE_PORT" =~ ^[0-9]{1,5}$ ]] || ((10#$BASE_PORT < 1 || 10#$BASE_PORT + N - 1 > 55535)); then
-  die "bad --base-port '$BASE_PORT': the instances use it .. it+$((N - 1)), and each WebSocket port is that + 10000 (at most 65535)"
+if ! [[ "$BASE_PORT" =~ ^[0-9]{1,5}$ ]] || ((10#$BASE_PORT < 1 || 10#$BASE_PORT + N - 1 > 45535)); then
+  die "bad --base-port '$BASE_PORT': the instances use it .. it+$((N - 1)), each WebSocket port is that + 10000 and each admin port that + 20000 (at most 65535)"
 fi
 BASE_PORT=$((10#$BASE_PORT))
 if ((PROXY_PORT < 1024)) && [[ "$(id -u)" -ne 0 ]]; then
@@ -112,11 +112,13 @@ fi
 IDS=()        # a, b, c, ...
 HTTP_PORTS=() # 5100, 5101, ...
 WS_PORTS=()   # 15100, 15101, ...
+ADMIN_PORTS=() # 25100, 25101, ... (on 127.0.0.1: metrics, stats, readiness)
 letters=abcdefghijklmnopqrstuvwxyz
 for ((i = 0; i < N; i++)); do
   IDS+=("${letters:i:1}")
   HTTP_PORTS+=($((BASE_PORT + i)))
   WS_PORTS+=($((BASE_PORT + i + 10000)))
+  ADMIN_PORTS+=($((BASE_PORT + i + 20000)))
 done
 for ((i = 0; i < N; i++)); do
   if ((HTTP_PORTS[i] == PROXY_PORT || WS_PORTS[i] == PROXY_PORT)); then
@@ -134,7 +136,8 @@ cd "$REPO_ROOT"
 
 specs=("$PROXY_PORT:nginx, the address to open")
 for ((i = 0; i < N; i++)); do
-  specs+=("${HTTP_PORTS[i]}:page of instance ${IDS[i]}" "${WS_PORTS[i]}:WebSocket of instance ${IDS[i]}")
+  specs+=("${HTTP_PORTS[i]}:page of instance ${IDS[i]}" "${WS_PORTS[i]}:WebSocket of instance ${IDS[i]}"
+    "${ADMIN_PORTS[i]}:admin listener of instance ${IDS[i]}")
 done
 for spec in "${specs[@]}"; do
   port="${spec%%:*}"
@@ -144,7 +147,8 @@ error: port $port ($(printf '%s' "${spec#*:}")) is already in use on 127.0.0.1.
 Choose other ports, e.g.:
   ./scripts/run_cluster.sh --port 8081 --base-port 5200
       (or PROXY_PORT=8081 BASE_PORT=5200 ./scripts/run_cluster.sh)
-Each instance also uses its port + 10000 for WebSocket.
+Each instance also uses its port + 10000 for WebSocket and + 20000 for its
+admin listener.
 To see what holds port $port:  ss -ltnp 'sport = :$port'
 EOF
     exit 1
@@ -247,7 +251,7 @@ step "Starting instances ${IDS[*]} (HTTP ports ${HTTP_PORTS[*]})"
 # its own host (nginx), never on an instance's port.
 for ((i = 0; i < N; i++)); do
   start_instance "${IDS[i]}" --port "${HTTP_PORTS[i]}" --ws-port "${WS_PORTS[i]}" \
-    --broker redis "${BROKER_ARGS[@]}" --public-ws-url /ws
+    --admin-addr "127.0.0.1:${ADMIN_PORTS[i]}" --broker redis "${BROKER_ARGS[@]}" --public-ws-url /ws
 done
 
 # ------------------------------------------------------------------ nginx
@@ -436,9 +440,10 @@ RULE="==========================================================================
   printf '    %s\n\n' "$URL"
   printf '  Instances (nginx sends each new connection to the next one):\n'
   for ((i = 0; i < N; i++)); do
-    printf '    %s  pid %-8s http 127.0.0.1:%s  ws 127.0.0.1:%s\n' \
-      "${IDS[i]}" "${PIDS[i]}" "${HTTP_PORTS[i]}" "${WS_PORTS[i]}"
+    printf '    %s  pid %-8s http 127.0.0.1:%s  ws 127.0.0.1:%s  admin 127.0.0.1:%s\n' \
+      "${IDS[i]}" "${PIDS[i]}" "${HTTP_PORTS[i]}" "${WS_PORTS[i]}" "${ADMIN_PORTS[i]}"
   done
+  printf '  (admin: /metrics, /stats, /readyz with its reasons; never behind nginx)\n'
   printf '  nginx:  pid %s, configuration %s\n' "$NGINX_PID" "$NGINX_DIR/nginx.conf"
   if ((USE_REDIS_CLUSTER)); then
     printf '  Redis Cluster (private; the instances have --redis-cluster %s):\n' "$REDIS_CLUSTER_SEEDS"

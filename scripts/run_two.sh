@@ -12,8 +12,9 @@ usage() {
 Usage: ./scripts/run_two.sh [--no-redis] [--demo] [--ports A,B]
 
 Builds pubsub-chat (cargo build --release) and runs two instances of it,
-"a" on port A and "b" on port B (WebSocket ports A+10000 and B+10000),
-joined by Redis, then prints the two URLs to open. Ctrl-C stops everything.
+"a" on port A and "b" on port B (WebSocket ports A+10000 and B+10000,
+admin listeners on 127.0.0.1, ports A+20000 and B+20000), joined by Redis,
+then prints the two URLs to open. Ctrl-C stops everything.
 
 Options:
   --ports A,B   HTTP ports of the two instances (default 5000,5001;
@@ -23,7 +24,9 @@ Options:
   --demo        Turn on the page's fault panel (--demo-controls; also
                 DEMO_CONTROLS=1): cut an instance's Redis subscription, pause
                 its delivery, stall a tab, and watch the server recover.
-                The pages open with the message X-ray on (?trace=1).
+                The URLs printed are then the admin listeners' pages (the
+                fault panel and the instances view live there), with the
+                message X-ray on (?trace=1).
   -h, --help    Show this help.
 
 Redis: if REDIS_URL is set and answers PING, it is used. Otherwise the
@@ -69,8 +72,8 @@ if [[ -n "${PORTS:-}" ]]; then
 fi
 
 for p in "$PORT_A" "$PORT_B"; do
-  if ! [[ "$p" =~ ^[0-9]{1,5}$ ]] || ((10#$p < 1 || 10#$p > 55535)); then
-    die "bad port '$p': use 1..55535 (the WebSocket port is the port + 10000)"
+  if ! [[ "$p" =~ ^[0-9]{1,5}$ ]] || ((10#$p < 1 || 10#$p > 45535)); then
+    die "bad port '$p': use 1..45535 (the WebSocket port is the port + 10000, the admin port + 20000)"
   fi
 done
 PORT_A=$((10#$PORT_A))
@@ -80,20 +83,26 @@ WS_A=$((PORT_A + 10000))
 WS_B=$((PORT_B + 10000))
 ((WS_A != PORT_B && WS_B != PORT_A)) ||
   die "ports $PORT_A,$PORT_B collide with each other's WebSocket port (port + 10000); pick ports closer together"
+ADMIN_A=$((PORT_A + 20000))
+ADMIN_B=$((PORT_B + 20000))
+((ADMIN_A != PORT_B && ADMIN_B != PORT_A && ADMIN_A != WS_B && ADMIN_B != WS_A)) ||
+  die "ports $PORT_A,$PORT_B collide with each other's admin port (port + 20000); pick ports closer together"
 
 cd "$REPO_ROOT"
 
 # ----------------------------------------------------------- fail early
 
 for spec in "$PORT_A:page of instance a" "$WS_A:WebSocket of instance a" \
-  "$PORT_B:page of instance b" "$WS_B:WebSocket of instance b"; do
+  "$ADMIN_A:admin listener of instance a" "$PORT_B:page of instance b" \
+  "$WS_B:WebSocket of instance b" "$ADMIN_B:admin listener of instance b"; do
   port="${spec%%:*}"
   if port_in_use "$port"; then
     cat >&2 <<EOF
 error: port $port ($(printf '%s' "${spec#*:}")) is already in use on 127.0.0.1.
 Choose other ports, e.g.:
   ./scripts/run_two.sh --ports 5100,5101      (or PORT_A=5100 PORT_B=5101 ./scripts/run_two.sh)
-Each instance also uses its port + 10000 for WebSocket.
+Each instance also uses its port + 10000 for WebSocket and + 20000 for its
+admin listener.
 To see what holds port $port:  ss -ltnp 'sport = :$port'
 EOF
     exit 1
@@ -164,7 +173,8 @@ IDS=(a b)
 INSTANCE_PORTS=("$PORT_A" "$PORT_B")
 for i in 0 1; do
   port="${INSTANCE_PORTS[i]}"
-  start_instance "${IDS[i]}" --port "$port" --ws-port $((port + 10000)) "${BROKER_ARGS[@]}" "${DEMO_ARGS[@]}"
+  start_instance "${IDS[i]}" --port "$port" --ws-port $((port + 10000)) \
+    --admin-addr "127.0.0.1:$((port + 20000))" "${BROKER_ARGS[@]}" "${DEMO_ARGS[@]}"
 done
 
 # ----------------------------------------------------------- wait ready
@@ -178,8 +188,11 @@ done
 
 # ---------------------------------------------------------------- banner
 
-URL_A="http://127.0.0.1:$PORT_A/?name=alice&room=lobby$PAGE_QUERY"
-URL_B="http://127.0.0.1:$PORT_B/?name=bob&room=lobby$PAGE_QUERY"
+# With --demo, the admin listeners' pages: the fault panel is there.
+PAGE_PORTS=("$PORT_A" "$PORT_B")
+[[ "$DEMO" -eq 0 ]] || PAGE_PORTS=("$ADMIN_A" "$ADMIN_B")
+URL_A="http://127.0.0.1:${PAGE_PORTS[0]}/?name=alice&room=lobby$PAGE_QUERY"
+URL_B="http://127.0.0.1:${PAGE_PORTS[1]}/?name=bob&room=lobby$PAGE_QUERY"
 RULE="================================================================================"
 {
   printf '\n%s\n' "$RULE"
@@ -210,9 +223,11 @@ RULE="==========================================================================
     printf '  the two through Redis Pub/Sub.\n\n'
   fi
   if [[ "$DEMO" -eq 1 ]]; then
-    printf '  Fault panel ON (--demo, for this machine only): each page has buttons\n'
-    printf '  to cut its instance'"'"'s Redis subscription, pause its delivery and stall\n'
-    printf '  the tab. Each message shows its path (the X-ray, ?trace=1).\n\n'
+    printf '  Fault panel ON (--demo, for this machine only): the pages above are\n'
+    printf '  served by the admin listeners (127.0.0.1:%s and :%s), with buttons to\n' "$ADMIN_A" "$ADMIN_B"
+    printf '  cut an instance'"'"'s Redis subscription, pause its delivery and stall\n'
+    printf '  the tab. Each message shows its path (the X-ray, ?trace=1). The public\n'
+    printf '  pages (ports %s and %s) have neither.\n\n' "$PORT_A" "$PORT_B"
   fi
   printf '  Ctrl-C stops everything.\n'
   printf '%s\n\n' "$RULE"

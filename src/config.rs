@@ -1,7 +1,7 @@
 //! Every option of the server, with its documented default and its
 //! environment form. Parses and checks; opens nothing.
 
-use std::net::{IpAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -15,6 +15,10 @@ use crate::redis_url::{RedisUrl, RedisUrlParser};
 /// not given: `--port 5000` and `--port 5001` then use 15000 and 15001, so
 /// two instances run side by side with no other flag.
 pub const WS_PORT_OFFSET: u16 = 10_000;
+
+/// How far the admin listener's port sits above the HTTP port when
+/// `--admin-addr` is not given: 5000 and 5001 then use 25000 and 25001.
+pub const ADMIN_PORT_OFFSET: u16 = 20_000;
 
 /// Which broker joins this instance to the others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -43,13 +47,23 @@ pub struct Config {
     #[arg(long, env = "HOST", default_value = "127.0.0.1")]
     pub host: String,
 
-    /// HTTP port: the page, /config.json, /healthz, /readyz, /metrics.
+    /// HTTP port, the public one: the page, /config.json, /healthz,
+    /// /readyz (without details).
     #[arg(long, env = "PORT", default_value_t = 5000)]
     pub port: u16,
 
     /// WebSocket port [default: PORT + 10000, or 0 when PORT is 0].
     #[arg(long, env = "WS_PORT")]
     pub ws_port: Option<u16>,
+
+    /// The admin listener: /metrics, /stats, /readyz with its details, the
+    /// fault panel, and the page with its instances view. `HOST:PORT`, or
+    /// `off` [default: 127.0.0.1:PORT + 20000, or 127.0.0.1:0 when PORT
+    /// is 0]. It answers anyone who reaches it: keep it on loopback or a
+    /// private network (a Kubernetes probe or Prometheus: the pod's
+    /// address).
+    #[arg(long, env = "ADMIN_ADDR")]
+    pub admin_addr: Option<String>,
 
     /// The WebSocket URL the page should use instead of
     /// `ws://<page host>:<ws port>/ws`, behind a reverse proxy: a full URL
@@ -267,9 +281,10 @@ pub struct Config {
     #[arg(long, env = "REDIS_PING_MS", default_value_t = 1000)]
     pub redis_ping_ms: u64,
 
-    /// The page's fault panel, a teaching aid: clients on loopback may cut
-    /// this instance's Redis subscription, pause its delivery and stall a
-    /// tab (`POST /demo/...`). Never in production.
+    /// The page's fault panel, a teaching aid: the page on the admin
+    /// listener, opened on this machine, may cut this instance's Redis
+    /// subscription, pause its delivery and stall a tab
+    /// (`POST /demo/...`). Never in production.
     #[arg(long, env = "DEMO_CONTROLS", value_parser = clap::builder::BoolishValueParser::new())]
     pub demo_controls: bool,
 }
@@ -285,6 +300,29 @@ impl Config {
                     "--port {port} leaves no room for the WebSocket port (port + {WS_PORT_OFFSET}); set --ws-port"
                 )
             }),
+        }
+    }
+
+    /// The admin listener's address, or `None` with `--admin-addr off`.
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, String> {
+        match self.admin_addr.as_deref().map(str::trim) {
+            Some("off") => Ok(None),
+            Some(text) => text.parse().map(Some).map_err(|_| {
+                format!(
+                    "--admin-addr must be HOST:PORT (an IP address and a port) or off, not {text:?}"
+                )
+            }),
+            None => {
+                let port = match self.port {
+                    0 => 0,
+                    port => port.checked_add(ADMIN_PORT_OFFSET).ok_or_else(|| {
+                        format!(
+                            "--port {port} leaves no room for the admin port (port + {ADMIN_PORT_OFFSET}); set --admin-addr"
+                        )
+                    })?,
+                };
+                Ok(Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port))))
+            }
         }
     }
 
@@ -338,6 +376,13 @@ impl Config {
     /// Checks what clap cannot: values that parse but make no sense.
     pub fn validate(&self) -> Result<(), String> {
         self.ws_port()?;
+        if self.admin_addr()?.is_none() && self.demo_controls {
+            return Err(
+                "--demo-controls needs the admin listener, which serves the fault panel: \
+                 drop --admin-addr off"
+                    .into(),
+            );
+        }
         let instance_chars = self.instance_id().chars().count();
         if instance_chars == 0 || instance_chars > 64 {
             return Err("--instance-id must be 1 to 64 characters".into());

@@ -1,10 +1,18 @@
-//! The HTTP side, served by tiny_http: the chat page, `/config.json`,
-//! `/healthz`, `/readyz`, `/metrics`, `/stats` (the page's instances view)
-//! and, with `--demo-controls`, the fault panel's `POST /demo/...`.
+//! The HTTP side, served by tiny_http on two listeners.
 //!
-//! [`handle`] is a pure function from a method and path to a [`Reply`], so
-//! every route is unit-tested without a socket; [`serve`] is the thin loop
-//! that feeds it from tiny_http.
+//! - The public port: the chat page, `/config.json`, `/healthz` and
+//!   `/readyz`, which says ready or not and never why: the why names the
+//!   Redis host, port, database and user.
+//! - The admin listener (`--admin-addr`, loopback by default), for the
+//!   operator and the lesson: the same page, with its instances view and,
+//!   with `--demo-controls`, its fault panel (`POST /demo/...`);
+//!   `/metrics`, `/stats` and `/readyz` with its reasons. Kubernetes
+//!   probes and Prometheus expect such a port; Centrifugo serves its admin
+//!   the same way.
+//!
+//! [`route`] is a pure function from a request to a [`Reply`], so every
+//! route is unit-tested without a socket; [`serve`] is the thin loop that
+//! feeds it from tiny_http.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -65,6 +73,15 @@ fn page_file(path: &str) -> Option<Reply> {
         .map(|&(_, content_type, body)| Reply::new(200, content_type, body))
 }
 
+/// Which of the two listeners a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// `--port`: anyone on the network.
+    Public,
+    /// `--admin-addr`: the operator, and this machine's lesson page.
+    Admin,
+}
+
 /// What the HTTP handlers read.
 pub struct HttpState {
     pub instance: String,
@@ -90,7 +107,11 @@ struct PageConfig<'a> {
     ws_path: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     ws_url: Option<&'a str>,
-    /// The page shows its fault panel (`--demo-controls`).
+    /// The page was served by the admin listener: it shows the instances
+    /// view (`/stats` is there).
+    admin: bool,
+    /// The page shows its fault panel (`--demo-controls`, on the admin
+    /// listener).
     demo_controls: bool,
     /// What the fault panel's requests carry: only for a page of this
     /// machine loaded straight from this instance.
@@ -188,15 +209,45 @@ impl Reply {
     }
 }
 
-/// Answers one request.
+/// Answers one request that came to `listener`.
+pub fn route(
+    method: &str,
+    url: &str,
+    caller: &Caller<'_>,
+    state: &HttpState,
+    listener: Listener,
+) -> Reply {
+    let path = url.split(['?', '#']).next().unwrap_or("/");
+    let admin_only = path.starts_with("/demo/") || path == "/metrics" || path == "/stats";
+    match listener {
+        Listener::Public if admin_only => Reply::text(
+            404,
+            format!(
+                "{path} is not served on the public port: it is on the instance's admin \
+                 listener (--admin-addr)\n"
+            ),
+        ),
+        Listener::Admin if path.starts_with("/demo/") => handle_demo(method, url, caller, state),
+        _ => handle(method, url, caller, state, listener),
+    }
+}
+
+/// Answers a `GET` or `HEAD`.
 ///
 /// `/config.json` uses the caller's `Host` to tell a page loaded straight
 /// from this instance (which must use the instance's own WebSocket port)
 /// from one loaded through a proxy (which gets `--public-ws-url`), and
 /// gives the fault panel's token only to a page of this machine, loaded
-/// straight.
-pub fn handle(method: &str, url: &str, caller: &Caller<'_>, state: &HttpState) -> Reply {
+/// straight from the admin listener.
+fn handle(
+    method: &str,
+    url: &str,
+    caller: &Caller<'_>,
+    state: &HttpState,
+    listener: Listener,
+) -> Reply {
     let host = caller.host;
+    let admin = listener == Listener::Admin;
     if method != "GET" && method != "HEAD" {
         return Reply::text(405, "only GET and HEAD are served here\n");
     }
@@ -213,9 +264,10 @@ pub fn handle(method: &str, url: &str, caller: &Caller<'_>, state: &HttpState) -
                 ws_url: state
                     .public_ws_url
                     .as_deref()
-                    .filter(|_| !is_direct(host, state.http_port)),
-                demo_controls: state.demo.enabled(),
-                demo_token: (state.demo.enabled() && caller.is_local_and_straight())
+                    .filter(|_| !admin && !is_direct(host, state.http_port)),
+                admin,
+                demo_controls: admin && state.demo.enabled(),
+                demo_token: (admin && state.demo.enabled() && caller.is_local_and_straight())
                     .then(|| state.demo.token()),
                 presence: state.presence,
             };
@@ -230,7 +282,12 @@ pub fn handle(method: &str, url: &str, caller: &Caller<'_>, state: &HttpState) -
             .and_then(|()| state.broker.readiness())
         {
             Ok(()) => Reply::text(200, "ready\n"),
-            Err(reason) => Reply::text(503, format!("not ready: {reason}\n")),
+            Err(reason) if admin => Reply::text(503, format!("not ready: {reason}\n")),
+            Err(_) => Reply::text(
+                503,
+                "not ready: this instance cannot deliver right now; its admin listener's \
+                 /readyz says why\n",
+            ),
         },
         "/metrics" => {
             let mut body = state.metrics.render();
@@ -267,10 +324,10 @@ fn stats(state: &HttpState) -> Reply {
     Reply::new(200, "application/json", body)
 }
 
-/// `POST /demo/...`, the fault panel: refused (403) unless the instance
-/// runs with `--demo-controls` and the caller is this instance's page on
-/// this machine (see [`crate::demo`]).
-pub fn handle_demo(method: &str, url: &str, caller: &Caller<'_>, state: &HttpState) -> Reply {
+/// `POST /demo/...` on the admin listener, the fault panel: refused (403)
+/// unless the instance runs with `--demo-controls` and the caller is this
+/// instance's page on this machine (see [`crate::demo`]).
+fn handle_demo(method: &str, url: &str, caller: &Caller<'_>, state: &HttpState) -> Reply {
     if !state.demo.enabled() {
         return Reply::text(
             403,
@@ -398,18 +455,18 @@ fn is_direct(host: Option<&str>, http_port: u16) -> bool {
         == Some(http_port)
 }
 
-/// The body of an HTTP worker thread: answers requests until the server is
-/// unblocked at shutdown.
-pub fn serve(server: &tiny_http::Server, state: &HttpState) {
+/// The body of an HTTP worker thread of `listener`: answers requests until
+/// the server is unblocked at shutdown.
+pub fn serve(server: &tiny_http::Server, state: &HttpState, listener: Listener) {
     while let Ok(request) = server.recv() {
         let method = request.method().as_str().to_string();
         let caller = Caller::of(&request);
-        let reply = if request.url().starts_with("/demo/") {
-            handle_demo(&method, request.url(), &caller, state)
-        } else {
-            handle(&method, request.url(), &caller, state)
-        };
-        debug!("http {method} {} -> {}", request.url(), reply.status);
+        let reply = route(&method, request.url(), &caller, state, listener);
+        debug!(
+            "http {listener:?} {method} {} -> {}",
+            request.url(),
+            reply.status
+        );
         let header = tiny_http::Header::from_bytes("Content-Type", reply.content_type)
             .expect("content types are valid header values");
         let no_store =
@@ -485,7 +542,7 @@ mod tests {
                     demo_token: Some(&token),
                     ..Caller::default()
                 };
-                handle_demo("POST", url, &caller, state)
+                route("POST", url, &caller, state, Listener::Admin)
             }
         };
         let loopback = Some(IpAddr::from([127, 0, 0, 1]));
@@ -513,9 +570,55 @@ mod tests {
             String::from_utf8_lossy(&reply.body)
         );
         assert!(on.demo.delivery_paused_until().is_some());
-        let config = handle("GET", "/config.json", &Caller::default(), &on);
-        let config: serde_json::Value = serde_json::from_slice(&config.body).unwrap();
-        assert_eq!(config["demo_controls"], true);
+        let config = |listener| {
+            let reply = route("GET", "/config.json", &Caller::default(), &on, listener);
+            serde_json::from_slice::<serde_json::Value>(&reply.body).unwrap()
+        };
+        assert_eq!(config(Listener::Admin)["demo_controls"], true);
+        assert_eq!(
+            config(Listener::Public)["demo_controls"],
+            false,
+            "the public page has no fault panel"
+        );
+    }
+
+    #[test]
+    fn the_public_port_serves_no_private_route_and_no_reason() {
+        let state = state_with(true);
+        let token = state.demo.token().to_string();
+        let local = Caller {
+            peer: Some(IpAddr::from([127, 0, 0, 1])),
+            demo_token: Some(&token),
+            ..Caller::default()
+        };
+        for (method, path) in [
+            ("GET", "/metrics"),
+            ("GET", "/stats"),
+            ("GET", "/stats?x=1"),
+            ("POST", "/demo/pause-delivery?seconds=1"),
+            ("POST", "/demo/cut-subscription"),
+        ] {
+            let public = route(method, path, &local, &state, Listener::Public);
+            assert_eq!(public.status, 404, "{method} {path} on the public port");
+            // The local broker has no subscription to cut: 409.
+            let admin = route(method, path, &local, &state, Listener::Admin);
+            assert!(
+                [200, 409].contains(&admin.status),
+                "{method} {path} on the admin listener: {}",
+                admin.status
+            );
+        }
+        let failing = state_with(false);
+        failing.supervisor.stop();
+        let public = route("GET", "/readyz", &local, &failing, Listener::Public);
+        let admin = route("GET", "/readyz", &local, &failing, Listener::Admin);
+        assert_eq!((public.status, admin.status), (503, 503));
+        let (public, admin) = (
+            String::from_utf8(public.body).unwrap(),
+            String::from_utf8(admin.body).unwrap(),
+        );
+        assert!(!public.contains("shutting down"), "{public}");
+        assert!(admin.contains("shutting down"), "{admin}");
     }
 
     #[test]
@@ -525,13 +628,13 @@ mod tests {
                 host,
                 ..Caller::default()
             };
-            let reply = handle("GET", "/config.json", &caller, &state());
+            let reply = route("GET", "/config.json", &caller, &state(), Listener::Public);
             assert_eq!(reply.status, 200);
             serde_json::from_slice::<serde_json::Value>(&reply.body).unwrap()
         };
         let direct = serde_json::json!({
-            "instance": "a1", "ws_port": 15000, "ws_path": "/ws", "demo_controls": false,
-            "presence": true
+            "instance": "a1", "ws_port": 15000, "ws_path": "/ws", "admin": false,
+            "demo_controls": false, "presence": true
         });
         assert_eq!(
             config(Some("127.0.0.1:5000")),
@@ -551,26 +654,27 @@ mod tests {
     #[test]
     fn page_health_and_unknown_routes() {
         let state = state();
-        let page = handle("GET", "/?name=x", &Caller::default(), &state);
+        let get = |path| route("GET", path, &Caller::default(), &state, Listener::Public);
+        let page = get("/?name=x");
         assert_eq!(
             (page.status, page.content_type),
             (200, "text/html; charset=utf-8")
         );
+        assert_eq!(get("/healthz").status, 200);
+        assert_eq!(get("/readyz").status, 200);
+        assert_eq!(get("/nope").status, 404);
         assert_eq!(
-            handle("GET", "/healthz", &Caller::default(), &state).status,
-            200
+            route("POST", "/", &Caller::default(), &state, Listener::Public).status,
+            405
         );
-        assert_eq!(
-            handle("GET", "/readyz", &Caller::default(), &state).status,
-            200
+        let metrics = route(
+            "GET",
+            "/metrics",
+            &Caller::default(),
+            &state,
+            Listener::Admin,
         );
-        assert_eq!(
-            handle("GET", "/nope", &Caller::default(), &state).status,
-            404
-        );
-        assert_eq!(handle("POST", "/", &Caller::default(), &state).status, 405);
-        let metrics =
-            String::from_utf8(handle("GET", "/metrics", &Caller::default(), &state).body).unwrap();
+        let metrics = String::from_utf8(metrics.body).unwrap();
         assert!(metrics.contains("chat_clients_connected 0"));
         assert!(metrics.contains("\nchat_hub_members 0\n"));
     }
@@ -617,7 +721,7 @@ mod tests {
             if !reached.insert(path.clone()) {
                 continue;
             }
-            let reply = handle("GET", &path, &Caller::default(), &state);
+            let reply = route("GET", &path, &Caller::default(), &state, Listener::Public);
             assert_eq!(
                 reply.status, 200,
                 "the page loads {path}, which is not served"

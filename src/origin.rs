@@ -9,8 +9,9 @@
 /// Which pages may open a WebSocket here.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OriginPolicy {
-    /// This instance's HTTP port: its own page is `http://<host>:<port>`.
-    pub http_port: u16,
+    /// The ports this instance serves its page on (the public one and the
+    /// admin listener's): its own page is `http://<host>:<port>`.
+    pub page_ports: Vec<u16>,
     /// Extra allowed origins (`https://chat.example.com`), or `*` for any.
     pub allowed: Vec<String>,
 }
@@ -20,8 +21,8 @@ impl OriginPolicy {
     ///
     /// Allowed: no `Origin`; an origin whose host and port are the
     /// handshake's `Host` (the page and the WebSocket behind one proxy); an
-    /// origin on the same host name as `Host` and on this instance's HTTP
-    /// port (the page served by this instance); anything in the allowlist.
+    /// origin on the same host name as `Host` and on a port this instance
+    /// serves its page on; anything in the allowlist.
     pub fn allows(&self, origin: Option<&str>, host: Option<&str>) -> bool {
         let Some(origin) = origin else {
             return true;
@@ -48,7 +49,8 @@ impl OriginPolicy {
         }
         let (origin_host, origin_port) = split_port(authority);
         let (host_name, _) = split_port(host);
-        origin_host.eq_ignore_ascii_case(host_name) && origin_port == Some(self.http_port)
+        origin_host.eq_ignore_ascii_case(host_name)
+            && origin_port.is_some_and(|port| self.page_ports.contains(&port))
     }
 }
 
@@ -66,7 +68,7 @@ mod tests {
 
     fn policy(allowed: &[&str]) -> OriginPolicy {
         OriginPolicy {
-            http_port: 5000,
+            page_ports: vec![5000, 25000],
             allowed: allowed.iter().map(|s| s.to_string()).collect(),
         }
     }
@@ -75,6 +77,11 @@ mod tests {
     fn the_instances_own_page_is_allowed() {
         let p = policy(&[]);
         assert!(p.allows(Some("http://127.0.0.1:5000"), Some("127.0.0.1:15000")));
+        assert!(
+            p.allows(Some("http://127.0.0.1:25000"), Some("127.0.0.1:15000")),
+            "the page of the admin listener"
+        );
+        assert!(!p.allows(Some("http://127.0.0.1:5001"), Some("127.0.0.1:15000")));
         assert!(p.allows(Some("http://localhost:5000"), Some("localhost:15000")));
         assert!(
             p.allows(Some("http://chat.local:8080"), Some("chat.local:8080")),

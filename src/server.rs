@@ -18,7 +18,7 @@ use crate::config::{self, BrokerKind, Config};
 use crate::demo::DemoControls;
 use crate::fanout::{self, EVENT_QUEUE, FanoutSettings};
 use crate::flusher::Flusher;
-use crate::http::{self, HttpState};
+use crate::http::{self, HttpState, Listener};
 use crate::hub::Hub;
 use crate::liveness;
 use crate::metrics::Metrics;
@@ -33,6 +33,9 @@ use crate::supervisor::Supervisor;
 /// HTTP worker threads: the page and the probes are light, and tiny_http
 /// does the socket work on its own threads.
 const HTTP_WORKERS: usize = 2;
+/// Connections the admin listener serves at once: a probe, a scraper and
+/// a lesson page or two; past it, 503 at once.
+const ADMIN_MAX_CONNECTIONS: usize = 16;
 /// Open files wanted: two per client is never needed (one socket each),
 /// but sockets, Redis links and the page all count.
 const WANTED_OPEN_FILES: u64 = 65_536;
@@ -67,6 +70,8 @@ pub struct RunningServer {
     pub instance: String,
     pub http_addr: SocketAddr,
     pub ws_addr: SocketAddr,
+    /// The admin listener's, unless `--admin-addr off`.
+    pub admin_addr: Option<SocketAddr>,
     /// Announces the death of an internal thread: the instance must then
     /// exit (see [`crate::supervisor`]).
     pub fatal_rx: Receiver<String>,
@@ -75,6 +80,7 @@ pub struct RunningServer {
     metrics: Arc<Metrics>,
     flusher: Arc<Flusher>,
     http: Arc<tiny_http::Server>,
+    admin: Option<Arc<tiny_http::Server>>,
 }
 
 /// Starts an instance: binds both ports, connects the broker (a missing
@@ -84,7 +90,10 @@ pub struct RunningServer {
 pub fn start(config: &Config) -> Result<RunningServer, String> {
     config.validate()?;
     let open_files = raise_open_files_limit();
-    check_budgets(config.max_clients + config.max_http_connections, open_files);
+    check_budgets(
+        config.max_clients + config.max_http_connections + ADMIN_MAX_CONNECTIONS,
+        open_files,
+    );
     let metrics = Arc::new(Metrics::default());
     let hub = Arc::new(Hub::new());
     let (supervisor, fatal_rx) = Supervisor::new();
@@ -95,6 +104,13 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     let ws_port = config.ws_port()?;
     let ws_listener = listen((host, ws_port).into(), ACCEPT_BACKLOG)
         .map_err(|e| format!("cannot listen for WebSocket on {host}:{ws_port}: {e}"))?;
+    let admin_listener = match config.admin_addr()? {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .map_err(|e| format!("cannot listen for the admin listener on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let http_addr = http_listener.local_addr().map_err(|e| e.to_string())?;
     let ws_addr = ws_listener.local_addr().map_err(|e| e.to_string())?;
     // Named after the port bound, not the one asked for (`--port 0`).
@@ -222,15 +238,30 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         demo,
         presence: config.presence().enabled,
     });
-    for worker in 0..HTTP_WORKERS {
-        let server = http_server.clone();
-        let state = http_state.clone();
-        supervisor
-            .spawn(&format!("http-{worker}"), move || {
-                http::serve(&server, &state)
-            })
-            .map_err(|e| format!("cannot start an HTTP thread: {e}"))?;
-    }
+    serve_http(&supervisor, &http_server, &http_state, Listener::Public)?;
+    let admin = match admin_listener {
+        Some(listener) => {
+            let server = Arc::new(
+                tiny_http::Server::from_listener_with_limits(
+                    listener,
+                    None,
+                    tiny_http::ConnectionLimits {
+                        max_connections: ADMIN_MAX_CONNECTIONS,
+                        max_per_address: usize::MAX,
+                        exempt: Arc::new(|_| false),
+                        read_timeout: Some(config.http_timeout()),
+                    },
+                )
+                .map_err(|e| format!("cannot start the admin listener: {e}"))?,
+            );
+            serve_http(&supervisor, &server, &http_state, Listener::Admin)?;
+            Some(server)
+        }
+        None => None,
+    };
+    let admin_addr = admin
+        .as_ref()
+        .and_then(|server| server.server_addr().to_ip());
 
     let context = Arc::new(SessionContext::new(
         instance.clone(),
@@ -245,7 +276,10 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
             content: config.content_limits(),
             rate: config.rate_limit(),
             origins: OriginPolicy {
-                http_port: http_addr.port(),
+                page_ports: [Some(http_addr.port()), admin_addr.map(|addr| addr.port())]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
                 allowed: config.allowed_origins.clone(),
             },
             max_clients: config.max_clients,
@@ -276,21 +310,51 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         .spawn("ws-accept", move || run_accept(ws_listener, context))
         .map_err(|e| format!("cannot start the accept thread: {e}"))?;
 
+    let admin_shown = match admin_addr {
+        Some(addr) => format!("admin http://{addr}/"),
+        None => "admin off".to_string(),
+    };
     info!(
-        "instance {instance} listening: page http://{http_addr}/ websocket ws://{ws_addr}{WS_PATH} broker {:?}",
+        "instance {instance} listening: page http://{http_addr}/ websocket ws://{ws_addr}{WS_PATH} \
+         {admin_shown} broker {:?}",
         config.broker
     );
     Ok(RunningServer {
         instance,
         http_addr,
         ws_addr,
+        admin_addr,
         fatal_rx,
         supervisor,
         hub,
         metrics,
         flusher,
         http: http_server,
+        admin,
     })
+}
+
+/// Starts the worker threads that answer `listener`'s requests.
+fn serve_http(
+    supervisor: &Arc<Supervisor>,
+    server: &Arc<tiny_http::Server>,
+    state: &Arc<HttpState>,
+    listener: Listener,
+) -> Result<(), String> {
+    let name = match listener {
+        Listener::Public => "http",
+        Listener::Admin => "admin",
+    };
+    for worker in 0..HTTP_WORKERS {
+        let server = server.clone();
+        let state = state.clone();
+        supervisor
+            .spawn(&format!("{name}-{worker}"), move || {
+                http::serve(&server, &state, listener)
+            })
+            .map_err(|e| format!("cannot start an HTTP thread: {e}"))?;
+    }
+    Ok(())
 }
 
 /// The accept thread: one session (reader thread) per connection.
@@ -339,6 +403,9 @@ impl RunningServer {
         }
         // The probes answered 503 until now; the HTTP threads end here.
         self.http.unblock();
+        if let Some(admin) = &self.admin {
+            admin.unblock();
+        }
     }
 }
 
@@ -358,10 +425,10 @@ fn raise_open_files_limit() -> Option<u64> {
     }
 }
 
-/// Threads this process needs besides its clients': accept, HTTP workers,
-/// tiny_http's own, the subscriber, the fan-out, deliverers, flushers, the
-/// pinger, main.
-const FIXED_THREADS: u64 = 16;
+/// Threads this process needs besides its clients': accept, HTTP and
+/// admin workers, tiny_http's own, the subscriber, the fan-out,
+/// deliverers, flushers, the pinger, main.
+const FIXED_THREADS: u64 = 19;
 
 /// Says at start-up, rather than at the first refused client, when
 /// `--max-clients` is more than the machine can give: one thread and one

@@ -129,13 +129,19 @@ fn run_scenario_in(
     b: &Instance,
     extra: &[(&str, String)],
 ) {
+    // The lab's instances view and fault panel are on the page the admin
+    // listener serves; every other scenario uses the public page.
+    let page = |instance: &Instance| match scenario {
+        "lab" => format!("http://{}", instance.admin()),
+        _ => format!("http://{}", instance.http),
+    };
     let mut args: Vec<OsString> = vec![
         "--scenario".into(),
         scenario.into(),
         "--a".into(),
-        format!("http://{}", a.http).into(),
+        page(a).into(),
         "--b".into(),
-        format!("http://{}", b.http).into(),
+        page(b).into(),
         "--room".into(),
         room.into(),
         "--out".into(),

@@ -311,7 +311,7 @@ fn a_shard_whose_subscription_breaks_with_rooms_in_two_slots_resubscribes_every_
     // Within 10 s: both instances subscribed to both rooms there again
     // (the kill ended every subscription there at once), and ready, in
     // the same round.
-    let addrs = [a.http, b.http];
+    let addrs = [a.admin(), b.admin()];
     let recovered = {
         let deadline = killed_at + Duration::from_secs(10);
         loop {
@@ -434,7 +434,7 @@ fn a_shard_outage_is_told_only_to_the_clients_of_its_rooms() {
     // /readyz, every 50 ms, until it is 200 after a 503 (or the end):
     // each distinct 503 body.
     let poller = {
-        let (stop, addr) = (stop.clone(), a.http);
+        let (stop, addr) = (stop.clone(), a.admin());
         thread::spawn(move || {
             let mut bodies: Vec<String> = Vec::new();
             // When the first 503 came, and the first 200 after it.
@@ -655,7 +655,7 @@ fn a_room_moved_to_a_master_added_after_start_keeps_its_messages_flowing() {
     let sent = Arc::new(AtomicUsize::new(0));
     let mover = {
         let sent = sent.clone();
-        let addrs = [a.http, b.http];
+        let addrs = [a.admin(), b.admin()];
         thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(30);
             while sent.load(Ordering::Relaxed) < 10 {

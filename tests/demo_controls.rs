@@ -28,9 +28,9 @@ fn demo_pair(redis: &RedisServer, extra: &[&str]) -> (Instance, Instance) {
 }
 
 /// The fault panel's token, as the page gets it: from `/config.json`,
-/// asked from this machine, straight.
+/// asked from this machine, straight, on the admin listener.
 fn demo_token(instance: &Instance) -> String {
-    let (_, config) = instance.get("/config.json");
+    let (_, config) = instance.admin_get("/config.json");
     json(&config)["demo_token"]
         .as_str()
         .unwrap_or_else(|| panic!("no demo_token in {config}"))
@@ -40,7 +40,7 @@ fn demo_token(instance: &Instance) -> String {
 /// A fault panel request as the page makes it: with the token.
 fn demo_post(instance: &Instance, path: &str) -> (u16, String) {
     let token = demo_token(instance);
-    http_post_with(instance.http, path, &[("X-Demo-Token", &token)])
+    http_post_with(instance.admin(), path, &[("X-Demo-Token", &token)])
 }
 
 fn json(body: &str) -> Value {
@@ -70,13 +70,13 @@ fn without_the_flag_the_controls_refuse_and_the_page_is_told_to_hide_them() {
         "/demo/pause-delivery?seconds=2",
         "/demo/stall-reading?client=c1&seconds=2",
     ] {
-        let (status, body) = http_post(a.http, path);
+        let (status, body) = http_post(a.admin(), path);
         assert_eq!(status, 403, "{path}: {body}");
         assert!(body.contains("--demo-controls"), "{body}");
     }
-    let (_, config) = a.get("/config.json");
+    let (_, config) = a.admin_get("/config.json");
     assert_eq!(json(&config)["demo_controls"], false);
-    let (status, stats) = a.get("/stats");
+    let (status, stats) = a.admin_get("/stats");
     assert_eq!(status, 200);
     assert_eq!(json(&stats)["demo_controls"], false);
 }
@@ -85,7 +85,7 @@ fn without_the_flag_the_controls_refuse_and_the_page_is_told_to_hide_them() {
 fn cutting_the_subscription_reports_down_then_up_and_catches_up() {
     let redis = RedisServer::start();
     let (a, b) = demo_pair(&redis, &[]);
-    let (_, config) = a.get("/config.json");
+    let (_, config) = a.admin_get("/config.json");
     assert_eq!(json(&config)["demo_controls"], true);
     let mut reader = a.client("ann", "lobby");
     let mut writer = b.client("bob", "lobby");
@@ -142,7 +142,7 @@ fn a_pause_holds_delivery_then_everything_arrives_in_order() {
 
     let (status, body) = demo_post(&a, "/demo/pause-delivery?seconds=2");
     assert_eq!(status, 200, "{body}");
-    let (_, stats) = a.get("/stats");
+    let (_, stats) = a.admin_get("/stats");
     assert!(
         json(&stats)["local"]["delivery_paused_until_ms"].is_u64(),
         "{stats}"
@@ -231,7 +231,7 @@ fn bad_requests_to_the_controls_say_what_is_wrong() {
         assert_eq!(status, code, "{path}: {body}");
         assert!(body.contains(says), "{path}: {body}");
     }
-    let (status, _) = a.get("/demo/cut-subscription");
+    let (status, _) = a.admin_get("/demo/cut-subscription");
     assert_eq!(status, 405, "a GET does not cut anything");
 }
 
@@ -245,7 +245,7 @@ fn stats_list_every_instance_that_is_up_with_its_clients() {
         b.client("bob", "lobby"),
     ];
     wait_for("both instances in /stats with their clients", || {
-        let (_, body) = b.get("/stats");
+        let (_, body) = b.admin_get("/stats");
         let stats = json(&body);
         let instances = stats["instances"].as_array().cloned().unwrap_or_default();
         let clients = |name: &str| {
@@ -256,7 +256,7 @@ fn stats_list_every_instance_that_is_up_with_its_clients() {
         };
         stats["instance"] == "b" && clients("a") == Some((2, 2)) && clients("b") == Some((1, 1))
     });
-    let (_, body) = a.get("/stats");
+    let (_, body) = a.admin_get("/stats");
     let a_view = json(&body);
     let entry = &a_view["instances"][0];
     assert_eq!(entry["instance"], "a");
@@ -304,7 +304,7 @@ fn the_controls_answer_only_the_page_of_this_machine_with_its_token() {
         ),
     ];
     for (headers, why) in refusals {
-        let (status, body) = http_post_with(a.http, path, &headers);
+        let (status, body) = http_post_with(a.admin(), path, &headers);
         assert_eq!(status, 403, "{headers:?}: {body}");
         assert!(
             body.contains(why),
@@ -312,16 +312,16 @@ fn the_controls_answer_only_the_page_of_this_machine_with_its_token() {
         );
     }
     // The page's own origin, with the token: done.
-    let own = format!("http://{}", a.http);
+    let own = format!("http://{}", a.admin());
     let (status, body) = http_post_with(
-        a.http,
+        a.admin(),
         path,
         &[("X-Demo-Token", token.as_str()), ("Origin", own.as_str())],
     );
     assert_eq!(status, 200, "{body}");
     // The token is not given through a proxy either.
     let (_, config) = http_get_with(
-        a.http,
+        a.admin(),
         "/config.json",
         &[("X-Forwarded-For", "203.0.113.7")],
     );

@@ -56,7 +56,7 @@ fn readyz_follows_the_redis_link_and_messages_are_refused_while_it_is_down() {
         "connected clients are told that sending is paused: {status}"
     );
     wait_for("readyz to turn 503", || a.get("/readyz").0 == 503);
-    let (_, reason) = a.get("/readyz");
+    let (_, reason) = a.admin_get("/readyz");
     assert!(reason.contains("redis"), "503 says why: {reason}");
     client.send("while redis is down", "down-1");
     let reply = client.recv();
@@ -119,7 +119,7 @@ fn metrics_count_clients_and_messages() {
     let b = Instance::redis("m-b", &redis.url(), &prefix);
     a.wait_ready();
     b.wait_ready();
-    let (_, text) = a.get("/metrics");
+    let (_, text) = a.admin_get("/metrics");
     for name in [
         "chat_clients_connected",
         "chat_messages_received_total",

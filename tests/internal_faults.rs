@@ -78,7 +78,7 @@ fn a_dead_fan_out_makes_the_instance_unready_then_exit_70() {
     // for him: long enough to see it answer its probes.
     let mut reason = String::new();
     wait_for("/readyz to answer 503 with the cause", || {
-        let (status, body) = a.get("/readyz");
+        let (status, body) = a.admin_get("/readyz");
         reason = body;
         status == 503
     });

@@ -78,7 +78,8 @@ impl Unnamed {
             .expect("cannot start pubsub-chat");
         let addr_rx =
             common::process::watch_stderr(child.stderr.take().unwrap(), "unnamed".into(), |_| {});
-        let Ok((http, ws)) = addr_rx.recv_timeout(common::TIMEOUT) else {
+        let Ok(common::process::Listening { http, ws, .. }) = addr_rx.recv_timeout(common::TIMEOUT)
+        else {
             let _ = child.kill();
             panic!("an instance on --port 0 did not start");
         };

@@ -46,7 +46,7 @@ fn wait_not_ready(instance: &Instance) -> String {
     wait_for(
         &format!("{} to answer /readyz with 503", instance.id),
         || {
-            let (status, text) = instance.get("/readyz");
+            let (status, text) = instance.admin_get("/readyz");
             body = text;
             status == 503
         },
@@ -62,16 +62,13 @@ fn a_redis_password_appears_in_no_log_line_no_http_body_and_no_frame() {
     let mut a = Instance::redis("a", &redis.url(), &unique("secrets"));
     a.wait_ready();
     let mut seen = Vec::new();
-    for path in [
-        "/",
-        "/config.json",
-        "/healthz",
-        "/readyz",
-        "/metrics",
-        "/nowhere",
-    ] {
+    for path in ["/", "/config.json", "/healthz", "/readyz", "/nowhere"] {
         let (status, body) = a.get(path);
         seen.push(format!("GET {path} -> {status}: {body}"));
+    }
+    for path in ["/readyz", "/metrics", "/stats"] {
+        let (status, body) = a.admin_get(path);
+        seen.push(format!("GET admin {path} -> {status}: {body}"));
     }
     let mut alice = a.client("alice", "lobby");
     seen.push(alice.welcome.to_string());
@@ -99,7 +96,7 @@ fn a_redis_password_appears_in_no_log_line_no_http_body_and_no_frame() {
         }
     }
     wait_log_line(&a, &["ERROR", "redis publisher", &shown]);
-    seen.push(format!("GET /metrics -> {}", a.get("/metrics").1));
+    seen.push(format!("GET /metrics -> {}", a.admin_get("/metrics").1));
 
     // Back again, then stopped: the lifecycle lines too.
     redis.restart();

@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::abuse;
 use crate::client::now_ns;
 use crate::options::{Opts, Scenario};
 use crate::pool::{Batch, Pool};
@@ -14,7 +15,34 @@ use crate::presence;
 use crate::procs::{self, Procs, Sample, clk_tck, metrics};
 use crate::report::RunReport;
 
-pub fn run_once(opts: &Opts, run: usize) -> RunReport {
+/// One run; for `abuse`, a quiet one and an attacked one, reported as one.
+pub fn run(opts: &Opts, run: usize) -> RunReport {
+    if opts.scenario != Scenario::Abuse {
+        return run_once(opts, run, false);
+    }
+    println!("  quiet: the ordinary chat alone");
+    let quiet = run_once(opts, run, false);
+    println!("  attacked: the same chat, under every attack at once");
+    let mut rep = run_once(opts, run, true);
+    for name in ["latency p50 (ms)", "latency p99 (ms)"] {
+        let (q, a) = (
+            quiet.get(name).unwrap_or(f64::NAN),
+            rep.get(name).unwrap_or(f64::NAN),
+        );
+        rep.add(format!("quiet {name}"), q, 3);
+        rep.add(format!("attacked/quiet {name}"), a / q, 2);
+    }
+    for what in ["lost", "duplicated", "out of order"] {
+        rep.add(
+            format!("quiet {what}"),
+            quiet.get(what).unwrap_or(f64::NAN),
+            0,
+        );
+    }
+    rep
+}
+
+fn run_once(opts: &Opts, run: usize, attacked: bool) -> RunReport {
     let tag = format!("{run}-{}", now_ns());
     // The Redis processes this run started (none with --target-redis), and
     // how the instances reach Redis.
@@ -25,7 +53,14 @@ pub fn run_once(opts: &Opts, run: usize) -> RunReport {
             (nodes, vec!["--redis-cluster".into(), seeds])
         }
         None => {
-            let (p, url) = procs::start_redis();
+            // Redis's guidance for a bounded Redis; every key a client
+            // can make the server write has a TTL, so can be evicted.
+            let capped: &[&str] = if opts.scenario == Scenario::Abuse {
+                &["--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru"]
+            } else {
+                &[]
+            };
+            let (p, url) = procs::start_redis(capped);
             (vec![p], vec!["--redis-url".into(), url])
         }
     };
@@ -34,7 +69,7 @@ pub fn run_once(opts: &Opts, run: usize) -> RunReport {
     let b = procs::start_instance("b", &broker, &prefix, opts);
     std::thread::sleep(Duration::from_millis(300));
     let ws = [a.ws.unwrap(), b.ws.unwrap()];
-    let http = [a.http.unwrap(), b.http.unwrap()];
+    let http = [a.admin.unwrap(), b.admin.unwrap()];
     let room = format!(
         "load{}x{}",
         std::process::id(),
@@ -62,6 +97,15 @@ pub fn run_once(opts: &Opts, run: usize) -> RunReport {
     loadgen.extend(pool.pids());
     list.push(("loadgen".to_string(), loadgen, false));
     let procs = Procs { list };
+    let attack = attacked.then(|| {
+        abuse::start(&abuse::Targets {
+            ws,
+            http: [a.http.unwrap(), b.http.unwrap()],
+            room: room.clone(),
+            pids: [a.pid(), b.pid()],
+            broker: broker.clone(),
+        })
+    });
     let mut b = b;
     let mut rep = if opts.scenario.is_presence() {
         let target = presence::Target {
@@ -73,6 +117,9 @@ pub fn run_once(opts: &Opts, run: usize) -> RunReport {
     } else {
         drive(opts, &mut pool, http, &procs)
     };
+    if let Some(attack) = attack {
+        attack.finish(&mut rep);
+    }
     for p in [&a, &b] {
         let tail = p.log_tail();
         let warnings: Vec<_> = tail

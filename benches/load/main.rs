@@ -10,7 +10,7 @@
 //!
 //! Scenarios: `latency`, `room`, `rooms`, `burst`, `idle`, `connect`,
 //! `max-clients`, `smoke`, `presence-join`, `presence-idle`,
-//! `presence-churn`, `presence-crash` (see `options::usage()`). Each run
+//! `presence-churn`, `presence-crash`, `abuse` (see `options::usage()`). Each run
 //! starts its own
 //! `redis-server` (unless `--target-redis` names one; with
 //! `--redis-cluster`, a private six-node Redis Cluster) and two instances,
@@ -53,6 +53,9 @@
 //!   Redis's `INFO` included; churn in a large room, what it costs each
 //!   client and the chat's latency; an instance killed, and its members'
 //!   expiry as the other's clients see it).
+//! - `abuse.rs`: the `abuse` scenario's attacks, each from a loopback
+//!   address of its own, and the watch on the instances' RSS and Redis's
+//!   memory.
 //! - `report.rs`: figures, percentiles, medians, targets, the verdict.
 //! - `tests/common/process.rs` (shared with the integration tests): free
 //!   ports, temporary directories, HTTP GET, the redis-server and instance
@@ -69,6 +72,7 @@
 //! presence frame). Missing a latency or throughput target is reported
 //! ("target met: no"), not a failure.
 
+mod abuse;
 mod churn;
 mod client;
 #[path = "../../tests/common/cluster_process.rs"]
@@ -184,7 +188,7 @@ fn main() -> ExitCode {
 
     let mut reports = Vec::new();
     for run in 1..=opts.runs {
-        let rep = drive::run_once(&opts, run);
+        let rep = drive::run(&opts, run);
         report::print_run(run, opts.runs, &rep);
         reports.push(rep);
     }

@@ -18,6 +18,7 @@ pub enum Scenario {
     PresenceIdle,
     PresenceChurn,
     PresenceCrash,
+    Abuse,
 }
 
 impl Scenario {
@@ -35,6 +36,7 @@ impl Scenario {
             "presence-idle" => Scenario::PresenceIdle,
             "presence-churn" => Scenario::PresenceChurn,
             "presence-crash" => Scenario::PresenceCrash,
+            "abuse" => Scenario::Abuse,
             _ => return None,
         })
     }
@@ -53,6 +55,7 @@ impl Scenario {
             Scenario::PresenceIdle => "presence-idle",
             Scenario::PresenceChurn => "presence-churn",
             Scenario::PresenceCrash => "presence-crash",
+            Scenario::Abuse => "abuse",
         }
     }
 
@@ -319,6 +322,28 @@ impl Opts {
                 drain: secs(30),
                 ..base
             },
+            // Ordinary chat, with the server's own limits (the load
+            // generator's instances otherwise run without rate and
+            // per-address limits), and Redis capped as its guidance says.
+            Scenario::Abuse => Opts {
+                clients: 100,
+                senders: 10,
+                rate: Some(20.0),
+                duration: secs(60),
+                server_args: [
+                    "--rate-burst",
+                    "20",
+                    "--rate-per-sec",
+                    "10",
+                    "--rate-strikes",
+                    "20",
+                    "--max-clients-per-ip",
+                    "100",
+                ]
+                .map(String::from)
+                .to_vec(),
+                ..base
+            },
             // Nobody sends: the expiry of b's members is the load. `drain`
             // is the wait past the TTL (and a third of it) for the lists.
             Scenario::PresenceCrash => Opts {
@@ -410,6 +435,21 @@ scenarios (defaults):
                frames and bytes each surviving client received from the kill until then and 2
                --presence-diff-ms more (mean, max). (asserted: every survivor's final list is right;
                target: within the TTL and a third of it, plus one --presence-diff-ms)
+  abuse        100 ordinary clients in one room over a and b, 10 senders at 20 msg/s in all, for 60 s
+               (--duration-s), twice: quiet, then under every attack of issue 18 at once, each from a
+               loopback address of its own (127.0.0.66 and up; the ordinary clients on 127.0.0.1):
+               300 idle connections held; a room filled with 1,000 of the heaviest messages (2,000
+               escaped control characters) and 20 clients joining it with since=0-0 that never read,
+               replaced every 5 s; 20 connections at the rate limit, each moving to a new room every 20
+               heavy messages; 10 connections flooding `typing` in the ordinary room (half padded with
+               16,000 bytes); 40 clients asking for the X-ray; 300 HTTP request heads that never end;
+               every 100 ms a bidi name, a 16,000-byte room and the fault panel from another site.
+               The instances run with the server's default limits (rate 20/10 per s, 100 clients per
+               address), Redis with --maxmemory 64mb --maxmemory-policy volatile-lru. Reports the
+               ordinary latency quiet and attacked, what each attack got, and the instances' RSS and
+               Redis's used_memory every second. (asserted: no ordinary delivery lost, duplicated or
+               reordered; targets: attacked p99 within 2x of quiet, RSS and used_memory growing less
+               than 10 % over the attack's second half)
 
 options:
   --runs N            runs (the summary shows the median of each figure)

@@ -54,6 +54,8 @@ pub struct Proc {
     log_tail: Arc<Mutex<VecDeque<String>>>,
     pub http: Option<SocketAddr>,
     pub ws: Option<SocketAddr>,
+    /// The admin listener: `/metrics`.
+    pub admin: Option<SocketAddr>,
     tmpdir: Option<PathBuf>,
 }
 
@@ -78,6 +80,7 @@ impl Proc {
             log_tail: Arc::default(),
             http: None,
             ws: None,
+            admin: None,
             tmpdir: None,
         }
     }
@@ -128,7 +131,7 @@ impl Drop for Proc {
     }
 }
 
-pub fn start_redis() -> (Proc, String) {
+pub fn start_redis(extra_args: &[&str]) -> (Proc, String) {
     let port = process::free_port();
     let dir = process::temp_dir("load-redis");
     if process::find_program("redis-server").is_none() {
@@ -137,7 +140,7 @@ pub fn start_redis() -> (Proc, String) {
         );
     }
     let mut cmd = process::redis_server_command(port, &dir);
-    cmd.args(["--appendonly", "no"]);
+    cmd.args(["--appendonly", "no"]).args(extra_args);
     let mut proc = Proc::spawn("redis-server", &mut cmd);
     proc.name = "redis".into();
     proc.tmpdir = Some(dir);
@@ -243,9 +246,10 @@ pub fn start_instance(id: &str, broker: &[String], prefix: &str, opts: &Opts) ->
         t.push_back(line);
     });
     match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok((http, ws)) => {
-            proc.http = Some(http);
-            proc.ws = Some(ws);
+        Ok(listening) => {
+            proc.http = Some(listening.http);
+            proc.ws = Some(listening.ws);
+            proc.admin = listening.admin;
         }
         Err(_) => panic!(
             "instance {id} did not log its listening line:\n{}",
@@ -481,6 +485,19 @@ impl RedisWatch {
         self.conns
             .iter_mut()
             .filter_map(|c| redis::cmd("HLEN").arg(key).query::<u64>(c).ok())
+            .sum()
+    }
+
+    /// `used_memory` of `INFO memory`, summed over the nodes.
+    pub fn used_memory(&mut self) -> u64 {
+        self.conns
+            .iter_mut()
+            .filter_map(|c| redis::cmd("INFO").arg("memory").query::<String>(c).ok())
+            .filter_map(|info| {
+                info.lines()
+                    .find_map(|line| line.strip_prefix("used_memory:"))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+            })
             .sum()
     }
 

@@ -161,6 +161,31 @@ pub fn print_run(run: usize, runs: usize, rep: &RunReport) {
 fn targets(opts: &Opts, get: &dyn Fn(&str) -> f64) -> Vec<(String, bool)> {
     let lost = get("lost");
     match opts.scenario {
+        Scenario::Abuse => {
+            let ratio = get("attacked/quiet latency p99 (ms)");
+            let mut t = vec![
+                (
+                    format!("every ordinary delivery arrives (lost {lost})"),
+                    lost == 0.0,
+                ),
+                (
+                    format!(
+                        "attacked p99 within 2x of quiet (is {ratio:.2}x: {:.3} ms against {:.3} ms)",
+                        get("latency p99 (ms)"),
+                        get("quiet latency p99 (ms)")
+                    ),
+                    ratio <= 2.0,
+                ),
+            ];
+            for what in ["a RSS", "b RSS", "redis used_memory"] {
+                let growth = get(&format!("{what} growth, 2nd half (%)"));
+                t.push((
+                    format!("{what} flat over the attack's second half (grew {growth:.1} %)"),
+                    growth < 10.0,
+                ));
+            }
+            t
+        }
         Scenario::Latency => vec![
             (
                 format!(
@@ -373,6 +398,9 @@ pub fn summarize(opts: &Opts, reports: &[RunReport]) -> ExitCode {
             "out of order",
             "delivered to another room",
         ];
+        if opts.scenario == Scenario::Abuse {
+            must_be_zero.extend(["quiet lost", "quiet duplicated", "quiet out of order"]);
+        }
         if opts.scenario == Scenario::Smoke {
             must_be_zero.extend([
                 "clients failed",

@@ -1,7 +1,9 @@
 /* The lab: a look inside the cluster from the page, for the demo.
  *
- * Two panels under the member list. The instances view (with the X-ray or
- * demo controls on) polls GET /stats for every instance's Redis link and
+ * Two panels under the member list, on the page the admin listener serves
+ * (/config.json says "admin": true; the public port has neither /stats
+ * nor the fault panel). The instances view (with the X-ray or demo
+ * controls on) polls GET /stats for every instance's Redis link and
  * rates. The fault panel (only with --demo-controls) breaks something on
  * purpose (POST /demo/...) and follows what happens: the connection's lines,
  * the effect's countdown, the /metrics counters that moved. Separate
@@ -27,7 +29,8 @@ var statsError = '';
 // seconds), from GET /stats, which any instance answers for all of them.
 
 function statsWanted() {
-  return S.joined && (S.trace || demoControlsOn());
+  var admin = !!(S.config && S.config.admin === true);
+  return S.joined && admin && (S.trace || demoControlsOn());
 }
 
 export function syncStatsPolling() {

@@ -74,7 +74,8 @@
 //        --b http://127.0.0.1:PORT_B --room ROOM --out DIR
 //
 // (scenario "lab") Both instances run with --demo-controls, A with a small
-// --client-buffer-bytes. The X-ray: alice on A opens the page with
+// --client-buffer-bytes; --a and --b are their admin listeners, which serve
+// the page with its instances view and fault panel. The X-ray: alice on A opens the page with
 // ?trace=1, bob on B turns it on with the toggle (a smooth reconnection,
 // with trace=1 in the WebSocket query); bob's message, read by B and shown
 // on A, shows on alice's page every hop in order (typed in bob's tab, read
@@ -407,7 +408,8 @@ async function mainBasic(opts, logs, state) {
   await waitConnected(pageB, 'page B', idB);
   ok(`the two pages are on different instances (${idA}, ${idB})`);
 
-  // Without --demo-controls: no fault panel, and the endpoints refuse.
+  // The public page: no fault panel, and the endpoints are not there (they
+  // are on the admin listener).
   for (const [label, page, base] of [['page A', pageA, opts.a], ['page B', pageB, opts.b]]) {
     const cfg = await fetch(`${base}/config.json`, { signal: AbortSignal.timeout(WAIT_MS) }).then((r) => r.json());
     if (cfg.demo_controls !== false) fail(`${base}/config.json has demo_controls ${JSON.stringify(cfg.demo_controls)}, expected false`);
@@ -417,9 +419,9 @@ async function mainBasic(opts, logs, state) {
     for (const path of ['/demo/cut-subscription', '/demo/pause-delivery?seconds=1', `/demo/stall-reading?client=${client}&seconds=1`]) {
       const res = await fetch(`${base}${path}`, { method: 'POST', signal: AbortSignal.timeout(WAIT_MS) });
       const body = await res.text();
-      if (res.status !== 403) fail(`POST ${base}${path} answered HTTP ${res.status} (${JSON.stringify(body)}), expected 403 without --demo-controls`);
+      if (res.status !== 404) fail(`POST ${base}${path} answered HTTP ${res.status} (${JSON.stringify(body)}), expected 404 on the public port`);
     }
-    ok(`${label}: config.json says demo_controls false, no fault panel in the page, POST /demo/* answer 403`);
+    ok(`${label}: config.json says demo_controls false, no fault panel in the page, POST /demo/* answer 404 on the public port`);
   }
 
   // Alice types a message and presses Enter.

@@ -179,6 +179,9 @@ pub struct Instance {
     pub id: String,
     pub http: SocketAddr,
     pub ws: SocketAddr,
+    /// The admin listener (`--admin-addr`): metrics, stats, detailed
+    /// readiness, the fault panel.
+    pub admin: Option<SocketAddr>,
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
 }
@@ -233,7 +236,7 @@ impl Instance {
             format!("stderr-{id}"),
             move |line| lines.lock().unwrap().push(line),
         );
-        let Ok((http, ws)) = addr_rx.recv_timeout(TIMEOUT) else {
+        let Ok(process::Listening { http, ws, admin }) = addr_rx.recv_timeout(TIMEOUT) else {
             let _ = child.kill();
             panic!(
                 "instance {id} did not start:\n{}",
@@ -244,6 +247,7 @@ impl Instance {
             id: id.to_string(),
             http,
             ws,
+            admin,
             child: Some(child),
             log,
         }
@@ -258,9 +262,20 @@ impl Instance {
         self.log.lock().unwrap().join("\n")
     }
 
-    /// `GET path` over plain HTTP/1.0: (status, body).
+    /// `GET path` from the public port over plain HTTP/1.0: (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
         http_get(self.http, path)
+    }
+
+    /// The admin listener's address.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+            .unwrap_or_else(|| panic!("{} logged no admin address", self.id))
+    }
+
+    /// `GET path` from the admin listener.
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin(), path)
     }
 
     /// Waits for `/readyz` to answer 200.
@@ -270,9 +285,9 @@ impl Instance {
         });
     }
 
-    /// One number from `/metrics`.
+    /// One number from `/metrics` (on the admin listener).
     pub fn metric(&self, name: &str) -> f64 {
-        let (status, body) = self.get("/metrics");
+        let (status, body) = self.admin_get("/metrics");
         assert_eq!(status, 200);
         body.lines()
             .find_map(|line| {

@@ -197,14 +197,32 @@ pub fn instance_command(bin: &Path, id: &str) -> Command {
     cmd
 }
 
-/// The (HTTP, WebSocket) addresses of an instance's listening line:
-/// `instance a listening: page http://127.0.0.1:H/ websocket ws://127.0.0.1:W/ws`.
+/// Where an instance listens, from its listening line.
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    /// The public HTTP port: the page.
+    pub http: SocketAddr,
+    pub ws: SocketAddr,
+    /// The admin listener (`--admin-addr`), unless it is off.
+    pub admin: Option<SocketAddr>,
+}
+
+/// The addresses of an instance's listening line:
+/// `instance a listening: page http://127.0.0.1:H/ websocket ws://127.0.0.1:W/ws admin http://127.0.0.1:A/`.
 /// The server logs it at `info` from its `server` module.
-pub fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+pub fn parse_listening(line: &str) -> Option<Listening> {
     let rest = line.split(" listening: page http://").nth(1)?;
     let (http, rest) = rest.split_once("/ websocket ws://")?;
     let ws = rest.split('/').next()?;
-    Some((http.parse().ok()?, ws.parse().ok()?))
+    let admin = rest
+        .split(" admin http://")
+        .nth(1)
+        .and_then(|admin| admin.split('/').next()?.parse().ok());
+    Some(Listening {
+        http: http.parse().ok()?,
+        ws: ws.parse().ok()?,
+        admin,
+    })
 }
 
 /// Drains an instance's stderr on a thread named `thread_name` for the
@@ -215,7 +233,7 @@ pub fn watch_stderr(
     stderr: ChildStderr,
     thread_name: String,
     mut on_line: impl FnMut(String) + Send + 'static,
-) -> mpsc::Receiver<(SocketAddr, SocketAddr)> {
+) -> mpsc::Receiver<Listening> {
     let (addr_tx, addr_rx) = mpsc::channel();
     thread::Builder::new()
         .name(thread_name)

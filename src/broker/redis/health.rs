@@ -15,6 +15,9 @@
 //!   `down` among its first frames ([`Health::check`]), and the shard is
 //!   marked as told `down`: the `up` that follows reaches it too, however
 //!   short the outage.
+//! - Clients are told that a link is down, never why: the why names the
+//!   Redis host, port, database and user. It goes to the logs and the
+//!   admin listener's `/readyz` ([`Health::readiness`]).
 //!
 //! Events are sent under this file's lock, so that the order clients see
 //! them in is the order the links changed in.
@@ -44,24 +47,6 @@ struct State {
 impl State {
     fn shard_up(&self, shard: usize) -> bool {
         self.subscriptions[shard].is_none() && self.publisher.is_none()
-    }
-
-    /// Why `shard`'s rooms cannot send, for people.
-    fn why_down(&self, shard: usize, cluster: bool) -> Option<String> {
-        let which = if cluster {
-            format!(" (cluster shard {shard})")
-        } else {
-            String::new()
-        };
-        match (&self.subscriptions[shard], &self.publisher) {
-            (Some(reason), _) => Some(format!(
-                "redis subscription{which} is down: {reason}; reconnecting"
-            )),
-            (None, Some(reason)) => {
-                Some(format!("redis publisher is down: {reason}; reconnecting"))
-            }
-            (None, None) => None,
-        }
     }
 }
 
@@ -150,19 +135,7 @@ impl Health {
             }
         }
         if !went_down.is_empty() {
-            let reason = state
-                .why_down(went_down[0], self.cluster)
-                .unwrap_or_default();
-            let message = if self.cluster {
-                format!(
-                    "the server lost its link to the Redis Cluster shard that serves this room \
-                     ({reason}): sending here is paused while it reconnects"
-                )
-            } else {
-                format!(
-                    "the server lost its link to Redis ({reason}): sending is paused while it reconnects"
-                )
-            };
+            let message = self.told_down().to_string();
             self.tell(DeliveryStatus::Down, &went_down, shards, message);
         }
         if !went_up.is_empty() {
@@ -191,12 +164,23 @@ impl Health {
         let Some(shard) = shard.filter(|&shard| shard < state.subscriptions.len()) else {
             return Err("the redis cluster master of this room is not known yet; looking".into());
         };
-        match state.why_down(shard, self.cluster) {
-            None => Ok(()),
-            Some(reason) => {
-                state.told_up[shard] = false;
-                Err(reason)
-            }
+        if state.shard_up(shard) {
+            Ok(())
+        } else {
+            state.told_up[shard] = false;
+            Err(self.told_down().to_string())
+        }
+    }
+
+    /// What clients are told when their rooms' links are down. Not why:
+    /// the why names the Redis host, port, database and user, and is for
+    /// the operator (the logs, the admin listener's `/readyz`).
+    fn told_down(&self) -> &'static str {
+        if self.cluster {
+            "the server lost its link to the Redis Cluster shard that serves this room: \
+             sending here is paused while it reconnects"
+        } else {
+            "the server lost its link to Redis: sending is paused while it reconnects"
         }
     }
 
