@@ -51,6 +51,8 @@ struct Reading {
 
 /// The attacks under way.
 pub struct Attack {
+    broker: Vec<String>,
+    prefix: String,
     stop: Arc<AtomicBool>,
     attacks: Vec<(&'static str, JoinHandle<Tally>)>,
     watch: JoinHandle<Vec<Reading>>,
@@ -65,6 +67,8 @@ pub struct Targets {
     pub room: String,
     pub pids: [u32; 2],
     pub broker: Vec<String>,
+    /// The instances' `--redis-prefix`.
+    pub prefix: String,
 }
 
 fn attacker(n: u8) -> IpAddr {
@@ -73,7 +77,21 @@ fn attacker(n: u8) -> IpAddr {
 
 /// A TCP connection to `to` from `from`.
 fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    connect_with(from, to, None)
+}
+
+/// A TCP connection to `to` from `from`, with a receive buffer of
+/// `receive_buffer` bytes if given: a client that never reads then leaves
+/// what it is sent in the server's memory, not in its own kernel's.
+fn connect_with(
+    from: IpAddr,
+    to: SocketAddr,
+    receive_buffer: Option<usize>,
+) -> std::io::Result<TcpStream> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    if let Some(bytes) = receive_buffer {
+        socket.set_recv_buffer_size(bytes)?;
+    }
     socket.bind(&SocketAddr::new(from, 0).into())?;
     socket.connect_timeout(&to.into(), Duration::from_secs(2))?;
     let stream: TcpStream = socket.into();
@@ -84,7 +102,18 @@ fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
 
 /// A WebSocket handshake from `from`; the refusal's status as `Err`.
 fn ws_from(from: IpAddr, to: SocketAddr, query: &str) -> Result<WebSocket<TcpStream>, String> {
-    let stream = connect_from(from, to).map_err(|e| format!("connect: {}", e.kind()))?;
+    ws_with(from, to, query, None)
+}
+
+/// [`ws_from`], with [`connect_with`]'s receive buffer.
+fn ws_with(
+    from: IpAddr,
+    to: SocketAddr,
+    query: &str,
+    receive_buffer: Option<usize>,
+) -> Result<WebSocket<TcpStream>, String> {
+    let stream =
+        connect_with(from, to, receive_buffer).map_err(|e| format!("connect: {}", e.kind()))?;
     match tungstenite::client(format!("ws://{to}/ws?{query}"), stream) {
         Ok((socket, _)) => Ok(socket),
         Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
@@ -133,6 +162,8 @@ pub fn start(targets: &Targets) -> Attack {
         thread::spawn(move || watch(&stop, pids, &broker))
     };
     Attack {
+        broker: targets.broker.clone(),
+        prefix: targets.prefix.clone(),
         stop,
         attacks,
         watch,
@@ -143,6 +174,18 @@ impl Attack {
     /// Stops every attack and reports what each did, and what the
     /// instances and Redis held over time.
     pub fn finish(self, rep: &mut RunReport) {
+        // What the worst rooms cost Redis, read while the attackers are
+        // still in them: the room filled with the heaviest messages, and
+        // the members of the room held by 200 connections.
+        if let Ok(mut redis) = RedisWatch::open(&self.broker) {
+            let history = format!("{}:history:abuse-history", self.prefix);
+            let presence = format!("{}:presence:{{abuse-hold}}", self.prefix);
+            let (history_bytes, messages) = redis.memory_usage(&history);
+            let (presence_bytes, members) = redis.memory_usage(&presence);
+            rep.add("redis: the filled room's history (KiB)", history_bytes as f64 / 1024.0, 0);
+            rep.add("redis: the filled room's messages", messages as f64, 0);
+            rep.add("redis: presence bytes per member", presence_bytes as f64 / members.max(1) as f64, 0);
+        }
         self.stop.store(true, Ordering::Relaxed);
         for (name, handle) in self.attacks {
             let tally = handle.join().unwrap_or_default();
@@ -183,8 +226,9 @@ fn hold(stop: &AtomicBool, ws: [SocketAddr; 2]) -> Tally {
 }
 
 /// Fills a room's history with the heaviest messages (50 connections, 20
-/// each: the rate limit's burst), then keeps 20 clients joining it with
-/// `since=0-0` and never reading, replaced every 5 s.
+/// each: the rate limit's burst, each waiting for its 20 to be accepted),
+/// then keeps 20 clients joining it with `since=0-0` and never reading
+/// (with a 4 KiB receive buffer), replaced every 5 s.
 fn replay(stop: &AtomicBool, ws: [SocketAddr; 2]) -> Tally {
     let mut tally = Tally::default();
     let room = "abuse-history";
@@ -197,10 +241,27 @@ fn replay(stop: &AtomicBool, ws: [SocketAddr; 2]) -> Tally {
         ) {
             Ok(mut socket) => {
                 for _ in 0..20 {
-                    if send_text(&mut socket, &text) {
-                        tally.count("filling message");
+                    send_text(&mut socket, &text);
+                }
+                // Closed before its messages are read, the connection
+                // would be reset and lose them: wait for the echoes.
+                let mut accepted = 0;
+                while accepted < 20 {
+                    match socket.read() {
+                        Ok(Message::Text(frame)) if frame.contains(r#""type":"message""#) => {
+                            accepted += 1;
+                        }
+                        Ok(Message::Text(frame)) if frame.contains(r#""type":"error""#) => {
+                            tally.count("filling message refused");
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
                     }
                 }
+                for _ in 0..accepted {
+                    tally.count("filling message accepted");
+                }
+                let _ = socket.close(None);
             }
             Err(e) => tally.count(format!("filler {e}")),
         }
@@ -210,7 +271,7 @@ fn replay(stop: &AtomicBool, ws: [SocketAddr; 2]) -> Tally {
         let mut readers = Vec::new();
         for n in 0..20 {
             let query = format!("name=replay{round}x{n}&room={room}&since=0-0");
-            match ws_from(attacker(67), ws[n % 2], &query) {
+            match ws_with(attacker(67), ws[n % 2], &query, Some(4096)) {
                 Ok(socket) => {
                     tally.count("replay joined");
                     readers.push(socket);
@@ -357,7 +418,7 @@ fn trace(stop: &AtomicBool, ws: [SocketAddr; 2], room: &str) -> Tally {
 }
 
 /// Request heads that never end, 150 at a time on each instance's HTTP
-/// port, reopened as the server closes them.
+/// port, topped up once a second as the server closes or refuses them.
 fn http_heads(stop: &AtomicBool, http: [SocketAddr; 2]) -> Tally {
     let mut tally = Tally::default();
     let mut open: Vec<(TcpStream, Instant)> = Vec::new();
@@ -399,7 +460,7 @@ fn http_heads(stop: &AtomicBool, http: [SocketAddr; 2]) -> Tally {
                 }
             }
         });
-        sleep_unless_stopped(stop, Duration::from_millis(200));
+        sleep_unless_stopped(stop, Duration::from_secs(1));
     }
     tally
 }
@@ -413,15 +474,15 @@ fn probes(stop: &AtomicBool, ws: [SocketAddr; 2], http: [SocketAddr; 2]) -> Tall
     while !stop.load(Ordering::Relaxed) {
         n += 1;
         let to = ws[n % 2];
-        match ws_from(attacker(72), to, "name=ali%E2%80%AEce&room=lobby") {
-            Ok(_) => tally.count("bidi name accepted"),
-            Err(e) => tally.count(format!("bidi name {e}")),
-        }
+        tally.count(format!(
+            "bidi name {}",
+            first_answer(ws_from(attacker(72), to, "name=ali%E2%80%AEce&room=lobby"))
+        ));
         let long_room = "r".repeat(16_000);
-        match ws_from(attacker(72), to, &format!("name=x&room={long_room}")) {
-            Ok(_) => tally.count("long room accepted"),
-            Err(e) => tally.count(format!("long room {e}")),
-        }
+        tally.count(format!(
+            "long room {}",
+            first_answer(ws_from(attacker(72), to, &format!("name=x&room={long_room}")))
+        ));
         if let Ok(mut stream) = connect_from(attacker(72), http[n % 2]) {
             let request = "POST /demo/cut-subscription HTTP/1.1\r\nHost: x\r\n\
                            Origin: https://evil.example\r\nContent-Length: 0\r\n\
@@ -436,6 +497,32 @@ fn probes(stop: &AtomicBool, ws: [SocketAddr; 2], http: [SocketAddr; 2]) -> Tall
         sleep_unless_stopped(stop, Duration::from_millis(100));
     }
     tally
+}
+
+/// How a handshake was answered: refused with an HTTP status, or
+/// upgraded and then refused with an `error` frame (its code), or
+/// welcomed.
+fn first_answer(handshake: Result<WebSocket<TcpStream>, String>) -> String {
+    let mut socket = match handshake {
+        Ok(socket) => socket,
+        Err(e) => return e,
+    };
+    match socket.read() {
+        Ok(Message::Text(text)) => {
+            let frame: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            match frame["type"].as_str() {
+                Some("error") => format!("refused: error {}", frame["code"]),
+                Some(kind) => format!("accepted: {kind}"),
+                None => "accepted: no type".into(),
+            }
+        }
+        Ok(Message::Close(frame)) => format!(
+            "refused: close {}",
+            frame.map_or(0, |frame| u16::from(frame.code))
+        ),
+        Ok(_) => "answered: not text".into(),
+        Err(e) => format!("refused: {e}"),
+    }
 }
 
 fn sleep_unless_stopped(stop: &AtomicBool, total: Duration) {

@@ -104,6 +104,7 @@ fn run_once(opts: &Opts, run: usize, attacked: bool) -> RunReport {
             room: room.clone(),
             pids: [a.pid(), b.pid()],
             broker: broker.clone(),
+            prefix: prefix.clone(),
         })
     });
     let mut b = b;

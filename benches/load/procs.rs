@@ -488,6 +488,28 @@ impl RedisWatch {
             .sum()
     }
 
+    /// `MEMORY USAGE key` and the key's length (stream entries, hash
+    /// fields), from the first node that has it; zeros when none has.
+    pub fn memory_usage(&mut self, key: &str) -> (u64, u64) {
+        for conn in &mut self.conns {
+            let bytes: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key)
+                .arg("SAMPLES")
+                .arg(0)
+                .query(conn)
+                .ok()
+                .flatten();
+            if let Some(bytes) = bytes {
+                let kind: String = redis::cmd("TYPE").arg(key).query(conn).unwrap_or_default();
+                let len_command = if kind == "stream" { "XLEN" } else { "HLEN" };
+                let len = redis::cmd(len_command).arg(key).query(conn).unwrap_or(0);
+                return (bytes, len);
+            }
+        }
+        (0, 0)
+    }
+
     /// `used_memory` of `INFO memory`, summed over the nodes.
     pub fn used_memory(&mut self) -> u64 {
         self.conns

@@ -1,32 +1,17 @@
 //! A room's history, read back: for a client that connects (its first
-//! frames), on a connection of its own, so that a large read never holds
-//! up a publish; and the stream-reply parsing the catch-up after an outage
-//! shares.
+//! frames), on a connection of its own, so that a large read never waits
+//! behind a publish; and the stream-reply parsing the catch-up after an
+//! outage shares.
 
 use std::sync::Arc;
 
 use log::warn;
-use redis::{ConnectionLike, RedisError, Script};
+use redis::{ConnectionLike, RedisError};
 
 use super::keys::RedisKeys;
 use super::link::{Failure, Link};
 use crate::broker::{History, HistoryQuery, Unavailable};
 use crate::protocol::{ChatMessage, Limits, MessageId, parse_channel_payload};
-
-/// Reads a room's history and the last id handed out (`KEYS[2]`) in one
-/// atomic step, so that the seam computed from them is exact. Each mode
-/// reads at most `ARGV[3]` entries, the most recent first: `recent`, the
-/// newest; `before`, those older than `ARGV[2]`; `after`, those from
-/// `ARGV[2]` on, and the oldest entry of all.
-const HISTORY_SCRIPT: &str = r#"
-local latest = redis.call('GET', KEYS[2])
-if ARGV[1] == 'recent' then
-  return {latest, redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[3])}
-elseif ARGV[1] == 'before' then
-  return {latest, redis.call('XREVRANGE', KEYS[1], '(' .. ARGV[2], '-', 'COUNT', ARGV[3])}
-end
-return {latest, redis.call('XREVRANGE', KEYS[1], '+', ARGV[2], 'COUNT', ARGV[3]), redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)}
-"#;
 
 /// One entry of an `XRANGE` reply: its id and its field-value pairs.
 pub type StreamEntry = (String, Vec<(String, Vec<u8>)>);
@@ -34,7 +19,6 @@ pub type StreamEntry = (String, Vec<(String, Vec<u8>)>);
 pub struct HistoryReader {
     link: Arc<Link>,
     keys: RedisKeys,
-    script: Script,
     limits: Limits,
 }
 
@@ -43,7 +27,6 @@ impl HistoryReader {
         HistoryReader {
             link: Arc::new(link),
             keys,
-            script: Script::new(HISTORY_SCRIPT),
             limits,
         }
     }
@@ -53,20 +36,36 @@ impl HistoryReader {
         &self.link
     }
 
-    /// Reads history and the last id in one atomic step (a script), so
-    /// that the seam computed from them is exact.
+    /// Reads the last id handed out, then at most `entries_to_read` of the
+    /// history, the most recent first: the newest (`Recent`), those older
+    /// than an id (`Before`), or those from `since` on (`After`, with the
+    /// oldest entry of all, read last).
+    ///
+    /// Two plain commands, not one script: a script's reply goes through
+    /// Lua tables, and for a page of the largest messages (200 of about
+    /// 12 KB) that held Redis, and every publish behind it, for 9 to 17 ms
+    /// against 1 to 3 ms for `XREVRANGE` itself (measured with `SLOWLOG`).
+    /// Nothing needs the two in one step: ids grow with acceptance, so a
+    /// page read after the last id ends with the newest message accepted
+    /// by then, and the seam ([`History::seam`]) is the page's last
+    /// message; one accepted between the two reads is in the page, and its
+    /// live copy, at or below the seam, is not sent again.
     pub fn read(&self, room: &str, query: HistoryQuery) -> Result<History, Unavailable> {
-        let (mode, from) = match query {
-            HistoryQuery::Recent(_) => ("recent", String::new()),
-            HistoryQuery::Before(before, _) => ("before", before.to_string()),
-            HistoryQuery::After(since, _) => ("after", since.to_string()),
+        let history_key = self.keys.history(room);
+        let page = |connection: &mut dyn ConnectionLike, from: &str, to: &str| {
+            redis::cmd("XREVRANGE")
+                .arg(&history_key)
+                .arg(from)
+                .arg(to)
+                .arg("COUNT")
+                .arg(query.entries_to_read())
+                .query::<Vec<StreamEntry>>(connection)
         };
-        let mut invocation = self.script.key(self.keys.history(room));
-        invocation
-            .key(self.keys.last_id(room))
-            .arg(mode)
-            .arg(from)
-            .arg(query.entries_to_read());
+        let latest = |connection: &mut dyn ConnectionLike| {
+            redis::cmd("GET")
+                .arg(self.keys.last_id(room))
+                .query::<Option<String>>(connection)
+        };
         // Most recent first: put oldest first.
         let messages = |mut entries: Vec<StreamEntry>| {
             entries.reverse();
@@ -74,20 +73,31 @@ impl HistoryReader {
         };
         let history = match query {
             HistoryQuery::Recent(n) | HistoryQuery::Before(_, n) => {
-                let (latest, entries): (Option<String>, Vec<StreamEntry>) = self
+                let from = match query {
+                    HistoryQuery::Before(before, _) => format!("({before}"),
+                    _ => "+".to_string(),
+                };
+                let (latest, entries) = self
                     .link
-                    .run(|connection| invocation.invoke(connection))
+                    .run(|connection| Ok((latest(connection)?, page(connection, &from, "-")?)))
                     .map_err(Failure::into_unavailable)?;
                 History::page(messages(entries), n, parse_last_id(latest))
             }
             HistoryQuery::After(since, max) => {
-                let (latest, from_since, oldest): (
-                    Option<String>,
-                    Vec<StreamEntry>,
-                    Vec<StreamEntry>,
-                ) = self
+                let (latest, from_since, oldest) = self
                     .link
-                    .run(|connection| invocation.invoke(connection))
+                    .run(|connection| {
+                        let latest = latest(connection)?;
+                        let from_since = page(connection, "+", &since.to_string())?;
+                        let oldest: Vec<StreamEntry> = redis::cmd("XRANGE")
+                            .arg(&history_key)
+                            .arg("-")
+                            .arg("+")
+                            .arg("COUNT")
+                            .arg(1)
+                            .query(connection)?;
+                        Ok((latest, from_since, oldest))
+                    })
                     .map_err(Failure::into_unavailable)?;
                 let oldest = oldest.first().and_then(|(id, _)| id.parse().ok());
                 History::resume(
