@@ -23,6 +23,24 @@ use tungstenite::{Message, WebSocket};
 use crate::procs::RedisWatch;
 use crate::report::RunReport;
 
+/// Clients joining the filled room with `since=0-0` that never read (the
+/// issue reproduced it with 10), each replaced after
+/// [`REPLAYERS_REPLACED_AFTER`], when the server has closed it (its
+/// `--send-timeout-ms`, 30 s by default) and an attacker would come back.
+/// `ABUSE_REPLAYERS` and `ABUSE_FLOODERS` set a heavier mix.
+const REPLAYERS: usize = 10;
+const REPLAYERS_REPLACED_AFTER: Duration = Duration::from_secs(30);
+/// Connections creating rooms at the rate limit (the issue: "one client
+/// can create rooms without end").
+const FLOODERS: usize = 5;
+
+fn from_env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The text of a flooding message: as many control characters as the
 /// server allows (2,000), each escaped to six bytes in JSON: the largest
 /// message a client can make Redis keep.
@@ -133,7 +151,15 @@ fn send_text(socket: &mut WebSocket<TcpStream>, text: &str) -> bool {
 pub fn start(targets: &Targets) -> Attack {
     let stop = Arc::new(AtomicBool::new(false));
     let mut attacks = Vec::new();
+    // `ABUSE_ATTACKS=replay,rooms` runs only those: to see which costs what.
+    let chosen = std::env::var("ABUSE_ATTACKS").ok();
     let mut spawn = |name: &'static str, body: Box<dyn FnOnce(&AtomicBool) -> Tally + Send>| {
+        if chosen
+            .as_deref()
+            .is_some_and(|chosen| !chosen.split(',').any(|c| c == name))
+        {
+            return;
+        }
         let stop = stop.clone();
         let handle = thread::Builder::new()
             .name(format!("attack-{name}"))
@@ -182,9 +208,22 @@ impl Attack {
             let presence = format!("{}:presence:{{abuse-hold}}", self.prefix);
             let (history_bytes, messages) = redis.memory_usage(&history);
             let (presence_bytes, members) = redis.memory_usage(&presence);
-            rep.add("redis: the filled room's history (KiB)", history_bytes as f64 / 1024.0, 0);
+            rep.add(
+                "redis: the filled room's history (KiB)",
+                history_bytes as f64 / 1024.0,
+                0,
+            );
             rep.add("redis: the filled room's messages", messages as f64, 0);
-            rep.add("redis: presence bytes per member", presence_bytes as f64 / members.max(1) as f64, 0);
+            rep.add(
+                "redis: presence bytes per member",
+                presence_bytes as f64 / members.max(1) as f64,
+                0,
+            );
+            rep.add(
+                "redis: keys evicted (maxmemory)",
+                redis.info_field("stats", "evicted_keys") as f64,
+                0,
+            );
         }
         self.stop.store(true, Ordering::Relaxed);
         for (name, handle) in self.attacks {
@@ -227,8 +266,8 @@ fn hold(stop: &AtomicBool, ws: [SocketAddr; 2]) -> Tally {
 
 /// Fills a room's history with the heaviest messages (50 connections, 20
 /// each: the rate limit's burst, each waiting for its 20 to be accepted),
-/// then keeps 20 clients joining it with `since=0-0` and never reading
-/// (with a 4 KiB receive buffer), replaced every 5 s.
+/// then keeps [`REPLAYERS`] clients joining it with `since=0-0` and never
+/// reading (with a 4 KiB receive buffer), replaced as they are closed.
 fn replay(stop: &AtomicBool, ws: [SocketAddr; 2]) -> Tally {
     let mut tally = Tally::default();
     let room = "abuse-history";
@@ -240,15 +279,20 @@ fn replay(stop: &AtomicBool, ws: [SocketAddr; 2]) -> Tally {
             &format!("name=fill{n}&room={room}"),
         ) {
             Ok(mut socket) => {
-                for _ in 0..20 {
-                    send_text(&mut socket, &text);
+                for k in 0..20 {
+                    let frame = serde_json::json!({"type": "message", "text": text, "cid": format!("fill{n}-{k}")});
+                    let _ = socket.send(Message::text(frame.to_string()));
                 }
                 // Closed before its messages are read, the connection
-                // would be reset and lose them: wait for the echoes.
+                // would be reset and lose them: wait for their echoes (the
+                // room's history comes first, without our cids).
+                let ours = format!(r#""cid":"fill{n}-"#);
                 let mut accepted = 0;
                 while accepted < 20 {
                     match socket.read() {
-                        Ok(Message::Text(frame)) if frame.contains(r#""type":"message""#) => {
+                        Ok(Message::Text(frame))
+                            if frame.contains(&ours) && frame.contains(r#""type":"message""#) =>
+                        {
                             accepted += 1;
                         }
                         Ok(Message::Text(frame)) if frame.contains(r#""type":"error""#) => {
@@ -269,7 +313,7 @@ fn replay(stop: &AtomicBool, ws: [SocketAddr; 2]) -> Tally {
     let mut round = 0;
     while !stop.load(Ordering::Relaxed) {
         let mut readers = Vec::new();
-        for n in 0..20 {
+        for n in 0..from_env("ABUSE_REPLAYERS", REPLAYERS) {
             let query = format!("name=replay{round}x{n}&room={room}&since=0-0");
             match ws_with(attacker(67), ws[n % 2], &query, Some(4096)) {
                 Ok(socket) => {
@@ -279,13 +323,13 @@ fn replay(stop: &AtomicBool, ws: [SocketAddr; 2]) -> Tally {
                 Err(e) => tally.count(format!("replay {e}")),
             }
         }
-        sleep_unless_stopped(stop, Duration::from_secs(5));
+        sleep_unless_stopped(stop, REPLAYERS_REPLACED_AFTER);
         round += 1;
     }
     tally
 }
 
-/// Twenty connections at the rate limit, each moving to a new room after
+/// [`FLOODERS`] connections at the rate limit, each moving to a new room after
 /// every 20 messages: rooms created without end, each holding the
 /// heaviest messages.
 fn rooms(stop: &AtomicBool, ws: [SocketAddr; 2]) -> Tally {
@@ -304,7 +348,9 @@ fn rooms(stop: &AtomicBool, ws: [SocketAddr; 2]) -> Tally {
         }
     };
     let mut flooders: Vec<Option<(WebSocket<TcpStream>, u32)>> =
-        (0..20).map(|_| open(&mut tally, &mut next_room)).collect();
+        (0..from_env("ABUSE_FLOODERS", FLOODERS))
+            .map(|_| open(&mut tally, &mut next_room))
+            .collect();
     while !stop.load(Ordering::Relaxed) {
         let round = Instant::now();
         for slot in flooders.iter_mut() {
@@ -481,7 +527,11 @@ fn probes(stop: &AtomicBool, ws: [SocketAddr; 2], http: [SocketAddr; 2]) -> Tall
         let long_room = "r".repeat(16_000);
         tally.count(format!(
             "long room {}",
-            first_answer(ws_from(attacker(72), to, &format!("name=x&room={long_room}")))
+            first_answer(ws_from(
+                attacker(72),
+                to,
+                &format!("name=x&room={long_room}")
+            ))
         ));
         if let Ok(mut stream) = connect_from(attacker(72), http[n % 2]) {
             let request = "POST /demo/cut-subscription HTTP/1.1\r\nHost: x\r\n\

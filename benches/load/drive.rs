@@ -56,7 +56,7 @@ fn run_once(opts: &Opts, run: usize, attacked: bool) -> RunReport {
             // Redis's guidance for a bounded Redis; every key a client
             // can make the server write has a TTL, so can be evicted.
             let capped: &[&str] = if opts.scenario == Scenario::Abuse {
-                &["--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru"]
+                &["--maxmemory", "24mb", "--maxmemory-policy", "volatile-lru"]
             } else {
                 &[]
             };

@@ -512,12 +512,18 @@ impl RedisWatch {
 
     /// `used_memory` of `INFO memory`, summed over the nodes.
     pub fn used_memory(&mut self) -> u64 {
+        self.info_field("memory", "used_memory")
+    }
+
+    /// A numeric field of an `INFO` section, summed over the nodes.
+    pub fn info_field(&mut self, section: &str, field: &str) -> u64 {
+        let prefix = format!("{field}:");
         self.conns
             .iter_mut()
-            .filter_map(|c| redis::cmd("INFO").arg("memory").query::<String>(c).ok())
+            .filter_map(|c| redis::cmd("INFO").arg(section).query::<String>(c).ok())
             .filter_map(|info| {
                 info.lines()
-                    .find_map(|line| line.strip_prefix("used_memory:"))
+                    .find_map(|line| line.strip_prefix(prefix.as_str()))
                     .and_then(|n| n.trim().parse::<u64>().ok())
             })
             .sum()
