@@ -142,6 +142,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
                 publish_deadline: config.publish_deadline(),
                 instance: instance.clone(),
                 limits: config.content_limits(),
+                history_read_bytes: config.client_buffer_bytes,
                 room_linger: config.room_linger(),
                 presence_ttl: config.presence_ttl(),
                 ping_interval: config.redis_ping_interval(),

@@ -3,7 +3,9 @@
 //! `--history-replay-max` messages, and no more bytes than the client's
 //! buffer holds, says that older ones remain (`notice` `history_more`),
 //! and `{"type":"history","before":ID}` pages back through them, each
-//! page bounded the same way, until nothing older remains.
+//! page bounded the same way, until nothing older remains; and that a
+//! replay reads from Redis about what the client's buffer holds, not the
+//! whole page.
 
 mod common;
 
@@ -174,4 +176,59 @@ fn a_replay_is_no_larger_than_the_client_buffer() {
     );
     assert_eq!(ids_of(&replayed).last(), ids.last(), "the newest are kept");
     assert_eq!(notice["before"], replayed[0]["id"]);
+}
+
+/// Bytes Redis has written to its clients so far.
+fn redis_output_bytes(redis: &RedisServer) -> u64 {
+    let mut conn = redis.connection().unwrap();
+    let info: String = redis::cmd("INFO").arg("stats").query(&mut conn).unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_net_output_bytes:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_replay_reads_from_redis_only_about_what_the_client_buffer_holds() {
+    let redis = RedisServer::start();
+    let prefix = unique("history-read");
+    let buffer = 100_000;
+    let a = Instance::redis_with(
+        "a",
+        &redis.url(),
+        &prefix,
+        &[
+            "--history-replay-max",
+            "200",
+            "--client-buffer-bytes",
+            &buffer.to_string(),
+            "--max-text-chars",
+            "2000",
+            "--presence",
+            "off",
+        ],
+    );
+    let mut sender = a.client("ann", "lobby");
+    let ids = fill(&mut sender, 200, 2000);
+    drop(sender);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // 200 messages of 2 KB are 400 KB in Redis; the client can take 100 KB.
+    let before = redis_output_bytes(&redis);
+    let mut back = Client::connect_raw(a.ws, &format!("name=bob&room=lobby&since={}", ids[0]));
+    back.set_read_timeout(Duration::from_millis(500));
+    let mut replayed = 0;
+    while let Ok(message) = back.socket.read() {
+        if let Message::Text(text) = message
+            && text.contains(r#""type":"message""#)
+        {
+            replayed += 1;
+        }
+    }
+    let read = redis_output_bytes(&redis) - before;
+    assert!(replayed > 20, "{replayed} messages replayed");
+    assert!(
+        read < 2 * buffer,
+        "Redis sent {read} bytes for a replay the client's {buffer}-byte buffer cuts to {replayed} messages"
+    );
 }

@@ -16,18 +16,31 @@ use crate::protocol::{ChatMessage, Limits, MessageId, parse_channel_payload};
 /// One entry of an `XRANGE` reply: its id and its field-value pairs.
 pub type StreamEntry = (String, Vec<(String, Vec<u8>)>);
 
+/// Entries the first `XREVRANGE` of a read asks for: a page of ordinary
+/// messages takes one command; the next are sized from what this one
+/// weighed.
+const FIRST_PAGE: usize = 64;
+
+/// The bytes of an entry's payload.
+fn entry_bytes((_, fields): &StreamEntry) -> usize {
+    fields.iter().map(|(_, value)| value.len()).sum()
+}
+
 pub struct HistoryReader {
     link: Arc<Link>,
     keys: RedisKeys,
     limits: Limits,
+    /// Past this many bytes a read stops: the client could not take more.
+    max_bytes: usize,
 }
 
 impl HistoryReader {
-    pub fn new(link: Link, keys: RedisKeys, limits: Limits) -> Self {
+    pub fn new(link: Link, keys: RedisKeys, limits: Limits, max_bytes: usize) -> Self {
         HistoryReader {
             link: Arc::new(link),
             keys,
             limits,
+            max_bytes,
         }
     }
 
@@ -39,7 +52,9 @@ impl HistoryReader {
     /// Reads the last id handed out, then at most `entries_to_read` of the
     /// history, the most recent first: the newest (`Recent`), those older
     /// than an id (`Before`), or those from `since` on (`After`, with the
-    /// oldest entry of all, read last).
+    /// oldest entry of all, read last). A read stops once it holds
+    /// `max_bytes`, and says that more remain: 200 of the largest messages
+    /// are 2.5 MB, of which a client's buffer takes 1 MiB.
     ///
     /// Two plain commands, not one script: a script's reply goes through
     /// Lua tables, and for a page of the largest messages (200 of about
@@ -53,13 +68,7 @@ impl HistoryReader {
     pub fn read(&self, room: &str, query: HistoryQuery) -> Result<History, Unavailable> {
         let history_key = self.keys.history(room);
         let page = |connection: &mut dyn ConnectionLike, from: &str, to: &str| {
-            redis::cmd("XREVRANGE")
-                .arg(&history_key)
-                .arg(from)
-                .arg(to)
-                .arg("COUNT")
-                .arg(query.entries_to_read())
-                .query::<Vec<StreamEntry>>(connection)
+            self.newest(connection, &history_key, from, to, query.entries_to_read())
         };
         let latest = |connection: &mut dyn ConnectionLike| {
             redis::cmd("GET")
@@ -77,14 +86,16 @@ impl HistoryReader {
                     HistoryQuery::Before(before, _) => format!("({before}"),
                     _ => "+".to_string(),
                 };
-                let (latest, entries) = self
+                let (latest, (entries, cut)) = self
                     .link
                     .run(|connection| Ok((latest(connection)?, page(connection, &from, "-")?)))
                     .map_err(Failure::into_unavailable)?;
-                History::page(messages(entries), n, parse_last_id(latest))
+                let mut history = History::page(messages(entries), n, parse_last_id(latest));
+                history.more |= cut;
+                history
             }
             HistoryQuery::After(since, max) => {
-                let (latest, from_since, oldest) = self
+                let (latest, (from_since, cut), oldest) = self
                     .link
                     .run(|connection| {
                         let latest = latest(connection)?;
@@ -100,16 +111,66 @@ impl HistoryReader {
                     })
                     .map_err(Failure::into_unavailable)?;
                 let oldest = oldest.first().and_then(|(id, _)| id.parse().ok());
-                History::resume(
+                let mut history = History::resume(
                     since,
                     messages(from_since),
                     max,
                     oldest,
                     parse_last_id(latest),
-                )
+                );
+                history.more |= cut;
+                history
             }
         };
         Ok(history)
+    }
+}
+
+impl HistoryReader {
+    /// At most `wanted` entries from `from` down to `to` (`XREVRANGE`
+    /// bounds), newest first, in pages, until `max_bytes` are held: the
+    /// entries, and whether the bytes cut them short.
+    fn newest(
+        &self,
+        connection: &mut dyn ConnectionLike,
+        key: &str,
+        from: &str,
+        to: &str,
+        wanted: usize,
+    ) -> Result<(Vec<StreamEntry>, bool), RedisError> {
+        let mut entries: Vec<StreamEntry> = Vec::new();
+        let mut bytes = 0;
+        let mut from = from.to_string();
+        loop {
+            let left = wanted - entries.len();
+            let count = match entries.len() {
+                0 => left.min(FIRST_PAGE),
+                // As many as the bytes left hold, at the weight seen so
+                // far (one more, to reach the budget).
+                read => {
+                    let average = (bytes / read).max(1);
+                    left.min(self.max_bytes.saturating_sub(bytes) / average + 1)
+                }
+            };
+            let page: Vec<StreamEntry> = redis::cmd("XREVRANGE")
+                .arg(key)
+                .arg(&from)
+                .arg(to)
+                .arg("COUNT")
+                .arg(count)
+                .query(connection)?;
+            let exhausted = page.len() < count;
+            bytes += page.iter().map(entry_bytes).sum::<usize>();
+            entries.extend(page);
+            if entries.len() >= wanted || exhausted {
+                return Ok((entries, false));
+            }
+            if bytes >= self.max_bytes {
+                return Ok((entries, true));
+            }
+            let oldest_read = &entries.last().expect("a page that is not exhausted").0;
+            from = format!("({oldest_read}");
+        }
     }
 }
 

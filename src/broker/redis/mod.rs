@@ -153,7 +153,12 @@ impl RedisBroker {
                 settings.history_ttl,
                 settings.publish_deadline,
             ),
-            history: HistoryReader::new(links.link("history"), keys.clone(), settings.limits),
+            history: HistoryReader::new(
+                links.link("history"),
+                keys.clone(),
+                settings.limits,
+                settings.history_read_bytes,
+            ),
             reports: Reports::new(links.link("stats"), keys),
             presence,
             rooms: rooms.clone(),

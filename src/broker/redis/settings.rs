@@ -32,6 +32,9 @@ pub struct RedisSettings {
     pub ping_interval: Duration,
     /// What a valid payload on the channel or in history looks like.
     pub limits: Limits,
+    /// Bytes of history worth reading for one client: what its buffer
+    /// holds (`--client-buffer-bytes`); the rest would be cut anyway.
+    pub history_read_bytes: usize,
     /// The instance id, used to name this instance's Redis connections
     /// (`CLIENT LIST` shows `<prefix>:<instance>:pub` and `:sub`).
     pub instance: String,
