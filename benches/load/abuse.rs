@@ -25,11 +25,11 @@ use crate::report::RunReport;
 
 /// Clients joining the filled room with `since=0-0` that never read (the
 /// issue reproduced it with 10), each replaced after
-/// [`REPLAYERS_REPLACED_AFTER`], when the server has closed it (its
+/// [`REPLAYERS_REPLACED_AFTER`], once the server has closed it (its
 /// `--send-timeout-ms`, 30 s by default) and an attacker would come back.
 /// `ABUSE_REPLAYERS` and `ABUSE_FLOODERS` set a heavier mix.
 const REPLAYERS: usize = 10;
-const REPLAYERS_REPLACED_AFTER: Duration = Duration::from_secs(30);
+const REPLAYERS_REPLACED_AFTER: Duration = Duration::from_secs(35);
 /// Connections creating rooms at the rate limit (the issue: "one client
 /// can create rooms without end").
 const FLOODERS: usize = 5;

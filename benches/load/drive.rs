@@ -32,6 +32,15 @@ pub fn run(opts: &Opts, run: usize) -> RunReport {
         rep.add(format!("quiet {name}"), q, 3);
         rep.add(format!("attacked/quiet {name}"), a / q, 2);
     }
+    // What the attacks made each instance hold at most, over what the
+    // same chat held without them.
+    for name in ["a", "b"] {
+        let peak = rep.get(&format!("{name} RSS peak (MiB)"));
+        let quiet_end = quiet.get(&format!("{name}: RSS at end (MiB)"));
+        if let (Some(peak), Some(quiet_end)) = (peak, quiet_end) {
+            rep.add(format!("{name} RSS peak above quiet (MiB)"), peak - quiet_end, 1);
+        }
+    }
     for what in ["lost", "duplicated", "out of order"] {
         rep.add(
             format!("quiet {what}"),
@@ -56,7 +65,16 @@ fn run_once(opts: &Opts, run: usize, attacked: bool) -> RunReport {
             // Redis's guidance for a bounded Redis; every key a client
             // can make the server write has a TTL, so can be evicted.
             let capped: &[&str] = if opts.scenario == Scenario::Abuse {
-                &["--maxmemory", "24mb", "--maxmemory-policy", "volatile-lru"]
+                &[
+                    "--maxmemory",
+                    "24mb",
+                    "--maxmemory-policy",
+                    "volatile-lru",
+                    "--lazyfree-lazy-eviction",
+                    "yes",
+                    "--lazyfree-lazy-expire",
+                    "yes",
+                ]
             } else {
                 &[]
             };

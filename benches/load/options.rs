@@ -440,13 +440,13 @@ scenarios (defaults):
                loopback address of its own (127.0.0.66 and up; the ordinary clients on 127.0.0.1):
                300 idle connections held; a room filled with 1,000 of the heaviest messages (2,000
                escaped control characters) and 10 clients joining it with since=0-0 that never read,
-               replaced every 30 s (as the server closes them); 5 connections at the rate limit, each
+               replaced every 35 s (after the server closed them); 5 connections at the rate limit, each
                moving to a new room every 20 heavy messages (ABUSE_REPLAYERS=N and ABUSE_FLOODERS=N
                for a heavier mix, ABUSE_ATTACKS=replay,rooms,... for some attacks only); 10 connections flooding `typing` in the ordinary room (half padded with
                16,000 bytes); 40 clients asking for the X-ray; 300 HTTP request heads that never end;
                every 100 ms a bidi name, a 16,000-byte room and the fault panel from another site.
                The instances run with the server's default limits (rate 20/10 per s, 100 clients per
-               address), Redis with --maxmemory 24mb --maxmemory-policy volatile-lru. Reports the
+               address), Redis with --maxmemory 24mb --maxmemory-policy volatile-lru and lazy freeing. Reports the
                ordinary latency quiet and attacked, what each attack got, and the instances' RSS and
                Redis's used_memory every second. (asserted: no ordinary delivery lost, duplicated or
                reordered; targets: attacked p99 within 2x of quiet, RSS and used_memory growing less
