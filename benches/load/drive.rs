@@ -38,7 +38,11 @@ pub fn run(opts: &Opts, run: usize) -> RunReport {
         let peak = rep.get(&format!("{name} RSS peak (MiB)"));
         let quiet_end = quiet.get(&format!("{name}: RSS at end (MiB)"));
         if let (Some(peak), Some(quiet_end)) = (peak, quiet_end) {
-            rep.add(format!("{name} RSS peak above quiet (MiB)"), peak - quiet_end, 1);
+            rep.add(
+                format!("{name} RSS peak above quiet (MiB)"),
+                peak - quiet_end,
+                1,
+            );
         }
     }
     for what in ["lost", "duplicated", "out of order"] {
