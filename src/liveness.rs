@@ -9,15 +9,17 @@
 //! client silent for longer than the idle timeout. The close cuts the
 //! connection at the end of the close grace, which ends the reader.
 //!
-//! The same pass closes clients that talk but do not read: bytes queued
+//! The same thread closes clients that talk but do not read: bytes queued
 //! for one that its socket has taken none of for `--send-timeout-ms`. Its
 //! buffer alone would not catch it if nothing more is sent to it (the
 //! first frames of a join, then a quiet room), and pongs of its own keep
-//! it from looking idle.
+//! it from looking idle. That check runs four times per send timeout
+//! (pings keep their own interval), so a stuck client goes within a
+//! quarter of the timeout past it, whatever `--ping-interval-ms` is.
 
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use tungstenite::protocol::frame::Frame;
@@ -56,9 +58,17 @@ pub fn spawn_pinger(
     Frame::ping(Vec::new())
         .format(&mut ping)
         .expect("a ping frame formats into a Vec");
+    let tick = interval.min(send_timeout / 4);
     supervisor.spawn("pinger", move || {
+        let mut next_round = Instant::now() + interval;
         loop {
-            thread::sleep(interval);
+            thread::sleep(tick);
+            // Most ticks only look for stuck clients; a ping round comes
+            // once per interval.
+            let ping_round = Instant::now() >= next_round;
+            if ping_round {
+                next_round += interval;
+            }
             let mut pinged = 0;
             for member in hub.members() {
                 if let Some(stuck_for) = member.outbox.stuck_for()
@@ -71,6 +81,9 @@ pub fn spawn_pinger(
                         );
                         Metrics::inc(&metrics.slow_clients_dropped_total);
                     }
+                    continue;
+                }
+                if !ping_round {
                     continue;
                 }
                 let idle_for = member.last_seen.idle_for();
@@ -86,7 +99,9 @@ pub fn spawn_pinger(
                     pinged += 1;
                 }
             }
-            debug!("pinger: pinged {pinged} idle clients");
+            if ping_round {
+                debug!("pinger: pinged {pinged} idle clients");
+            }
         }
     })?;
     Ok(())

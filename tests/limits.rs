@@ -632,3 +632,49 @@ fn a_client_that_talks_but_never_reads_is_dropped_at_the_send_timeout() {
         "the bystander got every message"
     );
 }
+
+#[test]
+fn the_send_timeout_is_kept_however_long_the_ping_interval() {
+    // Pings every 60 s; a stuck client must still go within a second or
+    // two of its 1 s send timeout, not at the next ping round.
+    let a = Instance::start(
+        "stall-slow-pings",
+        &[
+            "--broker",
+            "local",
+            "--client-buffer-bytes",
+            "536870912",
+            "--send-timeout-ms",
+            "1000",
+            "--ping-interval-ms",
+            "60000",
+            "--idle-timeout-ms",
+            "120000",
+        ],
+    );
+    let _stalled = stalled_client(a.ws);
+    let mut sender = a.client("sender", "lobby");
+    let started = Instant::now();
+    let mut sent = 0;
+    // Until the kernel's buffers are full and its outbox stuck: a few MB.
+    while a.metric("chat_slow_clients_dropped_total") < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "a client stuck with a 1 s send timeout was still served after {:?} ({sent} messages)",
+            started.elapsed()
+        );
+        for _ in 0..100 {
+            sent += 1;
+            sender.send(
+                &format!("{sent:05}-{}", "x".repeat(1500)),
+                &format!("s{sent}"),
+            );
+        }
+        sender.recv_messages(100);
+    }
+    let log = a.log();
+    assert!(
+        log.contains("nothing read for"),
+        "dropped for its send timeout, not its buffer: {log}"
+    );
+}
