@@ -235,8 +235,8 @@ pub struct Config {
 
     /// Milliseconds during which bytes queued for a client may wait with
     /// its socket taking none of them; past it, the client is closed as a
-    /// slow consumer (1008), even if it keeps sending. Checked at each ping
-    /// interval.
+    /// slow consumer (1008), even if it keeps sending. Checked four times
+    /// per timeout.
     #[arg(long, env = "SEND_TIMEOUT_MS", default_value_t = 30_000)]
     pub send_timeout_ms: u64,
 
