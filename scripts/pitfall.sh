@@ -136,9 +136,13 @@ WS_PORTS=()
 for id in "${IDS[@]}"; do
   http="$(free_port)" || die "found no free port"
   ws="$(free_port)" || die "found no free port"
+  admin="$(free_port)" || die "found no free port"
   HTTP_PORTS+=("$http")
   WS_PORTS+=("$ws")
-  "$BIN" --host 127.0.0.1 --port "$http" --ws-port "$ws" --instance-id "$id" \
+  # Free ports may sit above 45535, where the default admin port (port +
+  # 20000) does not fit: name one.
+  "$BIN" --host 127.0.0.1 --port "$http" --ws-port "$ws" --admin-addr "127.0.0.1:$admin" \
+    --instance-id "$id" \
     --redis-url "$REDIS_URL_TO_USE" "${REAL_FLAGS[@]}" \
     </dev/null >"$TMP_DIR/$id.log" 2>&1 &
   PIDS+=("$!")
