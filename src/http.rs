@@ -228,11 +228,11 @@ pub fn route(
             ),
         ),
         Listener::Admin if path.starts_with("/demo/") => handle_demo(method, url, caller, state),
-        _ => handle(method, url, caller, state, listener),
+        _ => handle(method, path, caller, state, listener),
     }
 }
 
-/// Answers a `GET` or `HEAD`.
+/// Answers a `GET` or `HEAD` of `path` (the URL without its query).
 ///
 /// `/config.json` uses the caller's `Host` to tell a page loaded straight
 /// from this instance (which must use the instance's own WebSocket port)
@@ -241,7 +241,7 @@ pub fn route(
 /// straight from the admin listener.
 fn handle(
     method: &str,
-    url: &str,
+    path: &str,
     caller: &Caller<'_>,
     state: &HttpState,
     listener: Listener,
@@ -251,7 +251,6 @@ fn handle(
     if method != "GET" && method != "HEAD" {
         return Reply::text(405, "only GET and HEAD are served here\n");
     }
-    let path = url.split(['?', '#']).next().unwrap_or("/");
     if let Some(file) = page_file(path) {
         return file;
     }

@@ -70,8 +70,6 @@ pub struct RunningServer {
     pub instance: String,
     pub http_addr: SocketAddr,
     pub ws_addr: SocketAddr,
-    /// The admin listener's, unless `--admin-addr off`.
-    pub admin_addr: Option<SocketAddr>,
     /// Announces the death of an internal thread: the instance must then
     /// exit (see [`crate::supervisor`]).
     pub fatal_rx: Receiver<String>,
@@ -324,7 +322,6 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         instance,
         http_addr,
         ws_addr,
-        admin_addr,
         fatal_rx,
         supervisor,
         hub,

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tungstenite::{Message, WebSocket};
 
-use crate::procs::RedisWatch;
+use crate::procs::{self, RedisWatch};
 use crate::report::RunReport;
 
 /// Clients joining the filled room with `since=0-0` that never read (the
@@ -589,18 +589,11 @@ fn watch(stop: &AtomicBool, pids: [u32; 2], broker: &[String]) -> Vec<Reading> {
     let started = Instant::now();
     let mut readings = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let status = |pid: u32, field: &str| -> u64 {
-            std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .unwrap_or_default()
-                .lines()
-                .find_map(|line| line.strip_prefix(field))
-                .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-                .unwrap_or(0)
-        };
+        let samples = pids.map(procs::sample);
         readings.push(Reading {
             at: started.elapsed(),
-            rss_kib: pids.map(|pid| status(pid, "VmRSS:")),
-            threads: pids.map(|pid| status(pid, "Threads:")),
+            rss_kib: samples.map(|s| s.rss_kib),
+            threads: samples.map(|s| s.threads),
             redis_used: redis.as_mut().map_or(0, RedisWatch::used_memory),
         });
         sleep_unless_stopped(stop, Duration::from_secs(1));

@@ -295,7 +295,7 @@ pub struct Sample {
 }
 
 /// VmRSS and Threads from /proc/PID/status, utime+stime from /proc/PID/stat.
-fn sample(pid: u32) -> Sample {
+pub fn sample(pid: u32) -> Sample {
     let mut s = Sample::default();
     if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
         for line in status.lines() {

@@ -124,9 +124,7 @@ impl HistoryReader {
         };
         Ok(history)
     }
-}
 
-impl HistoryReader {
     /// At most `wanted` entries from `from` down to `to` (`XREVRANGE`
     /// bounds), newest first, in pages, until `max_bytes` are held: the
     /// entries, and whether the bytes cut them short.
