@@ -7,7 +7,8 @@
 //! - [`redis_url`]: a Redis URL checked at start and shown without its
 //!   password.
 //! - [`server`]: wiring: listeners, broker, named threads, shutdown.
-//! - [`http`]: the page, `/config.json`, `/healthz`, `/readyz`, `/metrics`.
+//! - [`http`]: the page, `/config.json`, `/healthz`, `/readyz` on the public
+//!   port; `/metrics`, `/stats` and the fault panel on the admin listener.
 //! - [`session`]: one WebSocket client's reader and writer threads.
 //! - [`hub`]: local clients by room, and the never-blocking delivery.
 //! - [`fanout`]: the thread between the Redis subscriber and the hub, that
