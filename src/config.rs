@@ -2,6 +2,7 @@
 //! environment form. Parses and checks; opens nothing.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -28,6 +29,16 @@ pub enum BrokerKind {
     /// No Redis: this instance is alone, and its clients see only each
     /// other. The starting point the README uses to show the problem.
     Local,
+}
+
+/// Who a client is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// The name the client chooses (or a guest name): the lesson's mode.
+    Off,
+    /// A signed token (JWT) from the application's backend, sent in the
+    /// client's first frame (docs/PROTOCOL.md, "Authentication").
+    Token,
 }
 
 /// A feature on or off.
@@ -287,6 +298,35 @@ pub struct Config {
     /// (`POST /demo/...`). Never in production.
     #[arg(long, env = "DEMO_CONTROLS", value_parser = clap::builder::BoolishValueParser::new())]
     pub demo_controls: bool,
+
+    /// Who clients are: `off`, the name each chooses; `token`, a signed
+    /// token (JWT) from the application's backend, in the client's first
+    /// frame.
+    #[arg(long, env = "AUTH", value_enum, default_value = "off")]
+    pub auth: AuthMode,
+
+    /// `--auth token`: a file holding the HS256 secret (at least 32
+    /// bytes). Or set AUTH_HS256_SECRET to the secret itself; never an
+    /// option, which `ps` would show.
+    #[arg(long, env = "AUTH_HS256_SECRET_FILE")]
+    pub auth_hs256_secret_file: Option<PathBuf>,
+
+    /// `--auth token`: RS256 or ES256 public keys (PEM), comma-separated;
+    /// each is named, for a token's `kid`, by its file's stem.
+    #[arg(long, env = "AUTH_PUBLIC_KEY_FILE", value_delimiter = ',')]
+    pub auth_public_key_file: Vec<PathBuf>,
+
+    /// `--auth token`: the longest token accepted, in bytes; longer ones
+    /// are refused before they are decoded.
+    #[arg(long, env = "AUTH_MAX_TOKEN_BYTES", default_value_t = 4096)]
+    pub auth_max_token_bytes: usize,
+
+    /// `--auth token`: where the page gets a fresh token for its user
+    /// (your application's endpoint, called with the user's cookies:
+    /// it answers the token as text or `{"token": ...}`). Without it the
+    /// page asks its user to paste one.
+    #[arg(long, env = "AUTH_TOKEN_URL")]
+    pub auth_token_url: Option<String>,
 }
 
 impl Config {
@@ -458,7 +498,38 @@ impl Config {
         if self.redis_prefix.is_empty() {
             return Err("--redis-prefix must not be empty".into());
         }
+        self.validate_auth()
+    }
+
+    fn validate_auth(&self) -> Result<(), String> {
+        let keys_given = self.auth_hs256_secret_file.is_some()
+            || !self.auth_public_key_file.is_empty()
+            || self.auth_token_url.is_some();
+        if self.auth == AuthMode::Off && keys_given {
+            return Err(
+                "--auth-hs256-secret-file, --auth-public-key-file and --auth-token-url \
+                 take effect only with --auth token: add it, or drop them"
+                    .into(),
+            );
+        }
+        // The auth frame's envelope must fit a frame with the token.
+        if self.auth_max_token_bytes < 64 || self.auth_max_token_bytes + 64 > self.max_frame_bytes {
+            return Err(format!(
+                "--auth-max-token-bytes must be at least 64 and at most --max-frame-bytes - 64 ({})",
+                self.max_frame_bytes.saturating_sub(64)
+            ));
+        }
         Ok(())
+    }
+
+    /// `--auth token`'s verification keys: the options, and the secret
+    /// from the environment.
+    pub fn auth_keys(&self) -> crate::auth::KeySources {
+        crate::auth::KeySources {
+            secret_file: self.auth_hs256_secret_file.clone(),
+            secret: std::env::var(crate::auth::SECRET_ENV).ok(),
+            public_key_files: self.auth_public_key_file.clone(),
+        }
     }
 
     pub fn content_limits(&self) -> Limits {

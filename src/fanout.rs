@@ -265,7 +265,7 @@ impl Fanout {
         let Some(members) = self.hub.room(room) else {
             return;
         };
-        let frame = ServerFrame::Typing { room, name }.to_ws_bytes();
+        let frame = ServerFrame::typing(room, name).to_ws_bytes();
         self.send(
             members,
             Arc::new(Batch::single(&frame)),
@@ -372,7 +372,7 @@ fn deliver_to(
 ) -> Outcome {
     let mine = |member: &Member| {
         shard.is_none_or(|(n, of)| member.id as usize % of == n)
-            && skip.is_none_or(|name| *member.name != *name)
+            && skip.is_none_or(|key| *member.key != *key)
     };
     let mut outcome = Outcome::default();
     for member in members.iter().filter(|member| mine(member)) {

@@ -97,6 +97,10 @@ pub struct HttpState {
     pub demo: Arc<DemoControls>,
     /// `--presence on|off`: the page shows the member list only when on.
     pub presence: bool,
+    /// `--auth token`: the page sends a token first.
+    pub auth: bool,
+    /// `--auth-token-url`: where the page gets a fresh token.
+    pub auth_token_url: Option<String>,
 }
 
 /// `GET /config.json`: how the page finds its WebSocket.
@@ -119,6 +123,11 @@ struct PageConfig<'a> {
     demo_token: Option<&'a str>,
     /// The page shows who is here, and who is typing (`--presence`).
     presence: bool,
+    /// `"token"`: the page sends a token in its first frame; `"off"`.
+    auth: &'a str,
+    /// Where the page gets a fresh token (`--auth-token-url`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auth_token_url: Option<&'a str>,
 }
 
 /// Who a request comes from, as far as the answer depends on it.
@@ -269,6 +278,8 @@ fn handle(
                 demo_token: (admin && state.demo.enabled() && caller.is_local_and_straight())
                     .then(|| state.demo.token()),
                 presence: state.presence,
+                auth: if state.auth { "token" } else { "off" },
+                auth_token_url: state.auth_token_url.as_deref(),
             };
             let body = serde_json::to_vec(&config).expect("page config always serializes");
             Reply::new(200, "application/json", body)
@@ -524,6 +535,8 @@ mod tests {
             })),
             demo: Arc::new(DemoControls::new(demo_controls)),
             presence: true,
+            auth: false,
+            auth_token_url: None,
         }
     }
 

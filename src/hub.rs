@@ -18,6 +18,7 @@
 //! usually the fan-out between two messages, paid as much again.)
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::clock::LastSeen;
@@ -32,11 +33,16 @@ pub type ClientId = u64;
 #[derive(Clone)]
 pub struct Member {
     pub id: ClientId,
-    /// Its display name (typing is relayed to the other names).
-    pub name: Arc<str>,
+    /// Its presence key: its display name, and with `--auth token` its
+    /// user id (`protocol::member_key`). Typing is relayed to the other
+    /// keys, so one user's own tabs do not hear it.
+    pub key: Arc<str>,
     pub outbox: Arc<Outbox>,
     /// When its reader last read a frame (for the pinger).
     pub last_seen: Arc<LastSeen>,
+    /// `--auth token`: when its token expires, in seconds since the Unix
+    /// epoch (the pinger closes it then); 0 with `--auth off`.
+    pub token_expires: Arc<AtomicU64>,
     /// It asked for the X-ray (`trace=1`): its message frames are made
     /// for it alone, with its own stamps.
     pub trace: bool,
@@ -258,9 +264,10 @@ mod tests {
         };
         let member = Member {
             id,
-            name: "someone".into(),
+            key: "someone".into(),
             outbox: Arc::new(Outbox::new(wire, 1024)),
             last_seen: Arc::default(),
+            token_expires: Arc::default(),
             trace: false,
             view: Arc::new(View::new(100)),
         };

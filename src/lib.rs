@@ -43,6 +43,7 @@
 //!    this way too: that is its receipt, and everyone sees the same order.
 
 pub mod allocator;
+pub mod auth;
 pub mod backoff;
 pub mod broker;
 pub mod clock;

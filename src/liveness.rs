@@ -16,14 +16,20 @@
 //! it from looking idle. That check runs four times per send timeout
 //! (pings keep their own interval), so a stuck client goes within a
 //! quarter of the timeout past it, whatever `--ping-interval-ms` is.
+//!
+//! With `--auth token` it also closes clients whose token expired with no
+//! fresh one (4401, "token expired"), looking every second: a token is
+//! never honoured more than a second past its `exp`.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use tungstenite::protocol::frame::Frame;
 
+use crate::clock;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::protocol::CloseReason;
@@ -40,7 +46,12 @@ pub struct PingerSettings {
     /// `--send-timeout-ms`: its socket taking nothing this long, a client
     /// is dropped as a slow consumer.
     pub send_timeout: Duration,
+    /// `--auth token`: clients are closed when their token expires.
+    pub tokens_expire: bool,
 }
+
+/// How often expired tokens are looked for.
+const TOKEN_CHECK: Duration = Duration::from_secs(1);
 
 /// Starts the pinger thread.
 pub fn spawn_pinger(
@@ -53,12 +64,16 @@ pub fn spawn_pinger(
         interval,
         idle_timeout,
         send_timeout,
+        tokens_expire,
     } = settings;
     let mut ping = Vec::new();
     Frame::ping(Vec::new())
         .format(&mut ping)
         .expect("a ping frame formats into a Vec");
-    let tick = interval.min(send_timeout / 4);
+    let mut tick = interval.min(send_timeout / 4);
+    if tokens_expire {
+        tick = tick.min(TOKEN_CHECK);
+    }
     supervisor.spawn("pinger", move || {
         let mut next_round = Instant::now() + interval;
         loop {
@@ -70,7 +85,20 @@ pub fn spawn_pinger(
                 next_round += interval;
             }
             let mut pinged = 0;
+            let now_s = clock::wall_millis() / 1000;
             for member in hub.members() {
+                let expires = member.token_expires.load(Ordering::Relaxed);
+                if expires != 0 && now_s >= expires {
+                    // What is queued goes first: nothing in flight is lost.
+                    if member
+                        .outbox
+                        .close(CloseReason::TOKEN_EXPIRED, Queued::Send)
+                    {
+                        info!("client {} closed: its token expired", member.id);
+                        Metrics::inc(&metrics.tokens_expired_total);
+                    }
+                    continue;
+                }
                 if let Some(stuck_for) = member.outbox.stuck_for()
                     && stuck_for > send_timeout
                 {

@@ -79,6 +79,10 @@ metrics! {
     counter flooding_clients_dropped_total: "chat_flooding_clients_dropped_total",
     /// Handshakes refused with 403 because of their Origin.
     counter origin_refused_total: "chat_origin_refused_total",
+    /// `--auth token`: connections refused for their token (or its lack),
+    /// and connections closed when their token expired.
+    counter auth_refused_total: "chat_auth_refused_total",
+    counter tokens_expired_total: "chat_tokens_expired_total",
     /// Connections refused with 503 because the instance was at --max-clients.
     counter capacity_refused_total: "chat_capacity_refused_total",
     /// Connections closed for not completing the handshake in time.

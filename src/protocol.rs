@@ -19,6 +19,12 @@ use tungstenite::protocol::frame::{CloseFrame, Frame};
 pub const MAX_CID_CHARS: usize = 64;
 /// The room a client joins when it names none.
 pub const DEFAULT_ROOM: &str = "lobby";
+/// The longest user id (a token's `sub`): a UUID is 36, an e-mail address
+/// rarely more than 64.
+pub const MAX_USER_CHARS: usize = 64;
+/// Between a member's display name and its user id in a presence key
+/// ([`member_key`]). A control character, so no name can hold it.
+const USER_SEPARATOR: char = '\u{1f}';
 
 /// The content limits every parser here enforces (each is an option; see
 /// `config.rs` for the defaults and why).
@@ -43,7 +49,13 @@ impl Limits {
     /// The largest payload worth parsing from the Redis channel: a message
     /// at every limit, every character escaped, plus the fixed fields.
     pub fn max_payload_bytes(&self) -> usize {
-        (self.max_text_chars + self.max_name_chars + self.max_room_chars + MAX_CID_CHARS + 64) * 6
+        (self.max_text_chars
+            + self.max_name_chars
+            + MAX_USER_CHARS
+            + self.max_room_chars
+            + MAX_CID_CHARS
+            + 64)
+            * 6
             + 512
     }
 }
@@ -130,6 +142,10 @@ pub struct ChatMessage {
     pub id: MessageId,
     pub room: String,
     pub from: String,
+    /// The sender's user id, as its token says (`--auth token` only):
+    /// two senders may share a display name, never a user id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     pub text: String,
     pub ts: u64,
     pub instance: String,
@@ -149,6 +165,8 @@ pub struct ChatMessage {
 pub struct NewMessage {
     pub room: String,
     pub from: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     pub text: String,
     pub instance: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -167,6 +185,7 @@ impl NewMessage {
             ts: id.millis,
             room: self.room,
             from: self.from,
+            user: self.user,
             text: self.text,
             instance: self.instance,
             cid: self.cid,
@@ -197,6 +216,28 @@ pub enum ErrorCode {
     /// The client asked for the X-ray and `--max-traced-clients` clients
     /// have it: it is accepted without.
     TraceRefused,
+    /// `--auth token`: the first frame was not `auth`, or came too late.
+    AuthRequired,
+    /// The token is longer than `--auth-max-token-bytes`.
+    TokenTooLarge,
+    /// The token is not a JWT (three base64url parts of JSON).
+    TokenMalformed,
+    /// The token is signed with an algorithm this server does not accept
+    /// (`none` included): only the configured keys' algorithms are.
+    TokenAlgorithm,
+    /// The token names a key (`kid`) this server does not have, or names
+    /// none where several could verify it.
+    TokenUnknownKey,
+    /// The signature does not verify with the server's key.
+    TokenSignature,
+    /// The token's `exp` has passed.
+    TokenExpired,
+    /// The token's `nbf` is still to come.
+    TokenNotYetValid,
+    /// A claim is missing (`sub`, `name`, `exp`) or not acceptable.
+    TokenClaims,
+    /// The token's `rooms` claim does not include the room asked for.
+    RoomForbidden,
 }
 
 /// Every frame the server sends, told apart by `type`.
@@ -208,6 +249,20 @@ pub enum ServerFrame<'a> {
         client: &'a str,
         name: &'a str,
         room: &'a str,
+        /// `--auth token`: the user id the token vouches for.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
+        /// `--auth token`: when the token expires (seconds since the
+        /// Unix epoch); the connection is closed then unless a fresh
+        /// token comes first.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires: Option<u64>,
+    },
+    /// A fresh token was accepted (`--auth token`): the connection now
+    /// lasts until `expires`.
+    Authenticated {
+        user: &'a str,
+        expires: u64,
     },
     Message(MessageFrame<'a>),
     /// Whether messages can be sent right now: `"down"` while the server
@@ -261,7 +316,17 @@ pub enum ServerFrame<'a> {
     Typing {
         room: &'a str,
         name: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
     },
+}
+
+impl<'a> ServerFrame<'a> {
+    /// The `typing` frame of the member with presence key `key`.
+    pub fn typing(room: &'a str, key: &'a str) -> Self {
+        let (name, user) = split_member_key(key);
+        ServerFrame::Typing { room, name, user }
+    }
 }
 
 /// A chat message as a client receives it: the message's own fields, in
@@ -271,6 +336,8 @@ pub struct MessageFrame<'a> {
     id: MessageId,
     room: &'a str,
     from: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
     text: &'a str,
     ts: u64,
     instance: &'a str,
@@ -287,6 +354,7 @@ impl<'a> MessageFrame<'a> {
             id: message.id,
             room: &message.room,
             from: &message.from,
+            user: message.user.as_deref(),
             text: &message.text,
             ts: message.ts,
             instance: &message.instance,
@@ -369,12 +437,96 @@ impl Received {
     }
 }
 
-/// A member of a room: one name, however many tabs and instances.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A member of a room: one name (one user, with `--auth token`), however
+/// many tabs and instances.
+///
+/// `name` is the member's presence key ([`member_key`]): on the wire it is
+/// written as the display name and, if there is one, the `user` id.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PresenceMember {
     pub name: String,
     pub instances: Vec<String>,
     pub connections: u64,
+}
+
+impl Serialize for PresenceMember {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            name: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            user: Option<&'a str>,
+            instances: &'a [String],
+            connections: u64,
+        }
+        let (name, user) = split_member_key(&self.name);
+        Wire {
+            name,
+            user,
+            instances: &self.instances,
+            connections: self.connections,
+        }
+        .serialize(serializer)
+    }
+}
+
+/// Who a member is, for the wire: a presence key written as its display
+/// name alone (`--auth off`) or as `{"name": ..., "user": ...}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRef(pub String);
+
+impl Serialize for MemberRef {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            name: &'a str,
+            user: &'a str,
+        }
+        match split_member_key(&self.0) {
+            (name, None) => serializer.serialize_str(name),
+            (name, Some(user)) => Wire { name, user }.serialize(serializer),
+        }
+    }
+}
+
+/// The presence key of a member: its display name, and with `--auth
+/// token` its user id after [`USER_SEPARATOR`]. Presence counts members by
+/// key, so two users who share a name are two members, and one user's
+/// tabs on every instance are one. Keys sort by name first, the order the
+/// member list is shown in.
+pub fn member_key(name: &str, user: Option<&str>) -> String {
+    match user {
+        Some(user) => format!("{name}{USER_SEPARATOR}{user}"),
+        None => name.to_string(),
+    }
+}
+
+/// A presence key's display name and user id.
+pub fn split_member_key(key: &str) -> (&str, Option<&str>) {
+    match key.split_once(USER_SEPARATOR) {
+        Some((name, user)) => (name, Some(user)),
+        None => (key, None),
+    }
+}
+
+/// Checks a presence key from the Redis channel: a valid name, and a valid
+/// user id if it has one.
+pub fn validate_member_key(key: &str, limits: &Limits) -> Result<(), String> {
+    let (name, user) = split_member_key(key);
+    validate_name(name, limits)?;
+    user.map_or(Ok(()), validate_user)
+}
+
+/// Checks a user id (a token's `sub`): 1 to [`MAX_USER_CHARS`] characters,
+/// no control characters.
+pub fn validate_user(user: &str) -> Result<(), String> {
+    let chars = user.chars().count();
+    if chars == 0 || chars > MAX_USER_CHARS || user.chars().any(char::is_control) {
+        return Err(format!(
+            "user id (sub) must be 1 to {MAX_USER_CHARS} characters with no control characters"
+        ));
+    }
+    Ok(())
 }
 
 /// What a `presence_diff` frame carries (see docs/PROTOCOL.md): the count,
@@ -399,15 +551,37 @@ pub struct PresenceDiff {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub added: Vec<PresenceMember>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub removed: Vec<String>,
+    pub removed: Vec<MemberRef>,
 }
 
 /// A name gone from a room: where its last connection was, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// `name` is a presence key, written like [`PresenceMember`]'s.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Departure {
     pub name: String,
     pub instance: String,
     pub reason: LeaveReason,
+}
+
+impl Serialize for Departure {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            name: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            user: Option<&'a str>,
+            instance: &'a str,
+            reason: LeaveReason,
+        }
+        let (name, user) = split_member_key(&self.name);
+        Wire {
+            name,
+            user,
+            instance: &self.instance,
+            reason: self.reason,
+        }
+        .serialize(serializer)
+    }
 }
 
 /// Why a member left.
@@ -572,6 +746,28 @@ impl CloseReason {
         code: 1001,
         reason: "server shutting down",
     };
+    /// `--auth token`: the token was refused (the `error` frame before the
+    /// Close says why), or expired with no fresh one: get a new token and
+    /// connect again. The code is the one graphql-ws uses for this.
+    pub const UNAUTHORIZED: CloseReason = CloseReason {
+        code: 4401,
+        reason: "unauthorized: get a new token",
+    };
+    /// `--auth token`: the token expired, and no fresh one came.
+    pub const TOKEN_EXPIRED: CloseReason = CloseReason {
+        code: 4401,
+        reason: "token expired",
+    };
+    /// `--auth token`: the token's `rooms` do not include this room.
+    pub const FORBIDDEN: CloseReason = CloseReason {
+        code: 4403,
+        reason: "forbidden: the token does not allow this room",
+    };
+    /// `--auth token`: no `auth` frame within the handshake timeout.
+    pub const AUTH_TIMEOUT: CloseReason = CloseReason {
+        code: 4408,
+        reason: "no auth frame in time",
+    };
     /// An internal thread died: the instance exits so that its supervisor
     /// restarts it.
     pub const INTERNAL_ERROR: CloseReason = CloseReason {
@@ -638,6 +834,9 @@ pub enum ClientFrame {
         #[serde(default)]
         cid: Option<String>,
     },
+    /// `--auth token`: who the client is, first; later, a fresh token
+    /// before the last one expires.
+    Auth { token: String },
 }
 
 /// A client frame that passed every check.
@@ -661,6 +860,8 @@ pub enum ClientRequest {
         limit: Option<u64>,
         cid: Option<String>,
     },
+    /// A token, checked by the session (`crate::auth`).
+    Auth(String),
 }
 
 /// Why a client frame was refused; turned into an `error` frame.
@@ -721,7 +922,7 @@ pub fn parse_client_frame(raw: &str, limits: &Limits) -> Result<ClientRequest, F
     let frame: ClientFrame = serde_json::from_str(raw).map_err(|e| FrameError {
         cid: readable_cid(raw),
         ..FrameError::bad_request(format!(
-            "expected {{\"type\":\"message\",\"text\":\"...\"}}, {{\"type\":\"typing\"}}, {{\"type\":\"members\",\"offset\":0,\"limit\":100}} or {{\"type\":\"history\",\"before\":\"ID\",\"limit\":50}}: {e}"
+            "expected {{\"type\":\"message\",\"text\":\"...\"}}, {{\"type\":\"typing\"}}, {{\"type\":\"members\",\"offset\":0,\"limit\":100}} or {{\"type\":\"history\",\"before\":\"ID\",\"limit\":50}} or {{\"type\":\"auth\",\"token\":\"...\"}}: {e}"
         ))
     })?;
     let (text, cid, typed_us) = match frame {
@@ -746,6 +947,7 @@ pub fn parse_client_frame(raw: &str, limits: &Limits) -> Result<ClientRequest, F
             })?;
             return Ok(ClientRequest::History { before, limit, cid });
         }
+        ClientFrame::Auth { token } => return Ok(ClientRequest::Auth(token)),
     };
     if let Some(cid) = &cid
         && !valid_cid(cid)
@@ -811,7 +1013,12 @@ pub fn parse_channel_event(payload: &[u8], limits: &Limits) -> Result<ChannelEve
         MemberChange(MemberChange),
         MembersExpired(MembersExpired),
         MembersRewritten(MembersRewritten),
-        Typing { room: String, name: String },
+        Typing {
+            room: String,
+            name: String,
+            #[serde(default)]
+            user: Option<String>,
+        },
     }
     // Messages are nearly all the traffic: parsed first, and once.
     let not_a_message = match parse_channel_payload(payload, limits) {
@@ -825,7 +1032,7 @@ pub fn parse_channel_event(payload: &[u8], limits: &Limits) -> Result<ChannelEve
         return Err(not_a_message);
     };
     let room = |room: &str| validate_room(room, limits).map_err(BadPayload);
-    let name = |name: &str| validate_name(name, limits).map_err(BadPayload);
+    let name = |key: &str| validate_member_key(key, limits).map_err(BadPayload);
     let instance = |instance: &str| {
         if instance.is_empty() || instance.chars().count() > 64 {
             Err(BadPayload(
@@ -862,10 +1069,15 @@ pub fn parse_channel_event(payload: &[u8], limits: &Limits) -> Result<ChannelEve
             instance(&rewritten.instance)?;
             Ok(ChannelEvent::MembersRewritten(rewritten))
         }
-        Payload::Typing { room: r, name: n } => {
+        Payload::Typing {
+            room: r,
+            name: n,
+            user,
+        } => {
+            let key = member_key(&n, user.as_deref());
             room(&r)?;
-            name(&n)?;
-            Ok(ChannelEvent::Typing { room: r, name: n })
+            name(&key)?;
+            Ok(ChannelEvent::Typing { room: r, name: key })
         }
     }
 }
@@ -890,6 +1102,9 @@ pub fn parse_channel_payload(payload: &[u8], limits: &Limits) -> Result<ChatMess
         .map_err(|e| BadPayload(format!("not a message payload: {e}")))?;
     validate_room(&message.room, limits).map_err(BadPayload)?;
     validate_name(&message.from, limits).map_err(BadPayload)?;
+    if let Some(user) = &message.user {
+        validate_user(user).map_err(BadPayload)?;
+    }
     let chars = message.text.chars().count();
     if chars > limits.max_text_chars {
         return Err(BadPayload(format!(
@@ -1046,11 +1261,7 @@ mod tests {
             panic!("not an expiry");
         };
         assert_eq!(expired.names, ["al", "bo"]);
-        let typing = ServerFrame::Typing {
-            room: "lobby",
-            name: "al",
-        }
-        .to_json();
+        let typing = ServerFrame::typing("lobby", "al").to_json();
         assert!(matches!(
             parse_channel_event(typing.as_bytes(), &limits),
             Ok(ChannelEvent::Typing { .. })
@@ -1207,6 +1418,7 @@ mod tests {
         let message = NewMessage {
             room: "lobby".into(),
             from: "ann".into(),
+            user: None,
             text: "hi".into(),
             instance: "a".into(),
             cid: Some("c1".into()),
@@ -1250,6 +1462,7 @@ mod tests {
         let msg = NewMessage {
             room: "lobby".into(),
             from: "alice".into(),
+            user: None,
             text: "<b>hi</b>".into(),
             instance: "a1".into(),
             cid: None,
@@ -1339,7 +1552,7 @@ mod tests {
                 cid in proptest::option::of("[a-z0-9-]{1,36}"),
             ) {
                 prop_assume!(!from.trim().is_empty());
-                let message = NewMessage { room, from, text, instance: "i".into(), cid, typed_us: None, read_us: None }
+                let message = NewMessage { room, from, user: None, text, instance: "i".into(), cid, typed_us: None, read_us: None }
                     .accepted(MessageId { millis, seq });
                 let wire = ServerFrame::Message(MessageFrame::plain(&message)).to_json();
                 prop_assert_eq!(parse_channel_payload(wire.as_bytes(), &Limits::default()).unwrap(), message);

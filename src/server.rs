@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use log::{info, warn};
 
+use crate::auth::Verifier;
 use crate::broker::local::LocalBroker;
 use crate::broker::redis::{RedisBroker, RedisSettings};
 use crate::broker::{Broker, BrokerEvent};
-use crate::config::{self, BrokerKind, Config};
+use crate::config::{self, AuthMode, BrokerKind, Config};
 use crate::demo::DemoControls;
 use crate::fanout::{self, EVENT_QUEUE, FanoutSettings};
 use crate::flusher::Flusher;
@@ -87,6 +88,21 @@ pub struct RunningServer {
 /// attempt failed.
 pub fn start(config: &Config) -> Result<RunningServer, String> {
     config.validate()?;
+    let verifier = match config.auth {
+        AuthMode::Token => {
+            let verifier = Verifier::load(
+                &config.auth_keys(),
+                config.auth_max_token_bytes,
+                config.content_limits(),
+            )?;
+            info!(
+                "--auth token: clients prove who they are with tokens signed with {}",
+                verifier.describe()
+            );
+            Some(Arc::new(verifier))
+        }
+        AuthMode::Off => None,
+    };
     let open_files = raise_open_files_limit();
     check_budgets(
         config.max_clients + config.max_http_connections + ADMIN_MAX_CONNECTIONS,
@@ -236,6 +252,8 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         stats,
         demo,
         presence: config.presence().enabled,
+        auth: verifier.is_some(),
+        auth_token_url: config.auth_token_url.clone(),
     });
     serve_http(&supervisor, &http_server, &http_state, Listener::Public)?;
     let admin = match admin_listener {
@@ -291,6 +309,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
             history_replay_max: config.history_replay_max,
             handshake_timeout: config.handshake_timeout(),
             close_grace: config.close_grace(),
+            auth: verifier,
         },
         supervisor.clone(),
     ));
@@ -301,6 +320,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
             interval: config.ping_interval(),
             idle_timeout: config.idle_timeout(),
             send_timeout: config.send_timeout(),
+            tokens_expire: config.auth == AuthMode::Token,
         },
         &supervisor,
     )

@@ -250,6 +250,7 @@ mod tests {
             let message = NewMessage {
                 room: "lobby".into(),
                 from: "a".into(),
+                user: None,
                 text: n.to_string(),
                 instance: "i".into(),
                 cid: None,

@@ -381,6 +381,7 @@ mod tests {
             id,
             room: "r".into(),
             from: "a".into(),
+            user: None,
             text: id.to_string(),
             ts: id.millis,
             instance: "i".into(),

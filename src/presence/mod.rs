@@ -53,7 +53,7 @@ use log::{debug, warn};
 use crate::broker::{Broker, PresenceChange};
 use crate::hub::{Hub, Member, RoomMembers};
 use crate::metrics::Metrics;
-use crate::protocol::{PresenceDiff, PresenceMember, ServerFrame};
+use crate::protocol::{MemberRef, PresenceDiff, PresenceMember, ServerFrame};
 use crate::session::outbox::{Batch, Outbox, Pushed};
 use roster::{Applied, Changes, Roster};
 
@@ -224,7 +224,7 @@ struct WindowChange {
     /// The hash of the window as told at the last tick.
     from: u64,
     added: Vec<PresenceMember>,
-    removed: Vec<String>,
+    removed: Vec<MemberRef>,
 }
 
 impl WindowChange {
@@ -245,11 +245,11 @@ impl WindowChange {
                     new.next();
                 }
                 (Some(o), Some(n)) if o.name < n.name => {
-                    removed.push(o.name.clone());
+                    removed.push(MemberRef(o.name.clone()));
                     old.next();
                 }
                 (Some(o), None) => {
-                    removed.push(o.name.clone());
+                    removed.push(MemberRef(o.name.clone()));
                     old.next();
                 }
                 (_, Some(n)) => {
@@ -881,9 +881,10 @@ mod tests {
             };
             let member = Member {
                 id,
-                name: name.into(),
+                key: name.into(),
                 outbox: Arc::new(Outbox::new(wire, 1 << 20)),
                 last_seen: Arc::default(),
+                token_expires: Arc::default(),
                 trace: false,
                 view: Arc::new(self.tracker.new_view()),
             };

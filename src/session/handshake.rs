@@ -162,6 +162,7 @@ impl Write for DeadlineStream<'_> {
 pub fn handshake(
     client: ClientId,
     stream: &TcpStream,
+    deadline: Instant,
     address_slot: &mut Option<AddressSlot>,
     context: &SessionContext,
 ) -> Option<Result<JoinRequest, String>> {
@@ -210,7 +211,6 @@ pub fn handshake(
         ));
         Ok(response)
     };
-    let deadline = Instant::now() + context.limits.handshake_timeout;
     let guarded = DeadlineStream {
         stream,
         deadline,
@@ -256,19 +256,19 @@ pub fn set_socket_options(stream: &TcpStream, write_timeout: Duration) -> io::Re
 }
 
 /// Closes a connection that completed its handshake but will not join:
-/// an `error` frame `bad_request` naming the problem (a browser can read
-/// that, unlike an HTTP status) if there is one, the Close frame, then a
-/// lingering close.
+/// an `error` frame naming the problem (a browser can read that, unlike
+/// an HTTP status) if there is one, the Close frame, then a lingering
+/// close.
 pub fn close_unjoined(
     mut stream: &TcpStream,
-    bad_request: Option<&str>,
+    error: Option<(ErrorCode, &str)>,
     reason: CloseReason,
     close_grace: Duration,
 ) {
     let mut bytes = Vec::new();
-    if let Some(message) = bad_request {
+    if let Some((code, message)) = error {
         let frame = ServerFrame::Error {
-            code: ErrorCode::BadRequest,
+            code,
             message,
             cid: None,
         };

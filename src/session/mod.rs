@@ -18,11 +18,13 @@
 //! have doubled the threads and put a hand-over between two writers.
 //!
 //! Layout: [`handshake`] (the deadline, the Origin check, the join query,
-//! refusals), [`reader`] (frames in, messages published), [`outbox`]
+//! refusals), [`identify`] (who the client is: its chosen name, or its
+//! token's), [`reader`] (frames in, messages published), [`outbox`]
 //! (bytes out, in order, the Close last). This file starts sessions and
 //! makes sure each one leaves no trace, even when it panics.
 
 pub mod handshake;
+pub mod identify;
 pub mod outbox;
 pub mod reader;
 
@@ -51,6 +53,7 @@ use crate::protocol::{
 use crate::rate_limit::RateLimit;
 use crate::supervisor::Supervisor;
 use handshake::{JoinRequest, close_unjoined, handshake, refuse_raw, set_socket_options};
+use identify::{Who, identify};
 use outbox::{Outbox, Queued, SocketWire};
 use reader::{SessionStream, read_until_closed};
 
@@ -108,6 +111,8 @@ pub struct SessionLimits {
     pub history_replay_max: usize,
     pub handshake_timeout: Duration,
     pub close_grace: Duration,
+    /// `--auth token`: the keys tokens are checked with; `None`: `off`.
+    pub auth: Option<Arc<crate::auth::Verifier>>,
 }
 
 /// What sessions talk to besides their socket.
@@ -297,10 +302,12 @@ fn run_session(
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
+    // One deadline for the handshake and, with `--auth token`, the token.
+    let deadline = Instant::now() + context.limits.handshake_timeout;
     let joined = set_socket_options(&stream, context.limits.handshake_timeout)
         .map_err(|e| debug!("client {client} refused: socket options: {e}"))
         .ok()
-        .and_then(|()| handshake(client, &stream, &mut address_slot, context));
+        .and_then(|()| handshake(client, &stream, deadline, &mut address_slot, context));
     let grace = context.limits.close_grace;
     match joined {
         Some(Ok(_)) if context.supervisor.is_stopping() => {
@@ -308,18 +315,71 @@ fn run_session(
             close_unjoined(&stream, None, CloseReason::SHUTDOWN, grace);
         }
         Some(Ok(join)) => {
-            let _ = stream.set_read_timeout(None);
-            Metrics::inc(&context.metrics.connections_total);
-            run_joined(client, Arc::new(stream), join, &peer, context);
+            let mut connection = Connection::new(client, Arc::new(stream), deadline, context);
+            match identify(client, &join, &mut connection.websocket, context) {
+                Ok(who) => {
+                    connection.websocket.get_mut().deadline = None;
+                    let _ = connection.socket.set_read_timeout(None);
+                    Metrics::inc(&context.metrics.connections_total);
+                    run_joined(client, connection, join, who, &peer, context);
+                }
+                Err(refused) => {
+                    Metrics::inc(&context.metrics.connections_refused_total);
+                    let error = Some((refused.code, refused.message.as_str()));
+                    close_unjoined(&connection.socket, error, refused.close, grace);
+                }
+            }
         }
         Some(Err(reason)) => {
             debug!("client {client} refused: {reason}");
             Metrics::inc(&context.metrics.connections_refused_total);
-            close_unjoined(&stream, Some(&reason), CloseReason::BAD_REQUEST, grace);
+            let error = Some((ErrorCode::BadRequest, reason.as_str()));
+            close_unjoined(&stream, error, CloseReason::BAD_REQUEST, grace);
         }
         None => {
             Metrics::inc(&context.metrics.connections_refused_total);
             let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// A client past its handshake: its socket, its outbox (closed until it
+/// joins: what comes meanwhile waits), and the WebSocket its reader reads.
+/// Made before the client says who it is, so that whatever it sends right
+/// behind its `auth` frame stays in this WebSocket's buffer for the reader.
+struct Connection {
+    socket: Arc<TcpStream>,
+    outbox: Arc<Outbox>,
+    websocket: WebSocket<SessionStream>,
+}
+
+impl Connection {
+    fn new(
+        client: ClientId,
+        socket: Arc<TcpStream>,
+        deadline: Instant,
+        context: &SessionContext,
+    ) -> Self {
+        let key = client as usize;
+        let outbox = Arc::new(Outbox::new(
+            SocketWire {
+                socket: Arc::clone(&socket),
+                key,
+                watcher: context.flusher.watcher(key),
+                close_grace: context.limits.close_grace,
+            },
+            context.limits.client_buffer_bytes,
+        ));
+        let stream = SessionStream {
+            socket: Arc::clone(&socket),
+            outbox: Arc::clone(&outbox),
+            deadline: Some(deadline),
+        };
+        let websocket = WebSocket::from_raw_socket(stream, Role::Server, Some(context.ws_config()));
+        Connection {
+            socket,
+            outbox,
+            websocket,
         }
     }
 }
@@ -330,7 +390,8 @@ fn run_session(
 struct Joined<'a> {
     client: ClientId,
     room: &'a str,
-    name: Arc<str>,
+    /// Its presence key ([`Who::presence_key`]).
+    key: Arc<str>,
     socket: &'a Arc<TcpStream>,
     outbox: Arc<Outbox>,
     context: &'a SessionContext,
@@ -354,20 +415,20 @@ impl<'a> Joined<'a> {
         let mut joined = Joined {
             client,
             room,
-            name: member.name.clone(),
+            key: member.key.clone(),
             socket,
             outbox: member.outbox.clone(),
             context,
             present: None,
             _connected: Raised::new(&context.metrics.clients_connected),
         };
-        let name = member.name.clone();
+        let key = member.key.clone();
         context.hub.join(room, member);
         // In the hub first, then subscribed: every message Redis sends
         // after confirming the room's subscription finds this client.
         context.broker.attach(room);
         if context.presence.settings().enabled {
-            joined.present = context.broker.present(room, &name);
+            joined.present = context.broker.present(room, &key);
         }
         Ok(joined)
     }
@@ -378,7 +439,7 @@ impl Drop for Joined<'_> {
         let context = self.context;
         context.hub.leave(self.room, self.client);
         if context.presence.settings().enabled {
-            context.broker.absent(self.room, &self.name);
+            context.broker.absent(self.room, &self.key);
         }
         context.broker.detach(self.room);
         if thread::panicking() {
@@ -397,14 +458,17 @@ impl Drop for Joined<'_> {
 
 fn run_joined(
     client: ClientId,
-    socket: Arc<TcpStream>,
+    connection: Connection,
     join: JoinRequest,
+    who: Who,
     peer: &str,
     context: &SessionContext,
 ) {
-    let name = join
-        .name
-        .unwrap_or_else(|| format!("guest-{}-{client}", context.guest_tag));
+    let Connection {
+        socket,
+        outbox,
+        mut websocket,
+    } = connection;
     let room = join.room;
     // Held as long as the session: the X-ray's place is given back when
     // the client leaves.
@@ -421,27 +485,20 @@ fn run_joined(
             context.limits.max_traced_clients
         );
     }
-    let key = client as usize;
-    let outbox = Arc::new(Outbox::new(
-        SocketWire {
-            socket: Arc::clone(&socket),
-            key,
-            watcher: context.flusher.watcher(key),
-            close_grace: context.limits.close_grace,
-        },
-        context.limits.client_buffer_bytes,
-    ));
     let last_seen = Arc::new(LastSeen::default());
     let view = Arc::new(context.presence.new_view());
+    let token_expires = Arc::new(AtomicU64::new(who.expires.unwrap_or(0)));
+    let key = who.presence_key();
     // Join (and have the room's subscription confirmed) before reading
     // history: a message accepted meanwhile is then either in history or
     // in the outbox (or both, and the outbox drops the copy), never in
     // neither.
     let member = Member {
         id: client,
-        name: name.as_str().into(),
+        key: key.as_str().into(),
         outbox: Arc::clone(&outbox),
         last_seen: last_seen.clone(),
+        token_expires: token_expires.clone(),
         trace,
         view: view.clone(),
     };
@@ -453,11 +510,20 @@ fn run_joined(
             return;
         }
     };
-    info!("client {client} joined room {room} as {name:?} from {peer}");
+    match &who.user {
+        Some(user) => info!(
+            "client {client} joined room {room} as {:?} (user {user:?}) from {peer}",
+            who.name
+        ),
+        None => info!(
+            "client {client} joined room {room} as {:?} from {peer}",
+            who.name
+        ),
+    }
 
     let client_side = FirstFrames {
         client,
-        name: &name,
+        who: &who,
         room: &room,
         since: join.since,
         trace,
@@ -468,18 +534,15 @@ fn run_joined(
     let (first, seam) = first_frames(&client_side, context);
     outbox.open(first, seam);
 
-    let stream = SessionStream {
-        socket: Arc::clone(&socket),
-        outbox: Arc::clone(&outbox),
-    };
-    let mut websocket = WebSocket::from_raw_socket(stream, Role::Server, Some(context.ws_config()));
     // The handshake and the history read were the deepest this thread goes.
     crate::stack::release_unused();
     let sender = reader::Sender {
         client,
-        name: &name,
+        who: &who,
+        key: &key,
         room: &room,
         view: &view,
+        token_expires: &token_expires,
     };
     let ended = read_until_closed(&sender, &mut websocket, &last_seen, context);
     // Whoever closed, the Close frame is queued or sent: read and discard
@@ -526,7 +589,7 @@ pub fn fitting_from(frames: &[Vec<u8>], budget: usize) -> usize {
 /// Who a joining client is, for its first frames.
 struct FirstFrames<'a> {
     client: ClientId,
-    name: &'a str,
+    who: &'a Who,
     room: &'a str,
     since: Option<MessageId>,
     trace: bool,
@@ -548,7 +611,7 @@ fn first_frames(
 ) -> (Vec<u8>, Option<MessageId>) {
     let FirstFrames {
         client,
-        name,
+        who,
         room,
         since,
         trace,
@@ -560,8 +623,10 @@ fn first_frames(
     let welcome = ServerFrame::Welcome {
         instance: &context.instance,
         client: &client_label,
-        name,
+        name: &who.name,
         room,
+        user: who.user.as_deref(),
+        expires: who.expires,
     };
     let mut first_bytes = welcome.to_ws_bytes().to_vec();
     if trace_refused {

@@ -7,6 +7,7 @@
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -14,6 +15,7 @@ use tungstenite::error::{CapacityError, Error};
 use tungstenite::{Message, WebSocket};
 
 use super::SessionContext;
+use super::identify::{Who, forbidden};
 use super::outbox::{Outbox, Pushed, Queued};
 use crate::broker::{HistoryQuery, PublishError};
 use crate::clock::{self, LastSeen};
@@ -48,10 +50,20 @@ const TYPING_PER_SECOND: f64 = 1.0;
 pub struct SessionStream {
     pub socket: Arc<TcpStream>,
     pub outbox: Arc<Outbox>,
+    /// Until the client has said who it is (`--auth token`), its reads
+    /// end at the handshake's deadline, however it drips its bytes.
+    pub deadline: Option<Instant>,
 }
 
 impl Read for SessionStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.socket.set_read_timeout(Some(left))?;
+        }
         (&*self.socket).read(buf)
     }
 }
@@ -74,10 +86,14 @@ impl Write for SessionStream {
 /// Who the reader speaks for.
 pub struct Sender<'a> {
     pub client: ClientId,
-    pub name: &'a str,
+    pub who: &'a Who,
+    /// Its presence key ([`Who::presence_key`]).
+    pub key: &'a str,
     pub room: &'a str,
     /// Its window on the room's member list.
     pub view: &'a View,
+    /// When its token expires (the hub's copy, which the pinger reads).
+    pub token_expires: &'a AtomicU64,
 }
 
 /// Reads frames and publishes messages until the connection ends or a
@@ -170,7 +186,7 @@ pub fn read_until_closed(
                 if last_typing.is_none_or(|at| at.elapsed() >= TYPING_INTERVAL) {
                     last_typing = Some(Instant::now());
                     if context.presence.settings().enabled {
-                        context.broker.typing(sender.room, sender.name);
+                        context.broker.typing(sender.room, sender.key);
                     } else {
                         let refusal = "typing is not relayed: presence is off on this server \
                                        (--presence off)";
@@ -206,6 +222,7 @@ pub fn read_until_closed(
                     history_page(sender, before, limit, cid.as_deref(), context)
                 }
                 Ok(ClientRequest::Typing) => continue,
+                Ok(ClientRequest::Auth(token)) => refresh(sender, &token, context),
                 Err(refused) => {
                     Metrics::inc(&context.metrics.messages_rejected_total);
                     debug!("client {client}: frame refused: {}", refused.message);
@@ -219,7 +236,7 @@ pub fn read_until_closed(
                     Ok(ClientRequest::Members { cid, .. } | ClientRequest::History { cid, .. }) => {
                         cid.as_deref()
                     }
-                    Ok(ClientRequest::Typing) => None,
+                    Ok(ClientRequest::Typing | ClientRequest::Auth(_)) => None,
                     Err(refused) => refused.cid.as_deref(),
                 };
                 let limit = context.limits.rate;
@@ -256,7 +273,8 @@ fn publish(
     let cid = message.cid.clone();
     let new = NewMessage {
         room: sender.room.to_string(),
-        from: sender.name.to_string(),
+        from: sender.who.name.clone(),
+        user: sender.who.user.clone(),
         text: message.text,
         instance: context.instance.clone(),
         cid: message.cid,
@@ -333,6 +351,45 @@ fn history_page(
         room: sender.room,
         messages,
         more: history.more || skipped > 0,
+    }
+    .to_ws_bytes()
+    .to_vec()
+}
+
+/// A fresh token (`--auth token`): for the same user, and allowing this
+/// room, it extends the connection to its `exp`; anything else is refused
+/// with the reason, and the connection keeps its current token until that
+/// one expires.
+fn refresh(sender: &Sender<'_>, token: &str, context: &SessionContext) -> Vec<u8> {
+    let Some(verifier) = &context.limits.auth else {
+        let why = "this server does not check tokens (--auth off)";
+        return error_frame(ErrorCode::BadRequest, why, None);
+    };
+    let identity = match verifier.verify(token, clock::wall_millis() / 1000) {
+        Ok(identity) => identity,
+        Err(refusal) => {
+            debug!("client {}: fresh token refused: {refusal}", sender.client);
+            return error_frame(refusal.code(), &refusal.to_string(), None);
+        }
+    };
+    if Some(&identity.user) != sender.who.user.as_ref() {
+        let why = "a fresh token must be for the same user (sub) as the connection's";
+        return error_frame(ErrorCode::TokenClaims, why, None);
+    }
+    if !identity.allows(sender.room) {
+        let refused = forbidden(&identity, sender.room);
+        return error_frame(refused.code, &refused.message, None);
+    }
+    sender
+        .token_expires
+        .store(identity.expires, Ordering::Relaxed);
+    debug!(
+        "client {}: token refreshed until {}",
+        sender.client, identity.expires
+    );
+    ServerFrame::Authenticated {
+        user: &identity.user,
+        expires: identity.expires,
     }
     .to_ws_bytes()
     .to_vec()

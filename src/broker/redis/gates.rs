@@ -330,6 +330,7 @@ fn message(seq: u64) -> ChatMessage {
         id: MessageId { millis: 1, seq },
         room: "r".into(),
         from: "a".into(),
+        user: None,
         text: format!("m{seq}"),
         ts: 1,
         instance: "i".into(),

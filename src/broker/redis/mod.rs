@@ -280,7 +280,7 @@ impl Broker for RedisBroker {
     }
 
     fn typing(&self, room: &str, name: &str) {
-        let frame = ServerFrame::Typing { room, name }.to_json();
+        let frame = ServerFrame::typing(room, name).to_json();
         self.publisher.publish_ephemeral(room, &frame);
     }
 
