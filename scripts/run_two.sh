@@ -9,7 +9,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
   cat <<'EOF'
-Usage: ./scripts/run_two.sh [--no-redis] [--demo] [--ports A,B]
+Usage: ./scripts/run_two.sh [--no-redis] [--demo] [--auth] [--ports A,B]
 
 Builds pubsub-chat (cargo build --release) and runs two instances of it,
 "a" on port A and "b" on port B (WebSocket ports A+10000 and B+10000,
@@ -27,6 +27,12 @@ Options:
                 The URLs printed are then the admin listeners' pages (the
                 fault panel and the instances view live there), with the
                 message X-ray on (?trace=1).
+  --auth        Signed identity (--auth token): the script makes an HS256
+                secret, mints tokens for alice, bob and a second "alice"
+                (another user) with `pubsub-chat token`, and prints URLs
+                that carry them in their fragment (#token=..., which the
+                browser never sends to a server). The name in the URL no
+                longer counts: the token says who you are.
   -h, --help    Show this help.
 
 Redis: if REDIS_URL is set and answers PING, it is used. Otherwise the
@@ -40,6 +46,7 @@ EOF
 
 NO_REDIS=0
 DEMO=0
+AUTH=0
 PORT_A="${PORT_A:-5000}"
 PORT_B="${PORT_B:-5001}"
 
@@ -47,6 +54,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --no-redis) NO_REDIS=1 ;;
     --demo) DEMO=1 ;;
+    --auth) AUTH=1 ;;
     --ports)
       [[ $# -ge 2 ]] || die "--ports needs a value, e.g. --ports 5100,5101"
       PORTS="$2"
@@ -169,12 +177,21 @@ if [[ "$DEMO" -eq 1 ]]; then
   DEMO_ARGS=(--demo-controls)
   PAGE_QUERY="&trace=1"
 fi
+AUTH_ARGS=()
+if [[ "$AUTH" -eq 1 ]]; then
+  # The secret the application's backend and the servers share; only the
+  # servers and the `token` helper below read it.
+  SECRET_FILE="$TMP_DIR/hs256.key"
+  (umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$SECRET_FILE")
+  AUTH_ARGS=(--auth token --auth-hs256-secret-file "$SECRET_FILE")
+fi
 IDS=(a b)
 INSTANCE_PORTS=("$PORT_A" "$PORT_B")
 for i in 0 1; do
   port="${INSTANCE_PORTS[i]}"
   start_instance "${IDS[i]}" --port "$port" --ws-port $((port + 10000)) \
-    --admin-addr "127.0.0.1:$((port + 20000))" "${BROKER_ARGS[@]}" "${DEMO_ARGS[@]}"
+    --admin-addr "127.0.0.1:$((port + 20000))" "${BROKER_ARGS[@]}" "${DEMO_ARGS[@]}" \
+    "${AUTH_ARGS[@]}"
 done
 
 # ----------------------------------------------------------- wait ready
@@ -193,6 +210,12 @@ PAGE_PORTS=("$PORT_A" "$PORT_B")
 [[ "$DEMO" -eq 0 ]] || PAGE_PORTS=("$ADMIN_A" "$ADMIN_B")
 URL_A="http://127.0.0.1:${PAGE_PORTS[0]}/?name=alice&room=lobby$PAGE_QUERY"
 URL_B="http://127.0.0.1:${PAGE_PORTS[1]}/?name=bob&room=lobby$PAGE_QUERY"
+if [[ "$AUTH" -eq 1 ]]; then
+  mint() { "$BIN" token --auth-hs256-secret-file "$SECRET_FILE" --ttl 8h "$@"; }
+  URL_A="http://127.0.0.1:${PAGE_PORTS[0]}/?room=lobby$PAGE_QUERY#token=$(mint --sub u-alice --name alice)"
+  URL_B="http://127.0.0.1:${PAGE_PORTS[1]}/?room=lobby$PAGE_QUERY#token=$(mint --sub u-bob --name bob)"
+  URL_C="http://127.0.0.1:${PAGE_PORTS[1]}/?room=lobby$PAGE_QUERY#token=$(mint --sub u-alice-2 --name alice)"
+fi
 RULE="================================================================================"
 {
   printf '\n%s\n' "$RULE"
@@ -204,6 +227,15 @@ RULE="==========================================================================
   printf '  Open these in two browser tabs:\n'
   printf '    instance a:  %s\n' "$URL_A"
   printf '    instance b:  %s\n\n' "$URL_B"
+  if [[ "$AUTH" -eq 1 ]]; then
+    printf '  Signed identity (--auth token): each URL carries a token for one user\n'
+    printf '  (alice is u-alice, bob is u-bob), valid 8 hours. A second, different\n'
+    printf '  "alice" (user u-alice-2), to see two members share a name:\n'
+    printf '    instance b:  %s\n\n' "$URL_C"
+    printf '  Mint another (the page asks for one when its token expires):\n'
+    printf '    %s token --auth-hs256-secret-file %s --sub u-carol --name carol --ttl 1h\n\n' \
+      "$BIN" "$SECRET_FILE"
+  fi
   if [[ "$NO_REDIS" -eq 0 ]]; then
     printf '  Try it: type a message in one tab; it appears in the other, although\n'
     printf '  each tab talks to a different server process. They meet in Redis.\n\n'

@@ -513,7 +513,10 @@ impl Config {
             );
         }
         // The auth frame's envelope must fit a frame with the token.
-        if self.auth_max_token_bytes < 64 || self.auth_max_token_bytes + 64 > self.max_frame_bytes {
+        if self.auth == AuthMode::Token
+            && (self.auth_max_token_bytes < 64
+                || self.auth_max_token_bytes + 64 > self.max_frame_bytes)
+        {
             return Err(format!(
                 "--auth-max-token-bytes must be at least 64 and at most --max-frame-bytes - 64 ({})",
                 self.max_frame_bytes.saturating_sub(64)

@@ -646,7 +646,7 @@ mod tests {
         };
         let direct = serde_json::json!({
             "instance": "a1", "ws_port": 15000, "ws_path": "/ws", "admin": false,
-            "demo_controls": false, "presence": true
+            "demo_controls": false, "presence": true, "auth": "off"
         });
         assert_eq!(
             config(Some("127.0.0.1:5000")),
