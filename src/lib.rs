@@ -18,6 +18,9 @@
 //! - [`broker`]: Redis Pub/Sub (and a Redis Stream of history per room), or
 //!   the local, single-instance twin.
 //! - [`protocol`]: the wire types and their only encoding and validation.
+//! - [`auth`]: `--auth token`: the signed token (JWT) a client sends
+//!   first, verified with pinned algorithms and keys; minting one for
+//!   development.
 //! - [`rate_limit`], [`origin`], [`per_address`], [`liveness`]: the
 //!   defences: a token bucket per client, the Origin check, clients per
 //!   address, and the pinger that finds dead peers.
