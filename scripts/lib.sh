@@ -84,6 +84,8 @@ missing_test_packages() {
   # nginx fronts three instances in the failover test (/usr/sbin may not be
   # on a user's PATH).
   have nginx || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
+  # tests/auth.rs makes its ES256 and RS256 key pairs with it.
+  have openssl || missing+=(openssl)
   # Use any node already installed (e.g. NodeSource's, which bundles npm);
   # install Debian's only when there is none.
   have node || missing+=(nodejs npm)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the tests: installs what they need when it is missing (redis-server,
-# chromium, nginx, node/npm, the browser test's npm packages), then cargo.
+# chromium, nginx, openssl, node/npm, the browser test's npm packages), then cargo.
 #   ./scripts/test.sh                   every test: the library's, the binary's,
 #                                       every tests/*.rs file and the examples;
 #                                       the benchmarks are compiled, not run;

@@ -1195,6 +1195,57 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_member_with_a_user_id_is_written_as_its_name_and_user() {
+        let key = member_key("alice", Some("u1"));
+        assert_eq!(split_member_key(&key), ("alice", Some("u1")));
+        assert_eq!(split_member_key("alice"), ("alice", None));
+        let member = PresenceMember {
+            name: key.clone(),
+            instances: vec!["a".into()],
+            connections: 1,
+        };
+        assert_eq!(
+            serde_json::to_value(&member).unwrap(),
+            serde_json::json!({"name": "alice", "user": "u1", "instances": ["a"], "connections": 1})
+        );
+        let plain = PresenceMember {
+            name: "bob".into(),
+            ..member
+        };
+        assert!(serde_json::to_value(&plain).unwrap().get("user").is_none());
+        assert_eq!(
+            serde_json::to_value([MemberRef(key.clone()), MemberRef("bob".into())]).unwrap(),
+            serde_json::json!([{"name": "alice", "user": "u1"}, "bob"])
+        );
+        let departure = Departure {
+            name: key.clone(),
+            instance: "b".into(),
+            reason: LeaveReason::Left,
+        };
+        assert_eq!(serde_json::to_value(&departure).unwrap()["user"], "u1");
+        // Two users who share a name sort by name first, then user id.
+        assert!(member_key("alice", Some("u2")) < member_key("alicia", None));
+        assert!(member_key("alice", Some("u1")) < member_key("alice", Some("u2")));
+    }
+
+    #[test]
+    fn member_keys_from_redis_are_checked_name_and_user_alike() {
+        let limits = Limits::default();
+        assert!(validate_member_key(&member_key("alice", Some("u1")), &limits).is_ok());
+        assert!(validate_member_key("alice", &limits).is_ok());
+        assert!(validate_member_key(&member_key("alice", Some("")), &limits).is_err());
+        assert!(validate_member_key(&member_key("alice", Some(&"u".repeat(65))), &limits).is_err());
+        assert!(validate_member_key(&member_key("", Some("u1")), &limits).is_err());
+        // A typing frame carries its user through the channel and back.
+        let typing = ServerFrame::typing("lobby", "alice\u{1f}u1").to_json();
+        assert!(typing.contains(r#""user":"u1""#), "{typing}");
+        match parse_channel_event(typing.as_bytes(), &limits) {
+            Ok(ChannelEvent::Typing { name, .. }) => assert_eq!(name, "alice\u{1f}u1"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn message_ids_order_numerically_not_lexically() {
         let nine: MessageId = "9-0".parse().unwrap();
         let ten: MessageId = "10-0".parse().unwrap();
