@@ -320,6 +320,12 @@ fn claims_refusal(kind: ErrorKind) -> Refusal {
         ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => {
             Refusal::Algorithm("the token's algorithm does not match its key".into())
         }
+        // RFC 7519 4.1.3: a token meant for an audience this server does
+        // not identify itself with must be refused.
+        ErrorKind::InvalidAudience => Refusal::Claims(
+            "the token names an audience (aud) this server is not; leave aud out of chat tokens"
+                .into(),
+        ),
         ErrorKind::MissingRequiredClaim(claim) => {
             Refusal::Claims(format!("the token has no {claim:?} claim"))
         }
@@ -469,5 +475,26 @@ mod tests {
         assert_eq!(identity.name, "alice");
         assert!(identity.allows("anywhere"));
         assert_eq!(verifier.verify(&token, 2_000), Err(Refusal::Expired));
+    }
+
+    #[test]
+    fn a_token_for_an_audience_is_refused_with_a_reason() {
+        let secret = "k".repeat(40);
+        let sources = KeySources {
+            secret: Some(secret.clone()),
+            ..KeySources::default()
+        };
+        let verifier = Verifier::load(&sources, 4096, Limits::default()).unwrap();
+        let claims = serde_json::json!({"sub": "u1", "name": "al", "exp": 2_000, "aud": "billing"});
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        match verifier.verify(&token, 1_000) {
+            Err(Refusal::Claims(why)) => assert!(why.contains("aud"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 }
