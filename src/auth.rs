@@ -172,16 +172,15 @@ impl Verifier {
         for path in &sources.public_key_files {
             let pem = std::fs::read(path)
                 .map_err(|e| format!("--auth-public-key-file {}: {e}", path.display()))?;
-            let (algorithm, key) = if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
-                (Algorithm::ES256, key)
-            } else if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
-                (Algorithm::RS256, key)
-            } else {
-                return Err(format!(
-                    "--auth-public-key-file {}: not an EC (P-256) or RSA public key in PEM",
-                    path.display()
-                ));
-            };
+            let (algorithm, key) =
+                from_pem(&pem, DecodingKey::from_ec_pem, DecodingKey::from_rsa_pem).ok_or_else(
+                    || {
+                        format!(
+                            "--auth-public-key-file {}: not an EC (P-256) or RSA public key in PEM",
+                            path.display()
+                        )
+                    },
+                )?;
             keys.push(NamedKey {
                 kid: key_id(path),
                 algorithm,
@@ -334,6 +333,18 @@ fn claims_refusal(kind: ErrorKind) -> Refusal {
     }
 }
 
+/// A PEM key and its algorithm: an EC key is ES256, an RSA key RS256.
+fn from_pem<K>(
+    pem: &[u8],
+    ec: impl Fn(&[u8]) -> jsonwebtoken::errors::Result<K>,
+    rsa: impl Fn(&[u8]) -> jsonwebtoken::errors::Result<K>,
+) -> Option<(Algorithm, K)> {
+    ec(pem)
+        .map(|key| (Algorithm::ES256, key))
+        .or_else(|_| rsa(pem).map(|key| (Algorithm::RS256, key)))
+        .ok()
+}
+
 /// A key's name: its file's stem (`keys/2026-12.pem` is `2026-12`).
 fn key_id(path: &Path) -> String {
     path.file_stem()
@@ -405,16 +416,15 @@ pub fn mint(claims: &Claims, signing: &SigningKey, with_kid: bool) -> Result<Str
         }
         SigningKey::PrivateKeyFile(path) => {
             let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let (algorithm, key) = if let Ok(key) = EncodingKey::from_ec_pem(&pem) {
-                (Algorithm::ES256, key)
-            } else if let Ok(key) = EncodingKey::from_rsa_pem(&pem) {
-                (Algorithm::RS256, key)
-            } else {
-                return Err(format!(
-                    "{}: not an EC (P-256, PKCS#8) or RSA private key in PEM",
-                    path.display()
-                ));
-            };
+            let (algorithm, key) =
+                from_pem(&pem, EncodingKey::from_ec_pem, EncodingKey::from_rsa_pem).ok_or_else(
+                    || {
+                        format!(
+                            "{}: not an EC (P-256, PKCS#8) or RSA private key in PEM",
+                            path.display()
+                        )
+                    },
+                )?;
             let mut header = Header::new(algorithm);
             header.kid = Some(key_id(path));
             (header, key)

@@ -449,20 +449,33 @@ pub struct PresenceMember {
     pub connections: u64,
 }
 
+/// A presence key as the wire writes it: `name`, and `user` when it has
+/// one ([`member_key`]).
+#[derive(Serialize)]
+struct KeyFields<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+}
+
+impl<'a> KeyFields<'a> {
+    fn of(key: &'a str) -> Self {
+        let (name, user) = split_member_key(key);
+        KeyFields { name, user }
+    }
+}
+
 impl Serialize for PresenceMember {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         #[derive(Serialize)]
         struct Wire<'a> {
-            name: &'a str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            user: Option<&'a str>,
+            #[serde(flatten)]
+            key: KeyFields<'a>,
             instances: &'a [String],
             connections: u64,
         }
-        let (name, user) = split_member_key(&self.name);
         Wire {
-            name,
-            user,
+            key: KeyFields::of(&self.name),
             instances: &self.instances,
             connections: self.connections,
         }
@@ -477,14 +490,9 @@ pub struct MemberRef(pub String);
 
 impl Serialize for MemberRef {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        #[derive(Serialize)]
-        struct Wire<'a> {
-            name: &'a str,
-            user: &'a str,
-        }
-        match split_member_key(&self.0) {
-            (name, None) => serializer.serialize_str(name),
-            (name, Some(user)) => Wire { name, user }.serialize(serializer),
+        match KeyFields::of(&self.0) {
+            KeyFields { name, user: None } => serializer.serialize_str(name),
+            with_user => with_user.serialize(serializer),
         }
     }
 }
@@ -567,16 +575,13 @@ impl Serialize for Departure {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         #[derive(Serialize)]
         struct Wire<'a> {
-            name: &'a str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            user: Option<&'a str>,
+            #[serde(flatten)]
+            key: KeyFields<'a>,
             instance: &'a str,
             reason: LeaveReason,
         }
-        let (name, user) = split_member_key(&self.name);
         Wire {
-            name,
-            user,
+            key: KeyFields::of(&self.name),
             instance: &self.instance,
             reason: self.reason,
         }

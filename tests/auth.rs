@@ -220,6 +220,23 @@ fn refused_with(ws: SocketAddr, room: &str, token: &str) -> (String, u16, String
     refusal(&mut client)
 }
 
+/// What every test here starts from: its keys, its Redis, its key prefix.
+struct Setup {
+    keys: Keys,
+    redis: RedisServer,
+    prefix: String,
+}
+
+impl Setup {
+    fn new() -> Self {
+        Setup {
+            keys: Keys::new(),
+            redis: RedisServer::start(),
+            prefix: unique("auth"),
+        }
+    }
+}
+
 /// One instance with `--auth token` and the given keys, on `redis`.
 fn instance(id: &str, redis: &RedisServer, prefix: &str, args: &[String]) -> Instance {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -250,9 +267,11 @@ fn assert_room_untouched(redis: &RedisServer, prefix: &str, room: &str) {
 
 #[test]
 fn every_bad_token_is_refused_with_its_own_code_before_it_costs_anything() {
-    let keys = Keys::new();
-    let redis = RedisServer::start();
-    let prefix = unique("auth");
+    let Setup {
+        keys,
+        redis,
+        prefix,
+    } = Setup::new();
     let a = instance("a", &redis, &prefix, &keys.secret_args());
     // The classic confusion: a server that verifies RS256 with a public
     // key, and a token that says HS256, "signed" with that public key as
@@ -356,9 +375,11 @@ fn every_bad_token_is_refused_with_its_own_code_before_it_costs_anything() {
 
 #[test]
 fn a_client_that_sends_no_token_is_closed_at_the_handshake_deadline() {
-    let keys = Keys::new();
-    let redis = RedisServer::start();
-    let prefix = unique("auth");
+    let Setup {
+        keys,
+        redis,
+        prefix,
+    } = Setup::new();
     let mut args = keys.secret_args();
     args.extend(["--handshake-timeout-ms".into(), "1500".into()]);
     let a = instance("a", &redis, &prefix, &args);
@@ -376,9 +397,11 @@ fn a_client_that_sends_no_token_is_closed_at_the_handshake_deadline() {
 
 #[test]
 fn es256_and_rs256_tokens_verify_with_the_public_keys_alone() {
-    let keys = Keys::new();
-    let redis = RedisServer::start();
-    let prefix = unique("auth");
+    let Setup {
+        keys,
+        redis,
+        prefix,
+    } = Setup::new();
     let public = format!("{},{}", keys.es_public.display(), keys.rs_public.display());
     let args: Vec<String> = vec![
         "--auth".into(),
@@ -402,9 +425,11 @@ fn es256_and_rs256_tokens_verify_with_the_public_keys_alone() {
 
 #[test]
 fn the_token_says_who_and_a_query_name_cannot_override_it() {
-    let keys = Keys::new();
-    let redis = RedisServer::start();
-    let prefix = unique("auth");
+    let Setup {
+        keys,
+        redis,
+        prefix,
+    } = Setup::new();
     let a = instance("a", &redis, &prefix, &keys.secret_args());
     let token = keys.token("u1", "alice", 600);
     // The message is sent right behind the auth frame: nothing the client
@@ -425,9 +450,11 @@ fn the_token_says_who_and_a_query_name_cannot_override_it() {
 
 #[test]
 fn the_rooms_claim_is_enforced() {
-    let keys = Keys::new();
-    let redis = RedisServer::start();
-    let prefix = unique("auth");
+    let Setup {
+        keys,
+        redis,
+        prefix,
+    } = Setup::new();
     let a = instance("a", &redis, &prefix, &keys.secret_args());
     let token = keys.token_with(Claims {
         rooms: Some(vec!["team-1".into(), "team-2".into()]),
@@ -441,9 +468,11 @@ fn the_rooms_claim_is_enforced() {
 
 #[test]
 fn a_fresh_token_keeps_the_session_and_none_closes_it_at_exp() {
-    let keys = Keys::new();
-    let redis = RedisServer::start();
-    let prefix = unique("auth");
+    let Setup {
+        keys,
+        redis,
+        prefix,
+    } = Setup::new();
     let a = instance("a", &redis, &prefix, &keys.secret_args());
 
     let mut kept = join(a.ws, "room=refresh", &keys.token("u1", "alice", 3));
@@ -524,9 +553,11 @@ fn members_when(client: &mut Client, count: u64) -> Vec<Value> {
 
 #[test]
 fn presence_counts_users_by_sub_across_two_instances() {
-    let keys = Keys::new();
-    let redis = RedisServer::start();
-    let prefix = unique("auth");
+    let Setup {
+        keys,
+        redis,
+        prefix,
+    } = Setup::new();
     let args = keys.secret_args();
     let a = instance("a", &redis, &prefix, &args);
     let b = instance("b", &redis, &prefix, &args);
@@ -599,9 +630,11 @@ fn the_server_will_not_start_with_a_weak_secret_or_keys_and_auth_off() {
 
 #[test]
 fn the_token_command_mints_what_the_server_accepts() {
-    let keys = Keys::new();
-    let redis = RedisServer::start();
-    let prefix = unique("auth");
+    let Setup {
+        keys,
+        redis,
+        prefix,
+    } = Setup::new();
     let a = instance("a", &redis, &prefix, &keys.secret_args());
     let output = Command::new(env!("CARGO_BIN_EXE_pubsub-chat"))
         .args([
