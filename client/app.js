@@ -14,7 +14,7 @@
  *   js/conversation.js  the message list, and our sends (pending, held, failed)
  *   js/presence.js      the member list, and who is typing
  *   js/lab.js           the instances view (/stats) and the fault panel
- *   js/socket.js        the WebSocket: connect, reconnect, route frames
+ *   js/socket.js        the WebSocket: connect, reconnect, route frames; the sign-in token
  *   js/page.js          joining, leaving, the composer, boot: the wiring
  *
  * The browser fetches the modules in parallel, over several connections

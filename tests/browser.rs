@@ -7,23 +7,27 @@
 //! window of the first members, asks for more when its list is scrolled to the bottom and
 //! follows members leaving, that the X-ray shows every hop of a message, and that each button
 //! of the fault panel does what it says (and that without `--demo-controls` there is no panel
-//! and the endpoints refuse). tests/browser/chat.mjs drives the browser; these tests start
-//! Redis, the instances, nginx and (for the large room) the other members.
+//! and the endpoints refuse), and that with `--auth token` a tab whose sign-in expires gets a new
+//! token and reconnects without losing a message, while a tab that refreshes its token in time
+//! is never closed. tests/browser/chat.mjs drives the browser; these tests start Redis, the
+//! instances, nginx, (for the large room) the other members and (with `--auth token`) the
+//! application's token endpoint.
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::nginx::Nginx;
 use common::{Client, Instance, RedisServer, temp_dir, timed_out, unique};
+use pubsub_chat::auth::{Claims, KeySources, SigningKey, mint};
 
 /// How long the whole browser run may take before node is killed.
 const NODE_TIMEOUT: Duration = Duration::from_secs(150);
@@ -416,4 +420,276 @@ fn a_large_room_shows_its_count_and_a_window_that_grows_when_the_list_is_scrolle
     );
     bots.finish();
     let _ = std::fs::remove_dir_all(&files);
+}
+
+/// Who the token endpoint knows: its session cookie's value, and what
+/// its tokens say.
+struct Account {
+    session: &'static str,
+    sub: &'static str,
+    name: &'static str,
+    /// How long each token from `/token` lasts.
+    ttl_s: u64,
+    /// How long the first token (`/initial`) lasts: longer, so that a
+    /// slow page load on a busy machine still connects with it.
+    initial_ttl_s: u64,
+    /// `/token` answers 500 to this many of its first requests.
+    fail_first: usize,
+    /// `/token` answers JSON `{"token": ...}` (else the token as text).
+    json: bool,
+}
+
+/// The application's token endpoint, as the page's `--auth-token-url`
+/// sees it: `GET /token` answers a fresh token for the user its `session`
+/// cookie names (the page asks with credentials; the answer allows the
+/// page's origin with credentials). `GET /initial?user=<session>` is the
+/// application's sign-in, which hands a page its first token (chat.mjs
+/// puts it in the page's `#token=`). Every `/token` request is recorded.
+struct TokenServer {
+    addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+    /// Each `/token` request: the session it named, and the status answered.
+    requests: Arc<Mutex<Vec<(String, u16)>>>,
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+impl TokenServer {
+    fn start(secret_file: PathBuf, accounts: Vec<Account>) -> Self {
+        let server =
+            tiny_http::Server::http("127.0.0.1:0").expect("cannot start the token endpoint");
+        let addr = server.server_addr().to_ip().expect("an IP address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (stopping, log) = (stop.clone(), requests.clone());
+        let thread = thread::spawn(move || {
+            let signing = SigningKey::Secret(KeySources {
+                secret_file: Some(secret_file),
+                ..KeySources::default()
+            });
+            let mint_for = |account: &Account, ttl_s: u64| {
+                let claims = Claims {
+                    sub: account.sub.into(),
+                    name: Some(account.name.into()),
+                    exp: now_s() + ttl_s,
+                    nbf: None,
+                    rooms: None,
+                };
+                mint(&claims, &signing, true).expect("minting a token")
+            };
+            let mut asked: HashMap<&str, usize> = HashMap::new();
+            while !stopping.load(Ordering::Relaxed) {
+                let Ok(Some(request)) = server.recv_timeout(Duration::from_millis(50)) else {
+                    continue;
+                };
+                let header = |name: &'static str| {
+                    request
+                        .headers()
+                        .iter()
+                        .find(|h| h.field.equiv(name))
+                        .map(|h| h.value.as_str().to_string())
+                };
+                let origin = header("Origin");
+                let cookie = header("Cookie").unwrap_or_default();
+                let session = cookie
+                    .split(';')
+                    .find_map(|c| c.trim().strip_prefix("session="))
+                    .unwrap_or("")
+                    .to_string();
+                let url = request.url().to_string();
+                let (status, body) = if let Some(user) = url.strip_prefix("/initial?user=") {
+                    match accounts.iter().find(|a| a.session == user) {
+                        Some(account) => (200, mint_for(account, account.initial_ttl_s)),
+                        None => (404, format!("no account {user:?}")),
+                    }
+                } else if url == "/token" {
+                    let answer = match accounts.iter().find(|a| a.session == session) {
+                        None => (401, "not signed in".to_string()),
+                        Some(account) => {
+                            let n = asked.entry(account.session).or_default();
+                            *n += 1;
+                            if *n <= account.fail_first {
+                                (500, "the token service is down".to_string())
+                            } else if account.json {
+                                let token = mint_for(account, account.ttl_s);
+                                (200, serde_json::json!({ "token": token }).to_string())
+                            } else {
+                                (200, mint_for(account, account.ttl_s))
+                            }
+                        }
+                    };
+                    log.lock().unwrap().push((session, answer.0));
+                    answer
+                } else {
+                    (404, "not found".to_string())
+                };
+                // The page's origin, with credentials (its cookie); every
+                // answer carries it, failures too, so that the page reads
+                // the status instead of a CORS error.
+                let headers = [
+                    (
+                        "Access-Control-Allow-Origin",
+                        origin.as_deref().unwrap_or("*"),
+                    ),
+                    (
+                        "Access-Control-Allow-Credentials",
+                        if origin.is_some() { "true" } else { "false" },
+                    ),
+                    ("Vary", "Origin"),
+                    ("Cache-Control", "no-store"),
+                    ("Content-Type", "text/plain; charset=utf-8"),
+                ];
+                let mut response = tiny_http::Response::from_string(body).with_status_code(status);
+                for (name, value) in headers {
+                    response.add_header(
+                        tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).unwrap(),
+                    );
+                }
+                let _ = request.respond(response);
+            }
+        });
+        TokenServer {
+            addr,
+            stop,
+            thread: Some(thread),
+            requests,
+        }
+    }
+
+    /// The `/token` requests so far: (session, status).
+    fn requests(&self) -> Vec<(String, u16)> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn token_expiry_reconnects_with_a_new_token_and_loses_nothing() {
+    let dir = browser_dir();
+    require_tooling(&dir);
+
+    let keys = temp_dir("browser-auth");
+    let secret = keys.join("hs1.key");
+    std::fs::write(&secret, "0123456789abcdefghijklmnopqrstuvwxyzABCD").unwrap();
+    // alice: a first token of 10 s, then 6 s ones, and the endpoint fails
+    // her first request (the refresh before her first token expires), so
+    // that the server closes her at its exp; then it works. twin: the
+    // same tokens, refreshed in time; a user of her own who shares
+    // alice's display name. bob: one long token.
+    let tokens = TokenServer::start(
+        secret.clone(),
+        vec![
+            Account {
+                session: "alice",
+                sub: "u-alice",
+                name: "alice",
+                ttl_s: 6,
+                initial_ttl_s: 10,
+                fail_first: 1,
+                json: true,
+            },
+            Account {
+                session: "twin",
+                sub: "u-twin",
+                name: "alice",
+                ttl_s: 6,
+                initial_ttl_s: 10,
+                fail_first: 0,
+                json: false,
+            },
+            Account {
+                session: "bob",
+                sub: "u-bob",
+                name: "bob",
+                ttl_s: 600,
+                initial_ttl_s: 600,
+                fail_first: 0,
+                json: true,
+            },
+        ],
+    );
+    let token_url = format!("http://{}/token", tokens.addr);
+
+    let redis = RedisServer::start();
+    let prefix = unique("browser-auth");
+    let secret_arg = secret.display().to_string();
+    let start = |id: &str| {
+        Instance::redis_with(
+            id,
+            &redis.url(),
+            &prefix,
+            &[
+                "--auth",
+                "token",
+                "--auth-hs256-secret-file",
+                &secret_arg,
+                "--auth-token-url",
+                &token_url,
+            ],
+        )
+    };
+    let a = start("browser-a");
+    let b = start("browser-b");
+    a.wait_ready();
+    b.wait_ready();
+
+    run_scenario(
+        &dir,
+        "token",
+        &a,
+        &b,
+        &[("token-server", format!("http://{}", tokens.addr))],
+    );
+
+    // What the endpoint saw: alice's first request failed (the refresh),
+    // the next one (after the 4401) and later refreshes worked; twin's
+    // all worked; bob, with a long token, asked for none.
+    let requests = tokens.requests();
+    let of = |session: &str| -> Vec<u16> {
+        requests
+            .iter()
+            .filter(|(s, _)| s == session)
+            .map(|&(_, status)| status)
+            .collect()
+    };
+    let alice = of("alice");
+    assert!(
+        alice.len() >= 2 && alice[0] == 500 && alice[1..].iter().all(|&s| s == 200),
+        "alice's /token requests answered {alice:?}: want a 500, then only 200s"
+    );
+    let twin = of("twin");
+    assert!(
+        !twin.is_empty() && twin.iter().all(|&s| s == 200),
+        "twin's /token requests answered {twin:?}: want at least one, all 200"
+    );
+    assert!(of("bob").is_empty(), "bob asked for a token: {requests:?}");
+    assert!(
+        requests.iter().all(|(s, _)| !s.is_empty()),
+        "a /token request came without its session cookie: {requests:?}"
+    );
+    assert!(
+        a.metric("chat_tokens_expired_total") >= 1.0,
+        "instance a closed no connection for an expired token"
+    );
+    assert_eq!(
+        b.metric("chat_tokens_expired_total"),
+        0.0,
+        "instance b closed a connection for an expired token: twin's refresh did not keep it"
+    );
+    drop(tokens);
+    let _ = std::fs::remove_dir_all(&keys);
 }

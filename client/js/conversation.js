@@ -110,6 +110,8 @@ function buildMessage(msg, mine) {
   li.setAttribute('data-testid', 'message');
   li.setAttribute('data-id', msg.id || '');
   li.setAttribute('data-from', msg.from);
+  var user = typeof msg.user === 'string' && msg.user !== '' ? msg.user : null;
+  if (user) li.setAttribute('data-user', user);
   li.setAttribute('data-instance', msg.instance || '');
   if (msg.cid) li.setAttribute('data-cid', msg.cid);
   li.style.setProperty('--hue', String(nameHue(msg.from)));
@@ -118,6 +120,13 @@ function buildMessage(msg, mine) {
   var body = h('div', 'msg-body');
   var meta = h('div', 'msg-meta');
   meta.appendChild(h('bdi', 'msg-from', msg.from));
+  if (user) {
+    // `--auth token`: who sent it for sure (two senders may share a name).
+    var tag = h('span', 'msg-user', '@' + user);
+    tag.setAttribute('data-testid', 'user-tag');
+    tag.title = 'user id ' + user;
+    meta.appendChild(tag);
+  }
   if (mine) meta.appendChild(h('span', 'msg-you', 'you'));
   var ts = typeof msg.ts === 'number' ? msg.ts : msgTsFromId(msg.id);
   var time = h('time', 'msg-time', fmtTime(ts));
@@ -162,6 +171,12 @@ function insertMessage(li, key) {
     node = node.previousElementSibling;
   }
   list.insertBefore(li, ref);
+}
+
+/** Is a message with our cid ours? Its name, and its user when both sides have one. */
+function fromMe(msg, cid) {
+  if (!cid || msg.from !== S.name || !sentCids.has(cid)) return false;
+  return typeof msg.user !== 'string' || !S.user || msg.user === S.user;
 }
 
 /** Append a line that is not a message (notice, join, leave): it goes
@@ -407,7 +422,7 @@ export function onMessageFrame(msg) {
   }
 
   var cid = typeof msg.cid === 'string' ? msg.cid : null;
-  var mine = !!cid && msg.from === S.name && sentCids.has(cid);
+  var mine = fromMe(msg, cid);
   var p = cid ? pending.get(cid) : null;
 
   debug.received.push(msg);
@@ -543,7 +558,7 @@ function insertOlder(msg) {
   if (seen.has(msg.id)) return false;
   seen.add(msg.id);
   var cid = typeof msg.cid === 'string' ? msg.cid : null;
-  var li = buildMessage(msg, !!cid && msg.from === S.name && sentCids.has(cid));
+  var li = buildMessage(msg, fromMe(msg, cid));
   var ref = null;
   for (var node = el.messages.firstElementChild; node; node = node.nextElementSibling) {
     if (node.classList.contains('pending')) { ref = node; break; }

@@ -21,6 +21,8 @@ export var el = {
   joinView: $('join-view'),
   joinForm: $('join-form'),
   nameInput: $('name-input'),
+  nameField: $('name-field'),
+  nameTokenHint: $('name-token-hint'),
   roomInput: $('room-input'),
   nameError: $('name-error'),
   roomError: $('room-error'),

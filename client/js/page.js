@@ -14,7 +14,8 @@ import { nowUs } from './xray.js';
 import { sendText, flushQueue, renderComposerNote, updateRetryButtons, resetConversation } from './conversation.js';
 import { refreshMembersStale, noteTyping, resetPresence } from './presence.js';
 import { syncStatsPolling, renderFaultPanel } from './lab.js';
-import { connect, clearReconnect, reconnectNow, dropOldSocket } from './socket.js';
+import { connect, clearReconnect, reconnectNow, dropOldSocket, loadConfig,
+  authOn, applyAuthConfig, tokenName, resetAuth } from './socket.js';
 
 var DEFAULT_ROOM = 'lobby';
 var MAX_TEXT = 2000;
@@ -82,11 +83,12 @@ function join(name, room) {
   S.name = name;
   S.room = room;
   S.joined = true;
-  storageSet(LS_NAME, name);
+  if (!authOn()) storageSet(LS_NAME, name);
   storageSet(LS_ROOM, room);
 
   el.roomName.textContent = room;
-  el.myName.textContent = name;
+  // With a token, the welcome says our name for sure; the token's claim until then.
+  el.myName.textContent = name || '…';
   setInstance(null);
   el.session.hidden = false;
   el.leave.hidden = false;
@@ -96,7 +98,7 @@ function join(name, room) {
   el.app.setAttribute('data-view', 'chat');
   document.title = '#' + room + ' — pubsub-chat';
   el.input.value = '';
-  setConn({ socket: 'none', everOpen: false, delivery: 'up', deliveryReason: '', retryAt: 0, lostAt: 0 });
+  setConn({ socket: 'none', everOpen: false, delivery: 'up', deliveryReason: '', retryAt: 0, lostAt: 0, halted: '' });
   connect('first');
   syncStatsPolling();
   el.input.focus();
@@ -113,6 +115,7 @@ function leave() {
   }
   dropOldSocket();
   resetRoomState();
+  resetAuth();
   setInstance(null);
   el.session.hidden = true;
   el.leave.hidden = true;
@@ -121,16 +124,17 @@ function leave() {
   el.joinView.hidden = false;
   el.app.setAttribute('data-view', 'join');
   document.title = 'pubsub-chat';
-  setConn({ socket: 'none', everOpen: false, delivery: 'up', deliveryReason: '', retryAt: 0, lostAt: 0 });
+  setConn({ socket: 'none', everOpen: false, delivery: 'up', deliveryReason: '', retryAt: 0, lostAt: 0, halted: '' });
   syncStatsPolling();
-  el.nameInput.value = S.name;
+  if (!authOn()) el.nameInput.value = S.name;
   el.roomInput.value = S.room;
   el.roomInput.focus();
   el.roomInput.select();
 }
 
 function tryJoinFromForm() {
-  var n = validateName(el.nameInput.value);
+  // With `--auth token` the token names us: the name field is not used.
+  var n = authOn() ? { value: tokenName() } : validateName(el.nameInput.value);
   var r = validateRoom(el.roomInput.value);
   showFieldError(el.nameInput, el.nameError, n.error);
   showFieldError(el.roomInput, el.roomError, r.error);
@@ -203,9 +207,19 @@ el.xrayToggle.addEventListener('click', function () { setTrace(!S.trace); });
   el.roomInput.value = qRoom !== null ? qRoom : (storageGet(LS_ROOM) || DEFAULT_ROOM);
   if (qName !== null && qRoom !== null) {
     tryJoinFromForm();
-  } else if (el.nameInput.value) {
+    return;
+  }
+  if (el.nameInput.value) {
     el.roomInput.focus();
   } else {
     el.nameInput.focus();
   }
+  // Does this server name us from a token? Then the form has no name
+  // field, and a room in the address is enough to join.
+  loadConfig().then(function (cfg) {
+    applyAuthConfig(cfg);
+    if (!authOn(cfg) || S.joined) return;
+    if (qRoom !== null) tryJoinFromForm();
+    else el.roomInput.focus();
+  });
 })();

@@ -24,21 +24,45 @@ var SUMMARY_NAMES = 10;     // names in the collapsed one-line summary (it ellip
 
 // The member list is the window the server gave us: the whole room while
 // it is small (`full`), the first members by name while it is large.
-var members = new Map();  // name -> {name, instances, connections}: what we hold
+var members = new Map();  // key -> {key, name, user, instances, connections}: what we hold
 var count = 0;            // members in the room, over every instance
 var offset = 0;           // the room-list position of the first member held
 var full = true;          // the held list is the whole room; changes come per name
-var shown = new Map();    // name -> {li, key}: each held member's <li>, and what it shows
+var shown = new Map();    // key -> {li, key}: each held member's <li>, and what it shows
 var asking = null;        // {cid, ws, timer}: a larger window asked for, until a `presence` answers
 var askSeq = 0;
 var askCeiling = WINDOW_MAX; // lowered if the server refuses a window size
 var wanted = 0;           // the window size we last asked for: asked again after a reconnection
-var typing = new Map();   // name -> time (ms) until which "is typing" shows
+var typing = new Map();   // key -> {name, until}: until when (ms) "is typing" shows
 var typingTimer = null;
 var lastTypingSent = 0;
 var enabled = true;       // false when /config.json says the server runs --presence off
 
 // ---------------------------------------------------------------- members
+// With `--auth token` a member is a display name AND a user id (the
+// token's sub): two users may share a name, and are two members. Every
+// map here is keyed by memberKey(): the name alone without a user (so
+// `--auth off` works exactly as before), name + U+001F + user with one
+// (a control character, which no name can hold).
+
+/** The key of a member: its name, and its user if it has one. */
+function memberKey(name, user) {
+  return typeof user === 'string' && user !== '' ? name + '\u001f' + user : name;
+}
+
+/** A frame's user id, or null. */
+function userOf(x) {
+  return x && typeof x.user === 'string' && x.user !== '' ? x.user : null;
+}
+
+/** Is this member (or typist) us? By name, and by user when there is one. */
+function isMine(name, user) {
+  if (name !== S.name) return false;
+  return !user || !S.user || user === S.user;
+}
+
+function myKey() { return memberKey(S.name, S.user); }
+
 // A `presence` frame replaces what we hold; a `presence_diff` says what
 // changed since: per name (joins, leaves, changed) in a small room, the
 // window whole in a large one. The first snapshot and the first diff
@@ -53,14 +77,15 @@ function readMember(m) {
     ? m.instances.filter(function (i) { return typeof i === 'string' && i !== ''; })
     : [];
   var connections = Number.isInteger(m.connections) && m.connections > 0 ? m.connections : 1;
-  return { name: m.name, instances: instances, connections: connections };
+  var user = userOf(m);
+  return { key: memberKey(m.name, user), name: m.name, user: user, instances: instances, connections: connections };
 }
 
 function readMembers(list) {
   var out = new Map();
   list.forEach(function (raw) {
     var m = readMember(raw);
-    if (m) out.set(m.name, m);
+    if (m) out.set(m.key, m);
   });
   return out;
 }
@@ -89,7 +114,7 @@ export function onPresenceFrame(frame) {
   if (count === null) count = members.size + more; // a server from before `count`
   offset = countOf(frame.offset) || 0;
   full = frame.full !== false;
-  var me = members.get(S.name);
+  var me = members.get(myKey());
   if (S.uncountOld && me && me.connections > 1) me.connections -= 1;
   S.uncountOld = false;
   S.presenceFresh = true;
@@ -118,12 +143,14 @@ export function onPresenceDiffFrame(frame) {
   } else if (Array.isArray(frame.added) || Array.isArray(frame.removed)) {
     // A large room: who entered and left our window (a shift counts too),
     // not joins and leaves of the room, so no line in the chat.
-    (Array.isArray(frame.removed) ? frame.removed : []).forEach(function (name) {
-      if (typeof name === 'string') members.delete(name);
+    // `removed` holds names (`--auth off`) or {name, user} (`--auth token`).
+    (Array.isArray(frame.removed) ? frame.removed : []).forEach(function (gone) {
+      if (typeof gone === 'string') members.delete(gone);
+      else if (gone && typeof gone.name === 'string') members.delete(memberKey(gone.name, userOf(gone)));
     });
     (Array.isArray(frame.added) ? frame.added : []).forEach(function (raw) {
       var m = readMember(raw);
-      if (m) members.set(m.name, m);
+      if (m) members.set(m.key, m);
     });
     full = false;
   }
@@ -134,7 +161,7 @@ export function onPresenceDiffFrame(frame) {
     // not hold is in the room all the same (the snapshot overlapped).
     frame.changed.forEach(function (raw) {
       var m = readMember(raw);
-      if (m) members.set(m.name, m);
+      if (m) members.set(m.key, m);
     });
   }
   renderMembers();
@@ -143,25 +170,35 @@ export function onPresenceDiffFrame(frame) {
 function applyJoin(raw) {
   var m = readMember(raw);
   if (!m) return;
-  var known = members.has(m.name);
-  members.set(m.name, m); // the join's instances are newer than what we held
-  if (!known) addPresenceLine('join', m.name, m.instances.join(', '), '');
+  var known = members.has(m.key);
+  members.set(m.key, m); // the join's instances are newer than what we held
+  if (!known) addPresenceLine('join', m.name, m.user, m.instances.join(', '), '');
 }
 
 function applyLeave(raw) {
   if (!raw || typeof raw.name !== 'string' || raw.name === '') return;
-  clearTyping(raw.name);
-  if (!members.delete(raw.name)) return;
+  var user = userOf(raw);
+  clearTyping(raw.name, user);
+  if (!members.delete(memberKey(raw.name, user))) return;
   var instance = typeof raw.instance === 'string' ? raw.instance : '';
-  addPresenceLine('leave', raw.name, instance, raw.reason === 'expired' ? 'expired' : 'left');
+  addPresenceLine('leave', raw.name, user, instance, raw.reason === 'expired' ? 'expired' : 'left');
+}
+
+/** A member's user id, small and muted after its name ("@u1"): two who share a name are told apart. */
+function userTag(user, cls) {
+  var tag = h('span', cls, '@' + user);
+  tag.setAttribute('data-testid', 'user-tag');
+  tag.title = 'user id ' + user;
+  return tag;
 }
 
 /** "bob joined (instance b)", "bob left", "bob left (instance b stopped answering)". */
-function addPresenceLine(kind, name, instance, reason) {
+function addPresenceLine(kind, name, user, instance, reason) {
   var li = h('li', 'presence-line presence-' + kind);
   li.setAttribute('data-testid', 'presence-event');
   li.setAttribute('data-kind', kind);
   li.setAttribute('data-name', name);
+  if (user) li.setAttribute('data-user', user);
   li.setAttribute('data-instance', instance);
   if (reason) li.setAttribute('data-reason', reason);
   li.setAttribute('role', 'status');
@@ -172,6 +209,10 @@ function addPresenceLine(kind, name, instance, reason) {
   var who = h('strong', 'presence-name');
   who.appendChild(h('bdi', null, name));
   text.appendChild(who);
+  if (user) {
+    text.appendChild(document.createTextNode(' '));
+    text.appendChild(userTag(user, 'presence-user'));
+  }
   if (kind === 'join') {
     // Joins are coalesced: two tabs on two instances can arrive as one.
     var where = instance.indexOf(', ') >= 0 ? ' (instances ' : ' (instance ';
@@ -190,10 +231,11 @@ function addPresenceLine(kind, name, instance, reason) {
 }
 
 function buildMember(m) {
-  var mine = m.name === S.name;
+  var mine = isMine(m.name, m.user);
   var li = h('li', 'member' + (mine ? ' mine' : ''));
   li.setAttribute('data-testid', 'member');
   li.setAttribute('data-name', m.name);
+  if (m.user) li.setAttribute('data-user', m.user);
   li.setAttribute('data-connections', String(m.connections));
   li.style.setProperty('--hue', String(nameHue(m.name)));
   li.appendChild(avatar(m.name));
@@ -202,6 +244,7 @@ function buildMember(m) {
   var name = h('bdi', 'member-name', m.name);
   name.setAttribute('data-testid', 'member-name');
   top.appendChild(name);
+  if (m.user) top.appendChild(userTag(m.user, 'member-user'));
   if (mine) top.appendChild(h('span', 'msg-you', 'you'));
   body.appendChild(top);
   var meta = h('div', 'member-meta');
@@ -220,8 +263,8 @@ function buildMember(m) {
 }
 
 /** What a member's <li> shows: when it changes, the <li> is built again. */
-function memberKey(m) {
-  return m.connections + '|' + m.instances.join(',') + '|' + (m.name === S.name ? 'you' : '');
+function rowKey(m) {
+  return m.connections + '|' + m.instances.join(',') + '|' + (isMine(m.name, m.user) ? 'you' : '');
 }
 
 /**
@@ -231,24 +274,24 @@ function memberKey(m) {
  */
 function syncList(sorted) {
   var list = el.memberList;
-  var keep = new Set(sorted.map(function (m) { return m.name; }));
-  shown.forEach(function (row, name) {
-    if (keep.has(name)) return;
+  var keep = new Set(sorted.map(function (m) { return m.key; }));
+  shown.forEach(function (row, key) {
+    if (keep.has(key)) return;
     list.removeChild(row.li);
-    shown.delete(name);
+    shown.delete(key);
   });
   // What is left is in name order, as `sorted` is: walk both together,
   // inserting the new rows where they belong.
   var next = list.firstChild;
   sorted.forEach(function (m) {
-    var key = memberKey(m);
-    var row = shown.get(m.name);
+    var key = rowKey(m);
+    var row = shown.get(m.key);
     if (!row || row.key !== key) {
       var li = buildMember(m);
       if (row) list.replaceChild(li, row.li);
       if (row && next === row.li) next = li;
       row = { li: li, key: key };
-      shown.set(m.name, row);
+      shown.set(m.key, row);
     }
     if (row.li === next) next = next.nextSibling;
     else list.insertBefore(row.li, next);
@@ -256,7 +299,10 @@ function syncList(sorted) {
 }
 
 function renderMembers() {
-  var sorted = Array.from(members.values()).sort(function (a, b) { return byName(a.name, b.name); });
+  var sorted = Array.from(members.values()).sort(function (a, b) {
+    // By name; namesakes by user id (the server's order).
+    return byName(a.name, b.name) || (a.key < b.key ? -1 : a.key > b.key ? 1 : 0);
+  });
   syncList(sorted);
   el.membersCount.textContent = String(count);
   el.membersCount.title = count === 1 ? '1 person in this room' : count + ' people in this room';
@@ -352,6 +398,7 @@ export function refreshMembersStale() {
   var ph = phase();
   if (ph === 'idle') text = '';
   else if (ph === 'paused') text = 'may be out of date — the server lost its link to Redis';
+  else if (ph === 'halted') text = 'may be out of date — not connected';
   else if (ph !== 'connected') text = 'may be out of date — reconnecting';
   else if (!S.presenceFresh) text = members.size ? 'may be out of date — updating' : 'loading…';
   el.membersStale.textContent = text;
@@ -384,15 +431,19 @@ syncMembersToggle();
 // ---------------------------------------------------------------- typing
 export function onTypingFrame(frame) {
   if (typeof frame.name !== 'string' || frame.name === '' || !forThisRoom(frame)) return;
-  // Our own name typing is another tab of ours (or a namesake): not news here.
-  if (frame.name === S.name) return;
-  typing.delete(frame.name); // re-insert: names show in the order they last typed
-  typing.set(frame.name, Date.now() + TYPING_SHOW_MS);
+  // Ourselves typing is another tab of ours (or, without users, a namesake): not news here.
+  var user = userOf(frame);
+  if (isMine(frame.name, user)) return;
+  var key = memberKey(frame.name, user);
+  typing.delete(key); // re-insert: names show in the order they last typed
+  typing.set(key, { name: frame.name, until: Date.now() + TYPING_SHOW_MS });
   renderTyping();
 }
 
-export function clearTyping(name) {
-  if (typing.delete(name)) renderTyping();
+/** `name` (of `user`, if it has one) is not typing any more. */
+export function clearTyping(name, user) {
+  if (typeof name !== 'string') return;
+  if (typing.delete(memberKey(name, typeof user === 'string' ? user : null))) renderTyping();
 }
 
 /** "bob is typing…", "bob and carol are typing…", "bob, carol and 2 others are typing…". */
@@ -400,12 +451,12 @@ function renderTyping() {
   var now = Date.now();
   var names = [];
   var next = Infinity;
-  typing.forEach(function (until, name) {
-    if (until <= now) {
-      typing.delete(name);
+  typing.forEach(function (t, key) {
+    if (t.until <= now) {
+      typing.delete(key);
     } else {
-      names.push(name);
-      next = Math.min(next, until);
+      names.push(t.name);
+      next = Math.min(next, t.until);
     }
   });
   clearTimeout(typingTimer);

@@ -9,6 +9,7 @@
 export var S = {
   joined: false,       // user is in a room (chat view shown)
   name: '',            // our display name (as confirmed by welcome, if any)
+  user: null,          // `--auth token`: our user id (the token's sub), from the welcome
   room: '',
   config: null,        // last good config.json
   ws: null,            // current socket

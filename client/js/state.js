@@ -24,7 +24,8 @@ export var conn = {
   deliveryReason: '', // the server's words for "down"
   retryAt: 0,         // when the next attempt starts (socket 'none')
   deviceOffline: typeof navigator.onLine === 'boolean' ? !navigator.onLine : false,
-  lostAt: 0           // when the current outage began (socket or Redis), for "back after 3 s"
+  lostAt: 0,          // when the current outage began (socket or Redis), for "back after 3 s"
+  halted: ''          // not reconnecting, and why (a room the token does not allow; no token given)
 };
 
 var countdownTimer = null;
@@ -40,11 +41,13 @@ export function whenSendable(fn) { onResume.push(fn); }
 /**
  * The one state the page is in, derived from `conn`:
  * idle (not joined) | connecting (first attempt) | reconnecting |
+ * halted (not trying again: `conn.halted` says why) |
  * offline (the browser says there is no network) |
  * paused (connected, but the server cannot reach Redis) | connected.
  */
 export function phase() {
   if (!S.joined) return 'idle';
+  if (conn.halted && conn.socket === 'none') return 'halted';
   if (conn.socket === 'open') return conn.delivery === 'down' ? 'paused' : 'connected';
   // Turning the X-ray on or off reconnects on purpose: not an outage.
   if (conn.socket === 'opening' && S.connectReason === 'xray') return 'connecting';
@@ -100,6 +103,10 @@ export function render() {
         (waiting ? 'trying again in ' + secondsLeft() + ' s' : 'waiting for the network') +
         '. Messages you send now wait here and go out when it is back.';
       break;
+    case 'halted':
+      pill = 'not connected';
+      banner = conn.halted + ' Messages you send now wait here.';
+      break;
     case 'paused':
       pill = 'sending paused';
       banner = 'Connected to ' + instanceName() + ', but it lost its link to Redis: sending is paused, ' +
@@ -120,7 +127,7 @@ export function render() {
   el.bannerText.textContent = banner;
   // "retry now" skips the backoff wait; it makes no sense while paused
   // (the server retries Redis by itself) or while an attempt is running.
-  el.bannerRetry.hidden = !(ph === 'reconnecting' || ph === 'offline') || !waiting;
+  el.bannerRetry.hidden = ph === 'halted' ? false : !(ph === 'reconnecting' || ph === 'offline') || !waiting;
 
   // The composer stays usable in every joined state: what cannot go out
   // now is held (and says so), instead of Enter doing nothing.

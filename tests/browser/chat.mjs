@@ -97,6 +97,27 @@
 // notice as text; scrolled to the top, it shows all n in order, the row
 // gone, and the view kept in place. Saves DIR/older-*.png.
 //
+//   node tests/browser/chat.mjs --scenario token --a http://127.0.0.1:PORT_A \
+//        --b http://127.0.0.1:PORT_B --token-server http://127.0.0.1:PORT_T --room ROOM --out DIR
+//
+// (scenario "token") Both instances run with --auth token and
+// --auth-token-url PORT_T/token: the Rust test's token endpoint, which
+// names the user by its `session` cookie (each page's context has one)
+// and hands out 6 s tokens for alice (u-alice) and twin (u-twin, who is
+// also called "alice"), failing alice's first request; /initial?user=
+// gives a page its first token (10 s), which goes in the page's #token=. bob
+// (u-bob, a long token) on B and twin on B; alice on A, whose refresh
+// before her token's exp fails: the server closes her with 4401 "token
+// expired", her page says so and fetches a new token (held here until
+// bob, meanwhile, has sent three messages), reconnects at once with
+// `since`, and shows every message exactly once, in order, with the
+// welcome's user u-alice. twin's page refreshes in time: `authenticated`
+// comes before her first token's exp, and her socket is never closed.
+// Every page: the token gone from the address bar, no name field on the
+// join form, the `auth` frame first on every socket, the name from the
+// token; the member list shows the two "alice"s apart (@u-alice,
+// @u-twin), only one of them "you" on alice's page. Saves DIR/token-*.png.
+//
 // Every wait has an explicit timeout; prints one "ok" line per check and
 // exits 0, or prints what failed plus both pages' console logs and exits 1.
 
@@ -134,6 +155,7 @@ function usage(problem) {
   console.error('       node chat.mjs --scenario reconnect --proxy <http url of nginx> --a <url> --b <url> --pids <id>=<pid>,<id>=<pid> --room <room> --out <dir>');
   console.error('       node chat.mjs --scenario presence --a <url> --b <url> --pids <id>=<pid>,<id>=<pid> --room <room> --out <dir>');
   console.error('       node chat.mjs --scenario lab --a <url> --b <url> --room <room> --out <dir>');
+  console.error('       node chat.mjs --scenario token --a <url> --b <url> --token-server <url> --room <room> --out <dir>');
   console.error('       node chat.mjs --scenario large-room --a <url> --b <url> --room <room> --count <n> --window <n> --bots <name>,<name>,... --leave-file <file> --out <dir>');
   process.exit(2);
 }
@@ -166,6 +188,7 @@ function parseCli() {
         window: { type: 'string' },
         bots: { type: 'string' },
         'leave-file': { type: 'string' },
+        'token-server': { type: 'string' },
       },
       strict: true,
       allowPositionals: false,
@@ -173,12 +196,13 @@ function parseCli() {
   } catch (e) {
     usage(e.message);
   }
-  if (!['basic', 'reconnect', 'presence', 'lab', 'large-room', 'presence-off', 'older-history'].includes(values.scenario)) usage(`unknown --scenario ${values.scenario}`);
+  if (!['basic', 'reconnect', 'presence', 'lab', 'large-room', 'presence-off', 'older-history', 'token'].includes(values.scenario)) usage(`unknown --scenario ${values.scenario}`);
   const required = ['a', 'b', 'room', 'out'];
   if (values.scenario === 'reconnect') required.push('proxy', 'pids');
   if (values.scenario === 'presence') required.push('pids');
   if (values.scenario === 'large-room') required.push('count', 'window', 'bots', 'leave-file');
   if (values.scenario === 'older-history') required.push('count');
+  if (values.scenario === 'token') required.push('token-server');
   for (const key of required) {
     if (!values[key]) usage(`missing --${key}`);
   }
@@ -190,6 +214,7 @@ function parseCli() {
     window: values.window ? Number(values.window) : null,
     bots: values.bots ? values.bots.split(',').filter((n) => n !== '') : null,
     leaveFile: values['leave-file'] || null,
+    tokenServer: values['token-server'] ? values['token-server'].replace(/\/+$/, '') : null,
     redisPid: values['redis-pid'] ? Number(values['redis-pid']) : null,
     scenario: values.scenario,
     proxy: values.proxy ? values.proxy.replace(/\/+$/, '') : null,
@@ -1777,6 +1802,306 @@ async function mainOlderHistory(opts, logs, state) {
   await carol.screenshot({ path: path.join(opts.out, 'older-after.png'), timeout: WAIT_MS });
 }
 
+// ------------------------------------------------------------ auth token
+
+/** A first token for `user`, from the token server's sign-in (/initial). */
+async function initialToken(opts, user) {
+  const res = await fetch(`${opts.tokenServer}/initial?user=${encodeURIComponent(user)}`, { signal: AbortSignal.timeout(WAIT_MS) })
+    .catch((e) => fail(`GET ${opts.tokenServer}/initial failed: ${e.message}`));
+  const token = (await res.text()).trim();
+  if (!res.ok || token.split('.').length !== 3) fail(`${opts.tokenServer}/initial?user=${user} answered HTTP ${res.status}: ${token}`);
+  return token;
+}
+
+/** A JWT's claims (not verified: the server does that). */
+function claimsOf(token) {
+  return JSON.parse(Buffer.from(token.split('.')[1], 'base64url').toString('utf8'));
+}
+
+/**
+ * Opens `base` with `?room=` and `#token=` (no name: the token names us),
+ * in a context whose cookie `session=<session>` is what the token
+ * endpoint knows the user by. Records like openAndJoin, plus the frames
+ * each socket sent in order (`page.__sockets`: [{url, sent: [type...]}])
+ * and every dialog (none may open: the pages have a token URL).
+ */
+async function openWithToken(browser, base, session, token, room, label, logs, beforeLoad) {
+  const context = await browser.newContext({ viewport: DESKTOP });
+  await context.addCookies([{ name: 'session', value: session, domain: '127.0.0.1', path: '/' }]);
+  const page = await context.newPage();
+  page.setDefaultTimeout(WAIT_MS);
+  recordLogs(page, label, logs);
+  page.__wsUrls = [];
+  page.__sent = [];
+  page.__presence = [];
+  page.__sockets = [];
+  page.__dialogs = [];
+  page.on('dialog', (d) => {
+    page.__dialogs.push(d.message());
+    d.dismiss().catch(() => {});
+  });
+  page.on('websocket', (ws) => {
+    page.__wsUrls.push(ws.url());
+    const socket = { url: ws.url(), sent: [], closed: false };
+    page.__sockets.push(socket);
+    ws.on('close', () => { socket.closed = true; });
+    ws.on('framesent', (f) => {
+      const frame = parseFrame(f.payload);
+      if (!frame) return;
+      page.__sent.push(frame);
+      socket.sent.push(frame.type);
+    });
+  });
+  if (beforeLoad) await beforeLoad(page);
+  const url = `${base}/?room=${encodeURIComponent(room)}#token=${token}`;
+  const res = await waitFor(`${label} to load the page`, page.goto(url, { waitUntil: 'load', timeout: WAIT_MS }));
+  if (!res || !res.ok()) fail(`${label}: the page answered ${res ? `HTTP ${res.status()}` : 'nothing'}`);
+  return page;
+}
+
+/** Checks what a freshly welcomed token page shows: who it is, and no token in sight. */
+async function checkSignedIn(page, label, want) {
+  await waitFor(
+    `${label} to be welcomed as ${want.user}`,
+    page.waitForFunction((u) => window.chatDebug.user === u, want.user, { timeout: WAIT_MS, polling: 50 }),
+  );
+  const seen = await page.evaluate(() => ({
+    href: window.location.href,
+    myName: document.querySelector('[data-testid="my-name"]').textContent,
+    auth: window.chatDebug.auth,
+    expires: window.chatDebug.expires,
+    nameField: document.getElementById('name-field').hidden,
+    hint: document.querySelector('[data-testid="name-token-hint"]').hidden ? null : document.querySelector('[data-testid="name-token-hint"]').textContent,
+  }));
+  if (seen.href.includes('token') || seen.href.includes('#')) fail(`${label}: the address still shows the token: ${seen.href}`);
+  if (seen.myName !== want.name) fail(`${label}: shows the name ${JSON.stringify(seen.myName)}, expected ${JSON.stringify(want.name)} (the token's)`);
+  if (seen.auth !== 'token') fail(`${label}: chatDebug.auth is ${JSON.stringify(seen.auth)}`);
+  if (!seen.nameField || !seen.hint) fail(`${label}: the join form still offers a name field (hidden ${seen.nameField}, hint ${JSON.stringify(seen.hint)})`);
+  const sockets = page.__sockets.map((s) => s.sent[0]);
+  if (sockets.some((first) => first !== 'auth')) fail(`${label}: a socket's first frame was not auth: ${JSON.stringify(page.__sockets)}`);
+  if (page.__wsUrls.some((u) => new URL(u).searchParams.has('name'))) fail(`${label}: a WebSocket URL carries a name: ${JSON.stringify(page.__wsUrls)}`);
+  ok(`${label} welcomed as ${want.user} (shows ${JSON.stringify(seen.myName)}, expires ${seen.expires}); the address bar has no token, the join form no name field, each socket sent auth first`);
+  return seen;
+}
+
+/** The connection lines of the page, in order: {event, code, text}. */
+function connLines(page) {
+  return page.evaluate(() =>
+    [...document.querySelectorAll('[data-testid="notice"][data-event]')].map((li) => ({
+      event: li.getAttribute('data-event'),
+      code: li.getAttribute('data-close-code'),
+      reason: li.getAttribute('data-close-reason'),
+      missed: li.getAttribute('data-missed'),
+      text: li.querySelector('[data-testid="notice-text"]').textContent,
+    })),
+  );
+}
+
+async function mainToken(opts, logs, state) {
+  const [idA, idB] = await Promise.all([instanceId(opts.a), instanceId(opts.b)]);
+  if (idA === idB) fail(`both instances report the same id ${JSON.stringify(idA)}: need two different instances`);
+  const cfg = await fetch(`${opts.a}/config.json`, { signal: AbortSignal.timeout(WAIT_MS) }).then((r) => r.json());
+  const tokenUrl = `${opts.tokenServer}/token`;
+  if (cfg.auth !== 'token' || cfg.auth_token_url !== tokenUrl) {
+    fail(`${opts.a}/config.json says auth ${JSON.stringify(cfg.auth)}, auth_token_url ${JSON.stringify(cfg.auth_token_url)}: run the instances with --auth token --auth-token-url ${tokenUrl}`);
+  }
+  await mkdir(opts.out, { recursive: true });
+  await launch(state);
+
+  // bob on B, with a long token.
+  const bob = await openWithToken(state.browser, opts.b, 'bob', await initialToken(opts, 'bob'), opts.room, 'bob', logs);
+  await waitWelcomed(bob, 'bob');
+  await checkSignedIn(bob, 'bob', { user: 'u-bob', name: 'bob' });
+
+  // twin on B: another user, also called "alice", whose refreshes work.
+  const twinToken = await initialToken(opts, 'twin');
+  const twinExp = claimsOf(twinToken).exp;
+  const twin = await openWithToken(state.browser, opts.b, 'twin', twinToken, opts.room, 'twin', logs);
+  await waitWelcomed(twin, 'twin');
+  await checkSignedIn(twin, 'twin', { user: 'u-twin', name: 'alice' });
+  const twinClient = await twin.evaluate(() => window.chatDebug.client);
+
+  // A message before alice comes: she gets it from the room's history,
+  // and it is her `since` when she reconnects.
+  const before = 'before the expiry';
+  await typeAndSend(bob, before);
+  await waitForMessage(bob, 'bob', { text: before, from: 'bob' });
+
+  // alice on A. Her token requests go through here: the one after the
+  // server closed her is held until bob has talked meanwhile.
+  let openGate;
+  const gate = new Promise((resolve) => {
+    openGate = resolve;
+  });
+  let held = 0;
+  const aliceToken = await initialToken(opts, 'alice');
+  const aliceExp = claimsOf(aliceToken).exp;
+  const alice = await openWithToken(state.browser, opts.a, 'alice', aliceToken, opts.room, 'alice', logs, async (page) => {
+    await page.route(tokenUrl, async (route) => {
+      const closed = await page
+        .evaluate(() => !!document.querySelector('[data-testid="notice"][data-event="lost"][data-close-code="4401"]'))
+        .catch(() => false);
+      if (closed) {
+        held += 1;
+        await gate;
+      }
+      await route.continue().catch(() => {});
+    });
+  });
+  const aliceOn = await waitWelcomed(alice, 'alice');
+  if (aliceOn !== idA) fail(`alice is on ${aliceOn}, expected ${idA}`);
+  await checkSignedIn(alice, 'alice', { user: 'u-alice', name: 'alice' });
+  const firstClient = await alice.evaluate(() => window.chatDebug.client);
+  const first = await waitForMessage(alice, 'alice', { text: before, from: 'bob' });
+  ok(`alice shows bob's ${JSON.stringify(before)} (${first.id}), from the room's history`);
+
+  // Her refresh fails (the endpoint's first answer to her is a 500), and
+  // at exp the server closes her: 4401 "token expired".
+  const refreshFailed = await waitForLine(alice, 'alice', 'token-refresh-failed', { timeout: Math.max(WAIT_MS, (aliceExp + 5) * 1000 - Date.now()) });
+  ok(`alice's refresh failed before exp: ${JSON.stringify(refreshFailed.text)}`);
+  const lost = await waitForLine(alice, 'alice', 'lost', { timeout: Math.max(WAIT_MS, (aliceExp + 5) * 1000 - Date.now()) });
+  if (lost.code !== '4401') fail(`alice's "lost" line has close code ${lost.code}: ${JSON.stringify(lost)}`);
+  const closedAt = Date.now() / 1000;
+  if (closedAt < aliceExp - 0.5) fail(`alice was closed at ${closedAt}, before her token's exp ${aliceExp}`);
+  const reason = await alice.evaluate(() => document.querySelector('[data-event="lost"]').getAttribute('data-close-reason'));
+  if (reason !== 'token expired' || !/sign-in expired/.test(lost.text)) fail(`alice's close: reason ${JSON.stringify(reason)}, line ${JSON.stringify(lost.text)}`);
+  ok(`the server closed alice at her token's exp (${(closedAt - aliceExp).toFixed(1)} s after it) with 4401 ${JSON.stringify(reason)}; her page says ${JSON.stringify(lost.text)}`);
+
+  // bob talks while alice is signed out (her new token is held).
+  const away = [1, 2, 3].map((n) => `while signed out ${n}`);
+  try {
+    await waitFor(
+      'alice to ask the token endpoint for a new token',
+      alice.waitForFunction(() => window.chatDebug.tokenFetches >= 2, null, { timeout: WAIT_MS, polling: 50 }),
+    );
+    for (const text of away) {
+      await typeAndSend(bob, text);
+      await waitForMessage(bob, 'bob', { text, from: 'bob' });
+    }
+    const meanwhile = await alice.evaluate(() => ({
+      state: document.querySelector('[data-testid="status"]').getAttribute('data-state'),
+      shown: [...document.querySelectorAll('[data-testid="message-text"]')].filter((el) => el.textContent.startsWith('while signed out')).length,
+    }));
+    if (meanwhile.state === 'connected' || meanwhile.shown !== 0) fail(`alice was not signed out while bob sent: ${JSON.stringify(meanwhile)}`);
+    if (held < 1) fail('alice\'s request for a new token never reached the gate');
+    ok(`bob sent ${away.length} messages while alice waited for her new token (alice: ${meanwhile.state})`);
+    await alice.screenshot({ path: path.join(opts.out, 'token-alice-signed-out.png'), timeout: WAIT_MS });
+  } finally {
+    openGate();
+  }
+
+  // She is back at once, on A, as u-alice, with everything, each once.
+  await waitFor(
+    'alice to be welcomed again',
+    alice.waitForFunction((c) => window.chatDebug.client && window.chatDebug.client !== c && window.chatDebug.state === 'connected', firstClient, {
+      timeout: WAIT_MS,
+      polling: 50,
+    }),
+  );
+  await waitWelcomed(alice, 'alice (back)');
+  await checkSignedIn(alice, 'alice (back)', { user: 'u-alice', name: 'alice' });
+  for (const text of away) await waitForMessage(alice, 'alice', { text, from: 'bob' });
+  await waitForLine(alice, 'alice', 'caught-up');
+  await alice.waitForTimeout(SETTLE_MS);
+  const lines = await connLines(alice);
+  const events = lines.map((l) => l.event).join(',');
+  if (events !== 'token-refresh-failed,lost,token-renewed,back,caught-up') {
+    fail(`alice's connection lines are ${JSON.stringify(lines)}: want token-refresh-failed, lost, token-renewed, back, caught-up`);
+  }
+  if (lines[4].missed !== String(away.length)) fail(`alice's caught-up line says ${lines[4].missed} missed, expected ${away.length}`);
+  const sinceAsked = new URL(alice.__wsUrls[alice.__wsUrls.length - 1]).searchParams.get('since');
+  if (alice.__wsUrls.length !== 2 || sinceAsked !== first.id) {
+    fail(`alice's sockets: ${JSON.stringify(alice.__wsUrls)}: want two, the second asking since=${first.id}`);
+  }
+  for (const text of [before, ...away]) await expectOnce(alice, 'alice', text);
+  const order = await shownTexts(alice, '');
+  const wanted = [before, ...away];
+  if (JSON.stringify(order.filter((t) => wanted.includes(t))) !== JSON.stringify(wanted)) fail(`alice shows them out of order: ${JSON.stringify(order)}`);
+  ok(`alice reconnected at once with since=${sinceAsked} and shows ${JSON.stringify(before)} and the ${away.length} missed messages exactly once, in order; her lines: ${lines.map((l) => JSON.stringify(l.text)).join(', ')}`);
+
+  // twin refreshed in time: `authenticated` before her first exp, and her
+  // one socket outlived it.
+  await waitFor(
+    `twin to outlive her first token (exp ${twinExp})`,
+    twin.waitForFunction((exp) => Date.now() / 1000 > exp + 1.5, twinExp, { timeout: Math.max(WAIT_MS, (twinExp + 3) * 1000 - Date.now()), polling: 100 }),
+  );
+  const t = await twin.evaluate(() => ({
+    authenticated: window.chatDebug.authenticated,
+    authSent: window.chatDebug.authSent,
+    expires: window.chatDebug.expires,
+    client: window.chatDebug.client,
+    state: window.chatDebug.state,
+    lost: document.querySelectorAll('[data-testid="notice"][data-event="lost"]').length,
+  }));
+  if (t.authenticated < 1 || t.expires <= twinExp || t.client !== twinClient || t.state !== 'connected' || t.lost !== 0 || twin.__wsUrls.length !== 1) {
+    fail(`twin did not keep her connection by refreshing: ${JSON.stringify(t)}, sockets ${JSON.stringify(twin.__wsUrls)}, first exp ${twinExp}`);
+  }
+  const twinSent = twin.__sockets[0].sent.filter((type) => type === 'auth').length;
+  if (twinSent !== t.authSent || twinSent < 2) fail(`twin sent ${twinSent} auth frames (chatDebug says ${t.authSent}): want the first and at least one refresh`);
+  ok(`twin refreshed in time: ${t.authenticated} authenticated answer(s), expiry now ${t.expires} (first token: ${twinExp}), one socket never closed`);
+
+  // alice's new token is refreshed in time too.
+  await waitFor(
+    'alice to refresh her new token',
+    alice.waitForFunction(() => window.chatDebug.authenticated >= 1, null, { timeout: WAIT_MS, polling: 100 }),
+  );
+  ok('alice\'s new token was refreshed before its exp (authenticated)');
+
+  // Two members called "alice", told apart by user; only one is "you".
+  const wantRows = [
+    { name: 'alice', user: 'u-alice' },
+    { name: 'alice', user: 'u-twin' },
+    { name: 'bob', user: 'u-bob' },
+  ];
+  const rowsOf = (page) =>
+    page.evaluate(() =>
+      [...document.querySelectorAll('[data-testid="member-list"] [data-testid="member"]')].map((li) => ({
+        name: li.querySelector('[data-testid="member-name"]').textContent,
+        user: li.getAttribute('data-user'),
+        tag: li.querySelector('[data-testid="user-tag"]') ? li.querySelector('[data-testid="user-tag"]').textContent : null,
+        mine: li.classList.contains('mine'),
+      })),
+    );
+  for (const [label, page, me] of [['alice', alice, 'u-alice'], ['bob', bob, 'u-bob'], ['twin', twin, 'u-twin']]) {
+    await waitFor(
+      `${label}'s member list to show both alices and bob`,
+      page.waitForFunction(
+        (w) => {
+          const rows = [...document.querySelectorAll('[data-testid="member-list"] [data-testid="member"]')];
+          return JSON.stringify(rows.map((li) => ({ name: li.getAttribute('data-name'), user: li.getAttribute('data-user') }))) === JSON.stringify(w);
+        },
+        wantRows,
+        { timeout: WAIT_MS, polling: 100 },
+      ),
+    );
+    const rows = await rowsOf(page);
+    for (const row of rows) {
+      if (row.tag !== `@${row.user}`) fail(`${label}: the row of ${row.name} (${row.user}) shows the tag ${JSON.stringify(row.tag)}`);
+      if (row.mine !== (row.user === me)) fail(`${label}: the row of ${row.name} (${row.user}) is ${row.mine ? '' : 'not '}marked as "you"`);
+    }
+  }
+  ok('every page lists the two "alice"s apart (@u-alice, @u-twin) and bob, and marks only its own row as "you"');
+
+  // alice talks again; bob sees her message as u-alice's.
+  const back = "alice's back";
+  await typeAndSend(alice, back);
+  const onBob = await waitForMessage(bob, 'bob', { text: back, from: 'alice' });
+  const tag = await bob.evaluate((id) => {
+    const li = document.querySelector(`[data-testid="message"][data-id="${id}"]`);
+    return { user: li.getAttribute('data-user'), tag: li.querySelector('[data-testid="user-tag"]').textContent };
+  }, onBob.id);
+  if (tag.user !== 'u-alice' || tag.tag !== '@u-alice') fail(`bob shows alice's message as from ${JSON.stringify(tag)}`);
+  await waitForMessage(alice, 'alice', { text: back, from: 'alice' });
+  await expectOnce(alice, 'alice', back);
+  ok(`alice's ${JSON.stringify(back)} reaches bob as from alice @u-alice`);
+  for (const [label, page] of [['alice', alice], ['bob', bob], ['twin', twin]]) {
+    if (page.__dialogs.length) fail(`${label} opened a dialog: ${JSON.stringify(page.__dialogs)}`);
+  }
+  await alice.screenshot({ path: path.join(opts.out, 'token-alice.png'), timeout: WAIT_MS });
+  await bob.screenshot({ path: path.join(opts.out, 'token-bob.png'), timeout: WAIT_MS });
+  ok(`screenshots saved: ${path.join(opts.out, 'token-alice.png')}, token-bob.png, token-alice-signed-out.png`);
+}
+
 const opts = parseCli();
 const logs = [];
 const state = { browser: null };
@@ -1797,6 +2122,7 @@ try {
     'large-room': mainLargeRoom,
     'presence-off': mainPresenceOff,
     'older-history': mainOlderHistory,
+    token: mainToken,
   };
   await scenarios[opts.scenario](opts, logs, state);
   console.log('all browser checks passed');
