@@ -57,6 +57,7 @@ const PAGE_FILES: &[(&str, &str, &str)] = &[
     client_file!("js/conversation.js", JS),
     client_file!("js/presence.js", JS),
     client_file!("js/lab.js", JS),
+    client_file!("js/token.js", JS),
     client_file!("js/socket.js", JS),
     client_file!("js/page.js", JS),
 ];

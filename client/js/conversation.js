@@ -13,6 +13,7 @@ import { fmtTime } from './format.js';
 import { S, debug } from './session.js';
 import { phase, canSend, instanceName } from './state.js';
 import { buildXray, nowUs } from './xray.js';
+import { faultLog } from './lab.js';
 
 var PENDING_TIMEOUT_MS = 15000; // no echo after this long => mark failed
 var MAX_QUEUED = 100;       // messages held while sending is paused
@@ -587,4 +588,12 @@ export function resetConversation() {
   while (el.messages.firstChild) el.messages.removeChild(el.messages.firstChild);
   el.jump.hidden = true;
   stick = true;
+}
+
+/** A line in the conversation about the connection (lost, back, caught up...). */
+export function connLine(event, text, kind) {
+  var li = addNotice(text, kind);
+  li.setAttribute('data-event', event);
+  faultLog(event, text);
+  return li;
 }

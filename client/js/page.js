@@ -14,8 +14,8 @@ import { nowUs } from './xray.js';
 import { sendText, flushQueue, renderComposerNote, updateRetryButtons, resetConversation } from './conversation.js';
 import { refreshMembersStale, noteTyping, resetPresence } from './presence.js';
 import { syncStatsPolling, renderFaultPanel } from './lab.js';
-import { connect, clearReconnect, reconnectNow, dropOldSocket, loadConfig,
-  authOn, applyAuthConfig, tokenName, resetAuth } from './socket.js';
+import { connect, clearReconnect, reconnectNow, dropOldSocket, loadConfig } from './socket.js';
+import { authOn, applyAuthConfig, tokenName, resetAuth } from './token.js';
 
 var DEFAULT_ROOM = 'lobby';
 var MAX_TEXT = 2000;
