@@ -171,8 +171,17 @@ pub async fn churner(k: usize, q: usize, shared: Arc<Shared>, stats: Arc<Mutex<C
                     _ = phase.changed() => continue,
                 }
             }
+            // A fresh token at each return (--auth hs256|es256), minted
+            // before the join is timed, as the first connection's.
+            let token = client::token(&shared, k);
             let t0 = std::time::Instant::now();
-            let joined = tokio::time::timeout(CONNECT_TIMEOUT, client::connect(&shared, k)).await;
+            let joined = match &token {
+                Ok(token) => {
+                    let connecting = client::connect(&shared, k, token.as_deref());
+                    tokio::time::timeout(CONNECT_TIMEOUT, connecting).await
+                }
+                Err(e) => Ok(Err(e.clone())),
+            };
             match joined {
                 Ok(Ok(new)) => {
                     if *phase.borrow() == Phase::Stopped {

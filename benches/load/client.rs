@@ -14,10 +14,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
+use pubsub_chat::auth::{Claims, SigningKey, mint};
 use tokio::sync::{Mutex as AsyncMutex, Semaphore, mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -31,6 +32,8 @@ pub type Ws = WebSocketStream<tokio::net::TcpStream>;
 type WsSink = Arc<AsyncMutex<SplitSink<Ws, Message>>>;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client's token lasts: past any run.
+const TOKEN_TTL_S: u64 = 3600;
 const TEXT_BYTES: usize = 100;
 
 /// Nanoseconds of `CLOCK_MONOTONIC`: senders stamp it into the text,
@@ -280,6 +283,13 @@ pub struct Shared {
     /// The churn's phase, and what the churners did (presence-churn).
     pub churn: watch::Receiver<churn::Phase>,
     pub churned: churn::Counters,
+    /// What each client's token is signed with (`--auth hs256|es256`;
+    /// `None`: no token).
+    pub signing: Option<SigningKey>,
+    /// Time spent minting first tokens (ns), and how many, since the last
+    /// batch took them (outside the handshake times).
+    pub mint_ns: AtomicU64,
+    pub minted: AtomicU64,
 }
 
 impl Shared {
@@ -335,8 +345,33 @@ impl PerMessage {
     }
 }
 
-/// Opens client `k`'s WebSocket and waits for its `welcome`.
-pub async fn connect(shared: &Shared, k: usize) -> Result<Ws, String> {
+/// Client `k`'s token, with `--auth hs256|es256` (else `None`): sub
+/// `u<k>`, one user per client, its name from the layout, and an hour to
+/// live. `pubsub_chat::auth::mint` reads the key file each time, as a
+/// backend that signs for many users would not: the time is kept out of
+/// the handshake's.
+pub fn token(shared: &Shared, k: usize) -> Result<Option<String>, String> {
+    let Some(signing) = &shared.signing else {
+        return Ok(None);
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|e| format!("clock: {e}"))?;
+    let claims = Claims {
+        sub: format!("u{k}"),
+        name: Some(shared.layout.name(k)),
+        exp: now.as_secs() + TOKEN_TTL_S,
+        nbf: None,
+        rooms: None,
+    };
+    mint(&claims, signing, true)
+        .map(Some)
+        .map_err(|e| format!("cannot mint a token: {e}"))
+}
+
+/// Opens client `k`'s WebSocket, sends its `token` (if any) as the first
+/// frame, and waits for its `welcome`.
+pub async fn connect(shared: &Shared, k: usize, token: Option<&str>) -> Result<Ws, String> {
     let addr = shared.ws[shared.layout.instance(k)];
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
@@ -350,6 +385,14 @@ pub async fn connect(shared: &Shared, k: usize) -> Result<Ws, String> {
     let (mut ws, _) = client_async_with_config(url, tcp, Some(config))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
+    if let Some(token) = token {
+        // A JWT is base64url and dots: nothing in it to escape.
+        ws.send(Message::text(format!(
+            "{{\"type\":\"auth\",\"token\":\"{token}\"}}"
+        )))
+        .await
+        .map_err(|e| format!("auth frame: {e}"))?;
+    }
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(t))) if t.starts_with("{\"type\":\"welcome\"") => return Ok(ws),
@@ -392,15 +435,34 @@ pub async fn client(k: usize, shared: Arc<Shared>, stats: Arc<Mutex<ClientStats>
 /// flight over the workers: reports the handshake time (or the failure) on
 /// `conn_tx`; the client is then live (until its task ends) and
 /// connected. A sender counts as active before it is reported, so that
-/// `Stop` waits for it.
+/// `Stop` waits for it. With `--auth hs256|es256` it mints its token once
+/// it has its turn, before its handshake is timed: what is measured is
+/// the server's cost, not the signer's (`mint_ns` keeps that).
 pub async fn first_connect(
     k: usize,
     shared: &Arc<Shared>,
     stats: &Arc<Mutex<ClientStats>>,
 ) -> Option<Ws> {
     let permit = shared.conn_sem.acquire().await.expect("semaphore open");
+    let token = if shared.signing.is_some() {
+        let minting = Instant::now();
+        let token = token(shared, k);
+        let took = minting.elapsed().as_nanos() as u64;
+        shared.mint_ns.fetch_add(took, Ordering::Relaxed);
+        shared.minted.fetch_add(1, Ordering::Relaxed);
+        match token {
+            Ok(token) => token,
+            Err(e) => {
+                let _ = shared.conn_tx.send(Err(e));
+                return None;
+            }
+        }
+    } else {
+        None
+    };
     let t0 = Instant::now();
-    let ws = match tokio::time::timeout(CONNECT_TIMEOUT, connect(shared, k)).await {
+    let connecting = connect(shared, k, token.as_deref());
+    let ws = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             let _ = shared.conn_tx.send(Err(e));

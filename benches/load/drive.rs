@@ -57,6 +57,14 @@ pub fn run(opts: &Opts, run: usize) -> RunReport {
 
 fn run_once(opts: &Opts, run: usize, attacked: bool) -> RunReport {
     let tag = format!("{run}-{}", now_ns());
+    // With --auth hs256|es256: this run's keys, for the instances' flags
+    // and the workers' tokens (through `opts.keys`); their directory goes
+    // at the end of the run.
+    let auth_keys = procs::AuthKeys::make(opts.auth);
+    let opts = &Opts {
+        keys: auth_keys.as_ref().map(|k| k.keys.clone()),
+        ..opts.clone()
+    };
     // The Redis processes this run started (none with --target-redis), and
     // how the instances reach Redis.
     let (redis, broker): (Vec<procs::Proc>, Vec<String>) = match &opts.target_redis {
@@ -157,6 +165,7 @@ fn run_once(opts: &Opts, run: usize, attacked: bool) -> RunReport {
     drop(a);
     drop(b);
     drop(redis);
+    drop(auth_keys);
     rep
 }
 
@@ -170,6 +179,9 @@ fn drive(opts: &Opts, pool: &mut Pool, http: [SocketAddr; 2], procs: &Procs) -> 
     // ---- connect (and, for max-clients, keep adding while sending)
     let mut all = Batch::default();
     let mut idle: Option<(Duration, Vec<Sample>, Vec<Sample>)> = None;
+    // Each process's CPU once every client is connected (not max-clients,
+    // whose clients join while the stream is on).
+    let mut connect_cpu: Option<Vec<Sample>> = None;
     let (send_start, window_base, groups_base);
     if opts.scenario == Scenario::MaxClients {
         println!(
@@ -227,6 +239,7 @@ fn drive(opts: &Opts, pool: &mut Pool, http: [SocketAddr; 2], procs: &Procs) -> 
         std::thread::sleep(opts.duration);
     } else {
         all.merge(pool.connect(n));
+        connect_cpu = Some(procs.sample());
         if !opts.idle.is_zero() {
             std::thread::sleep(Duration::from_secs(2));
             let before = procs.sample();
@@ -272,6 +285,14 @@ fn drive(opts: &Opts, pool: &mut Pool, http: [SocketAddr; 2], procs: &Procs) -> 
     }
     all.report_rate("connect", &mut rep);
     all.report_times(&mut rep);
+    if let Some(after) = &connect_cpu {
+        // What the handshakes cost each process (with --auth, the tokens'
+        // verification on the instances, their minting in the loadgen).
+        for (i, (name, _, _)) in procs.list.iter().enumerate() {
+            let cpu = after[i].cpu_ticks.saturating_sub(base[i].cpu_ticks) as f64 / tck;
+            rep.add(format!("{name}: CPU during connect (s)"), cpu, 2);
+        }
+    }
     if let Some((dur, before, after)) = &idle {
         rep.add("idle window (s)", dur.as_secs_f64(), 1);
         for (i, (name, _, _)) in procs.list.iter().enumerate() {

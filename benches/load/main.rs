@@ -5,6 +5,7 @@
 //!     [--rooms R] [--rate R|max] [--duration-s D] [--target-redis URL]
 //!     [--concurrency C] [--window W] [--idle-s I] [--batch B] [--drain-s T]
 //!     [--per-worker N] [--churn R] [--server-args "..."] [--redis-cluster]
+//!     [--auth off|hs256|es256]
 //! PUBSUB_CHAT_BIN=/path/to/older/pubsub-chat cargo bench --bench load -- <scenario>
 //! ```
 //!
@@ -27,6 +28,14 @@
 //! checked against who is really there. The instances' presence flags are
 //! read from `--server-args`, to know what the clients should get.
 //!
+//! With `--auth hs256` or `--auth es256` (off by default) each run makes
+//! its keys in a temporary directory (removed at its end) and starts both
+//! instances with `--auth token` and the verification key; every client
+//! mints a token of its own (sub `u<k>`, its name, an hour to live) with
+//! `pubsub_chat::auth::mint` before its handshake is timed, and sends it
+//! as its first frame (a churner, at each return): the handshake time is
+//! then what a signed identity costs the server.
+//!
 //! This is a test tool, not the server: the clients are async (tokio) and
 //! held by a few worker processes (this binary again, `--worker`) with one
 //! or two threads each, so that thousands of connections take few threads
@@ -37,7 +46,8 @@
 //! - `options.rs`: the scenarios, their defaults, the command line.
 //! - `layout.rs`: which room, instance and worker each client has, who sends.
 //! - `procs.rs`: redis-server (or the Redis Cluster's nodes), the instances
-//!   (and `PUBSUB_CHAT_BIN`), child clean-up, `/proc` samples and `/metrics`.
+//!   (and `PUBSUB_CHAT_BIN`), a run's `--auth` keys, child clean-up, `/proc`
+//!   samples and `/metrics`.
 //! - `pool.rs`: the worker processes seen from the parent, and the protocol.
 //! - `worker.rs`: a worker process: its runtime and its commands.
 //! - `client.rs`: one client: connect, send stamped texts, check deliveries,
@@ -159,7 +169,7 @@ fn main() -> ExitCode {
         )
     };
     println!(
-        "pubsub-chat load: scenario {} | runs {} | clients {}{} | {sending}{}{}{}",
+        "pubsub-chat load: scenario {} | runs {} | clients {}{} | {sending}{}{}{}{}",
         opts.scenario.name(),
         opts.runs,
         opts.clients,
@@ -182,6 +192,11 @@ fn main() -> ExitCode {
             String::new()
         } else {
             format!(" | server args {:?}", opts.server_args)
+        },
+        if opts.auth == options::Auth::Off {
+            String::new()
+        } else {
+            format!(" | auth {} (--auth token)", opts.auth.name())
         }
     );
     println!("server binary: {}", bin.display());

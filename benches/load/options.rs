@@ -1,5 +1,6 @@
 //! The scenarios, their defaults, and the command line.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -82,6 +83,48 @@ impl Scenario {
     }
 }
 
+/// `--auth`: whether the instances check who each client is, and with
+/// which kind of key.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Auth {
+    /// The server's default: the name in the join query is believed.
+    Off,
+    /// `--auth token` with an HS256 secret.
+    Hs256,
+    /// `--auth token` with an ES256 key pair.
+    Es256,
+}
+
+impl Auth {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "off" => Auth::Off,
+            "hs256" => Auth::Hs256,
+            "es256" => Auth::Es256,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Auth::Off => "off",
+            Auth::Hs256 => "hs256",
+            Auth::Es256 => "es256",
+        }
+    }
+}
+
+/// The keys of one run with `--auth hs256|es256`, made by the parent in a
+/// temporary directory (`procs::AuthKeys`): the instances verify with
+/// `verify`, the workers mint with `sign` (the same secret file for
+/// HS256; for ES256 the private key, whose file stem, the `kid`, is the
+/// public key's).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunKeys {
+    pub sign: PathBuf,
+    pub verify: PathBuf,
+}
+
 /// One scenario's settings. Also handed to every worker process, which
 /// derives from it which clients it holds and how they behave.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -116,6 +159,12 @@ pub struct Opts {
     /// (`presence-churn`).
     pub churn: f64,
     pub server_args: Vec<String>,
+    /// `--auth`: off, or the instances run with `--auth token` and every
+    /// client sends a token of its own as its first frame.
+    pub auth: Auth,
+    /// This run's keys (`None` but with `--auth hs256|es256`, and then
+    /// only once the parent has made them: see `drive.rs`).
+    pub keys: Option<RunKeys>,
 }
 
 /// The instances' presence settings, as `--server-args` sets them (else
@@ -218,6 +267,8 @@ impl Opts {
             per_worker: PER_WORKER,
             churn: 100.0,
             server_args: Vec::new(),
+            auth: Auth::Off,
+            keys: None,
         };
         let secs = Duration::from_secs;
         match scenario {
@@ -481,6 +532,15 @@ options:
                       them, to check what the clients get: --presence on|off (off: any presence
                       frame fails the run; the presence scenarios need it on, but for presence-churn's control), --presence-diff-ms
                       (500), --presence-full-list-max (100: the window W), --presence-ttl-ms (15000)
+  --auth off|hs256|es256
+                      signed identity (off by default): with hs256 or es256 each run makes its keys in a
+                      temporary directory (an HS256 secret of 64 bytes; an ES256 P-256 key pair from
+                      `openssl genpkey`), removed at the end of the run, and starts both instances with
+                      --auth token and --auth-hs256-secret-file or --auth-public-key-file. Each client
+                      mints a token of its own (sub u<k>, name c<k>, exp an hour on) before its
+                      handshake is timed, and sends it as its first frame, then waits for its welcome
+                      (a churner, a fresh token at each return). Not with abuse, nor with --auth flags
+                      in --server-args
 
 environment:
   PUBSUB_CHAT_BIN     the server binary to measure (default: this package's release build)
@@ -563,6 +623,10 @@ pub fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>, St
             "--per-worker" => o.per_worker = (num(&flag, &v)? as usize).max(1),
             "--churn" => o.churn = num(&flag, &v)?,
             "--server-args" => o.server_args = v.split_whitespace().map(String::from).collect(),
+            "--auth" => {
+                o.auth =
+                    Auth::parse(&v).ok_or_else(|| format!("--auth {v:?}: off, hs256 or es256"))?
+            }
             other => return Err(format!("unknown option {other}\n\n{}", usage())),
         }
     }
@@ -576,6 +640,20 @@ pub fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>, St
         return Err(
             "--redis-cluster starts its own cluster: it does not go with --target-redis".into(),
         );
+    }
+    if o.auth != Auth::Off {
+        if o.server_args
+            .iter()
+            .any(|a| a == "--auth" || a.starts_with("--auth=") || a.starts_with("--auth-"))
+        {
+            return Err(
+                "--auth hs256|es256 sets the instances' --auth flags: leave them out of --server-args"
+                    .into(),
+            );
+        }
+        if scenario == Scenario::Abuse {
+            return Err("abuse's attackers send no token: it does not go with --auth".into());
+        }
     }
     let presence = PresenceArgs::of(&o.server_args)?;
     if scenario.is_presence() {

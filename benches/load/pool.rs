@@ -169,6 +169,10 @@ pub struct Batch {
     /// Failures by their text without digits (ports, ids).
     pub errors: HashMap<String, usize>,
     pub wall: Duration,
+    /// With `--auth hs256|es256`: tokens minted, and the µs it took in
+    /// all (before each handshake's timer, so in `wall` but not `times`).
+    pub minted: u64,
+    pub mint_us: u64,
 }
 
 impl Batch {
@@ -192,6 +196,13 @@ impl Batch {
             ms(self.times.max().unwrap_or(0) as f64),
             2,
         );
+        if self.minted > 0 {
+            rep.add(
+                "token mint mean (µs)",
+                self.mint_us as f64 / self.minted as f64,
+                1,
+            );
+        }
     }
 
     pub fn merge(&mut self, b: Batch) {
@@ -203,6 +214,8 @@ impl Batch {
             *self.errors.entry(e).or_default() += c;
         }
         self.wall += b.wall;
+        self.minted += b.minted;
+        self.mint_us += b.mint_us;
     }
 }
 

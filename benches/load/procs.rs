@@ -4,13 +4,13 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::cluster_process::{self, NodePorts};
-use crate::options::{Opts, Scenario};
+use crate::options::{Auth, Opts, RunKeys, Scenario};
 use crate::process;
 
 /// Every child pid, so a signal can kill them all before exiting.
@@ -198,6 +198,101 @@ pub const PRESENCE_MAX_MEMBERS: usize = 10_000;
 /// Instance `id` of the server under test, joined to Redis by `broker`
 /// (`--redis-url URL` or `--redis-cluster SEEDS`) under `prefix`, once it
 /// answers `/readyz`.
+/// One run's keys for `--auth hs256|es256`, in a temporary directory of
+/// their own that goes with this value (at the end of the run).
+pub struct AuthKeys {
+    dir: PathBuf,
+    pub keys: RunKeys,
+}
+
+impl AuthKeys {
+    /// Makes the keys `auth` needs (`None` for `--auth off`): an HS256
+    /// secret of 64 random hex digits (`hs1.key`), or an ES256 (P-256) key
+    /// pair from `openssl`, `private/es1.pem` (PKCS#8) and `public/es1.pem`:
+    /// one file stem on both sides, so the token's `kid` names the
+    /// instances' key.
+    pub fn make(auth: Auth) -> Option<AuthKeys> {
+        if auth == Auth::Off {
+            return None;
+        }
+        let dir = process::temp_dir("load-auth");
+        let keys = match auth {
+            Auth::Off => unreachable!(),
+            Auth::Hs256 => {
+                let mut bytes = [0u8; 32];
+                std::fs::File::open("/dev/urandom")
+                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+                    .expect("cannot read /dev/urandom");
+                let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                let secret = dir.join("hs1.key");
+                std::fs::write(&secret, format!("{hex}\n"))
+                    .unwrap_or_else(|e| panic!("cannot write {}: {e}", secret.display()));
+                RunKeys {
+                    sign: secret.clone(),
+                    verify: secret,
+                }
+            }
+            Auth::Es256 => {
+                for sub in ["private", "public"] {
+                    std::fs::create_dir_all(dir.join(sub))
+                        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+                }
+                let (private, public) = (dir.join("private/es1.pem"), dir.join("public/es1.pem"));
+                openssl(
+                    Command::new("openssl")
+                        .args(["genpkey", "-algorithm", "EC"])
+                        .args(["-pkeyopt", "ec_paramgen_curve:P-256", "-out"])
+                        .arg(&private),
+                );
+                openssl(
+                    Command::new("openssl")
+                        .args(["pkey", "-pubout", "-in"])
+                        .arg(&private)
+                        .arg("-out")
+                        .arg(&public),
+                );
+                RunKeys {
+                    sign: private,
+                    verify: public,
+                }
+            }
+        };
+        Some(AuthKeys { dir, keys })
+    }
+}
+
+impl Drop for AuthKeys {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn openssl(cmd: &mut Command) {
+    let status = cmd
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("--auth es256 makes its keys with openssl: {e}"));
+    assert!(status.success(), "{cmd:?} failed");
+}
+
+/// The instances' `--auth` flags for this run's keys (none for `--auth
+/// off`).
+fn auth_args(auth: Auth, keys: Option<&RunKeys>) -> Vec<String> {
+    let flag = match auth {
+        Auth::Off => return Vec::new(),
+        Auth::Hs256 => "--auth-hs256-secret-file",
+        Auth::Es256 => "--auth-public-key-file",
+    };
+    let keys = keys.expect("the run's keys are made before the instances start");
+    let path: &Path = &keys.verify;
+    vec![
+        "--auth".into(),
+        "token".into(),
+        flag.into(),
+        path.display().to_string(),
+    ]
+}
+
 pub fn start_instance(id: &str, broker: &[String], prefix: &str, opts: &Opts) -> Proc {
     // Big enough never to be the limit. For max-clients, this instance's
     // half of the target and some spare: what the load looks for is where
@@ -231,6 +326,7 @@ pub fn start_instance(id: &str, broker: &[String], prefix: &str, opts: &Opts) ->
         let most = opts.clients.max(PRESENCE_MAX_MEMBERS).to_string();
         cmd.args(["--presence-max-members", &most]);
     }
+    cmd.args(auth_args(opts.auth, opts.keys.as_ref()));
     cmd.args(&opts.server_args)
         // The listening line is logged at info by the server module.
         .env("RUST_LOG", "warn,pubsub_chat::server=info");

@@ -13,12 +13,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use pubsub_chat::auth::{KeySources, SigningKey};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::churn::{self, Phase};
 use crate::client::{self, ClientStats, PerMessage, Shared};
 use crate::layout::Layout;
 use crate::members::Expected;
+use crate::options::Auth;
 use crate::pool::{Batch, Command, Reply, Tally, ViewTally, WorkerConfig};
 use crate::report::Hist;
 
@@ -83,6 +85,15 @@ pub fn main(config: &str) -> ExitCode {
         split_ns: AtomicU64::new(u64::MAX),
         churn: churn_rx,
         churned: churn::Counters::default(),
+        signing: opts.keys.as_ref().map(|keys| match opts.auth {
+            Auth::Es256 => SigningKey::PrivateKeyFile(keys.sign.clone()),
+            _ => SigningKey::Secret(KeySources {
+                secret_file: Some(keys.sign.clone()),
+                ..KeySources::default()
+            }),
+        }),
+        mint_ns: AtomicU64::new(0),
+        minted: AtomicU64::new(0),
     });
     // This worker's clients, in order, and how many of them have been
     // started.
@@ -149,6 +160,8 @@ pub fn main(config: &str) -> ExitCode {
                     }
                     b.times = Hist::of(times);
                     b.wall = t0.elapsed();
+                    b.mint_us = shared.mint_ns.swap(0, Ordering::SeqCst) / 1000;
+                    b.minted = shared.minted.swap(0, Ordering::SeqCst);
                     b
                 });
                 reply(Reply::Batch(batch));
