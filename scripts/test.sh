@@ -37,7 +37,7 @@ export PUPPETEER_SKIP_DOWNLOAD=1
 
 have cargo || die "cargo is not installed: install Rust from https://rustup.rs, then run this again"
 
-step "Checking test dependencies (redis-server, chromium, node)"
+step "Checking test dependencies (redis-server, chromium, nginx, openssl, node)"
 ensure_test_packages
 
 step "Installing the browser test's npm packages (tests/browser)"
