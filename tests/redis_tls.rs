@@ -278,6 +278,21 @@ fn messages_cross_two_instances_over_tls() {
         .map(|m| m["text"].as_str().unwrap_or_default().to_string())
         .collect();
     assert_eq!(texts, ["over tls", "and back"]);
+    assert_eq!(bob.recv_messages(1)[0]["text"], "and back", "bob's own");
+    // A burst: many TLS records arrive together on the subscription, more
+    // than one read takes, and the reader takes them in turn.
+    let long = "x".repeat(1500);
+    for i in 0..200 {
+        alice.send(&format!("{i} {long}"), &format!("burst-{i}"));
+    }
+    let burst = bob.recv_messages(200);
+    for (i, message) in burst.iter().enumerate() {
+        let text = message["text"].as_str().unwrap_or_default();
+        assert!(
+            text.starts_with(&format!("{i} ")),
+            "message {i}: {text:.20}"
+        );
+    }
     assert!(!a.log().contains("NOT checked"), "{}", a.log());
 }
 
