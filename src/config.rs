@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::broker::redis::tls::TlsFiles;
 use crate::presence::PresenceSettings;
 use crate::protocol::Limits;
 use crate::rate_limit::RateLimit;
@@ -92,16 +93,40 @@ pub struct Config {
     #[arg(long, env = "BROKER", value_enum, default_value_t = BrokerKind::Redis)]
     pub broker: BrokerKind,
 
-    /// Where Redis is: `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`. The
-    /// password is never shown (logs and probes print `:***@`). No TLS
-    /// (`rediss://`): see the README for a tunnel.
+    /// Where Redis is: `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`, or
+    /// `rediss://...` for TLS (Redis's certificate checked against the
+    /// system's root CAs, or --redis-ca-file). The password is never shown
+    /// (logs and probes print `:***@`).
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", value_parser = RedisUrlParser)]
     pub redis_url: RedisUrl,
 
-    /// Seed nodes of a Redis Cluster (comma-separated `redis://HOST:PORT`):
-    /// cluster mode, with sharded Pub/Sub, instead of `--redis-url`.
+    /// Seed nodes of a Redis Cluster (comma-separated `redis://HOST:PORT`,
+    /// or all `rediss://` for TLS): cluster mode, with sharded Pub/Sub,
+    /// instead of `--redis-url`.
     #[arg(long, env = "REDIS_CLUSTER", value_delimiter = ',', value_parser = RedisUrlParser)]
     pub redis_cluster: Vec<RedisUrl>,
+
+    /// `rediss://`: a PEM file of the CA (or CAs) that signed Redis's
+    /// certificate, for a Redis with a private CA. Only these CAs are then
+    /// trusted [default: the system's root CAs].
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// `rediss://` to a Redis that wants a client certificate (mutual TLS,
+    /// `tls-auth-clients yes`): this server's certificate (PEM), with
+    /// --redis-client-key-file [default: none].
+    #[arg(long, env = "REDIS_CLIENT_CERT_FILE")]
+    pub redis_client_cert_file: Option<PathBuf>,
+
+    /// The private key (PEM) of --redis-client-cert-file [default: none].
+    #[arg(long, env = "REDIS_CLIENT_KEY_FILE")]
+    pub redis_client_key_file: Option<PathBuf>,
+
+    /// `rediss://` without checking Redis's certificate: anyone on the way
+    /// can read and change the traffic, password included. For a test
+    /// only; warned at every start [default: off].
+    #[arg(long, env = "REDIS_TLS_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub redis_tls_insecure: bool,
 
     /// Prefix of every Redis key and channel this server uses, so that
     /// several chats (or test runs) can share one Redis.
@@ -498,7 +523,64 @@ impl Config {
         if self.redis_prefix.is_empty() {
             return Err("--redis-prefix must not be empty".into());
         }
+        self.validate_redis_tls()?;
         self.validate_auth()
+    }
+
+    /// The URLs this instance connects to: the cluster's seeds, or the
+    /// one Redis.
+    fn redis_urls(&self) -> Vec<&RedisUrl> {
+        if self.redis_cluster.is_empty() {
+            vec![&self.redis_url]
+        } else {
+            self.redis_cluster.iter().collect()
+        }
+    }
+
+    /// Whether this instance speaks TLS to Redis (`rediss://`).
+    pub fn redis_tls(&self) -> bool {
+        self.broker == BrokerKind::Redis && self.redis_urls().iter().any(|url| url.is_tls())
+    }
+
+    /// The TLS options, read and checked at start by the broker.
+    pub fn redis_tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            ca_file: self.redis_ca_file.clone(),
+            client_cert_file: self.redis_client_cert_file.clone(),
+            client_key_file: self.redis_client_key_file.clone(),
+            insecure: self.redis_tls_insecure,
+        }
+    }
+
+    fn validate_redis_tls(&self) -> Result<(), String> {
+        let urls = self.redis_urls();
+        if urls.iter().any(|url| url.is_tls()) && !urls.iter().all(|url| url.is_tls()) {
+            return Err(
+                "--redis-cluster mixes redis:// and rediss:// nodes: a cluster's nodes speak \
+                 TLS or not all alike"
+                    .into(),
+            );
+        }
+        let options_given = self.redis_ca_file.is_some()
+            || self.redis_client_cert_file.is_some()
+            || self.redis_client_key_file.is_some()
+            || self.redis_tls_insecure;
+        if self.broker == BrokerKind::Redis && options_given && !self.redis_tls() {
+            return Err(
+                "--redis-ca-file, --redis-client-cert-file, --redis-client-key-file and \
+                 --redis-tls-insecure take effect only with TLS: write the Redis URL as \
+                 rediss://HOST:PORT, or drop them"
+                    .into(),
+            );
+        }
+        if self.redis_client_cert_file.is_some() != self.redis_client_key_file.is_some() {
+            return Err(
+                "--redis-client-cert-file and --redis-client-key-file go together: give both \
+                 (mutual TLS), or neither"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     fn validate_auth(&self) -> Result<(), String> {

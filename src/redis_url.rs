@@ -15,13 +15,8 @@ use redis::{ConnectionInfo, IntoConnectionInfo};
 
 /// Valid URLs, for the messages that refuse one.
 pub const EXAMPLES: &str = "redis://127.0.0.1:6379 (with a password: redis://:PASSWORD@127.0.0.1:6379; \
-     an ACL user: redis://USER:PASSWORD@127.0.0.1:6379; database 2: redis://127.0.0.1:6379/2)";
-
-/// What a refused `rediss://` URL is told: TLS is not built in.
-const NO_TLS: &str = "TLS to Redis (rediss://) is not built into this server. Either keep Redis \
-     on this machine or a private network and use redis://, or run a TLS tunnel on this machine \
-     (stunnel or ghostunnel in client mode) that listens on 127.0.0.1 and forwards to Redis's TLS \
-     port, and point --redis-url at the tunnel: redis://:PASSWORD@127.0.0.1:PORT";
+     an ACL user: redis://USER:PASSWORD@127.0.0.1:6379; database 2: redis://127.0.0.1:6379/2; \
+     TLS: rediss://:PASSWORD@redis.example.com:6380)";
 
 /// A URL with its password replaced by `***`: `redis://:***@host:6379`,
 /// `redis://user:***@host`. A user part with no `:` is shown as `***` too:
@@ -54,8 +49,9 @@ pub struct RedisUrl {
 }
 
 impl RedisUrl {
-    /// Checks `url`: scheme `redis://`, a host, a port from 1 to 65535, a
-    /// database number, a password with any user name.
+    /// Checks `url`: scheme `redis://` (or `rediss://`, TLS), a host, a
+    /// port from 1 to 65535, a database number, a password with any user
+    /// name.
     pub fn parse(url: &str) -> Result<RedisUrl, String> {
         let shown = redact(url);
         let refuse = |what: String| format!("--redis-url {shown}: {what}; a valid one: {EXAMPLES}");
@@ -63,8 +59,7 @@ impl RedisUrl {
             return Err(refuse("no scheme: it must start with redis://".into()));
         };
         match scheme.to_ascii_lowercase().as_str() {
-            "redis" | "valkey" => {}
-            "rediss" | "valkeys" => return Err(format!("--redis-url {shown}: {NO_TLS}")),
+            "redis" | "valkey" | "rediss" | "valkeys" => {}
             "unix" | "redis+unix" | "valkey+unix" => {
                 return Err(refuse(
                     "Unix sockets are not supported (the subscriber speaks TCP): use redis://HOST:PORT"
@@ -76,6 +71,14 @@ impl RedisUrl {
                     "scheme {other}:// is not Redis's: use redis://"
                 )));
             }
+        }
+        if url.ends_with("#insecure") {
+            // redis-rs would skip checking the certificate, unannounced.
+            return Err(refuse(
+                "#insecure is not read here: to skip checking Redis's certificate (a test only), \
+                 give --redis-tls-insecure"
+                    .into(),
+            ));
         }
         let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
         let (user_info, host_port) = match rest.rsplit_once('@') {
@@ -140,6 +143,11 @@ impl RedisUrl {
     /// The URL without its password.
     pub fn redacted(&self) -> &str {
         &self.shown
+    }
+
+    /// Whether it speaks TLS (`rediss://`).
+    pub fn is_tls(&self) -> bool {
+        matches!(self.info.addr(), redis::ConnectionAddr::TcpTls { .. })
     }
 }
 
@@ -263,14 +271,13 @@ mod tests {
     }
 
     #[test]
-    fn tls_is_refused_with_what_to_do_instead() {
-        let e = refusal("rediss://:secret@redis.example.com:6380");
-        assert!(
-            e.contains("TLS to Redis (rediss://) is not built into"),
-            "{e}"
-        );
-        assert!(e.contains("stunnel"), "{e}");
-        assert!(e.contains("rediss://:***@redis.example.com:6380"), "{e}");
+    fn tls_urls_are_taken_and_insecure_only_as_an_option() {
+        let url = RedisUrl::parse("rediss://:secret@redis.example.com:6380/1").unwrap();
+        assert!(url.is_tls());
+        assert_eq!(url.to_string(), "rediss://:***@redis.example.com:6380/1");
+        assert!(!RedisUrl::parse("redis://127.0.0.1").unwrap().is_tls());
+        let e = refusal("rediss://:secret@redis.example.com:6380/#insecure");
+        assert!(e.contains("--redis-tls-insecure"), "{e}");
     }
 
     #[test]
@@ -290,6 +297,7 @@ mod tests {
             "redis://:pw@redis.internal:6379/3",
             "redis://user:p%40ss@[::1]:6379",
             "REDIS://127.0.0.1",
+            "rediss://user:pw@redis.example.com:6380",
         ] {
             RedisUrl::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
         }

@@ -13,6 +13,7 @@ use log::{info, warn};
 
 use crate::auth::Verifier;
 use crate::broker::local::LocalBroker;
+use crate::broker::redis::tls::RedisTls;
 use crate::broker::redis::{RedisBroker, RedisSettings};
 use crate::broker::{Broker, BrokerEvent};
 use crate::config::{self, AuthMode, BrokerKind, Config};
@@ -149,6 +150,11 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
             RedisSettings {
                 url: config.redis_url.clone(),
                 cluster: config.redis_cluster.clone(),
+                tls: if config.redis_tls() {
+                    Some(RedisTls::load(&config.redis_tls_files())?)
+                } else {
+                    None
+                },
                 prefix: config.redis_prefix.clone(),
                 history_len: config.history_len,
                 history_ttl: config.history_ttl(),

@@ -25,7 +25,6 @@ use std::time::Duration;
 use redis::{ConnectionAddr, ConnectionInfo, RedisError, Value};
 
 use super::link::tcp_settings;
-use crate::redis_url::RedisUrl;
 use crate::sync::{Mutex, lock};
 
 /// Redis Cluster's hash slots.
@@ -145,11 +144,9 @@ pub struct Topology {
 impl Topology {
     /// Reads the cluster's slots from the first seed that answers; its
     /// masters, in the order of the slots they serve, are the shards.
-    pub fn discover(seeds: &[RedisUrl], timeout: Duration) -> Result<Topology, String> {
-        let seeds = seeds
-            .iter()
-            .map(|seed| seed.connection_info().clone())
-            .collect();
+    /// `seeds` carry the password and TLS settings every node is reached
+    /// with.
+    pub fn discover(seeds: Vec<ConnectionInfo>, timeout: Duration) -> Result<Topology, String> {
         let topology = Topology {
             seeds,
             timeout,
@@ -177,13 +174,8 @@ impl Topology {
     /// The master of `shard` now.
     pub fn master_of_shard(&self, shard: usize) -> Option<ConnectionInfo> {
         let map = lock(&self.map);
-        let (host, port) = map.shards.get(shard)?.master.clone();
-        Some(
-            self.seeds[0]
-                .clone()
-                .set_addr(ConnectionAddr::Tcp(host, port))
-                .set_tcp_settings(tcp_settings()),
-        )
+        let master = map.shards.get(shard)?.master.clone();
+        Some(self.node(master).set_tcp_settings(tcp_settings()))
     }
 
     /// Reads `CLUSTER SLOTS` again, from the current masters or the seeds.
@@ -194,12 +186,7 @@ impl Topology {
             let map = lock(&self.map);
             map.shards
                 .iter()
-                .map(|shard| {
-                    let (host, port) = shard.master.clone();
-                    self.seeds[0]
-                        .clone()
-                        .set_addr(ConnectionAddr::Tcp(host, port))
-                })
+                .map(|shard| self.node(shard.master.clone()))
                 .collect()
         };
         let mut last_error = None;
@@ -215,6 +202,24 @@ impl Topology {
             }
         }
         Err(last_error.unwrap_or_else(|| std::io::Error::other("no node reported any slot").into()))
+    }
+
+    /// How to reach `node`: as the first seed is reached (password, TLS).
+    fn node(&self, (host, port): Node) -> ConnectionInfo {
+        let addr = match self.seeds[0].addr() {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => ConnectionAddr::Tcp(host, port),
+        };
+        self.seeds[0].clone().set_addr(addr)
     }
 
     fn slots_from(&self, node: &ConnectionInfo) -> Result<Vec<SlotRange>, RedisError> {

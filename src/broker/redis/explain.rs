@@ -5,6 +5,8 @@
 
 use redis::RedisError;
 
+use super::tls;
+
 /// What the logs and `/readyz` say when connecting to `url` (shown
 /// without its password) failed with `e`. `db` is the database the URL
 /// asked for.
@@ -41,6 +43,9 @@ pub fn explain(e: &RedisError, url: &str, db: i64) -> String {
             _ => format!("{url} answered: {answer}"),
         };
     }
+    if let Some((cause, advice)) = tls::cause(&e.to_string()) {
+        return format!("{url}: TLS failed, {cause}: {e} ({advice})");
+    }
     if e.is_connection_refusal() {
         format!(
             "{url} unreachable: {e} (start Redis with `redis-server`, or run without it: --broker local)"
@@ -60,7 +65,10 @@ pub fn for_clients(e: &RedisError) -> String {
     match (e.code(), e.detail()) {
         (Some(code), Some(detail)) => format!("redis refused this server ({code} {detail})"),
         (Some(code), None) => format!("redis refused this server ({code})"),
-        _ => format!("redis is unreachable ({e})"),
+        _ => match tls::cause(&e.to_string()) {
+            Some((cause, _)) => format!("redis is unreachable (TLS failed, {cause}: {e})"),
+            None => format!("redis is unreachable ({e})"),
+        },
     }
 }
 
@@ -116,5 +124,19 @@ mod tests {
         assert!(explain(&refused, "redis://h", 0).contains("start Redis with `redis-server`"));
         let other: RedisError = (ErrorKind::Io, "broken").into();
         assert!(!explain(&other, "redis://h", 0).contains("start Redis"));
+    }
+
+    #[test]
+    fn a_tls_failure_names_its_cause_and_what_to_do() {
+        let untrusted = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let e: RedisError = std::io::Error::new(std::io::ErrorKind::InvalidData, untrusted).into();
+        let text = explain(&e, "rediss://h:6380", 0);
+        assert!(
+            text.starts_with("rediss://h:6380: TLS failed, certificate not trusted"),
+            "{text}"
+        );
+        assert!(text.contains("--redis-ca-file"), "{text}");
+        assert!(!text.contains("start Redis"), "{text}");
+        assert!(for_clients(&e).contains("certificate not trusted"));
     }
 }

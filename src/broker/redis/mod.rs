@@ -28,7 +28,8 @@
 //! links work, and what clients are told), [`watch`] (pings that find a
 //! dead link), [`keys`] (every name in Redis), [`cluster`] (which master
 //! serves which room), [`link`] (a command connection that reconnects),
-//! [`explain`] (errors in words an operator can act on).
+//! [`tls`] (TLS to Redis, `rediss://`), [`explain`] (errors in words an
+//! operator can act on).
 
 pub mod catch_up;
 pub mod cluster;
@@ -45,6 +46,7 @@ pub mod rooms;
 pub mod settings;
 pub mod subscriber;
 pub mod subscription;
+pub mod tls;
 pub mod watch;
 
 use std::sync::Arc;
@@ -200,15 +202,15 @@ fn connections(
     metrics: &Arc<Metrics>,
 ) -> Result<(Links, Option<Arc<Topology>>, ShardOf), String> {
     if !settings.is_cluster() {
-        let links = Links::single(settings.url.connection_info().clone(), settings, metrics);
+        let links = Links::single(settings.url_info(), settings, metrics);
         return Ok((links, None, Box::new(|_| Some(0))));
     }
-    let topology = Arc::new(Topology::discover(&settings.cluster, CONNECT_TIMEOUT)?);
-    let seeds = settings
-        .cluster
-        .iter()
-        .map(|url| url.connection_info().clone());
-    let client = ClusterClient::builder(seeds)
+    let topology = Arc::new(Topology::discover(settings.seed_infos(), CONNECT_TIMEOUT)?);
+    let mut builder = ClusterClient::builder(settings.seed_infos());
+    if let Some(tls) = &settings.tls {
+        builder = tls.cluster(builder);
+    }
+    let client = builder
         .connection_timeout(CONNECT_TIMEOUT)
         .response_timeout(COMMAND_TIMEOUT)
         .tcp_settings(link::tcp_settings())

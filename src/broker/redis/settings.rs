@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
-use redis::RedisError;
+use redis::{ConnectionInfo, RedisError};
 
 use super::explain;
+use super::tls::RedisTls;
 use crate::protocol::Limits;
 use crate::redis_url::RedisUrl;
 
@@ -14,6 +15,8 @@ pub struct RedisSettings {
     pub url: RedisUrl,
     /// Seed nodes of a Redis Cluster; empty for a single Redis at `url`.
     pub cluster: Vec<RedisUrl>,
+    /// How to speak TLS to Redis: set when the URLs are `rediss://`.
+    pub tls: Option<RedisTls>,
     pub prefix: String,
     pub history_len: usize,
     /// How long a room's history (and, in a cluster, its last id) lives
@@ -44,6 +47,26 @@ impl RedisSettings {
     /// Whether the chat runs on a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         !self.cluster.is_empty()
+    }
+
+    /// Where the single Redis is, and how to connect (TLS included).
+    pub fn url_info(&self) -> ConnectionInfo {
+        self.with_tls(self.url.connection_info())
+    }
+
+    /// The Redis Cluster's seed nodes, and how to connect (TLS included).
+    pub fn seed_infos(&self) -> Vec<ConnectionInfo> {
+        self.cluster
+            .iter()
+            .map(|seed| self.with_tls(seed.connection_info()))
+            .collect()
+    }
+
+    fn with_tls(&self, info: &ConnectionInfo) -> ConnectionInfo {
+        match &self.tls {
+            Some(tls) => tls.apply(info),
+            None => info.clone(),
+        }
     }
 
     /// Where Redis is, for logs and probes: without a password.

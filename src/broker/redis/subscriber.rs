@@ -173,7 +173,7 @@ impl Shards {
     /// The node shard `shard`'s subscription connects to now.
     fn node_of(&self, shard: usize) -> Result<ConnectionInfo, RedisError> {
         match &self.topology {
-            None => Ok(self.settings.url.connection_info().clone()),
+            None => Ok(self.settings.url_info()),
             Some(topology) => topology.master_of_shard(shard).ok_or_else(|| {
                 std::io::Error::other(format!("cluster shard {shard} has no master")).into()
             }),
@@ -266,6 +266,7 @@ impl Subscriber {
         let sharded = shards.topology.is_some();
         let (mut reader, subscription) = subscription::open(
             &info,
+            shards.settings.tls.as_ref(),
             &self.name,
             &self.writer_thread,
             sharded,

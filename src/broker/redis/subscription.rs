@@ -28,10 +28,12 @@
 //!
 //! redis-rs's `PubSub` owns its connection and cannot be split this way, so
 //! this file speaks RESP on a `TcpStream` of its own, with redis-rs's
-//! parser and command encoder.
+//! parser and command encoder. A plain socket is split with `try_clone`;
+//! over TLS (`rediss://`) the two halves share one TLS session (see
+//! [`super::tls`]).
 
 use std::collections::VecDeque;
-use std::io::{self, BufReader, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,6 +45,7 @@ use log::debug;
 use redis::{ConnectionAddr, ConnectionInfo, Parser, RedisError, ServerError, Value};
 
 use super::link::tcp_keepalive;
+use super::tls::{self, RedisTls};
 use crate::clock;
 use crate::sync::{Mutex, lock};
 
@@ -97,25 +100,33 @@ pub struct Subscription {
 
 /// The read half, owned by the subscriber thread.
 pub struct SubscriptionReader {
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Box<dyn Read + Send>>,
     parser: Parser,
     shared: Arc<Shared>,
 }
 
 /// Opens a connection, authenticates and names it (`name`), and splits
 /// it; its writer thread is named `writer_thread`. `sharded`: the channels
-/// are Redis Cluster shard channels. `timeout` bounds the connect, every
-/// write, and each answer until it is subscribed (then the watcher takes
-/// over).
+/// are Redis Cluster shard channels. `timeout` bounds the connect, the TLS
+/// handshake, every write, and each answer until it is subscribed (then
+/// the watcher takes over). `tls`: how to speak TLS to a `rediss://` node.
 pub fn open(
     info: &ConnectionInfo,
+    tls: Option<&RedisTls>,
     name: &str,
     writer_thread: &str,
     sharded: bool,
     timeout: Duration,
 ) -> Result<(SubscriptionReader, Arc<Subscription>), RedisError> {
-    let ConnectionAddr::Tcp(host, port) = info.addr() else {
-        return Err(io::Error::other("only plain TCP connections to Redis are supported").into());
+    let (host, port, tls) = match info.addr() {
+        ConnectionAddr::Tcp(host, port) => (host, port, None),
+        ConnectionAddr::TcpTls { host, port, .. } => {
+            let tls = tls.ok_or_else(|| io::Error::other("rediss:// without TLS settings"))?;
+            (host, port, Some(tls))
+        }
+        _ => {
+            return Err(io::Error::other("only TCP connections to Redis are supported").into());
+        }
     };
     let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), *port))?
         .next()
@@ -125,18 +136,25 @@ pub fn open(
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     socket2::SockRef::from(&stream).set_tcp_keepalive(&tcp_keepalive())?;
+    let socket = stream.try_clone()?;
+    let (read_half, mut writer): (Box<dyn Read + Send>, Box<dyn Write + Send>) = match tls {
+        None => (Box::new(stream.try_clone()?), Box::new(stream)),
+        Some(tls) => {
+            let (read_half, write_half) = tls::handshake(tls, host, stream)?;
+            (Box::new(read_half), Box::new(write_half))
+        }
+    };
     let mut reader = SubscriptionReader {
-        reader: BufReader::new(stream.try_clone()?),
+        reader: BufReader::new(read_half),
         parser: Parser::new(),
         shared: Arc::new(Shared {
             unanswered: Mutex::default(),
             heard_at: AtomicU64::new(clock::mono_millis()),
             busy: AtomicBool::new(false),
-            socket: stream.try_clone()?,
+            socket,
             sharded,
         }),
     };
-    let mut writer = stream;
     let settings = info.redis_settings();
     if let Some(password) = settings.password() {
         let mut auth = redis::cmd("AUTH");
@@ -162,7 +180,7 @@ pub fn open(
     reader.expect_ok()?;
     // Subscribed, the connection waits for messages for ever; the watcher
     // tells a quiet link from a dead one.
-    reader.reader.get_ref().set_read_timeout(None)?;
+    reader.shared.socket.set_read_timeout(None)?;
     let (requests_tx, requests_rx) = unbounded();
     let shared = reader.shared.clone();
     thread::Builder::new()
@@ -179,7 +197,11 @@ pub fn open(
 /// The writer thread: writes each request in the order asked, after noting
 /// it as unanswered (its answer may come the moment it is written). Ends
 /// when nobody can ask any more, or the connection breaks.
-fn write_requests(mut stream: TcpStream, requests_rx: &Receiver<Request>, shared: &Shared) {
+fn write_requests(
+    mut stream: Box<dyn Write + Send>,
+    requests_rx: &Receiver<Request>,
+    shared: &Shared,
+) {
     for request in requests_rx {
         let (name, channel) = match &request {
             Request::Subscribe(channel) if shared.sharded => ("SSUBSCRIBE", Some(channel)),
@@ -196,7 +218,7 @@ fn write_requests(mut stream: TcpStream, requests_rx: &Receiver<Request>, shared
         lock(&shared.unanswered).push_back(request);
         if let Err(e) = stream.write_all(&command) {
             debug!("redis subscription: write failed ({e}); closing the connection");
-            let _ = stream.shutdown(Shutdown::Both);
+            let _ = shared.socket.shutdown(Shutdown::Both);
             return;
         }
     }
