@@ -619,3 +619,43 @@ fn in_cluster_mode_an_instance_with_no_client_in_a_room_receives_none_of_its_mes
         b.metric("chat_room_subscriptions") == 1.0
     });
 }
+
+/// A cluster that wants a password, asked with a wrong one or none: the
+/// instance cannot read the cluster's slots and does not start, and says
+/// why in the words a single Redis gets, naming `--redis-cluster` (it used
+/// to print redis-rs's raw "Password authentication failed -
+/// AuthenticationFailed").
+#[test]
+fn a_cluster_login_refused_is_explained_like_a_single_redis_one() {
+    let cluster = RedisCluster::start();
+    cluster.config_set("requirepass", "right-password");
+    let port = cluster.ports()[0];
+    for (seeds, expected) in [
+        (
+            format!("redis://:wrong-password@127.0.0.1:{port}"),
+            "refused the login",
+        ),
+        (format!("redis://127.0.0.1:{port}"), "wants a password"),
+    ] {
+        let (status, log) = common::run_to_exit(
+            "a",
+            &[
+                "--redis-cluster",
+                &seeds,
+                "--redis-prefix",
+                &unique("login"),
+            ],
+            Duration::from_secs(30),
+        );
+        assert!(!status.success(), "started with {seeds}:\n{log}");
+        assert!(log.contains(expected), "not explained ({expected}):\n{log}");
+        assert!(
+            log.contains("--redis-cluster / REDIS_CLUSTER"),
+            "no advice:\n{log}"
+        );
+        assert!(
+            !log.contains("wrong-password"),
+            "the password shows:\n{log}"
+        );
+    }
+}

@@ -146,15 +146,13 @@ impl Topology {
     /// masters, in the order of the slots they serve, are the shards.
     /// `seeds` carry the password and TLS settings every node is reached
     /// with.
-    pub fn discover(seeds: Vec<ConnectionInfo>, timeout: Duration) -> Result<Topology, String> {
+    pub fn discover(seeds: Vec<ConnectionInfo>, timeout: Duration) -> Result<Topology, RedisError> {
         let topology = Topology {
             seeds,
             timeout,
             map: Mutex::default(),
         };
-        topology.refresh().map_err(|e| {
-            format!("cannot read the cluster's slots from any --redis-cluster node: {e}")
-        })?;
+        topology.refresh()?;
         Ok(topology)
     }
 

@@ -3,14 +3,23 @@
 //! not have) is running, and being told to start one would mislead; only a
 //! refused connection gets the "start Redis" hint.
 
-use redis::RedisError;
+use redis::{ErrorKind, RedisError};
 
 use super::tls;
 
 /// What the logs and `/readyz` say when connecting to `url` (shown
 /// without its password) failed with `e`. `db` is the database the URL
-/// asked for.
-pub fn explain(e: &RedisError, url: &str, db: i64) -> String {
+/// asked for; `option` where the URL was given (`--redis-url / REDIS_URL`
+/// or `--redis-cluster / REDIS_CLUSTER`).
+pub fn explain(e: &RedisError, url: &str, db: i64, option: &str) -> String {
+    // redis-rs answers a WRONGPASS to the AUTH it sends when it connects
+    // with an error of its own, without Redis's code.
+    if e.kind() == ErrorKind::AuthenticationFailed {
+        return format!(
+            "{url} refused the login: {e} (check the password, and the user name of an ACL user, \
+             in {option})"
+        );
+    }
     if let Some(code) = e.code() {
         let answer = match e.detail() {
             Some(detail) => format!("{code} {detail}"),
@@ -20,10 +29,10 @@ pub fn explain(e: &RedisError, url: &str, db: i64) -> String {
         return match code {
             "WRONGPASS" => format!(
                 "{url} refused the login: {answer} (check the password, and the user name of an ACL \
-                 user, in --redis-url / REDIS_URL)"
+                 user, in {option})"
             ),
             "NOAUTH" => format!(
-                "{url} wants a password: {answer} (give it in --redis-url: redis://:PASSWORD@HOST:PORT, \
+                "{url} wants a password: {answer} (give it in {option}: redis://:PASSWORD@HOST:PORT, \
                  or redis://USER:PASSWORD@HOST:PORT for an ACL user)"
             ),
             "NOPERM" => format!(
@@ -110,27 +119,49 @@ mod tests {
                 "has no database 99: ERR DB index is out of range",
             ),
         ] {
-            let text = explain(&answered(line), url, 99);
+            let text = explain(&answered(line), url, 99, SINGLE);
             assert!(text.contains(says), "{text}");
             assert!(text.starts_with(url), "{text}");
             assert!(!text.contains("start Redis"), "{text}");
         }
     }
 
+    const SINGLE: &str = "--redis-url / REDIS_URL";
+
+    #[test]
+    fn a_login_redis_rs_refused_itself_is_told_like_a_wrongpass() {
+        let e: RedisError = (
+            ErrorKind::AuthenticationFailed,
+            "Password authentication failed",
+        )
+            .into();
+        let text = explain(
+            &e,
+            "the redis cluster at redis://:***@h:7000",
+            0,
+            "--redis-cluster / REDIS_CLUSTER",
+        );
+        assert!(text.contains("refused the login"), "{text}");
+        assert!(text.contains("--redis-cluster / REDIS_CLUSTER"), "{text}");
+        assert!(!text.contains("start Redis"), "{text}");
+    }
+
     #[test]
     fn only_a_refused_connection_says_to_start_redis() {
         let refused: RedisError =
             std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into();
-        assert!(explain(&refused, "redis://h", 0).contains("start Redis with `redis-server`"));
+        assert!(
+            explain(&refused, "redis://h", 0, SINGLE).contains("start Redis with `redis-server`")
+        );
         let other: RedisError = (ErrorKind::Io, "broken").into();
-        assert!(!explain(&other, "redis://h", 0).contains("start Redis"));
+        assert!(!explain(&other, "redis://h", 0, SINGLE).contains("start Redis"));
     }
 
     #[test]
     fn a_tls_failure_names_its_cause_and_what_to_do() {
         let untrusted = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
         let e: RedisError = std::io::Error::new(std::io::ErrorKind::InvalidData, untrusted).into();
-        let text = explain(&e, "rediss://h:6380", 0);
+        let text = explain(&e, "rediss://h:6380", 0, SINGLE);
         assert!(
             text.starts_with("rediss://h:6380: TLS failed, certificate not trusted"),
             "{text}"

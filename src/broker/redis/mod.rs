@@ -205,7 +205,13 @@ fn connections(
         let links = Links::single(settings.url_info(), settings, metrics);
         return Ok((links, None, Box::new(|_| Some(0))));
     }
-    let topology = Arc::new(Topology::discover(settings.seed_infos(), CONNECT_TIMEOUT)?);
+    let topology = Topology::discover(settings.seed_infos(), CONNECT_TIMEOUT).map_err(|e| {
+        format!(
+            "cannot read the cluster's slots from any --redis-cluster node: {}",
+            settings.explain(&e)
+        )
+    })?;
+    let topology = Arc::new(topology);
     let mut builder = ClusterClient::builder(settings.seed_infos());
     if let Some(tls) = &settings.tls {
         builder = tls.cluster(builder);

@@ -87,7 +87,12 @@ impl RedisSettings {
 
     /// What the logs and `/readyz` say of a failure to connect.
     pub fn explain(&self, e: &RedisError) -> String {
-        explain::explain(e, &self.display_url(), self.db())
+        let option = if self.cluster.is_empty() {
+            "--redis-url / REDIS_URL"
+        } else {
+            "--redis-cluster / REDIS_CLUSTER"
+        };
+        explain::explain(e, &self.display_url(), self.db(), option)
     }
 
     /// A `CLIENT SETNAME` name for one of this instance's connections:
