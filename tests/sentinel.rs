@@ -272,13 +272,16 @@ fn failover(min_replicas: usize) {
         // The old primary comes back (its supervisor restarts it): the
         // sentinels make it a replica of the promoted one, so that the
         // new primary has a replica again.
-        if !restarted && killed_at.is_some() && sentinels.primary_port() == Some(replica.port) {
+        if let Some(killed_at) = killed_at
+            && !restarted
+            && sentinels.primary_port() == Some(replica.port)
+        {
             primary = RedisServer::start_on(old_primary_port);
             restarted = true;
             println!(
                 "replica {} promoted {} ms after the kill; old primary restarted",
                 replica.port,
-                killed_at.unwrap().elapsed().as_millis()
+                killed_at.elapsed().as_millis()
             );
         }
         if acks_after_recovery >= 50 || started.elapsed() > Duration::from_secs(50) {
