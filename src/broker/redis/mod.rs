@@ -28,7 +28,8 @@
 //! links work, and what clients are told), [`watch`] (pings that find a
 //! dead link), [`keys`] (every name in Redis), [`cluster`] (which master
 //! serves which room), [`link`] (a command connection that reconnects),
-//! [`tls`] (TLS to Redis, `rediss://`), [`explain`] (errors in words an
+//! [`tls`] (TLS to Redis, `rediss://`), [`sentinel`] (where Redis
+//! Sentinel says the primary is), [`explain`] (errors in words an
 //! operator can act on).
 
 pub mod catch_up;

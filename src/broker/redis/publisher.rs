@@ -42,6 +42,10 @@ const DEDUP_MARGIN: Duration = Duration::from_secs(30);
 /// id given to this message, and a retry after a broken link gets that id
 /// back instead of publishing the message twice.
 ///
+/// With `--redis-min-replicas` (`ARGV[6]` is `deferred`) it does not
+/// publish: it appends the frame to the room's pending list `KEYS[5]`, and
+/// [`FLUSH_SCRIPT`] publishes it once `WAIT` says enough replicas hold it.
+///
 /// Nothing it writes lives for ever: the history lives `ARGV[5]` ms after
 /// the room's last message, and so does, in a cluster, the room's own
 /// last id (with one Redis, the last id is one key for the whole chat).
