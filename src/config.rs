@@ -13,6 +13,29 @@ use crate::protocol::Limits;
 use crate::rate_limit::RateLimit;
 use crate::redis_url::{RedisUrl, RedisUrlParser};
 
+/// A password from the command line or the environment: shown as `***`
+/// by `{:?}`, so that a dump of the configuration cannot leak it.
+#[derive(Clone)]
+pub struct Password(pub String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Password {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(Password(s.to_string()))
+    }
+}
+
+/// Where Redis is when nothing says: `redis://127.0.0.1:6379`.
+static DEFAULT_REDIS_URL: std::sync::LazyLock<RedisUrl> = std::sync::LazyLock::new(|| {
+    RedisUrl::parse("redis://127.0.0.1:6379").expect("the default Redis URL is valid")
+});
+
 /// How far the WebSocket port sits above the HTTP port when `--ws-port` is
 /// not given: `--port 5000` and `--port 5001` then use 15000 and 15001, so
 /// two instances run side by side with no other flag.
@@ -96,9 +119,53 @@ pub struct Config {
     /// Where Redis is: `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`, or
     /// `rediss://...` for TLS (Redis's certificate checked against the
     /// system's root CAs, or --redis-ca-file). The password is never shown
-    /// (logs and probes print `:***@`).
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", value_parser = RedisUrlParser)]
-    pub redis_url: RedisUrl,
+    /// (logs and probes print `:***@`) [default: redis://127.0.0.1:6379].
+    #[arg(long, env = "REDIS_URL", value_parser = RedisUrlParser)]
+    pub redis_url: Option<RedisUrl>,
+
+    /// Redis Sentinel (comma-separated `HOST:PORT` of the sentinels),
+    /// instead of --redis-url: every connection asks them, in turn, where
+    /// the primary of --redis-sentinel-master is, so that it follows a
+    /// failover [default: none].
+    #[arg(long, env = "REDIS_SENTINEL", value_delimiter = ',')]
+    pub redis_sentinel: Vec<String>,
+
+    /// The name the sentinels monitor the primary under (`sentinel
+    /// monitor NAME ...` in sentinel.conf); required with --redis-sentinel.
+    #[arg(long, env = "REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
+
+    /// The sentinels' own password (`requirepass` in sentinel.conf), if
+    /// they have one [default: none].
+    #[arg(long, env = "REDIS_SENTINEL_PASSWORD", hide_env_values = true)]
+    pub redis_sentinel_password: Option<Password>,
+
+    /// The sentinels' ACL user, with --redis-sentinel-password [default: none].
+    #[arg(long, env = "REDIS_SENTINEL_USER")]
+    pub redis_sentinel_user: Option<String>,
+
+    /// With --redis-sentinel: the password of the primary and replicas
+    /// (with --redis-url, it goes in the URL) [default: none].
+    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<Password>,
+
+    /// With --redis-sentinel: the ACL user of the primary and replicas,
+    /// with --redis-password [default: the default user].
+    #[arg(long, env = "REDIS_USER")]
+    pub redis_user: Option<String>,
+
+    /// Replicas that must hold a message (Redis `WAIT`) before it is
+    /// published to anyone, the sender's own copy (its receipt) included;
+    /// if fewer confirm within --redis-min-replicas-timeout-ms, the sender
+    /// gets `outcome_unknown`. 0: off (Redis's asynchronous replication:
+    /// a failover may lose the last acknowledged messages).
+    #[arg(long, env = "REDIS_MIN_REPLICAS", default_value_t = 0)]
+    pub redis_min_replicas: usize,
+
+    /// How long the publisher waits for --redis-min-replicas replicas, in
+    /// milliseconds (each publish of the instance waits behind it).
+    #[arg(long, env = "REDIS_MIN_REPLICAS_TIMEOUT_MS", default_value_t = 500)]
+    pub redis_min_replicas_timeout_ms: u64,
 
     /// Seed nodes of a Redis Cluster (comma-separated `redis://HOST:PORT`,
     /// or all `rediss://` for TLS): cluster mode, with sharded Pub/Sub,
@@ -524,17 +591,127 @@ impl Config {
             return Err("--redis-prefix must not be empty".into());
         }
         self.validate_redis_tls()?;
+        self.validate_sentinel()?;
         self.validate_auth()
     }
 
     /// The URLs this instance connects to: the cluster's seeds, or the
     /// one Redis.
     fn redis_urls(&self) -> Vec<&RedisUrl> {
-        if self.redis_cluster.is_empty() {
-            vec![&self.redis_url]
+        if !self.redis_sentinel.is_empty() {
+            Vec::new()
+        } else if self.redis_cluster.is_empty() {
+            vec![self.redis_url.as_ref().unwrap_or(&DEFAULT_REDIS_URL)]
         } else {
             self.redis_cluster.iter().collect()
         }
+    }
+
+    /// The single Redis (`--redis-url`, or its default).
+    pub fn redis_url(&self) -> RedisUrl {
+        self.redis_url
+            .clone()
+            .unwrap_or_else(|| DEFAULT_REDIS_URL.clone())
+    }
+
+    fn validate_sentinel(&self) -> Result<(), String> {
+        if !(1..=1500).contains(&self.redis_min_replicas_timeout_ms) {
+            return Err(
+                "--redis-min-replicas-timeout-ms must be between 1 and 1500 (a command's own \
+                 deadline is 2 s)"
+                    .into(),
+            );
+        }
+        if self.redis_min_replicas > 0 && !self.redis_cluster.is_empty() {
+            return Err("--redis-min-replicas is not supported with --redis-cluster".into());
+        }
+        if self.redis_sentinel.is_empty() {
+            if self.redis_sentinel_master.is_some()
+                || self.redis_sentinel_password.is_some()
+                || self.redis_sentinel_user.is_some()
+            {
+                return Err("--redis-sentinel-master, --redis-sentinel-password and \
+                     --redis-sentinel-user go with --redis-sentinel HOST:PORT,..."
+                    .into());
+            }
+            if self.redis_password.is_some() || self.redis_user.is_some() {
+                return Err(
+                    "--redis-password and --redis-user go with --redis-sentinel; with \
+                     --redis-url, write them in the URL: redis://USER:PASSWORD@HOST:PORT"
+                        .into(),
+                );
+            }
+            return Ok(());
+        }
+        if self.redis_url.is_some() {
+            return Err(
+                "--redis-url and --redis-sentinel are two ways to find Redis: give one \
+                 (with Sentinel, the primary's password goes in --redis-password)"
+                    .into(),
+            );
+        }
+        if !self.redis_cluster.is_empty() {
+            return Err(
+                "--redis-cluster and --redis-sentinel are two ways to find Redis: give one".into(),
+            );
+        }
+        for addr in &self.redis_sentinel {
+            crate::broker::redis::sentinel::parse_addr(addr)?;
+        }
+        if self
+            .redis_sentinel_master
+            .as_deref()
+            .is_none_or(str::is_empty)
+        {
+            return Err(
+                "--redis-sentinel needs --redis-sentinel-master NAME: the name in \
+                 `sentinel monitor NAME HOST PORT QUORUM`"
+                    .into(),
+            );
+        }
+        if self.redis_user.is_some() && self.redis_password.is_none() {
+            return Err("--redis-user needs --redis-password".into());
+        }
+        if self.redis_sentinel_user.is_some() && self.redis_sentinel_password.is_none() {
+            return Err("--redis-sentinel-user needs --redis-sentinel-password".into());
+        }
+        if self.redis_ca_file.is_some()
+            || self.redis_client_cert_file.is_some()
+            || self.redis_client_key_file.is_some()
+            || self.redis_tls_insecure
+        {
+            return Err(
+                "TLS is not supported with --redis-sentinel yet: use --redis-url \
+                 rediss://... or --redis-cluster"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The sentinels to ask, with `--redis-sentinel`.
+    pub fn redis_sentinels(&self) -> Option<crate::broker::redis::sentinel::Sentinels> {
+        if self.redis_sentinel.is_empty() {
+            return None;
+        }
+        let mut data = redis::RedisConnectionInfo::default().set_skip_set_lib_name();
+        if let Some(password) = &self.redis_password {
+            data = data.set_password(&password.0);
+        }
+        if let Some(user) = &self.redis_user {
+            data = data.set_username(user);
+        }
+        Some(crate::broker::redis::sentinel::Sentinels {
+            addrs: self
+                .redis_sentinel
+                .iter()
+                .filter_map(|addr| crate::broker::redis::sentinel::parse_addr(addr).ok())
+                .collect(),
+            master: self.redis_sentinel_master.clone().unwrap_or_default(),
+            sentinel_user: self.redis_sentinel_user.clone(),
+            sentinel_password: self.redis_sentinel_password.clone().map(|p| p.0),
+            data,
+        })
     }
 
     /// Whether this instance speaks TLS to Redis (`rediss://`).
@@ -732,6 +909,41 @@ mod tests {
         assert!(!shown.contains("hunter"), "{shown}");
         assert!(shown.contains("redis://:***@127.0.0.1:6379"), "{shown}");
         assert_eq!(config.redis_cluster.len(), 2);
+    }
+
+    #[test]
+    fn sentinel_options_are_checked_together() {
+        let ok = parse(&[
+            "--redis-sentinel",
+            "127.0.0.1:26379,127.0.0.1:26380",
+            "--redis-sentinel-master",
+            "m",
+            "--redis-password",
+            "hunter4",
+            "--redis-sentinel-password",
+            "hunter5",
+        ]);
+        ok.validate().unwrap();
+        let sentinels = ok.redis_sentinels().unwrap();
+        assert_eq!(sentinels.addrs.len(), 2);
+        assert_eq!(sentinels.data.password(), Some("hunter4"));
+        let shown = format!("{ok:?} {sentinels:?}");
+        assert!(!shown.contains("hunter"), "{shown}");
+        let refused = |args: &[&str]| parse(args).validate().unwrap_err();
+        assert!(
+            refused(&["--redis-sentinel", "h:1", "--redis-url", "redis://h:2"])
+                .contains("give one")
+        );
+        assert!(refused(&["--redis-sentinel", "h:1"]).contains("--redis-sentinel-master"));
+        assert!(
+            refused(&["--redis-sentinel", "h", "--redis-sentinel-master", "m"]).contains("no port")
+        );
+        assert!(refused(&["--redis-sentinel-master", "m"]).contains("go with --redis-sentinel"));
+        assert!(refused(&["--redis-password", "x"]).contains("write them in the URL"));
+        assert!(
+            refused(&["--redis-min-replicas-timeout-ms", "5000"]).contains("between 1 and 1500")
+        );
+        parse(&["--redis-min-replicas", "1"]).validate().unwrap();
     }
 
     #[test]

@@ -148,7 +148,10 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     let broker: Arc<dyn Broker> = match config.broker {
         BrokerKind::Redis => RedisBroker::start(
             RedisSettings {
-                url: config.redis_url.clone(),
+                url: config.redis_url(),
+                sentinel: config.redis_sentinels(),
+                min_replicas: config.redis_min_replicas,
+                replicas_timeout: Duration::from_millis(config.redis_min_replicas_timeout_ms),
                 cluster: config.redis_cluster.clone(),
                 tls: if config.redis_tls() {
                     Some(RedisTls::load(&config.redis_tls_files())?)

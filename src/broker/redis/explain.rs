@@ -74,6 +74,10 @@ pub fn for_clients(e: &RedisError) -> String {
     match (e.code(), e.detail()) {
         (Some(code), Some(detail)) => format!("redis refused this server ({code} {detail})"),
         (Some(code), None) => format!("redis refused this server ({code})"),
+        _ if e.to_string().contains("sentinel") => {
+            // Its words name the sentinels' and the primary's addresses.
+            "redis is unreachable (no primary found through the sentinels)".to_string()
+        }
         _ => match tls::cause(&e.to_string()) {
             Some((cause, _)) => format!("redis is unreachable (TLS failed, {cause}: {e})"),
             None => format!("redis is unreachable ({e})"),

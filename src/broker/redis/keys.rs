@@ -51,6 +51,17 @@ impl RedisKeys {
             .strip_suffix('}')
     }
 
+    /// A room's messages accepted but not yet published, with
+    /// `--redis-min-replicas`: each is published once enough replicas
+    /// hold it.
+    pub fn pending(&self, room: &str) -> String {
+        if self.cluster {
+            format!("{}:pending:{{{room}}}", self.prefix)
+        } else {
+            format!("{}:pending:{room}", self.prefix)
+        }
+    }
+
     /// A room's history stream.
     pub fn history(&self, room: &str) -> String {
         if self.cluster {

@@ -22,6 +22,7 @@ use redis::{
 
 use super::cluster::Topology;
 use super::health::Health;
+use super::sentinel::Sentinels;
 use super::{RedisSettings, explain};
 use crate::backoff::Backoff;
 use crate::broker::Unavailable;
@@ -137,6 +138,8 @@ enum Target {
     Cluster(ClusterClient),
     /// The current master of one Redis Cluster shard.
     Shard(Arc<Topology>, usize),
+    /// The primary Redis Sentinel names, asked at every connection.
+    Sentinel(Arc<Sentinels>),
 }
 
 pub struct Link {
@@ -175,6 +178,16 @@ impl Links {
     /// Links to one Redis.
     pub fn single(info: ConnectionInfo, settings: &RedisSettings, metrics: &Arc<Metrics>) -> Self {
         Self::new(Target::Single(info), settings, metrics)
+    }
+
+    /// Links to the primary the sentinels name, asked again at every
+    /// (re)connection.
+    pub fn sentinel(
+        sentinels: Sentinels,
+        settings: &RedisSettings,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        Self::new(Target::Sentinel(Arc::new(sentinels)), settings, metrics)
     }
 
     /// Links to a Redis Cluster, which route each command by its keys.
@@ -261,6 +274,7 @@ impl Link {
         let name = self.settings.connection_name(&self.role);
         Ok(match &self.target {
             Target::Single(info) => Box::new(connect(info, &name)?),
+            Target::Sentinel(sentinels) => Box::new(connect(&sentinels.resolve()?, &name)?),
             Target::Cluster(client) => Box::new(client.get_connection()?),
             Target::Shard(topology, shard) => {
                 let info = topology.master_of_shard(*shard).ok_or_else(|| {
@@ -343,6 +357,11 @@ impl Link {
                     link.rebuild_at = Some(now + link.rebuilds.next_delay());
                 }
                 Failure::Refused(format!("redis is unreachable ({e})"))
+            } else if matches!(e.kind(), ErrorKind::Server(ServerErrorKind::ReadOnly)) {
+                // A replica now (a failover demoted it): the command did
+                // not run. Reconnect, asking the sentinels (or the URL's
+                // name) where the primary is now.
+                Failure::Refused(self.link_broken(&mut link, e, false))
             } else if e.is_io_error()
                 || e.is_timeout()
                 || e.is_connection_dropped()

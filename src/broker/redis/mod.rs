@@ -28,7 +28,8 @@
 //! links work, and what clients are told), [`watch`] (pings that find a
 //! dead link), [`keys`] (every name in Redis), [`cluster`] (which master
 //! serves which room), [`link`] (a command connection that reconnects),
-//! [`tls`] (TLS to Redis, `rediss://`), [`explain`] (errors in words an
+//! [`tls`] (TLS to Redis, `rediss://`), [`sentinel`] (where Redis
+//! Sentinel says the primary is), [`explain`] (errors in words an
 //! operator can act on).
 
 pub mod catch_up;
@@ -43,6 +44,7 @@ pub mod presence;
 pub mod publisher;
 pub mod reports;
 pub mod rooms;
+pub mod sentinel;
 pub mod settings;
 pub mod subscriber;
 pub mod subscription;
@@ -154,6 +156,8 @@ impl RedisBroker {
                 settings.history_len,
                 settings.history_ttl,
                 settings.publish_deadline,
+                settings.min_replicas,
+                settings.replicas_timeout,
             ),
             history: HistoryReader::new(
                 links.link("history"),
@@ -201,6 +205,24 @@ fn connections(
     keys: &RedisKeys,
     metrics: &Arc<Metrics>,
 ) -> Result<(Links, Option<Arc<Topology>>, ShardOf), String> {
+    if let Some(sentinels) = &settings.sentinel {
+        // Asked once now, so that a wrong name or no sentinel at all
+        // stops the start with its reason; a primary that does not answer
+        // yet is waited for, as a single Redis is.
+        match sentinels.resolve() {
+            Ok(info) => info!(
+                "redis sentinel: the primary of {:?} is {}",
+                sentinels.master,
+                info.addr()
+            ),
+            Err(e) if sentinel::Sentinels::is_unknown_master(&e) || is_no_sentinel(&e) => {
+                return Err(format!("redis sentinel: {e}"));
+            }
+            Err(e) => log::warn!("redis sentinel: {e}; retrying"),
+        }
+        let links = Links::sentinel(sentinels.clone(), settings, metrics);
+        return Ok((links, None, Box::new(|_| Some(0))));
+    }
     if !settings.is_cluster() {
         let links = Links::single(settings.url_info(), settings, metrics);
         return Ok((links, None, Box::new(|_| Some(0))));
@@ -241,6 +263,11 @@ fn connections(
         Some(topology),
         shard_of,
     ))
+}
+
+/// Whether a resolve failed because no sentinel answered at all.
+fn is_no_sentinel(e: &redis::RedisError) -> bool {
+    e.to_string().contains("no sentinel answered")
 }
 
 impl Broker for RedisBroker {

@@ -42,6 +42,10 @@ const DEDUP_MARGIN: Duration = Duration::from_secs(30);
 /// id given to this message, and a retry after a broken link gets that id
 /// back instead of publishing the message twice.
 ///
+/// With `--redis-min-replicas` (`ARGV[6]` is `deferred`) it does not
+/// publish: it appends the frame to the room's pending list `KEYS[5]`, and
+/// [`FLUSH_SCRIPT`] publishes it once `WAIT` says enough replicas hold it.
+///
 /// Nothing it writes lives for ever: the history lives `ARGV[5]` ms after
 /// the room's last message, and so does, in a cluster, the room's own
 /// last id (with one Redis, the last id is one key for the whole chat).
@@ -72,13 +76,61 @@ else
   redis.call('SET', KEYS[2], id)
 end
 redis.call('SET', KEYS[3], id, 'EX', ARGV[4])
-if ARGV[1] == 'sharded' then
+if ARGV[6] == 'deferred' then
+  redis.call('RPUSH', KEYS[5], frame)
+  redis.call('PEXPIRE', KEYS[5], ARGV[5])
+elseif ARGV[1] == 'sharded' then
   redis.call('SPUBLISH', KEYS[4], frame)
 else
   redis.call('PUBLISH', KEYS[4], frame)
 end
 return id
 "#;
+
+/// With `--redis-min-replicas`: publishes, in id order, the room's pending
+/// messages (`KEYS[1]`, a list the accept script appended to) up to id
+/// `ARGV[1]-ARGV[2]`, once `WAIT` said enough replicas hold it. Replication
+/// is one ordered stream, so a replica that holds this message holds every
+/// earlier one: they are published too, in order, by whichever publisher
+/// gets there first. A message whose `WAIT` fell short stays pending, and
+/// goes out with the next message of its room that is replicated in time.
+const FLUSH_SCRIPT: &str = r#"
+local upto_ms = tonumber(ARGV[1])
+local upto_seq = tonumber(ARGV[2])
+local published = 0
+while true do
+  local head = redis.call('LINDEX', KEYS[1], 0)
+  if not head then
+    break
+  end
+  local ms, seq = string.match(head, '^{"type":"message","id":"(%d+)-(%d+)"')
+  if ms then
+    ms = tonumber(ms)
+    seq = tonumber(seq)
+    if ms > upto_ms or (ms == upto_ms and seq > upto_seq) then
+      break
+    end
+    if ARGV[3] == 'sharded' then
+      redis.call('SPUBLISH', KEYS[2], head)
+    else
+      redis.call('PUBLISH', KEYS[2], head)
+    end
+    published = published + 1
+  end
+  redis.call('LPOP', KEYS[1])
+end
+return published
+"#;
+
+/// What one attempt of the accept step ended with.
+enum Accepted {
+    /// The id; published (or, with `--redis-min-replicas`, replicated and
+    /// published).
+    Done(String),
+    /// Accepted on the primary, but fewer replicas than asked confirmed
+    /// it in time: (id, how many did).
+    Unreplicated(String, i64),
+}
 
 /// The publishing side of the broker: the sessions' messages, and their
 /// typing notices, on a connection of their own.
@@ -90,6 +142,12 @@ pub struct Publisher {
     history_ttl: Duration,
     /// How long a publish whose outcome is unknown is retried.
     deadline: Duration,
+    /// `--redis-min-replicas`: replicas that must hold a message before
+    /// it is published (0: published by the accept script itself).
+    min_replicas: usize,
+    /// How long `WAIT` waits for them.
+    replicas_timeout: Duration,
+    flush: Script,
 }
 
 impl Publisher {
@@ -99,6 +157,8 @@ impl Publisher {
         history_len: usize,
         history_ttl: Duration,
         deadline: Duration,
+        min_replicas: usize,
+        replicas_timeout: Duration,
     ) -> Self {
         Publisher {
             link: Arc::new(link),
@@ -107,6 +167,9 @@ impl Publisher {
             history_len,
             history_ttl,
             deadline,
+            min_replicas,
+            replicas_timeout,
+            flush: Script::new(FLUSH_SCRIPT),
         }
     }
 
@@ -124,25 +187,27 @@ impl Publisher {
         let deadline = Instant::now() + self.deadline;
         let mut in_doubt = false;
         loop {
-            let attempt = self.link.run(|connection| {
-                self.script
-                    .key(self.keys.history(&message.room))
-                    .key(self.keys.last_id(&message.room))
-                    .key(self.keys.accepted(&message.room, dedup_key))
-                    .key(self.keys.room_channel(&message.room))
-                    .arg(if self.keys.is_cluster() {
-                        "sharded"
-                    } else {
-                        "plain"
-                    })
-                    .arg(self.history_len)
-                    .arg(&body[1..])
-                    .arg((self.deadline + DEDUP_MARGIN).as_secs().max(1))
-                    .arg(self.history_ttl.as_millis() as u64)
-                    .invoke::<String>(connection)
-            });
+            let attempt = self
+                .link
+                .run(|connection| self.accept(connection, &message.room, &body, dedup_key));
             let reason = match attempt {
-                Ok(id) => {
+                Ok(Accepted::Unreplicated(id, replicas)) => {
+                    warn!(
+                        "redis publisher: message {dedup_key} ({id}) accepted by the primary, but \
+                         {replicas} of {} replicas confirmed it within {} ms: held back, sender told \
+                         outcome_unknown",
+                        self.min_replicas,
+                        self.replicas_timeout.as_millis()
+                    );
+                    return Err(PublishError::OutcomeUnknown(format!(
+                        "accepted by the primary, but {replicas} of the {} replicas required \
+                         confirmed it within {} ms; it is delivered once a replica holds it, and \
+                         lost if the primary fails first",
+                        self.min_replicas,
+                        self.replicas_timeout.as_millis()
+                    )));
+                }
+                Ok(Accepted::Done(id)) => {
                     if in_doubt {
                         info!(
                             "redis publisher: message {dedup_key} resolved after a broken link: {id}"
@@ -184,6 +249,57 @@ impl Publisher {
             }
             thread::sleep(RETRY_PAUSE);
         }
+    }
+
+    /// One attempt: the accept script; with `--redis-min-replicas`, then
+    /// `WAIT` and, if enough replicas hold it, the flush script that
+    /// publishes it. All on one connection, under the link's lock.
+    fn accept(
+        &self,
+        connection: &mut dyn redis::ConnectionLike,
+        room: &str,
+        body: &str,
+        dedup_key: &str,
+    ) -> Result<Accepted, redis::RedisError> {
+        let mode = if self.keys.is_cluster() {
+            "sharded"
+        } else {
+            "plain"
+        };
+        let deferred = self.min_replicas > 0;
+        let id: String = self
+            .script
+            .key(self.keys.history(room))
+            .key(self.keys.last_id(room))
+            .key(self.keys.accepted(room, dedup_key))
+            .key(self.keys.room_channel(room))
+            .key(self.keys.pending(room))
+            .arg(mode)
+            .arg(self.history_len)
+            .arg(&body[1..])
+            .arg((self.deadline + DEDUP_MARGIN).as_secs().max(1))
+            .arg(self.history_ttl.as_millis() as u64)
+            .arg(if deferred { "deferred" } else { "now" })
+            .invoke(connection)?;
+        if !deferred {
+            return Ok(Accepted::Done(id));
+        }
+        let replicas: i64 = redis::cmd("WAIT")
+            .arg(self.min_replicas)
+            .arg(self.replicas_timeout.as_millis() as u64)
+            .query(connection)?;
+        if replicas < self.min_replicas as i64 {
+            return Ok(Accepted::Unreplicated(id, replicas));
+        }
+        let (ms, seq) = id.split_once('-').unwrap_or((&id, "0"));
+        self.flush
+            .key(self.keys.pending(room))
+            .key(self.keys.room_channel(room))
+            .arg(ms)
+            .arg(seq)
+            .arg(mode)
+            .invoke::<i64>(connection)?;
+        Ok(Accepted::Done(id))
     }
 
     /// Publishes an ephemeral frame (typing) on the room's channel: not

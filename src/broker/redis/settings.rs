@@ -6,6 +6,7 @@ use std::time::Duration;
 use redis::{ConnectionInfo, RedisError};
 
 use super::explain;
+use super::sentinel::Sentinels;
 use super::tls::RedisTls;
 use crate::protocol::Limits;
 use crate::redis_url::RedisUrl;
@@ -15,6 +16,14 @@ pub struct RedisSettings {
     pub url: RedisUrl,
     /// Seed nodes of a Redis Cluster; empty for a single Redis at `url`.
     pub cluster: Vec<RedisUrl>,
+    /// Redis Sentinel: the primary is asked of the sentinels at every
+    /// (re)connection, instead of `url` (`--redis-sentinel`).
+    pub sentinel: Option<Sentinels>,
+    /// Replicas that must hold a message before anyone receives it
+    /// (`--redis-min-replicas`, `WAIT`); 0: off.
+    pub min_replicas: usize,
+    /// How long the publisher waits for them (`--redis-min-replicas-timeout-ms`).
+    pub replicas_timeout: Duration,
     /// How to speak TLS to Redis: set when the URLs are `rediss://`.
     pub tls: Option<RedisTls>,
     pub prefix: String,
@@ -71,7 +80,9 @@ impl RedisSettings {
 
     /// Where Redis is, for logs and probes: without a password.
     pub fn display_url(&self) -> String {
-        if self.cluster.is_empty() {
+        if let Some(sentinels) = &self.sentinel {
+            sentinels.describe()
+        } else if self.cluster.is_empty() {
             self.url.to_string()
         } else {
             let seeds: Vec<&str> = self.cluster.iter().map(RedisUrl::redacted).collect();
@@ -82,6 +93,9 @@ impl RedisSettings {
     /// The database the URL names (for the message when Redis has none of
     /// that number).
     pub fn db(&self) -> i64 {
+        if let Some(sentinels) = &self.sentinel {
+            return sentinels.data.db();
+        }
         self.url.connection_info().redis_settings().db()
     }
 

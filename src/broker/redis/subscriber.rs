@@ -172,6 +172,9 @@ impl Shards {
 
     /// The node shard `shard`'s subscription connects to now.
     fn node_of(&self, shard: usize) -> Result<ConnectionInfo, RedisError> {
+        if let Some(sentinels) = &self.settings.sentinel {
+            return sentinels.resolve();
+        }
         match &self.topology {
             None => Ok(self.settings.url_info()),
             Some(topology) => topology.master_of_shard(shard).ok_or_else(|| {
