@@ -101,7 +101,9 @@ impl RedisSettings {
 
     /// What the logs and `/readyz` say of a failure to connect.
     pub fn explain(&self, e: &RedisError) -> String {
-        let option = if self.cluster.is_empty() {
+        let option = if self.sentinel.is_some() {
+            "--redis-user / --redis-password (REDIS_USER / REDIS_PASSWORD)"
+        } else if self.cluster.is_empty() {
             "--redis-url / REDIS_URL"
         } else {
             "--redis-cluster / REDIS_CLUSTER"
