@@ -27,8 +27,10 @@ Ctrl-C and on failure.
   Each instance has two links: one to its clients, one to Redis; cutting
   the second leaves the first up.
 
-Cases (--cases baseline,delay,loss,tbf,partition; all by default):
+Cases (--cases baseline,proxy,delay,loss,tbf,partition; all by default):
   baseline   no fault; the instances use Redis directly (port 6380)
+  proxy      through the fault proxy (port 6379) with no fault: what the
+             proxy itself adds, for the next two cases
   delay      through the proxy: 1 ms each way on every instance<->Redis
              connection (each chunk is held 1 ms, in both directions),
              plus up to 0.2 ms of jitter
@@ -65,7 +67,7 @@ EOF
 
 ORIG_ARGS="$*"
 SHORT=0
-CASES="baseline,delay,loss,tbf,partition"
+CASES="baseline,proxy,delay,loss,tbf,partition"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --short) SHORT=1 ;;
@@ -90,8 +92,8 @@ done
 IFS=',' read -r -a CASE_LIST <<<"$CASES"
 for c in "${CASE_LIST[@]}"; do
   case "$c" in
-    baseline | delay | loss | tbf | partition) ;;
-    *) die "unknown case '$c' (baseline, delay, loss, tbf, partition)" ;;
+    baseline | proxy | delay | loss | tbf | partition) ;;
+    *) die "unknown case '$c' (baseline, proxy, delay, loss, tbf, partition)" ;;
   esac
 done
 
@@ -388,6 +390,12 @@ for c in "${CASE_LIST[@]}"; do
     baseline)
       step "Case baseline: no fault, Redis direct"
       run_load baseline "$DIRECT_URL" "${LOAD_ARGS[@]}"
+      ;;
+    proxy)
+      step "Case proxy: through the fault proxy, no fault"
+      start_proxy
+      run_load proxy "$PROXY_URL" "${LOAD_ARGS[@]}"
+      stop_proxy
       ;;
     delay)
       step "Case delay: 1 ms each way on instance<->Redis (fault proxy), jitter up to 0.2 ms"
