@@ -1,7 +1,7 @@
 //! The tests' fault proxy (`common::fault_proxy`) against a real
 //! redis-server: bytes pass unchanged, each connection's `CLIENT SETNAME`
-//! name is learnt, and each fault (latency, blackhole, bandwidth, reset,
-//! half-open) does what it says to the connections it selects, and only
+//! name is learnt, and each fault (latency, jitter, blackhole, bandwidth,
+//! reset, half-open) does what it says to the connections it selects, and only
 //! to them.
 
 mod common;
@@ -303,6 +303,59 @@ fn latency_delays_each_chunk_once_without_adding_up() {
         "a PING took {:?} with the latency removed",
         started.elapsed()
     );
+}
+
+#[test]
+fn jitter_adds_up_to_its_spread_and_keeps_the_order() {
+    let redis = RedisServer::start();
+    let proxy = proxy_for(&redis);
+    let mut raw = Raw::connect(&proxy);
+    raw.send(&["PING"]);
+    raw.expect_line("+PONG", SOON);
+
+    proxy.inject(
+        Select::All,
+        Fault::Latency(Duration::from_millis(50)),
+        Scope::OpenNow,
+    );
+    proxy.inject(
+        Select::All,
+        Fault::Jitter(Duration::from_millis(100)),
+        Scope::OpenNow,
+    );
+    // Each round trip is two chunks, each held 50 ms and a random share of
+    // 100 ms: between 100 and 300 ms, and not always the same.
+    let mut trips = Vec::new();
+    for i in 0..10 {
+        let started = Instant::now();
+        let key = format!("k{i}");
+        raw.send(&["ECHO", &key]);
+        raw.expect_line(&format!("${}", key.len()), Duration::from_secs(3));
+        raw.expect_line(&key, Duration::from_secs(3));
+        trips.push(started.elapsed());
+    }
+    for trip in &trips {
+        assert!(
+            *trip >= Duration::from_millis(95) && *trip < Duration::from_millis(1000),
+            "a round trip through 50 ms + up to 100 ms of jitter each way took {trip:?}: {trips:?}"
+        );
+    }
+    let (least, most) = (trips.iter().min().unwrap(), trips.iter().max().unwrap());
+    assert!(
+        *most - *least >= Duration::from_millis(10),
+        "ten round trips with 100 ms of jitter each way all took about the same: {trips:?}"
+    );
+
+    // Pipelined: the replies come back in the order sent, whatever each
+    // chunk drew.
+    for i in 0..20 {
+        raw.send(&["ECHO", &format!("p{i}")]);
+    }
+    for i in 0..20 {
+        let key = format!("p{i}");
+        raw.expect_line(&format!("${}", key.len()), Duration::from_secs(5));
+        raw.expect_line(&key, Duration::from_secs(5));
+    }
 }
 
 #[test]

@@ -103,6 +103,10 @@ pub struct ClientStats {
     /// The room's members as this client knows them (the scenarios with
     /// member lists).
     pub view: Option<View>,
+    /// `status` `down` frames received, and whether the last `status`
+    /// said `down` (a client starts out `up`).
+    pub status_down: u64,
+    pub down_now: bool,
 }
 
 impl ClientStats {
@@ -131,6 +135,8 @@ impl ClientStats {
             lat_quiet: Vec::new(),
             lat_churn: Vec::new(),
             view: layout.member_lists.then(|| View::new(layout)),
+            status_down: 0,
+            down_now: false,
         }
     }
 
@@ -558,6 +564,12 @@ pub async fn session(
                         Kind::Error => {
                             stats.lock().unwrap().errors += 1;
                             shared.note_error(format!("client c{k} got {t}"));
+                        }
+                        Kind::Status => {
+                            let down = t.contains("\"delivery\":\"down\"");
+                            let mut st = stats.lock().unwrap();
+                            st.status_down += u64::from(down);
+                            st.down_now = down;
                         }
                         kind if kind.is_presence() => {
                             let target = shared.target.load(Ordering::Relaxed);

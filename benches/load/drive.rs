@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::abuse;
 use crate::client::now_ns;
 use crate::options::{Opts, Scenario};
-use crate::pool::{Batch, Pool};
+use crate::pool::{Batch, FAULT_STATUS, Pool};
 use crate::presence;
 use crate::procs::{self, Procs, Sample, clk_tck, metrics};
 use crate::report::RunReport;
@@ -183,6 +183,7 @@ fn drive(opts: &Opts, pool: &mut Pool, http: [SocketAddr; 2], procs: &Procs) -> 
     // whose clients join while the stream is on).
     let mut connect_cpu: Option<Vec<Sample>> = None;
     let (send_start, window_base, groups_base);
+    let mut fault: Option<std::process::Child> = None;
     if opts.scenario == Scenario::MaxClients {
         println!(
             "  {:>7} {:>7} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}",
@@ -251,11 +252,22 @@ fn drive(opts: &Opts, pool: &mut Pool, http: [SocketAddr; 2], procs: &Procs) -> 
         (window_base, groups_base) = (procs.sample(), procs.groups());
         send_start = Instant::now();
         pool.start();
+        fault = opts.fault_cmd.as_deref().map(start_fault);
         std::thread::sleep(opts.duration);
     }
     let send_end = Instant::now();
     let sent = pool.stop();
     let sent_total: u64 = sent.iter().sum();
+    // --fault-cmd: whatever it broke is mended before the drain.
+    if let Some(child) = fault {
+        let status = finish_fault(child);
+        println!(
+            "  --fault-cmd ended {:.1} s after sending started ({status})",
+            send_start.elapsed().as_secs_f64()
+        );
+        // Killed by a signal: 128, as a shell says.
+        rep.add(FAULT_STATUS, f64::from(status.code().unwrap_or(128)), 0);
+    }
 
     // ---- drain: wait for every expected delivery.
     let (got, expected, drained) = drain_deliveries(pool, opts, &sent);
@@ -325,6 +337,7 @@ fn drive(opts: &Opts, pool: &mut Pool, http: [SocketAddr; 2], procs: &Procs) -> 
     rep.add("error frames", t.errors as f64, 0);
     rep.add("send errors", t.send_errors as f64, 0);
     t.report_presence(&mut rep);
+    t.report_status(&mut rep);
     if t.foreign > 0 {
         rep.add("unrecognised messages", t.foreign as f64, 0);
     }
@@ -467,6 +480,25 @@ fn drive(opts: &Opts, pool: &mut Pool, http: [SocketAddr; 2], procs: &Procs) -> 
         rep.notes.push(format!("first error: {e}"));
     }
     rep
+}
+
+/// `--fault-cmd`, started with `sh -c` as the senders start (its output
+/// goes to this process's).
+fn start_fault(cmd: &str) -> std::process::Child {
+    println!("  --fault-cmd started with the senders: {cmd}");
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start --fault-cmd {cmd:?}: {e}"))
+}
+
+/// Waits for `--fault-cmd` to end.
+fn finish_fault(mut child: std::process::Child) -> std::process::ExitStatus {
+    child
+        .wait()
+        .unwrap_or_else(|e| panic!("cannot wait for --fault-cmd: {e}"))
 }
 
 /// Waits for every delivery the clients should get, given what each

@@ -5,7 +5,8 @@
 //!     [--rooms R] [--rate R|max] [--duration-s D] [--target-redis URL]
 //!     [--concurrency C] [--window W] [--idle-s I] [--batch B] [--drain-s T]
 //!     [--per-worker N] [--churn R] [--server-args "..."] [--redis-cluster]
-//!     [--auth off|hs256|es256]
+//!     [--auth off|hs256|es256] [--wrap-a CMD] [--wrap-b CMD] [--args-a ".."]
+//!     [--args-b ".."] [--fault-cmd CMD]
 //! PUBSUB_CHAT_BIN=/path/to/older/pubsub-chat cargo bench --bench load -- <scenario>
 //! ```
 //!
@@ -35,6 +36,16 @@
 //! `pubsub_chat::auth::mint` before its handshake is timed, and sends it
 //! as its first frame (a churner, at each return): the handshake time is
 //! then what a signed identity costs the server.
+//!
+//! Across hosts (`scripts/run_hosts.sh`): `--wrap-a "ip netns exec pc-a"`
+//! starts instance a in a network namespace of its own (likewise b), and
+//! `--args-a "--host 10.77.0.2 --admin-addr 10.77.0.2:0"` has it listen on
+//! that host's address, where the clients (in the load generator's
+//! namespace) reach it. `--fault-cmd CMD` runs a shell command as the
+//! senders start (a partition and its heal); the run waits for it before
+//! draining. Every client counts its `status` frames: the report says, per
+//! instance, how many clients were told `down`, and a client left `down`
+//! at the end fails the run.
 //!
 //! This is a test tool, not the server: the clients are async (tokio) and
 //! held by a few worker processes (this binary again, `--worker`) with one

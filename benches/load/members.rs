@@ -41,6 +41,8 @@ pub enum Kind {
     /// A server from before `presence_diff`: one name in, one name out.
     LegacyJoin,
     LegacyLeave,
+    /// `status`: whether sending works in the room (`down` or `up`).
+    Status,
     Other,
 }
 
@@ -72,6 +74,7 @@ impl Kind {
             "presence_diff" => Kind::PresenceDiff,
             "join" => Kind::LegacyJoin,
             "leave" => Kind::LegacyLeave,
+            "status" => Kind::Status,
             _ => Kind::Other,
         }
     }

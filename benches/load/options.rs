@@ -165,6 +165,17 @@ pub struct Opts {
     /// This run's keys (`None` but with `--auth hs256|es256`, and then
     /// only once the parent has made them: see `drive.rs`).
     pub keys: Option<RunKeys>,
+    /// `--wrap-a`, `--wrap-b`: a command each instance's command line runs
+    /// under (`ip netns exec pc-a`: on another "host"); empty: none.
+    pub wrap: [Vec<String>; 2],
+    /// `--args-a`, `--args-b`: extra arguments for one instance only,
+    /// after `--server-args` (`--host 10.77.0.2 --admin-addr 10.77.0.2:0`).
+    pub inst_args: [Vec<String>; 2],
+    /// `--fault-cmd`: a shell command (`sh -c`) started when the senders
+    /// start; sending goes on for `--duration-s`, then the run waits for
+    /// the command to end before it drains (so a partition it makes has
+    /// healed by then).
+    pub fault_cmd: Option<String>,
 }
 
 /// The instances' presence settings, as `--server-args` sets them (else
@@ -269,6 +280,9 @@ impl Opts {
             server_args: Vec::new(),
             auth: Auth::Off,
             keys: None,
+            wrap: [Vec::new(), Vec::new()],
+            inst_args: [Vec::new(), Vec::new()],
+            fault_cmd: None,
         };
         let secs = Duration::from_secs;
         match scenario {
@@ -541,6 +555,20 @@ options:
                       handshake is timed, and sends it as its first frame, then waits for its welcome
                       (a churner, a fresh token at each return). Not with abuse, nor with --auth flags
                       in --server-args
+  --wrap-a \"CMD\", --wrap-b \"CMD\"
+                      run instance a (b) under this command, e.g. \"ip netns exec pc-a\": on another
+                      \"host\" (a network namespace; see scripts/run_hosts.sh). The pid sampled is the
+                      server's only if CMD execs it (ip netns exec does)
+  --args-a \"..\", --args-b \"..\"
+                      extra arguments for instance a (b) only, after --server-args, e.g.
+                      \"--host 10.77.0.2 --admin-addr 10.77.0.2:0\": where it listens (the clients
+                      connect to the addresses of its listening line)
+  --fault-cmd \"CMD\"   a shell command (sh -c) started when the senders start, e.g. one that cuts an
+                      instance from Redis and heals it; sending lasts --duration-s, then the run
+                      waits for CMD to end before draining; CMD failing fails the run
+
+Every client counts the `status` frames it gets: the report shows, per instance, how many
+clients saw `down`, and how many were left `down` at the end (any such client fails the run).
 
 environment:
   PUBSUB_CHAT_BIN     the server binary to measure (default: this package's release build)
@@ -623,6 +651,16 @@ pub fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>, St
             "--per-worker" => o.per_worker = (num(&flag, &v)? as usize).max(1),
             "--churn" => o.churn = num(&flag, &v)?,
             "--server-args" => o.server_args = v.split_whitespace().map(String::from).collect(),
+            "--wrap-a" | "--wrap-b" | "--args-a" | "--args-b" => {
+                let words = v.split_whitespace().map(String::from).collect();
+                let i = usize::from(flag.ends_with('b'));
+                if flag.starts_with("--wrap") {
+                    o.wrap[i] = words;
+                } else {
+                    o.inst_args[i] = words;
+                }
+            }
+            "--fault-cmd" => o.fault_cmd = Some(v).filter(|c| !c.trim().is_empty()),
             "--auth" => {
                 o.auth =
                     Auth::parse(&v).ok_or_else(|| format!("--auth {v:?}: off, hs256 or es256"))?

@@ -155,6 +155,10 @@ impl ViewTally {
 
 /// The figure `--presence off` keeps at zero (see `report.rs`).
 pub const PRESENCE_FRAMES: &str = "presence frames received (all clients)";
+/// Clients whose last `status` frame said `down` when they were closed.
+pub const LEFT_DOWN: &str = "clients left with status down";
+/// `--fault-cmd`'s exit status (when there is one).
+pub const FAULT_STATUS: &str = "fault command exit status";
 
 /// The outcome of a step of handshakes.
 #[derive(Default, Serialize, Deserialize)]
@@ -261,6 +265,10 @@ pub struct Tally {
     pub probe_lat_quiet: Hist,
     pub probe_lat_churn: Hist,
     pub churn: ChurnTally,
+    /// Per instance: clients that got a `status` `down`, and clients whose
+    /// last `status` was `down` when they were closed.
+    pub saw_down: [usize; 2],
+    pub left_down: [usize; 2],
 }
 
 impl Tally {
@@ -308,6 +316,26 @@ impl Tally {
         self.lat_quiet.merge(&t.lat_quiet);
         self.lat_churn.merge(&t.lat_churn);
         self.churn.merge(t.churn);
+        for i in 0..2 {
+            self.saw_down[i] += t.saw_down[i];
+            self.left_down[i] += t.left_down[i];
+        }
+    }
+
+    /// The `status` frames: who was told sending stopped, and who was
+    /// never told it works again.
+    pub fn report_status(&self, rep: &mut RunReport) {
+        rep.add(
+            "a: clients that saw status down",
+            self.saw_down[0] as f64,
+            0,
+        );
+        rep.add(
+            "b: clients that saw status down",
+            self.saw_down[1] as f64,
+            0,
+        );
+        rep.add(LEFT_DOWN, (self.left_down[0] + self.left_down[1]) as f64, 0);
     }
 
     /// The presence frames the clients got over the run: what `--presence

@@ -327,9 +327,12 @@ pub fn start_instance(id: &str, broker: &[String], prefix: &str, opts: &Opts) ->
         cmd.args(["--presence-max-members", &most]);
     }
     cmd.args(auth_args(opts.auth, opts.keys.as_ref()));
+    let which = usize::from(id == "b");
     cmd.args(&opts.server_args)
+        .args(&opts.inst_args[which])
         // The listening line is logged at info by the server module.
         .env("RUST_LOG", "warn,pubsub_chat::server=info");
+    let mut cmd = wrapped(cmd, &opts.wrap[which]);
     let mut proc = Proc::spawn(id, &mut cmd);
     let stderr = proc.child.stderr.take().expect("piped stderr");
     let tail = proc.log_tail.clone();
@@ -362,6 +365,30 @@ pub fn start_instance(id: &str, broker: &[String], prefix: &str, opts: &Opts) ->
         std::thread::sleep(Duration::from_millis(50));
     }
     proc
+}
+
+/// `cmd` run under `wrap` (`--wrap-a "ip netns exec pc-a"`): the same
+/// arguments and environment, after the wrapper's words; `cmd` itself when
+/// there is no wrapper.
+fn wrapped(cmd: Command, wrap: &[String]) -> Command {
+    let Some((program, wrap_args)) = wrap.split_first() else {
+        return cmd;
+    };
+    let mut outer = Command::new(program);
+    outer
+        .args(wrap_args)
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => outer.env(key, value),
+            None => outer.env_remove(key),
+        };
+    }
+    outer
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use serde::{Deserialize, Serialize};
 
 use crate::options::{Opts, Scenario};
-use crate::pool::PRESENCE_FRAMES;
+use crate::pool::{FAULT_STATUS, LEFT_DOWN, PRESENCE_FRAMES};
 use crate::presence;
 
 /// One figure of a run: a name (with its unit) and a value.
@@ -400,6 +400,8 @@ pub fn summarize(opts: &Opts, reports: &[RunReport]) -> ExitCode {
             "duplicated",
             "out of order",
             "delivered to another room",
+            LEFT_DOWN,
+            FAULT_STATUS,
         ];
         if opts.scenario == Scenario::Abuse {
             must_be_zero.extend(["quiet lost", "quiet duplicated", "quiet out of order"]);

@@ -340,6 +340,12 @@ fn tally(shared: &Shared, mine: &[(usize, Arc<Mutex<ClientStats>>)], sent: &[u64
         t.presence_bytes += st.presence_bytes;
         t.presence_frames_max = t.presence_frames_max.max(st.presence_frames);
         t.presence_bytes_max = t.presence_bytes_max.max(st.presence_bytes);
+        if st.status_down > 0 {
+            t.saw_down[st.inst] += 1;
+        }
+        if st.down_now {
+            t.left_down[st.inst] += 1;
+        }
     }
     t.lat_same = Hist::of(lat_same);
     t.lat_cross = Hist::of(lat_cross);

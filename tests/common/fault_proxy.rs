@@ -168,6 +168,12 @@ pub enum Fault {
     /// bucket holding 50 ms of traffic; chunks may be split). `0` lets
     /// nothing through.
     Bandwidth(u64),
+    /// On top of any [`Latency`](Fault::Latency), every chunk waits a
+    /// random share of this (uniform, drawn when it is read), in both
+    /// directions. Order is kept: a chunk never overtakes one read before
+    /// it, so a long draw also holds the chunks behind it (as TCP's
+    /// in-order delivery would).
+    Jitter(Duration),
 }
 
 /// What [`FaultProxy::inject`] returns, to [`remove`](FaultProxy::remove)
@@ -210,27 +216,28 @@ impl FaultProxy {
     /// connection to `upstream` (a client whose upstream connection fails
     /// is reset).
     pub fn start(upstream: SocketAddr) -> FaultProxy {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .unwrap_or_else(|e| panic!("fault proxy: cannot listen on 127.0.0.1: {e}"));
-        let port = listener
-            .local_addr()
-            .unwrap_or_else(|e| panic!("fault proxy: no local address: {e}"))
-            .port();
-        let control = listener
-            .try_clone()
-            .unwrap_or_else(|e| panic!("fault proxy: cannot clone its listener: {e}"));
+        FaultProxy::bind(([127, 0, 0, 1], 0).into(), upstream)
+            .unwrap_or_else(|e| panic!("fault proxy: cannot listen on 127.0.0.1: {e}"))
+    }
+
+    /// Listens on `listen` (port 0: a free one) and forwards every
+    /// accepted connection to `upstream`: what `examples/fault_proxy.rs`
+    /// runs between two hosts.
+    pub fn bind(listen: SocketAddr, upstream: SocketAddr) -> io::Result<FaultProxy> {
+        let listener = TcpListener::bind(listen)?;
+        let port = listener.local_addr()?.port();
+        let control = listener.try_clone()?;
         let shared = Arc::new(Shared::default());
         let accepting = shared.clone();
         thread::Builder::new()
             .name("proxy-accept".into())
             .stack_size(THREAD_STACK)
-            .spawn(move || accept_loop(&accepting, &listener, upstream))
-            .unwrap_or_else(|e| panic!("fault proxy: cannot start its accept thread: {e}"));
-        FaultProxy {
+            .spawn(move || accept_loop(&accepting, &listener, upstream))?;
+        Ok(FaultProxy {
             port,
             shared,
             listener: control,
-        }
+        })
     }
 
     /// The loopback port it listens on.
@@ -483,6 +490,7 @@ impl State {
                 Fault::Blackhole => effect.blackhole = true,
                 Fault::Latency(delay) => effect.latency = delay,
                 Fault::Bandwidth(rate) => effect.bandwidth = Some(rate),
+                Fault::Jitter(spread) => effect.jitter = spread,
             }
         }
         effect
@@ -507,6 +515,7 @@ enum Applies {
 struct Effect {
     blackhole: bool,
     latency: Duration,
+    jitter: Duration,
     bandwidth: Option<u64>,
 }
 
@@ -655,6 +664,27 @@ struct Chunk {
     read_at: Instant,
     /// Read before the connection's name was known: see [`State::effect`].
     before_name: bool,
+    /// The share of [`Fault::Jitter`] it waits, in `[0, 1)`.
+    draw: f64,
+}
+
+/// A uniform draw in `[0, 1)` for [`Fault::Jitter`]: splitmix64 over a
+/// counter seeded from the clock (no random crate needed, none wanted:
+/// the spread matters, not its quality).
+fn jitter_draw() -> f64 {
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let mut seed = STATE.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+    if seed == 0 {
+        seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        STATE.store(seed, Ordering::Relaxed);
+    }
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// A token bucket for [`Fault::Bandwidth`].
@@ -909,6 +939,7 @@ fn read_side(shared: &Shared, link: &Link, direction: Direction) {
                     bytes: bytes.to_vec(),
                     read_at,
                     before_name,
+                    draw: jitter_draw(),
                 });
                 flow.queued_bytes += count;
                 link.wake.notify_all();
@@ -1020,9 +1051,9 @@ fn next_to_send(shared: &Shared, link: &Link, direction: Direction) -> Option<Ve
             Direction::Down => &record.down,
         };
         // The next thing to send: the head chunk, or else the FIN.
-        let (read_at, before_name) = match (flow.queue.front(), flow.eof) {
-            (Some(head), _) => (head.read_at, head.before_name),
-            (None, Some(eof)) => eof,
+        let (read_at, before_name, draw) = match (flow.queue.front(), flow.eof) {
+            (Some(head), _) => (head.read_at, head.before_name, head.draw),
+            (None, Some((read_at, before_name))) => (read_at, before_name, 0.0),
             (None, None) => {
                 state = link.wait(state, WAKE_INTERVAL);
                 continue;
@@ -1031,7 +1062,7 @@ fn next_to_send(shared: &Shared, link: &Link, direction: Direction) -> Option<Ve
         let fin_next = flow.queue.is_empty();
         let effect = state.effect(link.id, record.name.as_deref(), before_name);
         let now = Instant::now();
-        let due = read_at + effect.latency;
+        let due = read_at + effect.latency + effect.jitter.mul_f64(draw);
         let wait = if effect.blackhole {
             // Held: the fault's removal wakes this thread.
             WAKE_INTERVAL
