@@ -256,9 +256,14 @@ export function onWelcomeAuth(frame) {
     S.user = frame.user;
     debug.user = frame.user;
   }
-  if (Number.isFinite(frame.expires)) {
-    expiresMs = frame.expires * 1000;
-    debug.expires = frame.expires;
+  holdUntil(frame.expires);
+}
+
+/** The server's word on when the connection's token expires: shown, and refreshed before then. */
+function holdUntil(expires) {
+  if (Number.isFinite(expires)) {
+    expiresMs = expires * 1000;
+    debug.expires = expires;
   }
   showSignedIn();
   armRefresh();
@@ -268,12 +273,7 @@ export function onWelcomeAuth(frame) {
 export function onAuthenticated(frame) {
   refreshing = null;
   debug.authenticated += 1;
-  if (Number.isFinite(frame.expires)) {
-    expiresMs = frame.expires * 1000;
-    debug.expires = frame.expires;
-  }
-  showSignedIn();
-  armRefresh();
+  holdUntil(frame.expires);
 }
 
 /**
