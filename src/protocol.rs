@@ -498,7 +498,7 @@ impl Serialize for MemberRef {
 }
 
 /// The presence key of a member: its display name, and with `--auth
-/// token` its user id after [`USER_SEPARATOR`]. Presence counts members by
+/// token` its user id after U+001F (`USER_SEPARATOR`). Presence counts members by
 /// key, so two users who share a name are two members, and one user's
 /// tabs on every instance are one. Keys sort by name first, the order the
 /// member list is shown in.

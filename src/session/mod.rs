@@ -17,8 +17,8 @@
 //! every idle client into a polling loop; a writer thread per client would
 //! have doubled the threads and put a hand-over between two writers.
 //!
-//! Layout: [`handshake`] (the deadline, the Origin check, the join query,
-//! refusals), [`identify`] (who the client is: its chosen name, or its
+//! Layout: [`handshake`](mod@handshake) (the deadline, the Origin check, the join query,
+//! refusals), [`identify`](mod@identify) (who the client is: its chosen name, or its
 //! token's), [`reader`] (frames in, messages published), [`outbox`]
 //! (bytes out, in order, the Close last). This file starts sessions and
 //! makes sure each one leaves no trace, even when it panics.
