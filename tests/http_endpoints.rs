@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{Client, Instance, RedisServer, free_port, unique, wait_for};
+use common::{Client, Instance, RedisServer, free_port, refused_port, unique, wait_for};
 
 #[test]
 fn the_page_and_its_config_are_served() {
@@ -91,7 +91,8 @@ fn readyz_follows_the_redis_link_and_messages_are_refused_while_it_is_down() {
 
 #[test]
 fn an_instance_whose_redis_is_missing_starts_and_says_so() {
-    let nowhere = format!("redis://127.0.0.1:{}", free_port());
+    let nowhere = refused_port();
+    let nowhere = format!("redis://127.0.0.1:{}", nowhere.port);
     let a = Instance::redis("lonely", &nowhere, &unique("missing"));
     assert_eq!(a.get("/healthz").0, 200, "alive");
     let (status, reason) = a.get("/readyz");

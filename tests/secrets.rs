@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Instance, RedisServer, TIMEOUT, free_port, run_to_exit, unique, wait_for};
+use common::{Instance, RedisServer, TIMEOUT, refused_port, run_to_exit, unique, wait_for};
 
 /// A password no log line or body could contain by chance.
 fn password() -> String {
@@ -204,7 +204,8 @@ fn a_database_out_of_range_is_reported_as_such() {
 
 #[test]
 fn a_refused_connection_still_says_how_to_start_redis() {
-    let url = format!("redis://127.0.0.1:{}", free_port());
+    let nowhere = refused_port();
+    let url = format!("redis://127.0.0.1:{}", nowhere.port);
     let a = Instance::redis("a", &url, &unique("no-redis"));
     let line = wait_log_line(&a, &["ERROR", "redis subscriber 0", "refused"]);
     assert!(

@@ -477,7 +477,8 @@ fn start_up_errors_name_the_problem() {
         log.contains("no sentinel monitors a master named \"nosuch\""),
         "{log}"
     );
-    let dead = format!("127.0.0.1:{}", free_port());
+    let nowhere = refused_port();
+    let dead = format!("127.0.0.1:{}", nowhere.port);
     let (status, log) = run_to_exit(
         "x",
         &["--redis-sentinel", &dead, "--redis-sentinel-master", "m"],

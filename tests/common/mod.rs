@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 // Not every test file uses every helper.
 #[allow(unused_imports)]
-pub use process::{free_port, temp_dir, unique};
+pub use process::{free_port, refused_port, temp_dir, unique};
 
 use serde_json::Value;
 use tungstenite::stream::MaybeTlsStream;

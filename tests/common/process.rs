@@ -5,7 +5,7 @@
 //! `redis-server`, the command line and "listening" line of an instance,
 //! and children that die with their parent.
 //!
-//! The standard library and libc only, and nothing that panics on its own:
+//! The standard library, libc and socket2 only, and nothing that panics on its own:
 //! the tests turn a failure into a panic with their own message, the
 //! benchmarks into their own report.
 
@@ -45,6 +45,35 @@ pub fn die_with_parent(cmd: &mut Command) {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             Ok(())
         });
+    }
+}
+
+/// A loopback port where nothing listens and nothing else can start to:
+/// a socket bound to it but never listening, held as long as the value
+/// lives, so a connection there is refused at once. A port from
+/// [`free_port`] is released, and another test's listener may take it
+/// before the connection under test is made.
+pub struct RefusedPort {
+    pub port: u16,
+    _bound: socket2::Socket,
+}
+
+pub fn refused_port() -> RefusedPort {
+    let bound = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("cannot make a socket");
+    let loopback: SocketAddr = "127.0.0.1:0".parse().expect("a loopback address");
+    bound
+        .bind(&loopback.into())
+        .expect("cannot bind a loopback port");
+    let port = bound
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map(|a| a.port())
+        .expect("a bound socket has a port");
+    RefusedPort {
+        port,
+        _bound: bound,
     }
 }
 
