@@ -5,12 +5,15 @@
 //! subscription included; a certificate that must not be trusted keeps
 //! the instance not ready, with the cause named in `/readyz` and the log;
 //! mutual TLS works with a client certificate and is refused without; a
-//! bad TLS option stops the start, naming the file.
+//! Redis Cluster whose nodes speak only TLS (`tls-cluster yes`, seeds
+//! `rediss://`) carries rooms on every shard; a bad TLS option stops the
+//! start, naming the file.
 
 mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::{Instance, RedisServer, TIMEOUT, free_port, run_to_exit, temp_dir, unique, wait_for};
 
@@ -382,6 +385,201 @@ fn mutual_tls_works_with_a_client_certificate_and_is_refused_without() {
     let body = wait_not_ready_because(&c, &["client certificate", "--redis-client-cert-file"]);
     assert!(body.contains("redis subscription is down"), "{body}");
     wait_log(&c, &["ERROR", "client certificate"]);
+}
+
+/// Three masters of a Redis Cluster whose clients, replication and
+/// cluster bus all speak TLS (`tls-cluster yes`), so `CLUSTER SLOTS` asked
+/// over TLS names the TLS ports. The plain port of each node (which every
+/// test `redis-server` has) is for the test's own checks only.
+struct TlsCluster {
+    nodes: Vec<RedisServer>,
+    tls_ports: Vec<u16>,
+}
+
+impl TlsCluster {
+    fn start(pki: &Pki) -> TlsCluster {
+        let (cert, key, ca) = (
+            pki.path("server.pem"),
+            pki.key_of("server"),
+            pki.path("ca.pem"),
+        );
+        let mut nodes = Vec::new();
+        let mut tls_ports = Vec::new();
+        for _ in 0..3 {
+            let (tls_port, bus_port) = (free_port().to_string(), free_port().to_string());
+            nodes.push(RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &bus_port,
+                "--cluster-node-timeout",
+                "1000",
+                "--appendonly",
+                "no",
+                "--tls-port",
+                &tls_port,
+                "--tls-cluster",
+                "yes",
+                "--tls-replication",
+                "yes",
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+            ]));
+            tls_ports.push(tls_port.parse().unwrap());
+        }
+        let mut create = Command::new("redis-cli");
+        create.args(["--tls", "--cacert", &ca, "--cluster", "create"]);
+        create.args(tls_ports.iter().map(|p| format!("127.0.0.1:{p}")));
+        create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        let output = create.output().expect("redis-cli is not installed");
+        assert!(
+            output.status.success(),
+            "redis-cli --tls --cluster create failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let cluster = TlsCluster { nodes, tls_ports };
+        let deadline = Instant::now() + TIMEOUT;
+        while !cluster.nodes.iter().all(|node| {
+            node.connection()
+                .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query::<String>(&mut c))
+                .is_ok_and(|info| info.contains("cluster_state:ok"))
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "the TLS cluster never said cluster_state:ok"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    /// The seed list: every master's TLS port as `rediss://`.
+    fn seeds(&self) -> String {
+        self.tls_ports
+            .iter()
+            .map(|port| format!("rediss://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The plain port of the master that holds `key`'s slot, found by
+    /// node id (`CLUSTER NODES` lists each master's slot ranges).
+    fn master_of(&self, key: &str) -> u16 {
+        let mut conn = self.nodes[0].connection().expect("a node answers");
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut conn)
+            .unwrap();
+        let nodes: String = redis::cmd("CLUSTER").arg("NODES").query(&mut conn).unwrap();
+        let owner = nodes
+            .lines()
+            .map(|line| line.split(' ').collect::<Vec<_>>())
+            .find(|fields| {
+                fields.iter().skip(8).any(|range| {
+                    let mut ends = range.split('-').filter_map(|n| n.parse::<u16>().ok());
+                    match (ends.next(), ends.next()) {
+                        (Some(start), Some(end)) => (start..=end).contains(&slot),
+                        (Some(single), None) => single == slot,
+                        _ => false,
+                    }
+                })
+            })
+            .map(|fields| fields[0].to_string())
+            .expect("some master owns every slot");
+        self.nodes
+            .iter()
+            .find(|node| {
+                let mut conn = node.connection().expect("a node answers");
+                redis::cmd("CLUSTER")
+                    .arg("MYID")
+                    .query::<String>(&mut conn)
+                    .ok()
+                    == Some(owner.clone())
+            })
+            .map(|node| node.port)
+            .expect("the owner is one of the three")
+    }
+}
+
+#[test]
+fn a_tls_cluster_carries_rooms_on_every_shard() {
+    let pki = Pki::new();
+    let cluster = TlsCluster::start(&pki);
+    let prefix = unique("tls-cluster");
+    let ca = pki.path("ca.pem");
+    let seeds = cluster.seeds();
+    let args = [
+        "--redis-cluster",
+        seeds.as_str(),
+        "--redis-prefix",
+        prefix.as_str(),
+        "--redis-ca-file",
+        ca.as_str(),
+    ];
+    let a = Instance::start("a", &args);
+    let b = Instance::start("b", &args);
+    a.wait_ready();
+    b.wait_ready();
+    // Rooms until every master holds one: each shard's subscription and
+    // publisher are reached over TLS at the port CLUSTER SLOTS gave.
+    let mut rooms: Vec<(String, u16)> = Vec::new();
+    for i in 0.. {
+        let room = format!("r{i}");
+        let master = cluster.master_of(&format!("{prefix}:room:{{{room}}}"));
+        if !rooms.iter().any(|(_, m)| *m == master) {
+            rooms.push((room, master));
+        }
+        if rooms.len() == cluster.nodes.len() {
+            break;
+        }
+        assert!(
+            i < 1000,
+            "3 masters but 1000 rooms on {} of them",
+            rooms.len()
+        );
+    }
+    for (room, master) in &rooms {
+        let mut alice = a.client("alice", room);
+        let mut bob = b.client("bob", room);
+        alice.send(&format!("to {room}"), "c1");
+        let got = bob.recv_messages(1).remove(0);
+        assert_eq!(
+            got["text"],
+            format!("to {room}"),
+            "room {room} on master {master}: {got}"
+        );
+        bob.send("back", "c2");
+        let texts: Vec<String> = alice
+            .recv_messages(2)
+            .iter()
+            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(texts, [format!("to {room}"), "back".to_string()]);
+    }
+    // The same cluster behind a CA this instance does not trust: a
+    // cluster instance needs the slot map to start, so it stops, the
+    // cause named as for a single Redis.
+    let other_ca = pki.path("other-ca.pem");
+    let stderr = refused(&[
+        "--redis-cluster",
+        &seeds,
+        "--redis-prefix",
+        &prefix,
+        "--redis-ca-file",
+        &other_ca,
+    ]);
+    assert!(
+        stderr.contains("certificate not trusted") && stderr.contains("--redis-ca-file"),
+        "{stderr}"
+    );
 }
 
 /// Runs the binary with `args` and checks that it refused to start;
