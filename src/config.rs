@@ -701,17 +701,16 @@ impl Config {
         if let Some(user) = &self.redis_user {
             data = data.set_username(user);
         }
-        Some(crate::broker::redis::sentinel::Sentinels {
-            addrs: self
-                .redis_sentinel
+        Some(crate::broker::redis::sentinel::Sentinels::new(
+            self.redis_sentinel
                 .iter()
                 .filter_map(|addr| crate::broker::redis::sentinel::parse_addr(addr).ok())
                 .collect(),
-            master: self.redis_sentinel_master.clone().unwrap_or_default(),
-            sentinel_user: self.redis_sentinel_user.clone(),
-            sentinel_password: self.redis_sentinel_password.clone().map(|p| p.0),
+            self.redis_sentinel_master.clone().unwrap_or_default(),
+            self.redis_sentinel_user.clone(),
+            self.redis_sentinel_password.clone().map(|p| p.0),
             data,
-        })
+        ))
     }
 
     /// Whether this instance speaks TLS to Redis (`rediss://`).

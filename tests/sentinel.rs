@@ -4,7 +4,9 @@
 //! promoted. Every acknowledged message must reach the other instance's
 //! client once, in order; what the failover cost (how long sends failed,
 //! how many acknowledged messages the promoted replica lacks) is printed,
-//! with and without `--redis-min-replicas 1`.
+//! with and without `--redis-min-replicas 1`. And a primary the
+//! sentinels replace while it still runs and the instances still reach
+//! it: only `+switch-master` moves them.
 
 mod common;
 
@@ -30,6 +32,11 @@ struct Sentinels {
 
 impl Sentinels {
     fn start(primary_port: u16) -> Self {
+        Self::start_with(primary_port, "")
+    }
+
+    /// With `extra` lines in each sentinel's config file.
+    fn start_with(primary_port: u16, extra: &str) -> Self {
         let dir = temp_dir("sentinels");
         let mut ports = Vec::new();
         let mut children = Vec::new();
@@ -42,7 +49,7 @@ impl Sentinels {
                     "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile {dir}/sentinel-{port}.log\n\
                      sentinel monitor m 127.0.0.1 {primary_port} 2\n\
                      sentinel down-after-milliseconds m 1000\n\
-                     sentinel failover-timeout m 3000\n",
+                     sentinel failover-timeout m 3000\n{extra}",
                     dir = dir.display()
                 ),
             )
@@ -453,6 +460,113 @@ fn a_failover_moves_both_instances_to_the_promoted_replica() {
 #[test]
 fn with_min_replicas_no_acknowledged_message_is_lost_at_failover() {
     failover(1);
+}
+
+/// A primary the sentinels replace while it still runs and the instances
+/// still reach it: a partition between it and the sentinels, made here by
+/// taking every command from the sentinels' Redis user on it (their
+/// `PING`s are refused, so they call it down, and neither `INFO` nor
+/// `REPLICAOF` reaches it to demote it). Nothing breaks the
+/// instances' links and the old primary still says `ROLE` master, so only
+/// `+switch-master` can move them; until they move, their messages go to
+/// a primary nobody else uses. Afterwards an instance started fresh
+/// (which asks the sentinels) and the two old ones share the room, and
+/// the old primary holds no connection of theirs.
+#[test]
+fn instances_follow_switch_master_away_from_a_primary_that_still_runs() {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    for node in [&primary, &replica] {
+        node.add_acl_user("sentinel", "sentinel-password");
+    }
+    let sentinels = Sentinels::start_with(
+        primary.port,
+        "sentinel auth-user m sentinel\nsentinel auth-pass m sentinel-password\n",
+    );
+    sentinels.wait_settled();
+    let (list, prefix) = (sentinels.list(), unique("switch"));
+    let args = [
+        "--redis-sentinel",
+        list.as_str(),
+        "--redis-sentinel-master",
+        "m",
+        "--redis-prefix",
+        prefix.as_str(),
+    ];
+    let a = Instance::start("a", &args);
+    let b = Instance::start("b", &args);
+    a.wait_ready();
+    b.wait_ready();
+    let mut alice = a.client("alice", "switch");
+    let mut bob = b.client("bob", "switch");
+    alice.send("before", "c0");
+    assert_eq!(bob.recv_messages(1)[0]["text"], "before");
+
+    let mut on_primary = primary.connection().unwrap();
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("sentinel")
+        .arg("-@all")
+        .query::<()>(&mut on_primary)
+        .unwrap();
+    wait_for("the sentinels to promote the replica", || {
+        sentinels.primary_port() == Some(replica.port)
+    });
+    let promoted = Instant::now();
+    assert!(
+        replication(primary.port).contains("role:master"),
+        "the old primary still runs as a master:\n{}",
+        replication(primary.port)
+    );
+    let clients_of_old_primary = |on_primary: &mut redis::Connection| -> String {
+        redis::cmd("CLIENT").arg("LIST").query(on_primary).unwrap()
+    };
+    wait_for("a and b to leave the old primary", || {
+        !clients_of_old_primary(&mut on_primary).contains(&prefix)
+    });
+    eprintln!(
+        "a and b left the old primary {} ms after every sentinel named the new one",
+        promoted.elapsed().as_millis()
+    );
+
+    let c = Instance::start("c", &args);
+    c.wait_ready();
+    let mut carol = c.client("carol", "switch");
+    carol.drain_messages(Duration::from_millis(300));
+    // Until a and b have moved, what alice sends reaches only the old
+    // primary, which c does not use.
+    let mut probe = 0;
+    wait_for(
+        "alice's messages to reach carol on the fresh instance",
+        || {
+            probe += 1;
+            alice.send(&format!("probe {probe}"), &format!("p{probe}"));
+            !carol.drain_messages(Duration::from_millis(500)).is_empty()
+        },
+    );
+    bob.drain_messages(Duration::from_millis(300));
+    alice.drain_messages(Duration::from_millis(300));
+    alice.send("after", "c1");
+    for who in [&mut alice, &mut bob, &mut carol] {
+        assert_eq!(texts(&who.recv_messages(1)), ["after"]);
+    }
+    carol.send("from c", "c2");
+    for who in [&mut alice, &mut bob, &mut carol] {
+        assert_eq!(texts(&who.recv_messages(1)), ["from c"]);
+    }
+    let clients = clients_of_old_primary(&mut on_primary);
+    assert!(
+        !clients.contains(&prefix),
+        "an instance went back to the old primary:\n{clients}"
+    );
+    for instance in [&a, &b] {
+        assert!(
+            instance.log().contains("+switch-master"),
+            "{} says why it moved:\n{}",
+            instance.id,
+            instance.log()
+        );
+    }
 }
 
 #[test]

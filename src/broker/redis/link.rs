@@ -220,8 +220,8 @@ impl Links {
         self.make(Target::Shard(topology, shard), role)
     }
 
-    /// A subscription broke: every link opens a fresh connection before
-    /// its next command.
+    /// A subscription broke, or the sentinels moved the primary: every
+    /// link opens a fresh connection before its next command.
     pub fn distrust(&self) {
         self.link_breaks.fetch_add(1, Ordering::Relaxed);
     }

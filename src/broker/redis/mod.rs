@@ -29,7 +29,8 @@
 //! dead link), [`keys`] (every name in Redis), [`cluster`] (which master
 //! serves which room), [`link`] (a command connection that reconnects),
 //! [`tls`] (TLS to Redis, `rediss://`), [`sentinel`] (where Redis
-//! Sentinel says the primary is), [`explain`] (errors in words an
+//! Sentinel says the primary is), [`switch_master`] (the sentinels' word
+//! that it moved), [`explain`] (errors in words an
 //! operator can act on).
 
 pub mod catch_up;
@@ -48,6 +49,7 @@ pub mod sentinel;
 pub mod settings;
 pub mod subscriber;
 pub mod subscription;
+mod switch_master;
 pub mod tls;
 pub mod watch;
 
@@ -177,6 +179,22 @@ impl RedisBroker {
             let _ = first_attempt_rx.recv_timeout(CONNECT_TIMEOUT * 3);
         }
         let interval = settings.ping_interval;
+        if let Some(sentinels) = settings.sentinel.clone() {
+            let (moved_links, moved_rooms) = (links.clone(), rooms.clone());
+            let on_switch = move |switch: &switch_master::Switch| {
+                moved_links.distrust();
+                for (_, subscription) in moved_rooms.subscriptions() {
+                    if !subscription.peer().is_some_and(|peer| switch.is_at(peer)) {
+                        subscription.shutdown();
+                    }
+                }
+            };
+            supervisor
+                .spawn("redis-sentinel-watch", move || {
+                    switch_master::follow(&sentinels, interval, on_switch)
+                })
+                .map_err(|e| format!("cannot start the redis-sentinel-watch thread: {e}"))?;
+        }
         let watched = rooms;
         let watch_metrics = metrics;
         supervisor

@@ -9,13 +9,21 @@
 //! asked `ROLE`: a sentinel that has not heard of a failover yet, or an
 //! old primary restarted as an empty master, must not take writes.
 //!
-//! A failover reaches the links in three ways: the old primary's death
+//! A failover reaches the links in four ways: the old primary's death
 //! breaks them (they reconnect, and ask again); a demoted primary answers
-//! writes `READONLY`, which [`super::link`] treats as a broken link; and
+//! writes `READONLY`, which [`super::link`] treats as a broken link;
 //! Sentinel itself, when it demotes a primary that still runs, closes its
-//! clients (`CLIENT KILL TYPE normal` / `pubsub`). The subscription's
-//! catch-up then reads from the promoted replica's history what it
-//! missed.
+//! clients (`CLIENT KILL TYPE normal` / `pubsub`); and, for a primary cut
+//! off from the sentinels but not from this instance (nothing breaks,
+//! nothing is demoted, and it still says `ROLE` master), the sentinels'
+//! `+switch-master` event, which [`super::switch_master`] listens for. The
+//! subscription's catch-up then reads from the promoted replica's history
+//! what it missed.
+//!
+//! The sentinels are asked in turn, starting with the last one that
+//! answered or told of a switch (the order Redis's guidelines for
+//! Sentinel clients give): one that has not yet heard of a failover must
+//! not send a link back to the old primary.
 //!
 //! This file is a small resolver of its own rather than redis-rs's
 //! `sentinel` feature: it needs one command per sentinel, and its errors
@@ -24,10 +32,13 @@
 //! on.
 
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::{
-    Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo, RedisError,
+    Client, Connection, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo,
+    RedisError,
 };
 
 /// How long one sentinel may take to accept a connection and answer.
@@ -47,6 +58,9 @@ pub struct Sentinels {
     /// `AUTH` for the primary (and `SELECT`), from `--redis-user` and
     /// `--redis-password`.
     pub data: RedisConnectionInfo,
+    /// Which of `addrs` to ask first: the last that answered, or that told
+    /// of a switch. Shared by every clone.
+    asked_first: Arc<AtomicUsize>,
 }
 
 impl fmt::Debug for Sentinels {
@@ -78,6 +92,28 @@ pub fn parse_addr(addr: &str) -> Result<(String, u16), String> {
 }
 
 impl Sentinels {
+    pub fn new(
+        addrs: Vec<(String, u16)>,
+        master: String,
+        sentinel_user: Option<String>,
+        sentinel_password: Option<String>,
+        data: RedisConnectionInfo,
+    ) -> Self {
+        Sentinels {
+            addrs,
+            master,
+            sentinel_user,
+            sentinel_password,
+            data,
+            asked_first: Arc::default(),
+        }
+    }
+
+    /// Makes the sentinel at `index` in `addrs` the first asked.
+    pub fn ask_first(&self, index: usize) {
+        self.asked_first.store(index, Ordering::Relaxed);
+    }
+
     /// What logs and `/readyz` call the primary (no password).
     pub fn describe(&self) -> String {
         let addrs: Vec<String> = self
@@ -98,9 +134,13 @@ impl Sentinels {
     pub fn resolve(&self) -> Result<ConnectionInfo, RedisError> {
         let mut failures = Vec::new();
         let mut unknown = 0;
-        for (host, port) in &self.addrs {
+        let first = self.asked_first.load(Ordering::Relaxed);
+        let in_turn = (0..self.addrs.len()).map(|i| (first + i) % self.addrs.len());
+        for index in in_turn {
+            let (host, port) = &self.addrs[index];
             match self.ask(host, *port) {
                 Ok(Some((primary_host, primary_port))) => {
+                    self.ask_first(index);
                     return self.checked(&primary_host, primary_port, host, *port);
                 }
                 Ok(None) => {
@@ -137,6 +177,17 @@ impl Sentinels {
     /// `SENTINEL get-master-addr-by-name` on one sentinel: `None` if it
     /// does not know the name.
     fn ask(&self, host: &str, port: u16) -> Result<Option<(String, u16)>, RedisError> {
+        let mut connection = self.connect(host, port)?;
+        let answer: Option<(String, u16)> = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(&self.master)
+            .query(&mut connection)?;
+        Ok(answer)
+    }
+
+    /// A connection to the sentinel at `host:port`, logged in, with
+    /// timeouts.
+    pub fn connect(&self, host: &str, port: u16) -> Result<Connection, RedisError> {
         let mut settings = RedisConnectionInfo::default().set_skip_set_lib_name();
         if let Some(password) = &self.sentinel_password {
             settings = settings.set_password(password.clone());
@@ -147,14 +198,10 @@ impl Sentinels {
         let info = ConnectionAddr::Tcp(host.to_string(), port)
             .into_connection_info()?
             .set_redis_settings(settings);
-        let mut connection = Client::open(info)?.get_connection_with_timeout(SENTINEL_TIMEOUT)?;
+        let connection = Client::open(info)?.get_connection_with_timeout(SENTINEL_TIMEOUT)?;
         connection.set_read_timeout(Some(SENTINEL_TIMEOUT))?;
         connection.set_write_timeout(Some(SENTINEL_TIMEOUT))?;
-        let answer: Option<(String, u16)> = redis::cmd("SENTINEL")
-            .arg("get-master-addr-by-name")
-            .arg(&self.master)
-            .query(&mut connection)?;
-        Ok(answer)
+        Ok(connection)
     }
 
     /// The primary's connection info, once the node says it is a master.
@@ -213,13 +260,13 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let sentinels = Sentinels {
-            addrs: vec![("127.0.0.1".into(), port)],
-            master: "m".into(),
-            sentinel_user: None,
-            sentinel_password: Some("secret".into()),
-            data: RedisConnectionInfo::default(),
-        };
+        let sentinels = Sentinels::new(
+            vec![("127.0.0.1".into(), port)],
+            "m".into(),
+            None,
+            Some("secret".into()),
+            RedisConnectionInfo::default(),
+        );
         let e = sentinels.resolve().unwrap_err().to_string();
         assert!(e.contains("no sentinel answered"), "{e}");
         assert!(!format!("{sentinels:?}").contains("secret"));

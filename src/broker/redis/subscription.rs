@@ -256,6 +256,11 @@ impl Subscription {
         ))
     }
 
+    /// The address of the Redis it is connected to.
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.shared.socket.peer_addr().ok()
+    }
+
     /// Ends the connection, which wakes its reader with an error.
     pub fn shutdown(&self) {
         let _ = self.shared.socket.shutdown(Shutdown::Both);
