@@ -290,7 +290,9 @@ fn is_no_sentinel(e: &redis::RedisError) -> bool {
 
 impl Broker for RedisBroker {
     fn publish(&self, message: NewMessage, dedup_key: &str) -> Result<MessageId, PublishError> {
-        self.publisher.publish(message, dedup_key)
+        let room = message.room.clone();
+        let shard_is_up = || self.health.check(self.rooms.shard_of(&room)).is_ok();
+        self.publisher.publish(message, dedup_key, &shard_is_up)
     }
 
     fn history(&self, room: &str, query: HistoryQuery) -> Result<History, Unavailable> {

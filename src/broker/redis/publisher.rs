@@ -182,7 +182,19 @@ impl Publisher {
     /// flight, the outcome is unknown: the same script, with the same dedup
     /// key, is retried after reconnecting until Redis says which id the
     /// message got, or the deadline passes.
-    pub fn publish(&self, message: NewMessage, dedup_key: &str) -> Result<MessageId, PublishError> {
+    ///
+    /// `shard_is_up` says whether the subscription of the room's shard is
+    /// up. In a Redis Cluster, a refusal while it is up means the cluster
+    /// connection's map is older than a failover the subscription already
+    /// followed (a node asked for the slots had not heard of it yet): the
+    /// message did not run, and is tried again, on a rebuilt connection,
+    /// until the deadline, so that `up` means a send gets through.
+    pub fn publish(
+        &self,
+        message: NewMessage,
+        dedup_key: &str,
+        shard_is_up: &dyn Fn() -> bool,
+    ) -> Result<MessageId, PublishError> {
         let body = serde_json::to_string(&message).expect("messages always serialize");
         let deadline = Instant::now() + self.deadline;
         let mut in_doubt = false;
@@ -218,6 +230,14 @@ impl Publisher {
                         .map_err(|e| Unavailable(format!("redis returned a bad id: {e}")).into());
                 }
                 Err(Failure::Refused(reason)) if !in_doubt => {
+                    if self.link.is_cluster() && shard_is_up() && Instant::now() < deadline {
+                        debug!(
+                            "redis publisher: message {dedup_key} refused by a master the \
+                             cluster map still names ({reason}); again"
+                        );
+                        thread::sleep(RETRY_PAUSE);
+                        continue;
+                    }
                     return Err(Unavailable(reason).into());
                 }
                 Err(Failure::Redirected(reason)) => {
