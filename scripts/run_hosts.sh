@@ -10,7 +10,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
   cat <<'EOF'
-Usage: sudo ./scripts/run_hosts.sh [--short] [--cases LIST]
+Usage: sudo ./scripts/run_hosts.sh [--short] [--cases LIST] [--runs N]
 
 Puts Redis, instance a and instance b on three hosts, each a Linux network
 namespace with its own address, and runs the load generator (cargo bench
@@ -40,12 +40,14 @@ Cases (--cases baseline,proxy,delay,loss,tbf,partition; all by default):
   tbf        no proxy; both instance<->Redis links capped with tc tbf
              (2 Mbit/s each way; TBF_RATE=1mbit for another cap, in tc's
              units) while the senders send 500 msg/s
-  partition  one sender on a; b's link to Redis is taken down (ip link set
-             down) for a few seconds and brought back, while b's clients
-             keep their own link. Asserted: every client of b was told
-             `status` down and none was left down, and every message sent
-             reached every client exactly once and in order (nothing the
-             sender's own copy acknowledged is lost).
+  partition  one sender on a and one on b; b's link to Redis is taken down
+             (ip link set down) for a few seconds and brought back, while
+             b's clients keep their own link. Asserted: every client of b
+             was told `status` down and none was left down, and every
+             message not refused reached every client exactly once and in
+             order (nothing acknowledged is lost). Shown: how many of b's
+             sends were refused `unavailable` (never sent) or answered
+             `outcome_unknown`.
 
 Each case fails on any lost, duplicated or reordered delivery, any failed or
 dropped client, any error frame (the load generator's smoke checks). The
@@ -56,6 +58,8 @@ Options:
   --short       A CI run: 3 s of sending per case, shorter partition
                 (well under 2 minutes once built)
   --cases LIST  Comma-separated cases to run (default: all)
+  --runs N      Runs of each case; the table shows each figure's median
+                (default 3; 1 with --short)
   -h, --help    Show this help.
 
 Needs: root, ip and tc (iproute2), iptables (installed with apt-get when
@@ -67,6 +71,7 @@ EOF
 
 ORIG_ARGS="$*"
 SHORT=0
+RUNS=""
 CASES="baseline,proxy,delay,loss,tbf,partition"
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -77,6 +82,12 @@ while [[ $# -gt 0 ]]; do
       shift
       ;;
     --cases=*) CASES="${1#--cases=}" ;;
+    --runs)
+      [[ $# -ge 2 ]] || die "--runs needs a value, e.g. --runs 3"
+      RUNS="$2"
+      shift
+      ;;
+    --runs=*) RUNS="${1#--runs=}" ;;
     -h | --help)
       usage
       exit 0
@@ -118,6 +129,10 @@ PROXY_PORT=6379
 # The tbf case's cap on each Redis link, each way (tc's units).
 TBF_RATE="${TBF_RATE:-2mbit}"
 
+if [[ -z "$RUNS" ]]; then
+  RUNS=$((SHORT ? 1 : 3))
+fi
+[[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || die "--runs $RUNS: a whole number from 1"
 if [[ "$SHORT" -eq 1 ]]; then
   DURATION=3
   PART_AFTER=0.5
@@ -345,7 +360,7 @@ run_load() {
   local name="$1" url="$2" log rc=0
   shift 2
   log="$TMP_DIR/$name.log"
-  local cmd=(cargo bench --quiet --bench load -- smoke --runs 1 --clients 20
+  local cmd=(cargo bench --quiet --bench load -- smoke --runs "$RUNS" --clients 20
     --target-redis "$url"
     --wrap-a "ip netns exec $NS_A" --wrap-b "ip netns exec $NS_B"
     --args-a "--host $A_ADDR --admin-addr $A_ADDR:0"
@@ -430,21 +445,24 @@ for c in "${CASE_LIST[@]}"; do
       heal_cmd="ip -n $NS_B link set eth-r up && ip -n $NS_B route replace $REDIS_ADDR/32 via 10.77.4.1 dev eth-r"
       fault="sleep $PART_AFTER; echo '  partition: b eth-r down'; ip -n $NS_B link set eth-r down; \
 sleep $PART_FOR; echo '  partition: healing'; $heal_cmd"
-      # One sender (client 0, on a); b's clients only listen.
-      run_load partition "$DIRECT_URL" --senders 1 --rate 50 --duration-s "$PART_DURATION" \
+      # Two senders: client 0 on a, client 1 on b (cut off).
+      run_load partition "$DIRECT_URL" --senders 2 --rate 100 --duration-s "$PART_DURATION" \
         --fault-cmd "$fault"
       # Mend it even if the run was cut short.
       eval "$heal_cmd" 2>/dev/null || true
       on_b="$(figure 'clients on b at end' "$LAST_LOG")"
       saw="$(figure 'b: clients that saw status down' "$LAST_LOG")"
       left="$(figure 'clients left with status down' "$LAST_LOG")"
+      refused="$(figure 'sends refused (unavailable)' "$LAST_LOG")"
+      in_doubt="$(figure 'sends in doubt (outcome_unknown)' "$LAST_LOG")"
       info "clients of b: $on_b; told status down: $saw; left down at the end: $left"
+      info "sends refused unavailable (never sent): $refused; answered outcome_unknown: $in_doubt"
       if [[ "$saw" != "$on_b" || "$on_b" == "-" || "$on_b" == 0 || "$left" != 0 ]]; then
         warn "partition: every client of b should have been told down ($saw of $on_b) and none left down ($left)"
         RESULTS[-1]="${RESULTS[-1]/ ok/ FAIL}"
         [[ " ${FAILED[*]} " == *" partition "* ]] || FAILED+=(partition)
       fi
-      RESULTS[-1]="${RESULTS[-1]} (b's clients told down: $saw of $on_b, left down: $left)"
+      RESULTS[-1]="${RESULTS[-1]} (b's clients told down: $saw of $on_b, left down: $left; sends refused: $refused, in doubt: $in_doubt)"
       ;;
   esac
 done
@@ -454,7 +472,7 @@ printf '    %-10s %8s %8s %9s %10s %10s %5s %5s %5s  %s\n' case "p50 ms" "p99 ms
   delivered expected lost dup ooo verdict
 for r in "${RESULTS[@]}"; do printf '    %s\n' "$r"; done
 info "p50, p99: cross-instance (sender on one instance, receiver on the other); max: the slowest"
-info "delivery of the case, same-instance ones included"
+info "delivery of the case, same-instance ones included; each the median of $RUNS run(s)"
 if ((${#FAILED[@]})); then
   die "failed: ${FAILED[*]} (logs were in $TMP_DIR, removed on exit; run again without --short for longer runs)"
 fi

@@ -271,6 +271,14 @@ pub struct Shared {
     pub sending: AtomicBool,
     /// Per sender, what it sent (only this worker's senders count up).
     pub sent: Vec<AtomicU64>,
+    /// Per sender, its messages answered so far: its own copy back (the
+    /// receipt), or an `error` naming its `cid`. The senders stop only
+    /// once each is answered (or a deadline passed).
+    pub answered: Vec<AtomicU64>,
+    /// Per sender, sends refused `unavailable` (certainly never sent, so
+    /// no receiver is owed them) and answered `outcome_unknown`.
+    pub refused: Vec<AtomicU64>,
+    pub in_doubt: Vec<AtomicU64>,
     pub unique: AtomicU64,
     pub total: AtomicU64,
     pub send_errors: AtomicU64,
@@ -413,6 +421,26 @@ pub async fn connect(shared: &Shared, k: usize, token: Option<&str>) -> Result<W
     }
 }
 
+/// How the server answered a send it did not deliver.
+enum Refusal {
+    /// `unavailable`: never sent (Redis unreachable, or its link down).
+    Unavailable,
+    /// `outcome_unknown`: may or may not have been accepted.
+    InDoubt,
+}
+
+/// An `error` frame answering a send with `unavailable` or
+/// `outcome_unknown` (only a send is answered so); any other error is not
+/// a refusal but a fault of the run.
+fn refusal_of(frame: &str) -> Option<Refusal> {
+    let frame: serde_json::Value = serde_json::from_str(frame).ok()?;
+    match frame["code"].as_str()? {
+        "unavailable" => Some(Refusal::Unavailable),
+        "outcome_unknown" => Some(Refusal::InDoubt),
+        _ => None,
+    }
+}
+
 /// Parses `"text":"<sender>:<seq>:<ns>:` out of a message frame.
 fn parse_stamp(frame: &str) -> Option<(usize, u64, u64)> {
     let at = frame.find("\"text\":\"")? + 8;
@@ -495,6 +523,21 @@ pub async fn first_connect(
     Some(ws)
 }
 
+impl Shared {
+    /// This worker's sends not yet answered (neither their own copy back
+    /// nor a refusal).
+    pub fn unanswered(&self) -> u64 {
+        self.sent
+            .iter()
+            .zip(&self.answered)
+            .map(|(sent, answered)| {
+                sent.load(Ordering::SeqCst)
+                    .saturating_sub(answered.load(Ordering::SeqCst))
+            })
+            .sum()
+    }
+}
+
 /// Notes why client `k`'s connection ended before we closed it.
 pub fn lost(k: usize, shared: &Shared, stats: &Mutex<ClientStats>, why: String) {
     shared.note_error(format!(
@@ -559,12 +602,24 @@ pub async fn session(
                             }
                             if me == Some(j) {
                                 window.add_permits(1);
+                                shared.answered[j].fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                        Kind::Error => {
-                            stats.lock().unwrap().errors += 1;
-                            shared.note_error(format!("client c{k} got {t}"));
-                        }
+                        Kind::Error => match (me, refusal_of(t)) {
+                            (Some(j), Some(refusal)) => {
+                                let counter = match refusal {
+                                    Refusal::Unavailable => &shared.refused[j],
+                                    Refusal::InDoubt => &shared.in_doubt[j],
+                                };
+                                counter.fetch_add(1, Ordering::Relaxed);
+                                shared.answered[j].fetch_add(1, Ordering::Relaxed);
+                                window.add_permits(1);
+                            }
+                            _ => {
+                                stats.lock().unwrap().errors += 1;
+                                shared.note_error(format!("client c{k} got {t}"));
+                            }
+                        },
                         Kind::Status => {
                             let down = t.contains("\"delivery\":\"down\"");
                             let mut st = stats.lock().unwrap();

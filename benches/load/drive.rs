@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::abuse;
 use crate::client::now_ns;
 use crate::options::{Opts, Scenario};
-use crate::pool::{Batch, FAULT_STATUS, Pool};
+use crate::pool::{Batch, FAULT_STATUS, Pool, SENDS_IN_DOUBT, SENDS_REFUSED};
 use crate::presence;
 use crate::procs::{self, Procs, Sample, clk_tck, metrics};
 use crate::report::RunReport;
@@ -336,6 +336,8 @@ fn drive(opts: &Opts, pool: &mut Pool, http: [SocketAddr; 2], procs: &Procs) -> 
     }
     rep.add("error frames", t.errors as f64, 0);
     rep.add("send errors", t.send_errors as f64, 0);
+    rep.add(SENDS_REFUSED, t.refused as f64, 0);
+    rep.add(SENDS_IN_DOUBT, t.in_doubt as f64, 0);
     t.report_presence(&mut rep);
     t.report_status(&mut rep);
     if t.foreign > 0 {

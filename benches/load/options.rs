@@ -565,7 +565,9 @@ options:
                       connect to the addresses of its listening line)
   --fault-cmd \"CMD\"   a shell command (sh -c) started when the senders start, e.g. one that cuts an
                       instance from Redis and heals it; sending lasts --duration-s, then the run
-                      waits for CMD to end before draining; CMD failing fails the run
+                      waits for CMD to end before draining; CMD failing fails the run. Sends
+                      answered `unavailable` or `outcome_unknown` are then counted, not failures
+                      (receivers are owed every send not answered so)
 
 Every client counts the `status` frames it gets: the report shows, per instance, how many
 clients saw `down`, and how many were left `down` at the end (any such client fails the run).

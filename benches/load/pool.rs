@@ -157,6 +157,11 @@ impl ViewTally {
 pub const PRESENCE_FRAMES: &str = "presence frames received (all clients)";
 /// Clients whose last `status` frame said `down` when they were closed.
 pub const LEFT_DOWN: &str = "clients left with status down";
+/// Sends answered `unavailable` (never sent; receivers are not owed them)
+/// and `outcome_unknown`: faults of the run, unless `--fault-cmd` makes
+/// some expected.
+pub const SENDS_REFUSED: &str = "sends refused (unavailable)";
+pub const SENDS_IN_DOUBT: &str = "sends in doubt (outcome_unknown)";
 /// `--fault-cmd`'s exit status (when there is one).
 pub const FAULT_STATUS: &str = "fault command exit status";
 
@@ -245,6 +250,9 @@ pub struct Tally {
     /// Why clients ended, by the text without digits.
     pub ended: HashMap<String, usize>,
     pub send_errors: u64,
+    /// Sends refused `unavailable`, and answered `outcome_unknown`.
+    pub refused: u64,
+    pub in_doubt: u64,
     /// Clients that did not close within 15 s.
     pub unclosed: usize,
     pub first_error: Option<String>,
@@ -299,6 +307,8 @@ impl Tally {
             *self.ended.entry(e).or_default() += c;
         }
         self.send_errors += t.send_errors;
+        self.refused += t.refused;
+        self.in_doubt += t.in_doubt;
         self.unclosed += t.unclosed;
         if self.first_error.is_none() {
             self.first_error = t.first_error;

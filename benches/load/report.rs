@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use serde::{Deserialize, Serialize};
 
 use crate::options::{Opts, Scenario};
-use crate::pool::{FAULT_STATUS, LEFT_DOWN, PRESENCE_FRAMES};
+use crate::pool::{FAULT_STATUS, LEFT_DOWN, PRESENCE_FRAMES, SENDS_IN_DOUBT, SENDS_REFUSED};
 use crate::presence;
 
 /// One figure of a run: a name (with its unit) and a value.
@@ -413,6 +413,11 @@ pub fn summarize(opts: &Opts, reports: &[RunReport]) -> ExitCode {
                 "error frames",
                 "send errors",
             ]);
+            // A fault run (a partition) expects sends refused while it
+            // lasts; receivers are owed only the others.
+            if opts.fault_cmd.is_none() {
+                must_be_zero.extend([SENDS_REFUSED, SENDS_IN_DOUBT]);
+            }
         }
         for what in must_be_zero {
             if g(what) > 0.0 {

@@ -18,6 +18,11 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::churn::{self, Phase};
 use crate::client::{self, ClientStats, PerMessage, Shared};
+
+/// How long the senders' last sends may take to be answered once they
+/// stop: the server's `--publish-deadline-ms` (10 s by default), and a
+/// margin.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(11);
 use crate::layout::Layout;
 use crate::members::Expected;
 use crate::options::Auth;
@@ -74,6 +79,9 @@ pub fn main(config: &str) -> ExitCode {
         window: opts.window,
         sending: AtomicBool::new(false),
         sent: (0..layout.senders).map(|_| AtomicU64::new(0)).collect(),
+        answered: (0..layout.senders).map(|_| AtomicU64::new(0)).collect(),
+        refused: (0..layout.senders).map(|_| AtomicU64::new(0)).collect(),
+        in_doubt: (0..layout.senders).map(|_| AtomicU64::new(0)).collect(),
         unique: AtomicU64::new(0),
         total: AtomicU64::new(0),
         send_errors: AtomicU64::new(0),
@@ -177,12 +185,27 @@ pub fn main(config: &str) -> ExitCode {
                     while shared.active_senders.load(Ordering::SeqCst) > 0 {
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
+                    // Every send answered (its own copy, or a refusal),
+                    // so that a refusal still on its way is not counted
+                    // as owed: at most the server's publish deadline.
+                    let deadline = tokio::time::Instant::now() + ANSWER_DEADLINE;
+                    while shared.unanswered() > 0 && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
                 });
+                // What receivers are owed: not a send refused `unavailable`
+                // (it never reached Redis), nor one answered
+                // `outcome_unknown` (it may have; if it did, it arrives,
+                // and can hide at most as many losses: the report shows
+                // how many there were).
                 reply(Reply::Sent(
-                    shared
-                        .sent
-                        .iter()
-                        .map(|s| s.load(Ordering::SeqCst))
+                    (0..shared.sent.len())
+                        .map(|j| {
+                            let load = |counters: &[AtomicU64]| counters[j].load(Ordering::SeqCst);
+                            load(&shared.sent)
+                                .saturating_sub(load(&shared.refused))
+                                .saturating_sub(load(&shared.in_doubt))
+                        })
                         .collect(),
                 ));
             }
@@ -354,6 +377,9 @@ fn tally(shared: &Shared, mine: &[(usize, Arc<Mutex<ClientStats>>)], sent: &[u64
     t.churn = shared.churned.tally();
     t.ended = ended;
     t.send_errors = shared.send_errors.load(Ordering::SeqCst);
+    let sum = |counters: &[AtomicU64]| counters.iter().map(|c| c.load(Ordering::SeqCst)).sum();
+    t.refused = sum(&shared.refused);
+    t.in_doubt = sum(&shared.in_doubt);
     t.first_error = shared.first_error.lock().unwrap().clone();
     t.per_message = shared
         .per_message
