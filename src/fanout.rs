@@ -133,7 +133,7 @@ pub fn spawn_fanout(
 /// A message waiting to be handed out, in arrival order.
 type Pending = (ChatMessage, Received);
 
-struct Fanout {
+pub(crate) struct Fanout {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     deliverers: Vec<Sender<Job>>,
@@ -215,7 +215,7 @@ impl Fanout {
 
     /// Frames each event once and hands each room's batch to its members,
     /// in order.
-    fn deliver(&self, pending: &mut Vec<Pending>) {
+    pub(crate) fn deliver(&self, pending: &mut Vec<Pending>) {
         let mut rooms: Vec<RoomBatch<'_>> = Vec::new();
         for (index, (message, _)) in pending.iter().enumerate() {
             faults::inject("fan-out", &message.text);

@@ -1,49 +1,69 @@
 //! pubsub-chat: a WebSocket chat server that scales out, one instance per
 //! process, the instances joined by Redis Pub/Sub.
 //!
-//! # Layout
-//!
-//! - [`config`]: every option, its default and its environment variable.
-//! - [`redis_url`]: a Redis URL checked at start and shown without its
-//!   password.
-//! - [`server`]: wiring: listeners, broker, named threads, shutdown.
-//! - [`http`]: the page, `/config.json`, `/healthz`, `/readyz` on the public
-//!   port; `/metrics`, `/stats` and the fault panel on the admin listener.
-//! - [`session`]: one WebSocket client's reader and writer threads.
-//! - [`hub`]: local clients by room, and the never-blocking delivery.
-//! - [`fanout`]: the thread between the Redis subscriber and the hub, that
-//!   batches deliveries under load.
-//! - [`direct`]: how a deliverer writes to an idle client's socket itself,
-//!   sparing the writer thread a wake-up.
-//! - [`broker`]: Redis Pub/Sub (and a Redis Stream of history per room), or
-//!   the local, single-instance twin.
-//! - [`protocol`]: the wire types and their only encoding and validation.
-//! - [`auth`]: `--auth token`: the signed token (JWT) a client sends
-//!   first, verified with pinned algorithms and keys; minting one for
-//!   development.
-//! - [`rate_limit`], [`origin`], [`per_address`], [`liveness`]: the
-//!   defences: a token bucket per client, the Origin check, clients per
-//!   address, and the pinger that finds dead peers.
-//! - [`metrics`], [`backoff`], [`stack`], [`allocator`], [`random`]:
-//!   counters, reconnection waits, giving back the stack pages an idle
-//!   reader no longer needs, malloc set up for thousands of threads, and
-//!   random tags and tokens.
-//!
 //! # The path of one message
 //!
-//! 1. A client's **reader thread** ([`session`]) reads a text frame,
-//!    validates it ([`protocol`]) and asks the [`broker`] to publish it. It
-//!    sends nothing to local clients itself.
-//! 2. Redis runs the accept script: the message gets the next id, goes into
-//!    the room's history and is published on the channel, in one step.
-//! 3. On every instance, the **subscriber thread** receives it and passes
-//!    it to the **fan-out thread** ([`fanout`]), which hands it (with any
-//!    others that arrived meanwhile) to the [`hub`]: framed once, the same
-//!    bytes queued to each local client of the room, never waiting on any.
-//! 4. For a client whose **writer thread** is idle, the fan-out writes the
-//!    bytes to the socket itself ([`direct`]); otherwise the writer takes
-//!    them from its queue and writes them. The sender gets its own copy
-//!    this way too: that is its receipt, and everyone sees the same order.
+//! Three places answer "where is it published, received, handed to the
+//! local clients":
+//!
+//! 1. **Published.** A client's session thread reads a text frame
+//!    ([`session::reader::read_until_closed`]), checks it ([`protocol`]),
+//!    and publishes it ([`session::reader::publish`], through the
+//!    [`broker::Broker`] seam) by [`broker::redis::publisher::Publisher::publish`]:
+//!    Redis runs the accept script, which gives the message the room's next
+//!    id, appends it to the room's history (a Redis Stream) and `PUBLISH`es
+//!    it on the room's channel, in one step. The session hands nothing to
+//!    local clients itself, and no instance ever publishes what it
+//!    received.
+//! 2. **Received.** On every instance, a subscriber thread, blocked on its
+//!    own subscribed connection and doing nothing else (the
+//!    blocking-subscription pitfall), reads it
+//!    ([`broker::redis::subscriber`]'s `Subscriber::subscribe_and_deliver`)
+//!    and emits it as a [`broker::BrokerEvent`] into one channel, in order.
+//! 3. **Handed to the local clients.** The fan-out thread, the one reader of
+//!    that channel ([`fanout::Fanout::deliver`]), looks the room up in the [`hub`] (a
+//!    registry that writes to no socket), frames the message once, and
+//!    hands the same bytes to each local client's outbox
+//!    ([`session::outbox::Outbox::deliver`]), which writes them to the
+//!    socket at once if it takes them, or queues them for a [`flusher`]
+//!    thread. The sender gets its own copy this way too: that is its
+//!    receipt, and every client sees one order.
+//!
+//! # The parts
+//!
+//! - Starting and stopping: [`config`] (every option, its default and its
+//!   environment variable), [`redis_url`] (a Redis URL checked, shown
+//!   without its password), [`server`] (the wiring: listeners, broker,
+//!   threads, shutdown), [`supervisor`] (the instance's own threads,
+//!   started and watched).
+//! - Clients: [`session`] (one thread per WebSocket client: handshake,
+//!   identity, reader, outbox), [`auth`] (`--auth token`: signed tokens),
+//!   [`http`] (the page and the endpoints, on tiny_http), [`protocol`] (the
+//!   wire types: their only encoding and validation).
+//! - Between instances: [`broker`] (Redis Pub/Sub and history, or the
+//!   local, single-instance twin), [`presence`] (who is in each room),
+//!   [`stats`] (the instances view behind `/stats`).
+//! - Delivery on this instance: [`fanout`], [`hub`], [`flusher`], and each
+//!   client's outbox in [`session`].
+//! - Defences: [`rate_limit`] (a token bucket per client), [`origin`] (the
+//!   Origin check), [`per_address`] (clients per address), [`liveness`]
+//!   (the pinger that finds dead peers).
+//! - The lesson: [`demo`] (the fault panel), [`faults`] (faults the tests
+//!   inject, debug builds only).
+//! - Plumbing: [`metrics`] (`/metrics`), [`backoff`] (reconnection waits),
+//!   [`clock`] (the wall and monotonic clocks), [`sync`] (the delivery
+//!   path's lock, switchable to loom's), [`stack`] (giving back an idle
+//!   reader's stack pages), [`allocator`] (malloc for thousands of
+//!   threads), [`random`] (tags and tokens).
+//!
+//! docs/ARCHITECTURE.md tells the same path with the threads and their
+//! queues; docs/PROTOCOL.md is the wire.
+
+// This map links the functions that do each step, most of them private to
+// the crate: the documentation is built with `--document-private-items`
+// (and checked so, with `-D warnings`, in .ci/run), where those links
+// resolve; broken links still fail.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod allocator;
 pub mod auth;

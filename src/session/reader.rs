@@ -264,7 +264,7 @@ pub fn read_until_closed(
 /// copy, coming back through the broker like everyone else's, is its
 /// receipt), or the error frame to send back: `unavailable` (not sent) or
 /// `outcome_unknown` (Redis never said).
-fn publish(
+pub(crate) fn publish(
     sender: &Sender<'_>,
     sent: &mut u64,
     message: ValidMessage,

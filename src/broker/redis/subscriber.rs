@@ -259,7 +259,7 @@ impl Subscriber {
         true
     }
 
-    fn subscribe_and_deliver(
+    pub(crate) fn subscribe_and_deliver(
         &mut self,
         first_attempt_tx: &Sender<()>,
         again: bool,
