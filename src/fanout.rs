@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use log::warn;
 
-use crate::broker::{BrokerEvent, DeliveryChange, DeliveryStatus, PresenceChange};
+use crate::broker::{BrokerEvent, LinkChange, LinkStatus, PresenceChange};
 use crate::clock;
 use crate::demo::DemoControls;
 use crate::faults;
@@ -190,7 +190,7 @@ impl Fanout {
                         bytes += message.text.len() + message.from.len();
                         pending.push((message, received));
                     }
-                    BrokerEvent::Delivery(change) => {
+                    BrokerEvent::Link(change) => {
                         self.deliver(&mut pending);
                         self.tell_status(&change);
                     }
@@ -277,10 +277,10 @@ impl Fanout {
 
     /// Tells the clients of the rooms concerned that sending went down or
     /// came back.
-    fn tell_status(&self, change: &DeliveryChange) {
+    fn tell_status(&self, change: &LinkChange) {
         let delivery = match change.status {
-            DeliveryStatus::Down => "down",
-            DeliveryStatus::Up => "up",
+            LinkStatus::Down => "down",
+            LinkStatus::Up => "up",
         };
         let frame = ServerFrame::Status {
             delivery,

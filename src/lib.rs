@@ -17,14 +17,16 @@
 //!    received.
 //! 2. **Received.** On every instance, a subscriber thread, blocked on its
 //!    own subscribed connection and doing nothing else (the
-//!    blocking-subscription pitfall), reads it
-//!    ([`broker::redis::subscriber`]'s `Subscriber::subscribe_and_deliver`)
-//!    and emits it as a [`broker::BrokerEvent`] into one channel, in order.
-//! 3. **Handed to the local clients.** The fan-out thread, the one reader of
-//!    that channel ([`fanout::Fanout::deliver`]), looks the room up in the [`hub`] (a
-//!    registry that writes to no socket), frames the message once, and
-//!    hands the same bytes to each local client's outbox
-//!    ([`session::outbox::Outbox::deliver`]), which writes them to the
+//!    blocking-subscription pitfall), receives it
+//!    ([`broker::redis::subscriber::Subscriber::subscribe_and_receive`])
+//!    and forwards it as a [`broker::BrokerEvent`] into the fan-out's
+//!    channel, in order. It holds no publishing connection: nothing
+//!    received is published again.
+//! 3. **Handed to the local clients.** The fan-out thread, the one reader
+//!    of that channel, delivers it ([`fanout::Fanout::deliver`]): looks the
+//!    room up in the [`hub`] (a registry that writes to no socket), frames
+//!    the message once, and hands the same bytes to each local client's
+//!    outbox ([`session::outbox::Outbox::deliver`]), which writes them to the
 //!    socket at once if it takes them, or queues them for a [`flusher`]
 //!    thread. The sender gets its own copy this way too: that is its
 //!    receipt, and every client sees one order.
@@ -56,8 +58,11 @@
 //!   reader's stack pages), [`allocator`] (malloc for thousands of
 //!   threads), [`random`] (tags and tokens).
 //!
-//! docs/ARCHITECTURE.md tells the same path with the threads and their
-//! queues; docs/PROTOCOL.md is the wire.
+//! Words keep one meaning each: a session *publishes*, a subscriber
+//! *receives* and *forwards* to the fan-out, the fan-out *delivers* to
+//! outboxes, an outbox *writes* to its socket; *link status* is whether
+//! the Redis links work. docs/ARCHITECTURE.md tells the same path with the
+//! threads and their queues; docs/PROTOCOL.md is the wire.
 
 // This map links the functions that do each step, most of them private to
 // the crate: the documentation is built with `--document-private-items`

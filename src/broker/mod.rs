@@ -179,7 +179,7 @@ pub enum BrokerEvent {
     Message(ChatMessage, Received),
     /// Sending and receiving went down or came back for some rooms: their
     /// clients are told, in order with the messages around it.
-    Delivery(DeliveryChange),
+    Link(LinkChange),
     /// Who is in a room changed, or someone there is typing.
     Presence(PresenceChange),
 }
@@ -284,7 +284,7 @@ pub struct PresenceSnapshot {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeliveryStatus {
+pub enum LinkStatus {
     Up,
     Down,
 }
@@ -292,8 +292,8 @@ pub enum DeliveryStatus {
 /// Whether the clients of some rooms can send and receive across
 /// instances now, and why not.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeliveryChange {
-    pub status: DeliveryStatus,
+pub struct LinkChange {
+    pub status: LinkStatus,
     /// The rooms whose clients are told: every room of this instance
     /// (`None`), or those of one Redis Cluster shard.
     pub rooms: Option<Vec<String>>,

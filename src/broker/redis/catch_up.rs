@@ -6,7 +6,7 @@
 //! Cluster moved its slot), some of its messages were published while no
 //! subscription listened: they are in its history, which the accept script
 //! writes before it publishes. The subscriber must not read that history
-//! itself: it delivers every room of its connection, and a history read
+//! itself: it forwards every room of its connection, and a history read
 //! (on a slow link, or of a large room) would hold them all up. So the
 //! subscriber gates the room and asks this file's thread, which reads the
 //! history in pages and lifts the gate: the hand-over between the two is
@@ -40,13 +40,13 @@ const PAGE: usize = 500;
 /// differ a little).
 const PLAUSIBLE_CLOCK_SKEW_MS: u64 = 60_000;
 
-/// Per room, the last id delivered to this instance's clients: where a
+/// Per room, the last id forwarded to this instance's fan-out (so delivered to its clients): where a
 /// catch-up resumes. Shared by the subscribers of a cluster's shards,
 /// because a room whose slot moves is caught up by the shard it moves to.
 #[derive(Default)]
-pub struct Delivered(Mutex<HashMap<String, MessageId>>);
+pub struct ResumePoints(Mutex<HashMap<String, MessageId>>);
 
-impl Delivered {
+impl ResumePoints {
     pub fn get(&self, room: &str) -> Option<MessageId> {
         lock(&self.0).get(room).copied()
     }
@@ -59,11 +59,11 @@ impl Delivered {
         if id.millis > clock::wall_millis() + PLAUSIBLE_CLOCK_SKEW_MS {
             return;
         }
-        let mut delivered = lock(&self.0);
-        match delivered.get_mut(room) {
+        let mut forwarded = lock(&self.0);
+        match forwarded.get_mut(room) {
             Some(last) => *last = (*last).max(id),
             None => {
-                delivered.insert(room.to_string(), id);
+                forwarded.insert(room.to_string(), id);
             }
         }
     }
@@ -76,12 +76,12 @@ impl Delivered {
 }
 
 /// Where a shard's gates hand what they let through: the fan-out's
-/// channel (noting the last id delivered per room), and the shard's
+/// channel (noting the last id forwarded per room), and the shard's
 /// health.
 pub struct ToFanout {
     shard: usize,
     events_tx: EventSender,
-    delivered: Arc<Delivered>,
+    resume_points: Arc<ResumePoints>,
     health: Arc<Health>,
     /// Told when a connection is caught up (presence is then registered
     /// again and re-sent).
@@ -89,9 +89,9 @@ pub struct ToFanout {
 }
 
 impl Downstream for ToFanout {
-    fn deliver(&self, event: BrokerEvent) {
+    fn forward(&self, event: BrokerEvent) {
         if let BrokerEvent::Message(message, _) = &event {
-            self.delivered.record(&message.room, message.id);
+            self.resume_points.record(&message.room, message.id);
         }
         // The fan-out only ends with the process, or dies, which the
         // supervisor reports.
@@ -143,7 +143,7 @@ impl CatchUp {
     pub fn new(
         shard: usize,
         events_tx: EventSender,
-        delivered: Arc<Delivered>,
+        resume_points: Arc<ResumePoints>,
         health: Arc<Health>,
         reconnected_tx: Sender<()>,
         metrics: Arc<Metrics>,
@@ -152,7 +152,7 @@ impl CatchUp {
         let downstream = ToFanout {
             shard,
             events_tx,
-            delivered,
+            resume_points,
             health,
             reconnected_tx,
         };
@@ -188,8 +188,8 @@ impl CatchUp {
         let _ = self.jobs_tx.send(job);
     }
 
-    /// Delivers `event` of `room`, or holds it at the room's gate, or drops
-    /// it if the room's catch-up delivered it already.
+    /// Forwards `event` of `room`, or holds it at the room's gate, or drops
+    /// it if the room's catch-up forwarded it already.
     pub fn pass(&self, room: &str, event: BrokerEvent) {
         self.gates.pass(room, event);
     }
@@ -205,9 +205,9 @@ impl CatchUp {
         let _ = self.jobs_tx.send(Job::Relocate(room.to_string()));
     }
 
-    /// The room is no longer subscribed (see [`Delivered::forget`]).
+    /// The room is no longer subscribed (see [`ResumePoints::forget`]).
     pub fn forget(&self, room: &str) {
-        self.gates.downstream().delivered.forget(room);
+        self.gates.downstream().resume_points.forget(room);
     }
 }
 
@@ -226,12 +226,12 @@ impl CatchUpThread {
         }
     }
 
-    /// Delivers what `room` missed, page by page, then what its gate held,
+    /// Forwards what `room` missed, page by page, then what its gate held,
     /// and lifts the gate; gives up when the connection that asked is gone.
     fn catch_up(&mut self, generation: u64, room: &str) {
         let shared = self.catch_up.clone();
         let gates = &shared.gates;
-        let mut from = gates.downstream().delivered.get(room);
+        let mut from = gates.downstream().resume_points.get(room);
         let mut missed = 0;
         loop {
             let page = self.link.run(|connection| {
@@ -257,10 +257,10 @@ impl CatchUpThread {
             let full = page.full;
             let last_id = page.last_id;
             match gates.page(room, generation, page.messages, from) {
-                Ok((delivered_up_to, delivered)) => {
+                Ok((forwarded_up_to, forwarded)) => {
                     // Past entries that were skipped as invalid too.
-                    from = delivered_up_to.max(last_id);
-                    missed += delivered;
+                    from = forwarded_up_to.max(last_id);
+                    missed += forwarded;
                 }
                 Err(_) => return,
             }

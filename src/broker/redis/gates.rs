@@ -10,10 +10,10 @@
 //! 1. **Gate.** Before anything of the new subscription is read, the room
 //!    is gated: what the subscriber receives for it is **held**, in order.
 //! 2. **Pages.** The catch-up thread reads history after the last id
-//!    delivered (every message accepted before the subscription was
-//!    confirmed is there) and delivers it, page by page.
-//! 3. **Lift.** Under the lock, it delivers what the gate held past the
-//!    last id it delivered, and turns the gate into a **seam** at that id.
+//!    forwarded (every message accepted before the subscription was
+//!    confirmed is there) and forwards it, page by page.
+//! 3. **Lift.** Under the lock, it forwards what the gate held past the
+//!    last id it forwarded, and turns the gate into a **seam** at that id.
 //! 4. **Seam.** A message history gave may still be on its way live
 //!    (published before the history read, not read yet by the subscriber):
 //!    the subscriber drops messages of the room up to the seam, and the
@@ -23,7 +23,7 @@
 //! dropped (every dropped message is in history) and the lift says to
 //! read history again from where the pages stopped. A connection that
 //! breaks makes every catch-up asked on it stale: its pages and lift
-//! deliver nothing.
+//! forward nothing.
 
 use std::collections::{HashMap, HashSet};
 
@@ -34,7 +34,7 @@ use crate::sync::{AtomicUsize, Mutex, Ordering, lock};
 /// Where the gates hand what they let through, and whom they tell.
 pub trait Downstream {
     /// An event for the clients, in its room's order.
-    fn deliver(&self, event: BrokerEvent);
+    fn forward(&self, event: BrokerEvent);
     /// Every room of the connection is caught up: the shard is up.
     fn caught_up(&self);
     /// The connection broke: the shard is down.
@@ -74,7 +74,7 @@ struct State {
     /// one is stale.
     generation: u64,
     gates: HashMap<String, Gate>,
-    /// Per room caught up: its live copies up to this id were delivered
+    /// Per room caught up: its live copies up to this id were forwarded
     /// from history.
     seams: HashMap<String, MessageId>,
     /// The rooms a new connection subscribed, until each is caught up.
@@ -91,7 +91,7 @@ pub struct Stale;
 pub enum Lifted {
     /// The gate is lifted: the room is caught up.
     Done,
-    /// The gate overflowed: read history again after the last id delivered.
+    /// The gate overflowed: read history again after the last id forwarded.
     ReadAgain,
 }
 
@@ -99,8 +99,8 @@ pub struct Gates<D> {
     state: Mutex<State>,
     /// Rooms gated or with a seam: the subscriber's steady state costs one
     /// atomic load per message, no lock. Decremented (release) only after
-    /// what the gate let through was delivered, so that a subscriber that
-    /// sees it drop (acquire) delivers after it.
+    /// what the gate let through was forwarded, so that a subscriber that
+    /// sees it drop (acquire) forwards after it.
     watched: AtomicUsize,
     downstream: D,
     bounds: Bounds,
@@ -170,12 +170,12 @@ impl<D: Downstream> Gates<D> {
         state.generation
     }
 
-    /// The subscriber's way: delivers `event` of `room`, holds it if the
+    /// The subscriber's way: forwards `event` of `room`, holds it if the
     /// room is gated, or drops it if it is a message its catch-up already
-    /// delivered.
+    /// forwarded.
     pub fn pass(&self, room: &str, event: BrokerEvent) {
         if self.watched.load(Ordering::Acquire) == 0 {
-            self.downstream.deliver(event);
+            self.downstream.forward(event);
             return;
         }
         let mut state = lock(&self.state);
@@ -211,9 +211,9 @@ impl<D: Downstream> Gates<D> {
             self.watched.fetch_sub(1, Ordering::Release);
         }
         drop(state);
-        // Only this thread gates a room again: no catch-up delivers for it
+        // Only this thread gates a room again: no catch-up forwards for it
         // until then, so this needs no lock.
-        self.downstream.deliver(event);
+        self.downstream.forward(event);
     }
 
     /// `room` will not be caught up on this connection (Redis refused it
@@ -231,9 +231,9 @@ impl<D: Downstream> Gates<D> {
         self.resynced(&mut state, room);
     }
 
-    /// The catch-up's way: delivers a page of `room`'s history, those past
-    /// `from` (the last id delivered); returns the new `from` and how many
-    /// it delivered.
+    /// The catch-up's way: forwards a page of `room`'s history, those past
+    /// `from` (the last id forwarded); returns the new `from` and how many
+    /// it forwarded.
     pub fn page(
         &self,
         room: &str,
@@ -245,21 +245,21 @@ impl<D: Downstream> Gates<D> {
         if state.generation != generation || !state.gates.contains_key(room) {
             return Err(Stale);
         }
-        let mut delivered = 0;
+        let mut forwarded = 0;
         for message in messages {
             if Some(message.id) <= from {
                 continue;
             }
             from = Some(message.id);
-            delivered += 1;
+            forwarded += 1;
             self.downstream
-                .deliver(BrokerEvent::Message(message, Received::now(Via::History)));
+                .forward(BrokerEvent::Message(message, Received::now(Via::History)));
         }
-        Ok((from, delivered))
+        Ok((from, forwarded))
     }
 
-    /// After the last page: delivers what the gate held past `from`, and
-    /// turns the gate into a seam at the last id delivered; or, if the gate
+    /// After the last page: forwards what the gate held past `from`, and
+    /// turns the gate into a seam at the last id forwarded; or, if the gate
     /// overflowed meanwhile, asks for history again from `from`.
     pub fn lift(
         &self,
@@ -287,7 +287,7 @@ impl<D: Downstream> Gates<D> {
                 }
                 from = Some(message.id);
             }
-            self.downstream.deliver(event);
+            self.downstream.forward(event);
         }
         // The gate becomes a seam: the count of rooms watched only drops,
         // after the deliveries above, when there is no seam to leave.
@@ -352,14 +352,14 @@ mod tests {
 
     #[derive(Default)]
     struct Recorder {
-        delivered: StdMutex<Vec<u64>>,
+        forwarded: StdMutex<Vec<u64>>,
         caught_up: StdMutex<usize>,
     }
 
     impl Downstream for Recorder {
-        fn deliver(&self, event: BrokerEvent) {
+        fn forward(&self, event: BrokerEvent) {
             if let BrokerEvent::Message(message, _) = event {
-                self.delivered.lock().unwrap().push(message.id.seq);
+                self.forwarded.lock().unwrap().push(message.id.seq);
             }
         }
         fn caught_up(&self) {
@@ -368,8 +368,8 @@ mod tests {
         fn lost(&self, _reason: &str) {}
     }
 
-    fn delivered(gates: &Gates<Recorder>) -> Vec<u64> {
-        gates.downstream().delivered.lock().unwrap().clone()
+    fn forwarded(gates: &Gates<Recorder>) -> Vec<u64> {
+        gates.downstream().forwarded.lock().unwrap().clone()
     }
 
     #[test]
@@ -388,7 +388,7 @@ mod tests {
         gates.pass("r", live(4));
         gates.pass("r", live(5));
         gates.pass("r", live(6));
-        assert_eq!(delivered(&gates), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(forwarded(&gates), [1, 2, 3, 4, 5, 6]);
     }
 
     #[test]
@@ -411,7 +411,7 @@ mod tests {
             .unwrap();
         assert_eq!(gates.lift("r", generation, from), Ok(Lifted::Done));
         gates.pass("r", live(7));
-        assert_eq!(delivered(&gates), [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(forwarded(&gates), [1, 2, 3, 4, 5, 6, 7]);
     }
 
     #[test]
@@ -424,12 +424,12 @@ mod tests {
             Err(Stale)
         );
         assert_eq!(gates.lift("r", generation, None), Err(Stale));
-        assert!(delivered(&gates).is_empty());
+        assert!(forwarded(&gates).is_empty());
         // The next connection catches up afresh.
         let generation = gates.connected(&["r".into()]);
         let (from, _) = gates.page("r", generation, vec![message(1)], None).unwrap();
         assert_eq!(gates.lift("r", generation, from), Ok(Lifted::Done));
-        assert_eq!(delivered(&gates), [1]);
+        assert_eq!(forwarded(&gates), [1]);
     }
 
     #[test]
@@ -441,12 +441,12 @@ mod tests {
         gates.abandon("r");
         assert_eq!(*gates.downstream().caught_up.lock().unwrap(), 1);
         gates.pass("r", live(1));
-        assert_eq!(delivered(&gates), [1]);
+        assert_eq!(forwarded(&gates), [1]);
     }
 }
 
 /// Every interleaving of the subscriber passing live messages and the
-/// catch-up thread delivering history and lifting the gate, explored by
+/// catch-up thread forwarding history and lifting the gate, explored by
 /// loom over the real code. Run with
 /// `RUSTFLAGS="--cfg loom" cargo test --release --lib loom`.
 #[cfg(all(test, loom))]
@@ -458,7 +458,7 @@ mod loom_model {
     struct Recorder(loom::sync::Mutex<Vec<u64>>);
 
     impl Downstream for Recorder {
-        fn deliver(&self, event: BrokerEvent) {
+        fn forward(&self, event: BrokerEvent) {
             if let BrokerEvent::Message(message, _) = event {
                 self.0.lock().unwrap().push(message.id.seq);
             }
@@ -506,8 +506,8 @@ mod loom_model {
             subscriber.join().unwrap();
             catch_up.join().unwrap();
             gates.pass("r", live(6));
-            let delivered = gates.downstream().0.lock().unwrap().clone();
-            assert_eq!(delivered, [1, 2, 3, 4, 5, 6]);
+            let forwarded = gates.downstream().0.lock().unwrap().clone();
+            assert_eq!(forwarded, [1, 2, 3, 4, 5, 6]);
         });
     }
 

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use log::info;
 
 use super::rooms::RoomSubscriptions;
-use crate::broker::{BrokerEvent, DeliveryChange, DeliveryStatus, EventSender};
+use crate::broker::{BrokerEvent, EventSender, LinkChange, LinkStatus};
 use crate::metrics::Metrics;
 use crate::sync::{Mutex, lock};
 
@@ -136,24 +136,24 @@ impl Health {
         }
         if !went_down.is_empty() {
             let message = self.told_down().to_string();
-            self.tell(DeliveryStatus::Down, &went_down, shards, message);
+            self.tell(LinkStatus::Down, &went_down, shards, message);
         }
         if !went_up.is_empty() {
             info!("redis: delivery is up again for shards {went_up:?}");
             let message = "the server is linked to Redis again".to_string();
-            self.tell(DeliveryStatus::Up, &went_up, shards, message);
+            self.tell(LinkStatus::Up, &went_up, shards, message);
         }
     }
 
-    fn tell(&self, status: DeliveryStatus, shards: &[usize], of: usize, message: String) {
+    fn tell(&self, status: LinkStatus, shards: &[usize], of: usize, message: String) {
         let rooms = (shards.len() < of).then(|| self.rooms.rooms_of(shards));
-        let change = DeliveryChange {
+        let change = LinkChange {
             status,
             rooms,
             message,
         };
         // The fan-out only ends with the process.
-        let _ = self.events_tx.send(BrokerEvent::Delivery(change));
+        let _ = self.events_tx.send(BrokerEvent::Link(change));
     }
 
     /// For a client joining a room on `shard` (`None`: a room whose cluster

@@ -68,7 +68,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{MessageId, NewMessage, ServerFrame};
 use crate::stats::InstanceReport;
 use crate::supervisor::Supervisor;
-use catch_up::Delivered;
+use catch_up::ResumePoints;
 use cluster::Topology;
 use health::Health;
 use history::HistoryReader;
@@ -141,7 +141,7 @@ impl RedisBroker {
             keys: keys.clone(),
             rooms: rooms.clone(),
             health: health.clone(),
-            delivered: Arc::new(Delivered::default()),
+            resume_points: Arc::new(ResumePoints::default()),
             topology,
             events_tx,
             metrics: metrics.clone(),

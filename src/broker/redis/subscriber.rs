@@ -25,7 +25,7 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{error, info, warn};
 use redis::{ConnectionInfo, RedisError, ServerErrorKind};
 
-use super::catch_up::{CatchUp, CatchUpThread, Delivered};
+use super::catch_up::{CatchUp, CatchUpThread, ResumePoints};
 use super::cluster::Topology;
 use super::health::Health;
 use super::keys::RedisKeys;
@@ -49,7 +49,7 @@ pub struct Shards {
     pub keys: RedisKeys,
     pub rooms: Arc<RoomSubscriptions>,
     pub health: Arc<Health>,
-    pub delivered: Arc<Delivered>,
+    pub resume_points: Arc<ResumePoints>,
     /// The cluster's map; `None` with a single Redis.
     pub topology: Option<Arc<Topology>>,
     pub events_tx: EventSender,
@@ -98,7 +98,7 @@ impl Shards {
         let (catch_up, jobs_rx) = CatchUp::new(
             shard,
             self.events_tx.clone(),
-            self.delivered.clone(),
+            self.resume_points.clone(),
             self.health.clone(),
             self.reconnected_tx.clone(),
             self.metrics.clone(),
@@ -185,7 +185,7 @@ impl Shards {
 }
 
 /// One subscriber thread's state.
-struct Subscriber {
+pub(crate) struct Subscriber {
     /// Which subscribed connection this is (0 with a single Redis).
     shard: usize,
     /// Its connection's name (`CLIENT LIST` shows it).
@@ -205,7 +205,7 @@ impl Subscriber {
         let mut attempts = 0u64;
         loop {
             let e = self
-                .subscribe_and_deliver(first_attempt_tx, attempts > 0)
+                .subscribe_and_receive(first_attempt_tx, attempts > 0)
                 .expect_err("delivery only ends on an error");
             attempts += 1;
             let shards = self.shards.clone();
@@ -259,7 +259,7 @@ impl Subscriber {
         true
     }
 
-    pub(crate) fn subscribe_and_deliver(
+    pub(crate) fn subscribe_and_receive(
         &mut self,
         first_attempt_tx: &Sender<()>,
         again: bool,
