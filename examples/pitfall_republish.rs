@@ -12,7 +12,7 @@
 //! The real server publishes a message once, when its client sends it
 //! (`src/session/reader.rs` → `src/broker/redis/publisher.rs`), and only
 //! delivers what comes from Redis: the subscriber emits it to the fan-out
-//! (`src/broker/redis/subscriber.rs` → `src/fanout.rs`), which writes to
+//! (`src/broker/redis/subscriber.rs` → `src/delivery/fanout.rs`), which writes to
 //! local clients and publishes nothing.
 //!
 //! Run by `./scripts/pitfall.sh`, or alone:
@@ -75,7 +75,7 @@ fn run_instance(instance: usize, redis_url: &str, delivered: &Delivered) -> redi
         // PITFALL: publishes again what came from Redis, "so that the other
         // instances get it". They already did, and so does this one: the
         // copy comes back to both. The real server only delivers what it
-        // receives: src/broker/redis/subscriber.rs, src/fanout.rs.
+        // receives: src/broker/redis/subscriber.rs, src/delivery/fanout.rs.
         redis::cmd("PUBLISH")
             .arg(channel())
             .arg(message.to_string())
@@ -206,7 +206,7 @@ fn main() -> ExitCode {
             &args,
             true,
             &format!(
-                "1 message became {} copies at each instance after {ROUNDS} rounds; the real server: 1 copy at each client, it delivers what Redis sends and never republishes (src/fanout.rs)",
+                "1 message became {} copies at each instance after {ROUNDS} rounds; the real server: 1 copy at each client, it delivers what Redis sends and never republishes (src/delivery/fanout.rs)",
                 count(copies)
             ),
         ),

@@ -12,9 +12,9 @@
 //! keeps nothing for a subscriber that is gone.
 //!
 //! The real server: the subscriber only emits events into a channel
-//! (`src/broker/redis/subscriber.rs`); the fan-out (`src/fanout.rs`) hands
+//! (`src/broker/redis/subscriber.rs`); the fan-out (`src/delivery/fanout.rs`) hands
 //! each message to every client's outbox, which never blocks
-//! (`src/session/outbox.rs`); a client whose outbox passes
+//! (`src/delivery/outbox.rs`); a client whose outbox passes
 //! `--client-buffer-bytes` is closed as a slow consumer, alone.
 //!
 //! Run by `./scripts/pitfall.sh` (it gives the real server a
@@ -71,7 +71,7 @@ fn run_subscriber(redis_url: &str, channel: &str, clients: &Clients) -> redis::R
         // reading stops this loop: every other client waits, and Redis cuts
         // this connection at client-output-buffer-limit pubsub. The real
         // server hands each message to outboxes that never block:
-        // src/fanout.rs, src/session/outbox.rs.
+        // src/delivery/fanout.rs, src/delivery/outbox.rs.
         clients.retain_mut(|ws| ws.send(Message::text(payload.clone())).is_ok());
     }
 }
@@ -416,7 +416,7 @@ fn main() -> ExitCode {
         && w.unheard.is_none()
         && matches!(&w.stuck_close, Some((1008, _)));
     let summary = format!(
-        "one stuck client stalled the others at {} of {}, Redis cut the subscriber, {} lost; the real server: {} of {} delivered, the stuck client closed {}, its subscription kept (src/fanout.rs, src/session/outbox.rs)",
+        "one stuck client stalled the others at {} of {}, Redis cut the subscriber, {} lost; the real server: {} of {} delivered, the stuck client closed {}, its subscription kept (src/delivery/fanout.rs, src/delivery/outbox.rs)",
         count(b.stalled_at),
         count(MESSAGES),
         count(MESSAGES - b.delivered.0),

@@ -122,7 +122,7 @@ fi
 if ((rc == 0 && full)); then
   # Every interleaving of the outbox's threads, and of the subscriber and
   # catch-up threads at a room's gate, explored by loom over the real code
-  # (src/session/outbox.rs and src/broker/redis/gates.rs, modules loom_model).
+  # (src/delivery/outbox.rs and src/broker/redis/gates.rs, modules loom_model).
   step "Model tests of the outbox and the catch-up gates (loom)"
   RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="$REPO_ROOT/target/loom" \
     cargo test --release --lib loom || rc=$?

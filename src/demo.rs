@@ -25,7 +25,7 @@ use std::time::Duration;
 use log::warn;
 
 use crate::clock;
-use crate::hub::Hub;
+use crate::delivery::hub::Hub;
 
 /// The longest pause or stall one request may ask for.
 pub const MAX_SECONDS: u64 = 60;

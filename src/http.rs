@@ -22,11 +22,12 @@ use log::{debug, warn};
 use serde::Serialize;
 
 use crate::broker::Broker;
+use crate::broker::report::InstanceReport;
 use crate::clock;
+use crate::delivery::hub::Hub;
 use crate::demo::{self, DemoControls};
-use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::stats::{InstanceReport, Stats};
+use crate::stats::Stats;
 use crate::supervisor::Supervisor;
 
 /// A row of [`PAGE_FILES`]: `client/<file>`, served at `/<file>`.
@@ -501,7 +502,7 @@ pub fn serve(server: &tiny_http::Server, state: &HttpState, listener: Listener) 
 mod tests {
     use super::*;
     use crate::broker::local::LocalBroker;
-    use crate::hub::Hub;
+    use crate::delivery::hub::Hub;
 
     fn state_with(demo_controls: bool) -> HttpState {
         let metrics = Arc::new(Metrics::default());

@@ -23,11 +23,11 @@
 //!    channel, in order. It holds no publishing connection: nothing
 //!    received is published again.
 //! 3. **Handed to the local clients.** The fan-out thread, the one reader
-//!    of that channel, delivers it ([`fanout::Fanout::deliver`]): looks the
-//!    room up in the [`hub`] (a registry that writes to no socket), frames
+//!    of that channel, delivers it ([`delivery::fanout::Fanout::deliver`]): looks the
+//!    room up in the [`hub`](delivery::hub) (a registry that writes to no socket), frames
 //!    the message once, and hands the same bytes to each local client's
-//!    outbox ([`session::outbox::Outbox::deliver`]), which writes them to the
-//!    socket at once if it takes them, or queues them for a [`flusher`]
+//!    outbox ([`delivery::outbox::Outbox::deliver`]), which writes them to the
+//!    socket at once if it takes them, or queues them for a [`flusher`](delivery::flusher)
 //!    thread. The sender gets its own copy this way too: that is its
 //!    receipt, and every client sees one order.
 //!
@@ -39,14 +39,15 @@
 //!   threads, shutdown), [`supervisor`] (the instance's own threads,
 //!   started and watched).
 //! - Clients: [`session`] (one thread per WebSocket client: handshake,
-//!   identity, reader, outbox), [`auth`] (`--auth token`: signed tokens),
+//!   identity, reader), [`auth`] (`--auth token`: signed tokens),
 //!   [`http`] (the page and the endpoints, on tiny_http), [`protocol`] (the
 //!   wire types: their only encoding and validation).
 //! - Between instances: [`broker`] (Redis Pub/Sub and history, or the
 //!   local, single-instance twin), [`presence`] (who is in each room),
 //!   [`stats`] (the instances view behind `/stats`).
-//! - Delivery on this instance: [`fanout`], [`hub`], [`flusher`], and each
-//!   client's outbox in [`session`].
+//! - Delivery on this instance, [`delivery`]: the fan-out, the hub, each
+//!   client's outbox, the flushers. The session depends on it, never the
+//!   reverse.
 //! - Defences: [`rate_limit`] (a token bucket per client), [`origin`] (the
 //!   Origin check), [`per_address`] (clients per address), [`liveness`]
 //!   (the pinger that finds dead peers).
@@ -76,12 +77,10 @@ pub mod backoff;
 pub mod broker;
 pub mod clock;
 pub mod config;
+pub mod delivery;
 pub mod demo;
-pub mod fanout;
 pub mod faults;
-pub mod flusher;
 pub mod http;
-pub mod hub;
 pub mod liveness;
 pub mod metrics;
 pub mod origin;

@@ -30,10 +30,10 @@ use log::{debug, info, warn};
 use tungstenite::protocol::frame::Frame;
 
 use crate::clock;
-use crate::hub::Hub;
+use crate::delivery::hub::Hub;
+use crate::delivery::outbox::Queued;
 use crate::metrics::Metrics;
 use crate::protocol::CloseReason;
-use crate::session::outbox::Queued;
 use crate::supervisor::Supervisor;
 
 /// When the pinger wakes, and what it closes.

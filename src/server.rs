@@ -17,11 +17,11 @@ use crate::broker::redis::tls::RedisTls;
 use crate::broker::redis::{RedisBroker, RedisSettings};
 use crate::broker::{Broker, BrokerEvent};
 use crate::config::{self, AuthMode, BrokerKind, Config};
+use crate::delivery::fanout::{self, EVENT_QUEUE, FanoutSettings};
+use crate::delivery::flusher::Flusher;
+use crate::delivery::hub::Hub;
 use crate::demo::DemoControls;
-use crate::fanout::{self, EVENT_QUEUE, FanoutSettings};
-use crate::flusher::Flusher;
 use crate::http::{self, HttpState, Listener};
-use crate::hub::Hub;
 use crate::liveness;
 use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
@@ -218,7 +218,8 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
 
     let stats = Reporter {
         instance: instance.clone(),
-        broker: broker.clone(),
+        reports: broker.clone(),
+        readiness: broker.clone(),
         metrics: metrics.clone(),
         hub: hub.clone(),
     }

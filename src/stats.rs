@@ -7,41 +7,14 @@
 
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-use crate::broker::Broker;
+use crate::broker::report::{InstanceReport, REPORT_EVERY};
+use crate::broker::{InstanceReports, Readiness};
 use crate::clock;
-use crate::hub::Hub;
+use crate::delivery::hub::Hub;
 use crate::metrics::Metrics;
 use crate::supervisor::Supervisor;
 use crate::sync::{Mutex, lock};
-
-/// How often an instance reports.
-pub const REPORT_EVERY: Duration = Duration::from_secs(2);
-/// A report older than this is an instance that is gone (three missed).
-pub const STALE_AFTER_MS: u64 = 3 * REPORT_EVERY.as_millis() as u64;
-
-/// One instance, as it last reported.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InstanceReport {
-    pub instance: String,
-    pub clients: i64,
-    pub rooms: usize,
-    /// Messages its clients sent (accepted by the broker), per second.
-    pub published_per_s: f64,
-    /// Frames it handed to its clients' sockets, per second.
-    pub delivered_per_s: f64,
-    pub up_since_ms: u64,
-    pub seen_ms: u64,
-    /// `"up"` or `"down"`: its link to Redis, as it sees it.
-    pub redis: String,
-    /// Counters a fault makes move.
-    pub slow_clients_dropped: u64,
-    pub redis_reconnects: u64,
-    pub history_replayed: u64,
-}
 
 /// This instance's latest report, kept for `/stats` when the broker cannot
 /// be asked for the others.
@@ -87,7 +60,10 @@ impl Stats {
 /// What the reporter thread needs.
 pub struct Reporter {
     pub instance: String,
-    pub broker: Arc<dyn Broker>,
+    /// Where the reports go (the broker).
+    pub reports: Arc<dyn InstanceReports>,
+    /// Whether this instance's Redis links work: the report's `redis`.
+    pub readiness: Arc<dyn Readiness>,
     pub metrics: Arc<Metrics>,
     pub hub: Arc<Hub>,
 }
@@ -105,7 +81,7 @@ impl Reporter {
             delivered_per_s: per_second(now.delivered - previous.delivered, millis),
             up_since_ms,
             seen_ms: clock::wall_millis(),
-            redis: if self.broker.readiness().is_ok() {
+            redis: if self.readiness.readiness().is_ok() {
                 "up"
             } else {
                 "down"
@@ -128,12 +104,12 @@ impl Reporter {
         supervisor.spawn("stats", move || {
             // The first report goes out at once, so that a page loaded right
             // after the start already lists this instance.
-            self.broker.report(&first);
+            self.reports.report(&first);
             loop {
                 thread::sleep(REPORT_EVERY);
                 let (report, now) = self.report(up_since_ms, previous);
                 previous = now;
-                self.broker.report(&report);
+                self.reports.report(&report);
                 *lock(&shared.latest) = report;
             }
         })?;

@@ -1,7 +1,7 @@
 //! The lock of the delivery path, switchable to loom's.
 //!
 //! Built with `RUSTFLAGS="--cfg loom"`, [`Mutex`] and [`AtomicUsize`] are
-//! loom's, so that the model tests of the outbox (`src/session/outbox.rs`)
+//! loom's, so that the model tests of the outbox (`src/delivery/outbox.rs`)
 //! and of the catch-up gates (`src/broker/redis/gates.rs`) explore every
 //! interleaving of the real code; otherwise they are the standard ones.
 

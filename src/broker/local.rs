@@ -8,16 +8,16 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
+use crate::broker::report::InstanceReport;
 use crate::broker::{
-    Broker, BrokerEvent, Connections, EventSender, History, HistoryQuery, PresenceChange,
-    PresenceSnapshot, Unavailable,
+    BrokerEvent, Connections, EventSender, History, HistoryQuery, InstanceReports, Messages,
+    Presence, PresenceChange, PresenceSnapshot, Readiness, Unavailable,
 };
 use crate::clock;
 use crate::metrics::Metrics;
 use crate::protocol::{
     ChatMessage, LeaveReason, MemberChange, MessageId, NewMessage, Received, Via,
 };
-use crate::stats::InstanceReport;
 use crate::sync::{Mutex, lock};
 
 #[derive(Debug, Default)]
@@ -111,7 +111,7 @@ pub fn next_id(last: MessageId, now_millis: u64) -> MessageId {
     }
 }
 
-impl Broker for LocalBroker {
+impl Messages for LocalBroker {
     fn publish(
         &self,
         message: NewMessage,
@@ -165,7 +165,9 @@ impl Broker for LocalBroker {
             ),
         })
     }
+}
 
+impl Presence for LocalBroker {
     fn present(&self, room: &str, name: &str) -> Option<u64> {
         self.change(room, name, 1)
     }
@@ -201,11 +203,15 @@ impl Broker for LocalBroker {
                 name: name.to_string(),
             }));
     }
+}
 
+impl Readiness for LocalBroker {
     fn readiness(&self) -> Result<(), String> {
         Ok(())
     }
+}
 
+impl InstanceReports for LocalBroker {
     fn report(&self, report: &InstanceReport) {
         lock(&self.state).report = Some(report.clone());
     }

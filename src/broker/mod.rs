@@ -1,9 +1,13 @@
 //! The broker: what joins this instance to the others.
 //!
 //! [`Broker`] is the seam between the local world (sessions, the hub) and
-//! the shared one. A broker accepts messages ([`Broker::publish`]) and
-//! reads history; what it receives it only **emits**, as [`BrokerEvent`]s
-//! into one channel, in order. It knows nothing of clients: the fan-out
+//! the shared one, in four narrow traits, each used by the part that needs
+//! it: [`Messages`] (publish, read history, attach a room), [`Presence`]
+//! (who is in a room, who types), [`Readiness`] (whether the links work,
+//! and the fault panel's cut) and [`InstanceReports`] (the instances
+//! view). A broker accepts messages ([`Messages::publish`]) and reads
+//! history; what it receives it only **emits**, as [`BrokerEvent`]s into
+//! one channel, in order. It knows nothing of clients: the fan-out
 //! thread is the one consumer of that channel and the one caller of the
 //! hub, whichever broker runs. Two implementations:
 //! - [`redis::RedisBroker`]: Redis Pub/Sub carries every message to every
@@ -14,6 +18,7 @@
 
 pub mod local;
 pub mod redis;
+pub mod report;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -21,7 +26,7 @@ use std::fmt;
 use crate::protocol::{
     ChatMessage, MemberChange, MembersExpired, MembersRewritten, MessageId, NewMessage, Received,
 };
-use crate::stats::InstanceReport;
+use report::InstanceReport;
 
 /// Why the broker could not do what was asked. The message of a failed
 /// publish was NOT accepted: nobody will receive it.
@@ -304,7 +309,14 @@ pub struct LinkChange {
 /// Where a broker sends its events.
 pub type EventSender = crossbeam_channel::Sender<BrokerEvent>;
 
-pub trait Broker: Send + Sync {
+/// The broker, whole: one object implements the four traits below, and
+/// each part of the server names only the one it uses (the instances/// view, [`InstanceReports`]; presence, [`Presence`]; ...).
+pub trait Broker: Messages + Presence + Readiness + InstanceReports {}
+
+impl<T: Messages + Presence + Readiness + InstanceReports> Broker for T {}
+
+/// Publishing and history: what a session needs to send and to catch up.
+pub trait Messages: Send + Sync {
     /// Accepts a message: gives it its id and sends it to every instance,
     /// this one included, which delivers it through its subscriber like any
     /// other. Returns the id once the message is accepted, or `Unavailable`
@@ -325,7 +337,10 @@ pub trait Broker: Send + Sync {
 
     /// A local client left `room`.
     fn detach(&self, _room: &str) {}
+}
 
+/// Who is in each room, as the instances share it, and who is typing.
+pub trait Presence: Send + Sync {
     /// A local client named `name` is now in `room`: one more connection
     /// in the room's presence. Returns once it is written: the change's
     /// number, which the client's member list waits for (`None` if it
@@ -341,7 +356,11 @@ pub trait Broker: Send + Sync {
     /// Tells the room's other members that `name` is typing. Ephemeral:
     /// not stored, and lost if Redis is away.
     fn typing(&self, room: &str, name: &str);
+}
 
+/// Whether this instance's links to the others work, and the fault
+/// panel's cut.
+pub trait Readiness: Send + Sync {
     /// `Ok` while this instance can deliver across instances, in every
     /// room; otherwise every reason, for `/readyz`.
     fn readiness(&self) -> Result<(), String>;
@@ -349,16 +368,9 @@ pub trait Broker: Send + Sync {
     /// For a client joining `room`: `Ok` if it can send and receive across
     /// instances now; otherwise why not, and the client, told `down`, is
     /// owed an `up` when that changes.
-    fn delivery_status(&self, _room: &str) -> Result<(), String> {
+    fn link_status(&self, _room: &str) -> Result<(), String> {
         Ok(())
     }
-
-    /// Tells the other instances how this one is doing (`/stats`). Best
-    /// effort: a report lost to an outage is replaced by the next.
-    fn report(&self, report: &InstanceReport);
-
-    /// Every instance that reported lately, this one included, by name.
-    fn instances(&self) -> Result<Vec<InstanceReport>, Unavailable>;
 
     /// `--demo-controls`: cuts this instance's subscription the way a
     /// network failure would, keeps it away for `hold`, and says what it
@@ -366,6 +378,16 @@ pub trait Broker: Send + Sync {
     fn cut_subscription(&self, _hold: std::time::Duration) -> Result<String, String> {
         Err("this instance has no Redis subscription to cut (--broker local)".into())
     }
+}
+
+/// Each instance's report for the instances view (`/stats`).
+pub trait InstanceReports: Send + Sync {
+    /// Tells the other instances how this one is doing (`/stats`). Best
+    /// effort: a report lost to an outage is replaced by the next.
+    fn report(&self, report: &InstanceReport);
+
+    /// Every instance that reported lately, this one included, by name.
+    fn instances(&self) -> Result<Vec<InstanceReport>, Unavailable>;
 }
 
 #[cfg(test)]

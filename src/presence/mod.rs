@@ -37,7 +37,7 @@
 //!   not told again what its first list already said.
 //!
 //! Typing is not here: it goes to the room's clients as it comes (see
-//! `crate::fanout`).
+//! `crate::delivery::fanout`).
 
 pub mod roster;
 
@@ -50,11 +50,11 @@ use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
-use crate::broker::{Broker, PresenceChange};
-use crate::hub::{Hub, Member, RoomMembers};
+use crate::broker::{Presence, PresenceChange};
+use crate::delivery::hub::{Hub, Member, RoomMembers};
+use crate::delivery::outbox::{Batch, Outbox, Pushed};
 use crate::metrics::Metrics;
 use crate::protocol::{MemberRef, PresenceDiff, PresenceMember, ServerFrame};
-use crate::session::outbox::{Batch, Outbox, Pushed};
 use roster::{Applied, Changes, Roster};
 
 /// Most changes kept for a room while its roster is being read: past it,
@@ -290,7 +290,7 @@ pub struct Tracker {
     /// Signalled when changes are applied (a joiner waits for its own).
     applied: Condvar,
     hub: Arc<Hub>,
-    broker: Arc<dyn Broker>,
+    broker: Arc<dyn Presence>,
     metrics: Arc<Metrics>,
 }
 
@@ -298,7 +298,7 @@ impl Tracker {
     pub fn new(
         settings: PresenceSettings,
         hub: Arc<Hub>,
-        broker: Arc<dyn Broker>,
+        broker: Arc<dyn Presence>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Tracker {
@@ -800,7 +800,7 @@ mod tests {
     use super::*;
     use crate::broker::local::LocalBroker;
     use crate::broker::{BrokerEvent, PresenceChange};
-    use crate::session::outbox::{SocketWire, Watcher};
+    use crate::delivery::outbox::{SocketWire, Watcher};
     use crossbeam_channel::Receiver;
     use serde_json::{Value, json};
     use std::io::Read;

@@ -11,7 +11,7 @@ use tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tungstenite::http::StatusCode;
 
 use super::{SessionContext, WS_PATH, crowded_address, linger};
-use crate::hub::ClientId;
+use crate::delivery::hub::ClientId;
 use crate::metrics::Metrics;
 use crate::per_address::AddressSlot;
 use crate::protocol::{

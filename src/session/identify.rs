@@ -15,7 +15,7 @@ use super::handshake::JoinRequest;
 use super::reader::SessionStream;
 use crate::auth::{Identity, Verifier};
 use crate::clock;
-use crate::hub::ClientId;
+use crate::delivery::hub::ClientId;
 use crate::metrics::Metrics;
 use crate::protocol::{ClientRequest, CloseReason, ErrorCode, member_key, parse_client_frame};
 

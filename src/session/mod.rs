@@ -12,20 +12,19 @@
 //!
 //! Why one thread is enough: the reader blocks in `read` and never writes
 //! to the socket. Everything bound for the client goes through its
-//! [`outbox::Outbox`], which sends at once without blocking when it can, and
+//! [`Outbox`], which sends at once without blocking when it can, and
 //! leaves the rest to a flusher thread. A read timeout would have turned
 //! every idle client into a polling loop; a writer thread per client would
 //! have doubled the threads and put a hand-over between two writers.
 //!
 //! Layout: [`handshake`](mod@handshake) (the deadline, the Origin check, the join query,
 //! refusals), [`identify`](mod@identify) (who the client is: its chosen name, or its
-//! token's), [`reader`] (frames in, messages published), [`outbox`]
-//! (bytes out, in order, the Close last). This file starts sessions and
+//! token's), [`reader`] (frames in, messages published); the outbox
+//! (bytes out, in order, the Close last) is in [`crate::delivery`]. This file starts sessions and
 //! makes sure each one leaves no trace, even when it panics.
 
 pub mod handshake;
 pub mod identify;
-pub mod outbox;
 pub mod reader;
 
 use std::io::Read;
@@ -41,8 +40,9 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::broker::{Broker, HistoryQuery};
 use crate::clock::{self, LastSeen};
-use crate::flusher::Flusher;
-use crate::hub::{ClientId, Hub, Member};
+use crate::delivery::flusher::Flusher;
+use crate::delivery::hub::{ClientId, Hub, Member};
+use crate::delivery::outbox::{Outbox, Queued, SocketWire};
 use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
 use crate::per_address::{AddressSlot, PerAddress, TrustedProxies};
@@ -54,7 +54,6 @@ use crate::rate_limit::RateLimit;
 use crate::supervisor::Supervisor;
 use handshake::{JoinRequest, close_unjoined, handshake, refuse_raw, set_socket_options};
 use identify::{Who, identify};
-use outbox::{Outbox, Queued, SocketWire};
 use reader::{SessionStream, read_until_closed};
 
 /// The WebSocket path (`docs/PROTOCOL.md`).
@@ -729,7 +728,7 @@ fn first_frames(
             first_bytes.extend_from_slice(&frame.to_ws_bytes());
         }
     }
-    if let Err(reason) = context.broker.delivery_status(room) {
+    if let Err(reason) = context.broker.link_status(room) {
         let frame = ServerFrame::Status {
             delivery: "down",
             message: &reason,

@@ -16,11 +16,11 @@ use tungstenite::{Message, WebSocket};
 
 use super::SessionContext;
 use super::identify::{Who, forbidden};
-use super::outbox::{Outbox, Pushed, Queued};
 use crate::broker::{HistoryQuery, PublishError};
 use crate::clock::{self, LastSeen};
+use crate::delivery::hub::ClientId;
+use crate::delivery::outbox::{Outbox, Pushed, Queued};
 use crate::faults;
-use crate::hub::ClientId;
 use crate::metrics::Metrics;
 use crate::presence::View;
 use crate::protocol::{

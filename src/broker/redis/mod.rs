@@ -7,7 +7,7 @@
 //!   atomic step;
 //! - **received** in [`subscriber`]: each instance's subscriber thread
 //!   blocks on its subscribed connection and emits what arrives, in order,
-//!   to the fan-out (`crate::fanout`), which hands it to the local clients.
+//!   to the fan-out (`crate::delivery::fanout`), which hands it to the local clients.
 //!
 //! A connection in subscribed mode can do nothing but receive (Redis
 //! refuses every other command on it), and reading it blocks until
@@ -60,13 +60,14 @@ use std::time::Duration;
 use log::{debug, info};
 use redis::cluster::ClusterClient;
 
+use crate::broker::report::InstanceReport;
 use crate::broker::{
-    Broker, EventSender, History, HistoryQuery, PresenceSnapshot, PublishError, Unavailable,
+    EventSender, History, HistoryQuery, InstanceReports, Messages, Presence, PresenceSnapshot,
+    PublishError, Readiness, Unavailable,
 };
 use crate::clock;
 use crate::metrics::Metrics;
 use crate::protocol::{MessageId, NewMessage, ServerFrame};
-use crate::stats::InstanceReport;
 use crate::supervisor::Supervisor;
 use catch_up::ResumePoints;
 use cluster::Topology;
@@ -288,7 +289,7 @@ fn is_no_sentinel(e: &redis::RedisError) -> bool {
     e.to_string().contains("no sentinel answered")
 }
 
-impl Broker for RedisBroker {
+impl Messages for RedisBroker {
     fn publish(&self, message: NewMessage, dedup_key: &str) -> Result<MessageId, PublishError> {
         let room = message.room.clone();
         let shard_is_up = || self.health.check(self.rooms.shard_of(&room)).is_ok();
@@ -319,7 +320,9 @@ impl Broker for RedisBroker {
     fn detach(&self, room: &str) {
         self.rooms.detach(room);
     }
+}
 
+impl Presence for RedisBroker {
     fn present(&self, room: &str, name: &str) -> Option<u64> {
         self.presence.join(room, name)
     }
@@ -338,21 +341,15 @@ impl Broker for RedisBroker {
         let frame = ServerFrame::typing(room, name).to_json();
         self.publisher.publish_ephemeral(room, &frame);
     }
+}
 
+impl Readiness for RedisBroker {
     fn readiness(&self) -> Result<(), String> {
         self.health.readiness()
     }
 
-    fn delivery_status(&self, room: &str) -> Result<(), String> {
+    fn link_status(&self, room: &str) -> Result<(), String> {
         self.health.check(self.rooms.shard_of(room))
-    }
-
-    fn report(&self, report: &InstanceReport) {
-        self.reports.store(report);
-    }
-
-    fn instances(&self) -> Result<Vec<InstanceReport>, Unavailable> {
-        self.reports.read()
     }
 
     fn cut_subscription(&self, hold: Duration) -> Result<String, String> {
@@ -380,5 +377,15 @@ impl Broker for RedisBroker {
                 "{n} Redis subscriptions (one per cluster shard) were cut; each reconnects {after} and catches up"
             )),
         }
+    }
+}
+
+impl InstanceReports for RedisBroker {
+    fn report(&self, report: &InstanceReport) {
+        self.reports.store(report);
+    }
+
+    fn instances(&self) -> Result<Vec<InstanceReport>, Unavailable> {
+        self.reports.read()
     }
 }

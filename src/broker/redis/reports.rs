@@ -14,8 +14,8 @@ use log::debug;
 use super::keys::RedisKeys;
 use super::link::{Failure, Link};
 use crate::broker::Unavailable;
+use crate::broker::report::{InstanceReport, STALE_AFTER_MS};
 use crate::clock;
-use crate::stats::{InstanceReport, STALE_AFTER_MS};
 
 /// How long a gone instance's last report is kept before it is removed
 /// (it is not shown after [`STALE_AFTER_MS`]).

@@ -1,7 +1,7 @@
 //! The hub: this instance's local clients, by room.
 //!
 //! It only keeps the registry; it writes to no socket. The fan-out
-//! ([`crate::fanout`]) is the one caller that hands clients their
+//! ([`crate::delivery::fanout`]) is the one caller that hands clients their
 //! messages, through each client's outbox.
 //!
 //! Each room's member list is an immutable snapshot ([`RoomMembers`])
@@ -22,9 +22,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::clock::LastSeen;
+use crate::delivery::outbox::{Outbox, Queued};
 use crate::presence::View;
 use crate::protocol::CloseReason;
-use crate::session::outbox::{Outbox, Queued};
 
 /// A local client's number, unique within this instance's lifetime.
 pub type ClientId = u64;
@@ -240,7 +240,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::outbox::{SocketWire, Watcher};
+    use crate::delivery::outbox::{SocketWire, Watcher};
     use std::net::{TcpListener, TcpStream};
     use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! too long.
 //!
 //! Most bytes never come here: an outbox sends at once when the socket
-//! takes them ([`crate::session::outbox`]). Only when a socket is full does
+//! takes them ([`crate::delivery::outbox`]). Only when a socket is full does
 //! its outbox ask to be called back; the flusher waits for writability on
 //! all such sockets at once (`epoll`, through the `polling` crate: a thin
 //! system-call wrapper, not an async runtime) and calls the outbox's
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use log::debug;
 use polling::{Event, Events, Poller};
 
-use crate::session::outbox::{Outbox, Watcher};
+use crate::delivery::outbox::{Outbox, Watcher};
 use crate::supervisor::Supervisor;
 use crate::sync::{Mutex, lock};
 

@@ -34,13 +34,13 @@ use log::warn;
 
 use crate::broker::{BrokerEvent, LinkChange, LinkStatus, PresenceChange};
 use crate::clock;
+use crate::delivery::hub::{Hub, Member, RoomMembers};
+use crate::delivery::outbox::{Batch, Pushed};
 use crate::demo::DemoControls;
 use crate::faults;
-use crate::hub::{Hub, Member, RoomMembers};
 use crate::metrics::Metrics;
 use crate::presence::Tracker;
 use crate::protocol::{ChatMessage, MessageFrame, Received, ServerFrame};
-use crate::session::outbox::{Batch, Pushed};
 use crate::supervisor::Supervisor;
 
 /// Events waiting between the broker and the fan-out. The fan-out never

@@ -7,7 +7,7 @@
 //! queued, the caller sends at once with a send that never blocks
 //! (`MSG_DONTWAIT`), still holding the lock; what the socket cannot take
 //! stays queued, and a flusher thread finishes it when the socket becomes
-//! writable ([`crate::flusher`]). So:
+//! writable ([`crate::delivery::flusher`]). So:
 //!
 //! - **Order holds by construction**: bytes reach the socket in the order
 //!   their callers took the lock, and two frames never interleave, because
