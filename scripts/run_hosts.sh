@@ -436,8 +436,9 @@ for c in "${CASE_LIST[@]}"; do
       run_load tbf "$DIRECT_URL" --senders 2 --rate 500 --duration-s "$DURATION"
       read -r rx1 tx1 <<<"$(redis_link_bytes)"
       # Over the sending time: the rest of the run (connect, drain) is quiet.
-      info "b's Redis link over the run: $(((rx1 - rx0) / 1024)) KiB from Redis, $(((tx1 - tx0) / 1024)) KiB to it" \
-        "(on average $(((rx1 - rx0) * 8 / 1000 / DURATION)) and $(((tx1 - tx0) * 8 / 1000 / DURATION)) kbit/s over the $DURATION s of sending)"
+      sending=$((DURATION * RUNS))
+      info "b's Redis link over the $RUNS run(s): $(((rx1 - rx0) / 1024)) KiB from Redis, $(((tx1 - tx0) / 1024)) KiB to it" \
+        "(on average $(((rx1 - rx0) * 8 / 1000 / sending)) and $(((tx1 - tx0) * 8 / 1000 / sending)) kbit/s over the $sending s of sending)"
       remove_tbf
       ;;
     partition)

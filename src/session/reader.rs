@@ -105,158 +105,236 @@ pub fn read_until_closed(
     last_seen: &LastSeen,
     context: &SessionContext,
 ) -> String {
-    let outbox = Arc::clone(&websocket.get_ref().outbox);
-    let client = sender.client;
-    let mut sent = 0u64;
-    let mut bucket = TokenBucket::new(context.limits.rate);
-    let mut typing_bucket = TokenBucket::new(RateLimit {
-        burst: TYPING_BURST,
-        per_second: TYPING_PER_SECOND,
-        strikes: context.limits.rate.strikes,
-    });
-    let mut last_typing: Option<Instant> = None;
-    let close = |reason: CloseReason, why: String| {
-        outbox.close(reason, Queued::Send);
-        why
-    };
+    let mut reader = Reader::new(sender, Arc::clone(&websocket.get_ref().outbox), context);
     loop {
         let read = websocket.read();
         last_seen.touch();
+        let flow = match reader.frame(read) {
+            Ok(frame) => reader.handle(&frame),
+            Err(flow) => flow,
+        };
+        match flow {
+            Flow::Next => {}
+            Flow::Answer(frame) => {
+                if let Pushed::Refused | Pushed::Overflowed = reader.outbox.push(frame) {
+                    return "closed by the server".into();
+                }
+            }
+            Flow::End(why) => return why,
+        }
+    }
+}
+
+/// What the reader does after a frame.
+enum Flow {
+    /// Nothing to answer: read the next frame.
+    Next,
+    /// Send this frame back (through the outbox), then read the next.
+    Answer(Vec<u8>),
+    /// The session is over (its close, if any, already begun); why, for
+    /// the log.
+    End(String),
+}
+
+/// One client's reader, between frames: its rate limits and counters.
+struct Reader<'s> {
+    sender: &'s Sender<'s>,
+    context: &'s SessionContext,
+    outbox: Arc<Outbox>,
+    /// Messages this client sent, for their dedup keys.
+    sent: u64,
+    bucket: TokenBucket,
+    typing_bucket: TokenBucket,
+    last_typing: Option<Instant>,
+}
+
+impl<'s> Reader<'s> {
+    fn new(sender: &'s Sender<'s>, outbox: Arc<Outbox>, context: &'s SessionContext) -> Self {
+        Reader {
+            sender,
+            context,
+            outbox,
+            sent: 0,
+            bucket: TokenBucket::new(context.limits.rate),
+            typing_bucket: TokenBucket::new(RateLimit {
+                burst: TYPING_BURST,
+                per_second: TYPING_PER_SECOND,
+                strikes: context.limits.rate.strikes,
+            }),
+            last_typing: None,
+        }
+    }
+
+    /// Starts a close through the outbox (queued bytes first) and ends.
+    fn close(&self, reason: CloseReason, why: String) -> Flow {
+        self.outbox.close(reason, Queued::Send);
+        Flow::End(why)
+    }
+
+    /// What one read gave: a data frame to handle, or how the reading goes
+    /// on (a ping: nothing) or ends (a close, an error).
+    fn frame(&self, read: Result<Message, Error>) -> Result<Message, Flow> {
         // A close began elsewhere (slow consumer, dead peer, shutdown):
         // what the client says now changes nothing.
-        if outbox.is_closing() {
-            return "closed by the server".into();
+        if self.outbox.is_closing() {
+            return Err(Flow::End("closed by the server".into()));
         }
-        let message = match read {
-            Ok(message @ (Message::Text(_) | Message::Binary(_))) => message,
+        Err(match read {
+            Ok(message @ (Message::Text(_) | Message::Binary(_))) => return Ok(message),
             Ok(Message::Close(frame)) => {
-                outbox.close(
+                self.outbox.close(
                     CloseReason::echo(frame.map(|frame| u16::from(frame.code))),
                     Queued::Drop,
                 );
-                return "closed by the client".into();
+                Flow::End("closed by the client".into())
             }
             // tungstenite answers pings itself (the pong goes out at the
             // start of the next read); pongs only prove life.
-            Ok(_) => continue,
-            Err(Error::ConnectionClosed | Error::AlreadyClosed) => return "closed".into(),
-            Err(Error::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
-                return close(
-                    CloseReason::TOO_LARGE,
-                    format!("frame of {size} bytes over the {max_size} byte limit"),
-                );
-            }
-            Err(Error::Utf8(_)) => {
-                return close(
-                    CloseReason::INVALID_UTF8,
-                    "invalid UTF-8 in a text frame".into(),
-                );
-            }
+            Ok(_) => Flow::Next,
+            Err(Error::ConnectionClosed | Error::AlreadyClosed) => Flow::End("closed".into()),
+            Err(Error::Capacity(CapacityError::MessageTooLong { size, max_size })) => self.close(
+                CloseReason::TOO_LARGE,
+                format!("frame of {size} bytes over the {max_size} byte limit"),
+            ),
+            Err(Error::Utf8(_)) => self.close(
+                CloseReason::INVALID_UTF8,
+                "invalid UTF-8 in a text frame".into(),
+            ),
             Err(Error::Protocol(e)) => {
-                return close(CloseReason::PROTOCOL_ERROR, format!("protocol error: {e}"));
+                self.close(CloseReason::PROTOCOL_ERROR, format!("protocol error: {e}"))
             }
-            Err(Error::Io(e)) => return format!("connection lost: {e}"),
-            Err(e) => return format!("error: {e}"),
-        };
+            Err(Error::Io(e)) => Flow::End(format!("connection lost: {e}")),
+            Err(e) => Flow::End(format!("error: {e}")),
+        })
+    }
+
+    /// One data frame: checked, rate-limited, and answered.
+    fn handle(&mut self, frame: &Message) -> Flow {
+        let context = self.context;
         Metrics::inc(&context.metrics.messages_received_total);
-        let parsed = match &message {
+        let parsed = match frame {
             Message::Text(text) => parse_client_frame(text, &context.limits.content),
             _ => Err(FrameError::bad_request(
                 "binary frames are not supported: send JSON text",
             )),
         };
-        let parsed = match parsed {
-            Ok(ClientRequest::Typing) => {
-                // Ephemeral, with a bucket of its own: extra ones are
-                // dropped, not counted against the messages' rate limit,
-                // and at most one in TYPING_INTERVAL is relayed.
-                match typing_bucket.check() {
-                    Verdict::Allow => {}
-                    // Dropped quietly: a page's burst of keys is no fault.
-                    Verdict::Refuse => continue,
-                    Verdict::Disconnect => {
-                        Metrics::inc(&context.metrics.flooding_clients_dropped_total);
-                        warn!(
-                            "client {client} dropped: {} (typing)",
-                            CloseReason::FLOODING.reason
-                        );
-                        return close(CloseReason::FLOODING, CloseReason::FLOODING.reason.into());
-                    }
-                }
-                if last_typing.is_none_or(|at| at.elapsed() >= TYPING_INTERVAL) {
-                    last_typing = Some(Instant::now());
-                    if context.presence.settings().enabled {
-                        context.broker.typing(sender.room, sender.key);
-                    } else {
-                        let refusal = "typing is not relayed: presence is off on this server \
-                                       (--presence off)";
-                        outbox.push(error_frame(ErrorCode::BadRequest, refusal, None));
-                    }
-                }
-                continue;
-            }
-            Ok(ClientRequest::Message(message)) => {
-                faults::inject("reader", &message.text);
-                Ok(ClientRequest::Message(message))
-            }
-            other => other,
-        };
-        let reply = match bucket.check() {
-            Verdict::Allow => match parsed {
-                Ok(ClientRequest::Message(message)) => {
-                    match publish(sender, &mut sent, message, context) {
-                        None => continue,
-                        Some(refusal) => refusal,
-                    }
-                }
-                Ok(ClientRequest::Members { offset, limit, cid }) => {
-                    match context
-                        .presence
-                        .request(sender.room, sender.view, &outbox, offset, limit)
-                    {
-                        Ok(()) => continue,
-                        Err(why) => error_frame(ErrorCode::BadRequest, &why, cid.as_deref()),
-                    }
-                }
-                Ok(ClientRequest::History { before, limit, cid }) => {
-                    history_page(sender, before, limit, cid.as_deref(), context)
-                }
-                Ok(ClientRequest::Typing) => continue,
-                Ok(ClientRequest::Auth(token)) => refresh(sender, &token, context),
-                Err(refused) => {
-                    Metrics::inc(&context.metrics.messages_rejected_total);
-                    debug!("client {client}: frame refused: {}", refused.message);
-                    refused.to_frame().to_ws_bytes().to_vec()
-                }
-            },
+        if let Ok(ClientRequest::Typing) = parsed {
+            return self.typing();
+        }
+        if let Ok(ClientRequest::Message(message)) = &parsed {
+            faults::inject("reader", &message.text);
+        }
+        match self.bucket.check() {
+            Verdict::Allow => self.answer(parsed),
             Verdict::Refuse => {
                 Metrics::inc(&context.metrics.rate_limited_total);
-                let cid = match &parsed {
-                    Ok(ClientRequest::Message(message)) => message.cid.as_deref(),
-                    Ok(ClientRequest::Members { cid, .. } | ClientRequest::History { cid, .. }) => {
-                        cid.as_deref()
-                    }
-                    Ok(ClientRequest::Typing | ClientRequest::Auth(_)) => None,
-                    Err(refused) => refused.cid.as_deref(),
-                };
                 let limit = context.limits.rate;
                 let reason = format!(
                     "slow down: at most {} messages a second, {} in a burst",
                     limit.per_second, limit.burst
                 );
-                error_frame(ErrorCode::RateLimited, &reason, cid)
+                Flow::Answer(error_frame(
+                    ErrorCode::RateLimited,
+                    &reason,
+                    cid_of(&parsed),
+                ))
             }
             Verdict::Disconnect => {
                 Metrics::inc(&context.metrics.rate_limited_total);
-                Metrics::inc(&context.metrics.flooding_clients_dropped_total);
-                warn!("client {client} dropped: {}", CloseReason::FLOODING.reason);
-                // Its rate_limited errors still go out first, then the Close.
-                return close(CloseReason::FLOODING, CloseReason::FLOODING.reason.into());
+                self.flooding("")
+            }
+        }
+    }
+
+    /// A request within the rate limit.
+    fn answer(&mut self, parsed: Result<ClientRequest, FrameError>) -> Flow {
+        let (sender, context) = (self.sender, self.context);
+        let answer = match parsed {
+            Ok(ClientRequest::Message(message)) => {
+                match publish(sender, &mut self.sent, message, context) {
+                    None => return Flow::Next,
+                    Some(refusal) => refusal,
+                }
+            }
+            Ok(ClientRequest::Members { offset, limit, cid }) => {
+                match context.presence.request(
+                    sender.room,
+                    sender.view,
+                    &self.outbox,
+                    offset,
+                    limit,
+                ) {
+                    Ok(()) => return Flow::Next,
+                    Err(why) => error_frame(ErrorCode::BadRequest, &why, cid.as_deref()),
+                }
+            }
+            Ok(ClientRequest::History { before, limit, cid }) => {
+                history_page(sender, before, limit, cid.as_deref(), context)
+            }
+            Ok(ClientRequest::Typing) => return Flow::Next,
+            Ok(ClientRequest::Auth(token)) => refresh(sender, &token, context),
+            Err(refused) => {
+                Metrics::inc(&context.metrics.messages_rejected_total);
+                debug!(
+                    "client {}: frame refused: {}",
+                    sender.client, refused.message
+                );
+                refused.to_frame().to_ws_bytes().to_vec()
             }
         };
-        if let Pushed::Refused | Pushed::Overflowed = outbox.push(reply) {
-            return "closed by the server".into();
+        Flow::Answer(answer)
+    }
+
+    /// `typing`: ephemeral, with a bucket of its own: extra ones are
+    /// dropped, not counted against the messages' rate limit, and at most
+    /// one in TYPING_INTERVAL is relayed.
+    fn typing(&mut self) -> Flow {
+        match self.typing_bucket.check() {
+            Verdict::Allow => {}
+            // Dropped quietly: a page's burst of keys is no fault.
+            Verdict::Refuse => return Flow::Next,
+            Verdict::Disconnect => return self.flooding(" (typing)"),
         }
+        if self
+            .last_typing
+            .is_none_or(|at| at.elapsed() >= TYPING_INTERVAL)
+        {
+            self.last_typing = Some(Instant::now());
+            if self.context.presence.settings().enabled {
+                self.context
+                    .broker
+                    .typing(self.sender.room, self.sender.key);
+            } else {
+                let refusal = "typing is not relayed: presence is off on this server \
+                               (--presence off)";
+                return Flow::Answer(error_frame(ErrorCode::BadRequest, refusal, None));
+            }
+        }
+        Flow::Next
+    }
+
+    /// Too many frames refused in a row: the client is closed as flooding
+    /// (its `rate_limited` errors still go out first, then the Close).
+    fn flooding(&self, what: &str) -> Flow {
+        Metrics::inc(&self.context.metrics.flooding_clients_dropped_total);
+        warn!(
+            "client {} dropped: {}{what}",
+            self.sender.client,
+            CloseReason::FLOODING.reason
+        );
+        self.close(CloseReason::FLOODING, CloseReason::FLOODING.reason.into())
+    }
+}
+
+/// The `cid` of a request, if it has one: an answer names it.
+fn cid_of(parsed: &Result<ClientRequest, FrameError>) -> Option<&str> {
+    match parsed {
+        Ok(ClientRequest::Message(message)) => message.cid.as_deref(),
+        Ok(ClientRequest::Members { cid, .. } | ClientRequest::History { cid, .. }) => {
+            cid.as_deref()
+        }
+        Ok(ClientRequest::Typing | ClientRequest::Auth(_)) => None,
+        Err(refused) => refused.cid.as_deref(),
     }
 }
 
