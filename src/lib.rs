@@ -37,7 +37,8 @@
 //!   environment variable), [`redis_url`] (a Redis URL checked, shown
 //!   without its password), [`server`] (the wiring: listeners, broker,
 //!   threads, shutdown), [`supervisor`] (the instance's own threads,
-//!   started and watched).
+//!   started and watched), [`drain`] (shutdown waits for the last
+//!   client's guard).
 //! - Clients: [`session`] (one thread per WebSocket client: handshake,
 //!   identity, reader), [`auth`] (`--auth token`: signed tokens),
 //!   [`http`] (the page and the endpoints, on tiny_http), [`protocol`] (the
@@ -79,6 +80,7 @@ pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod drain;
 pub mod faults;
 pub mod http;
 pub mod liveness;

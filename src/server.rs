@@ -21,6 +21,7 @@ use crate::delivery::fanout::{self, EVENT_QUEUE, FanoutSettings};
 use crate::delivery::flusher::Flusher;
 use crate::delivery::hub::Hub;
 use crate::demo::DemoControls;
+use crate::drain::Drain;
 use crate::http::{self, HttpState, Listener};
 use crate::liveness;
 use crate::metrics::Metrics;
@@ -79,6 +80,7 @@ pub struct RunningServer {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     flusher: Arc<Flusher>,
+    drain: Arc<Drain>,
     http: Arc<tiny_http::Server>,
     admin: Option<Arc<tiny_http::Server>>,
 }
@@ -290,9 +292,11 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         .as_ref()
         .and_then(|server| server.server_addr().to_ip());
 
+    let drain = Arc::new(Drain::default());
     let context = Arc::new(SessionContext::new(
         instance.clone(),
         SessionServices {
+            drain: drain.clone(),
             hub: hub.clone(),
             broker,
             presence,
@@ -357,6 +361,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         hub,
         metrics,
         flusher,
+        drain,
         http: http_server,
         admin,
     })
@@ -414,20 +419,14 @@ impl RunningServer {
         self.hub.close_all(reason);
         self.flusher
             .hasten_cuts(Instant::now() + SHUTDOWN_CLOSE_GRACE.min(grace));
-        let deadline = Instant::now() + grace;
-        while self.metrics.clients_connected.load(Ordering::Relaxed) > 0
-            && Instant::now() < deadline
-        {
-            thread::sleep(Duration::from_millis(10));
-        }
-        let left = self.metrics.clients_connected.load(Ordering::Relaxed);
-        if left > 0 {
+        if self.drain.wait(Instant::now() + grace) {
+            info!("instance {} stopped: every client closed", self.instance);
+        } else {
+            let left = self.metrics.clients_connected.load(Ordering::Relaxed);
             warn!(
                 "instance {}: {left} clients still connected at exit",
                 self.instance
             );
-        } else {
-            info!("instance {} stopped: every client closed", self.instance);
         }
         // The probes answered 503 until now; the HTTP threads end here.
         self.http.unblock();

@@ -43,6 +43,7 @@ use crate::clock::{self, LastSeen};
 use crate::delivery::flusher::Flusher;
 use crate::delivery::hub::{ClientId, Hub, Member};
 use crate::delivery::outbox::{Outbox, Queued, SocketWire};
+use crate::drain::{Drain, Guard};
 use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
 use crate::per_address::{AddressSlot, PerAddress, TrustedProxies};
@@ -70,6 +71,8 @@ const READ_BUFFER: usize = 512;
 /// What every session of this instance shares.
 pub struct SessionContext {
     pub instance: String,
+    /// Every joined session holds a guard: shutdown waits for the last.
+    pub drain: Arc<Drain>,
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
     pub presence: Arc<Tracker>,
@@ -116,6 +119,7 @@ pub struct SessionLimits {
 
 /// What sessions talk to besides their socket.
 pub struct SessionServices {
+    pub drain: Arc<Drain>,
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
     pub presence: Arc<Tracker>,
@@ -131,6 +135,7 @@ impl SessionContext {
         supervisor: Arc<Supervisor>,
     ) -> Self {
         let SessionServices {
+            drain,
             hub,
             broker,
             presence,
@@ -139,6 +144,7 @@ impl SessionContext {
         } = services;
         SessionContext {
             per_address: PerAddress::new(limits.max_clients_per_ip),
+            drain,
             hub,
             broker,
             presence,
@@ -398,6 +404,9 @@ struct Joined<'a> {
     /// presence off, or if it could not be written).
     present: Option<u64>,
     _connected: Raised<'a>,
+    /// Dropped last, once the client has left everything: shutdown is
+    /// over when every session's is.
+    _drain: Option<Guard>,
 }
 
 impl<'a> Joined<'a> {
@@ -420,6 +429,7 @@ impl<'a> Joined<'a> {
             context,
             present: None,
             _connected: Raised::new(&context.metrics.clients_connected),
+            _drain: context.drain.guard(),
         };
         let key = member.key.clone();
         context.hub.join(room, member);

@@ -305,58 +305,69 @@ impl Subscriber {
         }
     }
 
-    /// Handles one push from the subscribed connection.
+    /// Handles one push from the subscribed connection, by its kind.
     fn take(&mut self, push: Push) -> Result<(), RedisError> {
-        let shards = &self.shards;
         match push {
-            Push::Message { channel, payload } => {
-                self.take_payload(&channel, &payload);
+            Push::Message { channel, payload } => self.take_payload(&channel, &payload),
+            Push::Subscribed(channel) => self.subscribed(&channel),
+            Push::Unsubscribed { channel, asked } => self.unsubscribed(&channel, asked),
+            Push::Refused { channel, error } => return self.refused(&channel, error),
+            Push::Pong => {}
+        }
+        Ok(())
+    }
+
+    /// Redis confirmed a room's subscription: its catch-up may start.
+    fn subscribed(&self, channel: &str) {
+        let shards = &self.shards;
+        let room = shards.keys.room_of_channel(channel).unwrap_or_default();
+        match shards.rooms.confirmed(channel) {
+            Confirmed::CatchUp => self.catch_up.start(room),
+            Confirmed::Fresh => {}
+            Confirmed::Unwanted => self.catch_up.abandon(room),
+        }
+    }
+
+    /// A room's subscription ended: asked for (the room emptied), or not
+    /// (Redis Cluster moved the room's slot to another master).
+    fn unsubscribed(&self, channel: &str, asked: bool) {
+        let shards = &self.shards;
+        let Some(room) = shards.keys.room_of_channel(channel) else {
+            return;
+        };
+        if !shards.rooms.is_wanted(room) {
+            self.catch_up.forget(room);
+            self.catch_up.abandon(room);
+        } else if !asked {
+            // Find where the room is now, and subscribe there.
+            info!(
+                "redis subscriber {}: room {room} moved to another shard",
+                self.shard
+            );
+            self.relocate(room);
+        }
+    }
+
+    /// Redis refused a room's subscription: a slot that moved is followed;
+    /// anything else breaks the connection.
+    fn refused(&self, channel: &str, error: redis::ServerError) -> Result<(), RedisError> {
+        let room = self
+            .shards
+            .keys
+            .room_of_channel(channel)
+            .unwrap_or_default();
+        warn!(
+            "redis subscriber {}: subscribing to room {room:?} refused: {} {}",
+            self.shard,
+            error.code(),
+            error.details().unwrap_or_default()
+        );
+        match error.kind() {
+            Some(ServerErrorKind::Moved | ServerErrorKind::Ask) if !room.is_empty() => {
+                self.relocate(room);
                 Ok(())
             }
-            Push::Subscribed(channel) => {
-                let room = shards.keys.room_of_channel(&channel).unwrap_or_default();
-                match shards.rooms.confirmed(&channel) {
-                    Confirmed::CatchUp => self.catch_up.start(room),
-                    Confirmed::Fresh => {}
-                    Confirmed::Unwanted => self.catch_up.abandon(room),
-                }
-                Ok(())
-            }
-            Push::Unsubscribed { channel, asked } => {
-                let Some(room) = shards.keys.room_of_channel(&channel) else {
-                    return Ok(());
-                };
-                if !shards.rooms.is_wanted(room) {
-                    self.catch_up.forget(room);
-                    self.catch_up.abandon(room);
-                } else if !asked {
-                    // Redis Cluster moved the room's slot to another
-                    // master: find where it is now, and subscribe there.
-                    info!(
-                        "redis subscriber {}: room {room} moved to another shard",
-                        self.shard
-                    );
-                    self.relocate(room);
-                }
-                Ok(())
-            }
-            Push::Refused { channel, error } => {
-                let room = shards.keys.room_of_channel(&channel).unwrap_or_default();
-                warn!(
-                    "redis subscriber {}: subscribing to room {room:?} refused: {} {}",
-                    self.shard,
-                    error.code(),
-                    error.details().unwrap_or_default()
-                );
-                match error.kind() {
-                    Some(ServerErrorKind::Moved | ServerErrorKind::Ask) if !room.is_empty() => {
-                        self.relocate(room);
-                        Ok(())
-                    }
-                    _ => Err(error.into()),
-                }
-            }
-            Push::Pong => Ok(()),
+            _ => Err(error.into()),
         }
     }
 
