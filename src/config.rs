@@ -164,8 +164,8 @@ pub struct Config {
 
     /// How long the publisher waits for --redis-min-replicas replicas, in
     /// milliseconds (each publish of the instance waits behind it).
-    #[arg(long, env = "REDIS_MIN_REPLICAS_TIMEOUT_MS", default_value_t = 500)]
-    pub redis_min_replicas_timeout_ms: u64,
+    #[arg(long = "redis-min-replicas-timeout-ms", env = "REDIS_MIN_REPLICAS_TIMEOUT_MS", value_name = "REDIS_MIN_REPLICAS_TIMEOUT_MS", default_value = "500", value_parser = millis)]
+    pub redis_min_replicas_timeout: Duration,
 
     /// Seed nodes of a Redis Cluster (comma-separated `redis://HOST:PORT`,
     /// or all `rediss://` for TLS): cluster mode, with sharded Pub/Sub,
@@ -202,8 +202,8 @@ pub struct Config {
 
     /// Milliseconds a room stays subscribed after its last local client
     /// left, so that a page reload does not unsubscribe and subscribe again.
-    #[arg(long, env = "ROOM_LINGER_MS", default_value_t = 5000)]
-    pub room_linger_ms: u64,
+    #[arg(long = "room-linger-ms", env = "ROOM_LINGER_MS", value_name = "ROOM_LINGER_MS", default_value = "5000", value_parser = millis)]
+    pub room_linger: Duration,
 
     /// `on`: clients are told who is in their room, and who is typing.
     /// `off`: no presence at all (no Redis writes per join, no frames).
@@ -213,13 +213,13 @@ pub struct Config {
     /// Milliseconds a member stays listed after its instance stopped
     /// refreshing its liveness (the instance died); instances refresh
     /// every third.
-    #[arg(long, env = "PRESENCE_TTL_MS", default_value_t = 15_000)]
-    pub presence_ttl_ms: u64,
+    #[arg(long = "presence-ttl-ms", env = "PRESENCE_TTL_MS", value_name = "PRESENCE_TTL_MS", default_value = "15000", value_parser = millis)]
+    pub presence_ttl: Duration,
 
     /// Milliseconds between two `presence_diff` frames of a room: joins
     /// and leaves meanwhile are told together.
-    #[arg(long, env = "PRESENCE_DIFF_MS", default_value_t = 1000)]
-    pub presence_diff_ms: u64,
+    #[arg(long = "presence-diff-ms", env = "PRESENCE_DIFF_MS", value_name = "PRESENCE_DIFF_MS", default_value = "1000", value_parser = millis)]
+    pub presence_diff: Duration,
 
     /// The largest room whose member list a client gets whole, with every
     /// join and leave; past it, clients get the count and a window of
@@ -240,8 +240,8 @@ pub struct Config {
     /// Milliseconds a room's history lives in Redis after its last message
     /// (every message renews it): a room nobody writes to is forgotten.
     /// Default: 7 days.
-    #[arg(long, env = "HISTORY_TTL_MS", default_value_t = 7 * 24 * 3600 * 1000)]
-    pub history_ttl_ms: u64,
+    #[arg(long = "history-ttl-ms", env = "HISTORY_TTL_MS", value_name = "HISTORY_TTL_MS", default_value = "604800000", value_parser = millis)]
+    pub history_ttl: Duration,
 
     /// Messages of history sent to a client that connects without `since`.
     #[arg(long, env = "HISTORY_REPLAY", default_value_t = 50)]
@@ -322,8 +322,8 @@ pub struct Config {
     /// Milliseconds an HTTP connection may wait for the client's next
     /// bytes (a request head, or the next request on a kept-alive
     /// connection); past it, it is closed and its thread given back.
-    #[arg(long, env = "HTTP_TIMEOUT_MS", default_value_t = 10_000)]
-    pub http_timeout_ms: u64,
+    #[arg(long = "http-timeout-ms", env = "HTTP_TIMEOUT_MS", value_name = "HTTP_TIMEOUT_MS", default_value = "10000", value_parser = millis)]
+    pub http_timeout: Duration,
 
     /// Clients of this instance that may have the X-ray (`trace=1`) at
     /// once: each costs a frame serialized for it alone, for every message.
@@ -333,20 +333,20 @@ pub struct Config {
     pub max_traced_clients: usize,
 
     /// Milliseconds between two pings to a client that has been quiet.
-    #[arg(long, env = "PING_INTERVAL_MS", default_value_t = 30_000)]
-    pub ping_interval_ms: u64,
+    #[arg(long = "ping-interval-ms", env = "PING_INTERVAL_MS", value_name = "PING_INTERVAL_MS", default_value = "30000", value_parser = millis)]
+    pub ping_interval: Duration,
 
     /// Milliseconds during which bytes queued for a client may wait with
     /// its socket taking none of them; past it, the client is closed as a
     /// slow consumer (1008), even if it keeps sending. Checked four times
     /// per timeout.
-    #[arg(long, env = "SEND_TIMEOUT_MS", default_value_t = 30_000)]
-    pub send_timeout_ms: u64,
+    #[arg(long = "send-timeout-ms", env = "SEND_TIMEOUT_MS", value_name = "SEND_TIMEOUT_MS", default_value = "30000", value_parser = millis)]
+    pub send_timeout: Duration,
 
     /// Milliseconds of silence (not even a pong) after which a client is
     /// dropped as dead.
-    #[arg(long, env = "IDLE_TIMEOUT_MS", default_value_t = 75_000)]
-    pub idle_timeout_ms: u64,
+    #[arg(long = "idle-timeout-ms", env = "IDLE_TIMEOUT_MS", value_name = "IDLE_TIMEOUT_MS", default_value = "75000", value_parser = millis)]
+    pub idle_timeout: Duration,
 
     /// Page origins allowed to open a WebSocket besides this instance's own
     /// page (comma-separated, e.g. `https://chat.example.com`), or `*` for any.
@@ -360,29 +360,29 @@ pub struct Config {
 
     /// Milliseconds a new connection has to complete its WebSocket
     /// handshake.
-    #[arg(long, env = "HANDSHAKE_TIMEOUT_MS", default_value_t = 5000)]
-    pub handshake_timeout_ms: u64,
+    #[arg(long = "handshake-timeout-ms", env = "HANDSHAKE_TIMEOUT_MS", value_name = "HANDSHAKE_TIMEOUT_MS", default_value = "5000", value_parser = millis)]
+    pub handshake_timeout: Duration,
 
     /// Milliseconds a closing connection is given, after the server's Close
     /// frame, to answer and hang up before it is cut.
-    #[arg(long, env = "CLOSE_GRACE_MS", default_value_t = 1000)]
-    pub close_grace_ms: u64,
+    #[arg(long = "close-grace-ms", env = "CLOSE_GRACE_MS", value_name = "CLOSE_GRACE_MS", default_value = "1000", value_parser = millis)]
+    pub close_grace: Duration,
 
     /// Milliseconds a message whose publish broke mid-flight is retried
     /// (idempotently) before its sender is told `unavailable`.
-    #[arg(long, env = "PUBLISH_DEADLINE_MS", default_value_t = 10_000)]
-    pub publish_deadline_ms: u64,
+    #[arg(long = "publish-deadline-ms", env = "PUBLISH_DEADLINE_MS", value_name = "PUBLISH_DEADLINE_MS", default_value = "10000", value_parser = millis)]
+    pub publish_deadline: Duration,
 
     /// Longest wait between two attempts to reach Redis, in milliseconds.
-    #[arg(long, env = "REDIS_MAX_BACKOFF_MS", default_value_t = 5000)]
-    pub redis_max_backoff_ms: u64,
+    #[arg(long = "redis-max-backoff-ms", env = "REDIS_MAX_BACKOFF_MS", value_name = "REDIS_MAX_BACKOFF_MS", default_value = "5000", value_parser = millis)]
+    pub redis_max_backoff: Duration,
 
     /// Milliseconds between two PINGs on a quiet Redis link: a subscription
     /// silent for two of these (PING unanswered) is dead and reconnected,
     /// so a dead link is found within three. Must exceed the round trip to
     /// Redis.
-    #[arg(long, env = "REDIS_PING_MS", default_value_t = 1000)]
-    pub redis_ping_ms: u64,
+    #[arg(long = "redis-ping-ms", env = "REDIS_PING_MS", value_name = "REDIS_PING_MS", default_value = "1000", value_parser = millis)]
+    pub redis_ping: Duration,
 
     /// The page's fault panel, a teaching aid: the page on the admin
     /// listener, opened on this machine, may cut this instance's Redis
@@ -419,6 +419,20 @@ pub struct Config {
     /// page asks its user to paste one.
     #[arg(long, env = "AUTH_TOKEN_URL")]
     pub auth_token_url: Option<String>,
+}
+
+/// `--...-ms` options: a whole number of milliseconds, kept as a
+/// [`Duration`] from the start, so that no code converts it again.
+fn millis(text: &str) -> Result<Duration, String> {
+    text.trim()
+        .parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|_| format!("{text:?} is not a whole number of milliseconds"))
+}
+
+/// Milliseconds, for the bounds the options are checked against.
+const fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
 }
 
 impl Config {
@@ -544,13 +558,13 @@ impl Config {
         if self.max_http_connections == 0 {
             return Err("--max-http-connections must be at least 1".into());
         }
-        if self.http_timeout_ms < 100 {
+        if self.http_timeout < ms(100) {
             return Err("--http-timeout-ms must be at least 100".into());
         }
-        if self.send_timeout_ms < 100 {
+        if self.send_timeout < ms(100) {
             return Err("--send-timeout-ms must be at least 100".into());
         }
-        if self.ping_interval_ms == 0 || self.idle_timeout_ms <= self.ping_interval_ms {
+        if self.ping_interval.is_zero() || self.idle_timeout <= self.ping_interval {
             return Err(
                 "--idle-timeout-ms must be longer than --ping-interval-ms (and both positive)"
                     .into(),
@@ -559,13 +573,13 @@ impl Config {
         if self.max_frame_bytes < 64 {
             return Err("--max-frame-bytes must be at least 64".into());
         }
-        if !(50..=60_000).contains(&self.redis_ping_ms) {
+        if !(ms(50)..=ms(60_000)).contains(&self.redis_ping) {
             return Err("--redis-ping-ms must be between 50 and 60000".into());
         }
-        if self.presence_ttl_ms < 300 {
+        if self.presence_ttl < ms(300) {
             return Err("--presence-ttl-ms must be at least 300".into());
         }
-        if !(10..=60_000).contains(&self.presence_diff_ms) {
+        if !(ms(10)..=ms(60_000)).contains(&self.presence_diff) {
             return Err("--presence-diff-ms must be between 10 and 60000".into());
         }
         if self.presence_full_list_max == 0
@@ -579,7 +593,7 @@ impl Config {
         if self.history_len == 0 {
             return Err("--history-len must be at least 1".into());
         }
-        if self.history_ttl_ms < 1000 {
+        if self.history_ttl < ms(1000) {
             return Err("--history-ttl-ms must be at least 1000".into());
         }
         if self.history_replay_max == 0 || self.history_replay > self.history_replay_max {
@@ -615,7 +629,7 @@ impl Config {
     }
 
     fn validate_sentinel(&self) -> Result<(), String> {
-        if !(1..=1500).contains(&self.redis_min_replicas_timeout_ms) {
+        if !(ms(1)..=ms(1500)).contains(&self.redis_min_replicas_timeout) {
             return Err(
                 "--redis-min-replicas-timeout-ms must be between 1 and 1500 (a command's own \
                  deadline is 2 s)"
@@ -814,61 +828,13 @@ impl Config {
         self.delivery_threads.unwrap_or_else(cpus)
     }
 
-    pub fn history_ttl(&self) -> Duration {
-        Duration::from_millis(self.history_ttl_ms)
-    }
-
-    pub fn http_timeout(&self) -> Duration {
-        Duration::from_millis(self.http_timeout_ms)
-    }
-
-    pub fn send_timeout(&self) -> Duration {
-        Duration::from_millis(self.send_timeout_ms)
-    }
-
-    pub fn ping_interval(&self) -> Duration {
-        Duration::from_millis(self.ping_interval_ms)
-    }
-
-    pub fn idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.idle_timeout_ms)
-    }
-
-    pub fn handshake_timeout(&self) -> Duration {
-        Duration::from_millis(self.handshake_timeout_ms)
-    }
-
-    pub fn presence_ttl(&self) -> Duration {
-        Duration::from_millis(self.presence_ttl_ms)
-    }
-
     pub fn presence(&self) -> PresenceSettings {
         PresenceSettings {
             enabled: self.presence == Switch::On,
-            diff_interval: Duration::from_millis(self.presence_diff_ms),
+            diff_interval: self.presence_diff,
             full_list_max: self.presence_full_list_max,
             max_members: self.presence_max_members,
         }
-    }
-
-    pub fn room_linger(&self) -> Duration {
-        Duration::from_millis(self.room_linger_ms)
-    }
-
-    pub fn close_grace(&self) -> Duration {
-        Duration::from_millis(self.close_grace_ms)
-    }
-
-    pub fn publish_deadline(&self) -> Duration {
-        Duration::from_millis(self.publish_deadline_ms)
-    }
-
-    pub fn redis_max_backoff(&self) -> Duration {
-        Duration::from_millis(self.redis_max_backoff_ms)
-    }
-
-    pub fn redis_ping_interval(&self) -> Duration {
-        Duration::from_millis(self.redis_ping_ms)
     }
 }
 
