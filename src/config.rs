@@ -3,15 +3,22 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::broker::redis::tls::TlsFiles;
+use crate::auth::Verifier;
+use crate::broker::redis::RedisSettings;
+use crate::broker::redis::tls::{RedisTls, TlsFiles};
+use crate::liveness::PingerSettings;
+use crate::origin::OriginPolicy;
+use crate::per_address::TrustedProxies;
 use crate::presence::PresenceSettings;
 use crate::protocol::Limits;
 use crate::rate_limit::RateLimit;
 use crate::redis_url::{RedisUrl, RedisUrlParser};
+use crate::session::SessionLimits;
 
 /// A password from the command line or the environment: shown as `***`
 /// by `{:?}`, so that a dump of the configuration cannot leak it.
@@ -725,6 +732,75 @@ impl Config {
             self.redis_sentinel_password.clone().map(|p| p.0),
             data,
         ))
+    }
+
+    /// What the Redis broker needs, for instance `instance`; loads the TLS
+    /// files (the error names the one that is wrong).
+    pub fn redis_settings(&self, instance: &str) -> Result<RedisSettings, String> {
+        Ok(RedisSettings {
+            url: self.redis_url(),
+            sentinel: self.redis_sentinels(),
+            min_replicas: self.redis_min_replicas,
+            replicas_timeout: self.redis_min_replicas_timeout,
+            cluster: self.redis_cluster.clone(),
+            tls: if self.redis_tls() {
+                Some(RedisTls::load(&self.redis_tls_files())?)
+            } else {
+                None
+            },
+            prefix: self.redis_prefix.clone(),
+            history_len: self.history_len,
+            history_ttl: self.history_ttl,
+            max_backoff: self.redis_max_backoff,
+            publish_deadline: self.publish_deadline,
+            instance: instance.to_string(),
+            limits: self.content_limits(),
+            history_read_bytes: self.client_buffer_bytes,
+            room_linger: self.room_linger,
+            presence_ttl: self.presence_ttl,
+            ping_interval: self.redis_ping,
+        })
+    }
+
+    /// What every session is held to. `page_ports`: the ports this
+    /// instance's own page is served on (the Origin check);
+    /// `trusted_proxies`, as parsed once at start; `auth`, the verifier of
+    /// `--auth token`.
+    pub fn session_limits(
+        &self,
+        page_ports: Vec<u16>,
+        trusted_proxies: TrustedProxies,
+        auth: Option<Arc<Verifier>>,
+    ) -> SessionLimits {
+        SessionLimits {
+            content: self.content_limits(),
+            rate: self.rate_limit(),
+            origins: OriginPolicy {
+                page_ports,
+                allowed: self.allowed_origins.clone(),
+            },
+            max_clients: self.max_clients,
+            max_traced_clients: self.max_traced_clients,
+            max_clients_per_ip: self.max_clients_per_ip,
+            trusted_proxies,
+            client_buffer_bytes: self.client_buffer_bytes,
+            max_frame_bytes: self.max_frame_bytes,
+            history_replay: self.history_replay,
+            history_replay_max: self.history_replay_max,
+            handshake_timeout: self.handshake_timeout,
+            close_grace: self.close_grace,
+            auth,
+        }
+    }
+
+    /// The pinger's timings.
+    pub fn pinger_settings(&self) -> PingerSettings {
+        PingerSettings {
+            interval: self.ping_interval,
+            idle_timeout: self.idle_timeout,
+            send_timeout: self.send_timeout,
+            tokens_expire: self.auth == AuthMode::Token,
+        }
     }
 
     /// Whether this instance speaks TLS to Redis (`rediss://`).

@@ -13,9 +13,8 @@ use log::{info, warn};
 
 use crate::auth::Verifier;
 use crate::broker::local::LocalBroker;
-use crate::broker::redis::tls::RedisTls;
-use crate::broker::redis::{RedisBroker, RedisSettings};
-use crate::broker::{Broker, BrokerEvent};
+use crate::broker::redis::RedisBroker;
+use crate::broker::{Broker, BrokerEvent, EventSender};
 use crate::config::{self, AuthMode, BrokerKind, Config};
 use crate::delivery::fanout::{self, EVENT_QUEUE, FanoutSettings};
 use crate::delivery::flusher::Flusher;
@@ -25,11 +24,10 @@ use crate::drain::Drain;
 use crate::http::{self, HttpState, Listener};
 use crate::liveness;
 use crate::metrics::Metrics;
-use crate::origin::OriginPolicy;
 use crate::per_address::TrustedProxies;
 use crate::presence::Tracker;
 use crate::protocol::CloseReason;
-use crate::session::{self, SessionContext, SessionLimits, SessionServices, WS_PATH};
+use crate::session::{self, SessionContext, SessionServices, WS_PATH};
 use crate::stats::Reporter;
 use crate::supervisor::Supervisor;
 
@@ -91,21 +89,7 @@ pub struct RunningServer {
 /// attempt failed.
 pub fn start(config: &Config) -> Result<RunningServer, String> {
     config.validate()?;
-    let verifier = match config.auth {
-        AuthMode::Token => {
-            let verifier = Verifier::load(
-                &config.auth_keys(),
-                config.auth_max_token_bytes,
-                config.content_limits(),
-            )?;
-            info!(
-                "--auth token: clients prove who they are with tokens signed with {}",
-                verifier.describe()
-            );
-            Some(Arc::new(verifier))
-        }
-        AuthMode::Off => None,
-    };
+    let verifier = load_verifier(config)?;
     let open_files = raise_open_files_limit();
     check_budgets(
         config.max_clients + config.max_http_connections + ADMIN_MAX_CONNECTIONS,
@@ -115,19 +99,11 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     let hub = Arc::new(Hub::new());
     let (supervisor, fatal_rx) = Supervisor::new();
 
-    let host = config.listen_ip()?;
-    let http_listener = TcpListener::bind((host, config.port))
-        .map_err(|e| format!("cannot listen for HTTP on {host}:{}: {e}", config.port))?;
-    let ws_port = config.ws_port()?;
-    let ws_listener = listen((host, ws_port).into(), ACCEPT_BACKLOG)
-        .map_err(|e| format!("cannot listen for WebSocket on {host}:{ws_port}: {e}"))?;
-    let admin_listener = match config.admin_addr()? {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .map_err(|e| format!("cannot listen for the admin listener on {addr}: {e}"))?,
-        ),
-        None => None,
-    };
+    let Listeners {
+        http: http_listener,
+        ws: ws_listener,
+        admin: admin_listener,
+    } = Listeners::bind(config)?;
     let http_addr = http_listener.local_addr().map_err(|e| e.to_string())?;
     let ws_addr = ws_listener.local_addr().map_err(|e| e.to_string())?;
     // Named after the port bound, not the one asked for (`--port 0`).
@@ -147,47 +123,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     }
     let flusher = Flusher::start(config::cpus(), &supervisor)
         .map_err(|e| format!("cannot start the flusher threads: {e}"))?;
-    let broker: Arc<dyn Broker> = match config.broker {
-        BrokerKind::Redis => RedisBroker::start(
-            RedisSettings {
-                url: config.redis_url(),
-                sentinel: config.redis_sentinels(),
-                min_replicas: config.redis_min_replicas,
-                replicas_timeout: config.redis_min_replicas_timeout,
-                cluster: config.redis_cluster.clone(),
-                tls: if config.redis_tls() {
-                    Some(RedisTls::load(&config.redis_tls_files())?)
-                } else {
-                    None
-                },
-                prefix: config.redis_prefix.clone(),
-                history_len: config.history_len,
-                history_ttl: config.history_ttl,
-                max_backoff: config.redis_max_backoff,
-                publish_deadline: config.publish_deadline,
-                instance: instance.clone(),
-                limits: config.content_limits(),
-                history_read_bytes: config.client_buffer_bytes,
-                room_linger: config.room_linger,
-                presence_ttl: config.presence_ttl,
-                ping_interval: config.redis_ping,
-            },
-            events_tx,
-            metrics.clone(),
-            &supervisor,
-        )?,
-        BrokerKind::Local => {
-            warn!(
-                "local broker: this instance is alone; clients of other instances will not see its messages"
-            );
-            Arc::new(LocalBroker::new(
-                events_tx,
-                metrics.clone(),
-                config.history_len,
-                instance.clone(),
-            ))
-        }
-    };
+    let broker = start_broker(config, &instance, events_tx, &metrics, &supervisor)?;
 
     // The broker first: the presence tracker reads rooms through it, and
     // the fan-out hands the tracker the broker's presence changes (events
@@ -230,27 +166,24 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
 
     // Checked with the configuration; parsed once here for both ports.
     let trusted_proxies = TrustedProxies::parse(&config.trusted_proxies)?;
-    let http_server = Arc::new(
-        tiny_http::Server::from_listener_with_limits(
-            http_listener,
-            None,
-            tiny_http::ConnectionLimits {
-                max_connections: config.max_http_connections,
-                // A proxy's clients all share its address: its own
-                // limits apply to them (nginx's limit_conn).
-                max_per_address: match config.max_clients_per_ip {
-                    0 => usize::MAX,
-                    n => n,
-                },
-                exempt: {
-                    let trusted = trusted_proxies.clone();
-                    Arc::new(move |ip| trusted.contains(ip))
-                },
-                read_timeout: Some(config.http_timeout),
+    let http_server = serve_on(
+        http_listener,
+        tiny_http::ConnectionLimits {
+            max_connections: config.max_http_connections,
+            // A proxy's clients all share its address: its own limits
+            // apply to them (nginx's limit_conn).
+            max_per_address: match config.max_clients_per_ip {
+                0 => usize::MAX,
+                n => n,
             },
-        )
-        .map_err(|e| format!("cannot start the HTTP server: {e}"))?,
-    );
+            exempt: {
+                let trusted = trusted_proxies.clone();
+                Arc::new(move |ip| trusted.contains(ip))
+            },
+            read_timeout: Some(config.http_timeout),
+        },
+    )
+    .map_err(|e| format!("cannot start the HTTP server: {e}"))?;
     let http_state = Arc::new(HttpState {
         instance: instance.clone(),
         ws_port: ws_addr.port(),
@@ -270,19 +203,16 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     serve_http(&supervisor, &http_server, &http_state, Listener::Public)?;
     let admin = match admin_listener {
         Some(listener) => {
-            let server = Arc::new(
-                tiny_http::Server::from_listener_with_limits(
-                    listener,
-                    None,
-                    tiny_http::ConnectionLimits {
-                        max_connections: ADMIN_MAX_CONNECTIONS,
-                        max_per_address: usize::MAX,
-                        exempt: Arc::new(|_| false),
-                        read_timeout: Some(config.http_timeout),
-                    },
-                )
-                .map_err(|e| format!("cannot start the admin listener: {e}"))?,
-            );
+            let server = serve_on(
+                listener,
+                tiny_http::ConnectionLimits {
+                    max_connections: ADMIN_MAX_CONNECTIONS,
+                    max_per_address: usize::MAX,
+                    exempt: Arc::new(|_| false),
+                    read_timeout: Some(config.http_timeout),
+                },
+            )
+            .map_err(|e| format!("cannot start the admin listener: {e}"))?;
             serve_http(&supervisor, &server, &http_state, Listener::Admin)?;
             Some(server)
         }
@@ -303,39 +233,20 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
             flusher: flusher.clone(),
             metrics: metrics.clone(),
         },
-        SessionLimits {
-            content: config.content_limits(),
-            rate: config.rate_limit(),
-            origins: OriginPolicy {
-                page_ports: [Some(http_addr.port()), admin_addr.map(|addr| addr.port())]
-                    .into_iter()
-                    .flatten()
-                    .collect(),
-                allowed: config.allowed_origins.clone(),
-            },
-            max_clients: config.max_clients,
-            max_traced_clients: config.max_traced_clients,
-            max_clients_per_ip: config.max_clients_per_ip,
+        config.session_limits(
+            [Some(http_addr.port()), admin_addr.map(|addr| addr.port())]
+                .into_iter()
+                .flatten()
+                .collect(),
             trusted_proxies,
-            client_buffer_bytes: config.client_buffer_bytes,
-            max_frame_bytes: config.max_frame_bytes,
-            history_replay: config.history_replay,
-            history_replay_max: config.history_replay_max,
-            handshake_timeout: config.handshake_timeout,
-            close_grace: config.close_grace,
-            auth: verifier,
-        },
+            verifier,
+        ),
         supervisor.clone(),
     ));
     liveness::spawn_pinger(
         hub.clone(),
         metrics.clone(),
-        liveness::PingerSettings {
-            interval: config.ping_interval,
-            idle_timeout: config.idle_timeout,
-            send_timeout: config.send_timeout,
-            tokens_expire: config.auth == AuthMode::Token,
-        },
+        config.pinger_settings(),
         &supervisor,
     )
     .map_err(|e| format!("cannot start the pinger thread: {e}"))?;
@@ -364,6 +275,91 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         drain,
         http: http_server,
         admin,
+    })
+}
+
+/// `--auth token`'s verifier, its keys loaded (the error names the file
+/// that is wrong); `None` with `--auth off`.
+fn load_verifier(config: &Config) -> Result<Option<Arc<Verifier>>, String> {
+    if config.auth == AuthMode::Off {
+        return Ok(None);
+    }
+    let verifier = Verifier::load(
+        &config.auth_keys(),
+        config.auth_max_token_bytes,
+        config.content_limits(),
+    )?;
+    info!(
+        "--auth token: clients prove who they are with tokens signed with {}",
+        verifier.describe()
+    );
+    Ok(Some(Arc::new(verifier)))
+}
+
+/// The three listening sockets, bound before anything starts, so that a
+/// port in use stops the start with its reason.
+struct Listeners {
+    http: TcpListener,
+    ws: TcpListener,
+    admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    fn bind(config: &Config) -> Result<Self, String> {
+        let host = config.listen_ip()?;
+        let http = TcpListener::bind((host, config.port))
+            .map_err(|e| format!("cannot listen for HTTP on {host}:{}: {e}", config.port))?;
+        let ws_port = config.ws_port()?;
+        let ws = listen((host, ws_port).into(), ACCEPT_BACKLOG)
+            .map_err(|e| format!("cannot listen for WebSocket on {host}:{ws_port}: {e}"))?;
+        let admin = match config.admin_addr()? {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .map_err(|e| format!("cannot listen for the admin listener on {addr}: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(Listeners { http, ws, admin })
+    }
+}
+
+/// A tiny_http server on `listener`, held to `limits`.
+fn serve_on(
+    listener: TcpListener,
+    limits: tiny_http::ConnectionLimits,
+) -> Result<Arc<tiny_http::Server>, String> {
+    tiny_http::Server::from_listener_with_limits(listener, None, limits)
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+}
+
+/// The broker the configuration names: Redis (its threads started, its
+/// first connection attempted), or the local, single-instance one.
+fn start_broker(
+    config: &Config,
+    instance: &str,
+    events_tx: EventSender,
+    metrics: &Arc<Metrics>,
+    supervisor: &Arc<Supervisor>,
+) -> Result<Arc<dyn Broker>, String> {
+    Ok(match config.broker {
+        BrokerKind::Redis => RedisBroker::start(
+            config.redis_settings(instance)?,
+            events_tx,
+            metrics.clone(),
+            supervisor,
+        )?,
+        BrokerKind::Local => {
+            warn!(
+                "local broker: this instance is alone; clients of other instances will not see its messages"
+            );
+            Arc::new(LocalBroker::new(
+                events_tx,
+                metrics.clone(),
+                config.history_len,
+                instance.to_string(),
+            ))
+        }
     })
 }
 
