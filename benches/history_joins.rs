@@ -175,7 +175,8 @@ fn server_bin() -> PathBuf {
 #[derive(Default)]
 struct Children {
     procs: Vec<(String, Child)>,
-    dirs: Vec<PathBuf>,
+    /// Removed when dropped, after the children are killed.
+    dirs: Vec<process::TempDir>,
 }
 
 impl Children {
@@ -197,9 +198,7 @@ impl Drop for Children {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for dir in &self.dirs {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        self.dirs.clear();
     }
 }
 
@@ -253,8 +252,8 @@ fn start_redis(children: &mut Children) -> Result<u16, String> {
     }
     let port = process::free_port();
     let dir = process::temp_dir("history-joins-redis");
-    children.dirs.push(dir.clone());
     let mut cmd = process::redis_server_command(port, &dir);
+    children.dirs.push(dir);
     cmd.args(["--appendonly", "no"]);
     children.spawn("redis-server", &mut cmd)?;
     if !process::wait_redis(port, Duration::from_secs(10)) {

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Client, Instance, RedisServer, TIMEOUT, temp_dir, unique, wait_for};
+use common::{Client, Instance, RedisServer, TIMEOUT, TempDir, temp_dir, unique, wait_for};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use pubsub_chat::auth::{Claims, KeySources, SigningKey, mint};
 use serde_json::{Value, json};
@@ -27,7 +27,7 @@ use tungstenite::Message;
 
 /// The keys one test signs with, in a directory removed when it ends.
 struct Keys {
-    dir: PathBuf,
+    dir: TempDir,
     /// The HS256 secret's file (its `kid` is `hs1`).
     secret: PathBuf,
     /// ES256: the private key the "backend" signs with, and the public
@@ -101,12 +101,6 @@ impl Keys {
             ..KeySources::default()
         });
         mint(&claims, &signing, true).unwrap()
-    }
-}
-
-impl Drop for Keys {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

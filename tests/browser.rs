@@ -419,7 +419,6 @@ fn a_large_room_shows_its_count_and_a_window_that_grows_when_the_list_is_scrolle
         ],
     );
     bots.finish();
-    let _ = std::fs::remove_dir_all(&files);
 }
 
 /// Who the token endpoint knows: its session cookie's value, and what
@@ -691,5 +690,4 @@ fn token_expiry_reconnects_with_a_new_token_and_loses_nothing() {
         "instance b closed a connection for an expired token: twin's refresh did not keep it"
     );
     drop(tokens);
-    let _ = std::fs::remove_dir_all(&keys);
 }

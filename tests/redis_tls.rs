@@ -11,15 +11,16 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Instance, RedisServer, TIMEOUT, free_port, run_to_exit, temp_dir, unique, wait_for};
+use common::{
+    Instance, RedisServer, TIMEOUT, TempDir, free_port, run_to_exit, temp_dir, unique, wait_for,
+};
 
 /// Certificates in a temporary directory, removed on drop.
 struct Pki {
-    dir: PathBuf,
+    dir: TempDir,
 }
 
 impl Pki {
@@ -182,12 +183,6 @@ impl Pki {
         } else {
             self.path("server.key")
         }
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +26,7 @@ use tungstenite::Message;
 struct Sentinels {
     ports: Vec<u16>,
     children: Vec<Child>,
-    dir: PathBuf,
+    dir: TempDir,
 }
 
 impl Sentinels {
@@ -139,7 +138,6 @@ impl Drop for Sentinels {
                 eprintln!("---- sentinel {port} ----\n{log}");
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -56,7 +56,7 @@ pub struct Proc {
     pub ws: Option<SocketAddr>,
     /// The admin listener: `/metrics`.
     pub admin: Option<SocketAddr>,
-    tmpdir: Option<PathBuf>,
+    tmpdir: Option<process::TempDir>,
 }
 
 impl Proc {
@@ -110,9 +110,8 @@ impl Proc {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|p| *p != pid);
-        if let Some(dir) = self.tmpdir.take() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        // Its directory goes once it has exited.
+        drop(self.tmpdir.take());
     }
 
     pub fn log_tail(&self) -> Vec<String> {
@@ -201,7 +200,8 @@ pub const PRESENCE_MAX_MEMBERS: usize = 10_000;
 /// One run's keys for `--auth hs256|es256`, in a temporary directory of
 /// their own that goes with this value (at the end of the run).
 pub struct AuthKeys {
-    dir: PathBuf,
+    /// Held only to be removed with this value.
+    _dir: process::TempDir,
     pub keys: RunKeys,
 }
 
@@ -257,13 +257,7 @@ impl AuthKeys {
                 }
             }
         };
-        Some(AuthKeys { dir, keys })
-    }
-}
-
-impl Drop for AuthKeys {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        Some(AuthKeys { _dir: dir, keys })
     }
 }
 

@@ -5,13 +5,12 @@
 //! with the load generator); here every failure is a panic with the nodes'
 //! log tails.
 
-use std::path::PathBuf;
 use std::process::Child;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use super::cluster_process::{self as cp, NodePorts, SlotRange};
-use super::{Instance, TIMEOUT, temp_dir};
+use super::{Instance, TIMEOUT, TempDir, temp_dir};
 
 /// An instance in cluster mode, seeded with the cluster's masters, its keys
 /// under `prefix`, once ready.
@@ -61,7 +60,7 @@ struct Node {
 /// Six cluster nodes of this test's own (see the module documentation).
 pub struct RedisCluster {
     nodes: Vec<Node>,
-    dir: PathBuf,
+    dir: TempDir,
 }
 
 impl RedisCluster {
@@ -338,6 +337,5 @@ impl Drop for RedisCluster {
                 let _ = child.wait();
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

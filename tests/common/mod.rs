@@ -12,7 +12,7 @@ pub mod nginx;
 pub mod process;
 
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 // Not every test file uses every helper.
 #[allow(unused_imports)]
-pub use process::{free_port, refused_port, temp_dir, unique};
+pub use process::{TempDir, free_port, refused_port, temp_dir, unique};
 
 use serde_json::Value;
 use tungstenite::stream::MaybeTlsStream;
@@ -44,7 +44,7 @@ pub fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
-    dir: PathBuf,
+    dir: TempDir,
     extra_args: Vec<String>,
     /// The default user's password (`--requirepass`), if it has one.
     password: Option<String>,
@@ -169,7 +169,6 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -4,16 +4,16 @@
 //! instance when one refuses connections.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Instance, free_port, temp_dir};
+use super::{Instance, TempDir, free_port, temp_dir};
 
 pub struct Nginx {
     pub addr: SocketAddr,
     child: Option<Child>,
-    dir: PathBuf,
+    dir: TempDir,
 }
 
 /// The nginx configuration for `instances` behind `port`. The same shape
@@ -122,6 +122,5 @@ impl Drop for Nginx {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

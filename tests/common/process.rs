@@ -86,12 +86,42 @@ pub fn free_port() -> u16 {
 }
 
 /// A new directory `pubsub-chat-<label>-<pid>-<n>` under the system's
-/// temporary directory.
-pub fn temp_dir(label: &str) -> PathBuf {
+/// temporary directory, removed with everything in it when the value is
+/// dropped (a test that panics included): a run leaves nothing behind.
+pub fn temp_dir(label: &str) -> TempDir {
     let dir = std::env::temp_dir().join(unique(&format!("pubsub-chat-{label}")));
     std::fs::create_dir_all(&dir)
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-    dir
+    TempDir(dir)
+}
+
+/// A directory of [`temp_dir`]'s, used as a path.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Where `program` is on the `PATH`, if it is.
