@@ -60,6 +60,11 @@
 //!   reader's stack pages), [`allocator`] (malloc for thousands of
 //!   threads), [`random`] (tags and tokens).
 //!
+//! Public are only the modules the binary, the tests and the benchmarks
+//! use ([`server`], [`config`], [`auth`], [`protocol`], [`clock`],
+//! [`allocator`]); the rest is private to the crate, and `cargo doc
+//! --document-private-items` shows it.
+//!
 //! Words keep one meaning each: a session *publishes*, a subscriber
 //! *receives* and *forwards* to the fan-out, the fan-out *delivers* to
 //! outboxes, an outbox *writes* to its socket; *link status* is whether
@@ -74,27 +79,27 @@
 
 pub mod allocator;
 pub mod auth;
-pub mod backoff;
-pub mod broker;
+mod backoff;
+mod broker;
 pub mod clock;
 pub mod config;
-pub mod delivery;
-pub mod demo;
-pub mod drain;
-pub mod faults;
-pub mod http;
-pub mod liveness;
-pub mod metrics;
-pub mod origin;
-pub mod per_address;
-pub mod presence;
+mod delivery;
+mod demo;
+mod drain;
+mod faults;
+mod http;
+mod liveness;
+mod metrics;
+mod origin;
+mod per_address;
+mod presence;
 pub mod protocol;
-pub mod random;
-pub mod rate_limit;
-pub mod redis_url;
+mod random;
+mod rate_limit;
+mod redis_url;
 pub mod server;
-pub mod session;
-pub mod stack;
-pub mod stats;
-pub mod supervisor;
-pub mod sync;
+mod session;
+mod stack;
+mod stats;
+mod supervisor;
+mod sync;

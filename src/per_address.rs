@@ -105,10 +105,6 @@ impl PerAddress {
         })
     }
 
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
     /// A place for one more client of `ip`, if it has fewer than `max`.
     pub fn take(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
         if self.max == 0 {

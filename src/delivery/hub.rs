@@ -231,10 +231,6 @@ impl Hub {
     pub fn len(&self) -> usize {
         self.read().values().map(|members| members.len()).sum()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]

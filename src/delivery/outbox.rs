@@ -318,8 +318,9 @@ impl<W: Wire> Outbox<W> {
         }
     }
 
-    /// Bytes waiting for the socket.
-    pub fn queued_bytes(&self) -> usize {
+    /// Bytes waiting for the socket (the tests' window on the limit).
+    #[cfg(test)]
+    fn queued_bytes(&self) -> usize {
         lock(&self.state).queued_bytes
     }
 

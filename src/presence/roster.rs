@@ -106,11 +106,6 @@ impl Roster {
         self.seq
     }
 
-    /// Whether anything changed since the last diff.
-    pub fn is_touched(&self) -> bool {
-        !self.touched.is_empty()
-    }
-
     /// Whether a change numbered `seq` comes next, is already in, or comes
     /// after a gap.
     fn order(&self, seq: u64) -> Applied {
@@ -235,12 +230,6 @@ impl Roster {
             }
         }
         changes
-    }
-
-    /// Forgets what changed (a fresh `presence` frame says it all).
-    pub fn forget_changes(&mut self) {
-        self.touched.clear();
-        self.departures.clear();
     }
 
     /// Up to `limit` members from position `offset`, in name order.
