@@ -52,8 +52,9 @@
 //! - Defences: [`rate_limit`] (a token bucket per client), [`origin`] (the
 //!   Origin check), [`per_address`] (clients per address), [`liveness`]
 //!   (the pinger that finds dead peers).
-//! - The lesson: [`demo`] (the fault panel), [`faults`] (faults the tests
-//!   inject, debug builds only).
+//! - The lesson: [`xray`] (a message's path, for the clients that ask),
+//!   [`demo`] (the fault panel), [`faults`] (faults the tests inject,
+//!   debug builds only).
 //! - Plumbing: [`metrics`] (`/metrics`), [`backoff`] (reconnection waits),
 //!   [`clock`] (the wall and monotonic clocks), [`sync`] (the delivery
 //!   path's lock, switchable to loom's), [`stack`] (giving back an idle
@@ -103,3 +104,4 @@ mod stack;
 mod stats;
 mod supervisor;
 mod sync;
+mod xray;

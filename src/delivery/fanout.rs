@@ -33,7 +33,6 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use log::warn;
 
 use crate::broker::{BrokerEvent, LinkChange, LinkStatus, PresenceChange};
-use crate::clock;
 use crate::delivery::hub::{Hub, Member, RoomMembers};
 use crate::delivery::outbox::{Batch, Pushed};
 use crate::demo::DemoControls;
@@ -42,6 +41,7 @@ use crate::metrics::Metrics;
 use crate::presence::Tracker;
 use crate::protocol::{ChatMessage, MessageFrame, Received, ServerFrame};
 use crate::supervisor::Supervisor;
+use crate::xray::Traced;
 
 /// Events waiting between the broker and the fan-out. The fan-out never
 /// waits on a client, so this only fills if the machine is overloaded; the
@@ -156,26 +156,6 @@ struct RoomBatch<'a> {
     items: Vec<usize>,
 }
 
-/// One room's share of a delivery, kept for its members that asked for
-/// the X-ray: their frames are made one by one, each with its own stamp.
-struct Traced {
-    received_by: Arc<str>,
-    messages: Vec<(ChatMessage, Received)>,
-}
-
-impl Traced {
-    /// The batch for one traced member, stamped now.
-    fn batch(&self) -> Arc<Batch> {
-        let mut batch = Batch::default();
-        for (message, received) in &self.messages {
-            let frame =
-                MessageFrame::traced(message, *received, &self.received_by, clock::wall_micros());
-            batch.push(Some(message.id), &ServerFrame::Message(frame).to_ws_bytes());
-        }
-        Arc::new(batch)
-    }
-}
-
 impl Fanout {
     fn run(&self, events_rx: &Receiver<BrokerEvent>) {
         let mut pending = Vec::with_capacity(MAX_BATCH);
@@ -240,23 +220,14 @@ impl Fanout {
         }
         for entry in rooms {
             if let Some(members) = self.hub.room(entry.room) {
-                let traced = members
-                    .iter()
-                    .any(|member| member.trace)
-                    .then(|| Arc::new(self.traced(pending, &entry.items)));
+                let traced = members.iter().any(|member| member.trace).then(|| {
+                    let messages = entry.items.iter().map(|&i| pending[i].clone()).collect();
+                    Arc::new(Traced::new(self.instance.clone(), messages))
+                });
                 self.send(members, Arc::new(entry.batch), traced, None, entry.messages);
             }
         }
         pending.clear();
-    }
-
-    /// What the traced members of a room need to make their own frames:
-    /// its messages.
-    fn traced(&self, pending: &[Pending], items: &[usize]) -> Traced {
-        Traced {
-            received_by: self.instance.clone(),
-            messages: items.iter().map(|&index| pending[index].clone()).collect(),
-        }
     }
 
     /// Hands `name` typing to the room's members but its own tabs (passed

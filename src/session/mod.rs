@@ -48,11 +48,10 @@ use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
 use crate::per_address::{AddressSlot, PerAddress, TrustedProxies};
 use crate::presence::{Tracker, View};
-use crate::protocol::{
-    CloseReason, ErrorCode, Limits, MessageFrame, MessageId, Received, ServerFrame, Via,
-};
+use crate::protocol::{CloseReason, ErrorCode, Limits, MessageId, Received, ServerFrame, Via};
 use crate::rate_limit::RateLimit;
 use crate::supervisor::Supervisor;
+use crate::xray;
 use handshake::{JoinRequest, close_unjoined, handshake, refuse_raw, set_socket_options};
 use identify::{Who, identify};
 use reader::{SessionStream, read_until_closed};
@@ -83,8 +82,8 @@ pub struct SessionContext {
     next_client: AtomicU64,
     /// Sessions alive, handshakes included: what `--max-clients` bounds.
     sessions: AtomicUsize,
-    /// Clients with the X-ray: what `--max-traced-clients` bounds.
-    traced: AtomicUsize,
+    /// The X-ray's places (`--max-traced-clients`).
+    xray: xray::Slots,
     /// Clients per address: what `--max-clients-per-ip` bounds.
     per_address: Arc<PerAddress>,
     /// Tells this run of the instance from earlier ones in dedup keys, so
@@ -144,6 +143,7 @@ impl SessionContext {
         } = services;
         SessionContext {
             per_address: PerAddress::new(limits.max_clients_per_ip),
+            xray: xray::Slots::new(limits.max_traced_clients),
             drain,
             hub,
             broker,
@@ -154,7 +154,6 @@ impl SessionContext {
             supervisor,
             next_client: AtomicU64::new(1),
             sessions: AtomicUsize::new(0),
-            traced: AtomicUsize::new(0),
             run_nonce: format!("{instance}-{}", clock::wall_nanos()),
             guest_tag: crate::random::random_base36(5),
             instance,
@@ -185,23 +184,6 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.sessions.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A place in `--max-traced-clients`, given back when dropped.
-struct TraceSlot<'a>(&'a SessionContext);
-
-impl<'a> TraceSlot<'a> {
-    fn take(context: &'a SessionContext) -> Option<Self> {
-        let taken = context.traced.fetch_add(1, Ordering::Relaxed);
-        let slot = TraceSlot(context);
-        (taken < context.limits.max_traced_clients).then_some(slot)
-    }
-}
-
-impl Drop for TraceSlot<'_> {
-    fn drop(&mut self) {
-        self.0.traced.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -482,7 +464,7 @@ fn run_joined(
     // Held as long as the session: the X-ray's place is given back when
     // the client leaves.
     let trace_slot = if join.trace {
-        TraceSlot::take(context)
+        context.xray.take()
     } else {
         None
     };
@@ -491,7 +473,7 @@ fn run_joined(
     if trace_refused {
         info!(
             "client {client}: X-ray refused, {} clients have it (--max-traced-clients)",
-            context.limits.max_traced_clients
+            context.xray.max()
         );
     }
     let last_seen = Arc::new(LastSeen::default());
@@ -679,19 +661,7 @@ fn first_frames(
             let frames: Vec<Vec<u8>> = history
                 .messages
                 .iter()
-                .map(|message| {
-                    let frame = if trace {
-                        MessageFrame::traced(
-                            message,
-                            received,
-                            &context.instance,
-                            clock::wall_micros(),
-                        )
-                    } else {
-                        MessageFrame::plain(message)
-                    };
-                    ServerFrame::Message(frame).to_ws_bytes().to_vec()
-                })
+                .map(|message| xray::history_frame(message, received, &context.instance, trace))
                 .collect();
             // The first frames fit the client's buffer like everything
             // else: the most recent messages that fit, the rest paged.
