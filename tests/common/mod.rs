@@ -509,7 +509,8 @@ impl Client {
     /// Asserts that nothing arrives within `wait`.
     pub fn expect_silence(&mut self, wait: Duration) {
         // Presence frames (others joining or leaving) are not what a test
-        // of silence is about.
+        // of silence is about, nor the server's pings to a quiet client
+        // (every --ping-interval-ms, answered by tungstenite).
         let deadline = Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -519,6 +520,7 @@ impl Client {
             self.set_read_timeout(left);
             match self.socket.read() {
                 Err(e) if timed_out(&e) => break,
+                Ok(Message::Ping(_) | Message::Pong(_)) => {}
                 Ok(Message::Text(text))
                     if serde_json::from_str::<Value>(&text)
                         .ok()
