@@ -15,7 +15,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    Instance, RedisServer, TIMEOUT, TempDir, free_port, run_to_exit, temp_dir, unique, wait_for,
+    Instance, RedisServer, TIMEOUT, TempDir, free_port, run_to_exit, temp_dir, texts, unique,
+    wait_for,
 };
 
 /// Certificates in a temporary directory, removed on drop.
@@ -270,12 +271,7 @@ fn messages_cross_two_instances_over_tls() {
     let got = bob.recv_messages(1).remove(0);
     assert_eq!(got["text"], "over tls", "{got}");
     bob.send("and back", "c2");
-    let texts: Vec<String> = alice
-        .recv_messages(2)
-        .iter()
-        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
-        .collect();
-    assert_eq!(texts, ["over tls", "and back"]);
+    assert_eq!(texts(&alice.recv_messages(2)), ["over tls", "and back"]);
     assert_eq!(bob.recv_messages(1)[0]["text"], "and back", "bob's own");
     // A burst: many TLS records arrive together on the subscription, more
     // than one read takes, and the reader takes them in turn.
@@ -552,12 +548,10 @@ fn a_tls_cluster_carries_rooms_on_every_shard() {
             "room {room} on master {master}: {got}"
         );
         bob.send("back", "c2");
-        let texts: Vec<String> = alice
-            .recv_messages(2)
-            .iter()
-            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
-            .collect();
-        assert_eq!(texts, [format!("to {room}"), "back".to_string()]);
+        assert_eq!(
+            texts(&alice.recv_messages(2)),
+            [format!("to {room}"), "back".to_string()]
+        );
     }
     // The same cluster behind a CA this instance does not trust: a
     // cluster instance needs the slot map to start, so it stops, the
