@@ -240,14 +240,15 @@ RULE="==========================================================================
     printf '  Try it: type a message in one tab; it appears in the other, although\n'
     printf '  each tab talks to a different server process. They meet in Redis.\n\n'
     printf '  Redis:  %s\n\n' "$(redact_url "$REDIS_URL_TO_USE")"
-    printf '  Inject a message from outside, straight into Redis:\n'
+    printf '  Inject a message from outside, straight into Redis (it prints the\n'
+    printf '  redis-cli PUBLISH it runs):\n'
     # A URL with a password is shown as the variable that holds it.
     cli_url="$REDIS_URL_TO_USE"
     # shellcheck disable=SC2016  # the variable's name, for the reader to expand
     [[ "$cli_url" != *@* ]] || cli_url='"$REDIS_URL"'
-    printf "    redis-cli -u %s PUBLISH '%s:room:{lobby}' %s\n\n" "$cli_url" "${REDIS_PREFIX:-chat}" \
-      "'{\"type\":\"message\",\"id\":\"0-1\",\"room\":\"lobby\",\"from\":\"redis-cli\",\"text\":\"hello from outside\",\"ts\":$(date +%s%3N),\"instance\":\"redis-cli\"}'"
-    printf '  (Each injected message needs its own id: 0-2, 0-3, ...; clients drop repeats.)\n\n'
+    prefix_arg=""
+    [[ -z "${REDIS_PREFIX:-}" ]] || prefix_arg=" --prefix $REDIS_PREFIX"
+    printf '    ./scripts/inject.sh --redis-url %s%s "hello from outside"\n\n' "$cli_url" "$prefix_arg"
   else
     printf '  Try it: type a message in one tab; it does NOT appear in the other.\n'
     printf '  Each instance only knows its own clients: this is the isolated\n'

@@ -201,3 +201,56 @@ fn an_instance_subscribes_to_a_room_only_while_it_has_clients_there() {
         b.metric("chat_room_subscriptions") == 1.0
     });
 }
+
+/// The message `scripts/inject.sh` publishes (what run_two.sh and the
+/// READMEs tell a student to run) shows in a tab that has the room's
+/// history and in one that has none, after what they already show; the
+/// old printed command, with id `0-1`, reached Redis's subscribers and was
+/// dropped by the tab with history.
+#[test]
+fn the_injection_script_reaches_tabs_with_and_without_history() {
+    let redis = RedisServer::start();
+    let prefix = unique("inject-script");
+    let (a, b) = two_instances(&redis, &prefix);
+    // No history yet when it joins.
+    let mut first = a.client("first", "lobby");
+    first.send("before", "c1");
+    let before = first.recv_messages(1).remove(0);
+    // Joins with "before" in its history.
+    let mut later = b.client("later", "lobby");
+    let history = later.drain_messages(Duration::from_millis(300));
+    assert_eq!(common::texts(&history), ["before"]);
+
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/inject.sh");
+    let output = std::process::Command::new(&script)
+        .args(["--redis-url", &redis.url(), "--prefix", &prefix])
+        .arg("hello from outside")
+        .output()
+        .expect("scripts/inject.sh runs");
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        said.contains("redis-cli -u") && said.contains("PUBLISH"),
+        "{said}"
+    );
+    assert!(said.contains("2 instance(s) received it"), "{said}");
+    for (who, client) in [("first", &mut first), ("later", &mut later)] {
+        let got = client.recv_messages(1).remove(0);
+        assert_eq!(got["text"], "hello from outside", "{who}: {got}");
+        assert!(
+            common::id_of(&got) > common::id_of(&before),
+            "{who}: its id {} sorts after the history's {}",
+            got["id"],
+            before["id"]
+        );
+    }
+    // And a message sent after it comes after it.
+    later.send("after", "c2");
+    for client in [&mut first, &mut later] {
+        assert_eq!(common::texts(&client.recv_messages(1)), ["after"]);
+    }
+}
