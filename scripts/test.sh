@@ -5,7 +5,8 @@
 #                                       every tests/*.rs file and the examples;
 #                                       the benchmarks are compiled, not run;
 #                                       then the loom model tests (the outbox,
-#                                       the catch-up gates)
+#                                       the catch-up gates); about 12 minutes
+#                                       on 2 cores once built
 #   ./scripts/test.sh fanout            the tests of tests/fanout.rs (any file
 #                                       name of tests/*.rs: cargo test --test)
 #   ./scripts/test.sh fanout room       those of its tests whose name has "room"
@@ -24,7 +25,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 case "${1:-}" in
   -h | --help)
-    sed -n '2,19s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,20s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
     exit 0
     ;;
 esac
@@ -110,6 +111,8 @@ command+=("${filters[@]}")
 full=$((${#files[@]} == 0 && ${#filters[@]} == 0))
 
 if ((full)); then
+  info "a full run takes about 12 minutes on 2 cores once built (the first"
+  info "build adds about 5); ./scripts/test.sh NAME runs a part (--help)"
   # Compiled on every full run, so that they cannot rot; run only when asked.
   step "Compiling the benchmarks (run them with ./scripts/test.sh --bench)"
   cargo test "${cargo_opts[@]}" --benches --no-run || rc=$?
@@ -127,9 +130,10 @@ if ((rc == 0 && full)); then
   RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="$REPO_ROOT/target/loom" \
     cargo test --release --lib loom || rc=$?
 fi
+took="$((SECONDS / 60)) min $((SECONDS % 60)) s"
 if ((rc == 0)); then
-  step "All tests passed"
+  step "All tests passed (in $took)"
 else
-  step "Tests FAILED (cargo exited with status $rc)"
+  step "Tests FAILED (cargo exited with status $rc, after $took)"
 fi
 exit "$rc"
