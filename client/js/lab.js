@@ -194,6 +194,7 @@ function buildFaultPanel() {
   sec.setAttribute('aria-label', 'fault panel');
   var title = h('h3', 'lab-title', 'Break it ');
   fault.where = h('span', 'lab-sub', '');
+  fault.where.setAttribute('data-testid', 'fault-where');
   title.appendChild(fault.where);
   sec.appendChild(title);
   fault.cut = faultRow('cut', 'Cut Redis subscription',
@@ -222,7 +223,10 @@ function buildFaultPanel() {
 export function renderFaultPanel() {
   if (!fault.panel) return;
   var target = (S.config && typeof S.config.instance === 'string' && S.config.instance) || S.instance || '?';
-  fault.where.textContent = 'demo controls · instance ' + target;
+  // The tab's own client id (from its welcome frame): what a stall
+  // made with curl names (?client=...).
+  fault.where.textContent = 'demo controls · instance ' + target +
+    (debug.client ? ' · this tab is client ' + debug.client : '');
   var open = conn.socket === 'open';
   fault.cut.button.disabled = !S.joined;
   fault.pause.button.disabled = !S.joined;

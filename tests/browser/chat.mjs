@@ -1644,6 +1644,15 @@ async function mainLab(opts, logs, state) {
     await waitFor(`${label}'s fault panel`, panel.waitFor({ state: 'visible', timeout: WAIT_MS }));
   }
   ok('both pages show the fault panel');
+  // It names the tab's client id, which a stall made with curl needs.
+  for (const [label, page] of [['alice', alice], ['bob', bob]]) {
+    const client = await page.evaluate(() => window.chatDebug.client);
+    const where = await page.getByTestId('fault-where').textContent({ timeout: WAIT_MS });
+    if (!client || !where.includes(`this tab is client ${client}`)) {
+      fail(`${label}'s fault panel should name its client id ${client}: "${where}"`);
+    }
+  }
+  ok('each fault panel names its tab\'s client id');
 
   // 4a. Cut A's subscription while bob sends a steady stream: alice's page
   // goes "sending paused", then connected again, and shows every message
