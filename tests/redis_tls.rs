@@ -12,8 +12,8 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
+use common::cluster_process;
 use common::{
     Instance, RedisServer, TIMEOUT, TempDir, free_port, run_to_exit, temp_dir, texts, unique,
     wait_for,
@@ -436,18 +436,13 @@ impl TlsCluster {
             String::from_utf8_lossy(&output.stderr)
         );
         let cluster = TlsCluster { nodes, tls_ports };
-        let deadline = Instant::now() + TIMEOUT;
-        while !cluster.nodes.iter().all(|node| {
-            node.connection()
-                .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query::<String>(&mut c))
-                .is_ok_and(|info| info.contains("cluster_state:ok"))
-        }) {
-            assert!(
-                Instant::now() < deadline,
-                "the TLS cluster never said cluster_state:ok"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // Masters only: cluster_process::wait_ready would wait for replicas.
+        wait_for("the TLS cluster to say cluster_state:ok", || {
+            cluster
+                .nodes
+                .iter()
+                .all(|node| cluster_process::cluster_state(node.port).is_ok_and(|s| s == "ok"))
+        });
         cluster
     }
 
@@ -460,43 +455,17 @@ impl TlsCluster {
             .join(",")
     }
 
-    /// The plain port of the master that holds `key`'s slot, found by
-    /// node id (`CLUSTER NODES` lists each master's slot ranges).
+    /// The plain port of the master that holds `key`'s slot (`CLUSTER
+    /// SLOTS` asked over a plain connection names the plain ports).
     fn master_of(&self, key: &str) -> u16 {
-        let mut conn = self.nodes[0].connection().expect("a node answers");
-        let slot: u16 = redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(key)
-            .query(&mut conn)
-            .unwrap();
-        let nodes: String = redis::cmd("CLUSTER").arg("NODES").query(&mut conn).unwrap();
-        let owner = nodes
-            .lines()
-            .map(|line| line.split(' ').collect::<Vec<_>>())
-            .find(|fields| {
-                fields.iter().skip(8).any(|range| {
-                    let mut ends = range.split('-').filter_map(|n| n.parse::<u16>().ok());
-                    match (ends.next(), ends.next()) {
-                        (Some(start), Some(end)) => (start..=end).contains(&slot),
-                        (Some(single), None) => single == slot,
-                        _ => false,
-                    }
-                })
-            })
-            .map(|fields| fields[0].to_string())
-            .expect("some master owns every slot");
-        self.nodes
+        let port = self.nodes[0].port;
+        let slot = cluster_process::key_slot(port, key).expect("CLUSTER KEYSLOT");
+        cluster_process::slots(port)
+            .expect("CLUSTER SLOTS")
             .iter()
-            .find(|node| {
-                let mut conn = node.connection().expect("a node answers");
-                redis::cmd("CLUSTER")
-                    .arg("MYID")
-                    .query::<String>(&mut conn)
-                    .ok()
-                    == Some(owner.clone())
-            })
-            .map(|node| node.port)
-            .expect("the owner is one of the three")
+            .find(|range| range.contains(slot))
+            .map(|range| range.master)
+            .expect("some master owns every slot")
     }
 }
 
