@@ -97,12 +97,12 @@ fn listen(
     let mut pubsub = connection.as_pubsub();
     pubsub.subscribe("+switch-master")?;
     *subscribed = true;
+    pubsub.set_read_timeout(Some(interval))?;
     info!(
         "redis sentinel {host}:{port}: listening for +switch-master of {:?}",
         sentinels.master
     );
     loop {
-        pubsub.set_read_timeout(Some(interval))?;
         match pubsub.get_message() {
             Ok(message) => {
                 let payload: String = message.get_payload().unwrap_or_default();
@@ -125,7 +125,6 @@ fn listen(
             // Quiet for an interval: the sentinel must still answer, within
             // its own timeout.
             Err(e) if e.is_timeout() => {
-                pubsub.set_read_timeout(Some(interval))?;
                 pubsub.ping::<redis::Value>()?;
             }
             Err(e) => return Err(e),
