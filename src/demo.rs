@@ -18,14 +18,14 @@
 //! names a proxy (`Forwarded`, `X-Forwarded-*`, `Via`) is refused.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
 use log::warn;
 
-use crate::clock;
 use crate::delivery::hub::Hub;
+use crate::delivery::pause::DeliveryPause;
 
 /// The longest pause or stall one request may ask for.
 pub const MAX_SECONDS: u64 = 60;
@@ -41,8 +41,8 @@ pub struct DemoControls {
     token: String,
     /// Stalls in progress.
     stalls: Arc<AtomicUsize>,
-    /// Wall-clock milliseconds until which the fan-out holds delivery.
-    delivery_paused_until_ms: AtomicU64,
+    /// What the fan-out waits for while delivery is paused.
+    delivery: Arc<DeliveryPause>,
 }
 
 impl DemoControls {
@@ -51,7 +51,7 @@ impl DemoControls {
             enabled,
             token: crate::random::random_base36(32),
             stalls: Arc::default(),
-            delivery_paused_until_ms: AtomicU64::new(0),
+            delivery: Arc::default(),
         }
     }
 
@@ -65,39 +65,21 @@ impl DemoControls {
     }
 
     /// Holds this instance's delivery for `seconds`: events wait, in
-    /// order, in the fan-out's queue.
+    /// order, in the fan-out's queue. Returns until when (wall-clock ms).
     pub fn pause_delivery(&self, seconds: u64) -> u64 {
-        let until = clock::wall_millis() + seconds * 1000;
-        self.delivery_paused_until_ms
-            .store(until, Ordering::Relaxed);
         warn!("demo control: delivery paused for {seconds} s");
-        until
+        self.delivery.hold_for(Duration::from_secs(seconds))
     }
 
     /// Until when delivery is paused, if it is.
     pub fn delivery_paused_until(&self) -> Option<u64> {
-        let until = self.delivery_paused_until_ms.load(Ordering::Relaxed);
-        (until != 0 && until > clock::wall_millis()).then_some(until)
+        self.delivery.held_until()
     }
 
-    /// The fan-out calls this before each delivery: one atomic load, and
-    /// returns at once, unless a pause was asked for.
-    pub fn wait_while_delivery_paused(&self) {
-        let asked = self.delivery_paused_until_ms.load(Ordering::Relaxed);
-        if asked == 0 {
-            return;
-        }
-        while let Some(until) = self.delivery_paused_until() {
-            let left = until.saturating_sub(clock::wall_millis());
-            thread::sleep(Duration::from_millis(left.min(100)));
-        }
-        // Back to the fast path, unless a new pause came meanwhile.
-        let _ = self.delivery_paused_until_ms.compare_exchange(
-            asked,
-            0,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
+    /// The gate the fan-out passes before each delivery, which
+    /// [`DemoControls::pause_delivery`] closes.
+    pub fn delivery_pause(&self) -> Arc<DeliveryPause> {
+        Arc::clone(&self.delivery)
     }
 }
 
@@ -139,22 +121,5 @@ impl DemoControls {
             self.stalls.fetch_sub(1, Ordering::Relaxed);
         }
         Stall::Started
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_pause_ends_on_its_own() {
-        let demo = DemoControls::new(true);
-        assert_eq!(demo.delivery_paused_until(), None);
-        demo.pause_delivery(1);
-        assert!(demo.delivery_paused_until().is_some());
-        let started = std::time::Instant::now();
-        demo.wait_while_delivery_paused();
-        assert!(started.elapsed() >= Duration::from_millis(900));
-        assert_eq!(demo.delivery_paused_until(), None);
     }
 }

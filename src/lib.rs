@@ -47,12 +47,13 @@
 //!   local, single-instance twin), [`presence`] (who is in each room),
 //!   [`stats`] (the instances view behind `/stats`).
 //! - Delivery on this instance, [`delivery`]: the fan-out, the hub, each
-//!   client's outbox, the flushers. The session depends on it, never the
-//!   reverse.
+//!   client's outbox, the flushers, the X-ray's frames. The session and
+//!   presence depend on it, never the reverse; no two modules import each
+//!   other, even through others (`tests/module_graph.rs` checks it).
 //! - Defences: [`rate_limit`] (a token bucket per client), [`origin`] (the
 //!   Origin check), [`per_address`] (clients per address), [`liveness`]
 //!   (the pinger that finds dead peers).
-//! - The lesson: [`xray`] (a message's path, for the clients that ask),
+//! - The lesson: [`xray`](delivery::xray) (a message's path, for the clients that ask),
 //!   [`demo`] (the fault panel), [`faults`] (faults the tests inject,
 //!   debug builds only).
 //! - Plumbing: [`metrics`] (`/metrics`), [`backoff`] (reconnection waits),
@@ -104,4 +105,3 @@ mod stack;
 mod stats;
 mod supervisor;
 mod sync;
-mod xray;

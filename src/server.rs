@@ -137,12 +137,15 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     fanout::spawn_fanout(
         events_rx,
         hub.clone(),
-        presence.clone(),
+        {
+            let presence = presence.clone();
+            Box::new(move |change| presence.apply(change))
+        },
         metrics.clone(),
         FanoutSettings {
             threads: config.delivery_threads(),
             instance: instance.as_str().into(),
-            demo: demo.clone(),
+            pause: demo.delivery_pause(),
         },
         &supervisor,
     )

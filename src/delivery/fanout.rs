@@ -35,13 +35,12 @@ use log::warn;
 use crate::broker::{BrokerEvent, LinkChange, LinkStatus, PresenceChange};
 use crate::delivery::hub::{Hub, Member, RoomMembers};
 use crate::delivery::outbox::{Batch, Pushed};
-use crate::demo::DemoControls;
+use crate::delivery::pause::DeliveryPause;
+use crate::delivery::xray::Traced;
 use crate::faults;
 use crate::metrics::Metrics;
-use crate::presence::Tracker;
 use crate::protocol::{ChatMessage, MessageFrame, Received, ServerFrame};
 use crate::supervisor::Supervisor;
-use crate::xray::Traced;
 
 /// Events waiting between the broker and the fan-out. The fan-out never
 /// waits on a client, so this only fills if the machine is overloaded; the
@@ -72,6 +71,11 @@ struct Job {
     shard: usize,
 }
 
+/// What the fan-out does with a presence change: hand it to whoever keeps
+/// the rooms' member lists. A function rather than the tracker itself, so
+/// that delivery does not depend on presence (presence depends on the hub).
+pub type OnPresence = Box<dyn Fn(PresenceChange) + Send>;
+
 /// How the fan-out runs, from the configuration.
 pub struct FanoutSettings {
     /// The fan-out and its deliverers (`--delivery-threads`).
@@ -79,14 +83,14 @@ pub struct FanoutSettings {
     /// This instance's name: the X-ray's `received_by`.
     pub instance: Arc<str>,
     /// `--demo-controls`: delivery may be paused on purpose.
-    pub demo: Arc<DemoControls>,
+    pub pause: Arc<DeliveryPause>,
 }
 
 /// Starts the fan-out thread and `threads - 1` deliverer threads.
 pub fn spawn_fanout(
     events_rx: Receiver<BrokerEvent>,
     hub: Arc<Hub>,
-    presence: Arc<Tracker>,
+    on_presence: OnPresence,
     metrics: Arc<Metrics>,
     settings: FanoutSettings,
     supervisor: &Arc<Supervisor>,
@@ -94,7 +98,7 @@ pub fn spawn_fanout(
     let FanoutSettings {
         threads,
         instance,
-        demo,
+        pause,
     } = settings;
     let busy = Arc::new(AtomicUsize::new(0));
     let shards = threads.max(1);
@@ -123,8 +127,8 @@ pub fn spawn_fanout(
         deliverers,
         busy,
         instance,
-        demo,
-        presence,
+        pause,
+        on_presence,
     };
     supervisor.spawn("fan-out", move || fanout.run(&events_rx))?;
     Ok(())
@@ -142,9 +146,9 @@ pub(crate) struct Fanout {
     /// This instance's name: the X-ray's `received_by`.
     instance: Arc<str>,
     /// `--demo-controls`: delivery may be paused on purpose.
-    demo: Arc<DemoControls>,
-    /// Each room's member list, kept from the presence changes.
-    presence: Arc<Tracker>,
+    pause: Arc<DeliveryPause>,
+    /// Where presence changes go: the member lists (`crate::presence`).
+    on_presence: OnPresence,
 }
 
 /// The frames of one room in one delivery, and which pending events
@@ -161,7 +165,7 @@ impl Fanout {
         let mut pending = Vec::with_capacity(MAX_BATCH);
         let mut typing = Vec::new();
         while let Ok(first) = events_rx.recv() {
-            self.demo.wait_while_delivery_paused();
+            self.pause.wait_while_held();
             let mut next = Some(first);
             let mut bytes = 0;
             while let Some(event) = next.take() {
@@ -180,7 +184,7 @@ impl Fanout {
                     }
                     // Joins and leaves go to the room's member list; its
                     // clients hear of them coalesced, a tick later.
-                    BrokerEvent::Presence(change) => self.presence.apply(change),
+                    BrokerEvent::Presence(change) => (self.on_presence)(change),
                 }
                 if pending.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                     next = events_rx.try_recv().ok();

@@ -23,7 +23,7 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::clock::LastSeen;
 use crate::delivery::outbox::{Outbox, Queued};
-use crate::presence::View;
+use crate::delivery::view::View;
 use crate::protocol::CloseReason;
 
 /// A local client's number, unique within this instance's lifetime.

@@ -10,8 +10,16 @@
 //! - [`outbox`]: one client's outbox: every byte to one socket, in one
 //!   order, under one small lock; writes at once when the socket takes it.
 //! - [`flusher`]: the threads that finish what full sockets could not take.
+//! - [`pause`]: delivery held on purpose (the fault panel's pause).
+//! - [`xray`]: a message's path, for the clients that ask (`trace=1`): their
+//!   frames are made for them alone.
+//! - [`view`]: a client's window on its room's member list, which presence
+//!   keeps up to date.
 
 pub mod fanout;
 pub mod flusher;
 pub mod hub;
 pub mod outbox;
+pub mod pause;
+pub mod view;
+pub mod xray;

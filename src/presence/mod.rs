@@ -43,7 +43,6 @@ pub mod roster;
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -53,6 +52,7 @@ use log::{debug, warn};
 use crate::broker::{Presence, PresenceChange};
 use crate::delivery::hub::{Hub, Member, RoomMembers};
 use crate::delivery::outbox::{Batch, Outbox, Pushed};
+use crate::delivery::view::{Shown, View};
 use crate::metrics::Metrics;
 use crate::protocol::{MemberRef, PresenceDiff, PresenceMember, ServerFrame};
 use roster::{Applied, Changes, Roster};
@@ -76,73 +76,6 @@ pub struct PresenceSettings {
     pub full_list_max: usize,
     /// `--presence-max-members`: the largest window a client may ask.
     pub max_members: usize,
-}
-
-/// One client's view of its room's member list: the window it holds, and
-/// what it was last given.
-#[derive(Debug)]
-pub struct View {
-    /// (offset, limit), packed: read by the `presence-diff` thread for
-    /// every client at each tick, without taking `shown`.
-    window: AtomicU64,
-    /// `None` until the client's first list is made: until then a tick
-    /// leaves it alone (its first list will be newer).
-    shown: Mutex<Option<Shown>>,
-}
-
-/// What a client's list says: as of which version of the room, and what it
-/// holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Shown {
-    version: u64,
-    /// The room's epoch: one more every time the room is to be told afresh
-    /// (after this instance reconnects to Redis).
-    epoch: u64,
-    /// Whether it holds the whole room; `None` if it holds nothing yet
-    /// (its room could not be read when it joined).
-    full: Option<bool>,
-    count: usize,
-    /// A hash of its window's members.
-    content: u64,
-}
-
-impl Shown {
-    /// A client owed its room's list.
-    const OWED: Shown = Shown {
-        version: 0,
-        epoch: 0,
-        full: None,
-        count: 0,
-        content: 0,
-    };
-}
-
-impl View {
-    pub fn new(limit: usize) -> Self {
-        View {
-            window: AtomicU64::new(pack(0, limit)),
-            shown: Mutex::new(None),
-        }
-    }
-
-    /// (offset, limit).
-    pub fn window(&self) -> (usize, usize) {
-        let packed = self.window.load(Ordering::Relaxed);
-        ((packed >> 32) as usize, (packed & 0xffff_ffff) as usize)
-    }
-
-    fn set_window(&self, offset: usize, limit: usize) {
-        self.window.store(pack(offset, limit), Ordering::Relaxed);
-    }
-
-    fn shown(&self) -> MutexGuard<'_, Option<Shown>> {
-        self.shown.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-fn pack(offset: usize, limit: usize) -> u64 {
-    let clamp = |n: usize| n.min(u32::MAX as usize) as u64;
-    (clamp(offset) << 32) | clamp(limit)
 }
 
 /// How a room is to be read again.

@@ -12,7 +12,7 @@ use tungstenite::{Message, WebSocket};
 
 use super::SessionContext;
 use super::handshake::JoinRequest;
-use super::reader::SessionStream;
+use super::stream::SessionStream;
 use crate::auth::{Identity, Verifier};
 use crate::clock;
 use crate::delivery::hub::ClientId;

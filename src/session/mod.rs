@@ -19,13 +19,15 @@
 //!
 //! Layout: [`handshake`](mod@handshake) (the deadline, the Origin check, the join query,
 //! refusals), [`identify`](mod@identify) (who the client is: its chosen name, or its
-//! token's), [`reader`] (frames in, messages published); the outbox
+//! token's), [`reader`] (frames in, messages published), [`stream`] (the socket as
+//! tungstenite sees it: reads from the socket, writes into the outbox); the outbox
 //! (bytes out, in order, the Close last) is in [`crate::delivery`]. This file starts sessions and
 //! makes sure each one leaves no trace, even when it panics.
 
 pub mod handshake;
 pub mod identify;
 pub mod reader;
+pub mod stream;
 
 use std::io::Read;
 use std::net::{Shutdown, TcpStream};
@@ -43,18 +45,20 @@ use crate::clock::{self, LastSeen};
 use crate::delivery::flusher::Flusher;
 use crate::delivery::hub::{ClientId, Hub, Member};
 use crate::delivery::outbox::{Outbox, Queued, SocketWire};
+use crate::delivery::view::View;
+use crate::delivery::xray;
 use crate::drain::{Drain, Guard};
 use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
 use crate::per_address::{AddressSlot, PerAddress, TrustedProxies};
-use crate::presence::{Tracker, View};
+use crate::presence::Tracker;
 use crate::protocol::{CloseReason, ErrorCode, Limits, MessageId, Received, ServerFrame, Via};
 use crate::rate_limit::RateLimit;
 use crate::supervisor::Supervisor;
-use crate::xray;
 use handshake::{JoinRequest, close_unjoined, handshake, refuse_raw, set_socket_options};
 use identify::{Who, identify};
-use reader::{SessionStream, read_until_closed};
+use reader::read_until_closed;
+use stream::SessionStream;
 
 /// The WebSocket path (`docs/PROTOCOL.md`).
 pub const WS_PATH: &str = "/ws";

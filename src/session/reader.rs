@@ -4,8 +4,6 @@
 //! nothing to other clients: its own message comes back through the
 //! broker like everyone else's.
 
-use std::io::{self, Read, Write};
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -16,13 +14,14 @@ use tungstenite::{Message, WebSocket};
 
 use super::SessionContext;
 use super::identify::{Who, forbidden};
+use super::stream::SessionStream;
 use crate::broker::{HistoryQuery, PublishError};
 use crate::clock::{self, LastSeen};
 use crate::delivery::hub::ClientId;
 use crate::delivery::outbox::{Outbox, Pushed, Queued};
+use crate::delivery::view::View;
 use crate::faults;
 use crate::metrics::Metrics;
-use crate::presence::View;
 use crate::protocol::{
     ClientRequest, CloseReason, ErrorCode, FrameError, MessageFrame, MessageId, NewMessage,
     ServerFrame, ValidMessage, parse_client_frame,
@@ -40,48 +39,6 @@ const TYPING_INTERVAL: Duration = Duration::from_secs(2);
 /// `--rate-strikes` of them in a row close the client as flooding.
 const TYPING_BURST: u32 = 5;
 const TYPING_PER_SECOND: f64 = 1.0;
-
-/// The reader's side of the socket for tungstenite: reads come from the
-/// socket, writes (the pongs tungstenite sends on its own) go to the
-/// client's outbox, in order with everything else.
-///
-/// Bytes are handed over on `write`, not on `flush`: tungstenite writes a
-/// pong at the start of the next `read` and may not flush it.
-pub struct SessionStream {
-    pub socket: Arc<TcpStream>,
-    pub outbox: Arc<Outbox>,
-    /// Until the client has said who it is (`--auth token`), its reads
-    /// end at the handshake's deadline, however it drips its bytes.
-    pub deadline: Option<Instant>,
-}
-
-impl Read for SessionStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if let Some(deadline) = self.deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::ErrorKind::TimedOut.into());
-            }
-            self.socket.set_read_timeout(Some(left))?;
-        }
-        (&*self.socket).read(buf)
-    }
-}
-
-impl Write for SessionStream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self.outbox.push(buf.to_vec()) {
-            Pushed::Sent | Pushed::Queued => Ok(buf.len()),
-            Pushed::Refused | Pushed::Overflowed => {
-                Err(io::Error::other("the connection is closing"))
-            }
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Who the reader speaks for.
 pub struct Sender<'a> {

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use redis::{ConnectionAddr, ConnectionInfo, RedisError, Value};
 
-use super::link::tcp_settings;
+use super::connect::tcp_settings;
 use crate::sync::{Mutex, lock};
 
 /// Redis Cluster's hash slots.

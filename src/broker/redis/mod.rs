@@ -28,6 +28,7 @@
 //! links work, and what clients are told), [`watch`] (pings that find a
 //! dead link), [`keys`] (every name in Redis), [`cluster`] (which master
 //! serves which room), [`link`] (a command connection that reconnects),
+//! [`connect`] (how each connection is opened: timeouts, keepalive, login),
 //! [`tls`] (TLS to Redis, `rediss://`), [`sentinel`] (where Redis
 //! Sentinel says the primary is), [`switch_master`] (the sentinels' word
 //! that it moved), [`explain`] (errors in words an
@@ -35,6 +36,7 @@
 
 pub mod catch_up;
 pub mod cluster;
+pub mod connect;
 pub mod explain;
 pub mod gates;
 pub mod health;
@@ -71,10 +73,11 @@ use crate::protocol::{MessageId, NewMessage, ServerFrame};
 use crate::supervisor::Supervisor;
 use catch_up::ResumePoints;
 use cluster::Topology;
+use connect::{COMMAND_TIMEOUT, CONNECT_TIMEOUT};
 use health::Health;
 use history::HistoryReader;
 use keys::RedisKeys;
-use link::{COMMAND_TIMEOUT, CONNECT_TIMEOUT, Links};
+use link::Links;
 use presence::PresenceStore;
 use publisher::Publisher;
 use reports::Reports;
@@ -260,7 +263,7 @@ fn connections(
     let client = builder
         .connection_timeout(CONNECT_TIMEOUT)
         .response_timeout(COMMAND_TIMEOUT)
-        .tcp_settings(link::tcp_settings())
+        .tcp_settings(connect::tcp_settings())
         // The accept script's own retries (same dedup key, until
         // --publish-deadline-ms) decide how long to insist.
         .retries(2)

@@ -215,7 +215,7 @@ impl Sentinels {
         let info = ConnectionAddr::Tcp(host.to_string(), port)
             .into_connection_info()?
             .set_redis_settings(self.data.clone());
-        let mut connection = super::link::connect(&info, "sentinel-role-check")?;
+        let mut connection = super::connect::connect(&info, "sentinel-role-check")?;
         let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut connection)?;
         let role = match role.first() {
             Some(redis::Value::BulkString(bytes)) => String::from_utf8_lossy(bytes).into_owned(),

@@ -27,9 +27,10 @@ use redis::{ConnectionInfo, RedisError, ServerErrorKind};
 
 use super::catch_up::{CatchUp, CatchUpThread, ResumePoints};
 use super::cluster::Topology;
+use super::connect::CONNECT_TIMEOUT;
 use super::health::Health;
 use super::keys::RedisKeys;
-use super::link::{CONNECT_TIMEOUT, Links};
+use super::link::Links;
 use super::rooms::{Confirmed, RoomSubscriptions};
 use super::settings::RedisSettings;
 use super::subscription::{self, Push, Subscription};

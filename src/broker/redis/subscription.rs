@@ -44,7 +44,7 @@ use crossbeam_channel::{Receiver, Sender, unbounded};
 use log::debug;
 use redis::{ConnectionAddr, ConnectionInfo, Parser, RedisError, ServerError, Value};
 
-use super::link::tcp_keepalive;
+use super::connect::tcp_keepalive;
 use super::tls::{self, RedisTls};
 use crate::clock;
 use crate::sync::{Mutex, lock};
