@@ -72,17 +72,55 @@ pub enum AuthMode {
     Token,
 }
 
-/// A feature on or off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Switch {
-    On,
-    Off,
-}
-
 /// A scale-out WebSocket chat server: instances joined by Redis Pub/Sub.
+///
+/// The options come in groups, each the settings one part of the server
+/// takes as it is ([`Limits`], [`RateLimit`], [`PresenceSettings`],
+/// [`PingerSettings`]) or builds its settings from ([`Listen`],
+/// [`RedisOptions`], [`HistoryOptions`], [`ClientOptions`],
+/// [`AuthOptions`]); `--help` shows them under the same headings.
 #[derive(Debug, Clone, Parser)]
 #[command(version, about, long_about = None, args_override_self = true)]
 pub struct Config {
+    #[command(flatten)]
+    pub listen: Listen,
+
+    #[command(flatten)]
+    pub redis: RedisOptions,
+
+    #[command(flatten)]
+    pub history: HistoryOptions,
+
+    #[command(flatten)]
+    pub presence: PresenceSettings,
+
+    #[command(flatten)]
+    pub clients: ClientOptions,
+
+    #[command(flatten)]
+    pub content: Limits,
+
+    #[command(flatten)]
+    pub rate: RateLimit,
+
+    #[command(flatten)]
+    pub liveness: PingerSettings,
+
+    #[command(flatten)]
+    pub auth: AuthOptions,
+
+    /// The page's fault panel, a teaching aid: the page on the admin
+    /// listener, opened on this machine, may cut this instance's Redis
+    /// subscription, pause its delivery and stall a tab
+    /// (`POST /demo/...`). Never in production.
+    #[arg(long, env = "DEMO_CONTROLS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub demo_controls: bool,
+}
+
+/// Where the instance listens, and what it calls itself.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Listening")]
+pub struct Listen {
     /// Address to listen on (HTTP and WebSocket): an IP address, or a host
     /// name (its first address is used). Use 0.0.0.0 to accept connections
     /// from other machines.
@@ -118,6 +156,23 @@ pub struct Config {
     #[arg(long, env = "INSTANCE_ID")]
     pub instance_id: Option<String>,
 
+    /// HTTP connections (page, `/config.json`, `/metrics`, ...) served at
+    /// once; each holds a thread while it lasts. Past it a connection is
+    /// answered 503 at once.
+    #[arg(long, env = "MAX_HTTP_CONNECTIONS", default_value_t = 256)]
+    pub max_http_connections: usize,
+
+    /// Milliseconds an HTTP connection may wait for the client's next
+    /// bytes (a request head, or the next request on a kept-alive
+    /// connection); past it, it is closed and its thread given back.
+    #[arg(long = "http-timeout-ms", env = "HTTP_TIMEOUT_MS", value_name = "HTTP_TIMEOUT_MS", default_value = "10000", value_parser = millis)]
+    pub http_timeout: Duration,
+}
+
+/// Which broker, where Redis is, and how the instance talks to it.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Redis")]
+pub struct RedisOptions {
     /// `redis` joins instances through Redis; `local` runs one isolated
     /// instance with no Redis.
     #[arg(long, env = "BROKER", value_enum, default_value_t = BrokerKind::Redis)]
@@ -127,177 +182,199 @@ pub struct Config {
     /// `rediss://...` for TLS (Redis's certificate checked against the
     /// system's root CAs, or --redis-ca-file). The password is never shown
     /// (logs and probes print `:***@`) [default: redis://127.0.0.1:6379].
-    #[arg(long, env = "REDIS_URL", value_parser = RedisUrlParser)]
-    pub redis_url: Option<RedisUrl>,
+    #[arg(long = "redis-url", env = "REDIS_URL", value_name = "REDIS_URL", value_parser = RedisUrlParser)]
+    pub url: Option<RedisUrl>,
 
     /// Redis Sentinel (comma-separated `HOST:PORT` of the sentinels),
     /// instead of --redis-url: every connection asks them, in turn, where
     /// the primary of --redis-sentinel-master is, so that it follows a
     /// failover [default: none].
-    #[arg(long, env = "REDIS_SENTINEL", value_delimiter = ',')]
-    pub redis_sentinel: Vec<String>,
+    #[arg(
+        long = "redis-sentinel",
+        env = "REDIS_SENTINEL",
+        value_name = "REDIS_SENTINEL",
+        value_delimiter = ','
+    )]
+    pub sentinel: Vec<String>,
 
     /// The name the sentinels monitor the primary under (`sentinel
     /// monitor NAME ...` in sentinel.conf); required with --redis-sentinel.
-    #[arg(long, env = "REDIS_SENTINEL_MASTER")]
-    pub redis_sentinel_master: Option<String>,
+    #[arg(
+        long = "redis-sentinel-master",
+        env = "REDIS_SENTINEL_MASTER",
+        value_name = "REDIS_SENTINEL_MASTER"
+    )]
+    pub sentinel_master: Option<String>,
 
     /// The sentinels' own password (`requirepass` in sentinel.conf), if
     /// they have one [default: none].
-    #[arg(long, env = "REDIS_SENTINEL_PASSWORD", hide_env_values = true)]
-    pub redis_sentinel_password: Option<Password>,
+    #[arg(
+        long = "redis-sentinel-password",
+        env = "REDIS_SENTINEL_PASSWORD",
+        value_name = "REDIS_SENTINEL_PASSWORD",
+        hide_env_values = true
+    )]
+    pub sentinel_password: Option<Password>,
 
     /// The sentinels' ACL user, with --redis-sentinel-password [default: none].
-    #[arg(long, env = "REDIS_SENTINEL_USER")]
-    pub redis_sentinel_user: Option<String>,
+    #[arg(
+        long = "redis-sentinel-user",
+        env = "REDIS_SENTINEL_USER",
+        value_name = "REDIS_SENTINEL_USER"
+    )]
+    pub sentinel_user: Option<String>,
 
     /// With --redis-sentinel: the password of the primary and replicas
     /// (with --redis-url, it goes in the URL) [default: none].
-    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
-    pub redis_password: Option<Password>,
+    #[arg(
+        long = "redis-password",
+        env = "REDIS_PASSWORD",
+        value_name = "REDIS_PASSWORD",
+        hide_env_values = true
+    )]
+    pub password: Option<Password>,
 
     /// With --redis-sentinel: the ACL user of the primary and replicas,
     /// with --redis-password [default: the default user].
-    #[arg(long, env = "REDIS_USER")]
-    pub redis_user: Option<String>,
+    #[arg(long = "redis-user", env = "REDIS_USER", value_name = "REDIS_USER")]
+    pub user: Option<String>,
 
     /// Replicas that must hold a message (Redis `WAIT`) before it is
     /// published to anyone, the sender's own copy (its receipt) included;
     /// if fewer confirm within --redis-min-replicas-timeout-ms, the sender
     /// gets `outcome_unknown`. 0: off (Redis's asynchronous replication:
     /// a failover may lose the last acknowledged messages).
-    #[arg(long, env = "REDIS_MIN_REPLICAS", default_value_t = 0)]
-    pub redis_min_replicas: usize,
+    #[arg(
+        long = "redis-min-replicas",
+        env = "REDIS_MIN_REPLICAS",
+        value_name = "REDIS_MIN_REPLICAS",
+        default_value_t = 0
+    )]
+    pub min_replicas: usize,
 
     /// How long the publisher waits for --redis-min-replicas replicas, in
     /// milliseconds (each publish of the instance waits behind it).
     #[arg(long = "redis-min-replicas-timeout-ms", env = "REDIS_MIN_REPLICAS_TIMEOUT_MS", value_name = "REDIS_MIN_REPLICAS_TIMEOUT_MS", default_value = "500", value_parser = millis)]
-    pub redis_min_replicas_timeout: Duration,
+    pub min_replicas_timeout: Duration,
 
     /// Seed nodes of a Redis Cluster (comma-separated `redis://HOST:PORT`,
     /// or all `rediss://` for TLS): cluster mode, with sharded Pub/Sub,
     /// instead of `--redis-url`.
-    #[arg(long, env = "REDIS_CLUSTER", value_delimiter = ',', value_parser = RedisUrlParser)]
-    pub redis_cluster: Vec<RedisUrl>,
+    #[arg(long = "redis-cluster", env = "REDIS_CLUSTER", value_name = "REDIS_CLUSTER", value_delimiter = ',', value_parser = RedisUrlParser)]
+    pub cluster: Vec<RedisUrl>,
 
     /// `rediss://`: a PEM file of the CA (or CAs) that signed Redis's
     /// certificate, for a Redis with a private CA. Only these CAs are then
     /// trusted [default: the system's root CAs].
-    #[arg(long, env = "REDIS_CA_FILE")]
-    pub redis_ca_file: Option<PathBuf>,
+    #[arg(
+        long = "redis-ca-file",
+        env = "REDIS_CA_FILE",
+        value_name = "REDIS_CA_FILE"
+    )]
+    pub ca_file: Option<PathBuf>,
 
     /// `rediss://` to a Redis that wants a client certificate (mutual TLS,
     /// `tls-auth-clients yes`): this server's certificate (PEM), with
     /// --redis-client-key-file [default: none].
-    #[arg(long, env = "REDIS_CLIENT_CERT_FILE")]
-    pub redis_client_cert_file: Option<PathBuf>,
+    #[arg(
+        long = "redis-client-cert-file",
+        env = "REDIS_CLIENT_CERT_FILE",
+        value_name = "REDIS_CLIENT_CERT_FILE"
+    )]
+    pub client_cert_file: Option<PathBuf>,
 
     /// The private key (PEM) of --redis-client-cert-file [default: none].
-    #[arg(long, env = "REDIS_CLIENT_KEY_FILE")]
-    pub redis_client_key_file: Option<PathBuf>,
+    #[arg(
+        long = "redis-client-key-file",
+        env = "REDIS_CLIENT_KEY_FILE",
+        value_name = "REDIS_CLIENT_KEY_FILE"
+    )]
+    pub client_key_file: Option<PathBuf>,
 
     /// `rediss://` without checking Redis's certificate: anyone on the way
     /// can read and change the traffic, password included. For a test
     /// only; warned at every start [default: off].
-    #[arg(long, env = "REDIS_TLS_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
-    pub redis_tls_insecure: bool,
+    #[arg(long = "redis-tls-insecure", env = "REDIS_TLS_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub tls_insecure: bool,
 
     /// Prefix of every Redis key and channel this server uses, so that
     /// several chats (or test runs) can share one Redis.
-    #[arg(long, env = "REDIS_PREFIX", default_value = "chat")]
-    pub redis_prefix: String,
+    #[arg(
+        long = "redis-prefix",
+        env = "REDIS_PREFIX",
+        value_name = "REDIS_PREFIX",
+        default_value = "chat"
+    )]
+    pub prefix: String,
 
     /// Milliseconds a room stays subscribed after its last local client
     /// left, so that a page reload does not unsubscribe and subscribe again.
     #[arg(long = "room-linger-ms", env = "ROOM_LINGER_MS", value_name = "ROOM_LINGER_MS", default_value = "5000", value_parser = millis)]
     pub room_linger: Duration,
 
-    /// `on`: clients are told who is in their room, and who is typing.
-    /// `off`: no presence at all (no Redis writes per join, no frames).
-    #[arg(long, env = "PRESENCE", value_enum, default_value_t = Switch::On)]
-    pub presence: Switch,
+    /// Milliseconds a message whose publish broke mid-flight is retried
+    /// (idempotently) before its sender is told `unavailable`.
+    #[arg(long = "publish-deadline-ms", env = "PUBLISH_DEADLINE_MS", value_name = "PUBLISH_DEADLINE_MS", default_value = "10000", value_parser = millis)]
+    pub publish_deadline: Duration,
 
-    /// Milliseconds a member stays listed after its instance stopped
-    /// refreshing its liveness (the instance died); instances refresh
-    /// every third.
-    #[arg(long = "presence-ttl-ms", env = "PRESENCE_TTL_MS", value_name = "PRESENCE_TTL_MS", default_value = "15000", value_parser = millis)]
-    pub presence_ttl: Duration,
+    /// Longest wait between two attempts to reach Redis, in milliseconds.
+    #[arg(long = "redis-max-backoff-ms", env = "REDIS_MAX_BACKOFF_MS", value_name = "REDIS_MAX_BACKOFF_MS", default_value = "5000", value_parser = millis)]
+    pub max_backoff: Duration,
 
-    /// Milliseconds between two `presence_diff` frames of a room: joins
-    /// and leaves meanwhile are told together.
-    #[arg(long = "presence-diff-ms", env = "PRESENCE_DIFF_MS", value_name = "PRESENCE_DIFF_MS", default_value = "1000", value_parser = millis)]
-    pub presence_diff: Duration,
+    /// Milliseconds between two PINGs on a quiet Redis link: a subscription
+    /// silent for two of these (PING unanswered) is dead and reconnected,
+    /// so a dead link is found within three. Must exceed the round trip to
+    /// Redis.
+    #[arg(long = "redis-ping-ms", env = "REDIS_PING_MS", value_name = "REDIS_PING_MS", default_value = "1000", value_parser = millis)]
+    pub ping: Duration,
+}
 
-    /// The largest room whose member list a client gets whole, with every
-    /// join and leave; past it, clients get the count and a window of
-    /// this many members.
-    #[arg(long, env = "PRESENCE_FULL_LIST_MAX", default_value_t = 100)]
-    pub presence_full_list_max: usize,
-
-    /// The largest window of the member list a client may ask for
-    /// (`members` frame).
-    #[arg(long, env = "PRESENCE_MAX_MEMBERS", default_value_t = 1000)]
-    pub presence_max_members: usize,
-
+/// Each room's history: what Redis keeps, and what a joining client gets.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "History")]
+pub struct HistoryOptions {
     /// Messages kept per room in history (approximate: Redis trims in
     /// whole blocks).
-    #[arg(long, env = "HISTORY_LEN", default_value_t = 1000)]
-    pub history_len: usize,
+    #[arg(
+        long = "history-len",
+        env = "HISTORY_LEN",
+        value_name = "HISTORY_LEN",
+        default_value_t = 1000
+    )]
+    pub len: usize,
 
     /// Milliseconds a room's history lives in Redis after its last message
     /// (every message renews it): a room nobody writes to is forgotten.
     /// Default: 7 days.
-    #[arg(long = "history-ttl-ms", env = "HISTORY_TTL_MS", value_name = "HISTORY_TTL_MS", default_value = "604800000", value_parser = millis)]
-    pub history_ttl: Duration,
+    #[arg(id = "history_ttl", long = "history-ttl-ms", env = "HISTORY_TTL_MS", value_name = "HISTORY_TTL_MS", default_value = "604800000", value_parser = millis)]
+    pub ttl: Duration,
 
     /// Messages of history sent to a client that connects without `since`.
-    #[arg(long, env = "HISTORY_REPLAY", default_value_t = 50)]
-    pub history_replay: usize,
+    #[arg(
+        long = "history-replay",
+        env = "HISTORY_REPLAY",
+        value_name = "HISTORY_REPLAY",
+        default_value_t = 50
+    )]
+    pub replay: usize,
 
     /// Most messages of history sent at once: to a client that connects
     /// with `since` (the most recent ones; it is told older ones remain),
     /// and in answer to one `history` request. Also bounded in bytes by
     /// `--client-buffer-bytes`.
-    #[arg(long, env = "HISTORY_REPLAY_MAX", default_value_t = 200)]
-    pub history_replay_max: usize,
+    #[arg(
+        long = "history-replay-max",
+        env = "HISTORY_REPLAY_MAX",
+        value_name = "HISTORY_REPLAY_MAX",
+        default_value_t = 200
+    )]
+    pub replay_max: usize,
+}
 
-    /// Bytes a client's outbox may hold while its socket cannot take them
-    /// (the client does not read); past it, the client is closed as a slow
-    /// consumer (1008). Bytes are shared between clients, so this bounds
-    /// how far one may fall behind, more than memory.
-    #[arg(long, env = "CLIENT_BUFFER_BYTES", default_value_t = 1024 * 1024)]
-    pub client_buffer_bytes: usize,
-
-    /// Threads that send messages to local clients: the fan-out and its
-    /// deliverers, each taking a share of a big room [default: the number
-    /// of CPUs].
-    #[arg(long, env = "DELIVERY_THREADS")]
-    pub delivery_threads: Option<usize>,
-
-    /// Longest message text, in characters.
-    #[arg(long, env = "MAX_TEXT_CHARS", default_value_t = 2000)]
-    pub max_text_chars: usize,
-
-    /// Longest display name, in characters (no control characters).
-    #[arg(long, env = "MAX_NAME_CHARS", default_value_t = 32)]
-    pub max_name_chars: usize,
-
-    /// Longest room name, in characters (A-Z, a-z, 0-9, _ and -).
-    #[arg(long, env = "MAX_ROOM_CHARS", default_value_t = 32)]
-    pub max_room_chars: usize,
-
-    /// Frames a client may send back to back (token bucket size).
-    #[arg(long, env = "RATE_BURST", default_value_t = 20)]
-    pub rate_burst: u32,
-
-    /// Frames a second a client may send on average (token refill rate).
-    #[arg(long, env = "RATE_PER_SEC", default_value_t = 10.0)]
-    pub rate_per_sec: f64,
-
-    /// Rate-limited frames in a row after which the client is closed (1008).
-    #[arg(long, env = "RATE_STRIKES", default_value_t = 20)]
-    pub rate_strikes: u32,
-
+/// How many clients, from where, and what each may cost the instance.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Clients")]
+pub struct ClientOptions {
     /// Clients (including handshakes in progress) this instance holds at
     /// most; past it, connections get HTTP 503. Each costs one thread.
     #[arg(long, env = "MAX_CLIENTS", default_value_t = 5000)]
@@ -320,41 +397,6 @@ pub struct Config {
     )]
     pub trusted_proxies: Vec<String>,
 
-    /// HTTP connections (page, `/config.json`, `/metrics`, ...) served at
-    /// once; each holds a thread while it lasts. Past it a connection is
-    /// answered 503 at once.
-    #[arg(long, env = "MAX_HTTP_CONNECTIONS", default_value_t = 256)]
-    pub max_http_connections: usize,
-
-    /// Milliseconds an HTTP connection may wait for the client's next
-    /// bytes (a request head, or the next request on a kept-alive
-    /// connection); past it, it is closed and its thread given back.
-    #[arg(long = "http-timeout-ms", env = "HTTP_TIMEOUT_MS", value_name = "HTTP_TIMEOUT_MS", default_value = "10000", value_parser = millis)]
-    pub http_timeout: Duration,
-
-    /// Clients of this instance that may have the X-ray (`trace=1`) at
-    /// once: each costs a frame serialized for it alone, for every message.
-    /// Past it a client is accepted without the X-ray and told so; 0 turns
-    /// the X-ray off.
-    #[arg(long, env = "MAX_TRACED_CLIENTS", default_value_t = 16)]
-    pub max_traced_clients: usize,
-
-    /// Milliseconds between two pings to a client that has been quiet.
-    #[arg(long = "ping-interval-ms", env = "PING_INTERVAL_MS", value_name = "PING_INTERVAL_MS", default_value = "30000", value_parser = millis)]
-    pub ping_interval: Duration,
-
-    /// Milliseconds during which bytes queued for a client may wait with
-    /// its socket taking none of them; past it, the client is closed as a
-    /// slow consumer (1008), even if it keeps sending. Checked four times
-    /// per timeout.
-    #[arg(long = "send-timeout-ms", env = "SEND_TIMEOUT_MS", value_name = "SEND_TIMEOUT_MS", default_value = "30000", value_parser = millis)]
-    pub send_timeout: Duration,
-
-    /// Milliseconds of silence (not even a pong) after which a client is
-    /// dropped as dead.
-    #[arg(long = "idle-timeout-ms", env = "IDLE_TIMEOUT_MS", value_name = "IDLE_TIMEOUT_MS", default_value = "75000", value_parser = millis)]
-    pub idle_timeout: Duration,
-
     /// Page origins allowed to open a WebSocket besides this instance's own
     /// page (comma-separated, e.g. `https://chat.example.com`), or `*` for any.
     #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -364,6 +406,20 @@ pub struct Config {
     /// are refused before they are buffered.
     #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 16 * 1024)]
     pub max_frame_bytes: usize,
+
+    /// Bytes a client's outbox may hold while its socket cannot take them
+    /// (the client does not read); past it, the client is closed as a slow
+    /// consumer (1008). Bytes are shared between clients, so this bounds
+    /// how far one may fall behind, more than memory.
+    #[arg(long, env = "CLIENT_BUFFER_BYTES", default_value_t = 1024 * 1024)]
+    pub client_buffer_bytes: usize,
+
+    /// Clients of this instance that may have the X-ray (`trace=1`) at
+    /// once: each costs a frame serialized for it alone, for every message.
+    /// Past it a client is accepted without the X-ray and told so; 0 turns
+    /// the X-ray off.
+    #[arg(long, env = "MAX_TRACED_CLIENTS", default_value_t = 16)]
+    pub max_traced_clients: usize,
 
     /// Milliseconds a new connection has to complete its WebSocket
     /// handshake.
@@ -375,62 +431,74 @@ pub struct Config {
     #[arg(long = "close-grace-ms", env = "CLOSE_GRACE_MS", value_name = "CLOSE_GRACE_MS", default_value = "1000", value_parser = millis)]
     pub close_grace: Duration,
 
-    /// Milliseconds a message whose publish broke mid-flight is retried
-    /// (idempotently) before its sender is told `unavailable`.
-    #[arg(long = "publish-deadline-ms", env = "PUBLISH_DEADLINE_MS", value_name = "PUBLISH_DEADLINE_MS", default_value = "10000", value_parser = millis)]
-    pub publish_deadline: Duration,
+    /// Threads that send messages to local clients: the fan-out and its
+    /// deliverers, each taking a share of a big room [default: the number
+    /// of CPUs].
+    #[arg(long, env = "DELIVERY_THREADS")]
+    pub delivery_threads: Option<usize>,
+}
 
-    /// Longest wait between two attempts to reach Redis, in milliseconds.
-    #[arg(long = "redis-max-backoff-ms", env = "REDIS_MAX_BACKOFF_MS", value_name = "REDIS_MAX_BACKOFF_MS", default_value = "5000", value_parser = millis)]
-    pub redis_max_backoff: Duration,
-
-    /// Milliseconds between two PINGs on a quiet Redis link: a subscription
-    /// silent for two of these (PING unanswered) is dead and reconnected,
-    /// so a dead link is found within three. Must exceed the round trip to
-    /// Redis.
-    #[arg(long = "redis-ping-ms", env = "REDIS_PING_MS", value_name = "REDIS_PING_MS", default_value = "1000", value_parser = millis)]
-    pub redis_ping: Duration,
-
-    /// The page's fault panel, a teaching aid: the page on the admin
-    /// listener, opened on this machine, may cut this instance's Redis
-    /// subscription, pause its delivery and stall a tab
-    /// (`POST /demo/...`). Never in production.
-    #[arg(long, env = "DEMO_CONTROLS", value_parser = clap::builder::BoolishValueParser::new())]
-    pub demo_controls: bool,
-
+/// Who clients are: the name each chooses, or a signed token.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Authentication")]
+pub struct AuthOptions {
     /// Who clients are: `off`, the name each chooses; `token`, a signed
     /// token (JWT) from the application's backend, in the client's first
     /// frame.
-    #[arg(long, env = "AUTH", value_enum, default_value = "off")]
-    pub auth: AuthMode,
+    #[arg(
+        long = "auth",
+        env = "AUTH",
+        value_name = "AUTH",
+        value_enum,
+        default_value = "off"
+    )]
+    pub mode: AuthMode,
 
     /// `--auth token`: a file holding the HS256 secret (at least 32
     /// bytes). Or set AUTH_HS256_SECRET to the secret itself; never an
     /// option, which `ps` would show.
-    #[arg(long, env = "AUTH_HS256_SECRET_FILE")]
-    pub auth_hs256_secret_file: Option<PathBuf>,
+    #[arg(
+        long = "auth-hs256-secret-file",
+        env = "AUTH_HS256_SECRET_FILE",
+        value_name = "AUTH_HS256_SECRET_FILE"
+    )]
+    pub hs256_secret_file: Option<PathBuf>,
 
     /// `--auth token`: RS256 or ES256 public keys (PEM), comma-separated;
     /// each is named, for a token's `kid`, by its file's stem.
-    #[arg(long, env = "AUTH_PUBLIC_KEY_FILE", value_delimiter = ',')]
-    pub auth_public_key_file: Vec<PathBuf>,
+    #[arg(
+        long = "auth-public-key-file",
+        env = "AUTH_PUBLIC_KEY_FILE",
+        value_name = "AUTH_PUBLIC_KEY_FILE",
+        value_delimiter = ','
+    )]
+    pub public_key_file: Vec<PathBuf>,
 
     /// `--auth token`: the longest token accepted, in bytes; longer ones
     /// are refused before they are decoded.
-    #[arg(long, env = "AUTH_MAX_TOKEN_BYTES", default_value_t = 4096)]
-    pub auth_max_token_bytes: usize,
+    #[arg(
+        long = "auth-max-token-bytes",
+        env = "AUTH_MAX_TOKEN_BYTES",
+        value_name = "AUTH_MAX_TOKEN_BYTES",
+        default_value_t = 4096
+    )]
+    pub max_token_bytes: usize,
 
     /// `--auth token`: where the page gets a fresh token for its user
     /// (your application's endpoint, called with the user's cookies:
     /// it answers the token as text or `{"token": ...}`). Without it the
     /// page asks its user to paste one.
-    #[arg(long, env = "AUTH_TOKEN_URL")]
-    pub auth_token_url: Option<String>,
+    #[arg(
+        long = "auth-token-url",
+        env = "AUTH_TOKEN_URL",
+        value_name = "AUTH_TOKEN_URL"
+    )]
+    pub token_url: Option<String>,
 }
 
 /// `--...-ms` options: a whole number of milliseconds, kept as a
 /// [`Duration`] from the start, so that no code converts it again.
-fn millis(text: &str) -> Result<Duration, String> {
+pub(crate) fn millis(text: &str) -> Result<Duration, String> {
     text.trim()
         .parse::<u64>()
         .map(Duration::from_millis)
@@ -445,7 +513,7 @@ const fn ms(millis: u64) -> Duration {
 impl Config {
     /// The WebSocket port, derived from `--port` unless given.
     pub fn ws_port(&self) -> Result<u16, String> {
-        match (self.ws_port, self.port) {
+        match (self.listen.ws_port, self.listen.port) {
             (Some(port), _) => Ok(port),
             (None, 0) => Ok(0),
             (None, port) => port.checked_add(WS_PORT_OFFSET).ok_or_else(|| {
@@ -458,7 +526,7 @@ impl Config {
 
     /// The admin listener's address, or `None` with `--admin-addr off`.
     pub fn admin_addr(&self) -> Result<Option<SocketAddr>, String> {
-        match self.admin_addr.as_deref().map(str::trim) {
+        match self.listen.admin_addr.as_deref().map(str::trim) {
             Some("off") => Ok(None),
             Some(text) => text.parse().map(Some).map_err(|_| {
                 format!(
@@ -466,7 +534,7 @@ impl Config {
                 )
             }),
             None => {
-                let port = match self.port {
+                let port = match self.listen.port {
                     0 => 0,
                     port => port.checked_add(ADMIN_PORT_OFFSET).ok_or_else(|| {
                         format!(
@@ -487,16 +555,16 @@ impl Config {
     /// ::1, is served on whichever the system prefers; browsers and curl
     /// try a name's every address, so they find it.
     pub fn listen_ip(&self) -> Result<IpAddr, String> {
-        if let Ok(ip) = self.host.parse::<IpAddr>() {
+        if let Ok(ip) = self.listen.host.parse::<IpAddr>() {
             return Ok(ip);
         }
         let unresolved = |why: String| {
             format!(
                 "--host {}: {why}; give an IP address (127.0.0.1, 0.0.0.0, ::) or a name this machine resolves",
-                self.host
+                self.listen.host
             )
         };
-        (self.host.as_str(), 0)
+        (self.listen.host.as_str(), 0)
             .to_socket_addrs()
             .map_err(|e| unresolved(format!("cannot resolve it ({e})")))?
             .next()
@@ -506,14 +574,14 @@ impl Config {
 
     /// This instance's name: `--instance-id`, or `<hostname>-<port>`.
     pub fn instance_id(&self) -> String {
-        self.instance_id_on(self.port)
+        self.instance_id_on(self.listen.port)
     }
 
     /// This instance's name once its HTTP port is bound: `--instance-id`,
     /// or `<hostname>-<the port bound>`, so that two instances started
     /// with `--port 0` (any free port) do not both become `<hostname>-0`.
     pub fn instance_id_on(&self, http_port: u16) -> String {
-        if let Some(id) = &self.instance_id {
+        if let Some(id) = &self.listen.instance_id {
             return id.clone();
         }
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -540,76 +608,85 @@ impl Config {
         if instance_chars == 0 || instance_chars > 64 {
             return Err("--instance-id must be 1 to 64 characters".into());
         }
-        if self.client_buffer_bytes == 0 {
-            return Err("--client-buffer-bytes must be at least 1".into());
-        }
-        if self.delivery_threads == Some(0) {
-            return Err("--delivery-threads must be at least 1".into());
-        }
-        if self.max_text_chars == 0 || self.max_name_chars == 0 || self.max_room_chars == 0 {
-            return Err(
-                "--max-text-chars, --max-name-chars and --max-room-chars must be at least 1".into(),
-            );
-        }
-        if self.rate_burst == 0
-            || self.rate_per_sec.is_nan()
-            || self.rate_per_sec <= 0.0
-            || self.rate_strikes == 0
-        {
-            return Err("--rate-burst, --rate-per-sec and --rate-strikes must be positive".into());
-        }
-        if self.max_clients == 0 {
-            return Err("--max-clients must be at least 1".into());
-        }
-        crate::per_address::TrustedProxies::parse(&self.trusted_proxies)?;
-        if self.max_http_connections == 0 {
-            return Err("--max-http-connections must be at least 1".into());
-        }
-        if self.http_timeout < ms(100) {
-            return Err("--http-timeout-ms must be at least 100".into());
-        }
-        if self.send_timeout < ms(100) {
-            return Err("--send-timeout-ms must be at least 100".into());
-        }
-        if self.ping_interval.is_zero() || self.idle_timeout <= self.ping_interval {
-            return Err(
-                "--idle-timeout-ms must be longer than --ping-interval-ms (and both positive)"
-                    .into(),
-            );
-        }
-        if self.max_frame_bytes < 64 {
-            return Err("--max-frame-bytes must be at least 64".into());
-        }
-        if !(ms(50)..=ms(60_000)).contains(&self.redis_ping) {
-            return Err("--redis-ping-ms must be between 50 and 60000".into());
-        }
-        if self.presence_ttl < ms(300) {
-            return Err("--presence-ttl-ms must be at least 300".into());
-        }
-        if !(ms(10)..=ms(60_000)).contains(&self.presence_diff) {
-            return Err("--presence-diff-ms must be between 10 and 60000".into());
-        }
-        if self.presence_full_list_max == 0
-            || self.presence_full_list_max > self.presence_max_members
-        {
-            return Err(
-                "--presence-full-list-max must be at least 1 and at most --presence-max-members"
-                    .into(),
-            );
-        }
-        if self.history_len == 0 {
-            return Err("--history-len must be at least 1".into());
-        }
-        if self.history_ttl < ms(1000) {
-            return Err("--history-ttl-ms must be at least 1000".into());
-        }
-        if self.history_replay_max == 0 || self.history_replay > self.history_replay_max {
-            return Err(
-                "--history-replay-max must be at least 1 and at least --history-replay".into(),
-            );
-        }
-        if self.redis_prefix.is_empty() {
-            return Err("--redis-prefix must not be empty".into());
+        crate::per_address::TrustedProxies::parse(&self.clients.trusted_proxies)?;
+        let (clients, content, rate) = (&self.clients, &self.content, &self.rate);
+        let (liveness, presence, history) = (&self.liveness, &self.presence, &self.history);
+        // Each rule: the values it refuses, and what the operator is told.
+        let rules = [
+            (
+                clients.client_buffer_bytes == 0,
+                "--client-buffer-bytes must be at least 1",
+            ),
+            (
+                clients.delivery_threads == Some(0),
+                "--delivery-threads must be at least 1",
+            ),
+            (
+                content.max_text_chars == 0
+                    || content.max_name_chars == 0
+                    || content.max_room_chars == 0,
+                "--max-text-chars, --max-name-chars and --max-room-chars must be at least 1",
+            ),
+            (
+                rate.burst == 0
+                    || rate.per_second.is_nan()
+                    || rate.per_second <= 0.0
+                    || rate.strikes == 0,
+                "--rate-burst, --rate-per-sec and --rate-strikes must be positive",
+            ),
+            (clients.max_clients == 0, "--max-clients must be at least 1"),
+            (
+                self.listen.max_http_connections == 0,
+                "--max-http-connections must be at least 1",
+            ),
+            (
+                self.listen.http_timeout < ms(100),
+                "--http-timeout-ms must be at least 100",
+            ),
+            (
+                liveness.send_timeout < ms(100),
+                "--send-timeout-ms must be at least 100",
+            ),
+            (
+                liveness.interval.is_zero() || liveness.idle_timeout <= liveness.interval,
+                "--idle-timeout-ms must be longer than --ping-interval-ms (and both positive)",
+            ),
+            (
+                clients.max_frame_bytes < 64,
+                "--max-frame-bytes must be at least 64",
+            ),
+            (
+                !(ms(50)..=ms(60_000)).contains(&self.redis.ping),
+                "--redis-ping-ms must be between 50 and 60000",
+            ),
+            (
+                presence.ttl < ms(300),
+                "--presence-ttl-ms must be at least 300",
+            ),
+            (
+                !(ms(10)..=ms(60_000)).contains(&presence.diff_interval),
+                "--presence-diff-ms must be between 10 and 60000",
+            ),
+            (
+                presence.full_list_max == 0 || presence.full_list_max > presence.max_members,
+                "--presence-full-list-max must be at least 1 and at most --presence-max-members",
+            ),
+            (history.len == 0, "--history-len must be at least 1"),
+            (
+                history.ttl < ms(1000),
+                "--history-ttl-ms must be at least 1000",
+            ),
+            (
+                history.replay_max == 0 || history.replay > history.replay_max,
+                "--history-replay-max must be at least 1 and at least --history-replay",
+            ),
+            (
+                self.redis.prefix.is_empty(),
+                "--redis-prefix must not be empty",
+            ),
+        ];
+        if let Some((_, why)) = rules.iter().find(|(refused, _)| *refused) {
+            return Err(why.to_string());
         }
         self.validate_redis_tls()?;
         self.validate_sentinel()?;
@@ -619,43 +696,44 @@ impl Config {
     /// The URLs this instance connects to: the cluster's seeds, or the
     /// one Redis.
     fn redis_urls(&self) -> Vec<&RedisUrl> {
-        if !self.redis_sentinel.is_empty() {
+        if !self.redis.sentinel.is_empty() {
             Vec::new()
-        } else if self.redis_cluster.is_empty() {
-            vec![self.redis_url.as_ref().unwrap_or(&DEFAULT_REDIS_URL)]
+        } else if self.redis.cluster.is_empty() {
+            vec![self.redis.url.as_ref().unwrap_or(&DEFAULT_REDIS_URL)]
         } else {
-            self.redis_cluster.iter().collect()
+            self.redis.cluster.iter().collect()
         }
     }
 
     /// The single Redis (`--redis-url`, or its default).
     pub fn redis_url(&self) -> RedisUrl {
-        self.redis_url
+        self.redis
+            .url
             .clone()
             .unwrap_or_else(|| DEFAULT_REDIS_URL.clone())
     }
 
     fn validate_sentinel(&self) -> Result<(), String> {
-        if !(ms(1)..=ms(1500)).contains(&self.redis_min_replicas_timeout) {
+        if !(ms(1)..=ms(1500)).contains(&self.redis.min_replicas_timeout) {
             return Err(
                 "--redis-min-replicas-timeout-ms must be between 1 and 1500 (a command's own \
                  deadline is 2 s)"
                     .into(),
             );
         }
-        if self.redis_min_replicas > 0 && !self.redis_cluster.is_empty() {
+        if self.redis.min_replicas > 0 && !self.redis.cluster.is_empty() {
             return Err("--redis-min-replicas is not supported with --redis-cluster".into());
         }
-        if self.redis_sentinel.is_empty() {
-            if self.redis_sentinel_master.is_some()
-                || self.redis_sentinel_password.is_some()
-                || self.redis_sentinel_user.is_some()
+        if self.redis.sentinel.is_empty() {
+            if self.redis.sentinel_master.is_some()
+                || self.redis.sentinel_password.is_some()
+                || self.redis.sentinel_user.is_some()
             {
                 return Err("--redis-sentinel-master, --redis-sentinel-password and \
                      --redis-sentinel-user go with --redis-sentinel HOST:PORT,..."
                     .into());
             }
-            if self.redis_password.is_some() || self.redis_user.is_some() {
+            if self.redis.password.is_some() || self.redis.user.is_some() {
                 return Err(
                     "--redis-password and --redis-user go with --redis-sentinel; with \
                      --redis-url, write them in the URL: redis://USER:PASSWORD@HOST:PORT"
@@ -664,23 +742,24 @@ impl Config {
             }
             return Ok(());
         }
-        if self.redis_url.is_some() {
+        if self.redis.url.is_some() {
             return Err(
                 "--redis-url and --redis-sentinel are two ways to find Redis: give one \
                  (with Sentinel, the primary's password goes in --redis-password)"
                     .into(),
             );
         }
-        if !self.redis_cluster.is_empty() {
+        if !self.redis.cluster.is_empty() {
             return Err(
                 "--redis-cluster and --redis-sentinel are two ways to find Redis: give one".into(),
             );
         }
-        for addr in &self.redis_sentinel {
+        for addr in &self.redis.sentinel {
             crate::broker::redis::sentinel::parse_addr(addr)?;
         }
         if self
-            .redis_sentinel_master
+            .redis
+            .sentinel_master
             .as_deref()
             .is_none_or(str::is_empty)
         {
@@ -690,16 +769,16 @@ impl Config {
                     .into(),
             );
         }
-        if self.redis_user.is_some() && self.redis_password.is_none() {
+        if self.redis.user.is_some() && self.redis.password.is_none() {
             return Err("--redis-user needs --redis-password".into());
         }
-        if self.redis_sentinel_user.is_some() && self.redis_sentinel_password.is_none() {
+        if self.redis.sentinel_user.is_some() && self.redis.sentinel_password.is_none() {
             return Err("--redis-sentinel-user needs --redis-sentinel-password".into());
         }
-        if self.redis_ca_file.is_some()
-            || self.redis_client_cert_file.is_some()
-            || self.redis_client_key_file.is_some()
-            || self.redis_tls_insecure
+        if self.redis.ca_file.is_some()
+            || self.redis.client_cert_file.is_some()
+            || self.redis.client_key_file.is_some()
+            || self.redis.tls_insecure
         {
             return Err(
                 "TLS is not supported with --redis-sentinel yet: use --redis-url \
@@ -712,24 +791,25 @@ impl Config {
 
     /// The sentinels to ask, with `--redis-sentinel`.
     pub fn redis_sentinels(&self) -> Option<crate::broker::redis::sentinel::Sentinels> {
-        if self.redis_sentinel.is_empty() {
+        if self.redis.sentinel.is_empty() {
             return None;
         }
         let mut data = redis::RedisConnectionInfo::default().set_skip_set_lib_name();
-        if let Some(password) = &self.redis_password {
+        if let Some(password) = &self.redis.password {
             data = data.set_password(&password.0);
         }
-        if let Some(user) = &self.redis_user {
+        if let Some(user) = &self.redis.user {
             data = data.set_username(user);
         }
         Some(crate::broker::redis::sentinel::Sentinels::new(
-            self.redis_sentinel
+            self.redis
+                .sentinel
                 .iter()
                 .filter_map(|addr| crate::broker::redis::sentinel::parse_addr(addr).ok())
                 .collect(),
-            self.redis_sentinel_master.clone().unwrap_or_default(),
-            self.redis_sentinel_user.clone(),
-            self.redis_sentinel_password.clone().map(|p| p.0),
+            self.redis.sentinel_master.clone().unwrap_or_default(),
+            self.redis.sentinel_user.clone(),
+            self.redis.sentinel_password.clone().map(|p| p.0),
             data,
         ))
     }
@@ -740,25 +820,25 @@ impl Config {
         Ok(RedisSettings {
             url: self.redis_url(),
             sentinel: self.redis_sentinels(),
-            min_replicas: self.redis_min_replicas,
-            replicas_timeout: self.redis_min_replicas_timeout,
-            cluster: self.redis_cluster.clone(),
+            min_replicas: self.redis.min_replicas,
+            replicas_timeout: self.redis.min_replicas_timeout,
+            cluster: self.redis.cluster.clone(),
             tls: if self.redis_tls() {
                 Some(RedisTls::load(&self.redis_tls_files())?)
             } else {
                 None
             },
-            prefix: self.redis_prefix.clone(),
-            history_len: self.history_len,
-            history_ttl: self.history_ttl,
-            max_backoff: self.redis_max_backoff,
-            publish_deadline: self.publish_deadline,
+            prefix: self.redis.prefix.clone(),
+            history_len: self.history.len,
+            history_ttl: self.history.ttl,
+            max_backoff: self.redis.max_backoff,
+            publish_deadline: self.redis.publish_deadline,
             instance: instance.to_string(),
-            limits: self.content_limits(),
-            history_read_bytes: self.client_buffer_bytes,
-            room_linger: self.room_linger,
-            presence_ttl: self.presence_ttl,
-            ping_interval: self.redis_ping,
+            limits: self.content,
+            history_read_bytes: self.clients.client_buffer_bytes,
+            room_linger: self.redis.room_linger,
+            presence_ttl: self.presence.ttl,
+            ping_interval: self.redis.ping,
         })
     }
 
@@ -773,48 +853,46 @@ impl Config {
         auth: Option<Arc<Verifier>>,
     ) -> SessionLimits {
         SessionLimits {
-            content: self.content_limits(),
-            rate: self.rate_limit(),
+            content: self.content,
+            rate: self.rate,
             origins: OriginPolicy {
                 page_ports,
-                allowed: self.allowed_origins.clone(),
+                allowed: self.clients.allowed_origins.clone(),
             },
-            max_clients: self.max_clients,
-            max_traced_clients: self.max_traced_clients,
-            max_clients_per_ip: self.max_clients_per_ip,
+            max_clients: self.clients.max_clients,
+            max_traced_clients: self.clients.max_traced_clients,
+            max_clients_per_ip: self.clients.max_clients_per_ip,
             trusted_proxies,
-            client_buffer_bytes: self.client_buffer_bytes,
-            max_frame_bytes: self.max_frame_bytes,
-            history_replay: self.history_replay,
-            history_replay_max: self.history_replay_max,
-            handshake_timeout: self.handshake_timeout,
-            close_grace: self.close_grace,
+            client_buffer_bytes: self.clients.client_buffer_bytes,
+            max_frame_bytes: self.clients.max_frame_bytes,
+            history_replay: self.history.replay,
+            history_replay_max: self.history.replay_max,
+            handshake_timeout: self.clients.handshake_timeout,
+            close_grace: self.clients.close_grace,
             auth,
         }
     }
 
-    /// The pinger's timings.
+    /// The pinger's timings, and whether tokens expire (`--auth token`).
     pub fn pinger_settings(&self) -> PingerSettings {
         PingerSettings {
-            interval: self.ping_interval,
-            idle_timeout: self.idle_timeout,
-            send_timeout: self.send_timeout,
-            tokens_expire: self.auth == AuthMode::Token,
+            tokens_expire: self.auth.mode == AuthMode::Token,
+            ..self.liveness
         }
     }
 
     /// Whether this instance speaks TLS to Redis (`rediss://`).
     pub fn redis_tls(&self) -> bool {
-        self.broker == BrokerKind::Redis && self.redis_urls().iter().any(|url| url.is_tls())
+        self.redis.broker == BrokerKind::Redis && self.redis_urls().iter().any(|url| url.is_tls())
     }
 
     /// The TLS options, read and checked at start by the broker.
     pub fn redis_tls_files(&self) -> TlsFiles {
         TlsFiles {
-            ca_file: self.redis_ca_file.clone(),
-            client_cert_file: self.redis_client_cert_file.clone(),
-            client_key_file: self.redis_client_key_file.clone(),
-            insecure: self.redis_tls_insecure,
+            ca_file: self.redis.ca_file.clone(),
+            client_cert_file: self.redis.client_cert_file.clone(),
+            client_key_file: self.redis.client_key_file.clone(),
+            insecure: self.redis.tls_insecure,
         }
     }
 
@@ -827,11 +905,11 @@ impl Config {
                     .into(),
             );
         }
-        let options_given = self.redis_ca_file.is_some()
-            || self.redis_client_cert_file.is_some()
-            || self.redis_client_key_file.is_some()
-            || self.redis_tls_insecure;
-        if self.broker == BrokerKind::Redis && options_given && !self.redis_tls() {
+        let options_given = self.redis.ca_file.is_some()
+            || self.redis.client_cert_file.is_some()
+            || self.redis.client_key_file.is_some()
+            || self.redis.tls_insecure;
+        if self.redis.broker == BrokerKind::Redis && options_given && !self.redis_tls() {
             return Err(
                 "--redis-ca-file, --redis-client-cert-file, --redis-client-key-file and \
                  --redis-tls-insecure take effect only with TLS: write the Redis URL as \
@@ -839,7 +917,7 @@ impl Config {
                     .into(),
             );
         }
-        if self.redis_client_cert_file.is_some() != self.redis_client_key_file.is_some() {
+        if self.redis.client_cert_file.is_some() != self.redis.client_key_file.is_some() {
             return Err(
                 "--redis-client-cert-file and --redis-client-key-file go together: give both \
                  (mutual TLS), or neither"
@@ -850,10 +928,10 @@ impl Config {
     }
 
     fn validate_auth(&self) -> Result<(), String> {
-        let keys_given = self.auth_hs256_secret_file.is_some()
-            || !self.auth_public_key_file.is_empty()
-            || self.auth_token_url.is_some();
-        if self.auth == AuthMode::Off && keys_given {
+        let keys_given = self.auth.hs256_secret_file.is_some()
+            || !self.auth.public_key_file.is_empty()
+            || self.auth.token_url.is_some();
+        if self.auth.mode == AuthMode::Off && keys_given {
             return Err(
                 "--auth-hs256-secret-file, --auth-public-key-file and --auth-token-url \
                  take effect only with --auth token: add it, or drop them"
@@ -861,13 +939,13 @@ impl Config {
             );
         }
         // The auth frame's envelope must fit a frame with the token.
-        if self.auth == AuthMode::Token
-            && (self.auth_max_token_bytes < 64
-                || self.auth_max_token_bytes + 64 > self.max_frame_bytes)
+        if self.auth.mode == AuthMode::Token
+            && (self.auth.max_token_bytes < 64
+                || self.auth.max_token_bytes + 64 > self.clients.max_frame_bytes)
         {
             return Err(format!(
                 "--auth-max-token-bytes must be at least 64 and at most --max-frame-bytes - 64 ({})",
-                self.max_frame_bytes.saturating_sub(64)
+                self.clients.max_frame_bytes.saturating_sub(64)
             ));
         }
         Ok(())
@@ -877,40 +955,15 @@ impl Config {
     /// from the environment.
     pub fn auth_keys(&self) -> crate::auth::KeySources {
         crate::auth::KeySources {
-            secret_file: self.auth_hs256_secret_file.clone(),
+            secret_file: self.auth.hs256_secret_file.clone(),
             secret: std::env::var(crate::auth::SECRET_ENV).ok(),
-            public_key_files: self.auth_public_key_file.clone(),
-        }
-    }
-
-    pub fn content_limits(&self) -> Limits {
-        Limits {
-            max_text_chars: self.max_text_chars,
-            max_name_chars: self.max_name_chars,
-            max_room_chars: self.max_room_chars,
-        }
-    }
-
-    pub fn rate_limit(&self) -> RateLimit {
-        RateLimit {
-            burst: self.rate_burst,
-            per_second: self.rate_per_sec,
-            strikes: self.rate_strikes,
+            public_key_files: self.auth.public_key_file.clone(),
         }
     }
 
     /// `--delivery-threads`, or one per CPU.
     pub fn delivery_threads(&self) -> usize {
-        self.delivery_threads.unwrap_or_else(cpus)
-    }
-
-    pub fn presence(&self) -> PresenceSettings {
-        PresenceSettings {
-            enabled: self.presence == Switch::On,
-            diff_interval: self.presence_diff,
-            full_list_max: self.presence_full_list_max,
-            max_members: self.presence_max_members,
-        }
+        self.clients.delivery_threads.unwrap_or_else(cpus)
     }
 }
 
@@ -949,7 +1002,7 @@ mod tests {
         let shown = format!("{config:?}");
         assert!(!shown.contains("hunter"), "{shown}");
         assert!(shown.contains("redis://:***@127.0.0.1:6379"), "{shown}");
-        assert_eq!(config.redis_cluster.len(), 2);
+        assert_eq!(config.redis.cluster.len(), 2);
     }
 
     #[test]
@@ -1012,5 +1065,124 @@ mod tests {
             .listen_ip()
             .unwrap_err();
         assert!(e.contains("give an IP address"), "{e}");
+    }
+    /// The option groups are an internal layout: every flag keeps its name
+    /// and its environment variable (the flag's, upper case).
+    #[test]
+    fn every_option_keeps_its_flag_and_its_environment_name() {
+        use clap::CommandFactory;
+        let command = Config::command();
+        let mut longs = Vec::new();
+        for arg in command.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "help" || long == "version" {
+                continue;
+            }
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert_eq!(
+                env.as_deref(),
+                Some(long.to_uppercase().replace('-', "_").as_str()),
+                "--{long}'s environment variable"
+            );
+            longs.push(long.to_string());
+        }
+        longs.sort();
+        let expected = [
+            "admin-addr",
+            "allowed-origins",
+            "auth",
+            "auth-hs256-secret-file",
+            "auth-max-token-bytes",
+            "auth-public-key-file",
+            "auth-token-url",
+            "broker",
+            "client-buffer-bytes",
+            "close-grace-ms",
+            "delivery-threads",
+            "demo-controls",
+            "handshake-timeout-ms",
+            "history-len",
+            "history-replay",
+            "history-replay-max",
+            "history-ttl-ms",
+            "host",
+            "http-timeout-ms",
+            "idle-timeout-ms",
+            "instance-id",
+            "max-clients",
+            "max-clients-per-ip",
+            "max-frame-bytes",
+            "max-http-connections",
+            "max-name-chars",
+            "max-room-chars",
+            "max-text-chars",
+            "max-traced-clients",
+            "ping-interval-ms",
+            "port",
+            "presence",
+            "presence-diff-ms",
+            "presence-full-list-max",
+            "presence-max-members",
+            "presence-ttl-ms",
+            "public-ws-url",
+            "publish-deadline-ms",
+            "rate-burst",
+            "rate-per-sec",
+            "rate-strikes",
+            "redis-ca-file",
+            "redis-client-cert-file",
+            "redis-client-key-file",
+            "redis-cluster",
+            "redis-max-backoff-ms",
+            "redis-min-replicas",
+            "redis-min-replicas-timeout-ms",
+            "redis-password",
+            "redis-ping-ms",
+            "redis-prefix",
+            "redis-sentinel",
+            "redis-sentinel-master",
+            "redis-sentinel-password",
+            "redis-sentinel-user",
+            "redis-tls-insecure",
+            "redis-url",
+            "redis-user",
+            "room-linger-ms",
+            "send-timeout-ms",
+            "trusted-proxies",
+            "ws-port",
+        ];
+        assert_eq!(longs, expected);
+    }
+
+    #[test]
+    fn each_group_takes_its_options() {
+        let config = parse(&[
+            "--presence",
+            "off",
+            "--presence-ttl-ms",
+            "2000",
+            "--history-ttl-ms",
+            "3000",
+            "--rate-burst",
+            "5",
+            "--max-room-chars",
+            "12",
+            "--idle-timeout-ms",
+            "90000",
+            "--auth",
+            "token",
+        ]);
+        assert!(!config.presence.enabled);
+        assert_eq!(config.presence.ttl, ms(2000));
+        assert_eq!(config.history.ttl, ms(3000));
+        assert_eq!(config.rate.burst, 5);
+        assert_eq!(config.content.max_room_chars, 12);
+        assert_eq!(config.liveness.idle_timeout, ms(90_000));
+        assert!(config.pinger_settings().tokens_expire);
+        let defaults = parse(&[]);
+        assert!(defaults.presence.enabled);
+        assert_eq!(defaults.liveness.interval, ms(30_000));
+        assert!(!defaults.pinger_settings().tokens_expire);
+        assert_eq!(defaults.content, Limits::default());
     }
 }

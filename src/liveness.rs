@@ -36,17 +36,29 @@ use crate::metrics::Metrics;
 use crate::protocol::CloseReason;
 use crate::supervisor::Supervisor;
 
-/// When the pinger wakes, and what it closes.
+/// When the pinger wakes, and what it closes: a group of the server's
+/// options (`crate::config`).
+#[derive(Debug, Clone, Copy, clap::Args)]
+#[command(next_help_heading = "Dead and slow clients")]
 pub struct PingerSettings {
-    /// `--ping-interval-ms`: how often it wakes, and how quiet a client is
-    /// before it is pinged (half of it).
+    /// Milliseconds between two pings to a client that has been quiet
+    /// (the pinger wakes this often; a client quiet for half of it is
+    /// pinged).
+    #[arg(long = "ping-interval-ms", env = "PING_INTERVAL_MS", value_name = "PING_INTERVAL_MS", default_value = "30000", value_parser = crate::config::millis)]
     pub interval: Duration,
-    /// `--idle-timeout-ms`: silent this long, a client is dropped as dead.
+    /// Milliseconds of silence (not even a pong) after which a client is
+    /// dropped as dead.
+    #[arg(long = "idle-timeout-ms", env = "IDLE_TIMEOUT_MS", value_name = "IDLE_TIMEOUT_MS", default_value = "75000", value_parser = crate::config::millis)]
     pub idle_timeout: Duration,
-    /// `--send-timeout-ms`: its socket taking nothing this long, a client
-    /// is dropped as a slow consumer.
+    /// Milliseconds during which bytes queued for a client may wait with
+    /// its socket taking none of them; past it, the client is closed as a
+    /// slow consumer (1008), even if it keeps sending. Checked four times
+    /// per timeout.
+    #[arg(long = "send-timeout-ms", env = "SEND_TIMEOUT_MS", value_name = "SEND_TIMEOUT_MS", default_value = "30000", value_parser = crate::config::millis)]
     pub send_timeout: Duration,
-    /// `--auth token`: clients are closed when their token expires.
+    /// Clients are closed when their token expires: set from `--auth
+    /// token`, not an option of its own.
+    #[arg(skip)]
     pub tokens_expire: bool,
 }
 

@@ -26,12 +26,19 @@ pub const MAX_USER_CHARS: usize = 64;
 /// ([`member_key`]). A control character, so no name can hold it.
 const USER_SEPARATOR: char = '\u{1f}';
 
-/// The content limits every parser here enforces (each is an option; see
-/// `config.rs` for the defaults and why).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The content limits every parser here enforces: a group of the server's
+/// options (`crate::config`), with their defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+#[command(next_help_heading = "What a client may send")]
 pub struct Limits {
+    /// Longest message text, in characters.
+    #[arg(long, env = "MAX_TEXT_CHARS", default_value_t = 2000)]
     pub max_text_chars: usize,
+    /// Longest display name, in characters (no control characters).
+    #[arg(long, env = "MAX_NAME_CHARS", default_value_t = 32)]
     pub max_name_chars: usize,
+    /// Longest room name, in characters (A-Z, a-z, 0-9, _ and -).
+    #[arg(long, env = "MAX_ROOM_CHARS", default_value_t = 32)]
     pub max_room_chars: usize,
 }
 

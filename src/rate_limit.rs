@@ -6,13 +6,34 @@
 
 use std::time::Instant;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Each client's rate limit: a group of the server's options
+/// (`crate::config`).
+#[derive(Debug, Clone, Copy, PartialEq, clap::Args)]
+#[command(next_help_heading = "What a client may send")]
 pub struct RateLimit {
-    /// Frames a client may send back to back.
+    /// Frames a client may send back to back (token bucket size).
+    #[arg(
+        long = "rate-burst",
+        env = "RATE_BURST",
+        value_name = "RATE_BURST",
+        default_value_t = 20
+    )]
     pub burst: u32,
-    /// Frames a second a client may send, on average.
+    /// Frames a second a client may send on average (token refill rate).
+    #[arg(
+        long = "rate-per-sec",
+        env = "RATE_PER_SEC",
+        value_name = "RATE_PER_SEC",
+        default_value_t = 10.0
+    )]
     pub per_second: f64,
-    /// Refused frames in a row after which the client is disconnected.
+    /// Rate-limited frames in a row after which the client is closed (1008).
+    #[arg(
+        long = "rate-strikes",
+        env = "RATE_STRIKES",
+        value_name = "RATE_STRIKES",
+        default_value_t = 20
+    )]
     pub strikes: u32,
 }
 

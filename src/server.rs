@@ -92,7 +92,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     let verifier = load_verifier(config)?;
     let open_files = raise_open_files_limit();
     check_budgets(
-        config.max_clients + config.max_http_connections + ADMIN_MAX_CONNECTIONS,
+        config.clients.max_clients + config.listen.max_http_connections + ADMIN_MAX_CONNECTIONS,
         open_files,
     );
     let metrics = Arc::new(Metrics::default());
@@ -129,7 +129,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     // the fan-out hands the tracker the broker's presence changes (events
     // wait in the channel meanwhile).
     let presence = Arc::new(Tracker::new(
-        config.presence(),
+        config.presence,
         hub.clone(),
         broker.clone(),
         metrics.clone(),
@@ -150,7 +150,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         &supervisor,
     )
     .map_err(|e| format!("cannot start the fan-out threads: {e}"))?;
-    if config.presence().enabled {
+    if config.presence.enabled {
         let tracker = presence.clone();
         supervisor
             .spawn("presence-diff", move || tracker.run())
@@ -168,14 +168,14 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     .map_err(|e| format!("cannot start the stats thread: {e}"))?;
 
     // Checked with the configuration; parsed once here for both ports.
-    let trusted_proxies = TrustedProxies::parse(&config.trusted_proxies)?;
+    let trusted_proxies = TrustedProxies::parse(&config.clients.trusted_proxies)?;
     let http_server = serve_on(
         http_listener,
         tiny_http::ConnectionLimits {
-            max_connections: config.max_http_connections,
+            max_connections: config.listen.max_http_connections,
             // A proxy's clients all share its address: its own limits
             // apply to them (nginx's limit_conn).
-            max_per_address: match config.max_clients_per_ip {
+            max_per_address: match config.clients.max_clients_per_ip {
                 0 => usize::MAX,
                 n => n,
             },
@@ -183,7 +183,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
                 let trusted = trusted_proxies.clone();
                 Arc::new(move |ip| trusted.contains(ip))
             },
-            read_timeout: Some(config.http_timeout),
+            read_timeout: Some(config.listen.http_timeout),
         },
     )
     .map_err(|e| format!("cannot start the HTTP server: {e}"))?;
@@ -191,7 +191,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         instance: instance.clone(),
         ws_port: ws_addr.port(),
         ws_path: WS_PATH,
-        public_ws_url: config.public_ws_url.clone(),
+        public_ws_url: config.listen.public_ws_url.clone(),
         http_port: http_addr.port(),
         broker: broker.clone(),
         supervisor: supervisor.clone(),
@@ -199,9 +199,9 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
         hub: hub.clone(),
         stats,
         demo,
-        presence: config.presence().enabled,
+        presence: config.presence.enabled,
         auth: verifier.is_some(),
-        auth_token_url: config.auth_token_url.clone(),
+        auth_token_url: config.auth.token_url.clone(),
     });
     serve_http(&supervisor, &http_server, &http_state, Listener::Public)?;
     let admin = match admin_listener {
@@ -212,7 +212,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
                     max_connections: ADMIN_MAX_CONNECTIONS,
                     max_per_address: usize::MAX,
                     exempt: Arc::new(|_| false),
-                    read_timeout: Some(config.http_timeout),
+                    read_timeout: Some(config.listen.http_timeout),
                 },
             )
             .map_err(|e| format!("cannot start the admin listener: {e}"))?;
@@ -264,7 +264,7 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
     info!(
         "instance {instance} listening: page http://{http_addr}/ websocket ws://{ws_addr}{WS_PATH} \
          {admin_shown} broker {:?}",
-        config.broker
+        config.redis.broker
     );
     Ok(RunningServer {
         instance,
@@ -284,13 +284,13 @@ pub fn start(config: &Config) -> Result<RunningServer, String> {
 /// `--auth token`'s verifier, its keys loaded (the error names the file
 /// that is wrong); `None` with `--auth off`.
 fn load_verifier(config: &Config) -> Result<Option<Arc<Verifier>>, String> {
-    if config.auth == AuthMode::Off {
+    if config.auth.mode == AuthMode::Off {
         return Ok(None);
     }
     let verifier = Verifier::load(
         &config.auth_keys(),
-        config.auth_max_token_bytes,
-        config.content_limits(),
+        config.auth.max_token_bytes,
+        config.content,
     )?;
     info!(
         "--auth token: clients prove who they are with tokens signed with {}",
@@ -310,8 +310,12 @@ struct Listeners {
 impl Listeners {
     fn bind(config: &Config) -> Result<Self, String> {
         let host = config.listen_ip()?;
-        let http = TcpListener::bind((host, config.port))
-            .map_err(|e| format!("cannot listen for HTTP on {host}:{}: {e}", config.port))?;
+        let http = TcpListener::bind((host, config.listen.port)).map_err(|e| {
+            format!(
+                "cannot listen for HTTP on {host}:{}: {e}",
+                config.listen.port
+            )
+        })?;
         let ws_port = config.ws_port()?;
         let ws = listen((host, ws_port).into(), ACCEPT_BACKLOG)
             .map_err(|e| format!("cannot listen for WebSocket on {host}:{ws_port}: {e}"))?;
@@ -345,7 +349,7 @@ fn start_broker(
     metrics: &Arc<Metrics>,
     supervisor: &Arc<Supervisor>,
 ) -> Result<Arc<dyn Broker>, String> {
-    Ok(match config.broker {
+    Ok(match config.redis.broker {
         BrokerKind::Redis => RedisBroker::start(
             config.redis_settings(instance)?,
             events_tx,
@@ -359,7 +363,7 @@ fn start_broker(
             Arc::new(LocalBroker::new(
                 events_tx,
                 metrics.clone(),
-                config.history_len,
+                config.history.len,
                 instance.to_string(),
             ))
         }

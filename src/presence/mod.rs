@@ -64,17 +64,52 @@ const EARLY_MAX: usize = 10_000;
 /// back from Redis (a millisecond or two), so that it lists itself.
 const OWN_JOIN_WAIT: Duration = Duration::from_millis(500);
 
-/// What presence costs and shows, from the configuration.
-#[derive(Debug, Clone, Copy)]
+/// What presence costs and shows: a group of the server's options
+/// (`crate::config`).
+#[derive(Debug, Clone, Copy, clap::Args)]
+#[command(next_help_heading = "Presence")]
 pub struct PresenceSettings {
-    /// `--presence on|off`.
+    /// `on`: clients are told who is in their room, and who is typing.
+    /// `off`: no presence at all (no Redis writes per join, no frames).
+    #[arg(
+        long = "presence",
+        env = "PRESENCE",
+        value_name = "PRESENCE",
+        action = clap::ArgAction::Set,
+        default_value = "on",
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::builder::PossibleValuesParser::new(["on", "off"]),
+            |v| v == "on"
+        )
+    )]
     pub enabled: bool,
-    /// `--presence-diff-ms`: how often changes are told.
+    /// Milliseconds a member stays listed after its instance stopped
+    /// refreshing its liveness (the instance died); instances refresh
+    /// every third.
+    #[arg(id = "presence_ttl", long = "presence-ttl-ms", env = "PRESENCE_TTL_MS", value_name = "PRESENCE_TTL_MS", default_value = "15000", value_parser = crate::config::millis)]
+    pub ttl: Duration,
+    /// Milliseconds between two `presence_diff` frames of a room: joins
+    /// and leaves meanwhile are told together.
+    #[arg(long = "presence-diff-ms", env = "PRESENCE_DIFF_MS", value_name = "PRESENCE_DIFF_MS", default_value = "1000", value_parser = crate::config::millis)]
     pub diff_interval: Duration,
-    /// `--presence-full-list-max`: the largest room shown whole, and the
-    /// size of a client's window in a larger one.
+    /// The largest room whose member list a client gets whole, with every
+    /// join and leave; past it, clients get the count and a window of
+    /// this many members.
+    #[arg(
+        long = "presence-full-list-max",
+        env = "PRESENCE_FULL_LIST_MAX",
+        value_name = "PRESENCE_FULL_LIST_MAX",
+        default_value_t = 100
+    )]
     pub full_list_max: usize,
-    /// `--presence-max-members`: the largest window a client may ask.
+    /// The largest window of the member list a client may ask for
+    /// (`members` frame).
+    #[arg(
+        long = "presence-max-members",
+        env = "PRESENCE_MAX_MEMBERS",
+        value_name = "PRESENCE_MAX_MEMBERS",
+        default_value_t = 1000
+    )]
     pub max_members: usize,
 }
 
@@ -765,6 +800,7 @@ mod tests {
         let hub = Arc::new(Hub::new());
         let settings = PresenceSettings {
             enabled: true,
+            ttl: Duration::from_secs(15),
             diff_interval: Duration::from_secs(3600),
             full_list_max,
             max_members: 1000,
