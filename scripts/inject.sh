@@ -77,11 +77,15 @@ now_ms="$(date +%s%3N)"
 payload="{\"type\":\"message\",\"id\":\"$now_ms-0\",\"ts\":$now_ms,\"room\":$(json_string "$room"),\"from\":\"redis-cli\",\"text\":$(json_string "$text"),\"instance\":\"redis-cli\"}"
 channel="$prefix:room:{$room}"
 
-# Shown as one would type it (single quotes, unless the text has one).
+# Shown as one would type it (single quotes, unless the text has one); a
+# URL with a password is shown as the variable that holds it.
+shown_url="$url"
+# shellcheck disable=SC2016  # the variable's name, for the reader to expand
+[[ "$url" != *@* ]] || shown_url='"$REDIS_URL"'
 if [[ "$channel$payload" != *"'"* ]]; then
-  printf "redis-cli -u %s PUBLISH '%s' '%s'\n" "$(redact_url "$url")" "$channel" "$payload"
+  printf "redis-cli -u %s PUBLISH '%s' '%s'\n" "$shown_url" "$channel" "$payload"
 else
-  printf 'redis-cli -u %s PUBLISH %q %q\n' "$(redact_url "$url")" "$channel" "$payload"
+  printf 'redis-cli -u %s PUBLISH %q %q\n' "$shown_url" "$channel" "$payload"
 fi
 receivers="$(redis-cli -u "$url" --no-auth-warning PUBLISH "$channel" "$payload")"
 case "$receivers" in

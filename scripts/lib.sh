@@ -163,75 +163,10 @@ http_status() {
 
 # ------------------------------------------------------------------- redis
 
-# redact_url URL: prints URL with its password replaced by *** (the user
-# part runs to the last @): redis://:***@host:6379, redis://user:***@host.
-# What the server prints too (src/redis_url.rs); the only form to show.
-redact_url() {
-  local url="$1" scheme rest user_info host
-  if [[ "$url" != *@* ]]; then
-    printf '%s\n' "$url"
-    return
-  fi
-  if [[ "$url" == *://* ]]; then
-    scheme="${url%%://*}://"
-    rest="${url#*://}"
-  else
-    scheme=""
-    rest="$url"
-  fi
-  user_info="${rest%@*}"
-  host="${rest##*@}"
-  if [[ "$user_info" == *:* ]]; then
-    printf '%s%s:***@%s\n' "$scheme" "${user_info%%:*}" "$host"
-  else
-    printf '%s***@%s\n' "$scheme" "$host"
-  fi
-}
-
-# redis_ping URL: true when the Redis at URL answers PING with PONG.
-# Uses redis-cli for a URL without credentials, else (or when that fails) a RESP PING over bash's /dev/tcp
-# (redis://[[user]:password@]host[:port][/db] only, no TLS).
-redis_ping() {
-  local url="$1" reply
-  # A URL with credentials never goes on a command line, where `ps` shows
-  # it to every user: the password goes over the socket, from the
-  # environment of the process that sends it.
-  if have redis-cli && [[ "$url" != *@* ]]; then
-    reply="$(with_timeout 3 redis-cli -u "$url" PING 2>/dev/null)" || reply=""
-    [[ "$reply" != PONG* ]] || return 0
-    # redis-cli 7 fails redis://:password@... (it sends an empty user
-    # name), which Redis clients accept: try the plain way below too.
-  fi
-  local rest="${url#redis://}" auth="" hostport host port
-  [[ "$rest" != "$url" ]] || return 1 # not redis:// (rediss:// needs redis-cli)
-  rest="${rest%%/*}"
-  if [[ "$rest" == *@* ]]; then
-    auth="${rest%@*}"
-    rest="${rest##*@}"
-  fi
-  hostport="$rest"
-  host="${hostport%:*}"
-  port="${hostport##*:}"
-  [[ "$hostport" == *:* ]] || port=6379
-  host="${host#[}"
-  host="${host%]}"
-  [[ -n "$host" ]] || host=127.0.0.1
-  # shellcheck disable=SC2016  # the inner script expands its own $1 $2
-  REDIS_PING_AUTH="$auth" with_timeout 3 bash -c '
-    resp() { printf "*%d\r\n" "$#"; local a; for a in "$@"; do printf "$%d\r\n%s\r\n" "${#a}" "$a"; done; }
-    exec 3<>"/dev/tcp/$1/$2" || exit 1
-    auth="${REDIS_PING_AUTH:-}"
-    if [[ -n "$auth" ]]; then
-      user="${auth%%:*}" pass="${auth#*:}"
-      [[ "$auth" == *:* ]] || { user=""; pass="$auth"; }
-      if [[ -n "$user" ]]; then resp AUTH "$user" "$pass" >&3; else resp AUTH "$pass" >&3; fi
-      IFS= read -r -t 2 line <&3 || exit 1
-      [[ "$line" == +OK* ]] || exit 1
-    fi
-    resp PING >&3
-    IFS= read -r -t 2 line <&3 || exit 1
-    [[ "$line" == +PONG* ]]
-  ' _ "$host" "$port" 2>/dev/null
+# redis_cli_pings PORT: true when the redis-server on 127.0.0.1:PORT (a
+# private one: no password) answers PING.
+redis_cli_pings() {
+  [[ "$(with_timeout 3 redis-cli -p "$1" PING 2>/dev/null)" == PONG* ]]
 }
 
 # --------------------------------------------------------------- processes
@@ -274,20 +209,17 @@ prefix_lines() {
 #   NEED_PRIVATE_REDIS  1 when a private redis-server must be started
 #   REDIS_PID           the private redis-server's PID ("" when none)
 REDIS_URL_TO_USE=""
+REDIS_SHOWN=""
 NEED_PRIVATE_REDIS=0
 REDIS_PID=""
 
-# choose_redis: uses $REDIS_URL when it is set and answers PING; otherwise
-# asks for a private redis-server (NEED_PRIVATE_REDIS=1). It never silently
-# uses a Redis that happens to run on 6379.
+# choose_redis: $REDIS_URL when it is set (provide_redis checks, once the
+# binary is built, that it answers); otherwise a private redis-server
+# (NEED_PRIVATE_REDIS=1). It never silently uses a Redis that happens to
+# run on 6379.
 choose_redis() {
   if [[ -n "${REDIS_URL:-}" ]]; then
-    if redis_ping "$REDIS_URL"; then
-      REDIS_URL_TO_USE="$REDIS_URL"
-    else
-      warn "REDIS_URL=$(redact_url "$REDIS_URL") does not answer PING; starting a private redis-server instead"
-      NEED_PRIVATE_REDIS=1
-    fi
+    REDIS_URL_TO_USE="$REDIS_URL"
   else
     NEED_PRIVATE_REDIS=1
   fi
@@ -336,9 +268,10 @@ start_private_redis() {
       </dev/null >/dev/null 2>&1 &
     REDIS_PID=$!
     for ((i = 0; i < 100; i++)); do
-      if redis_ping "redis://127.0.0.1:$port"; then
+      if redis_cli_pings "$port"; then
         # shellcheck disable=SC2034  # read by the scripts that source this file
         REDIS_URL_TO_USE="redis://127.0.0.1:$port"
+        REDIS_SHOWN="$REDIS_URL_TO_USE"
         info "private redis-server on 127.0.0.1:$port (pid $REDIS_PID, log $dir/redis.log)"
         return 0
       fi
@@ -353,158 +286,16 @@ start_private_redis() {
   die "could not start a private redis-server"
 }
 
-# ------------------------------------------------- a private Redis Cluster
-# For run_cluster.sh --redis-cluster, through these globals:
-#   REDIS_CLUSTER_PORTS  the nodes' client ports, in start order
-#   REDIS_CLUSTER_PIDS   their PIDs, in the same order ("" once reaped)
-#   REDIS_CLUSTER_SEEDS  redis://127.0.0.1:P of each master, comma-separated
-#                        (what the server's --redis-cluster takes)
-REDIS_CLUSTER_PORTS=()
-REDIS_CLUSTER_PIDS=()
-REDIS_CLUSTER_SEEDS=""
-
-# cluster_free_port: a free port that no node of this cluster has taken yet
-# (as client or bus port; the ports in use so far are in $CLUSTER_TAKEN).
-cluster_free_port() {
-  local port _
-  for _ in 1 2 3 4 5 6 7 8 9 10; do
-    port="$(free_port)" || return 1
-    if [[ " $CLUSTER_TAKEN " != *" $port "* ]]; then
-      CLUSTER_TAKEN+=" $port"
-      printf '%s\n' "$port"
-      return 0
-    fi
-  done
-  return 1
-}
-
-# redis_cluster_log_tails DIR: the last lines of each node's log, on stderr.
-redis_cluster_log_tails() {
-  local dir="$1" port
-  for port in "${REDIS_CLUSTER_PORTS[@]}"; do
-    printf -- '--- cluster node 127.0.0.1:%s (%s) ---\n' "$port" "$dir/node-$port/redis.log" >&2
-    tail -n 8 "$dir/node-$port/redis.log" >&2 2>/dev/null || true
-  done
-}
-
-# redis_cluster_ready PORT...: true when every node says cluster_state:ok
-# and `redis-cli --cluster check` finds all 16384 slots covered.
-redis_cluster_ready() {
-  local port
-  for port in "$@"; do
-    with_timeout 3 redis-cli -p "$port" CLUSTER INFO 2>/dev/null |
-      grep -q '^cluster_state:ok' || return 1
-  done
-  with_timeout 10 redis-cli --cluster check "127.0.0.1:$1" 2>/dev/null |
-    grep -q 'All 16384 slots covered'
-}
-
-# redis_cluster_masters: prints the client ports of the nodes that are
-# masters now, one a line (from the first node that answers CLUSTER NODES).
-redis_cluster_masters() {
-  local port nodes
-  for port in "${REDIS_CLUSTER_PORTS[@]}"; do
-    nodes="$(with_timeout 3 redis-cli -p "$port" CLUSTER NODES 2>/dev/null)" || continue
-    [[ -n "$nodes" ]] || continue
-    # <id> <ip:port@bus> <flags> ...: the masters that are not failing.
-    awk '$3 ~ /master/ && $3 !~ /fail/ { split($2, a, "[:@]"); print a[2] }' <<<"$nodes"
-    return 0
-  done
-  return 1
-}
-
-# start_private_redis_cluster DIR: starts six redis-server cluster nodes on
-# free loopback ports (no persistence, each in DIR/node-PORT), makes them
-# one cluster of three masters with a replica each (redis-cli --cluster
-# create --cluster-replicas 1), waits until it serves every slot, and sets
-# REDIS_CLUSTER_PORTS, REDIS_CLUSTER_PIDS and REDIS_CLUSTER_SEEDS. A
-# master that misses its peers for 1 s (--cluster-node-timeout) is failed
-# over to its replica (--cluster-replica-validity-factor 0: always allowed).
-# Dies with the nodes' log tails on failure; stop_private_services stops
-# whatever it started.
-start_private_redis_cluster() {
-  local dir="$1" i port bus node setsid="" deadline addrs=()
-  have redis-cli || die "redis-cli is missing; it comes with redis-server (Debian: apt-get install redis-tools)"
-  if have setsid; then setsid=setsid; fi
-  CLUSTER_TAKEN=""
-  for ((i = 0; i < 6; i++)); do
-    port="$(cluster_free_port)" || die "found no free port for a cluster node"
-    # The bus port is chosen too: port + 10000 may be past 65535.
-    bus="$(cluster_free_port)" || die "found no free port for a cluster node's bus"
-    node="$dir/node-$port"
-    mkdir -p "$node"
-    # In a session of its own, like start_private_redis: Ctrl-C does not
-    # reach it; it is stopped after the instances.
-    $setsid redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
-      --dir "$node" --logfile "$node/redis.log" --daemonize no \
-      --cluster-enabled yes --cluster-config-file "$node/nodes-$port.conf" \
-      --cluster-port "$bus" --cluster-node-timeout 1000 \
-      --cluster-replica-validity-factor 0 \
-      </dev/null >/dev/null 2>&1 &
-    REDIS_CLUSTER_PIDS+=("$!")
-    REDIS_CLUSTER_PORTS+=("$port")
-    addrs+=("127.0.0.1:$port")
-  done
-  deadline=$((SECONDS + 10))
-  for ((i = 0; i < 6; i++)); do
-    port="${REDIS_CLUSTER_PORTS[i]}"
-    until redis_ping "redis://127.0.0.1:$port"; do
-      if ! kill -0 "${REDIS_CLUSTER_PIDS[i]}" 2>/dev/null || ((SECONDS >= deadline)); then
-        redis_cluster_log_tails "$dir"
-        die "cluster node 127.0.0.1:$port did not start"
-      fi
-      sleep 0.1
-    done
-  done
-  info "six nodes: ${addrs[*]}; joining them (redis-cli --cluster create)"
-  if ! with_timeout 60 redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 \
-    --cluster-yes </dev/null >"$dir/create.log" 2>&1; then
-    tail -n 20 "$dir/create.log" >&2
-    redis_cluster_log_tails "$dir"
-    die "redis-cli --cluster create failed (log: $dir/create.log)"
-  fi
-  deadline=$((SECONDS + 30))
-  until redis_cluster_ready "${REDIS_CLUSTER_PORTS[@]}"; do
-    if ((SECONDS >= deadline)); then
-      redis_cluster_log_tails "$dir"
-      die "the Redis Cluster does not serve every slot after 30 s"
-    fi
-    sleep 0.2
-  done
-  local masters seeds=()
-  masters="$(redis_cluster_masters)" || die "no cluster node answers CLUSTER NODES"
-  for port in $masters; do seeds+=("redis://127.0.0.1:$port"); done
-  # shellcheck disable=SC2034  # read by the scripts that source this file
-  REDIS_CLUSTER_SEEDS="$(
-    IFS=,
-    printf '%s' "${seeds[*]}"
-  )"
-  info "private Redis Cluster ready: masters ${masters//$'\n'/ } (logs in $dir/node-PORT/redis.log)"
-}
-
-# stop_private_redis_cluster: stops the nodes start_private_redis_cluster
-# started and that are not reaped yet.
-stop_private_redis_cluster() {
-  local pid running=()
-  for pid in "${REDIS_CLUSTER_PIDS[@]}"; do
-    if [[ -n "$pid" ]]; then running+=("$pid"); fi
-  done
-  if ((${#running[@]})); then
-    printf 'Stopping the private Redis Cluster (pids %s)...\n' "${running[*]}"
-    stop_pids "${running[@]}"
-  fi
-  REDIS_CLUSTER_PIDS=()
-}
-
 # ------------------------------------------------- build and shared cleanup
 # For run_two.sh and run_cluster.sh, which keep their state in the globals
 # BUILD_PID, BIN, LOG_PIDS, REDIS_PID and TMP_DIR.
 
-# Builds the release binary in the background, so that Ctrl-C or SIGTERM
-# stops it at once (stop_build does), and sets BIN.
+# build_release [CARGO_ARGS...]: builds the release binary (with
+# CARGO_ARGS, what they name: `--bins --example lab`) in the background, so
+# that Ctrl-C or SIGTERM stops it at once (stop_build does), and sets BIN.
 build_release() {
-  step "Building (cargo build --release; the first build takes a minute or two)"
-  cargo build --release --quiet &
+  step "Building (cargo build --release${*:+ $*}; the first build takes a minute or two)"
+  cargo build --release --quiet "$@" &
   BUILD_PID=$!
   local rc=0
   wait "$BUILD_PID" || rc=$?
@@ -532,7 +323,6 @@ stop_private_services() {
     printf 'Stopping the private redis-server (pid %s)...\n' "$REDIS_PID"
     stop_pids "$REDIS_PID"
   fi
-  stop_private_redis_cluster
   if [[ -n "${TMP_DIR:-}" ]]; then rm -rf "$TMP_DIR"; fi
 }
 
@@ -573,13 +363,27 @@ wait_instance_ready() {
   done
 }
 
-# Starts the private redis-server that choose_redis asked for (in
-# $TMP_DIR/redis), or says which REDIS_URL is used; sets REDIS_URL_TO_USE.
+# provide_redis SCRIPT: once the binary is built, checks that $REDIS_URL
+# answers (`pubsub-chat check-redis`, which reads it from the environment,
+# so that its password is on no command line, and says why not in the
+# instance's own words), else falls back to a private redis-server (in
+# $TMP_DIR/redis; installed first if need be, SCRIPT being the command to
+# run again). Sets REDIS_URL_TO_USE, and REDIS_SHOWN: where Redis is,
+# without its password.
 provide_redis() {
+  local script="$1" shown
+  if [[ "$NEED_PRIVATE_REDIS" -eq 0 && -n "$REDIS_URL_TO_USE" ]]; then
+    if shown="$(REDIS_URL="$REDIS_URL_TO_USE" "$BIN" check-redis 2>"$TMP_DIR/check-redis.err")"; then
+      REDIS_SHOWN="$shown"
+      step "Using REDIS_URL=$REDIS_SHOWN (it answers PING)"
+      return 0
+    fi
+    warn "$(sed 's/^pubsub-chat check-redis: //' "$TMP_DIR/check-redis.err"); starting a private redis-server instead"
+    NEED_PRIVATE_REDIS=1
+    ensure_redis_server "$script"
+  fi
   if [[ "$NEED_PRIVATE_REDIS" -eq 1 ]]; then
     step "Starting a private redis-server"
     start_private_redis "$TMP_DIR/redis"
-  elif [[ -n "$REDIS_URL_TO_USE" ]]; then
-    step "Using REDIS_URL=$(redact_url "$REDIS_URL_TO_USE") (it answers PING)"
   fi
 }

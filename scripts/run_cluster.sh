@@ -13,7 +13,9 @@ usage() {
   cat <<'EOF'
 Usage: ./scripts/run_cluster.sh [-n N] [--port P] [--base-port B] [--redis-cluster]
 
-Builds pubsub-chat (cargo build --release), runs N instances of it (a, b,
+Builds pubsub-chat (cargo build --release, with examples/lab.rs, which
+writes the nginx configuration and runs the Redis Cluster as the tests
+do), runs N instances of it (a, b,
 c, ...) joined by Redis, and nginx in front of them on one address,
 http://127.0.0.1:P/, that proxies the page to the instances' HTTP ports and
 /ws to their WebSocket ports. Kill an instance and the tabs on it reconnect
@@ -198,6 +200,7 @@ fi
 TMP_DIR=""
 BUILD_PID=""
 NGINX_PID=""
+CLUSTER_PID="" # examples/lab.rs, which holds the Redis Cluster's nodes
 PIDS=()     # the instances, in the order of IDS
 GONE=()     # GONE[i]=1 once instance i has exited and been reaped
 LOG_PIDS=() # their [a] / [b] / ... prefixers
@@ -220,6 +223,10 @@ cleanup() {
     # nginx stops its workers itself on SIGTERM, before it exits.
     stop_pids "${running[@]}"
   fi
+  if [[ -n "$CLUSTER_PID" ]]; then
+    printf 'Stopping the private Redis Cluster...\n'
+    stop_pids "$CLUSTER_PID"
+  fi
   stop_private_services
   if ((${#running[@]})); then printf 'Stopped.\n'; fi
   exit "$rc"
@@ -230,16 +237,45 @@ trap 'exit 1' HUP PIPE
 
 # ------------------------------------------------------------------ build
 
-build_release
+# The nginx configuration and the Redis Cluster come from the tests' own
+# set-ups, through examples/lab.rs.
+build_release --bins --example lab
+LAB="$(dirname "$BIN")/examples/lab"
 
 TMP_DIR="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-chat-cluster.XXXXXX")"
+
+# start_private_redis_cluster DIR: the lab's Redis Cluster (six nodes on
+# free loopback ports, three masters with a replica each, their files in
+# DIR); waits until it serves every slot and sets REDIS_CLUSTER_SEEDS. In
+# a session of its own, like the private redis-server: Ctrl-C does not
+# reach it, it is stopped after the instances. Its lines start with
+# [redis-cluster].
+start_private_redis_cluster() {
+  local dir="$1" setsid="" i
+  if have setsid; then setsid=setsid; fi
+  mkdir -p "$dir"
+  $setsid "$LAB" redis-cluster "$dir" </dev/null &
+  CLUSTER_PID=$!
+  for ((i = 0; i < 900; i++)); do
+    if [[ -s "$dir/seeds" ]]; then
+      REDIS_CLUSTER_SEEDS="$(<"$dir/seeds")"
+      return 0
+    fi
+    if ! kill -0 "$CLUSTER_PID" 2>/dev/null; then
+      CLUSTER_PID=""
+      die "the private Redis Cluster did not start (its reasons are above)"
+    fi
+    sleep 0.1
+  done
+  die "the private Redis Cluster does not serve every slot after 90 s"
+}
 
 if ((USE_REDIS_CLUSTER)); then
   step "Starting a private Redis Cluster (six nodes: three masters, one replica each)"
   start_private_redis_cluster "$TMP_DIR/redis-cluster"
   BROKER_ARGS=(--redis-cluster "$REDIS_CLUSTER_SEEDS")
 else
-  provide_redis
+  provide_redis ./scripts/run_cluster.sh
   # In the environment, not on the command line (ps shows arguments to
   # every user): the URL may hold a password.
   export REDIS_URL="$REDIS_URL_TO_USE"
@@ -262,59 +298,10 @@ mkdir -p "$NGINX_DIR"
 # their temporary directories (mktemp made $TMP_DIR private).
 chmod 755 "$TMP_DIR" "$NGINX_DIR"
 
-# nginx_config: the same shape as tests/common/nginx.rs writes. Both
-# upstreams list every instance; a refused connection (a killed instance)
-# sends the request to the next one and takes the instance out for 10 s.
-nginx_config() {
-  local d="$NGINX_DIR" i
-  cat <<EOF
-daemon off;
-worker_processes 1;
-pid $d/nginx.pid;
-error_log $d/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $d/body;
-    proxy_temp_path $d/proxy;
-    fastcgi_temp_path $d/fastcgi;
-    uwsgi_temp_path $d/uwsgi;
-    scgi_temp_path $d/scgi;
-    map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
-    upstream chat_http {
-EOF
-  for ((i = 0; i < N; i++)); do
-    printf '        server 127.0.0.1:%s max_fails=1 fail_timeout=10s;\n' "${HTTP_PORTS[i]}"
-  done
-  printf '    }\n    upstream chat_ws {\n'
-  for ((i = 0; i < N; i++)); do
-    printf '        server 127.0.0.1:%s max_fails=1 fail_timeout=10s;\n' "${WS_PORTS[i]}"
-  done
-  cat <<EOF
-    }
-    server {
-        listen 127.0.0.1:$PROXY_PORT;
-        proxy_connect_timeout 1s;
-        proxy_next_upstream error timeout http_502 http_503;
-        location /ws {
-            proxy_pass http://chat_ws;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade \$http_upgrade;
-            proxy_set_header Connection \$connection_upgrade;
-            # With the port: the instances compare it with the page's Origin.
-            proxy_set_header Host \$http_host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-            proxy_read_timeout 1h;
-            proxy_send_timeout 1h;
-        }
-        location / {
-            proxy_pass http://chat_http;
-        }
-    }
-}
-EOF
-}
-nginx_config >"$NGINX_DIR/nginx.conf"
+BACKENDS=()
+for ((i = 0; i < N; i++)); do BACKENDS+=("${HTTP_PORTS[i]}:${WS_PORTS[i]}"); done
+"$LAB" nginx-config "$PROXY_PORT" "$NGINX_DIR" "${BACKENDS[@]}" >"$NGINX_DIR/nginx.conf" ||
+  die "cannot write the nginx configuration"
 
 # -e (nginx 1.19.5+) keeps a non-root nginx from complaining that it cannot
 # open the system's error log before it reads this configuration.
@@ -363,72 +350,6 @@ done
 
 # ---------------------------------------------------------------- banner
 
-# cluster_nodes: `CLUSTER NODES` from the first live node that answers.
-cluster_nodes() {
-  local i out
-  for i in "${!REDIS_CLUSTER_PORTS[@]}"; do
-    [[ -n "${REDIS_CLUSTER_PIDS[i]}" ]] || continue
-    out="$(with_timeout 3 redis-cli -p "${REDIS_CLUSTER_PORTS[i]}" CLUSTER NODES 2>/dev/null)" || continue
-    if [[ -n "$out" ]]; then
-      printf '%s\n' "$out"
-      return 0
-    fi
-  done
-  return 1
-}
-
-# cluster_pid PORT: the PID of our cluster node on PORT ("-" once gone).
-cluster_pid() {
-  local i
-  for i in "${!REDIS_CLUSTER_PORTS[@]}"; do
-    if [[ "${REDIS_CLUSTER_PORTS[i]}" == "$1" ]]; then
-      printf '%s\n' "${REDIS_CLUSTER_PIDS[i]:--}"
-      return 0
-    fi
-  done
-  printf -- '-\n'
-}
-
-# cluster_roles: one line per node, "PORT master SLOTS..." or "PORT replica
-# MASTER_PORT" or "PORT failed", from CLUSTER NODES
-# (<id> <ip:port@bus> <flags> <master id> <ping> <pong> <epoch> <link> <slots>).
-cluster_roles() {
-  cluster_nodes | awk '
-    { split($2, a, "[:@]"); port[NR] = a[2]; id[$1] = a[2]; flags[NR] = $3; master[NR] = $4
-      slots[NR] = ""; for (i = 9; i <= NF; i++) slots[NR] = slots[NR] " " $i }
-    END {
-      for (n = 1; n <= NR; n++) {
-        if (flags[n] ~ /fail/) print port[n], "failed"
-        else if (flags[n] ~ /master/) print port[n], "master" slots[n]
-        else print port[n], "replica", id[master[n]]
-      }
-    }' | sort -k2,2 -k1,1n
-}
-
-# cluster_master_of_slot SLOT: the port of the master that serves SLOT.
-cluster_master_of_slot() {
-  cluster_roles | awk -v slot="$1" '
-    $2 == "master" { for (i = 3; i <= NF; i++) { n = split($i, r, "-"); lo = r[1]; hi = (n == 2 ? r[2] : r[1])
-      if (slot + 0 >= lo + 0 && slot + 0 <= hi + 0) { print $1; exit } } }'
-}
-
-# cluster_replica_of PORT: the port of a replica of the master on PORT.
-cluster_replica_of() {
-  cluster_roles | awk -v m="$1" '$2 == "replica" && $3 == m { print $1; exit }'
-}
-
-# print_cluster: the nodes, their roles and PIDs.
-print_cluster() {
-  local port role rest
-  while read -r port role rest; do
-    case "$role" in
-      master) printf '    127.0.0.1:%-6s pid %-8s master, slots %s\n' "$port" "$(cluster_pid "$port")" "$rest" ;;
-      replica) printf '    127.0.0.1:%-6s pid %-8s replica of 127.0.0.1:%s\n' "$port" "$(cluster_pid "$port")" "$rest" ;;
-      *) printf '    127.0.0.1:%-6s %s\n' "$port" "$role" ;;
-    esac
-  done < <(cluster_roles)
-}
-
 URL="http://127.0.0.1:$PROXY_PORT/?name=alice&room=lobby"
 RULE="================================================================================"
 {
@@ -447,21 +368,20 @@ RULE="==========================================================================
   printf '  nginx:  pid %s, configuration %s\n' "$NGINX_PID" "$NGINX_DIR/nginx.conf"
   if ((USE_REDIS_CLUSTER)); then
     printf '  Redis Cluster (private; the instances have --redis-cluster %s):\n' "$REDIS_CLUSTER_SEEDS"
-    print_cluster
+    cat "$TMP_DIR/redis-cluster/nodes.txt"
     # The room's channel, history and id counter share the slot of its
     # hash tag {lobby}.
-    slot="$(with_timeout 3 redis-cli -p "${REDIS_CLUSTER_PORTS[0]}" CLUSTER KEYSLOT 'chat:room:{lobby}')"
-    lobby_master="$(cluster_master_of_slot "$slot")"
+    read -r slot lobby_master lobby_pid lobby_replica <"$TMP_DIR/redis-cluster/lobby.txt"
     printf '\n  Redis failover demo: room lobby (chat:room:{lobby}, slot %s) is served by\n' "$slot"
     printf '  master 127.0.0.1:%s. Kill it:\n' "$lobby_master"
-    printf '    kill -9 %s\n' "$(cluster_pid "$lobby_master")"
-    printf '  and within a few seconds its replica 127.0.0.1:%s takes over (this\n' "$(cluster_replica_of "$lobby_master")"
-    printf '  script says so; or watch: redis-cli -p %s CLUSTER NODES). Messages\n' "${REDIS_CLUSTER_PORTS[0]}"
+    printf '    kill -9 %s\n' "$lobby_pid"
+    printf '  and within a few seconds its replica 127.0.0.1:%s takes over (this\n' "$lobby_replica"
+    printf '  script says so; or watch: redis-cli -p %s CLUSTER NODES). Messages\n' "$lobby_replica"
     printf '  sent meanwhile are delayed or refused (unavailable), then the room\n'
     printf '  goes on. Any master works the same for the rooms in its slots\n'
     printf '  (redis-cli -p PORT CLUSTER KEYSLOT '"'"'chat:room:{ROOM}'"'"').\n\n'
   else
-    printf '  Redis:  %s\n\n' "$(redact_url "$REDIS_URL_TO_USE")"
+    printf '  Redis:  %s\n\n' "$REDIS_SHOWN"
   fi
   printf '  Failover demo: open two tabs on the URL (each shows "you are on\n'
   # shellcheck disable=SC2016  # backquotes to show a command, not to run one
@@ -478,7 +398,6 @@ RULE="==========================================================================
 
 # A killed instance is the demo, not a reason to stop: say so and go on.
 redis_warned=0
-cluster_report_at=0
 while true; do
   for ((i = 0; i < N; i++)); do
     [[ -z "${GONE[i]:-}" ]] || continue
@@ -513,22 +432,9 @@ while true; do
     warn "the private redis-server has exited; the instances keep running and retry it"
     redis_warned=1
   fi
-  for i in "${!REDIS_CLUSTER_PIDS[@]}"; do
-    pid="${REDIS_CLUSTER_PIDS[i]}"
-    [[ -n "$pid" ]] || continue
-    if ! kill -0 "$pid" 2>/dev/null; then
-      rc=0
-      wait "$pid" || rc=$?
-      REDIS_CLUSTER_PIDS[i]=""
-      warn "Redis Cluster node 127.0.0.1:${REDIS_CLUSTER_PORTS[i]} (pid $pid) exited (status $rc); if it was a master, its replica takes over its slots within a few seconds"
-      cluster_report_at=$((SECONDS + 5))
-    fi
-  done
-  if ((cluster_report_at && SECONDS >= cluster_report_at)); then
-    cluster_report_at=0
-    printf '\nRedis Cluster nodes now:\n'
-    print_cluster
-    printf '\n'
+  if [[ -n "$CLUSTER_PID" ]] && ! kill -0 "$CLUSTER_PID" 2>/dev/null; then
+    CLUSTER_PID=""
+    warn "the private Redis Cluster's keeper (examples/lab.rs) has exited, and its nodes with it; the instances keep running and retry"
   fi
   sleep 0.5
 done

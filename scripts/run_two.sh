@@ -155,11 +155,12 @@ trap 'exit 1' HUP PIPE
 
 # ------------------------------------------------------------------ build
 
+# shellcheck disable=SC2119  # no CARGO_ARGS: the server alone
 build_release
 
 TMP_DIR="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-chat-run.XXXXXX")"
 
-provide_redis
+provide_redis ./scripts/run_two.sh
 
 step "Starting instances a (port $PORT_A) and b (port $PORT_B)"
 # After the Redis step: REDIS_URL_TO_USE is only known from there on.
@@ -239,7 +240,7 @@ RULE="==========================================================================
   if [[ "$NO_REDIS" -eq 0 ]]; then
     printf '  Try it: type a message in one tab; it appears in the other, although\n'
     printf '  each tab talks to a different server process. They meet in Redis.\n\n'
-    printf '  Redis:  %s\n\n' "$(redact_url "$REDIS_URL_TO_USE")"
+    printf '  Redis:  %s\n\n' "$REDIS_SHOWN"
     printf '  Inject a message from outside, straight into Redis (it prints the\n'
     printf '  redis-cli PUBLISH it runs):\n'
     # A URL with a password is shown as the variable that holds it.

@@ -63,3 +63,12 @@ impl LastSeen {
         Duration::from_millis(mono_millis().saturating_sub(self.0.load(Ordering::Relaxed)))
     }
 }
+
+/// `--...-ms` options: a whole number of milliseconds, kept as a
+/// [`Duration`] from the start, so that no code converts it again.
+pub fn millis(text: &str) -> Result<Duration, String> {
+    text.trim()
+        .parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|_| format!("{text:?} is not a whole number of milliseconds"))
+}

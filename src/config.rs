@@ -11,6 +11,7 @@ use clap::{Parser, ValueEnum};
 use crate::auth::Verifier;
 use crate::broker::redis::RedisSettings;
 use crate::broker::redis::tls::{RedisTls, TlsFiles};
+use crate::clock;
 use crate::liveness::PingerSettings;
 use crate::origin::OriginPolicy;
 use crate::per_address::TrustedProxies;
@@ -165,7 +166,7 @@ pub struct Listen {
     /// Milliseconds an HTTP connection may wait for the client's next
     /// bytes (a request head, or the next request on a kept-alive
     /// connection); past it, it is closed and its thread given back.
-    #[arg(long = "http-timeout-ms", env = "HTTP_TIMEOUT_MS", value_name = "HTTP_TIMEOUT_MS", default_value = "10000", value_parser = millis)]
+    #[arg(long = "http-timeout-ms", env = "HTTP_TIMEOUT_MS", value_name = "HTTP_TIMEOUT_MS", default_value = "10000", value_parser = clock::millis)]
     pub http_timeout: Duration,
 }
 
@@ -254,7 +255,7 @@ pub struct RedisOptions {
 
     /// How long the publisher waits for --redis-min-replicas replicas, in
     /// milliseconds (each publish of the instance waits behind it).
-    #[arg(long = "redis-min-replicas-timeout-ms", env = "REDIS_MIN_REPLICAS_TIMEOUT_MS", value_name = "REDIS_MIN_REPLICAS_TIMEOUT_MS", default_value = "500", value_parser = millis)]
+    #[arg(long = "redis-min-replicas-timeout-ms", env = "REDIS_MIN_REPLICAS_TIMEOUT_MS", value_name = "REDIS_MIN_REPLICAS_TIMEOUT_MS", default_value = "500", value_parser = clock::millis)]
     pub min_replicas_timeout: Duration,
 
     /// Seed nodes of a Redis Cluster (comma-separated `redis://HOST:PORT`,
@@ -309,23 +310,23 @@ pub struct RedisOptions {
 
     /// Milliseconds a room stays subscribed after its last local client
     /// left, so that a page reload does not unsubscribe and subscribe again.
-    #[arg(long = "room-linger-ms", env = "ROOM_LINGER_MS", value_name = "ROOM_LINGER_MS", default_value = "5000", value_parser = millis)]
+    #[arg(long = "room-linger-ms", env = "ROOM_LINGER_MS", value_name = "ROOM_LINGER_MS", default_value = "5000", value_parser = clock::millis)]
     pub room_linger: Duration,
 
     /// Milliseconds a message whose publish broke mid-flight is retried
     /// (idempotently) before its sender is told `unavailable`.
-    #[arg(long = "publish-deadline-ms", env = "PUBLISH_DEADLINE_MS", value_name = "PUBLISH_DEADLINE_MS", default_value = "10000", value_parser = millis)]
+    #[arg(long = "publish-deadline-ms", env = "PUBLISH_DEADLINE_MS", value_name = "PUBLISH_DEADLINE_MS", default_value = "10000", value_parser = clock::millis)]
     pub publish_deadline: Duration,
 
     /// Longest wait between two attempts to reach Redis, in milliseconds.
-    #[arg(long = "redis-max-backoff-ms", env = "REDIS_MAX_BACKOFF_MS", value_name = "REDIS_MAX_BACKOFF_MS", default_value = "5000", value_parser = millis)]
+    #[arg(long = "redis-max-backoff-ms", env = "REDIS_MAX_BACKOFF_MS", value_name = "REDIS_MAX_BACKOFF_MS", default_value = "5000", value_parser = clock::millis)]
     pub max_backoff: Duration,
 
     /// Milliseconds between two PINGs on a quiet Redis link: a subscription
     /// silent for two of these (PING unanswered) is dead and reconnected,
     /// so a dead link is found within three. Must exceed the round trip to
     /// Redis.
-    #[arg(long = "redis-ping-ms", env = "REDIS_PING_MS", value_name = "REDIS_PING_MS", default_value = "1000", value_parser = millis)]
+    #[arg(long = "redis-ping-ms", env = "REDIS_PING_MS", value_name = "REDIS_PING_MS", default_value = "1000", value_parser = clock::millis)]
     pub ping: Duration,
 }
 
@@ -346,7 +347,7 @@ pub struct HistoryOptions {
     /// Milliseconds a room's history lives in Redis after its last message
     /// (every message renews it): a room nobody writes to is forgotten.
     /// Default: 7 days.
-    #[arg(id = "history_ttl", long = "history-ttl-ms", env = "HISTORY_TTL_MS", value_name = "HISTORY_TTL_MS", default_value = "604800000", value_parser = millis)]
+    #[arg(id = "history_ttl", long = "history-ttl-ms", env = "HISTORY_TTL_MS", value_name = "HISTORY_TTL_MS", default_value = "604800000", value_parser = clock::millis)]
     pub ttl: Duration,
 
     /// Messages of history sent to a client that connects without `since`.
@@ -423,12 +424,12 @@ pub struct ClientOptions {
 
     /// Milliseconds a new connection has to complete its WebSocket
     /// handshake.
-    #[arg(long = "handshake-timeout-ms", env = "HANDSHAKE_TIMEOUT_MS", value_name = "HANDSHAKE_TIMEOUT_MS", default_value = "5000", value_parser = millis)]
+    #[arg(long = "handshake-timeout-ms", env = "HANDSHAKE_TIMEOUT_MS", value_name = "HANDSHAKE_TIMEOUT_MS", default_value = "5000", value_parser = clock::millis)]
     pub handshake_timeout: Duration,
 
     /// Milliseconds a closing connection is given, after the server's Close
     /// frame, to answer and hang up before it is cut.
-    #[arg(long = "close-grace-ms", env = "CLOSE_GRACE_MS", value_name = "CLOSE_GRACE_MS", default_value = "1000", value_parser = millis)]
+    #[arg(long = "close-grace-ms", env = "CLOSE_GRACE_MS", value_name = "CLOSE_GRACE_MS", default_value = "1000", value_parser = clock::millis)]
     pub close_grace: Duration,
 
     /// Threads that send messages to local clients: the fan-out and its
@@ -494,15 +495,6 @@ pub struct AuthOptions {
         value_name = "AUTH_TOKEN_URL"
     )]
     pub token_url: Option<String>,
-}
-
-/// `--...-ms` options: a whole number of milliseconds, kept as a
-/// [`Duration`] from the start, so that no code converts it again.
-pub(crate) fn millis(text: &str) -> Result<Duration, String> {
-    text.trim()
-        .parse::<u64>()
-        .map(Duration::from_millis)
-        .map_err(|_| format!("{text:?} is not a whole number of milliseconds"))
 }
 
 /// Milliseconds, for the bounds the options are checked against.

@@ -44,17 +44,17 @@ pub struct PingerSettings {
     /// Milliseconds between two pings to a client that has been quiet
     /// (the pinger wakes this often; a client quiet for half of it is
     /// pinged).
-    #[arg(long = "ping-interval-ms", env = "PING_INTERVAL_MS", value_name = "PING_INTERVAL_MS", default_value = "30000", value_parser = crate::config::millis)]
+    #[arg(long = "ping-interval-ms", env = "PING_INTERVAL_MS", value_name = "PING_INTERVAL_MS", default_value = "30000", value_parser = crate::clock::millis)]
     pub interval: Duration,
     /// Milliseconds of silence (not even a pong) after which a client is
     /// dropped as dead.
-    #[arg(long = "idle-timeout-ms", env = "IDLE_TIMEOUT_MS", value_name = "IDLE_TIMEOUT_MS", default_value = "75000", value_parser = crate::config::millis)]
+    #[arg(long = "idle-timeout-ms", env = "IDLE_TIMEOUT_MS", value_name = "IDLE_TIMEOUT_MS", default_value = "75000", value_parser = crate::clock::millis)]
     pub idle_timeout: Duration,
     /// Milliseconds during which bytes queued for a client may wait with
     /// its socket taking none of them; past it, the client is closed as a
     /// slow consumer (1008), even if it keeps sending. Checked four times
     /// per timeout.
-    #[arg(long = "send-timeout-ms", env = "SEND_TIMEOUT_MS", value_name = "SEND_TIMEOUT_MS", default_value = "30000", value_parser = crate::config::millis)]
+    #[arg(long = "send-timeout-ms", env = "SEND_TIMEOUT_MS", value_name = "SEND_TIMEOUT_MS", default_value = "30000", value_parser = crate::clock::millis)]
     pub send_timeout: Duration,
     /// Clients are closed when their token expires: set from `--auth
     /// token`, not an option of its own.

@@ -1,6 +1,7 @@
 //! The `pubsub-chat` binary: options, logging, start, wait for a signal,
-//! shut down; and `pubsub-chat token`, which mints a token for
-//! development. Everything worth testing lives in the library.
+//! shut down; `pubsub-chat token`, which mints a token for development;
+//! and `pubsub-chat check-redis [OPTIONS]`, which says whether the Redis
+//! the options name answers. Everything worth testing lives in the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -111,9 +112,27 @@ fn mint_token(command: TokenCommand) -> ExitCode {
     }
 }
 
+/// Prints where Redis is (its password hidden) when it answers `PING`, and
+/// exits 0; else prints why not, and exits 1.
+fn check_redis(config: &Config) -> ExitCode {
+    match server::check_redis(config) {
+        Ok(shown) => {
+            println!("{shown}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pubsub-chat check-redis: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("token") {
         return mint_token(TokenCommand::parse_from(std::env::args().skip(1)));
+    }
+    if std::env::args().nth(1).as_deref() == Some("check-redis") {
+        return check_redis(&Config::parse_from(std::env::args().skip(1)));
     }
     let allocator_note = allocator::configure();
     let config = Config::parse();

@@ -83,6 +83,17 @@ pub struct RunningServer {
     admin: Option<Arc<tiny_http::Server>>,
 }
 
+/// `pubsub-chat check-redis`: whether the Redis these options name
+/// answers `PING`, through a connection opened as the instance's are.
+/// Returns where it is, without its password; or why it does not answer.
+pub fn check_redis(config: &Config) -> Result<String, String> {
+    config.validate()?;
+    if config.redis.broker != BrokerKind::Redis {
+        return Err("--broker local uses no Redis: there is nothing to check".into());
+    }
+    crate::broker::redis::check::check(&config.redis_settings(&config.instance_id())?)
+}
+
 /// Starts an instance: binds both ports, connects the broker (a missing
 /// Redis is logged, retried, and does not stop the start), and starts
 /// serving. Returns once the Redis subscription is live or its first

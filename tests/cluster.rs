@@ -659,3 +659,45 @@ fn a_cluster_login_refused_is_explained_like_a_single_redis_one() {
         );
     }
 }
+
+/// What `scripts/run_cluster.sh` shows of its cluster (through
+/// `examples/lab.rs`) and what `pubsub-chat check-redis` says of it come
+/// from the cluster itself: three masters that share the slots, each with
+/// a replica, and a check that finds three shards.
+#[test]
+fn the_cluster_s_roles_and_check_redis_see_it_as_it_is() {
+    use common::cluster_process::{self as cp, NodeRole};
+
+    let cluster = RedisCluster::start();
+    let roles = cp::roles(cluster.ports()[0]).unwrap();
+    let masters: Vec<u16> = roles
+        .iter()
+        .filter(|(_, role)| matches!(role, NodeRole::Master { slots } if !slots.is_empty()))
+        .map(|(port, _)| *port)
+        .collect();
+    assert_eq!(masters, cluster.masters(), "{roles:?}");
+    let replicas_of: Vec<u16> = roles
+        .iter()
+        .filter_map(|(_, role)| match role {
+            NodeRole::Replica { of } => Some(*of),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(replicas_of.len(), 3, "{roles:?}");
+    assert!(
+        replicas_of.iter().all(|of| masters.contains(of)),
+        "{roles:?}"
+    );
+
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_pubsub-chat"))
+        .args(["check-redis", "--redis-cluster", &cluster.seeds()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "{said} {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(said.contains("(3 shards)"), "{said}");
+}

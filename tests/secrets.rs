@@ -284,10 +284,10 @@ fn host_localhost_serves() {
 
 #[test]
 fn the_scripts_redis_check_never_puts_a_password_on_a_command_line() {
-    // scripts/lib.sh's redis_ping runs its helpers through `timeout`: a
-    // `timeout` first in PATH that writes down its arguments, then runs the
-    // real one, sees every command line the check starts (`ps` shows those
-    // to every user of the machine).
+    // scripts/lib.sh's provide_redis asks the binary (`check-redis`)
+    // whether $REDIS_URL answers, with the URL in its environment. A BIN
+    // that writes down its arguments, then runs the real binary, sees
+    // the command line (`ps` shows those to every user of the machine).
     use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
     use std::process::Command;
@@ -296,43 +296,51 @@ fn the_scripts_redis_check_never_puts_a_password_on_a_command_line() {
     let redis = RedisServer::start_with_password(&password);
     let dir = common::temp_dir("argv");
     let argv_log = dir.join("argv.log");
-    let real_timeout = common::process::find_program("timeout").expect("coreutils' timeout");
-    let wrapper = dir.join("timeout");
+    let wrapper = dir.join("pubsub-chat");
     std::fs::write(
         &wrapper,
         format!(
             "#!/bin/sh\nprintf '%s\\n' \"$*\" >> '{}'\nexec '{}' \"$@\"\n",
             argv_log.display(),
-            real_timeout.display()
+            env!("CARGO_BIN_EXE_pubsub-chat")
         ),
     )
     .unwrap();
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/lib.sh");
-    let ping = |url: &str| {
-        Command::new("bash")
-            .arg("-c")
-            .arg("source \"$1\"; redis_ping \"$2\"")
-            .arg("_")
-            .arg(&lib)
-            .arg(url)
-            .env(
-                "PATH",
-                format!("{}:{}", dir.display(), std::env::var("PATH").unwrap()),
-            )
-            .status()
-            .unwrap()
-            .success()
-    };
-    assert!(ping(&redis.url()), "the right password answers PONG");
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg("source \"$1\"; choose_redis; provide_redis test; printf 'shown=%s\\n' \"$REDIS_SHOWN\"")
+        .arg("_")
+        .arg(&lib)
+        .env("REDIS_URL", redis.url())
+        .env("BIN", &wrapper)
+        .env("TMP_DIR", &*dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
     assert!(
-        !ping(&format!("redis://:wrong@127.0.0.1:{}", redis.port)),
-        "a wrong password does not"
+        stdout.contains(&format!("shown=redis://:***@127.0.0.1:{}", redis.port)),
+        "{stdout}"
     );
+    assert!(!stdout.contains(&password), "{stdout}");
     let started = std::fs::read_to_string(&argv_log).unwrap_or_default();
-    assert!(!started.is_empty(), "the check ran nothing through timeout");
+    assert_eq!(started.trim(), "check-redis", "the check ran: {started:?}");
+
+    let wrong = Command::new(env!("CARGO_BIN_EXE_pubsub-chat"))
+        .arg("check-redis")
+        .env(
+            "REDIS_URL",
+            format!("redis://:wrong-{password}@127.0.0.1:{}", redis.port),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
     assert!(
-        !started.contains(&password) && !started.contains("wrong"),
-        "a password was on a command line:\n{started}"
+        !wrong.status.success(),
+        "a wrong password answers: {stderr}"
     );
+    assert!(stderr.contains("WRONGPASS"), "{stderr}");
+    assert!(!stderr.contains(&password), "{stderr}");
 }

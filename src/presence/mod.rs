@@ -86,11 +86,11 @@ pub struct PresenceSettings {
     /// Milliseconds a member stays listed after its instance stopped
     /// refreshing its liveness (the instance died); instances refresh
     /// every third.
-    #[arg(id = "presence_ttl", long = "presence-ttl-ms", env = "PRESENCE_TTL_MS", value_name = "PRESENCE_TTL_MS", default_value = "15000", value_parser = crate::config::millis)]
+    #[arg(id = "presence_ttl", long = "presence-ttl-ms", env = "PRESENCE_TTL_MS", value_name = "PRESENCE_TTL_MS", default_value = "15000", value_parser = crate::clock::millis)]
     pub ttl: Duration,
     /// Milliseconds between two `presence_diff` frames of a room: joins
     /// and leaves meanwhile are told together.
-    #[arg(long = "presence-diff-ms", env = "PRESENCE_DIFF_MS", value_name = "PRESENCE_DIFF_MS", default_value = "1000", value_parser = crate::config::millis)]
+    #[arg(long = "presence-diff-ms", env = "PRESENCE_DIFF_MS", value_name = "PRESENCE_DIFF_MS", default_value = "1000", value_parser = crate::clock::millis)]
     pub diff_interval: Duration,
     /// The largest room whose member list a client gets whole, with every
     /// join and leave; past it, clients get the count and a window of

@@ -202,6 +202,66 @@ pub fn cluster_nodes(port: u16) -> Result<String, String> {
         .map_err(|e| format!("CLUSTER NODES on node {port}: {e}"))
 }
 
+/// What a node is, as `CLUSTER NODES` says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeRole {
+    /// A master, and its slot ranges as listed (`0-5460`).
+    Master { slots: Vec<String> },
+    /// A replica of the master on this port.
+    Replica { of: u16 },
+    /// Flagged `fail` (or `fail?`): down, as far as this node knows.
+    Failed,
+}
+
+/// Every node's port and role, as the node on `port` sees them: masters
+/// first, then replicas, then failed nodes, each by port.
+pub fn roles(port: u16) -> Result<Vec<(u16, NodeRole)>, String> {
+    parse_roles(&cluster_nodes(port)?)
+}
+
+/// [`roles`] from the text of `CLUSTER NODES`: `<id> <ip:port@bus>
+/// <flags> <master id> <ping> <pong> <epoch> <link> <slot>...`.
+pub fn parse_roles(nodes: &str) -> Result<Vec<(u16, NodeRole)>, String> {
+    let port_of = |addr: &str| {
+        addr.split(['@', ','])
+            .next()
+            .and_then(|host_port| host_port.rsplit(':').next())
+            .and_then(|p| p.parse::<u16>().ok())
+    };
+    let lines: Vec<Vec<&str>> = nodes
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|fields| fields.len() >= 8)
+        .collect();
+    let mut roles = Vec::new();
+    for fields in &lines {
+        let port = port_of(fields[1]).ok_or_else(|| format!("no port in {:?}", fields[1]))?;
+        let flags = fields[2];
+        let role = if flags.contains("fail") {
+            NodeRole::Failed
+        } else if flags.contains("master") {
+            NodeRole::Master {
+                slots: fields[8..].iter().map(|s| s.to_string()).collect(),
+            }
+        } else {
+            let master = lines
+                .iter()
+                .find(|other| other[0] == fields[3])
+                .and_then(|other| port_of(other[1]))
+                .ok_or_else(|| format!("node {port}'s master {} is unknown", fields[3]))?;
+            NodeRole::Replica { of: master }
+        };
+        roles.push((port, role));
+    }
+    let rank = |role: &NodeRole| match role {
+        NodeRole::Master { .. } => 0,
+        NodeRole::Replica { .. } => 1,
+        NodeRole::Failed => 2,
+    };
+    roles.sort_by_key(|(port, role)| (rank(role), *port));
+    Ok(roles)
+}
+
 /// The first field of `ROLE` on the node on `port`: `master` (with slots
 /// or not) or `slave` (a replica).
 pub fn role(port: u16) -> Result<String, String> {

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod cluster_process;
 pub mod fault_proxy;
 pub mod nginx;
+pub mod nginx_config;
 pub mod process;
 
 use std::net::{SocketAddr, TcpStream};

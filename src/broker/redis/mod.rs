@@ -29,12 +29,14 @@
 //! dead link), [`keys`] (every name in Redis), [`cluster`] (which master
 //! serves which room), [`link`] (a command connection that reconnects),
 //! [`connect`] (how each connection is opened: timeouts, keepalive, login),
+//! [`check`] (`pubsub-chat check-redis`: does Redis answer?),
 //! [`tls`] (TLS to Redis, `rediss://`), [`sentinel`] (where Redis
 //! Sentinel says the primary is), [`switch_master`] (the sentinels' word
 //! that it moved), [`explain`] (errors in words an
 //! operator can act on).
 
 pub mod catch_up;
+pub mod check;
 pub mod cluster;
 pub mod connect;
 pub mod explain;
