@@ -22,6 +22,19 @@ die() {
 
 have() { command -v "$1" >/dev/null 2>&1; }
 
+# The scripts' argument parsing (each script defines its own `usage`).
+# need_value OPTION [VALUE...]: dies unless OPTION has a value after it;
+# call it with "$@".
+need_value() {
+  [[ $# -ge 2 ]] || die "$1 needs a value (see --help)"
+}
+# bad_argument ARG: the usage on stderr, then what was wrong; exits 2.
+bad_argument() {
+  usage >&2
+  printf '\nerror: unknown argument: %s\n' "$1" >&2
+  exit 2
+}
+
 # Runs a command with a time limit when `timeout` exists (coreutils).
 with_timeout() {
   local secs="$1"
@@ -159,6 +172,28 @@ http_status() {
     IFS=" " read -r -t 2 _ code _ <&3 || exit 1
     printf "%s\n" "$code"
   ' _ "$port" "$path" 2>/dev/null || printf '000\n'
+}
+
+# refuse_ports_in_use HINT PORT:WHAT...: dies on the first PORT something
+# already listens on, naming WHAT it was for; HINT is the command line (or
+# lines) that picks other ports.
+refuse_ports_in_use() {
+  local hint="$1" spec port
+  shift
+  for spec in "$@"; do
+    port="${spec%%:*}"
+    if port_in_use "$port"; then
+      cat >&2 <<EOF
+error: port $port (${spec#*:}) is already in use on 127.0.0.1.
+Choose other ports, e.g.:
+$hint
+Each instance also uses its port + 10000 for WebSocket and + 20000 for its
+admin listener.
+To see what holds port $port:  ss -ltnp 'sport = :$port'
+EOF
+      exit 1
+    fi
+  done
 }
 
 # ------------------------------------------------------------------- redis

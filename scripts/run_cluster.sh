@@ -56,10 +56,6 @@ USE_REDIS_CLUSTER=0
 PROXY_PORT="${PROXY_PORT:-8080}"
 BASE_PORT="${BASE_PORT:-5100}"
 
-need_value() {
-  [[ $# -ge 2 ]] || die "$1 needs a value (see --help)"
-}
-
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -n | --instances)
@@ -86,11 +82,7 @@ while [[ $# -gt 0 ]]; do
       usage
       exit 0
       ;;
-    *)
-      usage >&2
-      printf '\nerror: unknown argument: %s\n' "$1" >&2
-      exit 2
-      ;;
+    *) bad_argument "$1" ;;
   esac
   shift
 done
@@ -141,21 +133,8 @@ for ((i = 0; i < N; i++)); do
   specs+=("${HTTP_PORTS[i]}:page of instance ${IDS[i]}" "${WS_PORTS[i]}:WebSocket of instance ${IDS[i]}"
     "${ADMIN_PORTS[i]}:admin listener of instance ${IDS[i]}")
 done
-for spec in "${specs[@]}"; do
-  port="${spec%%:*}"
-  if port_in_use "$port"; then
-    cat >&2 <<EOF
-error: port $port ($(printf '%s' "${spec#*:}")) is already in use on 127.0.0.1.
-Choose other ports, e.g.:
-  ./scripts/run_cluster.sh --port 8081 --base-port 5200
-      (or PROXY_PORT=8081 BASE_PORT=5200 ./scripts/run_cluster.sh)
-Each instance also uses its port + 10000 for WebSocket and + 20000 for its
-admin listener.
-To see what holds port $port:  ss -ltnp 'sport = :$port'
-EOF
-    exit 1
-  fi
-done
+refuse_ports_in_use "  ./scripts/run_cluster.sh --port 8081 --base-port 5200
+      (or PROXY_PORT=8081 BASE_PORT=5200 ./scripts/run_cluster.sh)" "${specs[@]}"
 
 have cargo || die "cargo is not installed: install Rust from https://rustup.rs, then run this again"
 

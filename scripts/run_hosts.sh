@@ -77,13 +77,13 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --short) SHORT=1 ;;
     --cases)
-      [[ $# -ge 2 ]] || die "--cases needs a value, e.g. --cases baseline,partition"
+      need_value "$@"
       CASES="$2"
       shift
       ;;
     --cases=*) CASES="${1#--cases=}" ;;
     --runs)
-      [[ $# -ge 2 ]] || die "--runs needs a value, e.g. --runs 3"
+      need_value "$@"
       RUNS="$2"
       shift
       ;;
@@ -92,11 +92,7 @@ while [[ $# -gt 0 ]]; do
       usage
       exit 0
       ;;
-    *)
-      usage >&2
-      printf '\nerror: unknown argument: %s\n' "$1" >&2
-      exit 2
-      ;;
+    *) bad_argument "$1" ;;
   esac
   shift
 done

@@ -56,7 +56,7 @@ while [[ $# -gt 0 ]]; do
     --demo) DEMO=1 ;;
     --auth) AUTH=1 ;;
     --ports)
-      [[ $# -ge 2 ]] || die "--ports needs a value, e.g. --ports 5100,5101"
+      need_value "$@"
       PORTS="$2"
       shift
       ;;
@@ -65,11 +65,7 @@ while [[ $# -gt 0 ]]; do
       usage
       exit 0
       ;;
-    *)
-      usage >&2
-      printf '\nerror: unknown argument: %s\n' "$1" >&2
-      exit 2
-      ;;
+    *) bad_argument "$1" ;;
   esac
   shift
 done
@@ -100,22 +96,11 @@ cd "$REPO_ROOT"
 
 # ----------------------------------------------------------- fail early
 
-for spec in "$PORT_A:page of instance a" "$WS_A:WebSocket of instance a" \
+refuse_ports_in_use \
+  "  ./scripts/run_two.sh --ports 5100,5101      (or PORT_A=5100 PORT_B=5101 ./scripts/run_two.sh)" \
+  "$PORT_A:page of instance a" "$WS_A:WebSocket of instance a" \
   "$ADMIN_A:admin listener of instance a" "$PORT_B:page of instance b" \
-  "$WS_B:WebSocket of instance b" "$ADMIN_B:admin listener of instance b"; do
-  port="${spec%%:*}"
-  if port_in_use "$port"; then
-    cat >&2 <<EOF
-error: port $port ($(printf '%s' "${spec#*:}")) is already in use on 127.0.0.1.
-Choose other ports, e.g.:
-  ./scripts/run_two.sh --ports 5100,5101      (or PORT_A=5100 PORT_B=5101 ./scripts/run_two.sh)
-Each instance also uses its port + 10000 for WebSocket and + 20000 for its
-admin listener.
-To see what holds port $port:  ss -ltnp 'sport = :$port'
-EOF
-    exit 1
-  fi
-done
+  "$WS_B:WebSocket of instance b" "$ADMIN_B:admin listener of instance b"
 
 have cargo || die "cargo is not installed: install Rust from https://rustup.rs, then run this again"
 
