@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use pitfall_common::{
-    Args, Client, Frame, channel_payload, count, count_messages, finish, redis_connection, say,
-    title, took, wait_subscribers,
+    Args, Client, Frame, Kind, Target, channel_payload, count, count_messages, finish,
+    redis_connection, say, title, took, wait_subscribers,
 };
 use tungstenite::{Message, WebSocket};
 
@@ -229,7 +229,7 @@ fn broken(args: &Args) -> Result<Broken, String> {
     })
 }
 
-/// What the real server did.
+/// What a working design (the real server, the minimal example) did.
 struct Working {
     delivered: (usize, usize),
     stuck_got: usize,
@@ -238,20 +238,15 @@ struct Working {
     unheard: Option<usize>,
 }
 
-fn working(args: &Args) -> Result<Working, String> {
-    let (_, ws) = args
-        .real()
-        .ok_or("no real server given (--real-http, --real-ws)")?;
-    let channel = format!("{}:room:{{{ROOM}}}", args.real_prefix);
+fn working(args: &Args, target: &Target) -> Result<Working, String> {
+    let channel = target.channel(ROOM);
     // The stuck client reads its first frames, then never again.
-    let mut stuck = Client::connect(ws, &format!("name=stuck&room={ROOM}"), Some(4096))?;
-    stuck.wait_for("presence")?;
+    let mut stuck = target.join(&format!("name=stuck&room={ROOM}"), Some(4096))?;
     let stop = Arc::new(AtomicBool::new(false));
     let last = Arc::new(Mutex::new(Instant::now()));
     let mut readers = Vec::new();
     for n in 0..READERS {
-        let mut client = Client::connect(ws, &format!("name=reader{n}&room={ROOM}"), None)?;
-        client.wait_for("presence")?;
+        let client = target.join(&format!("name=reader{n}&room={ROOM}"), None)?;
         readers.push(spawn_reader(client, &stop, &last));
     }
     let (_, unheard) = publish_all(&args.redis, &channel, ROOM)?;
@@ -309,7 +304,7 @@ fn main() -> ExitCode {
     );
     let mut con = match redis_connection(&args.redis) {
         Ok(con) => con,
-        Err(e) => return finish(&args, false, &format!("cannot reach Redis: {e}")),
+        Err(e) => return finish(&args, false, &format!("cannot reach Redis: {e}"), None),
     };
     let old: Vec<String> = redis::cmd("CONFIG")
         .arg("GET")
@@ -322,7 +317,7 @@ fn main() -> ExitCode {
         .arg(LIMIT)
         .exec(&mut con);
     if let Err(e) = set {
-        return finish(&args, false, &format!("CONFIG SET refused: {e}"));
+        return finish(&args, false, &format!("CONFIG SET refused: {e}"), None);
     }
     say(
         "setup",
@@ -369,7 +364,82 @@ fn main() -> ExitCode {
         }
         Err(e) => say("broken", &[format!("the demo failed: {e}")]),
     }
-    let working = working(&args);
+    let real = args.real().and_then(|real| check(&args, &real));
+    let minimal = args.minimal().map(|minimal| check(&args, &minimal));
+    if old.len() == 2 {
+        let _ = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(&old[0])
+            .arg(&old[1])
+            .exec(&mut con);
+    }
+    let minimal = minimal.map(|result| match result {
+        Ok(w) if healthy(&w) => Ok(format!(
+            "{} of {} delivered, the stuck client closed {}, its subscription kept: its subscriber hands messages to bounded channels with try_send (examples/minimal_chat.rs)",
+            count(w.delivered.0),
+            count(MESSAGES),
+            closed(&w),
+        )),
+        Ok(w) => Err(format!(
+            "the readers got {} of {}, its subscription was {}, the stuck client closed {}",
+            count(w.delivered.0),
+            count(MESSAGES),
+            if w.unheard.is_none() { "kept" } else { "CUT" },
+            closed(&w),
+        )),
+        Err(e) => Err(e),
+    });
+    let (b, w) = match (broken, real) {
+        (Ok(b), Ok(w)) => (b, w),
+        _ => {
+            return finish(
+                &args,
+                false,
+                "a side of the demo failed (see above)",
+                minimal,
+            );
+        }
+    };
+    let symptom = b.stalled_at < MESSAGES && b.cut_at.is_some() && b.delivered.0 < MESSAGES;
+    let summary = format!(
+        "one stuck client stalled the others at {} of {}, Redis cut the subscriber, {} lost; the real server: {} of {} delivered, the stuck client closed {}, its subscription kept (src/delivery/fanout.rs, src/delivery/outbox.rs)",
+        count(b.stalled_at),
+        count(MESSAGES),
+        count(MESSAGES - b.delivered.0),
+        count(w.delivered.0),
+        count(MESSAGES),
+        closed(&w),
+    );
+    let (shown, verdict) = match (symptom, healthy(&w)) {
+        (true, true) => (true, summary),
+        (false, _) => (
+            false,
+            format!("the naive subscriber did not stall and lose messages: {summary}"),
+        ),
+        (true, false) => (
+            false,
+            format!("the real server showed a symptom: {summary}"),
+        ),
+    };
+    finish(&args, shown, &verdict, minimal)
+}
+
+/// No symptom: every reader got every message, the subscription held, and
+/// the stuck client alone was closed as a slow consumer.
+fn healthy(w: &Working) -> bool {
+    w.delivered.0 == MESSAGES && w.unheard.is_none() && matches!(&w.stuck_close, Some((1008, _)))
+}
+
+/// The stuck client's close code, or `never`.
+fn closed(w: &Working) -> String {
+    w.stuck_close
+        .as_ref()
+        .map_or("never".to_string(), |(code, _)| code.to_string())
+}
+
+/// Runs [`working`] against `target` and prints what it did.
+fn check(args: &Args, target: &Target) -> Result<Working, String> {
+    let working = working(args, target);
     match &working {
         Ok(w) => {
             let close = match &w.stuck_close {
@@ -383,60 +453,27 @@ fn main() -> ExitCode {
                     count(seq)
                 ),
             };
+            let why = match target.kind {
+                Kind::Real => "its outbox passed --client-buffer-bytes",
+                Kind::Minimal => "its channel was full",
+            };
             say(
-                "working",
+                target.label(),
                 &[
                     format!(
-                        "the real server, same Redis, same limit: the {READERS} reading clients got {} of {}; {subscription}",
+                        "{}, same Redis, same limit: the {READERS} reading clients got {} of {}; {subscription}",
+                        target.name(),
                         count(w.delivered.0),
                         count(MESSAGES)
                     ),
                     format!(
-                        "the stuck client got {}, then was {close} (its outbox passed --client-buffer-bytes)",
+                        "the stuck client got {}, then was {close} ({why})",
                         count(w.stuck_got),
                     ),
                 ],
             );
         }
-        Err(e) => say("working", &[format!("the real server failed: {e}")]),
+        Err(e) => say(target.label(), &[format!("{} failed: {e}", target.name())]),
     }
-    if old.len() == 2 {
-        let _ = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg(&old[0])
-            .arg(&old[1])
-            .exec(&mut con);
-    }
-    let (b, w) = match (broken, working) {
-        (Ok(b), Ok(w)) => (b, w),
-        _ => return finish(&args, false, "a side of the demo failed (see above)"),
-    };
-    let symptom = b.stalled_at < MESSAGES && b.cut_at.is_some() && b.delivered.0 < MESSAGES;
-    let healthy = w.delivered.0 == MESSAGES
-        && w.unheard.is_none()
-        && matches!(&w.stuck_close, Some((1008, _)));
-    let summary = format!(
-        "one stuck client stalled the others at {} of {}, Redis cut the subscriber, {} lost; the real server: {} of {} delivered, the stuck client closed {}, its subscription kept (src/delivery/fanout.rs, src/delivery/outbox.rs)",
-        count(b.stalled_at),
-        count(MESSAGES),
-        count(MESSAGES - b.delivered.0),
-        count(w.delivered.0),
-        count(MESSAGES),
-        w.stuck_close
-            .as_ref()
-            .map_or("never".to_string(), |(c, _)| c.to_string()),
-    );
-    match (symptom, healthy) {
-        (true, true) => finish(&args, true, &summary),
-        (false, _) => finish(
-            &args,
-            false,
-            &format!("the naive subscriber did not stall and lose messages: {summary}"),
-        ),
-        (true, false) => finish(
-            &args,
-            false,
-            &format!("the real server showed a symptom: {summary}"),
-        ),
-    }
+    working
 }
