@@ -138,6 +138,7 @@ fn fan_out(instance: &Instance, payload: String) {
 fn serve_client(stream: TcpStream, id: usize, instance: &Instance) -> Result<(), Failure> {
     stream.set_write_timeout(Some(SEND_TIMEOUT))?;
     let mut name = "guest".to_string();
+    #[allow(clippy::result_large_err)] // the callback type is tungstenite's
     let note_name = |request: &Request, response: Response| {
         let query = request.uri().query().unwrap_or("").as_bytes();
         if let Some((_, value)) = form_urlencoded::parse(query).find(|(key, _)| key == "name") {

@@ -11,7 +11,9 @@
 //!
 //! The real server reads its subscription on one thread that does nothing
 //! else (`src/broker/redis/subscriber.rs`); request handlers and client
-//! threads never wait on Redis Pub/Sub.
+//! threads never wait on Redis Pub/Sub. The minimal example
+//! (`examples/minimal_chat.rs`), which the same check runs against, reads
+//! it on its main thread and serves HTTP on another (`serve_http`).
 //!
 //! Run by `./scripts/pitfall.sh`, or alone:
 //! `cargo run --example pitfall_blocking_handler -- --redis redis://127.0.0.1:6379`

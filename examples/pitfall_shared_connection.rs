@@ -14,7 +14,9 @@
 //!
 //! The real server: `src/broker/redis/subscriber.rs` owns the subscribed
 //! connection and does nothing else; `src/broker/redis/publisher.rs`
-//! publishes on a connection of its own.
+//! publishes on a connection of its own. So does the minimal example
+//! (`examples/minimal_chat.rs`, `connect` in `main`), which the same check
+//! runs against.
 //!
 //! Run by `./scripts/pitfall.sh`, or alone:
 //! `cargo run --example pitfall_shared_connection -- --redis redis://127.0.0.1:6379`
@@ -102,9 +104,9 @@ fn working(args: &Args, target: &Target) -> Result<(std::time::Duration, Vec<Str
     Ok((rtt, connections))
 }
 
-/// Runs [`working`] against `target` and prints what it did; true when
-/// it showed no symptom.
-fn check(args: &Args, target: &Target) -> bool {
+/// Runs [`working`] against `target` and prints what it did; `Err` says
+/// the symptom.
+fn check(args: &Args, target: &Target) -> Result<(), String> {
     match working(args, target) {
         Ok((rtt, connections)) => {
             let mut lines = vec![format!(
@@ -115,11 +117,14 @@ fn check(args: &Args, target: &Target) -> bool {
             lines.push("its Redis connections (CLIENT LIST):".into());
             lines.extend(connections.iter().map(|c| format!("  {c}")));
             say(target.label(), &lines);
-            connections.len() >= 2
+            match connections.len() {
+                2.. => Ok(()),
+                n => Err(format!("{n} named Redis connections, not two")),
+            }
         }
         Err(e) => {
             say(target.label(), &[format!("{} failed: {e}", target.name())]);
-            false
+            Err(e)
         }
     }
 }
@@ -153,18 +158,16 @@ fn main() -> ExitCode {
         }
     };
     let worked = match args.real() {
-        Ok(real) => check(&args, &real),
+        Ok(real) => check(&args, &real).is_ok(),
         Err(e) => {
             say("working", &[e]);
             false
         }
     };
     let minimal = args.minimal().map(|minimal| {
-        if check(&args, &minimal) {
-            Ok("a client's message came back through Redis; it publishes on a connection of its own (examples/minimal_chat.rs)".to_string())
-        } else {
-            Err("no message came back through Redis on two connections of its own".to_string())
-        }
+        check(&args, &minimal).map(|()| {
+            "a client's message came back through Redis; it publishes on a connection of its own (examples/minimal_chat.rs)".to_string()
+        })
     });
     let (shown, verdict) = match (refused, worked) {
         (Some(error), true) => (

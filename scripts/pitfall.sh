@@ -120,6 +120,20 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 1' HUP PIPE
 
+# wait_ready PID PORT PATH LOG NAME: waits until http://127.0.0.1:PORT/PATH
+# answers 200; dies, quoting LOG, if PID exits first or 30 s pass.
+wait_ready() {
+  local pid="$1" port="$2" path="$3" log="$4" name="$5"
+  local deadline=$((SECONDS + 30))
+  until [[ "$(http_status "$port" "$path")" == 200 ]]; do
+    if ! kill -0 "$pid" 2>/dev/null || ((SECONDS >= deadline)); then
+      tail -n 20 "$log" >&2
+      die "$name did not become ready (its log is above)"
+    fi
+    sleep 0.1
+  done
+}
+
 # ------------------------------------------------------------------ build
 
 step "Building the server and the examples (cargo build --release; the first build takes a few minutes)"
@@ -158,15 +172,8 @@ for id in "${IDS[@]}"; do
     </dev/null >"$TMP_DIR/$id.log" 2>&1 &
   PIDS+=("$!")
 done
-deadline=$((SECONDS + 30))
 for i in 0 1; do
-  until [[ "$(http_status "${HTTP_PORTS[i]}" /readyz)" == 200 ]]; do
-    if ! kill -0 "${PIDS[i]}" 2>/dev/null || ((SECONDS >= deadline)); then
-      tail -n 20 "$TMP_DIR/${IDS[i]}.log" >&2
-      die "instance ${IDS[i]} did not become ready (its log is above)"
-    fi
-    sleep 0.1
-  done
+  wait_ready "${PIDS[i]}" "${HTTP_PORTS[i]}" /readyz "$TMP_DIR/${IDS[i]}.log" "instance ${IDS[i]}"
   info "instance ${IDS[i]}: http://127.0.0.1:${HTTP_PORTS[i]}  ws://127.0.0.1:${WS_PORTS[i]}/ws"
 done
 
@@ -184,15 +191,9 @@ for id in "${IDS[@]}"; do
   MINIMAL_PIDS+=("$!")
 done
 # It listens only once subscribed: /healthz answering means ready.
-deadline=$((SECONDS + 30))
 for i in 0 1; do
-  until [[ "$(http_status "${MINIMAL_HTTP_PORTS[i]}" /healthz)" == 200 ]]; do
-    if ! kill -0 "${MINIMAL_PIDS[i]}" 2>/dev/null || ((SECONDS >= deadline)); then
-      tail -n 20 "$TMP_DIR/minimal-${IDS[i]}.log" >&2
-      die "the minimal example's instance ${IDS[i]} did not start (its log is above)"
-    fi
-    sleep 0.1
-  done
+  wait_ready "${MINIMAL_PIDS[i]}" "${MINIMAL_HTTP_PORTS[i]}" /healthz \
+    "$TMP_DIR/minimal-${IDS[i]}.log" "the minimal example's instance ${IDS[i]}"
   info "minimal ${IDS[i]}: http://127.0.0.1:${MINIMAL_HTTP_PORTS[i]}  ws://127.0.0.1:${MINIMAL_WS_PORTS[i]}/ws"
 done
 
@@ -200,7 +201,8 @@ done
 
 step "Running the variants: each broken design, then the real server and the minimal example doing the same"
 VERDICTS=()
-failed=0
+failed=0 # variants
+dead=0   # instances
 for n in "${SELECTED[@]}"; do
   i=$((n - 1))
   verdict_file="$TMP_DIR/verdict-$n"
@@ -227,11 +229,11 @@ done
 
 for i in 0 1; do
   if ! kill -0 "${PIDS[i]}" 2>/dev/null; then
-    failed=$((failed + 1))
+    dead=$((dead + 1))
     VERDICTS+=("the real instance ${IDS[i]} died during the demo: its log ends with $(tail -n 1 "$TMP_DIR/${IDS[i]}.log")")
   fi
   if ! kill -0 "${MINIMAL_PIDS[i]}" 2>/dev/null; then
-    failed=$((failed + 1))
+    dead=$((dead + 1))
     VERDICTS+=("the minimal example's instance ${IDS[i]} died during the demo: its log ends with $(tail -n 1 "$TMP_DIR/minimal-${IDS[i]}.log")")
   fi
 done
@@ -239,10 +241,11 @@ done
 step "Verdicts"
 for line in "${VERDICTS[@]}"; do printf '%s\n' "$line"; done
 printf '\n'
-if ((failed == 0)); then
+if ((failed + dead == 0)); then
   printf 'All %d broken designs showed their symptom, and the real server and the minimal example none (%d s after the build).\n' \
     "${#SELECTED[@]}" $((SECONDS - started))
 else
-  printf 'FAILED: %d of %d variants did not show what they should (see above).\n' "$failed" "${#SELECTED[@]}"
+  printf 'FAILED: %d of %d variants did not show what they should, %d instance(s) died (see above).\n' \
+    "$failed" "${#SELECTED[@]}" "$dead"
   exit 1
 fi
