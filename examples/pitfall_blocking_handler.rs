@@ -11,7 +11,9 @@
 //!
 //! The real server reads its subscription on one thread that does nothing
 //! else (`src/broker/redis/subscriber.rs`); request handlers and client
-//! threads never wait on Redis Pub/Sub.
+//! threads never wait on Redis Pub/Sub. The minimal example
+//! (`examples/minimal_chat.rs`), which the same check runs against, reads
+//! it on its main thread and serves HTTP on another (`serve_http`).
 //!
 //! Run by `./scripts/pitfall.sh`, or alone:
 //! `cargo run --example pitfall_blocking_handler -- --redis redis://127.0.0.1:6379`
@@ -26,7 +28,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use pitfall_common::{
-    Args, Client, finish, http_get, redis_connection, say, title, took, wait_subscribers,
+    Args, Target, finish, http_get, redis_connection, say, title, took, wait_subscribers,
 };
 use tiny_http::{Response, Server};
 
@@ -116,21 +118,16 @@ fn broken(args: &Args) -> Result<Hang, String> {
     })
 }
 
-/// The real server with two clients waiting in a quiet room: the slowest
-/// of five `/healthz`.
-fn working(args: &Args) -> Result<Duration, String> {
-    let (http, ws) = args
-        .real()
-        .ok_or("no real server given (--real-http, --real-ws)")?;
+/// A working design (the real server, the minimal example) with two
+/// clients waiting in a quiet room: the slowest of five `/healthz`.
+fn working(target: &Target) -> Result<Duration, String> {
     let mut clients = Vec::new();
     for name in ["alice", "bob"] {
-        let mut client = Client::connect(ws, &format!("name={name}&room={ROOM}"), None)?;
-        client.wait_for("presence")?;
-        clients.push(client);
+        clients.push(target.join(&format!("name={name}&room={ROOM}"), None)?);
     }
     let mut slowest = Duration::ZERO;
     for _ in 0..5 {
-        match http_get(http, "/healthz", QUIET) {
+        match http_get(target.http, "/healthz", QUIET) {
             Ok((200, t)) => slowest = slowest.max(t),
             Ok((status, _)) => return Err(format!("/healthz answered {status}")),
             Err(t) => return Err(format!("/healthz: no answer in {}", took(t))),
@@ -186,37 +183,59 @@ fn main() -> ExitCode {
             None
         }
     };
-    let answered = match working(&args) {
+    let answered = match args.real() {
+        Ok(real) => check(&real),
+        Err(e) => {
+            say("working", &[e]);
+            None
+        }
+    };
+    let minimal = args.minimal().map(|minimal| match check(&minimal) {
+        Some(slowest) => Ok(format!(
+            "/healthz answered in {} with 2 clients waiting: it reads its subscription on a thread of its own (examples/minimal_chat.rs)",
+            took(slowest)
+        )),
+        None => Err("/healthz did not answer within 1 s with 2 clients waiting".to_string()),
+    });
+    let (shown, verdict) = match (hung, answered) {
+        (Some(hang), Some(slowest)) => (
+            true,
+            format!(
+                "/healthz hung {}; the real server answered in {}: its subscriber reads on its own thread (src/broker/redis/subscriber.rs)",
+                took(hang),
+                took(slowest)
+            ),
+        ),
+        (None, _) => (
+            false,
+            "the broken instance kept answering /healthz".to_string(),
+        ),
+        (_, None) => (
+            false,
+            "the real server did not answer /healthz within 1 s".to_string(),
+        ),
+    };
+    finish(&args, shown, &verdict, minimal)
+}
+
+/// Runs [`working`] against `target` and prints what it did: the slowest
+/// `/healthz`, when all five answered within 1 s.
+fn check(target: &Target) -> Option<Duration> {
+    match working(target) {
         Ok(slowest) => {
             say(
-                "working",
+                target.label(),
                 &[format!(
-                    "the real server, 2 clients waiting in a quiet room: GET /healthz answered in {} (slowest of 5)",
+                    "{}, 2 clients waiting in a quiet room: GET /healthz answered in {} (slowest of 5)",
+                    target.name(),
                     took(slowest)
                 )],
             );
             (slowest < Duration::from_secs(1)).then_some(slowest)
         }
         Err(e) => {
-            say("working", &[format!("the real server failed: {e}")]);
+            say(target.label(), &[format!("{} failed: {e}", target.name())]);
             None
         }
-    };
-    match (hung, answered) {
-        (Some(hang), Some(slowest)) => finish(
-            &args,
-            true,
-            &format!(
-                "/healthz hung {}; the real server answered in {}: its subscriber reads on its own thread (src/broker/redis/subscriber.rs)",
-                took(hang),
-                took(slowest)
-            ),
-        ),
-        (None, _) => finish(&args, false, "the broken instance kept answering /healthz"),
-        (_, None) => finish(
-            &args,
-            false,
-            "the real server did not answer /healthz within 1 s",
-        ),
     }
 }

@@ -13,7 +13,8 @@
 //! (`src/session/reader.rs` → `src/broker/redis/publisher.rs`), and only
 //! delivers what comes from Redis: the subscriber emits it to the fan-out
 //! (`src/broker/redis/subscriber.rs` → `src/delivery/fanout.rs`), which writes to
-//! local clients and publishes nothing.
+//! local clients and publishes nothing. So does the minimal example
+//! (`examples/minimal_chat.rs`), which the same check runs against.
 //!
 //! Run by `./scripts/pitfall.sh`, or alone:
 //! `cargo run --example pitfall_republish -- --redis redis://127.0.0.1:6379`
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use pitfall_common::{
-    Args, Client, Frame, count, count_messages, finish, redis_connection, say, title, took,
+    Args, Client, Frame, Target, count, count_messages, finish, redis_connection, say, title, took,
     wait_subscribers,
 };
 use serde_json::{Value, json};
@@ -119,26 +120,51 @@ fn broken(args: &Args) -> Result<(Vec<Vec<usize>>, Duration), String> {
     Ok((delivered, elapsed))
 }
 
-/// The real server: a client of instance a sends one message; the copies
-/// a client of a and a client of b receive within a second.
-fn working(args: &Args) -> Result<(usize, usize), String> {
-    let (_, ws_a) = args
-        .real()
-        .ok_or("no real server given (--real-http, --real-ws)")?;
-    let ws_b = args
-        .real_b_ws
-        .ok_or("no second real instance given (--real-b-ws)")?;
-    let mut alice = Client::connect(ws_a, &format!("name=alice&room={ROOM}"), None)?;
-    alice.wait_for("presence")?;
-    let mut bob = Client::connect(ws_b, &format!("name=bob&room={ROOM}"), None)?;
-    bob.wait_for("presence")?;
+/// At most this many copies are counted: enough to see a loop.
+const COUNTED: usize = 100;
+
+/// A working design (the real server, the minimal example): a client of
+/// instance a sends one message; the copies a client of a and a client of
+/// b receive within a second.
+fn working(target: &Target) -> Result<(usize, usize), String> {
+    let mut alice = target.join(&format!("name=alice&room={ROOM}"), None)?;
+    let mut bob = target.join_b(&format!("name=bob&room={ROOM}"))?;
     alice.send_text("hello", "p4")?;
     let quiet = Duration::from_secs(1);
-    let copies = |client: &mut Client| match count_messages(client, usize::MAX, quiet) {
+    let copies = |client: &mut Client| match count_messages(client, COUNTED, quiet) {
         (n, Frame::Quiet) => Ok(n),
         (_, other) => Err(format!("the connection ended: {}", describe(&other))),
     };
     Ok((copies(&mut alice)?, copies(&mut bob)?))
+}
+
+/// Runs [`working`] against `target` and prints what it did; the copies
+/// at a's client and at b's.
+fn check(target: &Target) -> Option<(usize, usize)> {
+    match working(target) {
+        Ok((a, b)) => {
+            let (copy, end) = if a.max(b) >= COUNTED {
+                (
+                    "copies",
+                    format!("and more still coming (counted up to {COUNTED})"),
+                )
+            } else {
+                ("copy", "and nothing more within 1 s".to_string())
+            };
+            say(
+                target.label(),
+                &[format!(
+                    "{}, instances a and b: 1 message sent on a → {a} {copy} at a's client, {b} at b's, {end}",
+                    target.name()
+                )],
+            );
+            Some((a, b))
+        }
+        Err(e) => {
+            say(target.label(), &[format!("{} failed: {e}", target.name())]);
+            None
+        }
+    }
 }
 
 fn describe(frame: &Frame) -> String {
@@ -186,35 +212,34 @@ fn main() -> ExitCode {
             None
         }
     };
-    let real = match working(&args) {
-        Ok((a, b)) => {
-            say(
-                "working",
-                &[format!(
-                    "the real servers a and b: 1 message sent on a → {a} copy at a's client, {b} at b's, and nothing more within 1 s"
-                )],
-            );
-            Some((a, b))
-        }
+    let real = match args.real() {
+        Ok(real) => check(&real),
         Err(e) => {
-            say("working", &[format!("the real server failed: {e}")]);
+            say("working", &[e]);
             None
         }
     };
-    match (multiplied, real) {
-        (Some(copies), Some((1, 1))) if copies > 1 => finish(
-            &args,
+    let minimal = args.minimal().map(|minimal| match check(&minimal) {
+        Some((1, 1)) => Ok("1 copy at each client: it delivers what Redis sends and never republishes (examples/minimal_chat.rs)".to_string()),
+        Some((a, b)) => Err(format!(
+            "1 message sent → {a} copies at a's client, {b} at b's{}",
+            if a.max(b) >= COUNTED { ", and more still coming" } else { "" }
+        )),
+        None => Err("it did not deliver the message to both instances' clients".to_string()),
+    });
+    let (shown, verdict) = match (multiplied, real) {
+        (Some(copies), Some((1, 1))) if copies > 1 => (
             true,
-            &format!(
+            format!(
                 "1 message became {} copies at each instance after {ROUNDS} rounds; the real server: 1 copy at each client, it delivers what Redis sends and never republishes (src/delivery/fanout.rs)",
                 count(copies)
             ),
         ),
-        (Some(copies), _) if copies <= 1 => finish(&args, false, "the message did not multiply"),
-        _ => finish(
-            &args,
+        (Some(copies), _) if copies <= 1 => (false, "the message did not multiply".to_string()),
+        _ => (
             false,
-            "the real server did not deliver exactly one copy to each client",
+            "the real server did not deliver exactly one copy to each client".to_string(),
         ),
-    }
+    };
+    finish(&args, shown, &verdict, minimal)
 }

@@ -14,7 +14,9 @@
 //!
 //! The real server: `src/broker/redis/subscriber.rs` owns the subscribed
 //! connection and does nothing else; `src/broker/redis/publisher.rs`
-//! publishes on a connection of its own.
+//! publishes on a connection of its own. So does the minimal example
+//! (`examples/minimal_chat.rs`, `connect` in `main`), which the same check
+//! runs against.
 //!
 //! Run by `./scripts/pitfall.sh`, or alone:
 //! `cargo run --example pitfall_shared_connection -- --redis redis://127.0.0.1:6379`
@@ -25,7 +27,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use pitfall_common::{Args, Client, finish, redis_connection, say, title, took};
+use pitfall_common::{Args, Target, finish, redis_connection, say, title, took};
 
 const ROOM: &str = "pitfall1";
 
@@ -50,15 +52,11 @@ fn broken_publish(redis_url: &str, channel: &str) -> redis::RedisResult<Result<i
     }))
 }
 
-/// The real server: a client's message goes out and comes back through
-/// Redis; returns the round trip and what `CLIENT LIST` says of the
-/// instance's connections.
-fn working(args: &Args) -> Result<(std::time::Duration, Vec<String>), String> {
-    let (_, ws) = args
-        .real()
-        .ok_or("no real server given (--real-http, --real-ws)")?;
-    let mut alice = Client::connect(ws, &format!("name=alice&room={ROOM}"), None)?;
-    alice.wait_for("presence")?; // joined, subscribed, history read
+/// A working design (the real server, the minimal example): a client's
+/// message goes out and comes back through Redis; returns the round trip
+/// and what `CLIENT LIST` says of the instance's connections.
+fn working(args: &Args, target: &Target) -> Result<(std::time::Duration, Vec<String>), String> {
+    let mut alice = target.join(&format!("name=alice&room={ROOM}"), None)?;
     let start = Instant::now();
     alice.send_text("hello", "p1")?;
     let echo = alice.wait_for("message")?;
@@ -72,8 +70,8 @@ fn working(args: &Args) -> Result<(std::time::Duration, Vec<String>), String> {
         .query(&mut con)
         .map_err(|e| e.to_string())?;
     // name=chat:a:pub ... sub=0 ... cmd=evalsha
-    let mine = format!("{}:{}:", args.real_prefix, args.real_id);
-    let mut connections: Vec<String> = list
+    let mine = target.connection_names();
+    let mut connections: Vec<(String, String)> = list
         .lines()
         .filter_map(|line| {
             let field = |key: &str| {
@@ -83,20 +81,52 @@ fn working(args: &Args) -> Result<(std::time::Duration, Vec<String>), String> {
                     .to_string()
             };
             let name = field("name");
-            let what = match name.strip_prefix(&mine)? {
+            let what = match name.strip_prefix(mine)? {
                 "sub" => "subscribed, only reads",
                 "pub" => "publishes, only that",
                 _ => return None,
             };
-            Some(format!(
-                "{name:<12} {what:<25} (subscriptions: {}, last command: {})",
+            let rest = format!(
+                "{what:<25} (subscriptions: {}, last command: {})",
                 field("sub"),
                 field("cmd")
-            ))
+            );
+            Some((name, rest))
         })
         .collect();
     connections.sort();
+    let width = connections.iter().map(|(name, _)| name.len()).max();
+    let width = width.unwrap_or(0).max(12);
+    let connections = connections
+        .into_iter()
+        .map(|(name, rest)| format!("{name:<width$} {rest}"))
+        .collect();
     Ok((rtt, connections))
+}
+
+/// Runs [`working`] against `target` and prints what it did; `Err` says
+/// the symptom.
+fn check(args: &Args, target: &Target) -> Result<(), String> {
+    match working(args, target) {
+        Ok((rtt, connections)) => {
+            let mut lines = vec![format!(
+                "{}: a client's message went out and came back through Redis in {}",
+                target.name(),
+                took(rtt)
+            )];
+            lines.push("its Redis connections (CLIENT LIST):".into());
+            lines.extend(connections.iter().map(|c| format!("  {c}")));
+            say(target.label(), &lines);
+            match connections.len() {
+                2.. => Ok(()),
+                n => Err(format!("{n} named Redis connections, not two")),
+            }
+        }
+        Err(e) => {
+            say(target.label(), &[format!("{} failed: {e}", target.name())]);
+            Err(e)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -127,39 +157,33 @@ fn main() -> ExitCode {
             None
         }
     };
-    let worked = match working(&args) {
-        Ok((rtt, connections)) => {
-            let mut lines = vec![format!(
-                "the real server: a client's message went out and came back through Redis in {}",
-                took(rtt)
-            )];
-            lines.push("its Redis connections (CLIENT LIST):".into());
-            lines.extend(connections.iter().map(|c| format!("  {c}")));
-            say("working", &lines);
-            connections.len() >= 2
-        }
+    let worked = match args.real() {
+        Ok(real) => check(&args, &real).is_ok(),
         Err(e) => {
-            say("working", &[format!("the real server failed: {e}")]);
+            say("working", &[e]);
             false
         }
     };
-    match (refused, worked) {
-        (Some(error), true) => finish(
-            &args,
+    let minimal = args.minimal().map(|minimal| {
+        check(&args, &minimal).map(|()| {
+            "a client's message came back through Redis; it publishes on a connection of its own (examples/minimal_chat.rs)".to_string()
+        })
+    });
+    let (shown, verdict) = match (refused, worked) {
+        (Some(error), true) => (
             true,
-            &format!(
+            format!(
                 "Redis answered: {error}; the real server: publishes on its own connection (src/broker/redis/publisher.rs)"
             ),
         ),
-        (None, _) => finish(
-            &args,
+        (None, _) => (
             false,
-            "Redis did not refuse the PUBLISH on a subscribed connection",
+            "Redis did not refuse the PUBLISH on a subscribed connection".to_string(),
         ),
-        (Some(_), false) => finish(
-            &args,
+        (Some(_), false) => (
             false,
-            "the real server did not deliver a message through Redis",
+            "the real server did not deliver a message through Redis".to_string(),
         ),
-    }
+    };
+    finish(&args, shown, &verdict, minimal)
 }

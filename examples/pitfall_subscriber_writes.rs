@@ -15,7 +15,10 @@
 //! (`src/broker/redis/subscriber.rs`); the fan-out (`src/delivery/fanout.rs`) hands
 //! each message to every client's outbox, which never blocks
 //! (`src/delivery/outbox.rs`); a client whose outbox passes
-//! `--client-buffer-bytes` is closed as a slow consumer, alone.
+//! `--client-buffer-bytes` is closed as a slow consumer, alone. The
+//! minimal example (`examples/minimal_chat.rs`, `fan_out`), which the same
+//! check runs against, hands each message to every client's bounded
+//! channel with `try_send` and drops a client whose channel is full.
 //!
 //! Run by `./scripts/pitfall.sh` (it gives the real server a
 //! `--client-buffer-bytes` of 64 KiB), or alone:
@@ -33,8 +36,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use pitfall_common::{
-    Args, Client, Frame, channel_payload, count, count_messages, finish, redis_connection, say,
-    title, took, wait_subscribers,
+    Args, Client, Frame, Kind, Target, channel_payload, count, count_messages, finish,
+    redis_connection, say, subscribers, title, took, wait_subscribers,
 };
 use tungstenite::{Message, WebSocket};
 
@@ -131,7 +134,10 @@ fn spawn_reader(mut client: Client, stop: &Arc<AtomicBool>, last: &Arc<Mutex<Ins
 }
 
 /// Publishes the [`MESSAGES`], paced; returns when publishing ended, and
-/// the first message no subscriber received (`PUBLISH` answered 0).
+/// the first message that a subscriber of the start missed (`PUBLISH`
+/// answered fewer receivers: Redis had cut one). The naive instance and
+/// the real server have one subscriber on the channel; the minimal
+/// example, whose instances share one channel, has two.
 fn publish_all(
     redis_url: &str,
     channel: &str,
@@ -139,6 +145,7 @@ fn publish_all(
 ) -> Result<(Instant, Option<(usize, Instant)>), String> {
     let mut con = redis_connection(redis_url).map_err(|e| e.to_string())?;
     let text = "x".repeat(TEXT_BYTES);
+    let subscribed = subscribers(&mut con, channel).map_err(|e| e.to_string())?;
     let start = Instant::now();
     let mut first_unheard = None;
     for seq in 0..MESSAGES {
@@ -149,7 +156,7 @@ fn publish_all(
             .arg(channel_payload(room, seq + 1, &text))
             .query(&mut con)
             .map_err(|e| e.to_string())?;
-        if receivers == 0 && first_unheard.is_none() {
+        if receivers < subscribed && first_unheard.is_none() {
             first_unheard = Some((seq + 1, Instant::now()));
         }
     }
@@ -168,7 +175,8 @@ struct Broken {
     stalled_at: usize,
     /// How long the readers had received nothing when publishing ended.
     silent: Duration,
-    /// When PUBLISH first reached nobody: Redis had cut the subscriber.
+    /// When PUBLISH first reached nobody: Redis had cut the subscriber
+    /// (the naive instance's only one).
     cut_at: Option<(usize, Duration)>,
     /// Messages the readers had in the end (the fewest, the most).
     delivered: (usize, usize),
@@ -229,29 +237,25 @@ fn broken(args: &Args) -> Result<Broken, String> {
     })
 }
 
-/// What the real server did.
+/// What a working design (the real server, the minimal example) did.
 struct Working {
     delivered: (usize, usize),
     stuck_got: usize,
     stuck_close: Option<(u16, String)>,
-    /// The first message that reached nobody (none: the subscription held).
+    /// The first message a subscriber missed (none: the subscriptions
+    /// held).
     unheard: Option<usize>,
 }
 
-fn working(args: &Args) -> Result<Working, String> {
-    let (_, ws) = args
-        .real()
-        .ok_or("no real server given (--real-http, --real-ws)")?;
-    let channel = format!("{}:room:{{{ROOM}}}", args.real_prefix);
+fn working(args: &Args, target: &Target) -> Result<Working, String> {
+    let channel = target.channel(ROOM);
     // The stuck client reads its first frames, then never again.
-    let mut stuck = Client::connect(ws, &format!("name=stuck&room={ROOM}"), Some(4096))?;
-    stuck.wait_for("presence")?;
+    let mut stuck = target.join(&format!("name=stuck&room={ROOM}"), Some(4096))?;
     let stop = Arc::new(AtomicBool::new(false));
     let last = Arc::new(Mutex::new(Instant::now()));
     let mut readers = Vec::new();
     for n in 0..READERS {
-        let mut client = Client::connect(ws, &format!("name=reader{n}&room={ROOM}"), None)?;
-        client.wait_for("presence")?;
+        let client = target.join(&format!("name=reader{n}&room={ROOM}"), None)?;
         readers.push(spawn_reader(client, &stop, &last));
     }
     let (_, unheard) = publish_all(&args.redis, &channel, ROOM)?;
@@ -309,7 +313,7 @@ fn main() -> ExitCode {
     );
     let mut con = match redis_connection(&args.redis) {
         Ok(con) => con,
-        Err(e) => return finish(&args, false, &format!("cannot reach Redis: {e}")),
+        Err(e) => return finish(&args, false, &format!("cannot reach Redis: {e}"), None),
     };
     let old: Vec<String> = redis::cmd("CONFIG")
         .arg("GET")
@@ -322,7 +326,7 @@ fn main() -> ExitCode {
         .arg(LIMIT)
         .exec(&mut con);
     if let Err(e) = set {
-        return finish(&args, false, &format!("CONFIG SET refused: {e}"));
+        return finish(&args, false, &format!("CONFIG SET refused: {e}"), None);
     }
     say(
         "setup",
@@ -369,37 +373,8 @@ fn main() -> ExitCode {
         }
         Err(e) => say("broken", &[format!("the demo failed: {e}")]),
     }
-    let working = working(&args);
-    match &working {
-        Ok(w) => {
-            let close = match &w.stuck_close {
-                Some((code, reason)) => format!("closed {code} \"{reason}\""),
-                None => "NOT closed".to_string(),
-            };
-            let subscription = match w.unheard {
-                None => "every PUBLISH reached its subscriber".to_string(),
-                Some(seq) => format!(
-                    "Redis CUT its subscriber (message {} reached nobody)",
-                    count(seq)
-                ),
-            };
-            say(
-                "working",
-                &[
-                    format!(
-                        "the real server, same Redis, same limit: the {READERS} reading clients got {} of {}; {subscription}",
-                        count(w.delivered.0),
-                        count(MESSAGES)
-                    ),
-                    format!(
-                        "the stuck client got {}, then was {close} (its outbox passed --client-buffer-bytes)",
-                        count(w.stuck_got),
-                    ),
-                ],
-            );
-        }
-        Err(e) => say("working", &[format!("the real server failed: {e}")]),
-    }
+    let real = args.real().and_then(|real| check(&args, &real));
+    let minimal = args.minimal().map(|minimal| check(&args, &minimal));
     if old.len() == 2 {
         let _ = redis::cmd("CONFIG")
             .arg("SET")
@@ -407,14 +382,37 @@ fn main() -> ExitCode {
             .arg(&old[1])
             .exec(&mut con);
     }
-    let (b, w) = match (broken, working) {
+    let minimal = minimal.map(|result| match result {
+        Ok(w) if healthy(&w) => Ok(format!(
+            "{} of {} delivered, the stuck client closed {}, its subscription kept: its subscriber hands messages to bounded channels with try_send (examples/minimal_chat.rs)",
+            count(w.delivered.0),
+            count(MESSAGES),
+            closed(&w),
+        )),
+        Ok(w) => Err(format!(
+            "the readers got {} of {}, its subscription was {}, the stuck client was {}",
+            count(w.delivered.0),
+            count(MESSAGES),
+            if w.unheard.is_none() { "kept" } else { "CUT" },
+            match &w.stuck_close {
+                Some((code, _)) => format!("closed {code}"),
+                None => "NOT closed".to_string(),
+            },
+        )),
+        Err(e) => Err(e),
+    });
+    let (b, w) = match (broken, real) {
         (Ok(b), Ok(w)) => (b, w),
-        _ => return finish(&args, false, "a side of the demo failed (see above)"),
+        _ => {
+            return finish(
+                &args,
+                false,
+                "a side of the demo failed (see above)",
+                minimal,
+            );
+        }
     };
     let symptom = b.stalled_at < MESSAGES && b.cut_at.is_some() && b.delivered.0 < MESSAGES;
-    let healthy = w.delivered.0 == MESSAGES
-        && w.unheard.is_none()
-        && matches!(&w.stuck_close, Some((1008, _)));
     let summary = format!(
         "one stuck client stalled the others at {} of {}, Redis cut the subscriber, {} lost; the real server: {} of {} delivered, the stuck client closed {}, its subscription kept (src/delivery/fanout.rs, src/delivery/outbox.rs)",
         count(b.stalled_at),
@@ -422,21 +420,70 @@ fn main() -> ExitCode {
         count(MESSAGES - b.delivered.0),
         count(w.delivered.0),
         count(MESSAGES),
-        w.stuck_close
-            .as_ref()
-            .map_or("never".to_string(), |(c, _)| c.to_string()),
+        closed(&w),
     );
-    match (symptom, healthy) {
-        (true, true) => finish(&args, true, &summary),
-        (false, _) => finish(
-            &args,
+    let (shown, verdict) = match (symptom, healthy(&w)) {
+        (true, true) => (true, summary),
+        (false, _) => (
             false,
-            &format!("the naive subscriber did not stall and lose messages: {summary}"),
+            format!("the naive subscriber did not stall and lose messages: {summary}"),
         ),
-        (true, false) => finish(
-            &args,
+        (true, false) => (
             false,
-            &format!("the real server showed a symptom: {summary}"),
+            format!("the real server showed a symptom: {summary}"),
         ),
+    };
+    finish(&args, shown, &verdict, minimal)
+}
+
+/// No symptom: every reader got every message, the subscription held, and
+/// the stuck client alone was closed as a slow consumer.
+fn healthy(w: &Working) -> bool {
+    w.delivered.0 == MESSAGES && w.unheard.is_none() && matches!(&w.stuck_close, Some((1008, _)))
+}
+
+/// The stuck client's close code, or `never`.
+fn closed(w: &Working) -> String {
+    w.stuck_close
+        .as_ref()
+        .map_or("never".to_string(), |(code, _)| code.to_string())
+}
+
+/// Runs [`working`] against `target` and prints what it did.
+fn check(args: &Args, target: &Target) -> Result<Working, String> {
+    let working = working(args, target);
+    match &working {
+        Ok(w) => {
+            // The minimal example's two instances share one channel.
+            let (why, subscribers) = match target.kind {
+                Kind::Real => ("its outbox passed --client-buffer-bytes", "subscriber"),
+                Kind::Minimal => ("its channel was full", "subscribers"),
+            };
+            let close = match &w.stuck_close {
+                Some((code, reason)) => format!("closed {code} \"{reason}\" ({why})"),
+                None => "NOT closed".to_string(),
+            };
+            let subscription = match w.unheard {
+                None => format!("every PUBLISH reached its {subscribers}"),
+                Some(seq) => format!("Redis CUT a subscriber (message {} missed it)", count(seq)),
+            };
+            say(
+                target.label(),
+                &[
+                    format!(
+                        "{}, same Redis, same limit: the {READERS} reading clients got {} of {}; {subscription}",
+                        target.name(),
+                        count(w.delivered.0),
+                        count(MESSAGES)
+                    ),
+                    format!(
+                        "the stuck client got {}, then was {close}",
+                        count(w.stuck_got),
+                    ),
+                ],
+            );
+        }
+        Err(e) => say(target.label(), &[format!("{} failed: {e}", target.name())]),
     }
+    working
 }

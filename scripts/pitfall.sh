@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the blocking-subscription pitfall: each broken design next to the
-# real server, measured, with a verdict per variant. Exits non-zero when a
-# broken design does not show its symptom or the real server shows one.
+# real server and the minimal example (examples/minimal_chat.rs), measured,
+# with a verdict per variant. Exits non-zero when a broken design does not
+# show its symptom, or the real server or the minimal example shows one.
 # See --help.
 set -euo pipefail
 
@@ -26,23 +27,29 @@ wrong, each a small program in examples/ whose broken lines are marked
   4. Republishing what came from Redis: one message multiplies.
                                             examples/pitfall_republish.rs
 
+Each check then runs, unchanged, against the fix at its smallest: a chat
+of about 200 lines that avoids all four.     examples/minimal_chat.rs
+
 It builds the server and the examples (cargo build --release), starts a
 private redis-server on a free loopback port (variant 3 lowers its
-client-output-buffer-limit) and two instances of the real server, a and b
-(with --client-buffer-bytes 65536), runs the variants and prints one
-verdict line each; it stops everything it started. About 15 s after the
-build; no browser, everything on 127.0.0.1.
+client-output-buffer-limit), two instances of the real server, a and b
+(with --client-buffer-bytes 65536), and two of the minimal example, runs
+the variants and prints two verdict lines each; it stops everything it
+started. About 25 s after the build; no browser, everything on 127.0.0.1.
 
 Arguments:
   VARIANT...   run only these variants (1 to 4); default: all
   -h, --help   show this help
 
-Exit status: 0 when every broken design showed its symptom and the real
-server showed none; 1 otherwise (CI runs it).
+Exit status: 0 when every broken design showed its symptom and neither
+the real server nor the minimal example showed one; 1 otherwise (CI runs
+it).
 
 One variant by hand, against any Redis you can spare (variant 3 changes
-its settings while it runs), without the real server's half:
+its settings while it runs), without the working designs' half:
   cargo run --release --example pitfall_republish -- --redis redis://127.0.0.1:6379
+The minimal example by hand (two instances on one Redis are one chat):
+  cargo run --release --example minimal_chat -- --redis redis://127.0.0.1:6379 --port 8000 --ws-port 8001
 EOF
 }
 
@@ -53,6 +60,9 @@ NAMES=(
   "the subscriber writes to clients, blocking"
   "republish what came from Redis"
 )
+MINIMAL=minimal_chat
+# Its one channel, which the checks publish on.
+MINIMAL_CHANNEL="minimal:chat"
 # The real server's flags for the demo: a stuck client is dropped after
 # 64 KiB (default 1 MiB), and has 30 s to read its Close (default 1 s) so
 # that it finds it when it reads at last.
@@ -88,7 +98,8 @@ ensure_redis_server ./scripts/pitfall.sh
 TMP_DIR=""
 BUILD_PID=""
 IDS=()
-PIDS=()     # the real instances
+PIDS=()         # the real instances
+MINIMAL_PIDS=() # the minimal example's instances
 # shellcheck disable=SC2034  # read by stop_private_services (lib.sh)
 LOG_PIDS=() # none here: the instances log to files
 
@@ -97,9 +108,9 @@ cleanup() {
   trap '' INT TERM HUP PIPE
   set +e
   stop_build
-  if ((${#PIDS[@]})); then
-    printf '\nStopping the real instances %s and the private redis-server...\n' "${IDS[*]}"
-    stop_pids "${PIDS[@]}"
+  if ((${#PIDS[@]} + ${#MINIMAL_PIDS[@]})); then
+    printf '\nStopping the instances and the private redis-server...\n'
+    stop_pids "${PIDS[@]}" "${MINIMAL_PIDS[@]}"
   fi
   stop_private_services >/dev/null
   exit "$rc"
@@ -109,10 +120,24 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 1' HUP PIPE
 
+# wait_ready PID PORT PATH LOG NAME: waits until http://127.0.0.1:PORT/PATH
+# answers 200; dies, quoting LOG, if PID exits first or 30 s pass.
+wait_ready() {
+  local pid="$1" port="$2" path="$3" log="$4" name="$5"
+  local deadline=$((SECONDS + 30))
+  until [[ "$(http_status "$port" "$path")" == 200 ]]; do
+    if ! kill -0 "$pid" 2>/dev/null || ((SECONDS >= deadline)); then
+      tail -n 20 "$log" >&2
+      die "$name did not become ready (its log is above)"
+    fi
+    sleep 0.1
+  done
+}
+
 # ------------------------------------------------------------------ build
 
 step "Building the server and the examples (cargo build --release; the first build takes a few minutes)"
-build_args=(--release --quiet --bin pubsub-chat)
+build_args=(--release --quiet --bin pubsub-chat --example "$MINIMAL")
 for name in "${EXAMPLES[@]}"; do build_args+=(--example "$name"); done
 cargo build "${build_args[@]}" &
 BUILD_PID=$!
@@ -147,53 +172,80 @@ for id in "${IDS[@]}"; do
     </dev/null >"$TMP_DIR/$id.log" 2>&1 &
   PIDS+=("$!")
 done
-deadline=$((SECONDS + 30))
 for i in 0 1; do
-  until [[ "$(http_status "${HTTP_PORTS[i]}" /readyz)" == 200 ]]; do
-    if ! kill -0 "${PIDS[i]}" 2>/dev/null || ((SECONDS >= deadline)); then
-      tail -n 20 "$TMP_DIR/${IDS[i]}.log" >&2
-      die "instance ${IDS[i]} did not become ready (its log is above)"
-    fi
-    sleep 0.1
-  done
+  wait_ready "${PIDS[i]}" "${HTTP_PORTS[i]}" /readyz "$TMP_DIR/${IDS[i]}.log" "instance ${IDS[i]}"
   info "instance ${IDS[i]}: http://127.0.0.1:${HTTP_PORTS[i]}  ws://127.0.0.1:${WS_PORTS[i]}/ws"
+done
+
+step "Starting the minimal example: instances a and b (examples/$MINIMAL.rs)"
+MINIMAL_HTTP_PORTS=()
+MINIMAL_WS_PORTS=()
+for id in "${IDS[@]}"; do
+  http="$(free_port)" || die "found no free port"
+  ws="$(free_port)" || die "found no free port"
+  MINIMAL_HTTP_PORTS+=("$http")
+  MINIMAL_WS_PORTS+=("$ws")
+  "$EXAMPLES_DIR/$MINIMAL" --redis "$REDIS_URL_TO_USE" --host 127.0.0.1 --port "$http" \
+    --ws-port "$ws" --channel "$MINIMAL_CHANNEL" \
+    </dev/null >"$TMP_DIR/minimal-$id.log" 2>&1 &
+  MINIMAL_PIDS+=("$!")
+done
+# It listens only once subscribed: /healthz answering means ready.
+for i in 0 1; do
+  wait_ready "${MINIMAL_PIDS[i]}" "${MINIMAL_HTTP_PORTS[i]}" /healthz \
+    "$TMP_DIR/minimal-${IDS[i]}.log" "the minimal example's instance ${IDS[i]}"
+  info "minimal ${IDS[i]}: http://127.0.0.1:${MINIMAL_HTTP_PORTS[i]}  ws://127.0.0.1:${MINIMAL_WS_PORTS[i]}/ws"
 done
 
 # ---------------------------------------------------------------- variants
 
-step "Running the variants: each broken design, then the real server doing the same"
+step "Running the variants: each broken design, then the real server and the minimal example doing the same"
 VERDICTS=()
-failed=0
+failed=0 # variants
+dead=0   # instances
 for n in "${SELECTED[@]}"; do
   i=$((n - 1))
   verdict_file="$TMP_DIR/verdict-$n"
+  minimal_file="$TMP_DIR/minimal-verdict-$n"
   rc=0
   with_timeout 120 "$EXAMPLES_DIR/${EXAMPLES[i]}" \
     --redis "$REDIS_URL_TO_USE" --redis-log "$TMP_DIR/redis/redis.log" \
     --real-http "127.0.0.1:${HTTP_PORTS[0]}" --real-ws "127.0.0.1:${WS_PORTS[0]}" \
-    --real-b-ws "127.0.0.1:${WS_PORTS[1]}" --verdict "$verdict_file" || rc=$?
+    --real-b-ws "127.0.0.1:${WS_PORTS[1]}" --verdict "$verdict_file" \
+    --minimal-http "127.0.0.1:${MINIMAL_HTTP_PORTS[0]}" \
+    --minimal-ws "127.0.0.1:${MINIMAL_WS_PORTS[0]}" \
+    --minimal-b-ws "127.0.0.1:${MINIMAL_WS_PORTS[1]}" \
+    --minimal-channel "$MINIMAL_CHANNEL" --minimal-verdict "$minimal_file" || rc=$?
   verdict="$(cat "$verdict_file" 2>/dev/null || true)"
+  minimal="$(cat "$minimal_file" 2>/dev/null || true)"
   if ((rc != 0)); then
     failed=$((failed + 1))
     [[ -n "$verdict" ]] || verdict="FAILED — examples/${EXAMPLES[i]}.rs exited with status $rc"
+    [[ -n "$minimal" ]] || minimal="NOT CHECKED — examples/${EXAMPLES[i]}.rs exited with status $rc"
   fi
   VERDICTS+=("$n. ${NAMES[i]}: $verdict")
+  VERDICTS+=("   minimal example: $minimal")
 done
 
 for i in 0 1; do
   if ! kill -0 "${PIDS[i]}" 2>/dev/null; then
-    failed=$((failed + 1))
+    dead=$((dead + 1))
     VERDICTS+=("the real instance ${IDS[i]} died during the demo: its log ends with $(tail -n 1 "$TMP_DIR/${IDS[i]}.log")")
+  fi
+  if ! kill -0 "${MINIMAL_PIDS[i]}" 2>/dev/null; then
+    dead=$((dead + 1))
+    VERDICTS+=("the minimal example's instance ${IDS[i]} died during the demo: its log ends with $(tail -n 1 "$TMP_DIR/minimal-${IDS[i]}.log")")
   fi
 done
 
 step "Verdicts"
 for line in "${VERDICTS[@]}"; do printf '%s\n' "$line"; done
 printf '\n'
-if ((failed == 0)); then
-  printf 'All %d broken designs showed their symptom, and the real server none (%d s after the build).\n' \
+if ((failed + dead == 0)); then
+  printf 'All %d broken designs showed their symptom, and the real server and the minimal example none (%d s after the build).\n' \
     "${#SELECTED[@]}" $((SECONDS - started))
 else
-  printf 'FAILED: %d of %d variants did not show what they should (see above).\n' "$failed" "${#SELECTED[@]}"
+  printf 'FAILED: %d of %d variants did not show what they should, %d instance(s) died (see above).\n' \
+    "$failed" "${#SELECTED[@]}" "$dead"
   exit 1
 fi

@@ -1,7 +1,9 @@
 //! The harness shared by the `examples/pitfall_*.rs` programs: their
-//! arguments, a chat client of the real server, timed HTTP requests, and
-//! the printing of results. Nothing in here is part of a lesson: the
-//! mistakes, and the lines marked `// PITFALL:`, are in each example.
+//! arguments, the working designs they check (the real server, and the
+//! minimal example `examples/minimal_chat.rs`), a chat client, timed HTTP
+//! requests, and the printing of results. Nothing in here is part of a
+//! lesson: the mistakes, and the lines marked `// PITFALL:`, are in each
+//! example.
 //!
 //! Every blocking call here has a timeout, so that a demo that goes wrong
 //! fails instead of hanging `./scripts/pitfall.sh`.
@@ -43,18 +45,147 @@ pub struct Args {
     /// The `--redis-prefix` of the real instances.
     #[arg(long, default_value = "chat")]
     pub real_prefix: String,
+    /// HTTP address of the minimal example (`examples/minimal_chat.rs`),
+    /// instance "a", on that Redis: the same check runs against it.
+    #[arg(long)]
+    pub minimal_http: Option<SocketAddr>,
+    /// WebSocket address of that instance.
+    #[arg(long)]
+    pub minimal_ws: Option<SocketAddr>,
+    /// WebSocket address of a second instance of the minimal example.
+    #[arg(long)]
+    pub minimal_b_ws: Option<SocketAddr>,
+    /// The `--channel` of the minimal example's instances.
+    #[arg(long, default_value = "minimal:chat")]
+    pub minimal_channel: String,
     /// The demo Redis's log file, to quote what it says.
     #[arg(long)]
     pub redis_log: Option<PathBuf>,
     /// Where to write the one-line verdict (for the script's summary).
     #[arg(long)]
     pub verdict: Option<PathBuf>,
+    /// Where to write the minimal example's one-line verdict.
+    #[arg(long)]
+    pub minimal_verdict: Option<PathBuf>,
 }
 
 impl Args {
-    /// The real instance's addresses, when the script gave them.
-    pub fn real(&self) -> Option<(SocketAddr, SocketAddr)> {
-        Some((self.real_http?, self.real_ws?))
+    /// The real server, when the script gave its addresses.
+    pub fn real(&self) -> Result<Target, String> {
+        match (self.real_http, self.real_ws) {
+            (Some(http), Some(ws)) => Ok(Target {
+                kind: Kind::Real,
+                http,
+                ws,
+                b_ws: self.real_b_ws,
+                channel: format!("{}:room:", self.real_prefix),
+                names: format!("{}:{}:", self.real_prefix, self.real_id),
+            }),
+            _ => Err("no real server given (--real-http, --real-ws)".into()),
+        }
+    }
+
+    /// The minimal example, when the script gave its addresses.
+    pub fn minimal(&self) -> Option<Target> {
+        Some(Target {
+            kind: Kind::Minimal,
+            http: self.minimal_http?,
+            ws: self.minimal_ws?,
+            b_ws: self.minimal_b_ws,
+            channel: self.minimal_channel.clone(),
+            names: format!("minimal:{}:", self.minimal_ws?.port()),
+        })
+    }
+}
+
+/// Which working design a check runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The real server (`src/`).
+    Real,
+    /// The minimal example (`examples/minimal_chat.rs`).
+    Minimal,
+}
+
+/// A working design, running: where to reach it, and how it names things.
+#[derive(Debug)]
+pub struct Target {
+    pub kind: Kind,
+    pub http: SocketAddr,
+    pub ws: SocketAddr,
+    /// A second instance on the same Redis.
+    pub b_ws: Option<SocketAddr>,
+    /// The real server's room channels' prefix, or the minimal example's
+    /// one channel.
+    channel: String,
+    /// What the names of its Redis connections start with.
+    names: String,
+}
+
+impl Target {
+    /// Its name in sentences.
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::Real => "the real server",
+            Kind::Minimal => "the minimal example",
+        }
+    }
+
+    /// Its label in the output, beside `broken`.
+    pub fn label(&self) -> &'static str {
+        match self.kind {
+            Kind::Real => "working",
+            Kind::Minimal => "minimal",
+        }
+    }
+
+    /// The frame after which a new client gets every message: the real
+    /// server's `presence` (joined, subscribed, history read), the minimal
+    /// example's `welcome` (it has neither rooms nor history).
+    pub fn joined(&self) -> &'static str {
+        match self.kind {
+            Kind::Real => "presence",
+            Kind::Minimal => "welcome",
+        }
+    }
+
+    /// The Redis channel of `room`: the real server has one per room
+    /// (`docs/PROTOCOL.md`), the minimal example one for everything.
+    pub fn channel(&self, room: &str) -> String {
+        match self.kind {
+            Kind::Real => format!("{}{{{room}}}", self.channel),
+            Kind::Minimal => self.channel.clone(),
+        }
+    }
+
+    /// What the names of its Redis connections start with (`CLIENT LIST`).
+    pub fn connection_names(&self) -> &str {
+        &self.names
+    }
+
+    /// A client of its first instance, joined: it gets every message from
+    /// now on.
+    pub fn join(&self, query: &str, recv_buffer: Option<usize>) -> Result<Client, String> {
+        Self::join_at(self.ws, self.joined(), query, recv_buffer)
+    }
+
+    /// A client of its second instance, joined.
+    pub fn join_b(&self, query: &str) -> Result<Client, String> {
+        let ws = self
+            .b_ws
+            .ok_or_else(|| format!("no second instance of {} given", self.name()))?;
+        Self::join_at(ws, self.joined(), query, None)
+    }
+
+    fn join_at(
+        ws: SocketAddr,
+        joined: &str,
+        query: &str,
+        recv_buffer: Option<usize>,
+    ) -> Result<Client, String> {
+        let mut client = Client::connect(ws, query, recv_buffer)?;
+        client.wait_for(joined)?;
+        Ok(client)
     }
 }
 
@@ -101,27 +232,56 @@ pub fn count(n: usize) -> String {
     out
 }
 
-/// Ends the example: writes the verdict for the script, prints it, and
-/// exits 0 when the lesson was shown (the broken design showed its
-/// symptom and the working design did not), 1 otherwise.
-pub fn finish(args: &Args, shown: bool, verdict: &str) -> ExitCode {
+/// The minimal example's side of a check: `None` when it was not run,
+/// `Ok(what it did)` when it showed no symptom, `Err(the symptom)`.
+pub type MinimalVerdict = Option<Result<String, String>>;
+
+/// Ends the example: writes the verdicts for the script (or prints them),
+/// and exits 0 when the lesson was shown (the broken design showed its
+/// symptom and the real server did not) and the minimal example, when run,
+/// showed no symptom either; 1 otherwise.
+pub fn finish(args: &Args, shown: bool, verdict: &str, minimal: MinimalVerdict) -> ExitCode {
     let verdict = if shown {
         format!("BROKEN as expected — {verdict}")
     } else {
         format!("NOT SHOWN — {verdict}")
     };
-    if let Some(path) = &args.verdict
-        && let Err(e) = std::fs::write(path, format!("{verdict}\n"))
-    {
-        eprintln!("cannot write the verdict to {}: {e}", path.display());
-    }
-    if args.verdict.is_none() {
-        println!("   verdict  {verdict}");
-    }
-    if shown {
+    write_verdict(args.verdict.as_ref(), "verdict", &verdict);
+    let clean = match minimal {
+        None => true,
+        Some(Ok(what)) => {
+            write_verdict(
+                args.minimal_verdict.as_ref(),
+                "minimal",
+                &format!("no symptom — {what}"),
+            );
+            true
+        }
+        Some(Err(symptom)) => {
+            write_verdict(
+                args.minimal_verdict.as_ref(),
+                "minimal",
+                &format!("SYMPTOM — {symptom}"),
+            );
+            false
+        }
+    };
+    if shown && clean {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// Writes a verdict line to `path` for the script, or prints it.
+fn write_verdict(path: Option<&PathBuf>, label: &str, verdict: &str) {
+    match path {
+        Some(path) => {
+            if let Err(e) = std::fs::write(path, format!("{verdict}\n")) {
+                eprintln!("cannot write the verdict to {}: {e}", path.display());
+            }
+        }
+        None => println!("   {label:<8} {verdict}"),
     }
 }
 
