@@ -371,12 +371,14 @@ impl<'a> MessageFrame<'a> {
     }
 
     /// With the X-ray: `received` says how instance `received_by` got the
-    /// message, `sent_us` when its frame for this client was made, just
-    /// before it is handed to the client's socket.
+    /// message, `queued_us` when its frame for this client was made and
+    /// entered the client's outbox, `sent_us` when its first byte was
+    /// handed to the client's socket.
     pub fn traced(
         message: &'a ChatMessage,
         received: Received,
         received_by: &'a str,
+        queued_us: u64,
         sent_us: u64,
     ) -> Self {
         MessageFrame {
@@ -387,6 +389,7 @@ impl<'a> MessageFrame<'a> {
                 accepted_ms: message.id.millis,
                 received_us: received.at_us,
                 received_by,
+                queued_us,
                 sent_us,
                 via: received.via,
             }),
@@ -411,7 +414,10 @@ pub struct Trace<'a> {
     /// `received_by` got it from its subscription (or from history).
     pub received_us: u64,
     pub received_by: &'a str,
-    /// The frame for this client was made and handed to its socket.
+    /// The frame for this client was made and entered its outbox.
+    pub queued_us: u64,
+    /// The frame's first byte was handed to this client's socket: after
+    /// any wait in the outbox (a full socket, a stalled tab).
     pub sent_us: u64,
     pub via: Via,
 }
@@ -1498,7 +1504,7 @@ mod tests {
             via: Via::Pubsub,
         };
         let traced =
-            ServerFrame::Message(MessageFrame::traced(&message, received, "b", 7)).to_json();
+            ServerFrame::Message(MessageFrame::traced(&message, received, "b", 5, 7)).to_json();
         let traced: serde_json::Value = serde_json::from_str(&traced).unwrap();
         assert_eq!(
             traced["trace"],
@@ -1506,7 +1512,7 @@ mod tests {
                 "typed_us": 1_764_080_000_000_100u64, "read_us": 1_764_080_000_000_200u64,
                 "read_by": "a", "accepted_ms": 1_764_080_000_000u64,
                 "received_us": 1_764_080_000_000_900u64, "received_by": "b",
-                "sent_us": 7, "via": "pubsub"
+                "queued_us": 5, "sent_us": 7, "via": "pubsub"
             })
         );
         // The stamps travel on the channel, so the receiving instance has them.

@@ -27,22 +27,6 @@ fn demo_pair(redis: &RedisServer, extra: &[&str]) -> (Instance, Instance) {
     (a, b)
 }
 
-/// The fault panel's token, as the page gets it: from `/config.json`,
-/// asked from this machine, straight, on the admin listener.
-fn demo_token(instance: &Instance) -> String {
-    let (_, config) = instance.admin_get("/config.json");
-    json(&config)["demo_token"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no demo_token in {config}"))
-        .to_string()
-}
-
-/// A fault panel request as the page makes it: with the token.
-fn demo_post(instance: &Instance, path: &str) -> (u16, String) {
-    let token = demo_token(instance);
-    http_post_with(instance.admin(), path, &[("X-Demo-Token", &token)])
-}
-
 fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
@@ -92,7 +76,7 @@ fn cutting_the_subscription_reports_down_then_up_and_catches_up() {
     let reconnects = a.metric("chat_redis_reconnects_total");
 
     // Without `seconds`, it reconnects at once.
-    let (status, body) = demo_post(&b, "/demo/cut-subscription");
+    let (status, body) = b.demo_post("/demo/cut-subscription");
     assert_eq!(status, 200, "{body}");
     let mut ignored = Vec::new();
     assert_eq!(
@@ -104,7 +88,7 @@ fn cutting_the_subscription_reports_down_then_up_and_catches_up() {
         "up"
     );
 
-    let (status, body) = demo_post(&a, "/demo/cut-subscription?seconds=2");
+    let (status, body) = a.demo_post("/demo/cut-subscription?seconds=2");
     assert_eq!(status, 200, "{body}");
     assert_eq!(json(&body)["ok"], true);
     let cut_at = Instant::now();
@@ -140,7 +124,7 @@ fn a_pause_holds_delivery_then_everything_arrives_in_order() {
     let mut reader = a.client("ann", "lobby");
     let mut writer = b.client("bob", "lobby");
 
-    let (status, body) = demo_post(&a, "/demo/pause-delivery?seconds=2");
+    let (status, body) = a.demo_post("/demo/pause-delivery?seconds=2");
     assert_eq!(status, 200, "{body}");
     let (_, stats) = a.admin_get("/stats");
     assert!(
@@ -171,7 +155,7 @@ fn a_stalled_client_is_dropped_as_a_slow_consumer_and_its_neighbours_get_everyth
     let mut writer = b.client("bob", "lobby");
     let id = stalled.welcome["client"].as_str().unwrap().to_string();
 
-    let (status, body) = demo_post(&a, &format!("/demo/stall-reading?client={id}&seconds=30"));
+    let (status, body) = a.demo_post(&format!("/demo/stall-reading?client={id}&seconds=30"));
     assert_eq!(status, 200, "{body}");
     let text = "x".repeat(300);
     for n in 0..30 {
@@ -203,7 +187,7 @@ fn a_short_stall_delivers_what_waited_in_order() {
     let mut writer = b.client("bob", "lobby");
     let id = stalled.welcome["client"].as_str().unwrap().to_string();
 
-    let (status, body) = demo_post(&a, &format!("/demo/stall-reading?client={id}&seconds=2"));
+    let (status, body) = a.demo_post(&format!("/demo/stall-reading?client={id}&seconds=2"));
     assert_eq!(status, 200, "{body}");
     for n in 0..5 {
         writer.send(&format!("w{n}"), &format!("w{n}"));
@@ -227,7 +211,7 @@ fn bad_requests_to_the_controls_say_what_is_wrong() {
         ("/demo/reboot", 404, "no demo control"),
     ];
     for (path, code, says) in cases {
-        let (status, body) = demo_post(&a, path);
+        let (status, body) = a.demo_post(path);
         assert_eq!(status, code, "{path}: {body}");
         assert!(body.contains(says), "{path}: {body}");
     }
@@ -268,7 +252,7 @@ fn stats_list_every_instance_that_is_up_with_its_clients() {
 fn the_controls_answer_only_the_page_of_this_machine_with_its_token() {
     let redis = RedisServer::start();
     let (a, _b) = demo_pair(&redis, &[]);
-    let token = demo_token(&a);
+    let token = a.demo_token();
     assert!(token.len() >= 32, "a token hard to guess: {token}");
     assert!(a.log().contains(&token), "the instance prints it at start");
     let path = "/demo/pause-delivery?seconds=1";
@@ -339,7 +323,10 @@ fn stalls_at_once_are_bounded() {
     let mut answers = Vec::new();
     for client in &clients {
         let id = client.welcome["client"].as_str().unwrap().to_string();
-        answers.push(demo_post(&a, &format!("/demo/stall-reading?client={id}&seconds=5")).0);
+        answers.push(
+            a.demo_post(&format!("/demo/stall-reading?client={id}&seconds=5"))
+                .0,
+        );
     }
     assert_eq!(&answers[..8], &[200; 8], "{answers:?}");
     assert_eq!(&answers[8..], &[429, 429], "{answers:?}");

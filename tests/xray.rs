@@ -2,9 +2,10 @@
 //! instance gets every hop of a message's path, in order, each stamped;
 //! history comes stamped `via: "history"`; a traced client in a room big
 //! enough to be sharded over the deliverers keeps its order; a client
-//! that did not ask gets exactly the frame it always got; and past
+//! that did not ask gets exactly the frame it always got; past
 //! `--max-traced-clients` a client that asks is told no and gets plain
-//! frames.
+//! frames; and a message that waited in a stalled tab's outbox is stamped
+//! "written" when it left the outbox, its wait a hop of its own.
 
 mod common;
 
@@ -38,6 +39,7 @@ fn assert_hops_in_order(trace: &Value, typed_us: u64, shown_us: u64) {
     let read = stamp(trace, "read_us");
     let accepted = stamp(trace, "accepted_ms") * 1000;
     let received = stamp(trace, "received_us");
+    let queued = stamp(trace, "queued_us");
     let sent = stamp(trace, "sent_us");
     assert!(typed_us <= read, "typed {typed_us} after read {read}");
     assert!(
@@ -49,7 +51,11 @@ fn assert_hops_in_order(trace: &Value, typed_us: u64, shown_us: u64) {
         "accepted {accepted} after received {received}"
     );
     assert!(read <= received, "read {read} after received {received}");
-    assert!(received <= sent, "received {received} after sent {sent}");
+    assert!(
+        received <= queued,
+        "received {received} after queued {queued}"
+    );
+    assert!(queued <= sent, "queued {queued} after sent {sent}");
     assert!(sent <= shown_us, "sent {sent} after shown {shown_us}");
 }
 
@@ -100,7 +106,12 @@ fn a_traced_client_on_another_instance_sees_every_hop_and_others_get_the_plain_f
     assert_eq!(trace["via"], "history");
     assert_eq!(trace["received_by"], "b");
     assert_eq!(trace["typed_us"], typed_us);
-    assert!(stamp(trace, "received_us") <= stamp(trace, "sent_us"));
+    assert!(stamp(trace, "received_us") <= stamp(trace, "queued_us"));
+    assert_eq!(
+        stamp(trace, "queued_us"),
+        stamp(trace, "sent_us"),
+        "history's first frames are written as they are made"
+    );
 }
 
 #[test]
@@ -128,7 +139,9 @@ fn a_traced_client_in_a_sharded_room_keeps_its_order_and_its_stamps() {
         assert_eq!(texts, expected, "in order");
         for message in &got {
             assert_eq!(message["trace"]["received_by"], "b", "{message}");
-            assert!(stamp(&message["trace"], "received_us") <= stamp(&message["trace"], "sent_us"));
+            let trace = &message["trace"];
+            assert!(stamp(trace, "received_us") <= stamp(trace, "queued_us"));
+            assert!(stamp(trace, "queued_us") <= stamp(trace, "sent_us"));
         }
     }
     for client in crowd.iter_mut().take(5) {
@@ -186,4 +199,57 @@ fn past_max_traced_clients_a_client_asking_for_the_x_ray_is_told_no_and_gets_pla
     assert_eq!(seen[0]["trace"]["via"], "history", "{seen:?}");
     assert_eq!(seen[1]["text"], "now traced");
     assert_eq!(seen[1]["trace"]["via"], "local", "{seen:?}");
+}
+
+#[test]
+fn a_message_that_waited_in_a_stalled_tabs_outbox_is_stamped_written_when_it_leaves() {
+    // "Stall this tab": the server stops writing to the traced client's
+    // socket for STALL_S seconds; a message sent meanwhile waits in its
+    // outbox.
+    const STALL_S: u64 = 3;
+    let solo = Instance::start("solo", &["--broker", "local", "--demo-controls"]);
+    let mut traced = Client::connect(solo.ws, "name=ann&room=lobby&trace=1");
+    let mut sender = solo.client("bob", "lobby");
+    let id = traced.welcome["client"].as_str().unwrap().to_string();
+    let (status, body) = solo.demo_post(&format!(
+        "/demo/stall-reading?client={id}&seconds={STALL_S}"
+    ));
+    assert_eq!(status, 200, "{body}");
+    let stalled_at = now_us();
+
+    let typed_us = now_us();
+    send_typed(&mut sender, "waited in the outbox", "w1", typed_us);
+    let seen = traced.recv_messages(1).remove(0);
+    let shown_us = now_us();
+    let trace = &seen["trace"];
+    assert_hops_in_order(trace, typed_us, shown_us);
+    let received = stamp(trace, "received_us");
+    let written = stamp(trace, "sent_us");
+    let stall_us = STALL_S * 1_000_000;
+    eprintln!(
+        "stalled {STALL_S} s: received +{} ms after the stall began, written +{} ms after \
+         received, shown +{} ms after written: {trace}",
+        received.saturating_sub(stalled_at) / 1000,
+        (written - received) / 1000,
+        (shown_us - written) / 1000
+    );
+    assert!(
+        written - received >= stall_us * 2 / 3,
+        "the wait in the outbox comes before \"written\": written {} ms after received \
+         (stall {STALL_S} s): {trace}",
+        (written - received) / 1000
+    );
+    assert!(
+        shown_us - written < stall_us / 3,
+        "after \"written\" comes only the way to the tab, not the stall: shown {} ms \
+         after written: {trace}",
+        (shown_us - written) / 1000
+    );
+    // The outbox wait is a hop of its own: from "queued" (in order, as
+    // checked above) to "written".
+    let queued = stamp(trace, "queued_us");
+    assert!(
+        queued - received < stall_us / 3,
+        "queued as soon as received, while the tab was stalled: {trace}"
+    );
 }

@@ -50,8 +50,16 @@ function traceHops(msg, mine, shownUs) {
         : 'received by the subscriber of instance ' + recvBy,
       clock: 'instance ' + recvBy + "'s clock" });
   }
+  // Servers before queued_us stamped sent_us when the frame was made, before
+  // any wait in the outbox: without it, that wait shows after "written".
+  if (isStamp(t.queued_us)) {
+    hops.push({ hop: 'queued', us: t.queued_us, label: "put in this tab's outbox by instance " + recvBy,
+      clock: 'instance ' + recvBy + "'s clock" });
+  }
   if (isStamp(t.sent_us)) {
-    hops.push({ hop: 'sent', us: t.sent_us, label: "written to this tab's socket by instance " + recvBy,
+    hops.push({ hop: 'sent', us: t.sent_us,
+      label: isStamp(t.queued_us) ? "taken from the outbox, written to this tab's socket by instance " + recvBy
+        : "written to this tab's socket by instance " + recvBy,
       clock: 'instance ' + recvBy + "'s clock" });
   }
   hops.push({ hop: 'shown', us: shownUs, label: 'shown in this tab', clock: "this tab's clock" });
@@ -144,6 +152,7 @@ export function buildXray(msg, mine, shownUs) {
   box.appendChild(list);
   box.appendChild(h('p', 'xray-note',
     'Every stamp is a wall-clock time read by the process named; here they all run on one machine, ' +
-    'so their clocks agree. Redis stamps whole milliseconds, so its hop may show up to 1 ms early.'));
+    'so their clocks agree. Redis stamps whole milliseconds, so its hop may show up to 1 ms early. ' +
+    'The time on the "written" row is the wait in the outbox: long when this tab was not reading (or stalled).'));
   return box;
 }

@@ -22,9 +22,11 @@
 //!   two messages reaches every client between them.
 //! - **The X-ray costs only those who asked.** A client that connected with
 //!   `trace=1` gets its message frames made for it alone, stamped when they
-//!   are handed to its socket; everyone else gets the shared batch, as
-//!   before. The traced frames go by the same shard and thread as the
-//!   shared ones, so a traced client's order holds the same way.
+//!   enter its outbox and again when their first byte is handed to its
+//!   socket (its outbox makes them again then); everyone else gets the
+//!   shared batch, as before. The traced frames go by the same shard and
+//!   thread as the shared ones, so a traced client's order holds the same
+//!   way.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -111,7 +113,7 @@ pub fn spawn_fanout(
                 let outcome = deliver_to(
                     &job.members,
                     &job.batch,
-                    job.traced.as_deref(),
+                    job.traced.as_ref(),
                     job.skip.as_deref(),
                     Some((job.shard, shards)),
                 );
@@ -285,7 +287,7 @@ impl Fanout {
         let shards = self.deliverers.len() + 1;
         let alone = members.len() < SHARD_MIN_MEMBERS && self.busy.load(Ordering::Acquire) == 0;
         if shards == 1 || alone {
-            deliver_to(&members, &batch, traced.as_deref(), skip.as_deref(), None)
+            deliver_to(&members, &batch, traced.as_ref(), skip.as_deref(), None)
                 .count(&self.metrics, messages);
             return;
         }
@@ -308,7 +310,7 @@ impl Fanout {
         deliver_to(
             &members,
             &batch,
-            traced.as_deref(),
+            traced.as_ref(),
             skip.as_deref(),
             Some((0, shards)),
         )
@@ -341,7 +343,7 @@ impl Outcome {
 fn deliver_to(
     members: &RoomMembers,
     batch: &Arc<Batch>,
-    traced: Option<&Traced>,
+    traced: Option<&Arc<Traced>>,
     skip: Option<&str>,
     shard: Option<(usize, usize)>,
 ) -> Outcome {
@@ -352,7 +354,7 @@ fn deliver_to(
     let mut outcome = Outcome::default();
     for member in members.iter().filter(|member| mine(member)) {
         let pushed = match traced {
-            Some(traced) if member.trace => member.outbox.deliver(&traced.batch()),
+            Some(traced) if member.trace => member.outbox.deliver_late(traced.frames()),
             _ => member.outbox.deliver(batch),
         };
         match pushed {

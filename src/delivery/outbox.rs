@@ -22,6 +22,12 @@
 //!   1008 instead, and nobody ever waits on its socket.
 //!
 //! The lock is held for one non-blocking send: microseconds.
+//!
+//! A client that asked for the X-ray gets its message frames as
+//! [`LateFrame`]s: each is made again right before a send may hand its
+//! first byte to the socket, so that its "written" stamp is the moment it
+//! left the outbox, after any wait in it. Everyone else's bytes are never
+//! touched.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -29,7 +35,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::protocol::{CloseReason, MessageId};
+use crate::protocol::{CloseReason, MessageId, WsBytes};
 use crate::sync::{Mutex, lock};
 
 /// Frames on their way to the clients of one room: one or more complete
@@ -73,6 +79,19 @@ impl Batch {
     pub fn last_id(&self) -> Option<MessageId> {
         self.frames.iter().rev().find_map(|&(id, _)| id)
     }
+}
+
+/// A frame whose bytes are made again each time a send may hand its first
+/// byte to the socket, until one does: what lets the X-ray stamp the
+/// moment a frame leaves the outbox (`sent_us`), however long it waited.
+/// A WebSocket frame's bytes cannot change once its first byte is out, so
+/// a frame the socket takes only part of keeps the stamp of that send,
+/// and its rest goes later, unchanged.
+pub trait LateFrame: Send + Sync + std::fmt::Debug {
+    /// The message it carries (for history's seam).
+    fn id(&self) -> MessageId;
+    /// The complete frame, stamped now.
+    fn render(&self) -> WsBytes;
 }
 
 /// Where an outbox's bytes go: a socket, and the flusher that waits on it.
@@ -133,11 +152,13 @@ enum Phase {
     Closed,
 }
 
-/// Bytes queued for the socket: a shared batch or the outbox's own.
+/// Bytes queued for the socket: a shared batch, the outbox's own, or a
+/// late frame with its bytes as last made.
 #[derive(Debug)]
 enum Chunk {
     Shared(Arc<Batch>),
     Own(Vec<u8>),
+    Late(Box<dyn LateFrame>, WsBytes),
 }
 
 impl Chunk {
@@ -145,7 +166,15 @@ impl Chunk {
         match self {
             Chunk::Shared(batch) => &batch.bytes,
             Chunk::Own(bytes) => bytes,
+            Chunk::Late(_, bytes) => bytes,
         }
+    }
+
+    /// A late frame, made now (to know its size; it is made again when
+    /// it is sent).
+    fn late(frame: Box<dyn LateFrame>) -> Self {
+        let bytes = frame.render();
+        Chunk::Late(frame, bytes)
     }
 }
 
@@ -231,6 +260,10 @@ impl<W: Wire> Outbox<W> {
                     Some(chunk) => chunk,
                     None => continue,
                 },
+                Chunk::Late(frame, bytes) if id_past_seam(&mut state.seam, frame.id()) => {
+                    Chunk::Late(frame, bytes)
+                }
+                Chunk::Late(..) => continue,
                 own => own,
             };
             self.append(&mut state, chunk);
@@ -244,18 +277,37 @@ impl<W: Wire> Outbox<W> {
         let mut state = lock(&self.state);
         if state.phase == Phase::Joining {
             // Filtered against history's seam when the client opens.
-            return self.push_locked(&mut state, Chunk::Shared(Arc::clone(batch)));
+            return self.push_one(&mut state, Chunk::Shared(Arc::clone(batch)));
         }
         match past_seam(&mut state.seam, batch) {
-            Some(chunk) => self.push_locked(&mut state, chunk),
+            Some(chunk) => self.push_one(&mut state, chunk),
             None => Pushed::Refused,
         }
+    }
+
+    /// Hands a client with the X-ray its frames of one delivery, each made
+    /// again right before its first byte is sent ([`LateFrame`]). They
+    /// count against the limit together, as one batch would.
+    pub fn deliver_late(&self, frames: Vec<Box<dyn LateFrame>>) -> Pushed {
+        let mut state = lock(&self.state);
+        let joining = state.phase == Phase::Joining;
+        let chunks: Vec<Chunk> = frames
+            .into_iter()
+            // While joining, filtered against history's seam at `open`.
+            .filter(|frame| joining || id_past_seam(&mut state.seam, frame.id()))
+            .map(Chunk::late)
+            .collect();
+        if chunks.is_empty() {
+            return Pushed::Refused;
+        }
+        let len = chunks.iter().map(|chunk| chunk.bytes().len()).sum();
+        self.push_locked(&mut state, chunks, len)
     }
 
     /// Hands the client frames of its own: a pong, an error, a ping.
     pub fn push(&self, bytes: Vec<u8>) -> Pushed {
         let mut state = lock(&self.state);
-        self.push_locked(&mut state, Chunk::Own(bytes))
+        self.push_one(&mut state, Chunk::Own(bytes))
     }
 
     /// Begins closing with `reason`: the Close frame goes last, and nothing
@@ -324,11 +376,22 @@ impl<W: Wire> Outbox<W> {
         lock(&self.state).queued_bytes
     }
 
-    fn push_locked(&self, state: &mut State, chunk: Chunk) -> Pushed {
+    fn push_one(&self, state: &mut State, chunk: Chunk) -> Pushed {
+        let len = chunk.bytes().len();
+        self.push_locked(state, [chunk], len)
+    }
+
+    /// Queues `chunks` (`len` bytes in all), and sends them if nothing was
+    /// queued before them.
+    fn push_locked(
+        &self,
+        state: &mut State,
+        chunks: impl IntoIterator<Item = Chunk>,
+        len: usize,
+    ) -> Pushed {
         if matches!(state.phase, Phase::Closing | Phase::Closed) {
             return Pushed::Refused;
         }
-        let len = chunk.bytes().len();
         // An empty outbox takes any one batch: the limit is about a client
         // falling behind, not about the size of what it is sent.
         if state.queued_bytes > 0 && state.queued_bytes + len > self.limit {
@@ -336,7 +399,9 @@ impl<W: Wire> Outbox<W> {
             return Pushed::Overflowed;
         }
         let was_empty = state.queue.is_empty();
-        self.append(state, chunk);
+        for chunk in chunks {
+            self.append(state, chunk);
+        }
         if state.phase == Phase::Open && was_empty {
             self.write_out(state);
             if state.queue.is_empty() {
@@ -379,6 +444,7 @@ impl<W: Wire> Outbox<W> {
             return;
         }
         while !state.queue.is_empty() {
+            restamp(state);
             let mut parts = [IoSlice::new(&[]); MAX_PARTS];
             let mut count = 0;
             for (part, pending) in parts.iter_mut().zip(&state.queue) {
@@ -422,6 +488,19 @@ impl<W: Wire> Outbox<W> {
     }
 }
 
+/// Makes again, stamped now, the late frames this send may begin: those
+/// among the parts it hands the socket with none of their bytes sent yet.
+/// One the socket does not reach is made again at the next send.
+fn restamp(state: &mut State) {
+    for pending in state.queue.iter_mut().take(MAX_PARTS) {
+        if let (Chunk::Late(frame, bytes), 0) = (&mut pending.chunk, pending.sent) {
+            let fresh = frame.render();
+            state.queued_bytes = state.queued_bytes - bytes.len() + fresh.len();
+            *bytes = fresh;
+        }
+    }
+}
+
 /// Takes `n` sent bytes off the front of the queue.
 fn consume(state: &mut State, mut n: usize) {
     state.queued_bytes -= n;
@@ -456,6 +535,19 @@ fn past_seam(seam: &mut Option<MessageId>, batch: &Arc<Batch>) -> Option<Chunk> 
         .flat_map(|(_, bytes)| bytes.iter().copied())
         .collect();
     (!rest.is_empty()).then_some(Chunk::Own(rest))
+}
+
+/// Whether a client still needs message `id`, given history's seam;
+/// clears the seam at the first message past it.
+fn id_past_seam(seam: &mut Option<MessageId>, id: MessageId) -> bool {
+    match *seam {
+        Some(limit) if id <= limit => false,
+        Some(_) => {
+            *seam = None;
+            true
+        }
+        None => true,
+    }
 }
 
 /// Asks for a call back when a socket is writable, and for a cut at a
@@ -640,6 +732,86 @@ mod tests {
         assert_eq!(outbox.wire.shut.load(Ordering::SeqCst), 1, "then the FIN");
     }
 
+    /// A late frame whose bytes are the time on `clock` when it was made,
+    /// as many times: its length changes with it.
+    #[derive(Debug)]
+    struct Stamped {
+        seq: u64,
+        clock: Arc<AtomicUsize>,
+    }
+
+    impl LateFrame for Stamped {
+        fn id(&self) -> MessageId {
+            MessageId {
+                millis: 1,
+                seq: self.seq,
+            }
+        }
+        fn render(&self) -> WsBytes {
+            let now = self.clock.load(Ordering::SeqCst);
+            vec![now as u8; now].into()
+        }
+    }
+
+    fn late(clock: &Arc<AtomicUsize>, ids: &[u64]) -> Vec<Box<dyn LateFrame>> {
+        ids.iter()
+            .map(|&seq| {
+                let clock = Arc::clone(clock);
+                Box::new(Stamped { seq, clock }) as Box<dyn LateFrame>
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_late_frame_is_made_when_its_first_byte_goes_and_never_after() {
+        // Full socket: queued, made (at 1) only to be counted.
+        let clock = Arc::new(AtomicUsize::new(1));
+        let outbox = Outbox::new(TestWire::with_room(0), 1000);
+        outbox.open(Vec::new(), None);
+        assert_eq!(outbox.deliver_late(late(&clock, &[1, 2])), Pushed::Queued);
+        assert_eq!(outbox.queued_bytes(), 2);
+
+        // The flusher sends at 2: both made again; the socket takes the
+        // first and one byte of the second.
+        clock.store(2, Ordering::SeqCst);
+        outbox.wire.room.store(3, Ordering::SeqCst);
+        outbox.flush();
+        assert_eq!(*outbox.wire.sent.lock().unwrap(), [2, 2, 2]);
+        assert_eq!(outbox.queued_bytes(), 1, "the rest of the second");
+
+        // Queued behind it at 3; sent at 4: the begun frame keeps its
+        // bytes, the new one is made again.
+        clock.store(3, Ordering::SeqCst);
+        assert_eq!(outbox.deliver_late(late(&clock, &[3])), Pushed::Queued);
+        assert_eq!(outbox.queued_bytes(), 1 + 3);
+        clock.store(4, Ordering::SeqCst);
+        outbox.wire.room.store(100, Ordering::SeqCst);
+        outbox.flush();
+        assert_eq!(*outbox.wire.sent.lock().unwrap(), [2, 2, 2, 2, 4, 4, 4, 4]);
+        assert_eq!(outbox.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn late_frames_skip_what_history_sent_like_shared_ones() {
+        let clock = Arc::new(AtomicUsize::new(1));
+        let outbox = Outbox::new(TestWire::with_room(1000), 1000);
+        assert_eq!(outbox.deliver_late(late(&clock, &[1, 2])), Pushed::Queued);
+        outbox.open(b"W".to_vec(), Some(MessageId { millis: 1, seq: 2 }));
+        assert_eq!(
+            *outbox.wire.sent.lock().unwrap(),
+            b"W",
+            "1 and 2 were history"
+        );
+        assert_eq!(outbox.deliver_late(late(&clock, &[2])), Pushed::Refused);
+        assert_eq!(outbox.deliver_late(late(&clock, &[2, 3])), Pushed::Sent);
+        assert_eq!(*outbox.wire.sent.lock().unwrap(), b"W\x01");
+        assert_eq!(
+            outbox.deliver_late(late(&clock, &[1])),
+            Pushed::Sent,
+            "past the seam"
+        );
+    }
+
     #[test]
     fn passing_the_limit_closes_as_slow_consumer_but_the_close_gets_through() {
         let outbox = Outbox::new(TestWire::with_room(0), 10);
@@ -655,8 +827,9 @@ mod tests {
 }
 
 /// The model test: every interleaving of deliverers, the reader, a closer
-/// and the flusher, explored by loom over the real outbox. Run with
-/// `RUSTFLAGS="--cfg loom" cargo test --release --lib loom`.
+/// and the flusher, explored by loom over the real outbox, with a traced
+/// client's late frame among the deliveries (never made again once begun).
+/// Run with `RUSTFLAGS="--cfg loom" cargo test --release --lib loom`.
 #[cfg(all(test, loom))]
 mod loom_model {
     use super::*;
@@ -668,7 +841,9 @@ mod loom_model {
         writable_wanted: AtomicBool,
     }
 
-    const ROOM: usize = 5;
+    /// Past the first text frame (4 bytes), the socket takes the header and
+    /// one byte of the next: a late frame begun is cut past its length.
+    const ROOM: usize = 7;
 
     impl Wire for ModelWire {
         fn send(&self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
@@ -698,8 +873,13 @@ mod loom_model {
     fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
         let mut frames = Vec::new();
         while !bytes.is_empty() {
+            assert!(bytes.len() >= 2, "a frame cut short: {bytes:?}");
             let opcode = bytes[0] & 0x0f;
             let len = usize::from(bytes[1] & 0x7f);
+            assert!(
+                bytes.len() >= 2 + len && [0x1, 0x8].contains(&opcode),
+                "frames cut short or mixed with others: {bytes:?}"
+            );
             frames.push((opcode, bytes[2..2 + len].to_vec()));
             bytes = &bytes[2 + len..];
         }
@@ -711,6 +891,22 @@ mod loom_model {
         let mut batch = Batch::default();
         batch.push(Some(MessageId { millis: 1, seq }), &frame);
         Arc::new(batch)
+    }
+
+    /// A late frame (a traced client's) whose length changes each time it
+    /// is made: `m2`, `m2.`, `m2..`... If a begun frame were made again,
+    /// the peer would read the length of one and the bytes of another.
+    #[derive(Debug, Default)]
+    struct Remade(std::sync::atomic::AtomicUsize);
+
+    impl LateFrame for Remade {
+        fn id(&self) -> MessageId {
+            MessageId { millis: 1, seq: 2 }
+        }
+        fn render(&self) -> WsBytes {
+            let made = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::protocol::ws_text_frame(format!("m2{}", ".".repeat(made % 100)))
+        }
     }
 
     #[test]
@@ -728,7 +924,7 @@ mod loom_model {
                 let outbox = outbox.clone();
                 loom::thread::spawn(move || {
                     outbox.deliver(&text(1));
-                    outbox.deliver(&text(2));
+                    outbox.deliver_late(vec![Box::new(Remade::default())]);
                 })
             };
             let closer = {
@@ -764,9 +960,13 @@ mod loom_model {
                 Some(frames.len() - 1),
                 "one Close, last: {frames:?}"
             );
+            // The late frame, whichever time it was made, reads as `m2`.
             let texts: Vec<_> = frames[..frames.len() - 1]
                 .iter()
-                .map(|(_, payload)| payload.clone())
+                .map(|(_, payload)| match payload.strip_prefix(b"m2") {
+                    Some(dots) if dots.iter().all(|&b| b == b'.') => b"m2".to_vec(),
+                    _ => payload.clone(),
+                })
                 .collect();
             let allowed: [&[&[u8]]; 3] = [&[], &[b"m1"], &[b"m1", b"m2"]];
             assert!(

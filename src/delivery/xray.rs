@@ -1,18 +1,21 @@
 //! The X-ray (`trace=1` on the WebSocket URL): a client that asks gets
 //! each message with its path (sent, accepted by Redis, received by this
-//! instance, handed to its socket), to watch a message travel. Everything
-//! the X-ray adds is here, behind three calls: [`Slots::take`] when a
-//! client joins (at most `--max-traced-clients` have it), [`history_frame`]
-//! for the messages of its first frames, and [`Traced`] for the fan-out,
-//! which makes a traced member's frames for it alone. Everyone else gets
-//! the shared, untouched bytes.
+//! instance, queued in its outbox, handed to its socket), to watch a
+//! message travel. Everything the X-ray adds is here, behind three calls:
+//! [`Slots::take`] when a client joins (at most `--max-traced-clients`
+//! have it), [`history_frame`] for the messages of its first frames, and
+//! [`Traced`] for the fan-out, which makes a traced member's frames for it
+//! alone: [`LateFrame`]s, made again by the outbox right before their
+//! first byte goes to the socket, so that "written" is stamped when the
+//! frame leaves the outbox, after any wait there (a full socket, a stalled
+//! tab). Everyone else gets the shared, untouched bytes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::clock;
-use crate::delivery::outbox::Batch;
-use crate::protocol::{ChatMessage, MessageFrame, Received, ServerFrame};
+use crate::delivery::outbox::LateFrame;
+use crate::protocol::{ChatMessage, MessageFrame, MessageId, Received, ServerFrame, WsBytes};
 
 /// The X-ray's places: at most `max` clients of this instance have it.
 pub struct Slots {
@@ -51,7 +54,9 @@ impl Drop for Slot<'_> {
 }
 
 /// A history message as a client's first frames carry it: with its path
-/// if the client has the X-ray, plain otherwise.
+/// if the client has the X-ray, plain otherwise. The first frames are
+/// written as soon as they are made, so "queued" and "written" are both
+/// stamped now.
 pub fn history_frame(
     message: &ChatMessage,
     received: Received,
@@ -59,7 +64,8 @@ pub fn history_frame(
     trace: bool,
 ) -> Vec<u8> {
     let frame = if trace {
-        MessageFrame::traced(message, received, instance, clock::wall_micros())
+        let now = clock::wall_micros();
+        MessageFrame::traced(message, received, instance, now, now)
     } else {
         MessageFrame::plain(message)
     };
@@ -67,7 +73,8 @@ pub fn history_frame(
 }
 
 /// One room's share of a delivery, kept for its members that asked for
-/// the X-ray: their frames are made one by one, each with its own stamp.
+/// the X-ray: their frames are made one by one, each with its own stamps.
+#[derive(Debug)]
 pub struct Traced {
     received_by: Arc<str>,
     messages: Vec<(ChatMessage, Received)>,
@@ -82,15 +89,46 @@ impl Traced {
         }
     }
 
-    /// The batch for one traced member, stamped now.
-    pub fn batch(&self) -> Arc<Batch> {
-        let mut batch = Batch::default();
-        for (message, received) in &self.messages {
-            let frame =
-                MessageFrame::traced(message, *received, &self.received_by, clock::wall_micros());
-            batch.push(Some(message.id), &ServerFrame::Message(frame).to_ws_bytes());
-        }
-        Arc::new(batch)
+    /// The frames for one traced member, queued now: their outbox stamps
+    /// each "written" when it sends it.
+    pub fn frames(self: &Arc<Self>) -> Vec<Box<dyn LateFrame>> {
+        let queued_us = clock::wall_micros();
+        (0..self.messages.len())
+            .map(|index| {
+                Box::new(TracedFrame {
+                    traced: Arc::clone(self),
+                    index,
+                    queued_us,
+                }) as Box<dyn LateFrame>
+            })
+            .collect()
+    }
+}
+
+/// One message of a [`Traced`] delivery, for one member.
+#[derive(Debug)]
+struct TracedFrame {
+    traced: Arc<Traced>,
+    index: usize,
+    /// When it entered the member's outbox.
+    queued_us: u64,
+}
+
+impl LateFrame for TracedFrame {
+    fn id(&self) -> MessageId {
+        self.traced.messages[self.index].0.id
+    }
+
+    fn render(&self) -> WsBytes {
+        let (message, received) = &self.traced.messages[self.index];
+        let frame = MessageFrame::traced(
+            message,
+            *received,
+            &self.traced.received_by,
+            self.queued_us,
+            clock::wall_micros(),
+        );
+        ServerFrame::Message(frame).to_ws_bytes()
     }
 }
 

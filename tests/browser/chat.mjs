@@ -79,15 +79,17 @@
 // ?trace=1, bob on B turns it on with the toggle (a smooth reconnection,
 // with trace=1 in the WebSocket query); bob's message, read by B and shown
 // on A, shows on alice's page every hop in order (typed in bob's tab, read
-// by B, accepted by Redis, received by A's subscriber, written to alice's
-// socket, shown), each with a time, non-decreasing (the whole-ms Redis
+// by B, accepted by Redis, received by A's subscriber, queued in alice's
+// outbox, written to her socket, shown), each with a time, non-decreasing (the whole-ms Redis
 // stamp may be up to 1 ms early). The instances view lists both, alice's
 // marked. The fault panel, each button in turn, from alice's page: cut A's
 // subscription while bob sends a steady stream (alice's page shows paused
 // then connected, and every message once, in order, some caught up from
-// history); pause A's delivery for 3 s (bob's message arrives only after);
-// stall alice's tab (A drops it as a slow consumer, the page says so,
-// reconnects and catches up). Saves DIR/lab-*.png.
+// history); pause A's delivery for 3 s (bob's message arrives only after,
+// its wait before "queued"); stall alice's tab for 2 s (bob's message waits
+// in A's outbox: its X-ray shows the wait between "queued" and "written",
+// not after "written"); stall alice's tab for good (A drops it as a slow
+// consumer, the page says so, reconnects and catches up). Saves DIR/lab-*.png.
 //
 //   node tests/browser/chat.mjs --scenario older-history --a http://127.0.0.1:PORT_A \
 //        --b http://127.0.0.1:PORT_B --room <room> --count <n> --out <dir>
@@ -1402,9 +1404,10 @@ function checkLargeRoomFrames(page, label, room) {
 
 // ------------------------------------------------------------ lab: X-ray and fault panel
 
-const HOPS = ['typed', 'read', 'accepted', 'received', 'sent', 'shown'];
+const HOPS = ['typed', 'read', 'accepted', 'received', 'queued', 'sent', 'shown'];
 const CUT_MS = 30_000; // a cut subscription to go down and come back, seen by the page
 const PAUSE_S = 3;
+const SHORT_STALL_S = 2; // a stall that ends before anything overflows
 const STALL_S = 30; // longer than the test needs: the drop must come from the full buffer
 const STALL_MESSAGES = 6; // each ~2 KB: more than A's --client-buffer-bytes 8192
 
@@ -1592,14 +1595,16 @@ async function mainLab(opts, logs, state) {
   await waitForMessage(alice, 'alice', { text: probe, from: 'bob' });
   await waitForMessage(bob, 'bob', { text: probe, from: 'bob' });
   const onAlice = await xrayOf(alice, probe);
-  const us = checkXray("alice's X-ray", onAlice, {
+  const fromBobOnAlice = {
     typed: /^typed in bob's tab$/,
     read: new RegExp(`^read by instance ${idB}$`),
     accepted: /Redis/,
     received: new RegExp(`^received by the subscriber of instance ${idA}$`),
+    queued: new RegExp(`outbox by instance ${idA}$`),
     sent: new RegExp(`socket by instance ${idA}$`),
     shown: /^shown in this tab$/,
-  });
+  };
+  const us = checkXray("alice's X-ray", onAlice, fromBobOnAlice);
   if (onAlice.via !== 'pubsub') fail(`alice's X-ray says via ${JSON.stringify(onAlice.via)}, expected pubsub`);
   if (onAlice.open || !onAlice.summaryShown) fail(`the X-ray should be one compact line, closed until clicked: ${JSON.stringify({ open: onAlice.open, summary: onAlice.summaryShown })}`);
   ok(`alice's X-ray of bob's message: ${onAlice.hops.map((h) => `${h.hop} ${h.time} ${h.delta}`.trim()).join(' | ')} (total ${(us.shown - us.typed) / 1000} ms)`);
@@ -1609,6 +1614,7 @@ async function mainLab(opts, logs, state) {
     read: new RegExp(`^read by instance ${idB}$`),
     accepted: /Redis/,
     received: new RegExp(`^received by the subscriber of instance ${idB}$`),
+    queued: new RegExp(`outbox by instance ${idB}$`),
     sent: new RegExp(`socket by instance ${idB}$`),
     shown: /^shown in this tab$/,
   });
@@ -1720,10 +1726,27 @@ async function mainLab(opts, logs, state) {
   await waitForMessage(alice, 'alice', { text: held, from: 'bob' });
   const heldX = await xrayOf(alice, held);
   const heldUs = Object.fromEntries(heldX.hops.map((h) => [h.hop, Number(h.us)]));
-  if (heldUs.sent < until * 1000 - 1000) fail(`A wrote ${JSON.stringify(held)} to alice at ${heldUs.sent} µs, before the pause ended at ${until} ms`);
-  ok(`pause: ${JSON.stringify(countdown)}; bob's message waited and reached alice ${((heldUs.sent - heldUs.received) / 1e6).toFixed(2)} s after A received it, once delivery resumed${early ? ' (not shown before)' : ''}`);
+  if (heldUs.queued < until * 1000 - 1000) fail(`A queued ${JSON.stringify(held)} for alice at ${heldUs.queued} µs, before the pause ended at ${until} ms`);
+  ok(`pause: ${JSON.stringify(countdown)}; bob's message waited and was queued for alice ${((heldUs.queued - heldUs.received) / 1e6).toFixed(2)} s after A received it, once delivery resumed${early ? ' (not shown before)' : ''}`);
 
-  // 4c. Stall alice's tab: A drops it as a slow consumer; the page says so,
+  // 4c. Stall alice's tab for a moment: bob's message waits in A's outbox
+  // for her, and her X-ray shows that wait on its "written" row (from
+  // "queued" to "written"), not between "written" and "shown".
+  await pressFault(alice, 'stall', SHORT_STALL_S);
+  const waited = 'sent while alice was stalled';
+  await typeAndSend(bob, waited);
+  await waitForMessage(bob, 'bob', { text: waited, from: 'bob' });
+  await waitForMessage(alice, 'alice', { text: waited, from: 'bob' });
+  const waitedX = await xrayOf(alice, waited);
+  const waitedUs = checkXray("alice's X-ray after a stall", waitedX, fromBobOnAlice);
+  const stallUs = SHORT_STALL_S * 1e6;
+  if (waitedUs.sent - waitedUs.queued < stallUs / 2) fail(`alice's X-ray shows ${(waitedUs.sent - waitedUs.queued) / 1000} ms in the outbox during a ${SHORT_STALL_S} s stall: ${JSON.stringify(waitedX.hops)}`);
+  if (waitedUs.shown - waitedUs.sent > stallUs / 2) fail(`alice's X-ray shows ${(waitedUs.shown - waitedUs.sent) / 1000} ms from "written" to "shown" after a stall: the wait is put after the socket: ${JSON.stringify(waitedX.hops)}`);
+  const writtenRow = waitedX.hops.find((h) => h.hop === 'sent');
+  if (!/^\+\d+\.\d\d s$/.test(writtenRow.delta)) fail(`the "written" row shows ${JSON.stringify(writtenRow.delta)}, expected the outbox wait in seconds`);
+  ok(`short stall: ${waitedX.hops.map((h) => `${h.hop} ${h.delta}`.trim()).join(' | ')}`);
+
+  // 4d. Stall alice's tab: A drops it as a slow consumer; the page says so,
   // reconnects and catches up.
   await pressFault(alice, 'stall', STALL_S);
   const stalled = await alice.getByTestId('fault-status').textContent();

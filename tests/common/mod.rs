@@ -278,6 +278,25 @@ impl Instance {
         http_get(self.admin(), path)
     }
 
+    /// The fault panel's token, as the page gets it: from `/config.json`,
+    /// asked from this machine, straight, on the admin listener.
+    pub fn demo_token(&self) -> String {
+        let (_, config) = self.admin_get("/config.json");
+        let config: Value = serde_json::from_str(&config)
+            .unwrap_or_else(|e| panic!("/config.json is not JSON ({e}): {config}"));
+        config["demo_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no demo_token in {config}"))
+            .to_string()
+    }
+
+    /// A fault panel request (`--demo-controls`) as the page makes it:
+    /// with the token.
+    pub fn demo_post(&self, path: &str) -> (u16, String) {
+        let token = self.demo_token();
+        http_post_with(self.admin(), path, &[("X-Demo-Token", &token)])
+    }
+
     /// Waits for `/readyz` to answer 200.
     pub fn wait_ready(&self) {
         wait_for(&format!("{} to be ready", self.id), || {
