@@ -40,9 +40,10 @@ const PAGE: usize = 500;
 /// differ a little).
 const PLAUSIBLE_CLOCK_SKEW_MS: u64 = 60_000;
 
-/// Per room, the last id forwarded to this instance's fan-out (so delivered to its clients): where a
-/// catch-up resumes. Shared by the subscribers of a cluster's shards,
-/// because a room whose slot moves is caught up by the shard it moves to.
+/// Per room, the last id forwarded to this instance's fan-out (so
+/// delivered to its clients): where a catch-up resumes. Shared by the
+/// subscribers of a cluster's shards, because a room whose slot moves is
+/// caught up by the shard it moves to.
 #[derive(Default)]
 pub struct ResumePoints(Mutex<HashMap<String, MessageId>>);
 

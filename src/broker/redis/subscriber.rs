@@ -260,6 +260,12 @@ impl Subscriber {
         true
     }
 
+    /// One life of the subscription: opens the subscribed connection,
+    /// subscribes to every room this instance has clients in, catches
+    /// each up on what it missed, then receives for ever: each push read
+    /// (`next_push`, blocking) is taken (`take`) and forwarded to the
+    /// fan-out. Returns when the connection fails; `run`
+    /// waits out the backoff and calls it again (`again`).
     pub(crate) fn subscribe_and_receive(
         &mut self,
         first_attempt_tx: &Sender<()>,
