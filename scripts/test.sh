@@ -98,6 +98,11 @@ if ((${#filters[@]} > 1)); then
   die "one name filter at a time (got: ${filters[*]}); test files may be several"
 fi
 
+# The tests' temporary files go to a directory of this run's own, which
+# must be empty at the end: a test suite leaves nothing behind.
+run_tmp="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-chat-test-run.XXXXXX")"
+export TMPDIR="$run_tmp"
+
 rc=0
 if ((${#files[@]})); then
   command=(cargo test "${cargo_opts[@]}" "${files[@]}")
@@ -130,6 +135,13 @@ if ((rc == 0 && full)); then
   RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="$REPO_ROOT/target/loom" \
     cargo test --release --lib loom || rc=$?
 fi
+leftovers="$(find "$run_tmp" -mindepth 1 -maxdepth 1 -printf '    %f\n' | head -n 20)"
+if [[ -n "$leftovers" ]]; then
+  warn "the tests left these behind in the temporary directory ($run_tmp):"
+  printf '%s\n' "$leftovers" >&2
+  ((rc != 0)) || rc=1
+fi
+rm -rf "$run_tmp"
 took="$((SECONDS / 60)) min $((SECONDS % 60)) s"
 if ((rc == 0)); then
   step "All tests passed (in $took)"

@@ -87,15 +87,35 @@ impl Shards {
         Ok(first_attempts)
     }
 
+    /// Starts one shard's two threads: its catch-up thread (history a room
+    /// missed) and its subscriber thread, which owns the subscribed
+    /// connection. Returns what says when the subscriber's first attempt
+    /// is over.
     fn start(self: &Arc<Self>, shard: usize) -> Result<Receiver<()>, String> {
-        let cluster = self.topology.is_some();
-        let name = |role: &str| {
-            if cluster {
-                format!("{role}{shard}")
-            } else {
-                role.to_string()
-            }
-        };
+        let catch_up = self.spawn_catch_up(shard)?;
+        self.spawn_subscriber(shard, catch_up)
+    }
+
+    /// The thread name of a role in this shard: `redis-sub`, or
+    /// `redis-sub-N` in a cluster.
+    fn thread_name(&self, role: &str, shard: usize) -> String {
+        match &self.topology {
+            Some(_) => format!("redis-{role}-{shard}"),
+            None => format!("redis-{role}"),
+        }
+    }
+
+    /// The name of a role's Redis connection in this shard: `sub`, or
+    /// `subN` in a cluster.
+    fn role_name(&self, role: &str, shard: usize) -> String {
+        match &self.topology {
+            Some(_) => format!("{role}{shard}"),
+            None => role.to_string(),
+        }
+    }
+
+    /// The catch-up thread of `shard`, on a command link of its own.
+    fn spawn_catch_up(self: &Arc<Self>, shard: usize) -> Result<Arc<CatchUp>, String> {
         let (catch_up, jobs_rx) = CatchUp::new(
             shard,
             self.events_tx.clone(),
@@ -105,9 +125,10 @@ impl Shards {
             self.metrics.clone(),
         );
         let link = match &self.topology {
-            Some(topology) => self
-                .links
-                .to_shard(topology.clone(), shard, &name("catch-up")),
+            Some(topology) => {
+                self.links
+                    .to_shard(topology.clone(), shard, &self.role_name("catch-up", shard))
+            }
             None => self.links.link("catch-up"),
         };
         let refresher = self.clone();
@@ -121,27 +142,34 @@ impl Shards {
             refresh_topology: Box::new(move || refresher.refresh_topology()),
             backoff: Backoff::new(self.settings.max_backoff),
         };
-        let thread_name = |role: &str| {
-            if cluster {
-                format!("redis-{role}-{shard}")
-            } else {
-                format!("redis-{role}")
-            }
-        };
         self.supervisor
-            .spawn(&thread_name("catch-up"), move || catch_up_thread.run())
+            .spawn(&self.thread_name("catch-up", shard), move || {
+                catch_up_thread.run()
+            })
             .map_err(|e| format!("cannot start a redis catch-up thread: {e}"))?;
+        Ok(catch_up)
+    }
+
+    /// The subscriber thread of `shard`: the subscribed connection's own
+    /// thread, which blocks on it and does nothing else (the blocking-
+    /// subscription pitfall). It runs [`Subscriber::subscribe_and_receive`]
+    /// again after each failure.
+    fn spawn_subscriber(
+        self: &Arc<Self>,
+        shard: usize,
+        catch_up: Arc<CatchUp>,
+    ) -> Result<Receiver<()>, String> {
         let subscriber = Subscriber {
             shard,
-            name: self.settings.connection_name(&name("sub")),
-            writer_thread: format!("{}-write", thread_name("sub")),
+            name: self.settings.connection_name(&self.role_name("sub", shard)),
+            writer_thread: format!("{}-write", self.thread_name("sub", shard)),
             shards: self.clone(),
             catch_up,
             backoff: Backoff::new(self.settings.max_backoff),
         };
         let (first_attempt_tx, first_attempt_rx) = crossbeam_channel::bounded(1);
         self.supervisor
-            .spawn(&thread_name("sub"), move || {
+            .spawn(&self.thread_name("sub", shard), move || {
                 subscriber.run(&first_attempt_tx)
             })
             .map_err(|e| format!("cannot start the redis subscriber thread: {e}"))?;
