@@ -206,9 +206,16 @@ fn slowloris_sockets_are_closed_at_the_handshake_timeout_and_free_their_threads(
         );
     }
     assert!(a.metric("chat_handshake_timeouts_total") >= 220.0);
-    wait_for("threads back to baseline + the bystander's two", || {
-        a.metric("chat_process_threads") <= baseline + 2.0
-    });
+    let deadline = Instant::now() + TIMEOUT;
+    while a.metric("chat_process_threads") > baseline + 2.0 {
+        // Which threads are left says whose they are, if this ever fails.
+        assert!(
+            Instant::now() < deadline,
+            "threads not back to {baseline} + the bystander's two: {}",
+            thread_names(a.pid())
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
     assert_still_served(&mut bystander, "unbothered");
 }
 
@@ -677,4 +684,21 @@ fn the_send_timeout_is_kept_however_long_the_ping_interval() {
         log.contains("nothing read for"),
         "dropped for its send timeout, not its buffer: {log}"
     );
+}
+
+/// The names of process `pid`'s threads, counted: `session x 3, fan-out x 1`.
+fn thread_names(pid: u32) -> String {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    for task in tasks.flatten() {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        *counts.entry(name.trim().to_string()).or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|(name, n)| format!("{name} x {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
