@@ -197,6 +197,7 @@ fn main() -> ExitCode {
         )),
         None => Err("/healthz did not answer within 1 s with 2 clients waiting".to_string()),
     });
+    let broken = hung.is_some();
     let (shown, verdict) = match (hung, answered) {
         (Some(hang), Some(slowest)) => (
             true,
@@ -215,7 +216,7 @@ fn main() -> ExitCode {
             "the real server did not answer /healthz within 1 s".to_string(),
         ),
     };
-    finish(&args, shown, &verdict, minimal)
+    finish(&args, broken, shown, &verdict, minimal)
 }
 
 /// Runs [`working`] against `target` and prints what it did: the slowest

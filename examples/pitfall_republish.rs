@@ -241,5 +241,11 @@ fn main() -> ExitCode {
             "the real server did not deliver exactly one copy to each client".to_string(),
         ),
     };
-    finish(&args, shown, &verdict, minimal)
+    finish(
+        &args,
+        multiplied.is_some_and(|copies| copies > 1),
+        shown,
+        &verdict,
+        minimal,
+    )
 }

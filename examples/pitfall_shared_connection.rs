@@ -169,6 +169,7 @@ fn main() -> ExitCode {
             "a client's message came back through Redis; it publishes on a connection of its own (examples/minimal_chat.rs)".to_string()
         })
     });
+    let broken = refused.is_some();
     let (shown, verdict) = match (refused, worked) {
         (Some(error), true) => (
             true,
@@ -185,5 +186,5 @@ fn main() -> ExitCode {
             "the real server did not deliver a message through Redis".to_string(),
         ),
     };
-    finish(&args, shown, &verdict, minimal)
+    finish(&args, broken, shown, &verdict, minimal)
 }

@@ -313,7 +313,15 @@ fn main() -> ExitCode {
     );
     let mut con = match redis_connection(&args.redis) {
         Ok(con) => con,
-        Err(e) => return finish(&args, false, &format!("cannot reach Redis: {e}"), None),
+        Err(e) => {
+            return finish(
+                &args,
+                false,
+                false,
+                &format!("cannot reach Redis: {e}"),
+                None,
+            );
+        }
     };
     let old: Vec<String> = redis::cmd("CONFIG")
         .arg("GET")
@@ -326,7 +334,13 @@ fn main() -> ExitCode {
         .arg(LIMIT)
         .exec(&mut con);
     if let Err(e) = set {
-        return finish(&args, false, &format!("CONFIG SET refused: {e}"), None);
+        return finish(
+            &args,
+            false,
+            false,
+            &format!("CONFIG SET refused: {e}"),
+            None,
+        );
     }
     say(
         "setup",
@@ -403,16 +417,20 @@ fn main() -> ExitCode {
     });
     let (b, w) = match (broken, real) {
         (Ok(b), Ok(w)) => (b, w),
+        (Ok(b), Err(_)) if args.real().is_err() => {
+            return finish(&args, stalled_and_lost(&b), false, "", None);
+        }
         _ => {
             return finish(
                 &args,
+                false,
                 false,
                 "a side of the demo failed (see above)",
                 minimal,
             );
         }
     };
-    let symptom = b.stalled_at < MESSAGES && b.cut_at.is_some() && b.delivered.0 < MESSAGES;
+    let symptom = stalled_and_lost(&b);
     let summary = format!(
         "one stuck client stalled the others at {} of {}, Redis cut the subscriber, {} lost; the real server: {} of {} delivered, the stuck client closed {}, its subscription kept (src/delivery/fanout.rs, src/delivery/outbox.rs)",
         count(b.stalled_at),
@@ -433,7 +451,13 @@ fn main() -> ExitCode {
             format!("the real server showed a symptom: {summary}"),
         ),
     };
-    finish(&args, shown, &verdict, minimal)
+    finish(&args, symptom, shown, &verdict, minimal)
+}
+
+/// The broken design's symptom: the stuck client stalled the others, Redis
+/// cut the subscriber, and messages were lost.
+fn stalled_and_lost(b: &Broken) -> bool {
+    b.stalled_at < MESSAGES && b.cut_at.is_some() && b.delivered.0 < MESSAGES
 }
 
 /// No symptom: every reader got every message, the subscription held, and

@@ -19,15 +19,17 @@ The message's id is made from the clock, <milliseconds>-0: a tab shows
 messages in id order and drops one whose id is not past the last it has
 (its history included), so a hand-written id such as 0-1 shows nothing.
 
-  --redis-url URL   the Redis the instances use (default: $REDIS_URL, or
-                    redis://127.0.0.1:6379, which ./scripts/run_two.sh starts)
+  --redis-url URL   the Redis the instances use (default: $REDIS_URL; else,
+                    while ./scripts/run_two.sh runs, its Redis (it leaves the
+                    URL in target/run_two.redis-url); else redis://127.0.0.1:6379)
   --room ROOM       the room (default: lobby)
   --prefix PREFIX   the instances' --redis-prefix (default: $REDIS_PREFIX, or chat)
   -h, --help        show this help
 EOF
 }
 
-url="${REDIS_URL:-redis://127.0.0.1:6379}"
+url="${REDIS_URL:-}"
+url_from="REDIS_URL"
 room="lobby"
 prefix="${REDIS_PREFIX:-chat}"
 text=""
@@ -36,7 +38,10 @@ while [[ $# -gt 0 ]]; do
     --redis-url | --room | --prefix)
       [[ $# -ge 2 ]] || die "$1 needs a value"
       case "$1" in
-        --redis-url) url="$2" ;;
+        --redis-url)
+          url="$2"
+          url_from="--redis-url"
+          ;;
         --room) room="$2" ;;
         --prefix) prefix="$2" ;;
       esac
@@ -61,6 +66,16 @@ done
   usage >&2
   die "no TEXT to publish"
 }
+if [[ -z "$url" ]]; then
+  if [[ -r "$RUN_REDIS_URL_FILE" ]]; then
+    url="$(<"$RUN_REDIS_URL_FILE")"
+    url_from="./scripts/run_two.sh (${RUN_REDIS_URL_FILE#"$REPO_ROOT"/})"
+  else
+    url="redis://127.0.0.1:6379"
+    url_from="the default: no REDIS_URL, no --redis-url, and ./scripts/run_two.sh is not running"
+  fi
+fi
+info "Redis: the one of $url_from"
 have redis-cli || die "redis-cli is missing: apt-get install redis-server (it comes with it)"
 
 # JSON strings: a backslash and a double quote are escaped; control

@@ -198,6 +198,12 @@ EOF
 
 # ------------------------------------------------------------------- redis
 
+# Where run_two.sh leaves the URL of the Redis it uses while it runs, so
+# that scripts/inject.sh finds it with no option (readable by its owner
+# only: the URL may hold a password).
+# shellcheck disable=SC2034  # read by run_two.sh and inject.sh
+RUN_REDIS_URL_FILE="${RUN_REDIS_URL_FILE:-$REPO_ROOT/target/run_two.redis-url}"
+
 # redis_cli_pings PORT: true when the redis-server on 127.0.0.1:PORT (a
 # private one: no password) answers PING.
 redis_cli_pings() {

@@ -28,7 +28,7 @@ wrong, each a small program in examples/ whose broken lines are marked
                                             examples/pitfall_republish.rs
 
 Each check then runs, unchanged, against the fix at its smallest: a chat
-of about 200 lines that avoids all four.     examples/minimal_chat.rs
+of about 250 lines that avoids all four.     examples/minimal_chat.rs
 
 It builds the server and the examples (cargo build --release), starts a
 private redis-server on a free loopback port (variant 3 lowers its
@@ -242,8 +242,13 @@ step "Verdicts"
 for line in "${VERDICTS[@]}"; do printf '%s\n' "$line"; done
 printf '\n'
 if ((failed + dead == 0)); then
-  printf 'All %d broken designs showed their symptom, and the real server and the minimal example none (%d s after the build).\n' \
-    "${#SELECTED[@]}" $((SECONDS - started))
+  if ((${#SELECTED[@]} == 1)); then
+    shown="The broken design showed its symptom"
+  else
+    shown="All ${#SELECTED[@]} broken designs showed their symptom"
+  fi
+  printf '%s, and the real server and the minimal example none (%d s after the build).\n' \
+    "$shown" $((SECONDS - started))
 else
   printf 'FAILED: %d of %d variants did not show what they should, %d instance(s) died (see above).\n' \
     "$failed" "${#SELECTED[@]}" "$dead"

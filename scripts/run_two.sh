@@ -115,6 +115,7 @@ ensure_redis_server ./scripts/run_two.sh \
 
 TMP_DIR=""
 BUILD_PID=""
+WROTE_URL_FILE=0
 IDS=()
 PIDS=()     # the two instances
 LOG_PIDS=() # the two [a] / [b] prefixers
@@ -130,6 +131,7 @@ cleanup() {
     printf '\nStopping instances %s...\n' "${IDS[*]}"
     stop_pids "${PIDS[@]}"
   fi
+  if ((WROTE_URL_FILE)); then rm -f "$RUN_REDIS_URL_FILE"; fi
   stop_private_services
   if ((${#PIDS[@]})); then printf 'Stopped.\n'; fi
   exit "$rc"
@@ -156,6 +158,12 @@ if [[ "$NO_REDIS" -eq 0 ]]; then
   # environment, and the URL may hold a password.
   export REDIS_URL="$REDIS_URL_TO_USE"
   BROKER_ARGS=(--broker redis)
+  mkdir -p "$(dirname "$RUN_REDIS_URL_FILE")"
+  (
+    umask 077
+    printf '%s\n' "$REDIS_URL_TO_USE" >"$RUN_REDIS_URL_FILE"
+  )
+  WROTE_URL_FILE=1
 fi
 DEMO_ARGS=()
 PAGE_QUERY=""
@@ -228,13 +236,11 @@ RULE="==========================================================================
     printf '  Redis:  %s\n\n' "$REDIS_SHOWN"
     printf '  Inject a message from outside, straight into Redis (it prints the\n'
     printf '  redis-cli PUBLISH it runs):\n'
-    # A URL with a password is shown as the variable that holds it.
-    cli_url="$REDIS_URL_TO_USE"
-    # shellcheck disable=SC2016  # the variable's name, for the reader to expand
-    [[ "$cli_url" != *@* ]] || cli_url='"$REDIS_URL"'
     prefix_arg=""
     [[ -z "${REDIS_PREFIX:-}" ]] || prefix_arg=" --prefix $REDIS_PREFIX"
-    printf '    ./scripts/inject.sh --redis-url %s%s "hello from outside"\n\n' "$cli_url" "$prefix_arg"
+    printf '    ./scripts/inject.sh%s "hello from outside"\n' "$prefix_arg"
+    printf '  (it finds this Redis by itself while run_two.sh runs: %s)\n\n' \
+      "${RUN_REDIS_URL_FILE#"$REPO_ROOT"/}"
   else
     printf '  Try it: type a message in one tab; it does NOT appear in the other.\n'
     printf '  Each instance only knows its own clients: this is the isolated\n'

@@ -238,9 +238,29 @@ fn the_injection_script_reaches_tabs_with_and_without_history() {
         "{said}"
     );
     assert!(said.contains("2 instance(s) received it"), "{said}");
+    // As the READMEs print it, with no URL: the Redis run_two.sh leaves
+    // its URL for (here in a file of this test's own).
+    let dir = common::temp_dir("inject-url");
+    let url_file = dir.join("run_two.redis-url");
+    std::fs::write(&url_file, format!("{}\n", redis.url())).unwrap();
+    let plain = std::process::Command::new(&script)
+        .args(["--prefix", &prefix, "hello again"])
+        .env_remove("REDIS_URL")
+        .env("RUN_REDIS_URL_FILE", &url_file)
+        .output()
+        .expect("scripts/inject.sh runs");
+    let said = String::from_utf8_lossy(&plain.stdout);
+    assert!(plain.status.success(), "{said}");
+    assert!(said.contains("the one of ./scripts/run_two.sh"), "{said}");
+    assert!(said.contains("2 instance(s) received it"), "{said}");
     for (who, client) in [("first", &mut first), ("later", &mut later)] {
-        let got = client.recv_messages(1).remove(0);
-        assert_eq!(got["text"], "hello from outside", "{who}: {got}");
+        let got = client.recv_messages(2);
+        assert_eq!(
+            common::texts(&got),
+            ["hello from outside", "hello again"],
+            "{who}"
+        );
+        let got = got[0].clone();
         assert!(
             common::id_of(&got) > common::id_of(&before),
             "{who}: its id {} sorts after the history's {}",

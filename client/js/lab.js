@@ -133,11 +133,19 @@ var fault = {
   tick: null
 };
 
+/** What the fault log says when an effect ends. */
+var RESUMED = {
+  cut: 'the cut ended: the instance reconnects to Redis and catches up',
+  pause: 'delivery resumed',
+  stall: 'the stall ended (or the stalled connection was dropped)'
+};
+
 var COUNTERS = [
   ['chat_redis_subscriber_up', 'Redis subscription up (1) or down (0)'],
   ['chat_redis_reconnects_total', 'Redis reconnections'],
   ['chat_broker_messages_total', 'messages from Redis'],
   ['chat_history_replayed_total', 'messages replayed from history'],
+  ['chat_history_caught_up_total', 'messages caught up from history'],
   ['chat_messages_delivered_total', 'deliveries to clients'],
   ['chat_deliveries_queued_total', 'deliveries queued (socket full)'],
   ['chat_slow_clients_dropped_total', 'slow consumers dropped'],
@@ -233,6 +241,11 @@ export function renderFaultPanel() {
   fault.stall.button.disabled = !open || !debug.client;
   var text = '';
   var e = fault.effect;
+  if (e && e.kind === 'stall' && e.client !== debug.client) {
+    // The stalled connection is gone (dropped as a slow consumer, then a
+    // new one): the stall went with it.
+    e.until = 0;
+  }
   if (e && e.until > Date.now()) {
     var left = Math.ceil((e.until - Date.now()) / 1000) + ' s';
     text = e.kind === 'cut'
@@ -353,13 +366,14 @@ function runFault(kind, seconds) {
       }
       faultLog('done', words);
       if (kind === 'cut' || kind === 'pause' || kind === 'stall') {
-        fault.effect = { kind: kind, until: Date.now() + seconds * 1000 };
+        // A stall belongs to this tab's connection: it ends with it.
+        fault.effect = { kind: kind, until: Date.now() + seconds * 1000, client: debug.client };
         clearInterval(fault.tick);
         fault.tick = setInterval(function () {
           renderFaultPanel();
           if (!fault.effect) {
             clearInterval(fault.tick);
-            faultLog('resumed', kind === 'pause' ? 'delivery resumed' : 'the stall ended');
+            faultLog('resumed', RESUMED[kind]);
           }
         }, 250);
       }

@@ -239,8 +239,30 @@ pub type MinimalVerdict = Option<Result<String, String>>;
 /// Ends the example: writes the verdicts for the script (or prints them),
 /// and exits 0 when the lesson was shown (the broken design showed its
 /// symptom and the real server did not) and the minimal example, when run,
-/// showed no symptom either; 1 otherwise.
-pub fn finish(args: &Args, shown: bool, verdict: &str, minimal: MinimalVerdict) -> ExitCode {
+/// showed no symptom either; 1 otherwise. Run by hand without the real
+/// server (`broken`: whether the broken design showed its symptom), the
+/// broken side is the whole lesson, and the verdict says so.
+pub fn finish(
+    args: &Args,
+    broken: bool,
+    shown: bool,
+    verdict: &str,
+    minimal: MinimalVerdict,
+) -> ExitCode {
+    if args.real().is_err() && minimal.is_none() {
+        let verdict = if broken {
+            "BROKEN as expected (above); the real server was not given (--real-http, \
+             --real-ws): ./scripts/pitfall.sh runs it alongside"
+        } else {
+            "NOT SHOWN — the broken design did not show its symptom (above)"
+        };
+        write_verdict(args.verdict.as_ref(), "verdict", verdict);
+        return if broken {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     let verdict = if shown {
         format!("BROKEN as expected — {verdict}")
     } else {
